@@ -1,0 +1,145 @@
+"""Checkpoints that resume exactly: atomic writes, RNG states, and a fallback past bad files.
+
+A checkpoint is one `torch.save` dict; its `"model"` entry is the model's `state_dict`, so
+plain PyTorch can read it. Writes go to a temporary file in the same directory, are
+fsynced, then renamed over the final name (rename is atomic on POSIX), and the directory
+is fsynced too: a crash mid-write leaves the previous checkpoints intact. On load, the
+newest file that reads back completely wins; a truncated or corrupt one is reported and
+skipped.
+
+Every value is a tensor, a number, a string or a container of them, so checkpoints load
+with `weights_only=True` (no arbitrary code runs when a checkpoint is opened).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint where one was required; the message says where and why."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoint files in `directory`, oldest step first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any],
+                    keep: int) -> Path:
+    """Write `payload` atomically as step-<step>.pt and delete all but the newest `keep`."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / checkpoint_name(step)
+    tmp = d / f".{final.name}.tmp-{os.getpid()}"
+    payload = {"format": FORMAT_VERSION, "step": step, **payload}
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(d)
+    for old in list_checkpoints(d)[:-keep]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read one checkpoint; raises CheckpointError if it is unreadable or incomplete."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch.load raises many types for a damaged file
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}); "
+                              "it is truncated or corrupt") from None
+    missing = [k for k in ("format", "step", "model") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is not a redline checkpoint (missing {missing})")
+    return payload
+
+
+def load_latest(directory: str | Path, map_location: str | torch.device = "cpu",
+                on_skip: Callable[[Path, str], None] | None = None
+                ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint in `directory`, or None if there is none at all.
+
+    Unreadable ones are passed to `on_skip(path, reason)` and skipped; if every file is
+    unreadable, CheckpointError says so.
+    """
+    files = list_checkpoints(directory)
+    for path in reversed(files):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as e:
+            if on_skip:
+                on_skip(path, str(e))
+    if files:
+        raise CheckpointError(f"none of the {len(files)} checkpoint(s) in {directory} is "
+                              "readable; start a new run or restore a backup")
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG that training can draw from, as plain data."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": np_state["state"]["key"].tolist(),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": n["bit_generator"],
+        "state": {"key": np.asarray(n["key"], dtype=np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"],
+        "gauss": n["gauss"],
+    })
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # not supported on some platforms (Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,170 @@
+"""The `redline` command: parse, call a workflow, print. Bad input exits 2 with one sentence."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from redline import __version__
+
+EXIT_BAD_INPUT = 2
+
+EPILOG_TRAIN = """\
+examples:
+  redline train sr3-tiny --steps 200
+  redline train sr3-tiny --precision bf16-mixed --set train.lr=1e-3 --json
+  redline train my_tasks.py:MyTask --config run.yaml --run-dir runs/exp1
+  redline train sr3-tiny --run-dir runs/exp1 --resume     # continue where it stopped
+
+Any config key can be set with --set SECTION.KEY=VALUE (values are YAML); the flags
+above are shorthands for train.steps, train.batch_size, train.seed, precision.name,
+device and telemetry.trackers.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from redline.precision import PRECISIONS
+    from redline.task import available_tasks
+
+    p = argparse.ArgumentParser(
+        prog="redline",
+        description="Run PyTorch training at the limit of the hardware, safely, and show "
+                    "the evidence.",
+    )
+    p.add_argument("--version", action="version", version=f"redline {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    d = sub.add_parser("doctor", help="check the environment: versions, device, capabilities",
+                       description="Check that training can run here (exit 1 on a blocker).")
+    d.add_argument("--device", default="auto", help="device to check (default: auto)")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+
+    t = sub.add_parser(
+        "train", help="train a task and write a run directory",
+        description="Train TASK: a built-in name ("
+                    + ", ".join(available_tasks()) + "), package.module:Class or "
+                    "path/to/file.py:Class.",
+        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("task", nargs="?", help="task to train (or 'task' in --config)")
+    t.add_argument("--config", metavar="FILE", help="YAML config file")
+    t.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
+    t.add_argument("--steps", type=int, metavar="N", help="optimizer steps (train.steps)")
+    t.add_argument("--batch-size", type=int, metavar="N", help="micro-batch (train.batch_size)")
+    t.add_argument("--seed", type=int, metavar="N", help="random seed (train.seed)")
+    t.add_argument("--precision", metavar="NAME",
+                   help="one of " + ", ".join(PRECISIONS) + " (precision.name)")
+    t.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or mps (device)")
+    t.add_argument("--tracker", action="append", default=[], metavar="NAME",
+                   help="add a tracker: jsonl, console (telemetry.trackers; repeatable)")
+    t.add_argument("--run-dir", metavar="DIR", help="run directory (default: runs/TASK-TIME)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest good checkpoint in --run-dir (default: the "
+                        "newest run of TASK under runs/)")
+    t.add_argument("--json", action="store_true",
+                   help="print one JSON object as the last line of standard output")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    return p
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    sets = list(args.overrides)
+    for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size"),
+                      ("seed", "train.seed"), ("precision", "precision.name"),
+                      ("device", "device")):
+        value = getattr(args, flag)
+        if value is not None:
+            sets.append(f"{key}={value}")
+    if args.task:
+        sets.append(f"task={args.task}")
+    return sets
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from redline.config import ConfigError, load_config
+    from redline.trainer import Trainer, latest_run_dir
+
+    config = load_config(args.config, _train_overrides(args))
+    if args.tracker:
+        config.telemetry.trackers = list(dict.fromkeys([*config.telemetry.trackers,
+                                                        *args.tracker]))
+        config.telemetry.__post_init__()
+    if not config.task:
+        raise ConfigError("no task given: name one (e.g. redline train sr3-tiny) or set "
+                          "'task' in the config file")
+    run_dir = args.run_dir
+    trainer = Trainer(config, run_dir=run_dir, resume=args.resume,
+                      progress=False if args.no_progress else None)
+    if args.resume and run_dir is None:
+        found = latest_run_dir(trainer.task.name)
+        if found is None:
+            raise ConfigError(f"--resume found no earlier run of {trainer.task.name!r} under "
+                              "runs/; pass --run-dir DIR")
+        trainer.run_dir = found
+    result = trainer.fit()
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        _print_result(result.to_dict())
+    if result.interrupted:
+        return 128 + signal.Signals[result.interrupted].value
+    return 0
+
+
+def _print_result(r: dict[str, Any]) -> None:
+    loss = f"{r['final_loss']:.4g}" if r["final_loss"] is not None else "-"
+    print(f"trained {r['steps']} steps ({r['samples']} samples) in {r['precision']} on "
+          f"{r['device']}; final loss {loss}")
+    if r["eval"]:
+        print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in r["eval"].items()))
+    if r["interrupted"]:
+        print(f"stopped by {r['interrupted']}; checkpoint saved: {r['checkpoint']}; "
+              "continue with --resume")
+    print(f"run directory: {r['run_dir']}")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from redline.doctor import environment_check, render
+
+    report = environment_check(args.device)
+    print(json.dumps(report.to_dict()) if args.json else render(report))
+    return 0 if report.ok else 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from redline.checkpoint import CheckpointError
+    from redline.config import ConfigError
+    from redline.precision import PrecisionError
+    from redline.task import TaskError
+
+    return (ConfigError, TaskError, PrecisionError, CheckpointError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handler = {"doctor": cmd_doctor, "train": cmd_train}[args.command]
+    try:
+        return handler(args)
+    except _user_errors() as e:
+        return _fail(args, str(e))
+    except ImportError as e:
+        return _fail(args, f"{e}")
+    except KeyboardInterrupt:
+        print("redline: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    print(f"redline: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message}))
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Data loading that can resume mid-epoch exactly.
+
+The order of samples is a pure function of (seed, epoch): each epoch is a permutation
+drawn from a generator seeded with both, so a resumed run rebuilds the same permutation
+and skips the batches it had already consumed, without reading them. The sampler runs in
+the main process, so this holds with any number of loader workers, provided the dataset
+returns the same item for the same index (the Task's datasets must be deterministic).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from redline.config import ConfigError, DataConfig
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of a seeded per-epoch permutation, starting at batch `start_batch`."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int = 0,
+                 start_batch: int = 0) -> None:
+        if num_samples < batch_size:
+            raise ConfigError(f"the training set has {num_samples} samples, fewer than one "
+                             f"batch of {batch_size}; lower train.batch_size or "
+                             "train.effective_batch_size")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        """Where the next iteration starts; call before each `iter(loader)`."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size - self.start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        for b in range(self.start_batch, self.num_samples // self.batch_size):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def batches_per_epoch(dataset: Dataset, batch_size: int) -> int:
+    return len(dataset) // batch_size  # type: ignore[arg-type]
+
+
+def loader_options(cfg: DataConfig, device_kind: str) -> dict[str, Any]:
+    """DataLoader keyword arguments with the 'auto' settings resolved for this machine."""
+    workers = cfg.num_workers
+    if workers == "auto":
+        workers = max(0, min(4, (os.cpu_count() or 1) - 1))
+    assert isinstance(workers, int)
+    pin = cfg.pin_memory if cfg.pin_memory != "auto" else device_kind == "cuda"
+    persistent = cfg.persistent_workers if cfg.persistent_workers != "auto" else workers > 0
+    opts: dict[str, Any] = {"num_workers": workers, "pin_memory": bool(pin)}
+    if workers > 0:
+        opts["persistent_workers"] = bool(persistent)
+        opts["prefetch_factor"] = cfg.prefetch_factor
+    return opts
+
+
+def train_loader(dataset: Dataset, batch_size: int, seed: int,
+                 options: dict[str, Any]) -> DataLoader:
+    """A loader whose `batch_sampler.set_position(epoch, start_batch)` picks where it starts.
+
+    Each `iter(loader)` re-reads the sampler in the main process, so persistent workers
+    are kept across epochs and the order stays exact.
+    """
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed)  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_sampler=sampler, **options)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, options: dict[str, Any]) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **options)

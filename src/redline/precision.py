@@ -1,0 +1,228 @@
+"""Precision policies: how one optimizer step runs in a given number format.
+
+A policy is a small object with a fixed set of methods, chosen by name:
+
+    policy = get_precision("bf16-mixed", device_info)   # refuses what the device cannot run
+    model = policy.convert_module(model)                # bf16-true casts the weights
+    with policy.global_context():                       # matmul flags, restored on exit
+        with policy.forward_context():                  # autocast for forward and loss
+            loss = loss_fn(model, batch)
+        policy.backward(loss)                           # GradScaler for fp16
+        policy.unscale(optimizer)                       # before clipping
+        stepped = policy.optimizer_step(optimizer)      # scaler.step + update
+
+A precision the device cannot run raises `PrecisionError` with the reason; it is never
+silently replaced by another (peers quietly run fp32 when fp16 was asked for on CPU).
+
+The fp32 baseline pins matmuls to full IEEE fp32: on CPUs with AMX, and on Ampere+ GPUs,
+a "high"/"medium" float32 matmul precision silently computes in bf16 or tf32, which would
+make a precision study compare bf16 against bf16. `tf32` opts into TF32 on CUDA only.
+
+Adding a policy is one class with a `name` and a registry entry in `PRECISIONS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from redline.device import DeviceInfo
+
+
+class PrecisionError(ValueError):
+    """The requested precision cannot run on this device; the message says why."""
+
+
+class Precision:
+    """fp32: full IEEE float32 everywhere. Base class of every policy."""
+
+    name: ClassVar[str] = "fp32"
+    compute_dtype: ClassVar[torch.dtype] = torch.float32
+    param_dtype: ClassVar[torch.dtype] = torch.float32
+    matmul_precision: ClassVar[str] = "highest"
+
+    def __init__(self, device: DeviceInfo) -> None:
+        self.device = device
+        reason = self.unsupported_reason(device)
+        if reason:
+            raise PrecisionError(f"precision {self.name!r} cannot run on {device.name}: {reason}")
+
+    @classmethod
+    def unsupported_reason(cls, device: DeviceInfo) -> str | None:
+        """Why this policy cannot run on `device`, or None when it can."""
+        return None
+
+    @property
+    def compute_dtype_name(self) -> str:
+        """The dtype name used for the peak-FLOPs table (tf32 is a mode of float32)."""
+        return str(self.compute_dtype).removeprefix("torch.")
+
+    def convert_module(self, model: nn.Module) -> nn.Module:
+        return model
+
+    @contextlib.contextmanager
+    def global_context(self) -> Iterator[None]:
+        """Set the global matmul flags this policy needs; restore the previous ones on exit."""
+        saved = _read_matmul_flags()
+        try:
+            _write_matmul_flags(self.matmul_precision)
+            yield
+        finally:
+            _restore_matmul_flags(saved)
+
+    def forward_context(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring gradients to their true scale (a no-op without a loss scaler)."""
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "compute_dtype": self.compute_dtype_name,
+                "param_dtype": str(self.param_dtype).removeprefix("torch.")}
+
+
+class TF32(Precision):
+    """float32 weights and activations, matmuls and convolutions in TF32 (CUDA, sm_80+)."""
+
+    name = "tf32"
+    matmul_precision = "high"
+
+    @property
+    def compute_dtype_name(self) -> str:
+        return "tf32"
+
+    @classmethod
+    def unsupported_reason(cls, device: DeviceInfo) -> str | None:
+        if not device.is_cuda:
+            return ("TF32 is a CUDA tensor-core mode; on CPU, 'high' matmul precision would "
+                    "silently compute in bf16 instead. Use fp32 or bf16-mixed")
+        if not device.supports_tf32:
+            return f"TF32 needs compute capability 8.0 or newer, this GPU has {device.capability}"
+        return None
+
+
+class _Autocast(Precision):
+    """Mixed precision: float32 weights, forward under autocast in `compute_dtype`."""
+
+    def forward_context(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(self.device.kind, dtype=self.compute_dtype)
+
+
+class BF16Mixed(_Autocast):
+    name = "bf16-mixed"
+    compute_dtype = torch.bfloat16
+
+    @classmethod
+    def unsupported_reason(cls, device: DeviceInfo) -> str | None:
+        if not device.supports_bf16:
+            return f"bfloat16 needs compute capability 8.0 or newer, this GPU has {device.capability}"
+        return None
+
+
+class FP16Mixed(_Autocast):
+    """float16 autocast with a dynamic loss scaler; steps with inf/NaN gradients are skipped."""
+
+    name = "fp16-mixed"
+    compute_dtype = torch.float16
+
+    def __init__(self, device: DeviceInfo) -> None:
+        super().__init__(device)
+        self.scaler = torch.amp.GradScaler(device.kind)
+
+    @classmethod
+    def unsupported_reason(cls, device: DeviceInfo) -> str | None:
+        if not device.supports_fp16:
+            return "this device has no float16 autocast"
+        return None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.unscale_(optimizer)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # GradScaler.step reads its inf flag on the host: fp16 costs one sync per step.
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class BF16True(BF16Mixed):
+    """Weights, gradients, optimizer state and activations all in bfloat16 (no fp32 master)."""
+
+    name = "bf16-true"
+    param_dtype = torch.bfloat16
+
+    def convert_module(self, model: nn.Module) -> nn.Module:
+        return model.to(torch.bfloat16)
+
+    def forward_context(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+
+PRECISIONS: dict[str, type[Precision]] = {
+    cls.name: cls for cls in (Precision, TF32, FP16Mixed, BF16Mixed, BF16True)
+}
+
+
+def get_precision(name: str, device: DeviceInfo) -> Precision:
+    """The policy called `name` for `device`; raises PrecisionError when it cannot run."""
+    try:
+        cls = PRECISIONS[name]
+    except KeyError:
+        raise PrecisionError(
+            f"unknown precision {name!r}; choose one of: {', '.join(PRECISIONS)}"
+        ) from None
+    return cls(device)
+
+
+# Global matmul flags. torch >= 2.9 has per-backend `fp32_precision`; older versions only
+# the process-wide float32 matmul precision and allow_tf32 switches.
+def _read_matmul_flags() -> dict[str, Any]:
+    flags: dict[str, Any] = {"matmul": torch.get_float32_matmul_precision()}
+    flags["cuda_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    flags["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
+    flags["mkldnn"] = getattr(torch.backends.mkldnn, "fp32_precision", None)
+    return flags
+
+
+def _write_matmul_flags(precision: str) -> None:
+    torch.set_float32_matmul_precision(precision)
+    tf32 = precision != "highest"
+    # set_float32_matmul_precision leaves cuDNN convolutions alone; pin them as well.
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    if hasattr(torch.backends.mkldnn, "fp32_precision"):
+        # oneDNN on AMX CPUs can run fp32 matmuls in bf16 when told to; full fp32 pins IEEE.
+        torch.backends.mkldnn.fp32_precision = "ieee" if not tf32 else "none"
+
+
+def _restore_matmul_flags(flags: dict[str, Any]) -> None:
+    torch.set_float32_matmul_precision(flags["matmul"])
+    torch.backends.cuda.matmul.allow_tf32 = flags["cuda_tf32"]
+    torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
+    if flags["mkldnn"] is not None:
+        torch.backends.mkldnn.fp32_precision = flags["mkldnn"]

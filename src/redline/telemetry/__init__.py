@@ -1,0 +1,1 @@
+"""Telemetry: what a run records about itself (metrics, events) and how it shows progress."""

@@ -1,0 +1,105 @@
+"""What a person watching the run sees: a progress bar on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from redline.events import Callback, State
+
+
+def format_record(record: dict[str, Any]) -> str:
+    parts = [f"step {record['step']}"]
+    for key, fmt in (("loss", "loss {:.4g}"), ("samples_per_s", "{:.1f} samples/s"),
+                     ("step_time_s", "{:.3f} s/step"), ("lr", "lr {:.3g}")):
+        if record.get(key) is not None:
+            parts.append(fmt.format(record[key]))
+    parts += [f"{k} {v:.4g}" for k, v in record.items()
+              if k.startswith("eval/") and isinstance(v, float) and k != "eval/time_s"]
+    return " | ".join(parts)
+
+
+class ConsoleSink:
+    """The `console` tracker: one line per logged window on stderr."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        print(format_record(record), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class Progress(Callback):
+    """A rich progress bar (samples/s, ETA, loss) on a terminal; plain lines otherwise.
+
+    It is both a callback (advanced once per step, which costs no host sync) and a
+    metrics sink (the loss shown is the last window's mean).
+    """
+
+    def __init__(self, total_steps: int, stream: TextIO | None = None,
+                 interactive: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.total = total_steps
+        self.interactive = self.stream.isatty() if interactive is None else interactive
+        self._bar: Any = None
+        self._task: Any = None
+        self._start = time.perf_counter()
+        self._start_step = 0
+
+    def on_fit_start(self, state: State) -> None:
+        self._start, self._start_step = time.perf_counter(), state.step
+        if not self.interactive:
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                   TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+        self._bar = RichProgress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=Console(file=self.stream), transient=False,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task("train", total=self.total, completed=state.step,
+                                        info="")
+
+    def on_step_end(self, state: State, loss: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=state.step)
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if self._bar is not None:
+            info = []
+            if record.get("loss") is not None:
+                info.append(f"loss {record['loss']:.4g}")
+            if record.get("samples_per_s") is not None:
+                info.append(f"{record['samples_per_s']:.1f} samples/s")
+            if info:
+                self._bar.update(self._task, info=" | ".join(info))
+            else:
+                self._bar.console.print(format_record(record))
+            return
+        line = format_record(record)
+        if "loss" in record:
+            line = f"{line} | {self._eta(record['step'])}"
+        print(line, file=self.stream, flush=True)
+
+    def _eta(self, step: int) -> str:
+        done = step - self._start_step
+        if done <= 0:
+            return "ETA ?"
+        left = (time.perf_counter() - self._start) / done * (self.total - step)
+        return f"ETA {int(left) // 60}:{int(left) % 60:02d}"
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def on_fit_end(self, state: State) -> None:
+        self.close()

@@ -1,0 +1,413 @@
+"""The training loop: steps and epochs, evaluation, checkpoints, signals, exact resume.
+
+Exact resume rests on four things being restored together: the parameters and optimizer
+state, the RNG states (python, numpy, torch, cuda), the loss scaler, and the position in
+the data (epoch and batches consumed; see data.py). With those, a run that is killed and
+resumed on the CPU with a fixed seed ends with the same bits as one that was never
+stopped. Evaluation runs under a forked, re-seeded RNG so it neither perturbs training
+nor varies between evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from redline import checkpoint as ckpt
+from redline.config import ConfigError, RunConfig
+from redline.data import eval_loader, loader_options, train_loader
+from redline.device import DeviceInfo
+from redline.doctor import environment_check
+from redline.engine import Engine, move_to
+from redline.events import Callback, Dispatcher, Event, State
+from redline.precision import get_precision
+from redline.task import Task, resolve_task
+from redline.telemetry.console import ConsoleSink, Progress
+from redline.telemetry.jsonl import EventLog, JsonlWriter
+from redline.telemetry.metrics import MetricsLogger, MetricsSink
+
+# Keys that may differ between a run and its resumption: they change how long the run
+# goes and what it records, not the math of the steps already taken.
+RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batches",
+                     "train.eval_batch_size", "data.", "checkpoint.", "telemetry.")
+
+
+@dataclass
+class FitResult:
+    run_dir: str
+    steps: int
+    samples: int
+    final_loss: float | None
+    precision: str
+    device: str
+    eval: dict[str, float] = field(default_factory=dict)
+    resumed_from: int | None = None
+    interrupted: str | None = None  # the signal's name when stopped by SIGTERM/SIGINT
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Signals:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and stops at the next step."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Outside the main thread signals cannot be caught here: the caller handles them.
+            with contextlib.suppress(ValueError):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def default_run_dir(task_name: str, root: str | Path = "runs") -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{task_name}-{stamp}"
+
+
+def latest_run_dir(task_name: str, root: str | Path = "runs") -> Path | None:
+    runs = sorted(Path(root).glob(f"{task_name}-*"), key=lambda p: p.name)
+    return runs[-1] if runs else None
+
+
+class Trainer:
+    """Trains `config.task` (or a Task object) and writes a run directory.
+
+        result = Trainer(load_config("run.yaml"), run_dir="runs/exp1").fit()
+    """
+
+    def __init__(self, config: RunConfig, task: Task | None = None,
+                 run_dir: str | Path | None = None, resume: bool = False,
+                 callbacks: Iterable[Callback] = (), progress: bool | None = None) -> None:
+        if task is None:
+            if not config.task:
+                raise ConfigError("no task given: name one (e.g. redline train sr3-tiny) "
+                                  "or set 'task' in the config file")
+            task = resolve_task(config.task, config.task_args)
+        self.config = config
+        self.task = task
+        self.device = DeviceInfo.detect(config.device)
+        self.precision = get_precision(config.precision.name, self.device)
+        self.run_dir = Path(run_dir) if run_dir else default_run_dir(task.name)
+        self.resume = resume
+        self.user_callbacks = list(callbacks)
+        self.progress = progress
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _seed(self) -> None:
+        seed = self.config.train.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _build(self) -> None:
+        cfg = self.config.train
+        self._seed()
+        model = self.task.build_model().to(self.device.torch_device)
+        self.model = self.precision.convert_module(model)
+        self.step_model: nn.Module = (torch.compile(self.model) if self.config.precision.compile
+                                      else self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(f"task {self.task.name!r} built a model with no trainable "
+                              "parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           foreach=True)
+        self.train_set = self.task.train_data()
+        self.eval_set = self.task.eval_data()
+        self.loader_opts = loader_options(self.config.data, self.device.kind)
+        self.loader = train_loader(self.train_set, cfg.samples_per_step, cfg.seed,
+                                   self.loader_opts)
+        self.steps_per_epoch = len(self.train_set) // cfg.samples_per_step  # type: ignore[arg-type]
+        self.max_steps = cfg.steps if cfg.epochs is None else min(
+            cfg.steps, cfg.epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(cfg.schedule, cfg.warmup_steps, self.max_steps))
+        self.state = State(model=self.model, optimizer=self.optimizer,
+                           max_steps=self.max_steps, run_dir=str(self.run_dir))
+
+    def _callbacks(self) -> tuple[list[Callback], MetricsLogger]:
+        tel = self.config.telemetry
+        sinks: list[MetricsSink] = []
+        if "jsonl" in tel.trackers:
+            sinks.append(_JsonlSink(self.run_dir / "metrics.jsonl"))
+        if "console" in tel.trackers:
+            sinks.append(ConsoleSink())
+        callbacks: list[Callback] = []
+        if self.progress is not False:
+            bar = Progress(self.max_steps, interactive=self.progress)
+            sinks.append(bar)
+            callbacks.append(bar)
+        self.metrics = MetricsLogger(tel.log_every, self.config.train.samples_per_step, sinks)
+        return [self.metrics, *callbacks, *self.user_callbacks], self.metrics
+
+    # ---- resume ---------------------------------------------------------------------------
+
+    def _checkpoint_payload(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "engine": self.engine.state_dict(),
+            "rng": ckpt.rng_state(),
+            "epoch": self.state.epoch,
+            "batch_in_epoch": self.state.batch_in_epoch,
+            "samples_seen": self.state.samples_seen,
+            "config": self.config.to_dict(),
+            "task": self.task.name,
+        }
+
+    def _try_resume(self) -> int | None:
+        def skipped(path: Path, reason: str) -> None:
+            print(f"warning: {reason}; trying the previous checkpoint", flush=True,
+                  file=sys.stderr)
+            self.events.event("checkpoint_skipped", path=str(path), reason=reason)
+            self.dispatcher.fire(Event.ANOMALY, self.state,
+                                 {"kind": "corrupt_checkpoint", "path": str(path)})
+
+        found = ckpt.load_latest(self.run_dir / "checkpoints", self.device.torch_device,
+                                 on_skip=skipped)
+        if found is None:
+            self.events.event("resume_fresh", reason="no checkpoint in run directory")
+            return None
+        path, payload = found
+        _check_resumable(payload.get("config", {}), self.config.to_dict(), path)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.engine.load_state_dict(payload["engine"])
+        ckpt.set_rng_state(payload["rng"])
+        self.state.step = int(payload["step"])
+        self.state.epoch = int(payload["epoch"])
+        self.state.batch_in_epoch = int(payload["batch_in_epoch"])
+        self.state.samples_seen = int(payload["samples_seen"])
+        self.events.event("resumed", path=str(path), step=self.state.step)
+        return self.state.step
+
+    def save_checkpoint(self) -> Path:
+        t0 = time.perf_counter()
+        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.state.step,
+                                    self._checkpoint_payload(), self.config.checkpoint.keep)
+        self.state.extra["checkpoint_time_s"] = time.perf_counter() - t0
+        self.events.event("checkpoint_saved", step=self.state.step, path=str(path))
+        self.dispatcher.fire(Event.CHECKPOINT_SAVED, self.state, str(path))
+        return path
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> FitResult:
+        if not self.resume and ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+            raise ConfigError(f"run directory {str(self.run_dir)!r} already has checkpoints; "
+                              "pass --resume to continue it, or choose another --run-dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._build()
+        callbacks, metrics = self._callbacks()
+        self.dispatcher = Dispatcher(callbacks)
+        self.engine = Engine(self.step_model, self.optimizer, self.precision,
+                             scheduler=self.scheduler, grad_clip=self.config.train.grad_clip,
+                             micro_batch_size=self.config.train.batch_size,
+                             dispatcher=self.dispatcher, state=self.state)
+        self.events = EventLog(self.run_dir / "events.jsonl")
+        self._write_run_files()
+        resumed = self._try_resume() if self.resume else None
+        self.events.event("run_start", step=self.state.step, max_steps=self.max_steps,
+                          precision=self.precision.name, device=self.device.name)
+        result = FitResult(run_dir=str(self.run_dir), steps=self.state.step, samples=0,
+                           final_loss=None, precision=self.precision.name,
+                           device=self.device.name, resumed_from=resumed)
+        last_saved: Path | None = None
+        try:
+            with self.precision.global_context(), _Signals() as signals:
+                self.dispatcher.fire(Event.FIT_START, self.state)
+                self._loop(signals)
+                if self.state.step > 0:
+                    last_saved = self.save_checkpoint()
+                if signals.received:
+                    result.interrupted = signals.received
+                    self.events.event("interrupted", signal=signals.received,
+                                      step=self.state.step)
+                elif self.eval_set is not None:
+                    result.eval = self.evaluate()
+                self.dispatcher.fire(Event.FIT_END, self.state)
+        finally:
+            self.events.close()
+        result.steps, result.samples = self.state.step, self.state.samples_seen
+        result.final_loss = metrics.last.get("loss")
+        result.checkpoint = str(last_saved) if last_saved else None
+        return result
+
+    def _loop(self, signals: _Signals) -> None:
+        cfg = self.config
+        device = self.device.torch_device
+        non_blocking = bool(self.loader_opts.get("pin_memory"))
+        loss_fn = self.task.loss
+        while self.state.step < self.max_steps and not signals.received:
+            if self.state.batch_in_epoch == 0:
+                self.dispatcher.fire(Event.EPOCH_START, self.state)
+            for batch in self._epoch_batches():
+                batch = move_to(batch, device, non_blocking)
+                self.dispatcher.fire(Event.BATCH_START, self.state, batch)
+                loss = self.engine.step(batch, loss_fn)
+                self.state.step += 1
+                self.state.batch_in_epoch += 1
+                self.state.samples_seen += cfg.train.samples_per_step
+                self.dispatcher.fire(Event.STEP_END, self.state, loss)
+                step = self.state.step
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 \
+                        and step < self.max_steps:
+                    self.evaluate()
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 \
+                        and step < self.max_steps:
+                    self.save_checkpoint()
+                if signals.received or step >= self.max_steps:
+                    break
+            else:
+                self.dispatcher.fire(Event.EPOCH_END, self.state)
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        self.loader.batch_sampler.set_position(self.state.epoch, self.state.batch_in_epoch)  # type: ignore[union-attr]
+        return iter(self.loader)
+
+    # ---- evaluation ----------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluation loss and the task's metrics on the evaluation set."""
+        if self.eval_set is None:
+            return {}
+        t0 = time.perf_counter()
+        cfg = self.config.train
+        loader = eval_loader(self.eval_set, cfg.eval_batch_size or cfg.batch_size,
+                             self.loader_opts)
+        limited = _Limited(loader, cfg.eval_batches)
+        devices = [self.device.index or 0] if self.device.is_cuda else []
+        self.step_model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                torch.manual_seed(cfg.seed)
+                metrics = {"loss": self._eval_loss(limited)}
+                with self.precision.forward_context():
+                    metrics.update(self.task.evaluate(self.step_model, limited))
+        finally:
+            self.step_model.train()
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.state.extra["eval_time_s"] = time.perf_counter() - t0
+        self.events.event("eval", step=self.state.step, **metrics)
+        self.dispatcher.fire(Event.EVAL_END, self.state, metrics)
+        return metrics
+
+    def _eval_loss(self, loader: Iterable[Any]) -> float:
+        total, count = 0.0, 0
+        for batch in loader:
+            batch = move_to(batch, self.device.torch_device)
+            with self.precision.forward_context():
+                loss = self.task.loss(self.step_model, batch)
+            total += float(loss.float().item())
+            count += 1
+        return total / max(count, 1)
+
+    def _write_run_files(self) -> None:
+        resolved = self.config.to_dict()
+        resolved["task"] = self.config.task or self.task.name
+        (self.run_dir / "config.yaml").write_text(
+            yaml.safe_dump(resolved, sort_keys=False))
+        env = environment_check(self.config.device).to_dict()
+        env["run"] = {"precision": self.precision.describe(), "device": self.device.to_dict(),
+                      "max_steps": self.max_steps, "steps_per_epoch": self.steps_per_epoch}
+        (self.run_dir / "environment.json").write_text(json.dumps(env, indent=2))
+
+
+class _JsonlSink:
+    def __init__(self, path: Path) -> None:
+        self.writer = JsonlWriter(path)
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        self.writer.write({"time": round(time.time(), 3), **record})
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Limited:
+    """The first `limit` batches of a loader (all when limit is None), with a length."""
+
+    def __init__(self, loader: Any, limit: int | None) -> None:
+        self.loader, self.limit = loader, limit
+        self.dataset = loader.dataset
+        self.batch_size = loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader) if self.limit is None else min(self.limit, len(self.loader))
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.loader):
+            if self.limit is not None and i >= self.limit:
+                return
+            yield batch
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int) -> Any:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "task_args":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    old, new = _flatten(saved), _flatten(current)
+    for key in sorted(set(old) | set(new)):
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
+            continue
+        if key == "task" and not new.get(key):
+            continue
+        if old.get(key) != new.get(key):
+            raise ConfigError(
+                f"cannot resume: {path.name} was written with {key}={old.get(key)!r} but this "
+                f"run asks for {key}={new.get(key)!r}; use the same setting or a new --run-dir")

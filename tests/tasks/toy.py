@@ -1,0 +1,42 @@
+"""A task written by "someone else" against the protocol only: no redline import.
+
+It draws from every RNG the trainer restores (dropout and input noise use torch's global
+generator), so exact-resume tests fail if any RNG state is lost.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+class ToyRegression:
+    name = "toy"
+
+    def __init__(self, n: int = 512, dim: int = 16, hidden: int = 64) -> None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = torch.sin(self.x @ torch.randn(dim, 1, generator=g))
+        self.dim, self.hidden = dim, hidden
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(self.dim, self.hidden), nn.GELU(), nn.Dropout(0.1),
+                             nn.Linear(self.hidden, 1))
+
+    def train_data(self) -> TensorDataset:
+        return TensorDataset(self.x, self.y)
+
+    def eval_data(self) -> TensorDataset:
+        return TensorDataset(self.x[:128], self.y[:128])
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        x = x + 0.01 * torch.randn_like(x)
+        return nn.functional.mse_loss(model(x).float(), y)
+
+    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+        err = [(model(x) - y).abs().mean().item() for x, y in loader]
+        return {"mae": sum(err) / len(err)}

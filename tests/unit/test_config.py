@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from redline.config import ConfigError, RunConfig, load_config, parse_override
+
+
+def test_defaults_match_design() -> None:
+    c = RunConfig()
+    assert c.train.steps == 1000 and c.train.batch_size == 16 and c.train.lr == 2e-4
+    assert c.precision.name == "fp32" and c.telemetry.trackers == ["jsonl"]
+    assert c.train.samples_per_step == 16
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "run.yaml"
+    f.write_text("task: sr3-tiny\ntrain:\n  steps: 10\n  lr: 2e-4\nprecision:\n  name: bf16-mixed\n")
+    c = load_config(f, ["train.steps=20", "task_args.size=32", "telemetry.trackers=jsonl,console"])
+    assert c.task == "sr3-tiny" and c.train.steps == 20 and c.train.lr == pytest.approx(2e-4)
+    assert isinstance(c.train.lr, float)
+    assert c.precision.name == "bf16-mixed" and c.task_args == {"size": 32}
+    assert c.telemetry.trackers == ["jsonl", "console"]
+
+
+def test_round_trip_through_yaml(tmp_path: Path) -> None:
+    c = load_config(None, ["train.steps=7", "train.grad_clip=null", "task=x.py:T"])
+    again = RunConfig.from_dict(yaml.safe_load(c.to_yaml()))
+    assert again == c
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("train.stepz=3", ["train.stepz", "did you mean 'train.steps'"]),
+    ("bogus=1", ["'bogus'", "valid keys"]),
+    ("train.steps=abc", ["train.steps", "integer", "'abc'"]),
+    ("train.steps=0", ["train.steps", ">= 1", "0"]),
+    ("train.steps=true", ["train.steps", "integer"]),
+    ("train.lr=-1", ["train.lr", "positive"]),
+    ("precision.name=fp9", ["precision.name", "fp32", "bf16-mixed", "'fp9'"]),
+    ("data.num_workers=many", ["data.num_workers", "'auto'"]),
+    ("telemetry.trackers=[jsonl,nope]", ["telemetry.trackers", "console", "'nope'"]),
+    ("train.effective_batch_size=4", ["train.effective_batch_size", "batch_size (16)"]),
+    ("train.schedule=exp", ["train.schedule", "cosine"]),
+    ("train=3", ["train", "mapping"]),
+])
+def test_bad_values_name_key_value_and_allowed(override: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_override_syntax_errors() -> None:
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("train.steps")
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(None, ["task=a", "task.x=1"])
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(lst)

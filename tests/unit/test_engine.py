@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from collections import namedtuple
+
+import pytest
+import torch
+from torch import nn
+
+from redline.device import DeviceInfo
+from redline.engine import Engine, batch_size_of, split_batch
+from redline.events import Callback, Dispatcher
+from redline.precision import get_precision
+
+from ..conftest import DEVICES
+
+Pair = namedtuple("Pair", ["x", "y"])
+
+
+def test_split_any_nesting() -> None:
+    batch = {"img": torch.arange(10).view(5, 2), "meta": (torch.arange(5), ["a", "b", "c", "d", "e"]),
+             "pair": Pair(torch.zeros(5, 3), torch.ones(5)), "scale": 2.0}
+    assert batch_size_of(batch) == 5
+    chunks = split_batch(batch, 2)
+    assert [n for _, n in chunks] == [2, 2, 1]
+    last, _ = chunks[-1]
+    assert last["img"].tolist() == [[8, 9]]
+    assert last["meta"][1] == ["e"] and isinstance(last["pair"], Pair)
+    assert last["pair"].x.shape == (1, 3) and last["scale"] == 2.0
+    assert split_batch(batch, 8)[0][0] is batch
+
+
+def test_batch_size_disagreement_is_an_error() -> None:
+    with pytest.raises(ValueError, match="disagree"):
+        batch_size_of((torch.zeros(4), torch.zeros(3)))
+    with pytest.raises(ValueError, match="no tensor"):
+        batch_size_of({"a": 1})
+
+
+def _setup(device: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(device)
+    x = torch.randn(13, 8, device=device)
+    y = torch.randint(0, 3, (13,), device=device)
+    return model, x, y
+
+
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("micro", [1, 4, 5, 13])
+def test_micro_batches_give_the_full_batch_gradient(device: str, micro: int) -> None:
+    model, x, y = _setup(device)
+    ref = copy.deepcopy(model)
+    _loss(ref, (x, y)).backward()
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: grads stay inspectable
+    engine = Engine(model, opt, "fp32", micro_batch_size=micro)
+    loss = engine.step((x, y), _loss)
+    assert loss.device.type == torch.device(device).type
+    assert loss.item() == pytest.approx(_loss(ref, (x, y)).item(), rel=1e-5)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_steps_update_params_and_scheduler() -> None:
+    model, x, y = _setup("cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    engine = Engine(model, opt, "fp32", scheduler=sched, micro_batch_size=4)
+    engine.step((x, y), _loss)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_grad_clipping_bounds_the_norm() -> None:
+    model, x, y = _setup("cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine = Engine(model, opt, "fp32", grad_clip=1e-3)
+    engine.step((x, y), _loss)
+    total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert engine.grad_norm.item() > 1e-3  # the norm before clipping is what is reported
+    assert total.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-true"])
+def test_hot_path_makes_no_host_sync(precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x, y = _setup("cpu")
+    policy = get_precision(precision, DeviceInfo.detect("cpu"))
+    model = policy.convert_module(model)
+    x = x.to(policy.param_dtype)
+    engine = Engine(model, torch.optim.AdamW(model.parameters()), policy, grad_clip=1.0,
+                    micro_batch_size=4)
+
+    real = {name: getattr(torch.Tensor, name) for name in ("item", "cpu", "tolist",
+                                                            "__bool__", "__float__")}
+
+    def guard(name: str):  # type: ignore[no-untyped-def]
+        # Only redline's own code is held to "no host reads": torch's optimizers read their
+        # CPU-resident step counters, which is no device sync.
+        def forbidden(self: torch.Tensor, *args: object, **kwargs: object) -> object:
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}redline{os.sep}" in caller:
+                raise AssertionError(f"Tensor.{name} called from {caller} in Engine.step")
+            return real[name](self, *args, **kwargs)
+
+        return forbidden
+
+    def forbidden_sync(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.cuda.synchronize in Engine.step")
+
+    for name in real:
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    monkeypatch.setattr(torch.cuda, "synchronize", forbidden_sync)
+    loss = engine.step((x, y), _loss)
+    monkeypatch.undo()
+    assert torch.isfinite(loss)
+
+
+def test_fp16_scaler_skips_and_counts_nonfinite_steps() -> None:
+    model, x, y = _setup("cpu")
+    policy = get_precision("fp16-mixed", DeviceInfo.detect("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = Engine(model, opt, policy)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def inf_loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return _loss(m, b) * float("inf")
+
+    scale = policy.scaler.get_scale()
+    engine.step((x, y), inf_loss)
+    assert engine.nonfinite_steps.item() == 1
+    assert policy.scaler.get_scale() < scale  # the scaler backed off
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b)  # the step was skipped
+    engine.step((x, y), _loss)
+    assert engine.nonfinite_steps.item() == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    state = engine.state_dict()
+    assert state["nonfinite_steps"] == 1 and "scaler" in state["precision"]
+
+
+def test_engine_fires_backward_and_optimizer_events() -> None:
+    calls: list[str] = []
+
+    class Spy(Callback):
+        def on_before_backward(self, state, loss):  # type: ignore[no-untyped-def]
+            calls.append("backward")
+
+        def on_before_optimizer_step(self, state, optimizer):  # type: ignore[no-untyped-def]
+            calls.append("optimizer")
+
+    model, x, y = _setup("cpu")
+    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), "fp32",
+                    micro_batch_size=5, dispatcher=Dispatcher([Spy()]))
+    engine.step((x, y), _loss)
+    assert calls == ["backward", "backward", "backward", "optimizer"]
+
+
+def test_engine_rejects_bad_arguments() -> None:
+    model, _, _ = _setup("cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="grad_clip"):
+        Engine(model, opt, grad_clip=0)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        Engine(model, opt, micro_batch_size=0)
+    with pytest.raises(ValueError, match="fp32"):
+        Engine(model, opt, precision="fp12")
