@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-from redline.config import RunConfig, load_config  # noqa: E402
-from redline.engine import Engine  # noqa: E402
-from redline.events import Callback, Event, State  # noqa: E402
-from redline.task import Sample, Task, TaskBase  # noqa: E402
+from redline.config import RunConfig, load_config
+from redline.engine import Engine
+from redline.events import Callback, Event, State
+from redline.task import Sample, Task, TaskBase
 
 __all__ = ["Callback", "Engine", "Event", "RunConfig", "Sample", "State", "Task", "TaskBase",
            "Trainer", "__version__", "load_config"]

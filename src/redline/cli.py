@@ -6,7 +6,6 @@ import argparse
 import json
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 from redline import __version__
@@ -138,10 +137,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from redline.checkpoint import CheckpointError
     from redline.config import ConfigError
+    from redline.device import DeviceError
     from redline.precision import PrecisionError
     from redline.task import TaskError
 
-    return (ConfigError, TaskError, PrecisionError, CheckpointError)
+    return (ConfigError, TaskError, PrecisionError, CheckpointError, DeviceError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,10 +239,7 @@ _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str:
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against a field's type hint; ints are accepted where floats are."""
     origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(hint)
-    else:
-        options = (hint,)
+    options = typing.get_args(hint) if origin in (Union, types.UnionType) else (hint,)
     for opt in options:
         base = typing.get_origin(opt) or opt
         if base is Any:

@@ -73,7 +73,18 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int,
     are kept across epochs and the order stays exact.
     """
     sampler = EpochBatchSampler(len(dataset), batch_size, seed)  # type: ignore[arg-type]
-    return DataLoader(dataset, batch_sampler=sampler, **options)
+    # Each iter(loader) draws the workers' base seed from this generator; without one it
+    # would draw from the global RNG and shift the training stream on every resume.
+    return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator(), **options)
+
+
+def iterate_from(loader: DataLoader, epoch: int, start_batch: int) -> Iterator[Any]:
+    """Batches of `epoch` from `start_batch` on; worker seeds depend on (seed, epoch) only."""
+    sampler = loader.batch_sampler
+    assert isinstance(sampler, EpochBatchSampler) and loader.generator is not None
+    sampler.set_position(epoch, start_batch)
+    loader.generator.manual_seed(sampler.seed * 1_000_003 + epoch + 1)
+    return iter(loader)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, options: dict[str, Any]) -> DataLoader:

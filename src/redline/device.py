@@ -41,6 +41,10 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
+class DeviceError(ValueError):
+    """A device that does not exist here or is spelled wrong; the message says which."""
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """Capabilities of one device. Build with `DeviceInfo.detect(...)`; tests build by hand."""
@@ -99,18 +103,18 @@ def _parse_spec(spec: str) -> tuple[str, int | None]:
         return "cpu", None
     kind, _, idx = spec.partition(":")
     if kind not in ("cpu", "cuda", "mps") or (idx and not idx.isdigit()):
-        raise ValueError(f"device {spec!r} is not one of: auto, cpu, cuda, cuda:N, mps")
+        raise DeviceError(f"device {spec!r} is not one of: auto, cpu, cuda, cuda:N, mps")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise DeviceError(
             f"device {spec!r} was asked for but this torch build sees no CUDA device "
             f"(torch {torch.__version__}); use device: cpu or auto"
         )
     if kind == "cuda" and idx and int(idx) >= torch.cuda.device_count():
-        raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        raise DeviceError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
     if kind == "mps" and not (
         getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     ):
-        raise ValueError("device 'mps' was asked for but MPS is not available here")
+        raise DeviceError("device 'mps' was asked for but MPS is not available here")
     return kind, int(idx) if idx else None
 
 

@@ -12,7 +12,6 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,8 +62,6 @@ def environment_check(device: str = "auto") -> Report:
     report.info["cuda_available"] = torch.cuda.is_available()
     report.info["cpu_count"] = os.cpu_count()
     report.info["torch_threads"] = torch.get_num_threads()
-    if sys.version_info < (3, 10):
-        report.blockers.append(f"Python {report.info['python']} is too old; redline needs 3.10+")
     torch_version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
     if torch_version < MIN_TORCH:
         report.blockers.append(f"torch {torch.__version__} is too old; redline needs "

@@ -69,7 +69,7 @@ class Precision:
         """Set the global matmul flags this policy needs; restore the previous ones on exit."""
         saved = _read_matmul_flags()
         try:
-            _write_matmul_flags(self.matmul_precision)
+            _write_matmul_flags(self.matmul_precision, saved["legacy"])
             yield
         finally:
             _restore_matmul_flags(saved)
@@ -131,7 +131,8 @@ class BF16Mixed(_Autocast):
     @classmethod
     def unsupported_reason(cls, device: DeviceInfo) -> str | None:
         if not device.supports_bf16:
-            return f"bfloat16 needs compute capability 8.0 or newer, this GPU has {device.capability}"
+            return ("bfloat16 needs compute capability 8.0 or newer, "
+                    f"this GPU has {device.capability}")
         return None
 
 
@@ -199,30 +200,45 @@ def get_precision(name: str, device: DeviceInfo) -> Precision:
     return cls(device)
 
 
-# Global matmul flags. torch >= 2.9 has per-backend `fp32_precision`; older versions only
-# the process-wide float32 matmul precision and allow_tf32 switches.
+# Global matmul flags. torch >= 2.9 has per-backend `fp32_precision` settings beside the
+# legacy float32-matmul-precision/allow_tf32 switches, and raises if a process mixes the
+# two. So: speak the legacy API (which torch maps onto the new flags), unless the process
+# already used the new one, which makes the legacy getter raise; then speak the new one.
+_NEW_API_FLAGS = ("cuda.matmul", "cudnn.conv", "mkldnn.matmul")
+
+
+def _backend(path: str) -> Any:
+    obj: Any = torch.backends
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _read_matmul_flags() -> dict[str, Any]:
-    flags: dict[str, Any] = {"matmul": torch.get_float32_matmul_precision()}
-    flags["cuda_tf32"] = torch.backends.cuda.matmul.allow_tf32
-    flags["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
-    flags["mkldnn"] = getattr(torch.backends.mkldnn, "fp32_precision", None)
-    return flags
+    try:
+        return {"legacy": True, "matmul": torch.get_float32_matmul_precision(),
+                "cudnn_tf32": torch.backends.cudnn.allow_tf32}
+    except RuntimeError:
+        return {"legacy": False, **{p: _backend(p).fp32_precision for p in _NEW_API_FLAGS}}
 
 
-def _write_matmul_flags(precision: str) -> None:
-    torch.set_float32_matmul_precision(precision)
+def _write_matmul_flags(precision: str, legacy: bool) -> None:
     tf32 = precision != "highest"
-    # set_float32_matmul_precision leaves cuDNN convolutions alone; pin them as well.
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    if hasattr(torch.backends.mkldnn, "fp32_precision"):
-        # oneDNN on AMX CPUs can run fp32 matmuls in bf16 when told to; full fp32 pins IEEE.
-        torch.backends.mkldnn.fp32_precision = "ieee" if not tf32 else "none"
+    if legacy:
+        # This covers CUDA and oneDNN matmuls (touching cuda.matmul.allow_tf32 as well would
+        # desynchronise them); cuDNN convolutions have their own switch.
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = tf32
+        return
+    for path in _NEW_API_FLAGS:
+        # "tf32" is a CUDA mode; on oneDNN (CPU) anything below "highest" stays IEEE here.
+        _backend(path).fp32_precision = "tf32" if tf32 and "mkldnn" not in path else "ieee"
 
 
 def _restore_matmul_flags(flags: dict[str, Any]) -> None:
-    torch.set_float32_matmul_precision(flags["matmul"])
-    torch.backends.cuda.matmul.allow_tf32 = flags["cuda_tf32"]
-    torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
-    if flags["mkldnn"] is not None:
-        torch.backends.mkldnn.fp32_precision = flags["mkldnn"]
+    if flags["legacy"]:
+        torch.set_float32_matmul_precision(flags["matmul"])
+        torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
+        return
+    for path in _NEW_API_FLAGS:
+        _backend(path).fp32_precision = flags[path]

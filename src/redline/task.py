@@ -158,7 +158,8 @@ def _import_target(target: str, spec: str) -> Callable[..., Any]:
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise TaskError(f"task {spec!r}: module {module_part!r} has no attribute {attr!r}") from None
+        raise TaskError(
+            f"task {spec!r}: module {module_part!r} has no attribute {attr!r}") from None
 
 
 def _import_file(path: Path, spec: str) -> Any:

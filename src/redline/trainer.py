@@ -30,7 +30,7 @@ from torch import nn
 
 from redline import checkpoint as ckpt
 from redline.config import ConfigError, RunConfig
-from redline.data import eval_loader, loader_options, train_loader
+from redline.data import eval_loader, iterate_from, loader_options, train_loader
 from redline.device import DeviceInfo
 from redline.doctor import environment_check
 from redline.engine import Engine, move_to
@@ -273,7 +273,7 @@ class Trainer:
         while self.state.step < self.max_steps and not signals.received:
             if self.state.batch_in_epoch == 0:
                 self.dispatcher.fire(Event.EPOCH_START, self.state)
-            for batch in self._epoch_batches():
+            for batch in iterate_from(self.loader, self.state.epoch, self.state.batch_in_epoch):
                 batch = move_to(batch, device, non_blocking)
                 self.dispatcher.fire(Event.BATCH_START, self.state, batch)
                 loss = self.engine.step(batch, loss_fn)
@@ -294,10 +294,6 @@ class Trainer:
                 self.dispatcher.fire(Event.EPOCH_END, self.state)
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
-
-    def _epoch_batches(self) -> Iterator[Any]:
-        self.loader.batch_sampler.set_position(self.state.epoch, self.state.batch_in_epoch)  # type: ignore[union-attr]
-        return iter(self.loader)
 
     # ---- evaluation ----------------------------------------------------------------------
 

@@ -6,6 +6,8 @@ generator), so exact-resume tests fail if any RNG state is lost.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -14,9 +16,11 @@ from torch.utils.data import TensorDataset
 class ToyRegression:
     name = "toy"
 
-    def __init__(self, n: int = 512, dim: int = 16, hidden: int = 64) -> None:
+    def __init__(self, n: int = 512, dim: int = 16, hidden: int = 64,
+                 sleep_s: float = 0.0) -> None:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        self.sleep_s = sleep_s  # stretches steps so a test can kill the run midway
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(n, dim, generator=g)
         self.y = torch.sin(self.x @ torch.randn(dim, 1, generator=g))
@@ -34,6 +38,8 @@ class ToyRegression:
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
+        if self.sleep_s and model.training:
+            time.sleep(self.sleep_s)
         x = x + 0.01 * torch.randn_like(x)
         return nn.functional.mse_loss(model(x).float(), y)
 

@@ -17,7 +17,8 @@ def test_defaults_match_design() -> None:
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
     f = tmp_path / "run.yaml"
-    f.write_text("task: sr3-tiny\ntrain:\n  steps: 10\n  lr: 2e-4\nprecision:\n  name: bf16-mixed\n")
+    f.write_text("task: sr3-tiny\ntrain:\n  steps: 10\n  lr: 2e-4\n"
+                 "precision:\n  name: bf16-mixed\n")
     c = load_config(f, ["train.steps=20", "task_args.size=32", "telemetry.trackers=jsonl,console"])
     assert c.task == "sr3-tiny" and c.train.steps == 20 and c.train.lr == pytest.approx(2e-4)
     assert isinstance(c.train.lr, float)

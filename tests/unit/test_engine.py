@@ -20,7 +20,8 @@ Pair = namedtuple("Pair", ["x", "y"])
 
 
 def test_split_any_nesting() -> None:
-    batch = {"img": torch.arange(10).view(5, 2), "meta": (torch.arange(5), ["a", "b", "c", "d", "e"]),
+    batch = {"img": torch.arange(10).view(5, 2),
+             "meta": (torch.arange(5), ["a", "b", "c", "d", "e"]),
              "pair": Pair(torch.zeros(5, 3), torch.ones(5)), "scale": 2.0}
     assert batch_size_of(batch) == 5
     chunks = split_batch(batch, 2)

@@ -1,0 +1,114 @@
+"""Kill a real training process and resume it: the result must be bit-identical."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from redline.checkpoint import list_checkpoints
+from redline.telemetry.jsonl import read_jsonl
+
+from ..conftest import TOY, run_cli
+
+STEPS = 120
+# Steps are stretched (sleep_s) so a kill lands midway; eval, logging and checkpoint
+# cadences deliberately do not divide each other.
+ARGS = ["train", TOY, "--steps", str(STEPS), "--set", "task_args.sleep_s=0.02",
+        "--set", "checkpoint.every=10", "--set", "checkpoint.keep=2",
+        "--set", "train.eval_every=25", "--set", "telemetry.log_every=7",
+        "--set", "train.schedule=cosine", "--set", "train.warmup_steps=5",
+        "--set", "train.effective_batch_size=32", "--no-progress"]
+
+
+def _final_state(run_dir: Path) -> dict:
+    last = list_checkpoints(run_dir / "checkpoints")[-1]
+    return torch.load(last, weights_only=True)
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] == STEPS
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for pid, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    cwd = tmp_path_factory.mktemp("reference")
+    out = run_cli([*ARGS, "--run-dir", "ref", "--set", "task_args.sleep_s=0"], cwd)
+    assert out.returncode == 0, out.stderr
+    return _final_state(cwd / "ref")
+
+
+def _start(cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "redline", *ARGS, "--run-dir", "run"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen[str], ckpt_dir: Path, step: int) -> None:
+    deadline = time.monotonic() + 120
+    target = ckpt_dir / f"step-{step:08d}.pt"
+    while not target.exists():
+        assert proc.poll() is None, f"run ended early: {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.01)
+
+
+def test_kill_9_then_resume_is_bit_identical(tmp_path: Path, reference: dict) -> None:
+    proc = _start(tmp_path)
+    _wait_for_checkpoint(proc, tmp_path / "run" / "checkpoints", 40)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    assert int(killed_at.stem.split("-")[1]) < STEPS  # it really stopped midway
+
+    out = run_cli([*ARGS, "--run-dir", "run", "--resume"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    _assert_identical(reference, _final_state(tmp_path / "run"))
+
+
+def test_sigterm_saves_a_checkpoint_then_resume_is_bit_identical(tmp_path: Path,
+                                                                 reference: dict) -> None:
+    proc = _start(tmp_path)
+    _wait_for_checkpoint(proc, tmp_path / "run" / "checkpoints", 30)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in stdout and "--resume" in stdout
+    saved = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    step = int(saved.stem.split("-")[1])
+    assert 30 <= step < STEPS
+    interrupted = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl")
+                   if e["event"] == "interrupted"]
+    assert interrupted == [{**interrupted[0], "signal": "SIGTERM", "step": step}]
+
+    out = run_cli([*ARGS, "--run-dir", "run", "--resume"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    _assert_identical(reference, _final_state(tmp_path / "run"))
+
+
+def test_corrupt_newest_checkpoint_warns_and_resumes_from_the_previous(
+        tmp_path: Path, reference: dict) -> None:
+    proc = _start(tmp_path)
+    _wait_for_checkpoint(proc, tmp_path / "run" / "checkpoints", 50)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    newest = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    out = run_cli([*ARGS, "--run-dir", "run", "--resume"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"{newest.name} is unreadable" in out.stderr
+    assert "truncated or corrupt; trying the previous checkpoint" in out.stderr
+    _assert_identical(reference, _final_state(tmp_path / "run"))

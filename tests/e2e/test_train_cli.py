@@ -1,0 +1,129 @@
+"""The CLI as a user runs it, in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from redline.task import resolve_task
+from redline.telemetry.jsonl import read_jsonl
+
+from ..conftest import TOY, run_cli
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_train_a_users_file_task_writes_the_run_directory(tmp_path: Path) -> None:
+    out = run_cli(["train", TOY, "--steps", "30", "--json", "--run-dir", "run",
+                   "--set", "telemetry.log_every=7", "--set", "train.eval_every=20",
+                   "--set", "checkpoint.every=10", "--set", "checkpoint.keep=2"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    result = _last_json(out.stdout)
+    assert result["steps"] == 30 and result["samples"] == 30 * 16
+    assert result["precision"] == "fp32" and result["run_dir"] == "run"
+    assert result["final_loss"] > 0 and "mae" in result["eval"] and "loss" in result["eval"]
+
+    run = tmp_path / "run"
+    for name in ("config.yaml", "environment.json", "metrics.jsonl", "events.jsonl"):
+        assert (run / name).is_file(), name
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["task"] == TOY and config["train"]["steps"] == 30
+    env = json.loads((run / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and env["device"]["kind"] == "cpu"
+
+    train_rows = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in train_rows] == [7, 14, 21, 28, 30]
+    for r in train_rows:
+        assert r["samples_per_s"] > 0 and r["step_time_s"] > 0 and r["lr"] == pytest.approx(2e-4)
+    eval_rows = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/loss" in r]
+    assert [r["step"] for r in eval_rows] == [20, 30]
+    events = [e["event"] for e in read_jsonl(run / "events.jsonl")]
+    assert events[0] == "run_start" and "checkpoint_saved" in events
+
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-00000020.pt", "step-00000030.pt"]  # keep=2
+    # A checkpoint is plain PyTorch: its "model" entry loads into the task's model.
+    state = torch.load(run / "checkpoints" / ckpts[-1], weights_only=True)
+    resolve_task(TOY).build_model().load_state_dict(state["model"])
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["train", TOY, "--set", "train.stepz=5"], ["train.stepz", "train.steps"]),
+    (["train", "sr4-tiny"], ["unknown task 'sr4-tiny'", "sr3-tiny"]),
+    (["train", TOY, "--precision", "tf32"], ["tf32", "CUDA"]),
+    (["train", TOY, "--precision", "fp9"], ["precision.name", "bf16-mixed"]),
+    (["train", TOY, "--config", "nope.yaml"], ["nope.yaml", "does not exist"]),
+    (["train", TOY, "--batch-size", "0"], ["train.batch_size", ">= 1"]),
+    (["train", TOY, "--set", "task_args.n=4"], ["fewer than one batch of 16"]),
+    (["train", TOY, "--device", "cuda:7"], ["cuda:7"]),
+    (["train"], ["no task given"]),
+])
+def test_bad_input_is_one_sentence_and_exit_2(tmp_path: Path, args: list[str],
+                                               words: list[str]) -> None:
+    out = run_cli([*args, "--steps", "2"] if "--steps" not in args else args, tmp_path)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("redline: error: ")
+    for w in words:
+        assert w in lines[0]
+
+
+def test_json_errors_are_json_too(tmp_path: Path) -> None:
+    out = run_cli(["train", TOY, "--set", "train.lr=0", "--json"], tmp_path)
+    assert out.returncode == 2
+    assert "train.lr" in _last_json(out.stdout)["error"]
+
+
+def test_a_finished_run_directory_is_not_overwritten(tmp_path: Path) -> None:
+    assert run_cli(["train", TOY, "--steps", "3", "--run-dir", "r"], tmp_path).returncode == 0
+    again = run_cli(["train", TOY, "--steps", "3", "--run-dir", "r"], tmp_path)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    changed = run_cli(["train", TOY, "--steps", "6", "--run-dir", "r", "--resume",
+                       "--batch-size", "8"], tmp_path)
+    assert changed.returncode == 2
+    assert "train.batch_size=16" in changed.stderr and "train.batch_size=8" in changed.stderr
+    longer = run_cli(["train", TOY, "--steps", "6", "--run-dir", "r", "--resume", "--json"],
+                     tmp_path)
+    assert longer.returncode == 0, longer.stderr
+    assert _last_json(longer.stdout)["resumed_from"] == 3
+    assert _last_json(longer.stdout)["steps"] == 6
+
+
+def test_resume_without_run_dir_takes_the_newest_run(tmp_path: Path) -> None:
+    none = run_cli(["train", TOY, "--steps", "2", "--resume"], tmp_path)
+    assert none.returncode == 2 and "no earlier run of 'toy'" in none.stderr
+    first = run_cli(["train", TOY, "--steps", "2", "--json"], tmp_path)
+    run_dir = _last_json(first.stdout)["run_dir"]
+    assert run_dir.startswith("runs/toy-")
+    more = run_cli(["train", TOY, "--steps", "4", "--resume", "--json"], tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert _last_json(more.stdout)["run_dir"] == run_dir
+    assert _last_json(more.stdout)["resumed_from"] == 2
+
+
+def test_doctor(tmp_path: Path) -> None:
+    out = run_cli(["doctor", "--json"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    report = _last_json(out.stdout)
+    assert report["ok"] is True and report["torch"] == torch.__version__
+    assert report["precisions"]["fp32"] == "ok"
+    if not torch.cuda.is_available():
+        assert "CUDA" in report["precisions"]["tf32"] and report["device"]["kind"] == "cpu"
+    plain = run_cli(["doctor"], tmp_path)
+    assert plain.returncode == 0 and "ok: training can run here" in plain.stdout
+    bad = run_cli(["doctor", "--device", "tpu"], tmp_path)
+    assert bad.returncode == 1 and "BLOCKER" in bad.stdout
+
+
+def test_help_explains(tmp_path: Path) -> None:
+    out = run_cli(["train", "--help"], tmp_path)
+    assert out.returncode == 0
+    for word in ("sr3-tiny", "--resume", "--set", "examples:", "bf16-mixed"):
+        assert word in out.stdout

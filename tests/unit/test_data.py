@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from redline.config import ConfigError, DataConfig
+from redline.data import EpochBatchSampler, loader_options
+
+
+def test_order_depends_only_on_seed_and_epoch() -> None:
+    a = list(EpochBatchSampler(100, 8, seed=1))
+    assert a == list(EpochBatchSampler(100, 8, seed=1))
+    assert a != list(EpochBatchSampler(100, 8, seed=2))
+    assert a != list(EpochBatchSampler(100, 8, seed=1, epoch=1))
+    assert len(a) == 12
+    assert all(len(b) == 8 for b in a)
+    assert len(set(itertools.chain(*a))) == 96  # a permutation, last partial batch dropped
+
+
+def test_resuming_mid_epoch_continues_with_the_next_batch() -> None:
+    full = list(EpochBatchSampler(100, 8, seed=3, epoch=2))
+    sampler = EpochBatchSampler(100, 8, seed=3)
+    sampler.set_position(epoch=2, start_batch=5)
+    assert list(sampler) == full[5:] and len(sampler) == len(full) - 5
+
+
+def test_too_small_dataset_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="fewer than one batch of 16"):
+        EpochBatchSampler(10, 16, seed=0)
+
+
+def test_loader_options_resolve_auto() -> None:
+    cpu = loader_options(DataConfig(), "cpu")
+    assert cpu == {"num_workers": 0, "pin_memory": False}
+    cuda = loader_options(DataConfig(num_workers=2), "cuda")
+    assert cuda["pin_memory"] is True and cuda["persistent_workers"] is True
+    assert cuda["prefetch_factor"] == 2
