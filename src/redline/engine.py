@@ -170,7 +170,7 @@ class Engine:
             else:
                 norm = torch.nn.utils.get_total_norm(grads, foreach=True)
             self.grad_norm = norm.detach()
-            self.nonfinite_steps += (~torch.isfinite(self.grad_norm)).to(torch.int64)
+            self.nonfinite_steps.add_(~torch.isfinite(self.grad_norm))
         if self._fire_opt:
             self.dispatcher.fire(Event.BEFORE_OPTIMIZER_STEP, self.state, self.optimizer)
         self.precision.optimizer_step(self.optimizer)
