@@ -140,6 +140,9 @@ class Engine:
         device = self._params[0].device if self._params else torch.device("cpu")
         self.grad_norm = torch.zeros((), device=device)
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
+        # True while parameters are being updated: a failure then leaves them half-stepped,
+        # and the trainer must not checkpoint them.
+        self.updating = False
         self._fire_backward = self.dispatcher.has(Event.BEFORE_BACKWARD)
         self._fire_opt = self.dispatcher.has(Event.BEFORE_OPTIMIZER_STEP)
 
@@ -173,9 +176,11 @@ class Engine:
             self.nonfinite_steps.add_(~torch.isfinite(self.grad_norm))
         if self._fire_opt:
             self.dispatcher.fire(Event.BEFORE_OPTIMIZER_STEP, self.state, self.optimizer)
+        self.updating = True
         self.precision.optimizer_step(self.optimizer)
         if self.scheduler is not None:
             self.scheduler.step()
+        self.updating = False
 
     def state_dict(self) -> dict[str, Any]:
         return {

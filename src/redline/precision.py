@@ -172,16 +172,37 @@ class FP16Mixed(_Autocast):
 
 
 class BF16True(BF16Mixed):
-    """Weights, gradients, optimizer state and activations all in bfloat16 (no fp32 master)."""
+    """Weights, gradients, optimizer state and activations all in bfloat16 (no fp32 master).
+
+    Floating-point inputs are cast to bfloat16 on their way into the model (a forward
+    pre-hook, so the state_dict keys stay those of the user's module).
+    """
 
     name = "bf16-true"
     param_dtype = torch.bfloat16
 
     def convert_module(self, model: nn.Module) -> nn.Module:
-        return model.to(torch.bfloat16)
+        model = model.to(torch.bfloat16)
+        model.register_forward_pre_hook(_cast_inputs_to_bf16, with_kwargs=True)
+        return model
 
     def forward_context(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
+
+
+def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _cast_floating(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_cast_floating(v, dtype) for v in obj)
+    return obj
+
+
+def _cast_inputs_to_bf16(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                         ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return _cast_floating(args, torch.bfloat16), _cast_floating(kwargs, torch.bfloat16)
 
 
 PRECISIONS: dict[str, type[Precision]] = {

@@ -258,12 +258,41 @@ class Trainer:
                 elif self.eval_set is not None:
                     result.eval = self.evaluate()
                 self.dispatcher.fire(Event.FIT_END, self.state)
+        except BaseException as exc:
+            self._save_after_failure(exc)
+            raise
         finally:
+            for sink in metrics.sinks:  # stops the progress bar's thread after a failure too
+                sink.close()
             self.events.close()
         result.steps, result.samples = self.state.step, self.state.samples_seen
         result.final_loss = metrics.last.get("loss")
         result.checkpoint = str(last_saved) if last_saved else None
         return result
+
+    def _save_after_failure(self, exc: BaseException) -> None:
+        """Keep the work of every completed step when the loop dies of an exception.
+
+        The state is that of the last completed step, unless the failure struck while the
+        optimizer was updating the parameters; the RNG has moved on by part of a step, so
+        resuming from this checkpoint is not bit-exact.
+        """
+        step = self.state.step
+        saved = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+        if step == 0 or self.engine.updating or (saved and saved[-1].name ==
+                                                 ckpt.checkpoint_name(step)):
+            self.events.event("failed", step=step, error=type(exc).__name__)
+            return
+        try:
+            path = self.save_checkpoint()
+        except Exception as save_error:  # the disk may be why we failed
+            print(f"redline: could not save a checkpoint after the failure: {save_error}",
+                  file=sys.stderr)
+            return
+        self.events.event("failed", step=step, error=type(exc).__name__,
+                          checkpoint=str(path), exact_resume=False)
+        print(f"redline: {type(exc).__name__} after step {step}; saved {path}; continue with "
+              "--resume once fixed", file=sys.stderr)
 
     def _loop(self, signals: _Signals) -> None:
         cfg = self.config

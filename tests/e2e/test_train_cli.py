@@ -127,3 +127,27 @@ def test_help_explains(tmp_path: Path) -> None:
     assert out.returncode == 0
     for word in ("sr3-tiny", "--resume", "--set", "examples:", "bf16-mixed"):
         assert word in out.stdout
+
+
+def test_a_crash_in_user_code_keeps_the_completed_steps(tmp_path: Path) -> None:
+    task = tmp_path / "crashy.py"
+    task.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(TOY.split(':')[0]).parent)!r})\n"
+        "from toy import ToyRegression\n\n"
+        "class Crashy(ToyRegression):\n"
+        "    calls = 0\n"
+        "    def loss(self, model, batch):\n"
+        "        Crashy.calls += 1\n"
+        "        if Crashy.calls == int(os.environ.get('CRASH_AT', 0)):\n"
+        "            raise RuntimeError('bug in user code')\n"
+        "        return super().loss(model, batch)\n")
+    out = run_cli(["train", "crashy.py:Crashy", "--steps", "20", "--run-dir", "r",
+                   "--set", "train.eval_every=0"], tmp_path, env={"CRASH_AT": "13"})
+    assert out.returncode == 1 and "bug in user code" in out.stderr  # the user's traceback
+    assert "RuntimeError after step 12" in out.stderr
+    assert (tmp_path / "r" / "checkpoints" / "step-00000012.pt").is_file()
+    again = run_cli(["train", "crashy.py:Crashy", "--steps", "20", "--run-dir", "r", "--resume",
+                     "--json", "--set", "train.eval_every=0"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert _last_json(again.stdout)["resumed_from"] == 12

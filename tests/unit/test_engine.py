@@ -95,7 +95,6 @@ def test_hot_path_makes_no_host_sync(precision: str, monkeypatch: pytest.MonkeyP
     model, x, y = _setup("cpu")
     policy = get_precision(precision, DeviceInfo.detect("cpu"))
     model = policy.convert_module(model)
-    x = x.to(policy.param_dtype)
     engine = Engine(model, torch.optim.AdamW(model.parameters()), policy, grad_clip=1.0,
                     micro_batch_size=4)
 

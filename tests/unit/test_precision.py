@@ -72,6 +72,8 @@ def test_bf16_true_casts_the_model() -> None:
     assert isinstance(policy, BF16True)
     model = policy.convert_module(nn.Linear(4, 4))
     assert model.weight.dtype == torch.bfloat16
+    assert model(torch.randn(2, 4)).dtype == torch.bfloat16  # float32 inputs are cast
+    assert list(model.state_dict()) == ["weight", "bias"]
     assert policy.describe()["param_dtype"] == "bfloat16"
 
 
