@@ -134,6 +134,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+# Keys that may differ between a run and its resumption: they change how long the run
+# goes and what it records, not the math of the steps already taken.
+RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batches",
+                     "train.eval_batch_size", "data.", "checkpoint.", "telemetry.")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "task_args":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume with settings that change the math of the steps already taken."""
+    old, new = _flatten(saved), _flatten(current)
+    for key in sorted(set(old) | set(new)):
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
+            continue
+        if key == "task" and not new.get(key):
+            continue
+        if old.get(key) != new.get(key):
+            raise CheckpointError(
+                f"cannot resume: {path.name} was written with {key}={old.get(key)!r} but this "
+                f"run asks for {key}={new.get(key)!r}; use the same setting or a new --run-dir")
+
+
 def _fsync_dir(d: Path) -> None:
     try:
         fd = os.open(d, os.O_RDONLY)

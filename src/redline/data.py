@@ -89,3 +89,21 @@ def iterate_from(loader: DataLoader, epoch: int, start_batch: int) -> Iterator[A
 
 def eval_loader(dataset: Dataset, batch_size: int, options: dict[str, Any]) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, **options)
+
+
+class LimitedLoader:
+    """The first `limit` batches of a loader (all when limit is None), with a length."""
+
+    def __init__(self, loader: Any, limit: int | None) -> None:
+        self.loader, self.limit = loader, limit
+        self.dataset = loader.dataset
+        self.batch_size = loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader) if self.limit is None else min(self.limit, len(self.loader))
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.loader):
+            if self.limit is not None and i >= self.limit:
+                return
+            yield batch

@@ -17,7 +17,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +30,7 @@ from torch import nn
 
 from redline import checkpoint as ckpt
 from redline.config import ConfigError, RunConfig
-from redline.data import eval_loader, iterate_from, loader_options, train_loader
+from redline.data import LimitedLoader, eval_loader, iterate_from, loader_options, train_loader
 from redline.device import DeviceInfo
 from redline.doctor import environment_check
 from redline.engine import Engine, move_to
@@ -40,11 +40,6 @@ from redline.task import Task, resolve_task
 from redline.telemetry.console import ConsoleSink, Progress
 from redline.telemetry.jsonl import EventLog, JsonlWriter
 from redline.telemetry.metrics import MetricsLogger, MetricsSink
-
-# Keys that may differ between a run and its resumption: they change how long the run
-# goes and what it records, not the math of the steps already taken.
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batches",
-                     "train.eval_batch_size", "data.", "checkpoint.", "telemetry.")
 
 
 @dataclass
@@ -200,7 +195,7 @@ class Trainer:
             self.events.event("resume_fresh", reason="no checkpoint in run directory")
             return None
         path, payload = found
-        _check_resumable(payload.get("config", {}), self.config.to_dict(), path)
+        ckpt.check_resumable(payload.get("config", {}), self.config.to_dict(), path)
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -334,7 +329,7 @@ class Trainer:
         cfg = self.config.train
         loader = eval_loader(self.eval_set, cfg.eval_batch_size or cfg.batch_size,
                              self.loader_opts)
-        limited = _Limited(loader, cfg.eval_batches)
+        limited = LimitedLoader(loader, cfg.eval_batches)
         devices = [self.device.index or 0] if self.device.is_cuda else []
         self.step_model.eval()
         try:
@@ -383,24 +378,6 @@ class _JsonlSink:
         self.writer.close()
 
 
-class _Limited:
-    """The first `limit` batches of a loader (all when limit is None), with a length."""
-
-    def __init__(self, loader: Any, limit: int | None) -> None:
-        self.loader, self.limit = loader, limit
-        self.dataset = loader.dataset
-        self.batch_size = loader.batch_size
-
-    def __len__(self) -> int:
-        return len(self.loader) if self.limit is None else min(self.limit, len(self.loader))
-
-    def __iter__(self) -> Iterator[Any]:
-        for i, batch in enumerate(self.loader):
-            if self.limit is not None and i >= self.limit:
-                return
-            yield batch
-
-
 def _lr_lambda(schedule: str, warmup: int, total: int) -> Any:
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -413,26 +390,3 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Any:
         return 1.0 - progress
 
     return factor
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "task_args":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    old, new = _flatten(saved), _flatten(current)
-    for key in sorted(set(old) | set(new)):
-        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
-            continue
-        if key == "task" and not new.get(key):
-            continue
-        if old.get(key) != new.get(key):
-            raise ConfigError(
-                f"cannot resume: {path.name} was written with {key}={old.get(key)!r} but this "
-                f"run asks for {key}={new.get(key)!r}; use the same setting or a new --run-dir")
