@@ -314,7 +314,8 @@ class Trainer:
                     self.save_checkpoint()
                 if signals.received or step >= self.max_steps:
                     break
-            else:
+            # Not a for-else: an epoch whose last batch is also the run's last step ends too.
+            if self.state.batch_in_epoch >= self.steps_per_epoch:
                 self.dispatcher.fire(Event.EPOCH_END, self.state)
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from redline.config import load_config
+from redline.events import Callback, State
+from redline.telemetry.console import Progress
+from redline.telemetry.jsonl import read_jsonl
+from redline.trainer import Trainer
+
+from ..conftest import TOY
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def on_epoch_start(self, state: State) -> None:
+        self.events.append(f"epoch_start {state.epoch}")
+
+    def on_epoch_end(self, state: State) -> None:
+        self.events.append(f"epoch_end {state.epoch}")
+
+    def on_eval_end(self, state: State, metrics: dict[str, float]) -> None:
+        self.events.append(f"eval {state.step}")
+
+    def on_fit_end(self, state: State) -> None:
+        self.events.append(f"fit_end {state.step}")
+
+
+def test_epochs_limit_the_run_and_fire_epoch_events(tmp_path: Path) -> None:
+    # 64 samples, 16 per step: 4 steps per epoch; 2 epochs end the run before 100 steps.
+    config = load_config(None, [f"task={TOY}", "task_args.n=64", "train.steps=100",
+                                "train.epochs=2", "train.eval_every=3"])
+    rec = Recorder()
+    result = Trainer(config, run_dir=tmp_path / "r", callbacks=[rec], progress=False).fit()
+    assert result.steps == 8 and result.samples == 128
+    assert rec.events == ["epoch_start 0", "eval 3", "epoch_end 0", "epoch_start 1", "eval 6",
+                          "epoch_end 1", "eval 8", "fit_end 8"]
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows if "loss" in r] == [1]  # one window, in the second epoch
+
+
+def test_progress_plain_lines_and_rich_bar() -> None:
+    plain = io.StringIO()
+    bar = Progress(10, stream=plain, interactive=False)
+    bar.on_fit_start(State(step=0))
+    bar.log_metrics({"step": 5, "loss": 0.5, "samples_per_s": 100.0, "step_time_s": 0.01})
+    line = plain.getvalue()
+    assert "step 5" in line and "loss 0.5" in line and "100.0 samples/s" in line
+    assert "ETA" in line
+
+    tty = io.StringIO()
+    rich_bar = Progress(10, stream=tty, interactive=True)
+    rich_bar.on_fit_start(State(step=0))
+    rich_bar.on_step_end(State(step=4), None)
+    rich_bar.log_metrics({"step": 4, "loss": 0.25, "samples_per_s": 50.0})
+    rich_bar.close()
+    out = tty.getvalue()
+    assert "train" in out and "4/10" in out and "loss 0.25" in out
+
+
+def test_trainer_refuses_missing_task() -> None:
+    with pytest.raises(ValueError, match="no task given"):
+        Trainer(load_config(None, []))
