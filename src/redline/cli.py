@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from redline import __version__
@@ -53,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                    help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
     t.add_argument("--steps", type=int, metavar="N", help="optimizer steps (train.steps)")
-    t.add_argument("--batch-size", type=int, metavar="N", help="micro-batch (train.batch_size)")
+    t.add_argument("--batch-size", metavar="N|auto",
+                   help="micro-batch, or auto to fill memory.target (train.batch_size)")
+    t.add_argument("--memory-budget", metavar="SIZE",
+                   help="e.g. 2GiB: a CPU budget, or a cap below the device's memory "
+                        "(memory.budget)")
     t.add_argument("--seed", type=int, metavar="N", help="random seed (train.seed)")
     t.add_argument("--precision", metavar="NAME",
                    help="one of " + ", ".join(PRECISIONS) + " (precision.name)")
@@ -67,6 +72,27 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true",
                    help="print one JSON object as the last line of standard output")
     t.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    u = sub.add_parser(
+        "tune", help="find the fastest micro-batch that fits memory; write a tuned config",
+        description="Probe TASK's memory, find the largest micro-batch within memory.target "
+                    "and the fastest one, and write a config that `redline train --config` "
+                    "accepts.",
+        epilog="examples:\n  redline tune sr3-tiny --memory-budget 2GiB\n"
+               "  redline tune my_task.py:MyTask --target 0.9 --output tuned.yaml --json\n"
+               "  redline train my_task.py:MyTask --config tuned.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    u.add_argument("task", nargs="?", help="task to tune (or 'task' in --config)")
+    u.add_argument("--config", metavar="FILE", help="YAML config file")
+    u.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override a config key (repeatable)")
+    u.add_argument("--memory-budget", metavar="SIZE", help="e.g. 2GiB (memory.budget)")
+    u.add_argument("--target", type=float, metavar="F",
+                   help="share of the budget to fill, e.g. 0.85 (memory.target)")
+    u.add_argument("--precision", metavar="NAME", help="precision.name")
+    u.add_argument("--device", metavar="DEV", help="device")
+    u.add_argument("--output", metavar="FILE", help="tuned config (default: TASK-tuned.yaml)")
+    u.add_argument("--no-cache", action="store_true", help="search even if a result is cached")
+    u.add_argument("--json", action="store_true", help="print one JSON object at the end")
     return p
 
 
@@ -74,7 +100,10 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     sets = list(args.overrides)
     for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size"),
                       ("seed", "train.seed"), ("precision", "precision.name"),
-                      ("device", "device")):
+                      ("device", "device"), ("memory_budget", "memory.budget"),
+                      ("target", "memory.target")):
+        if not hasattr(args, flag):
+            continue
         value = getattr(args, flag)
         if value is not None:
             sets.append(f"{key}={value}")
@@ -85,7 +114,8 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from redline.config import ConfigError, load_config
-    from redline.trainer import Trainer, latest_run_dir
+    from redline.lifecycle import latest_run_dir
+    from redline.trainer import Trainer
 
     config = load_config(args.config, _train_overrides(args))
     if args.tracker:
@@ -111,6 +141,55 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_result(result.to_dict())
     if result.interrupted:
         return 128 + signal.Signals[result.interrupted].value
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from redline.config import ConfigError, load_config
+    from redline.device import DeviceInfo
+    from redline.memory.autobatch import autobatch
+    from redline.memory.probe import format_size
+    from redline.task import resolve_task
+
+    config = load_config(args.config, _train_overrides(args))
+    if not config.task:
+        raise ConfigError("no task given: name one (e.g. redline tune sr3-tiny)")
+    task = resolve_task(config.task, config.task_args)
+    device = DeviceInfo.detect(config.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        result = autobatch(task, config, device, cache_dir=scratch if args.no_cache else None,
+                           progress=lambda msg: print(f"tune: {msg}", file=sys.stderr,
+                                                      flush=True))
+    t = config.train
+    t.batch_size, t.effective_batch_size = result.chosen, result.effective_batch_size
+    t.lr, t.eval_batch_size = result.lr, result.eval_batch_size
+    out = Path(args.output or f"{task.name}-tuned.yaml")
+    out.write_text(config.to_yaml())
+    if args.json:
+        print(json.dumps({**result.to_dict(), "config": str(out)}))
+        return 0
+    print(f"{'micro-batch':>11}  {'peak memory':>12}  {'% of target':>11}  {'samples/s':>10}  "
+          "chosen")
+    speeds = {tr.size: tr.samples_per_s for tr in result.trials if tr.kind == "throughput"}
+    for tr in result.trials:
+        if tr.kind not in ("probe", "verify"):
+            continue
+        peak = format_size(tr.peak_bytes) if tr.peak_bytes else "OOM"
+        pct = f"{100 * tr.peak_bytes / result.target_bytes:.0f}%" if tr.peak_bytes else "-"
+        sps = speeds.pop(tr.size, None)
+        print(f"{tr.size:>11}  {peak:>12}  {pct:>11}  "
+              f"{f'{sps:.1f}' if sps else '-':>10}  {'<-' if tr.size == result.chosen else ''}")
+    for size, sps in sorted(speeds.items()):
+        print(f"{size:>11}  {'-':>12}  {'-':>11}  {sps:>10.1f}  "
+              f"{'<-' if size == result.chosen else ''}")
+    print(f"largest fitting micro-batch {result.max_fit}, fastest {result.chosen}; "
+          f"effective batch {result.effective_batch_size} = {result.chosen} x "
+          f"{result.accumulation_steps}; lr {result.lr:.3g}; eval batch "
+          f"{result.eval_batch_size}; target {format_size(result.target_bytes)}"
+          + (" (cached)" if result.cache_hit else ""))
+    print(f"tuned config: {out}  (redline train --config {out})")
     return 0
 
 
@@ -147,16 +226,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    handler = {"doctor": cmd_doctor, "train": cmd_train}[args.command]
+    handler = {"doctor": cmd_doctor, "train": cmd_train, "tune": cmd_tune}[args.command]
     try:
         return handler(args)
     except _user_errors() as e:
         return _fail(args, str(e))
+    except _out_of_memory() as e:
+        print(f"redline: error: {str(e).splitlines()[0]}; lower memory use (bf16-mixed, a "
+              "smaller model) or raise memory.budget", file=sys.stderr)
+        return 1
     except ImportError as e:
         return _fail(args, f"{e}")
     except KeyboardInterrupt:
         print("redline: interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory() -> tuple[type[BaseException], ...]:
+    import torch
+
+    from redline.memory.guard import OutOfMemoryAtMinimum
+
+    return (OutOfMemoryAtMinimum, torch.OutOfMemoryError)
 
 
 def _fail(args: argparse.Namespace, message: str) -> int:

@@ -33,10 +33,12 @@ class TrainConfig:
     _section: ClassVar[str] = "train"
     steps: int = 1000
     epochs: int | None = None  # the run ends at whichever of steps/epochs comes first
-    batch_size: int = 16  # micro-batch: samples per forward/backward
+    batch_size: int | str = 16  # micro-batch: samples per forward/backward, or "auto"
     effective_batch_size: int | None = None  # samples per optimizer step; null: batch_size
     eval_batch_size: int | None = None  # null: batch_size
     lr: float = 2.0e-4
+    lr_scaling: str = "none"  # how lr follows the effective batch: none | linear | sqrt
+    lr_reference_batch: int | None = None  # batch lr was tuned for; null: the configured one
     weight_decay: float = 0.0
     schedule: str = "constant"
     warmup_steps: int = 0
@@ -46,13 +48,21 @@ class TrainConfig:
     seed: int = 0
 
     SCHEDULES: ClassVar[tuple[str, ...]] = ("constant", "cosine", "linear")
+    LR_SCALING: ClassVar[tuple[str, ...]] = ("none", "linear", "sqrt")
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
         _require(self.epochs is None or self.epochs >= 1, "train.epochs", self.epochs,
                  "an integer >= 1 or null")
-        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        if self.effective_batch_size is not None:
+        _require(self.batch_size == "auto" or (isinstance(self.batch_size, int)
+                 and self.batch_size >= 1), "train.batch_size", self.batch_size,
+                 "an integer >= 1 or 'auto'")
+        _require(self.lr_scaling in self.LR_SCALING, "train.lr_scaling", self.lr_scaling,
+                 "one of " + ", ".join(self.LR_SCALING))
+        _require(self.lr_reference_batch is None or self.lr_reference_batch >= 1,
+                 "train.lr_reference_batch", self.lr_reference_batch,
+                 "an integer >= 1 or null")
+        if self.effective_batch_size is not None and isinstance(self.batch_size, int):
             _require(self.effective_batch_size >= self.batch_size,
                      "train.effective_batch_size", self.effective_batch_size,
                      f"null or at least train.batch_size ({self.batch_size})")
@@ -71,8 +81,17 @@ class TrainConfig:
                  self.eval_batches, "an integer >= 1 or null")
 
     @property
+    def auto_batch(self) -> bool:
+        return self.batch_size == "auto"
+
+    @property
+    def micro_batch(self) -> int:
+        assert isinstance(self.batch_size, int), "batch_size: auto is resolved before use"
+        return self.batch_size
+
+    @property
     def samples_per_step(self) -> int:
-        return self.effective_batch_size or self.batch_size
+        return self.effective_batch_size or self.micro_batch
 
 
 @dataclass
@@ -106,6 +125,33 @@ class DataConfig:
                      "true, false or 'auto'")
         _require(self.prefetch_factor >= 1, "data.prefetch_factor", self.prefetch_factor,
                  "an integer >= 1")
+
+
+@dataclass
+class MemoryConfig:
+    _section: ClassVar[str] = "memory"
+    budget: int | str | None = None  # e.g. 2GiB: a CPU budget, or a cap below device memory
+    target: float = 0.85  # share of the budget (or device memory) that autobatch fills
+    oom_guard: bool = True  # redo a step with smaller micro-batches after an OOM
+    grow_after: int = 100  # clean steps before the guard tries a larger micro-batch again
+
+    def __post_init__(self) -> None:
+        from redline.memory.probe import parse_size
+
+        try:
+            parse_size(self.budget, name="memory.budget")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _require(0 < self.target <= 1, "memory.target", self.target,
+                 "a fraction in (0, 1], e.g. 0.85")
+        _require(self.grow_after >= 0, "memory.grow_after", self.grow_after,
+                 ">= 0 (0: never grow back)")
+
+    @property
+    def budget_bytes(self) -> int | None:
+        from redline.memory.probe import parse_size
+
+        return parse_size(self.budget, name="memory.budget")
 
 
 @dataclass
@@ -143,6 +189,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 

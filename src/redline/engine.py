@@ -15,14 +15,17 @@ is fp16's GradScaler, whose `step` reads its inf flag on the host by design.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from redline.device import DeviceInfo
 from redline.events import Dispatcher, Event, State
+from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, restore_rng, snapshot_rng
 from redline.precision import Precision, get_precision
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -97,6 +100,15 @@ def move_to(batch: Any, device: torch.device, non_blocking: bool = False) -> Any
     return batch
 
 
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
+                    ) -> torch.optim.Optimizer:
+    """The optimizer redline trains with (AdamW), shared by the trainer and the tuner."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
 class Engine:
     """Runs optimizer steps with micro-batching, a precision policy and gradient clipping.
 
@@ -118,6 +130,7 @@ class Engine:
         micro_batch_size: int | None = None,
         dispatcher: Dispatcher | None = None,
         state: State | None = None,
+        oom_guard: OOMGuard | bool = False,
     ) -> None:
         if isinstance(precision, str):
             param = next(model.parameters(), None)
@@ -133,6 +146,11 @@ class Engine:
         self.scheduler = scheduler
         self.grad_clip = grad_clip
         self.micro_batch_size = micro_batch_size
+        if oom_guard is True:
+            if micro_batch_size is None:
+                raise ValueError("oom_guard needs a micro_batch_size to shrink from")
+            oom_guard = OOMGuard(micro_batch_size)
+        self.guard: OOMGuard | None = oom_guard or None
         self.dispatcher = dispatcher or Dispatcher()
         self.state = state or State(model=model, optimizer=optimizer)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -143,26 +161,83 @@ class Engine:
         # True while parameters are being updated: a failure then leaves them half-stepped,
         # and the trainer must not checkpoint them.
         self.updating = False
+        self._phase = "forward"
+        # BatchNorm statistics change in forward; a redone step restores them.
+        self._buffers = [b for m in model.modules() if isinstance(m, _NormBase)
+                         for b in m.buffers(recurse=False)]
         self._fire_backward = self.dispatcher.has(Event.BEFORE_BACKWARD)
         self._fire_opt = self.dispatcher.has(Event.BEFORE_OPTIMIZER_STEP)
 
     def step(self, batch: Any, loss_fn: LossFn) -> torch.Tensor:
         """One optimizer step on `batch`; returns the batch's mean loss as a device tensor."""
+        if self.guard is None:
+            total = self._accumulate(batch, loss_fn, self.micro_batch_size)
+            self._finish_step()
+            return total
+        return self._guarded_step(batch, loss_fn, self.guard)
+
+    def _accumulate(self, batch: Any, loss_fn: LossFn, micro: int | None) -> torch.Tensor:
+        """Forward and backward over every micro-batch; gradients accumulate in .grad."""
         n = batch_size_of(batch)
-        chunks = split_batch(batch, self.micro_batch_size or n)
+        chunks = split_batch(batch, micro or n)
         self.optimizer.zero_grad(set_to_none=True)
         total: torch.Tensor | None = None
         for chunk, m in chunks:
+            self._phase = "forward"
             with self.precision.forward_context():
                 loss = loss_fn(self.model, chunk)
             weighted = loss.float() * (m / n) if m != n else loss.float()
             if self._fire_backward:
                 self.dispatcher.fire(Event.BEFORE_BACKWARD, self.state, weighted)
+            self._phase = "backward"
             self.precision.backward(weighted)
             total = weighted.detach() if total is None else total + weighted.detach()
         assert total is not None
-        self._finish_step()
         return total
+
+    def _guarded_step(self, batch: Any, loss_fn: LossFn, guard: OOMGuard) -> torch.Tensor:
+        rng = snapshot_rng()
+        buffers = [b.clone() for b in self._buffers]
+        while True:
+            failed_in: str | None = None
+            try:
+                total = self._accumulate(batch, loss_fn, guard.current)
+            except torch.OutOfMemoryError:
+                failed_in = self._phase
+            if failed_in is None:
+                break
+            # Outside the except block: the exception's traceback, which pins the failed
+            # micro-batch's activations, is gone before anything is redone.
+            self._recover(rng, buffers)
+            try:
+                change = guard.decide(oom=True)
+            except OutOfMemoryAtMinimum:
+                raise OutOfMemoryAtMinimum(
+                    f"out of memory in {failed_in} at step {self.state.step + 1} even with "
+                    "a micro-batch of 1 sample") from None
+            self.micro_batch_size = change.new
+            self.dispatcher.fire(Event.OOM_RETRY, self.state,
+                                 {"old": change.old, "new": change.new, "reason": "oom",
+                                  "phase": failed_in, "step": self.state.step + 1})
+        self._finish_step()
+        change = guard.decide(oom=False)
+        if change is not None:
+            self.micro_batch_size = change.new
+            self.dispatcher.fire(Event.OOM_RETRY, self.state,
+                                 {"old": change.old, "new": change.new, "reason": "grow",
+                                  "phase": None, "step": self.state.step + 1})
+        return total
+
+    def _recover(self, rng: tuple[Any, ...], buffers: list[torch.Tensor]) -> None:
+        """Back to the state at the start of the step, with the failed attempt's memory freed."""
+        self.optimizer.zero_grad(set_to_none=True)
+        restore_rng(rng)
+        with torch.no_grad():
+            for live, saved in zip(self._buffers, buffers, strict=True):
+                live.copy_(saved)
+        gc.collect()  # reference cycles in user code can still pin activations
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
     def _finish_step(self) -> None:
         self.precision.unscale(self.optimizer)
@@ -187,8 +262,12 @@ class Engine:
             "precision": self.precision.state_dict(),
             "nonfinite_steps": int(self.nonfinite_steps.item()),
             "micro_batch_size": self.micro_batch_size,
+            "guard": self.guard.state_dict() if self.guard else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.precision.load_state_dict(dict(state.get("precision", {})))
         self.nonfinite_steps.fill_(int(state.get("nonfinite_steps", 0)))
+        if self.guard is not None and state.get("guard"):
+            self.guard.load_state_dict(state["guard"])
+            self.micro_batch_size = self.guard.current

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
-import signal
 import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +30,12 @@ from redline.config import ConfigError, RunConfig
 from redline.data import LimitedLoader, eval_loader, iterate_from, loader_options, train_loader
 from redline.device import DeviceInfo
 from redline.doctor import environment_check
-from redline.engine import Engine, move_to
+from redline.engine import Engine, build_optimizer, move_to
 from redline.events import Callback, Dispatcher, Event, State
+from redline.lifecycle import Signals, default_run_dir, lr_lambda
+from redline.memory.autobatch import autobatch
+from redline.memory.guard import OOMGuard
+from redline.memory.probe import MemoryBudget, live_tensor_bytes
 from redline.precision import get_precision
 from redline.task import Task, resolve_task
 from redline.telemetry.console import ConsoleSink, Progress
@@ -57,40 +58,6 @@ class FitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-class _Signals:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and stops at the next step."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            # Outside the main thread signals cannot be caught here: the caller handles them.
-            with contextlib.suppress(ValueError):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def default_run_dir(task_name: str, root: str | Path = "runs") -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{task_name}-{stamp}"
-
-
-def latest_run_dir(task_name: str, root: str | Path = "runs") -> Path | None:
-    runs = sorted(Path(root).glob(f"{task_name}-*"), key=lambda p: p.name)
-    return runs[-1] if runs else None
 
 
 class Trainer:
@@ -131,12 +98,10 @@ class Trainer:
         self.model = self.precision.convert_module(model)
         self.step_model: nn.Module = (torch.compile(self.model) if self.config.precision.compile
                                       else self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError(f"task {self.task.name!r} built a model with no trainable "
-                              "parameters")
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           foreach=True)
+        try:
+            self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        except ValueError as e:
+            raise ConfigError(f"task {self.task.name!r}: {e}") from None
         self.train_set = self.task.train_data()
         self.eval_set = self.task.eval_data()
         self.loader_opts = loader_options(self.config.data, self.device.kind)
@@ -146,7 +111,7 @@ class Trainer:
         self.max_steps = cfg.steps if cfg.epochs is None else min(
             cfg.steps, cfg.epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(cfg.schedule, cfg.warmup_steps, self.max_steps))
+            self.optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, self.max_steps))
         self.state = State(model=self.model, optimizer=self.optimizer,
                            max_steps=self.max_steps, run_dir=str(self.run_dir))
 
@@ -224,14 +189,20 @@ class Trainer:
             raise ConfigError(f"run directory {str(self.run_dir)!r} already has checkpoints; "
                               "pass --resume to continue it, or choose another --run-dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        tuned = self._resolve_auto_batch() if self.config.train.auto_batch else None
         self._build()
         callbacks, metrics = self._callbacks()
-        self.dispatcher = Dispatcher(callbacks)
+        self.events = EventLog(self.run_dir / "events.jsonl")
+        self.dispatcher = Dispatcher([*callbacks, _MemoryEvents(self.events)])
+        mem = self.config.memory
+        micro = self.config.train.micro_batch
         self.engine = Engine(self.step_model, self.optimizer, self.precision,
                              scheduler=self.scheduler, grad_clip=self.config.train.grad_clip,
-                             micro_batch_size=self.config.train.batch_size,
-                             dispatcher=self.dispatcher, state=self.state)
-        self.events = EventLog(self.run_dir / "events.jsonl")
+                             micro_batch_size=micro, dispatcher=self.dispatcher,
+                             state=self.state,
+                             oom_guard=OOMGuard(micro, mem.grow_after) if mem.oom_guard else False)
+        if tuned is not None:
+            self.events.event("autobatch", **tuned)
         self._write_run_files()
         resumed = self._try_resume() if self.resume else None
         self.events.event("run_start", step=self.state.step, max_steps=self.max_steps,
@@ -241,7 +212,7 @@ class Trainer:
                            device=self.device.name, resumed_from=resumed)
         last_saved: Path | None = None
         try:
-            with self.precision.global_context(), _Signals() as signals:
+            with self.precision.global_context(), Signals() as signals, self._budget():
                 self.dispatcher.fire(Event.FIT_START, self.state)
                 self._loop(signals)
                 if self.state.step > 0:
@@ -289,7 +260,39 @@ class Trainer:
         print(f"redline: {type(exc).__name__} after step {step}; saved {path}; continue with "
               "--resume once fixed", file=sys.stderr)
 
-    def _loop(self, signals: _Signals) -> None:
+    def _resolve_auto_batch(self) -> dict[str, Any]:
+        """batch_size: auto -> the tuned micro-batch, effective batch, lr and eval batch.
+
+        A resumed run reuses the values its first start chose (they are in config.yaml),
+        so the math of the steps already taken does not change.
+        """
+        t = self.config.train
+        saved = self.run_dir / "config.yaml"
+        if self.resume and saved.is_file() and ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+            old = yaml.safe_load(saved.read_text())["train"]
+            t.batch_size, t.effective_batch_size = old["batch_size"], old["effective_batch_size"]
+            t.lr, t.eval_batch_size = old["lr"], old["eval_batch_size"]
+            return {"source": str(saved), "micro_batch": t.batch_size}
+        say = (lambda msg: print(f"autobatch: {msg}", file=sys.stderr, flush=True)
+               ) if self.progress is not False else None
+        r = autobatch(self.task, self.config, self.device, progress=say)
+        t.batch_size, t.effective_batch_size = r.chosen, r.effective_batch_size
+        t.lr, t.eval_batch_size = r.lr, r.eval_batch_size or t.eval_batch_size
+        return {"micro_batch": r.chosen, "max_fit": r.max_fit,
+                "accumulation_steps": r.accumulation_steps,
+                "effective_batch_size": r.effective_batch_size, "lr": r.lr,
+                "eval_batch_size": r.eval_batch_size, "cache_hit": r.cache_hit,
+                "probe_steps": r.probe_steps, "verify_steps": r.verify_steps}
+
+    def _budget(self) -> contextlib.AbstractContextManager[Any]:
+        """memory.budget enforced around the loop (on CPU: every op tracked, slower)."""
+        budget = self.config.memory.budget_bytes
+        if budget is None:
+            return contextlib.nullcontext()
+        return MemoryBudget(budget, self.device,
+                            baseline=live_tensor_bytes(self.model, self.optimizer))
+
+    def _loop(self, signals: Signals) -> None:
         cfg = self.config
         device = self.device.torch_device
         non_blocking = bool(self.loader_opts.get("pin_memory"))
@@ -328,23 +331,40 @@ class Trainer:
             return {}
         t0 = time.perf_counter()
         cfg = self.config.train
-        loader = eval_loader(self.eval_set, cfg.eval_batch_size or cfg.batch_size,
-                             self.loader_opts)
-        limited = LimitedLoader(loader, cfg.eval_batches)
+        size = cfg.eval_batch_size or cfg.micro_batch
+        while True:
+            try:
+                metrics = self._evaluate_at(size)
+                break
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+            # Only evaluation shrinks: the training micro-batch is not the one that failed.
+            self.events.event("eval_oom", step=self.state.step, old=size, new=(size + 1) // 2)
+            print(f"evaluation batch {size} -> {(size + 1) // 2} after OOM at step "
+                  f"{self.state.step}", file=sys.stderr, flush=True)
+            size = (size + 1) // 2
+            cfg.eval_batch_size = size
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.state.extra["eval_time_s"] = time.perf_counter() - t0
+        self.events.event("eval", step=self.state.step, **metrics)
+        self.dispatcher.fire(Event.EVAL_END, self.state, metrics)
+        return metrics
+
+    def _evaluate_at(self, size: int) -> dict[str, float]:
+        cfg = self.config.train
+        loader = LimitedLoader(eval_loader(self.eval_set, size, self.loader_opts),  # type: ignore[arg-type]
+                               cfg.eval_batches)
         devices = [self.device.index or 0] if self.device.is_cuda else []
         self.step_model.eval()
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 torch.manual_seed(cfg.seed)
-                metrics = {"loss": self._eval_loss(limited)}
+                metrics = {"loss": self._eval_loss(loader)}
                 with self.precision.forward_context():
-                    metrics.update(self.task.evaluate(self.step_model, limited))
+                    metrics.update(self.task.evaluate(self.step_model, loader))
         finally:
             self.step_model.train()
-        metrics = {k: float(v) for k, v in metrics.items()}
-        self.state.extra["eval_time_s"] = time.perf_counter() - t0
-        self.events.event("eval", step=self.state.step, **metrics)
-        self.dispatcher.fire(Event.EVAL_END, self.state, metrics)
         return metrics
 
     def _eval_loss(self, loader: Iterable[Any]) -> float:
@@ -379,15 +399,15 @@ class _JsonlSink:
         self.writer.close()
 
 
-def _lr_lambda(schedule: str, warmup: int, total: int) -> Any:
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
+class _MemoryEvents(Callback):
+    """Every micro-batch change of the OOM guard: a line on stderr and an event."""
 
-    return factor
+    def __init__(self, events: EventLog) -> None:
+        self.events = events
+
+    def on_oom_retry(self, state: State, info: dict[str, Any]) -> None:
+        why = (f"after OOM in {info['phase']}" if info["reason"] == "oom"
+               else "growing back after clean steps")
+        print(f"micro-batch {info['old']} -> {info['new']} {why} at step {info['step']}",
+              file=sys.stderr, flush=True)
+        self.events.event("micro_batch", **info)

@@ -45,6 +45,10 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
     ("train.effective_batch_size=4", ["train.effective_batch_size", "batch_size (16)"]),
     ("train.schedule=exp", ["train.schedule", "cosine"]),
     ("train=3", ["train", "mapping"]),
+    ("train.batch_size=big", ["train.batch_size", "'auto'", "'big'"]),
+    ("memory.budget=lots", ["memory.budget", "2GiB", "'lots'"]),
+    ("memory.target=1.5", ["memory.target", "(0, 1]"]),
+    ("train.lr_scaling=cubic", ["train.lr_scaling", "sqrt"]),
 ])
 def test_bad_values_name_key_value_and_allowed(override: str, words: list[str]) -> None:
     with pytest.raises(ConfigError) as e:
@@ -53,6 +57,12 @@ def test_bad_values_name_key_value_and_allowed(override: str, words: list[str]) 
     assert "\n" not in msg
     for w in words:
         assert w in msg
+
+
+def test_auto_batch_and_memory_sizes() -> None:
+    c = load_config(None, ["train.batch_size=auto", "memory.budget=2GiB"])
+    assert c.train.auto_batch and c.memory.budget_bytes == 2 * 2**30
+    assert load_config(None, ["memory.budget=1500000"]).memory.budget_bytes == 1_500_000
 
 
 def test_override_syntax_errors() -> None:

@@ -1,0 +1,7 @@
+"""Memory mechanisms: how much a step needs (probe), how big a batch fits (autobatch), and
+what to do when it does not (guard).
+
+`probe` measures: the CUDA caching allocator's statistics on a GPU, and on CPU a tracker of
+live tensor storages that can also enforce a budget by raising a genuine
+`torch.OutOfMemoryError` — which is how the OOM paths run without a GPU.
+"""

@@ -1,0 +1,349 @@
+"""Autobatch: the largest micro-batch that fits a memory target, and the fastest one.
+
+Predict, then check. Peak memory of a training step is close to affine in the batch
+size: memory(b) ~ a + k*b (a: weights, gradients, optimizer state, workspace; k: the
+activations of one sample). Two or three real probe steps (forward, backward and the
+optimizer step, so optimizer state is counted) give a and k by least squares; the size
+that meets the target is (target - a) / k. One real verification step at that size,
+followed by one evaluation batch, confirms it under the budget; if it does not fit, the
+size shrinks by 10 % and is verified again.
+
+Largest is not fastest: past some size, samples/s stops growing while memory keeps
+filling. Samples/s is measured at the powers of two up to the largest size and at the
+largest size itself; the *knee* is the smallest size within 2 % of the best, and that is
+the size chosen. The effective batch (samples per optimizer step) is kept with gradient
+accumulation; when it has to change, the learning rate follows `train.lr_scaling`.
+
+Results are cached on disk under a fingerprint of everything that decides memory (model
+structure and dtypes, optimizer, input shapes, device and its memory, budget, target,
+precision, torch version, compile): a cache hit costs one verification step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from redline.config import ConfigError, RunConfig
+from redline.device import DeviceInfo
+from redline.engine import Engine, build_optimizer, move_to
+from redline.memory.probe import MemoryBudget, live_tensor_bytes, measure_peak
+from redline.precision import Precision, get_precision
+from redline.task import Task
+
+KNEE_TOLERANCE = 0.02
+MAX_SIZE = 1 << 16
+
+
+@dataclass
+class Trial:
+    size: int
+    kind: str  # "probe" | "verify" | "eval-probe" | "throughput"
+    peak_bytes: int | None = None
+    fits: bool = True
+    samples_per_s: float | None = None
+
+
+@dataclass
+class AutobatchResult:
+    max_fit: int  # largest micro-batch within memory.target
+    chosen: int  # the throughput knee: the micro-batch to train with
+    accumulation_steps: int
+    effective_batch_size: int
+    lr: float
+    eval_batch_size: int | None
+    budget_bytes: int
+    target_bytes: int
+    fit: tuple[float, float]  # (a, k): memory(b) ~ a + k*b bytes
+    probe_steps: int = 0
+    verify_steps: int = 0
+    throughput_steps: int = 0
+    cache_hit: bool = False
+    fingerprint: str = ""
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def fastest(self) -> int:
+        return self.chosen
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AutobatchResult:
+        trials = [Trial(**t) for t in d.pop("trials", [])]
+        d["fit"] = tuple(d["fit"])
+        return cls(**d, trials=trials)
+
+
+Progress = Callable[[str], None]
+
+
+class _Harness:
+    """A fresh model, optimizer and engine for trial steps; nothing leaks into training."""
+
+    def __init__(self, task: Task, config: RunConfig, device: DeviceInfo) -> None:
+        self.task, self.config, self.device = task, config, device
+        self.precision: Precision = get_precision(config.precision.name, device)
+        model = task.build_model().to(device.torch_device)
+        self.model: nn.Module = self.precision.convert_module(model)
+        self.optimizer = build_optimizer(self.model, config.train.lr, config.train.weight_decay)
+        self.engine = Engine(self.model, self.optimizer, self.precision,
+                             grad_clip=config.train.grad_clip)
+        self.train_set: Dataset = task.train_data()
+        self.eval_set: Dataset | None = task.eval_data()
+
+    def batch(self, dataset: Dataset, size: int) -> Any:
+        n = len(dataset)  # type: ignore[arg-type]
+        return move_to(default_collate([dataset[i % n] for i in range(size)]),
+                       self.device.torch_device)
+
+    def train_step(self, size: int) -> None:
+        batch = self.batch(self.train_set, size)
+        with self.precision.global_context():
+            loss = self.engine.step(batch, self.task.loss)
+        float(loss.item())  # waits for the device, so timings and peaks are complete
+
+    def eval_step(self, size: int) -> None:
+        assert self.eval_set is not None
+        batch = self.batch(self.eval_set, size)
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.precision.forward_context():
+                float(self.task.loss(self.model, batch).float().item())
+        finally:
+            self.model.train()
+
+    def live_bytes(self) -> int:
+        return live_tensor_bytes(self.model, self.optimizer)
+
+    def peak(self, fn: Callable[[], None]) -> int | None:
+        """Peak bytes of `fn`, or None when it ran out of memory."""
+        try:
+            return measure_peak(fn, self.device, baseline=self.live_bytes()).peak_bytes
+        except torch.OutOfMemoryError:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+
+    def fits(self, fn: Callable[[], None], budget: int, target: int) -> tuple[bool, int | None]:
+        """Run `fn` under the budget: (peak within target, peak)."""
+        try:
+            with MemoryBudget(budget, self.device, baseline=self.live_bytes()):
+                peak = self.peak(fn)
+        except torch.OutOfMemoryError:
+            peak = None
+        return peak is not None and peak <= target, peak
+
+
+def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
+              cache_dir: str | Path | None = None, measure_throughput: bool = True,
+              progress: Progress | None = None) -> AutobatchResult:
+    """Find the micro-batch to train `task` with under `config.memory` (see module doc)."""
+    say = progress or (lambda _: None)
+    budget = config.memory.budget_bytes or _device_memory(device)
+    target = int(config.memory.target * budget)
+    devices = [device.index or 0] if device.is_cuda else []
+    with torch.random.fork_rng(devices=devices):  # tuning must not shift training's RNG
+        torch.manual_seed(config.train.seed)
+        h = _Harness(task, config, device)
+        fingerprint = _fingerprint(h, config, device, budget)
+        cached = _load_cache(cache_dir, fingerprint)
+        if cached is not None:
+            say(f"cache hit: micro-batch {cached.chosen}; verifying")
+            ok, _ = h.fits(lambda: _train_and_eval(h, cached.chosen, cached.eval_batch_size),
+                           budget, target)
+            if ok:
+                cached.cache_hit, cached.verify_steps = True, 1
+                cached.probe_steps = cached.throughput_steps = 0
+                return cached
+            say("cached size no longer fits; searching again")
+        result = _search(h, config, budget, target, measure_throughput, say)
+    result.fingerprint = fingerprint
+    _save_cache(cache_dir, result)
+    return result
+
+
+def _train_and_eval(h: _Harness, size: int, eval_size: int | None) -> None:
+    h.train_step(size)
+    if eval_size:
+        h.eval_step(eval_size)
+
+
+def _search(h: _Harness, config: RunConfig, budget: int, target: int,
+            measure_throughput: bool, say: Progress) -> AutobatchResult:
+    cap = min(MAX_SIZE, len(h.train_set))  # type: ignore[arg-type]
+    if config.train.effective_batch_size:
+        cap = min(cap, config.train.effective_batch_size)
+    trials: list[Trial] = []
+    a, k = _fit_memory(h, cap, target, trials, say)
+    size = max(1, min(cap, int((target - a) / k) if k > 0 else cap))
+    eval_size = _eval_size(h, target, trials, say) if h.eval_set is not None else None
+    verify_steps = 0
+    while True:
+        say(f"verifying micro-batch {size}")
+        verify_steps += 1
+        ok, peak = h.fits(lambda s=size: _train_and_eval(h, s, eval_size), budget, target)
+        trials.append(Trial(size, "verify", peak, ok))
+        if ok or size == 1:
+            break
+        size = max(1, int(size * 0.9))
+    if not ok:
+        raise ConfigError(f"not even a micro-batch of 1 fits memory.target "
+                          f"({config.memory.target:.0%} of {budget} bytes)")
+    chosen, tsteps = (_knee(h, size, trials, say) if measure_throughput else (size, 0))
+    effective = config.train.effective_batch_size or chosen
+    micro = min(chosen, effective)
+    return AutobatchResult(
+        max_fit=size, chosen=micro, accumulation_steps=math.ceil(effective / micro),
+        effective_batch_size=effective, lr=scaled_lr(config, effective),
+        eval_batch_size=eval_size, budget_bytes=budget, target_bytes=target, fit=(a, k),
+        probe_steps=sum(t.kind == "probe" for t in trials), verify_steps=verify_steps,
+        throughput_steps=tsteps, trials=trials)
+
+
+def _fit_memory(h: _Harness, cap: int, target: int, trials: list[Trial], say: Progress
+                ) -> tuple[float, float]:
+    """(a, k) of memory(b) ~ a + k*b from at most three probe steps.
+
+    Probes at s and 2s give a first prediction; the third probe lands halfway to it, and
+    the line through the two largest probes is used: per-sample cost at tiny sizes carries
+    fixed overheads, so the fit that extrapolates least is the one nearest the target.
+    """
+    s = min(8, cap)
+    points: list[tuple[int, int]] = []
+    while len(trials) < 3:
+        say(f"probing micro-batch {s}")
+        peak = h.peak(lambda s=s: h.train_step(s))
+        trials.append(Trial(s, "probe", peak, peak is not None))
+        if peak is None:  # even the probe is too big: halve and keep looking
+            if s == 1:
+                break
+            s = max(1, s // 2)
+            continue
+        points.append((s, peak))
+        if len(points) == 1:
+            nxt = 2 * s
+        else:
+            a, k = _least_squares(points[-2:])
+            nxt = max(2 * s, int((target - a) / k / 2)) if k > 0 else 2 * s
+        if nxt > cap or nxt <= s:
+            break
+        s = nxt
+    if not points:
+        raise ConfigError("a training step does not fit in memory even with one sample")
+    if len(points) == 1:
+        return float(points[0][1]), float(points[0][1]) / points[0][0]
+    return _least_squares(points[-2:])
+
+
+def _eval_size(h: _Harness, target: int, trials: list[Trial], say: Progress) -> int:
+    n = len(h.eval_set)  # type: ignore[arg-type]
+    points = []
+    for s in sorted({min(n, 4), min(n, 8)}):
+        say(f"probing evaluation batch {s}")
+        peak = h.peak(lambda s=s: h.eval_step(s))
+        trials.append(Trial(s, "eval-probe", peak, peak is not None))
+        if peak is not None:
+            points.append((s, peak))
+    if not points:
+        return 1
+    a, k = _least_squares(points) if len(points) > 1 else (0.0, points[0][1] / points[0][0])
+    return max(1, min(n, MAX_SIZE, int((target - a) / k) if k > 0 else n))
+
+
+def _knee(h: _Harness, largest: int, trials: list[Trial], say: Progress) -> tuple[int, int]:
+    sizes = sorted({1 << i for i in range(largest.bit_length()) if 1 << i <= largest}
+                   | {largest})
+    sizes = [s for s in sizes if s >= min(8, largest)]
+    speed: dict[int, float] = {}
+    steps = 0
+    for s in sizes:
+        say(f"timing micro-batch {s}")
+        h.train_step(s)  # warm-up: allocator and kernels for this shape
+        t0 = time.perf_counter()
+        for _ in range(2):
+            h.train_step(s)
+        speed[s] = 2 * s / (time.perf_counter() - t0)
+        steps += 3
+        trials.append(Trial(s, "throughput", samples_per_s=speed[s]))
+    best = max(speed.values())
+    return min(s for s, v in speed.items() if v >= (1 - KNEE_TOLERANCE) * best), steps
+
+
+def _least_squares(points: list[tuple[int, int]]) -> tuple[float, float]:
+    xs, ys = [float(p[0]) for p in points], [float(p[1]) for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
+    k = max(k, 1.0)
+    return my - k * mx, k
+
+
+def scaled_lr(config: RunConfig, effective: int) -> float:
+    """train.lr rescaled by train.lr_scaling from the batch it was tuned for to `effective`."""
+    t = config.train
+    reference = t.lr_reference_batch or t.effective_batch_size or (
+        t.batch_size if isinstance(t.batch_size, int) else None)
+    if reference is None or t.lr_scaling == "none" or reference == effective:
+        return t.lr
+    ratio = effective / reference
+    return t.lr * (ratio if t.lr_scaling == "linear" else math.sqrt(ratio))
+
+
+def _device_memory(device: DeviceInfo) -> int:
+    if device.memory_total is None:
+        raise ConfigError(f"the memory of {device.name} is unknown; set memory.budget")
+    return device.memory_total
+
+
+def _fingerprint(h: _Harness, config: RunConfig, device: DeviceInfo, budget: int) -> str:
+    sample = h.train_set[0]
+    shapes = repr(torch.utils._pytree.tree_map(
+        lambda v: (tuple(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else v,
+        sample))
+    parts = [repr(h.model), repr([(n, tuple(p.shape), str(p.dtype))
+                                  for n, p in h.model.named_parameters()]),
+             type(h.optimizer).__name__, shapes, device.name, str(device.memory_total),
+             str(budget), str(config.memory.target), config.precision.name,
+             str(config.precision.compile), torch.__version__, "world_size=1",
+             str(config.train.effective_batch_size), str(config.train.grad_clip)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("REDLINE_CACHE_DIR",
+                               Path.home() / ".cache" / "redline")) / "autobatch"
+
+
+def _cache_path(cache_dir: str | Path | None, fingerprint: str) -> Path:
+    return Path(cache_dir or default_cache_dir()) / f"{fingerprint}.json"
+
+
+def _load_cache(cache_dir: str | Path | None, fingerprint: str) -> AutobatchResult | None:
+    path = _cache_path(cache_dir, fingerprint)
+    try:
+        return AutobatchResult.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # absent or unreadable: search afresh
+
+
+def _save_cache(cache_dir: str | Path | None, result: AutobatchResult) -> None:
+    path = _cache_path(cache_dir, result.fingerprint)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result.to_dict()))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home must not stop training; the next run searches again

@@ -1,0 +1,119 @@
+"""OOM guard policy: which micro-batch size to run, when to shrink, when to grow back.
+
+How the guard keeps the math exact. The Engine snapshots, at the start of each step, the
+RNG states and the model's buffers (BatchNorm statistics). If an out-of-memory error
+(recognised by type, torch.OutOfMemoryError, never by message: illegal-access, NCCL and
+cuBLAS errors are not retried) strikes during forward or backward, the Engine lets the
+exception and its frames go first (they hold the activations), discards the partial
+gradients, restores the snapshot, frees cached memory, and redoes the *same* batch split
+into smaller micro-batches. Each micro-batch's loss is weighted by its share of the
+samples, so the gradient is the full-batch gradient whatever the split; the optimizer and
+scheduler step once, after the whole batch. No sample is skipped or reordered and no
+optimizer step is lost. The GradScaler needs no snapshot: its state only changes in
+`update()`, after the optimizer step, which a failed forward/backward never reaches.
+
+This class holds only the decision. `decide(oom)` is a pure function of the current size
+and whether *any* process ran out of memory, so under torch.distributed every rank can
+reach the same decision from one all-reduce of a single flag (MAX over ranks) at a fixed
+point of the step, and no rank waits on another that has taken a different path.
+
+Growing back: after `grow_after` consecutive clean steps below the configured size, the
+size doubles (capped at the configured size). A size that fails again after growing
+doubles the wait before the next attempt, so a size that does not fit is not retried
+every few steps.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class OutOfMemoryAtMinimum(RuntimeError):
+    """Even one sample per micro-batch does not fit; the message says where it failed."""
+
+
+@dataclass
+class Change:
+    """One decision of the guard, as recorded in events.jsonl."""
+
+    old: int
+    new: int
+    reason: str  # "oom" | "grow"
+
+
+@dataclass
+class OOMGuard:
+    """Micro-batch size policy of the OOM guard (see the module docstring)."""
+
+    configured: int  # the micro-batch the user asked for; never exceeded
+    grow_after: int = 100  # clean steps before growing back; 0: never grow back
+    current: int = 0
+    clean_steps: int = 0
+    retries: int = 0  # OOMs recovered from, over the whole run
+    history: list[Change] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.configured < 1:
+            raise ValueError(f"micro-batch size must be >= 1, got {self.configured}")
+        if self.grow_after < 0:
+            raise ValueError(f"memory.grow_after must be >= 0, got {self.grow_after}")
+        self.current = self.current or self.configured
+        self._wait = self.grow_after
+        self._grew_to: int | None = None
+
+    def decide(self, oom: bool) -> Change | None:
+        """The decision after a step attempt; `oom` is True if any process ran out."""
+        if oom:
+            return self._shrink()
+        self.clean_steps += 1
+        if (self.grow_after and self.current < self.configured
+                and self.clean_steps >= self._wait):
+            return self._record(min(self.configured, self.current * 2), "grow")
+        return None
+
+    def _shrink(self) -> Change:
+        if self.current == 1:
+            raise OutOfMemoryAtMinimum("out of memory with a micro-batch of 1 sample")
+        if self._grew_to == self.current:  # growing back failed: wait twice as long
+            self._wait *= 2
+        self.retries += 1
+        return self._record(max(1, (self.current + 1) // 2), "oom")
+
+    def _record(self, new: int, reason: str) -> Change:
+        change = Change(self.current, new, reason)
+        self.current = new
+        self.clean_steps = 0
+        self._grew_to = new if reason == "grow" else None
+        self.history.append(change)
+        return change
+
+    def state_dict(self) -> dict[str, int]:
+        return {"current": self.current, "clean_steps": self.clean_steps,
+                "retries": self.retries, "wait": self._wait}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.current = int(state["current"])
+        self.clean_steps = int(state["clean_steps"])
+        self.retries = int(state["retries"])
+        self._wait = int(state["wait"])
+
+
+def snapshot_rng() -> tuple[Any, ...]:
+    """Every RNG a step may draw from (python, numpy, torch CPU, CUDA), cheaply."""
+    cuda = (torch.cuda.get_rng_state_all()
+            if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def restore_rng(snapshot: tuple[Any, ...]) -> None:
+    py, np_state, cpu, cuda = snapshot
+    random.setstate(py)
+    np.random.set_state(np_state)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

@@ -1,0 +1,109 @@
+"""Training under a CPU memory budget that forces OOMs: nothing lost, math unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from redline.config import load_config
+from redline.events import Callback, State
+from redline.telemetry.jsonl import read_jsonl
+from redline.trainer import Trainer
+
+from ..conftest import TOY, run_cli
+from ..unit.test_autobatch import _peak_at
+
+BASE = [f"task={TOY}", "task_args.n=2048", "task_args.hidden=512", "train.steps=14",
+        "train.batch_size=64", "train.eval_every=0", "memory.grow_after=4",
+        "checkpoint.every=0", "telemetry.log_every=7"]
+
+
+def _budget() -> int:
+    # Between what micro-batches of 32 and 64 need: 64 fails, 32 fits.
+    return (_peak_at(32) + _peak_at(64)) // 2
+
+
+def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
+    return torch.load(ckpt, weights_only=True)["model"]
+
+
+class _Follow(Callback):
+    """Replays a micro-batch schedule on a run without budget or guard."""
+
+    def __init__(self, trainer: Trainer, schedule: dict[int, int]) -> None:
+        self.trainer, self.schedule = trainer, schedule
+
+    def on_batch_start(self, state: State, batch: object) -> None:
+        self.trainer.engine.micro_batch_size = self.schedule[state.step + 1]
+
+
+def test_budget_forced_ooms_keep_every_step_and_the_exact_math(tmp_path: Path) -> None:
+    budget = _budget()
+    config = load_config(None, [*BASE, f"memory.budget={budget}"])
+    result = Trainer(config, run_dir=tmp_path / "oom", progress=False).fit()
+    assert result.steps == 14 and result.samples == 14 * 64
+    changes = [e for e in read_jsonl(tmp_path / "oom" / "events.jsonl")
+               if e["event"] == "micro_batch"]
+    ooms = [c for c in changes if c["reason"] == "oom"]
+    assert ooms and ooms[0]["step"] == 1 and (ooms[0]["old"], ooms[0]["new"]) == (64, 32)
+    assert any(c["reason"] == "grow" for c in changes)  # it tried to grow back
+    assert len(ooms) >= 2  # ...and growing back hit the budget again, mid-run
+
+    # The schedule the guard ran, replayed without budget: bit-identical parameters.
+    schedule, size = {}, 64
+    for step in range(1, 15):
+        for c in changes:
+            if c["step"] == step and c["reason"] == "oom":
+                size = c["new"]
+        schedule[step] = size
+        for c in changes:
+            if c["step"] == step and c["reason"] == "grow":
+                size = c["new"]
+    reference_config = load_config(None, [*BASE, "memory.oom_guard=false"])
+    reference = Trainer(reference_config, run_dir=tmp_path / "ref", progress=False)
+    reference.user_callbacks.append(_Follow(reference, schedule))
+    assert reference.fit().steps == 14
+    a, b = _final_params(tmp_path / "oom"), _final_params(tmp_path / "ref")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_first_step_oom_equals_the_smaller_micro_batch_from_the_start(tmp_path: Path) -> None:
+    budget = _budget()
+    no_grow = [*BASE, "memory.grow_after=0"]
+    Trainer(load_config(None, [*no_grow, f"memory.budget={budget}"]), run_dir=tmp_path / "a",
+            progress=False).fit()
+    Trainer(load_config(None, [*no_grow, "train.batch_size=32",
+                               "train.effective_batch_size=64"]),
+            run_dir=tmp_path / "b", progress=False).fit()
+    a, b = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_cli_micro_batch_of_one_failing_exits_cleanly_with_a_checkpoint(tmp_path: Path) -> None:
+    out = run_cli(["train", TOY, "--steps", "5", "--memory-budget", "64KiB", "--run-dir", "r",
+                   "--set", "task_args.hidden=512"], tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "even with a micro-batch of 1" in out.stderr and "memory.budget" in out.stderr
+
+
+def test_cli_batch_size_auto_and_tune(tmp_path: Path) -> None:
+    env = {"REDLINE_CACHE_DIR": str(tmp_path / "cache")}
+    tune = run_cli(["tune", TOY, "--memory-budget", "2MiB", "--set", "task_args.hidden=512",
+                    "--set", "task_args.n=2048", "--output", "tuned.yaml"], tmp_path, env=env)
+    assert tune.returncode == 0, tune.stderr
+    assert "largest fitting micro-batch" in tune.stdout and "<-" in tune.stdout
+    train = run_cli(["train", "--config", "tuned.yaml", "--steps", "3", "--json"], tmp_path,
+                    env=env)
+    assert train.returncode == 0, train.stderr
+    auto = run_cli(["train", TOY, "--batch-size", "auto", "--memory-budget", "2MiB",
+                    "--set", "task_args.hidden=512", "--set", "task_args.n=2048",
+                    "--steps", "3", "--run-dir", "auto"], tmp_path, env=env)
+    assert auto.returncode == 0, auto.stderr
+    events = read_jsonl(tmp_path / "auto" / "events.jsonl")
+    tuned = [e for e in events if e["event"] == "autobatch"]
+    assert tuned and tuned[0]["cache_hit"] is True  # tune's result, verified in one step

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from redline.config import load_config
+from redline.device import DeviceInfo
+from redline.engine import Engine, build_optimizer, move_to
+from redline.memory.autobatch import autobatch, scaled_lr
+from redline.memory.probe import live_tensor_bytes, measure_peak
+from redline.task import resolve_task
+
+from ..conftest import TOY
+
+CPU = DeviceInfo.detect("cpu")
+ARGS = [f"task={TOY}", "task_args.n=2048", "task_args.hidden=512", "memory.budget=2MiB"]
+
+
+def _peak_at(size: int) -> int:
+    """Peak of a real training step at `size`, measured the way a budget counts it."""
+    config = load_config(None, ARGS)
+    task = resolve_task(config.task, config.task_args)
+    torch.manual_seed(0)
+    model = task.build_model()
+    opt = build_optimizer(model, 1e-3)
+    engine = Engine(model, opt, "fp32", grad_clip=1.0)
+    data = task.train_data()
+    batch = move_to(torch.utils.data.default_collate([data[i] for i in range(size)]), "cpu")
+    engine.step(batch, task.loss)  # allocate optimizer state first, as in training
+    return measure_peak(lambda: engine.step(batch, task.loss), CPU,
+                        baseline=live_tensor_bytes(model, opt)).peak_bytes
+
+
+def test_finds_the_largest_fitting_size_in_three_probes_and_one_verification(
+        tmp_path: Path) -> None:
+    config = load_config(None, ARGS)
+    task = resolve_task(config.task, config.task_args)
+    result = autobatch(task, config, CPU, cache_dir=tmp_path, measure_throughput=False)
+    assert result.probe_steps <= 3 and result.verify_steps == 1
+    target = result.target_bytes
+    assert _peak_at(result.max_fit) <= target
+    # Within one size step (10 %) of the true largest size.
+    assert _peak_at(int(result.max_fit * 1.1) + 1) > target
+
+
+def test_cache_hit_costs_one_step(tmp_path: Path) -> None:
+    config = load_config(None, ARGS)
+    task = resolve_task(config.task, config.task_args)
+    first = autobatch(task, config, CPU, cache_dir=tmp_path)
+    again = autobatch(task, config, CPU, cache_dir=tmp_path)
+    assert not first.cache_hit and again.cache_hit
+    assert (again.probe_steps, again.verify_steps, again.throughput_steps) == (0, 1, 0)
+    assert again.chosen == first.chosen and again.fingerprint == first.fingerprint
+    other = load_config(None, [*ARGS[:-1], "memory.budget=3MiB"])
+    assert not autobatch(task, other, CPU, cache_dir=tmp_path,
+                         measure_throughput=False).cache_hit
+
+
+def test_knee_and_effective_batch_with_accumulation(tmp_path: Path) -> None:
+    config = load_config(None, [*ARGS, "train.effective_batch_size=1000"])
+    task = resolve_task(config.task, config.task_args)
+    r = autobatch(task, config, CPU, cache_dir=tmp_path)
+    assert r.chosen <= r.max_fit < 1000
+    speeds = {t.size: t.samples_per_s for t in r.trials if t.kind == "throughput"}
+    assert r.chosen in speeds and speeds[r.chosen] >= 0.98 * max(speeds.values())
+    assert r.effective_batch_size == 1000
+    assert r.accumulation_steps * r.chosen >= 1000 > (r.accumulation_steps - 1) * r.chosen
+    assert r.lr == config.train.lr  # the effective batch did not change: neither does lr
+
+
+@pytest.mark.parametrize(("rule", "expected"), [("none", 1e-3), ("linear", 4e-3),
+                                                ("sqrt", 2e-3)])
+def test_lr_follows_the_effective_batch(rule: str, expected: float) -> None:
+    config = load_config(None, ["train.lr=1e-3", "train.batch_size=auto",
+                                "train.lr_reference_batch=16", f"train.lr_scaling={rule}"])
+    assert scaled_lr(config, 64) == pytest.approx(expected)
+    assert scaled_lr(config, 16) == pytest.approx(1e-3)
