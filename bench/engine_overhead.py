@@ -45,10 +45,12 @@ def make_variants(width: int, batch: int) -> dict[str, Callable[[], None]]:
         bare_opt.step()
 
     variants["bare loop (floor)"] = bare_step
-    for label, micro in (("Engine.step", None), ("Engine.step, 2 micro-batches", batch // 2)):
+    for label, micro, guard in (("Engine.step", None, False),
+                                ("Engine.step + OOM guard", batch, True),
+                                ("Engine.step, 2 micro-batches", batch // 2, False)):
         model = _mlp(width)
         engine = Engine(model, torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True),
-                        "fp32", grad_clip=1.0, micro_batch_size=micro)
+                        "fp32", grad_clip=1.0, micro_batch_size=micro, oom_guard=guard)
         variants[label] = lambda e=engine: e.step((x, y), _loss)  # type: ignore[misc]
     return variants
 
