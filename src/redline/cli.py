@@ -152,16 +152,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from redline.memory.autobatch import autobatch
     from redline.memory.probe import format_size
     from redline.task import resolve_task
+    from redline.telemetry.console import status
 
     config = load_config(args.config, _train_overrides(args))
     if not config.task:
         raise ConfigError("no task given: name one (e.g. redline tune sr3-tiny)")
     task = resolve_task(config.task, config.task_args)
     device = DeviceInfo.detect(config.device)
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, status("tune") as say:
         result = autobatch(task, config, device, cache_dir=scratch if args.no_cache else None,
-                           progress=lambda msg: print(f"tune: {msg}", file=sys.stderr,
-                                                      flush=True))
+                           progress=say)
     t = config.train
     t.batch_size, t.effective_batch_size = result.chosen, result.effective_batch_size
     t.lr, t.eval_batch_size = result.lr, result.eval_batch_size

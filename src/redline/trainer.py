@@ -38,7 +38,7 @@ from redline.memory.guard import OOMGuard
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
 from redline.precision import get_precision
 from redline.task import Task, resolve_task
-from redline.telemetry.console import ConsoleSink, Progress
+from redline.telemetry.console import ConsoleSink, Progress, status
 from redline.telemetry.jsonl import EventLog, JsonlWriter
 from redline.telemetry.metrics import MetricsLogger, MetricsSink
 
@@ -273,9 +273,8 @@ class Trainer:
             t.batch_size, t.effective_batch_size = old["batch_size"], old["effective_batch_size"]
             t.lr, t.eval_batch_size = old["lr"], old["eval_batch_size"]
             return {"source": str(saved), "micro_batch": t.batch_size}
-        say = (lambda msg: print(f"autobatch: {msg}", file=sys.stderr, flush=True)
-               ) if self.progress is not False else None
-        r = autobatch(self.task, self.config, self.device, progress=say)
+        with status("autobatch", interactive=self.progress) as say:
+            r = autobatch(self.task, self.config, self.device, progress=say)
         t.batch_size, t.effective_batch_size = r.chosen, r.effective_batch_size
         t.lr, t.eval_batch_size = r.lr, r.eval_batch_size or t.eval_batch_size
         return {"micro_batch": r.chosen, "max_fit": r.max_fit,

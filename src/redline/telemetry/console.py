@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from redline.events import Callback, State
@@ -109,3 +111,17 @@ class Progress(Callback):
 
     def on_fit_end(self, state: State) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def status(prefix: str, stream: TextIO | None = None,
+           interactive: bool | None = None) -> Iterator[Callable[[str], None]]:
+    """`say(message)` for long set-up work: a spinner line on a terminal, plain lines otherwise."""
+    stream = stream or sys.stderr
+    if not (stream.isatty() if interactive is None else interactive):
+        yield lambda msg: print(f"{prefix}: {msg}", file=stream, flush=True)
+        return
+    from rich.console import Console
+
+    with Console(file=stream).status(f"{prefix}: starting") as spinner:
+        yield lambda msg: spinner.update(f"{prefix}: {msg}")

@@ -1,0 +1,109 @@
+"""Sizes: parsing "2GiB", printing bytes, counting the bytes model and optimizer hold."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import torch
+from torch import nn
+
+_UNITS: dict[str, int] = {
+    "": 1, "b": 1,
+    "k": 2**10, "ki": 2**10, "kib": 2**10, "kb": 10**3,
+    "m": 2**20, "mi": 2**20, "mib": 2**20, "mb": 10**6,
+    "g": 2**30, "gi": 2**30, "gib": 2**30, "gb": 10**9,
+    "t": 2**40, "ti": 2**40, "tib": 2**40, "tb": 10**12,
+}
+
+
+def parse_size(value: str | int | None, *, name: str = "memory.budget") -> int | None:
+    """Bytes from "2GiB", "512MiB", "1.5GB", "300MB", "64KiB", "1024" or an int; None stays.
+
+    Binary units (KiB, MiB, GiB, TiB, and bare K/M/G/T as memory limits usually mean) are
+    powers of 1024; KB, MB, GB, TB are powers of 1000.
+    """
+    if value is None:
+        return None
+    error = ValueError(
+        f"{name} must be a size like 2GiB, 512MiB, 1.5GB or a number of bytes, got {value!r}"
+    )
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if not isinstance(value, str):  # also bools (True bytes is a typo) and negative ints
+        raise error
+    text = value.strip().replace("_", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ")
+    unit = text[len(number):].strip().lower()
+    try:
+        amount = Decimal(number)
+    except InvalidOperation:
+        raise error from None
+    if unit not in _UNITS or not amount.is_finite() or amount < 0:
+        raise error
+    return int((amount * _UNITS[unit]).to_integral_value())
+
+
+def format_size(n: int) -> str:
+    """Human-readable binary size: 512 -> "512 B", 1536 -> "1.5 KiB", 2**31 -> "2.00 GiB"."""
+    sign, a = ("-" if n < 0 else ""), abs(int(n))
+    if a < 2**10:
+        return f"{sign}{a} B"
+    if a < 2**20:
+        return f"{sign}{a / 2**10:.1f} KiB"
+    for unit, scale in (("MiB", 2**20), ("GiB", 2**30)):
+        if a < scale * 2**10:
+            return f"{sign}{a / scale:.2f} {unit}"
+    return f"{sign}{a / 2**40:.2f} TiB"
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for an out-of-memory error, judged by type only.
+
+    Message text is not evidence: a CUDA illegal memory access, an NCCL failure or a cuBLAS
+    allocation failure can all mention memory, leave the context broken, and must end the
+    run rather than be retried with smaller micro-batches.
+    """
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def _iter_tensors(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if id(obj) in seen:  # containers (optimizer state, module trees) may be shared or cyclic
+        return
+    seen.add(id(obj))
+    if isinstance(obj, nn.Module):
+        for p in obj.parameters():
+            yield p
+            if p.grad is not None:
+                yield p.grad
+        yield from obj.buffers()
+    elif isinstance(obj, torch.optim.Optimizer):
+        for state in obj.state.values():
+            yield from _iter_tensors(state, seen)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _iter_tensors(v, seen)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for v in obj:
+            yield from _iter_tensors(v, seen)
+
+
+def live_tensor_bytes(*objects: Any) -> int:
+    """Bytes of the unique storages held by modules (parameters, grads, buffers), optimizers
+    (state tensors), tensors and nested lists/tuples/dicts of them. Shared storages (tied
+    weights, views) count once. The baseline of model + optimizer for the CPU tracker."""
+    storages: set[tuple[str, int]] = set()
+    total = 0
+    for t in _iter_tensors(objects, set()):
+        if t.is_meta or t.layout is not torch.strided:
+            continue
+        s = t.untyped_storage()
+        key = (str(s.device), s.data_ptr())
+        if s.nbytes() and key not in storages:
+            storages.add(key)
+            total += s.nbytes()
+    return total
