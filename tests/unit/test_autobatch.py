@@ -29,6 +29,7 @@ def _peak_at(size: int) -> int:
     data = task.train_data()
     batch = move_to(torch.utils.data.default_collate([data[i] for i in range(size)]), "cpu")
     engine.step(batch, task.loss)  # allocate optimizer state first, as in training
+    opt.zero_grad(set_to_none=True)  # grads freed inside the step must not be in the baseline
     return measure_peak(lambda: engine.step(batch, task.loss), CPU,
                         baseline=live_tensor_bytes(model, opt)).peak_bytes
 
