@@ -89,6 +89,41 @@ def main() -> int:
             assert torch.isfinite(loss) and loss.item() < first.item(), "loss did not fall"
             return f"ok, loss {first.item():.3f} -> {loss.item():.3f}, no host sync"
 
+    @check("telemetry windows without host sync")
+    def _() -> str:
+        from redline.events import Dispatcher, Event, State
+        from redline.telemetry.metrics import MetricsLogger, WindowContext
+
+        model, x, y = _model()
+        policy = get_precision("bf16-mixed" if info.supports_bf16 else "fp32", info)
+        records: list[dict] = []
+        state = State(model=model, max_steps=20)
+        engine = Engine(model, torch.optim.AdamW(model.parameters(), foreach=True,
+                                                 capturable=True), policy, grad_clip=1.0)
+        state.optimizer = engine.optimizer
+        logger = MetricsLogger(5, WindowContext(samples_per_step=64, device=info.torch_device,
+                                                flops_per_step=10**9,
+                                                peak_flops=info.peak_for("bfloat16")),
+                               lambda stream, r, wake: records.append(r), engine)
+        dispatcher = Dispatcher([logger])
+        with policy.global_context():
+            engine.step((x, y), _loss)  # warm-up outside the check
+            torch.cuda.synchronize()
+            dispatcher.fire(Event.FIT_START, state)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(20):
+                    loss = engine.step((x, y), _loss)
+                    state.step += 1
+                    dispatcher.fire(Event.STEP_END, state, loss)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            dispatcher.fire(Event.FIT_END, state)
+        assert [r["step"] for r in records] == [5, 10, 15, 20], records
+        assert all(r["redline/host_syncs"] == 0 for r in records[:-1])
+        return (f"ok, 4 windows, no sync; step {1e3 * records[-1]['step_time_s']:.2f} ms, "
+                f"MFU {records[-1]['mfu']}")
+
     @check("checkpoint with CUDA RNG")
     def _() -> str:
         with tempfile.TemporaryDirectory() as d:

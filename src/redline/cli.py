@@ -38,8 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"redline {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    d = sub.add_parser("doctor", help="check the environment: versions, device, capabilities",
-                       description="Check that training can run here (exit 1 on a blocker).")
+    d = sub.add_parser(
+        "doctor", help="check the environment, or diagnose a run's step time",
+        description="Without RUN_DIR: check that training can run here (exit 1 on a "
+                    "blocker). With RUN_DIR: read the run's telemetry and say where its step "
+                    "time went and what to change.")
+    d.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory to diagnose")
     d.add_argument("--device", default="auto", help="device to check (default: auto)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -64,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="one of " + ", ".join(PRECISIONS) + " (precision.name)")
     t.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or mps (device)")
     t.add_argument("--tracker", action="append", default=[], metavar="NAME",
-                   help="add a tracker: jsonl, console (telemetry.trackers; repeatable)")
+                   help="add a tracker: jsonl, console, tensorboard, wandb "
+                        "(telemetry.trackers; repeatable)")
     t.add_argument("--run-dir", metavar="DIR", help="run directory (default: runs/TASK-TIME)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest good checkpoint in --run-dir (default: the "
@@ -197,6 +202,11 @@ def _print_result(r: dict[str, Any]) -> None:
     loss = f"{r['final_loss']:.4g}" if r["final_loss"] is not None else "-"
     print(f"trained {r['steps']} steps ({r['samples']} samples) in {r['precision']} on "
           f"{r['device']}; final loss {loss}")
+    if r.get("samples_per_s") is not None:
+        mfu = f", MFU {100 * r['mfu']:.2f} %" if r.get("mfu") is not None else ""
+        cost = (f"; telemetry overhead {r['overhead_pct']:.3f} % of step time (measured)"
+                if r.get("overhead_pct") is not None else "")
+        print(f"speed: {r['samples_per_s']:.1f} samples/s{mfu}{cost}")
     if r["eval"]:
         print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in r["eval"].items()))
     if r["interrupted"]:
@@ -208,9 +218,26 @@ def _print_result(r: dict[str, Any]) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from redline.doctor import environment_check, render
 
+    if args.run_dir:
+        return _diagnose(args)
     report = environment_check(args.device)
     print(json.dumps(report.to_dict()) if args.json else render(report))
     return 0 if report.ok else 1
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from redline import diagnose
+
+    try:
+        findings, notes = diagnose.diagnose(args.run_dir)
+    except FileNotFoundError as e:
+        return _fail(args, str(e))
+    if args.json:
+        print(json.dumps({"run_dir": args.run_dir, "notes": notes,
+                          "findings": [f.__dict__ for f in findings]}))
+    else:
+        print(diagnose.render(findings, notes))
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -170,11 +170,23 @@ class TelemetryConfig:
     _section: ClassVar[str] = "telemetry"
     log_every: int = 50
     trackers: list[str] = field(default_factory=lambda: ["jsonl"])
+    system_every_s: float = 2.0  # hardware sampling period (slow metrics: ~5x longer)
+    peak_flops: float | None = None  # FLOP/s for MFU; null: device table or CPU measurement
+    wandb_mode: str | None = None  # online | offline | disabled; null: W&B's own default
+    wandb_project: str | None = None  # null: "redline"
 
-    TRACKERS: ClassVar[tuple[str, ...]] = ("jsonl", "console")
+    TRACKERS: ClassVar[tuple[str, ...]] = ("jsonl", "console", "tensorboard", "wandb")
+    WANDB_MODES: ClassVar[tuple[str, ...]] = ("online", "offline", "disabled")
 
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "telemetry.log_every", self.log_every, "an integer >= 1")
+        _require(self.system_every_s > 0, "telemetry.system_every_s", self.system_every_s,
+                 "a positive number of seconds")
+        _require(self.peak_flops is None or self.peak_flops > 0, "telemetry.peak_flops",
+                 self.peak_flops, "a positive number of FLOP/s or null")
+        _require(self.wandb_mode is None or self.wandb_mode in self.WANDB_MODES,
+                 "telemetry.wandb_mode", self.wandb_mode,
+                 "null or one of " + ", ".join(self.WANDB_MODES))
         for t in self.trackers:
             _require(t in self.TRACKERS, "telemetry.trackers", t,
                      "a list of: " + ", ".join(self.TRACKERS))

@@ -31,6 +31,7 @@ from redline.data import LimitedLoader, eval_loader, iterate_from, loader_option
 from redline.device import DeviceInfo
 from redline.doctor import environment_check
 from redline.engine import Engine, build_optimizer, move_to
+from redline.evaluation import evaluate
 from redline.events import Callback, Dispatcher, Event, State
 from redline.lifecycle import Signals, default_run_dir, lr_lambda
 from redline.memory.autobatch import autobatch
@@ -38,9 +39,9 @@ from redline.memory.guard import OOMGuard
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
 from redline.precision import get_precision
 from redline.task import Task, resolve_task
-from redline.telemetry.console import ConsoleSink, Progress, status
-from redline.telemetry.jsonl import EventLog, JsonlWriter
-from redline.telemetry.metrics import MetricsLogger, MetricsSink
+from redline.telemetry.console import status
+from redline.telemetry.jsonl import EventLog
+from redline.telemetry.session import TelemetrySession
 
 
 @dataclass
@@ -55,6 +56,9 @@ class FitResult:
     resumed_from: int | None = None
     interrupted: str | None = None  # the signal's name when stopped by SIGTERM/SIGINT
     checkpoint: str | None = None
+    samples_per_s: float | None = None  # the last window's
+    mfu: float | None = None  # the last window's; None where the peak is unknown
+    overhead_pct: float | None = None  # redline's own time on the training thread, last window
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -115,20 +119,15 @@ class Trainer:
         self.state = State(model=self.model, optimizer=self.optimizer,
                            max_steps=self.max_steps, run_dir=str(self.run_dir))
 
-    def _callbacks(self) -> tuple[list[Callback], MetricsLogger]:
-        tel = self.config.telemetry
-        sinks: list[MetricsSink] = []
-        if "jsonl" in tel.trackers:
-            sinks.append(_JsonlSink(self.run_dir / "metrics.jsonl"))
-        if "console" in tel.trackers:
-            sinks.append(ConsoleSink())
-        callbacks: list[Callback] = []
-        if self.progress is not False:
-            bar = Progress(self.max_steps, interactive=self.progress)
-            sinks.append(bar)
-            callbacks.append(bar)
-        self.metrics = MetricsLogger(tel.log_every, self.config.train.samples_per_step, sinks)
-        return [self.metrics, *callbacks, *self.user_callbacks], self.metrics
+    def _telemetry(self, tracker_run_id: str | None) -> TelemetrySession:
+        tracker = lambda: getattr(getattr(self, "budget", None), "tracker", None)  # noqa: E731
+        return TelemetrySession(
+            self.config.telemetry, self.run_dir, self.device,
+            self.precision.compute_dtype_name, None, self.events, max_steps=self.max_steps,
+            samples_per_step=self.config.train.samples_per_step,
+            memory_total=self.config.memory.budget_bytes or self.device.memory_total,
+            tracker=tracker, progress=self.progress, tracker_run_id=tracker_run_id,
+            run_name=self.run_dir.name)
 
     # ---- resume ---------------------------------------------------------------------------
 
@@ -144,23 +143,26 @@ class Trainer:
             "samples_seen": self.state.samples_seen,
             "config": self.config.to_dict(),
             "task": self.task.name,
+            "tracker_run_id": self.telemetry.tracker_run_id,
         }
 
-    def _try_resume(self) -> int | None:
-        def skipped(path: Path, reason: str) -> None:
+    def _load_checkpoint(self, skipped: list[str]) -> tuple[Path, dict[str, Any]] | None:
+        """The newest readable checkpoint; unreadable ones are reported and skipped."""
+        def skip(path: Path, reason: str) -> None:
             print(f"warning: {reason}; trying the previous checkpoint", flush=True,
                   file=sys.stderr)
             self.events.event("checkpoint_skipped", path=str(path), reason=reason)
-            self.dispatcher.fire(Event.ANOMALY, self.state,
-                                 {"kind": "corrupt_checkpoint", "path": str(path)})
+            skipped.append(str(path))
 
         found = ckpt.load_latest(self.run_dir / "checkpoints", self.device.torch_device,
-                                 on_skip=skipped)
+                                 on_skip=skip)
         if found is None:
             self.events.event("resume_fresh", reason="no checkpoint in run directory")
             return None
-        path, payload = found
-        ckpt.check_resumable(payload.get("config", {}), self.config.to_dict(), path)
+        ckpt.check_resumable(found[1].get("config", {}), self.config.to_dict(), found[0])
+        return found
+
+    def _apply_checkpoint(self, path: Path, payload: dict[str, Any]) -> int:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -191,20 +193,26 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tuned = self._resolve_auto_batch() if self.config.train.auto_batch else None
         self._build()
-        callbacks, metrics = self._callbacks()
         self.events = EventLog(self.run_dir / "events.jsonl")
-        self.dispatcher = Dispatcher([*callbacks, _MemoryEvents(self.events)])
-        mem = self.config.memory
-        micro = self.config.train.micro_batch
+        skipped: list[str] = []
+        found = self._load_checkpoint(skipped) if self.resume else None
+        self.telemetry = self._telemetry(found[1].get("tracker_run_id") if found else None)
+        self.dispatcher = Dispatcher([*self.telemetry.callbacks, _MemoryEvents(self.events),
+                                      *self.user_callbacks])
+        mem, micro = self.config.memory, self.config.train.micro_batch
         self.engine = Engine(self.step_model, self.optimizer, self.precision,
                              scheduler=self.scheduler, grad_clip=self.config.train.grad_clip,
                              micro_batch_size=micro, dispatcher=self.dispatcher,
                              state=self.state,
                              oom_guard=OOMGuard(micro, mem.grow_after) if mem.oom_guard else False)
+        self.telemetry.metrics.engine = self.engine
+        for path in skipped:
+            self.dispatcher.fire(Event.ANOMALY, self.state,
+                                 {"kind": "corrupt_checkpoint", "path": path})
         if tuned is not None:
             self.events.event("autobatch", **tuned)
         self._write_run_files()
-        resumed = self._try_resume() if self.resume else None
+        resumed = self._apply_checkpoint(*found) if found else None
         self.events.event("run_start", step=self.state.step, max_steps=self.max_steps,
                           precision=self.precision.name, device=self.device.name)
         result = FitResult(run_dir=str(self.run_dir), steps=self.state.step, samples=0,
@@ -212,7 +220,10 @@ class Trainer:
                            device=self.device.name, resumed_from=resumed)
         last_saved: Path | None = None
         try:
-            with self.precision.global_context(), Signals() as signals, self._budget():
+            self.telemetry.count_flops(self.step_model, self.train_set, micro, self.task.loss)
+            self.telemetry.start()
+            with self.precision.global_context(), Signals() as signals, \
+                    self._budget() as self.budget:
                 self.dispatcher.fire(Event.FIT_START, self.state)
                 self._loop(signals)
                 if self.state.step > 0:
@@ -228,11 +239,13 @@ class Trainer:
             self._save_after_failure(exc)
             raise
         finally:
-            for sink in metrics.sinks:  # stops the progress bar's thread after a failure too
-                sink.close()
+            self.telemetry.close()  # flushes the sinks, stops the sampler and progress bar
             self.events.close()
         result.steps, result.samples = self.state.step, self.state.samples_seen
-        result.final_loss = metrics.last.get("loss")
+        last = self.telemetry.metrics.last
+        result.final_loss = last.get("loss")
+        result.samples_per_s, result.mfu = last.get("samples_per_s"), last.get("mfu")
+        result.overhead_pct = last.get("redline/overhead_pct")
         result.checkpoint = str(last_saved) if last_saved else None
         return result
 
@@ -296,10 +309,17 @@ class Trainer:
         device = self.device.torch_device
         non_blocking = bool(self.loader_opts.get("pin_memory"))
         loss_fn = self.task.loss
+        metrics = self.telemetry.metrics
         while self.state.step < self.max_steps and not signals.received:
             if self.state.batch_in_epoch == 0:
                 self.dispatcher.fire(Event.EPOCH_START, self.state)
-            for batch in iterate_from(self.loader, self.state.epoch, self.state.batch_in_epoch):
+            batches = iterate_from(self.loader, self.state.epoch, self.state.batch_in_epoch)
+            while True:
+                t = time.perf_counter()
+                batch = next(batches, None)
+                metrics.data_wait_s += time.perf_counter() - t  # the host waited on the loader
+                if batch is None:
+                    break
                 batch = move_to(batch, device, non_blocking)
                 self.dispatcher.fire(Event.BATCH_START, self.state, batch)
                 loss = self.engine.step(batch, loss_fn)
@@ -316,7 +336,7 @@ class Trainer:
                     self.save_checkpoint()
                 if signals.received or step >= self.max_steps:
                     break
-            # Not a for-else: an epoch whose last batch is also the run's last step ends too.
+            # An epoch whose last batch is also the run's last step ends too.
             if self.state.batch_in_epoch >= self.steps_per_epoch:
                 self.dispatcher.fire(Event.EPOCH_END, self.state)
                 self.state.epoch += 1
@@ -351,30 +371,10 @@ class Trainer:
         return metrics
 
     def _evaluate_at(self, size: int) -> dict[str, float]:
-        cfg = self.config.train
         loader = LimitedLoader(eval_loader(self.eval_set, size, self.loader_opts),  # type: ignore[arg-type]
-                               cfg.eval_batches)
-        devices = [self.device.index or 0] if self.device.is_cuda else []
-        self.step_model.eval()
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                torch.manual_seed(cfg.seed)
-                metrics = {"loss": self._eval_loss(loader)}
-                with self.precision.forward_context():
-                    metrics.update(self.task.evaluate(self.step_model, loader))
-        finally:
-            self.step_model.train()
-        return metrics
-
-    def _eval_loss(self, loader: Iterable[Any]) -> float:
-        total, count = 0.0, 0
-        for batch in loader:
-            batch = move_to(batch, self.device.torch_device)
-            with self.precision.forward_context():
-                loss = self.task.loss(self.step_model, batch)
-            total += float(loss.float().item())
-            count += 1
-        return total / max(count, 1)
+                               self.config.train.eval_batches)
+        return evaluate(self.task, self.step_model, loader, self.precision, self.device,
+                        self.config.train.seed)
 
     def _write_run_files(self) -> None:
         resolved = self.config.to_dict()
@@ -385,17 +385,6 @@ class Trainer:
         env["run"] = {"precision": self.precision.describe(), "device": self.device.to_dict(),
                       "max_steps": self.max_steps, "steps_per_epoch": self.steps_per_epoch}
         (self.run_dir / "environment.json").write_text(json.dumps(env, indent=2))
-
-
-class _JsonlSink:
-    def __init__(self, path: Path) -> None:
-        self.writer = JsonlWriter(path)
-
-    def log_metrics(self, record: dict[str, Any]) -> None:
-        self.writer.write({"time": round(time.time(), 3), **record})
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 class _MemoryEvents(Callback):

@@ -143,7 +143,9 @@ def test_a_crash_in_user_code_keeps_the_completed_steps(tmp_path: Path) -> None:
         "            raise RuntimeError('bug in user code')\n"
         "        return super().loss(model, batch)\n")
     out = run_cli(["train", "crashy.py:Crashy", "--steps", "20", "--run-dir", "r",
-                   "--set", "train.eval_every=0"], tmp_path, env={"CRASH_AT": "13"})
+                   "--set", "train.eval_every=0"], tmp_path,
+                  # call 1 counts FLOPs (on fake tensors, at start); call 14 is step 13's
+                  env={"CRASH_AT": "14"})
     assert out.returncode == 1 and "bug in user code" in out.stderr  # the user's traceback
     assert "RuntimeError after step 12" in out.stderr
     assert (tmp_path / "r" / "checkpoints" / "step-00000012.pt").is_file()

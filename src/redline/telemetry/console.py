@@ -36,11 +36,15 @@ class ConsoleSink:
 
 
 class Progress(Callback):
-    """A rich progress bar (samples/s, ETA, loss) on a terminal; plain lines otherwise.
+    """A rich progress bar (samples/s, ETA, loss, MFU, memory) on a terminal; plain lines
+    otherwise.
 
-    It is both a callback (advanced once per step, which costs no host sync) and a
-    metrics sink (the loss shown is the last window's mean).
+    It is both a callback (advanced at most ten times a second: a clock read per step)
+    and a hub sink (the loss shown is the last window's mean, written by the hub's
+    writer thread; rich's bar is thread-safe).
     """
+
+    name = "progress"
 
     def __init__(self, total_steps: int, stream: TextIO | None = None,
                  interactive: bool | None = None) -> None:
@@ -51,6 +55,7 @@ class Progress(Callback):
         self._task: Any = None
         self._start = time.perf_counter()
         self._start_step = 0
+        self._next_draw = 0.0
 
     def on_fit_start(self, state: State) -> None:
         self._start, self._start_step = time.perf_counter(), state.step
@@ -78,7 +83,15 @@ class Progress(Callback):
 
     def on_step_end(self, state: State, loss: Any) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, completed=state.step)
+            now = time.perf_counter()
+            if now >= self._next_draw or state.step >= self.total:
+                self._next_draw = now + 0.1
+                self._bar.update(self._task, completed=state.step)
+
+    def write(self, stream: str, records: list[dict[str, Any]]) -> None:
+        if stream == "metrics":
+            for record in records:
+                self.log_metrics(record)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if self._bar is not None:
@@ -87,6 +100,10 @@ class Progress(Callback):
                 info.append(f"loss {record['loss']:.4g}")
             if record.get("samples_per_s") is not None:
                 info.append(f"{record['samples_per_s']:.1f} samples/s")
+            if record.get("mfu") is not None:
+                info.append(f"MFU {100 * record['mfu']:.1f}%")
+            if record.get("mem_pct") is not None:
+                info.append(f"mem {record['mem_pct']:.0f}%")
             if info:
                 self._bar.update(self._task, info=" | ".join(info))
             else:

@@ -1,85 +1,169 @@
-"""Windowed training metrics: accumulate on the device, read once per `log_every` steps.
+"""Training metrics per window, at a cost the run measures itself.
 
-On steps that do not log, nothing here touches the host: the loss is added to a device
-tensor. At a window boundary the window's sums are read (one host sync per window), the
-wall time of the window gives step time and samples/s, and one record goes to each sink.
+On a step that does not log, the training thread only appends the step's loss tensor to
+a list: no device op, no host read. Every `log_every` steps the window closes: its losses
+are summed on the device (one op), and the sums are read:
+
+  - on CPU they are host tensors already: read them at once (no copy, no pinning, which a
+    CPU-only torch cannot do, and no sync: there is no device to wait for);
+  - on CUDA they are copied into pinned host memory with non_blocking=True and a CUDA
+    event is recorded; the record is completed a window later, when that event has long
+    completed, so the host never waits on the device. Step time comes from the CUDA
+    events at window boundaries, not from the host clock, which runs ahead of the GPU.
+
+Time spent here on the training thread is measured (perf_counter around each call) and
+reported as `redline/overhead_pct` of the window's wall time, with the number of host
+syncs redline itself made (`redline/host_syncs`). Records go to the hub, whose writer
+thread talks to the sinks.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from redline.events import Callback, State
 
+Publish = Callable[[str, dict[str, Any], bool], None]
 
-class MetricsSink(Protocol):
-    def log_metrics(self, record: dict[str, Any]) -> None: ...
 
-    def close(self) -> None: ...
+@dataclass
+class WindowContext:
+    """What the logger needs to know about the run, fixed at start."""
+
+    samples_per_step: int
+    device: torch.device
+    flops_per_step: int | None = None  # counted once at start; None: unknown
+    peak_flops: float | None = None  # dense peak for the compute dtype; None: MFU empty
+    peak_source: str = "unknown"
+    memory_total: int | None = None  # device memory or memory.budget, for mem_pct
+
+
+class _Pending:
+    """A closed window whose device values are still on their way to the host."""
+
+    def __init__(self, values: torch.Tensor, record: dict[str, Any],
+                 event: Any | None, start_event: Any | None) -> None:
+        self.values, self.record, self.event, self.start_event = (values, record, event,
+                                                                  start_event)
 
 
 class MetricsLogger(Callback):
-    """Turns per-step device losses into one record per window for every sink."""
+    """One record per `log_every` steps; see the module docstring for the cost model."""
 
-    def __init__(self, log_every: int, samples_per_step: int, sinks: list[MetricsSink],
-                 engine: Any = None) -> None:
-        self.log_every = log_every
-        self.samples_per_step = samples_per_step
-        self.sinks = sinks
-        self.engine = engine
+    def __init__(self, log_every: int, ctx: WindowContext, publish: Publish,
+                 engine: Any, memory_probe: Callable[[], dict[str, Any]] | None = None
+                 ) -> None:
+        self.log_every, self.ctx, self.publish, self.engine = log_every, ctx, publish, engine
+        self.memory_probe = memory_probe
+        self.cuda = ctx.device.type == "cuda"
         self.last: dict[str, Any] = {}
-        self._loss_sum: torch.Tensor | None = None
-        self._steps = 0
-        self._t0 = 0.0
+        self.data_wait_s = 0.0  # added to by the trainer around each batch fetch
+        self.overhead_s = 0.0
+        self.host_syncs = 0
+        self._losses: list[torch.Tensor] = []
+        self._t0 = time.perf_counter()
+        self._start_event: Any = None
+        self._pending: _Pending | None = None
+        self._paused = False  # evaluation or a checkpoint ran inside this window
 
     def on_fit_start(self, state: State) -> None:
         self._t0 = time.perf_counter()
+        if self.cuda:
+            self._start_event = torch.cuda.Event(enable_timing=True)
+            self._start_event.record()
 
     def on_step_end(self, state: State, loss: torch.Tensor) -> None:
-        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-        self._steps += 1
+        t = time.perf_counter()
+        self._losses.append(loss)
         if state.step % self.log_every == 0 or state.step >= state.max_steps:
-            self.flush(state)
+            self._close_window(state, t)
+        self.overhead_s += time.perf_counter() - t
 
-    def flush(self, state: State) -> None:
-        """Close the current window: one host read, one record to each sink."""
-        if self._loss_sum is None:
-            return
-        loss = float(self._loss_sum.item()) / self._steps  # the window's one sync
-        now = time.perf_counter()
-        step_time = (now - self._t0) / self._steps
+    def _close_window(self, state: State, now: float) -> None:
+        steps = len(self._losses)
+        values = torch.stack([torch.stack(self._losses).sum().float(),
+                              self.engine.grad_norm.float(),
+                              self.engine.nonfinite_steps.float()])
+        self._losses = []
+        wall = now - self._t0
         record: dict[str, Any] = {
-            "step": state.step,
-            "epoch": state.epoch,
-            "samples": state.samples_seen,
-            "loss": loss,
+            "step": state.step, "epoch": state.epoch, "samples": state.samples_seen,
             "lr": state.optimizer.param_groups[0]["lr"] if state.optimizer else None,
-            "step_time_s": step_time,
-            "samples_per_s": self.samples_per_step / step_time if step_time > 0 else None,
+            "window_steps": steps, "wall_s": wall, "paused": self._paused,
+            "data_wait_pct": 100.0 * self.data_wait_s / wall if wall > 0 else None,
+            "micro_batch": self.engine.micro_batch_size or self.ctx.samples_per_step,
+            "effective_batch": self.ctx.samples_per_step,
+            "redline/overhead_pct": 100.0 * self.overhead_s / wall if wall > 0 else None,
+            "redline/host_syncs": self.host_syncs,
         }
-        if self.engine is not None:
-            record["grad_norm"] = float(self.engine.grad_norm.item())
-            record["nonfinite_steps"] = int(self.engine.nonfinite_steps.item())
-        self.last = record
-        for sink in self.sinks:
-            sink.log_metrics(record)
-        self._loss_sum, self._steps = None, 0
-        self._t0 = time.perf_counter()  # sink time is not step time
+        record["accumulation_steps"] = math.ceil(self.ctx.samples_per_step
+                                                 / record["micro_batch"])
+        if self.memory_probe is not None:
+            record.update(self.memory_probe())
+        self.data_wait_s = self.overhead_s = 0.0
+        self.host_syncs = 0
+        self._paused = False
+        if self.cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            ready, self._pending = self._pending, _Pending(host, record, end,
+                                                           self._start_event)
+            self._start_event = end
+            if ready is not None:
+                self._emit(ready)
+        else:
+            self._emit(_Pending(values, record, None, None))
+        self._t0 = time.perf_counter()
+
+    def _emit(self, p: _Pending) -> None:
+        """Complete a window's record from its (now host-side) values and publish it."""
+        if p.event is not None and not p.event.query():
+            p.event.synchronize()  # only if the device is a whole window behind
+            self.host_syncs += 1
+        loss_sum, grad_norm, nonfinite = p.values.tolist()
+        r = p.record
+        steps = r.pop("window_steps")
+        wall = r.pop("wall_s")
+        # Device time between boundary events, unless evaluation or a checkpoint ran in
+        # between: then the host clock, from which their time was taken out.
+        timed_on_device = p.event is not None and p.start_event is not None
+        step_time = (p.start_event.elapsed_time(p.event) / 1000.0 / steps
+                     if timed_on_device and not r.pop("paused") else wall / steps)
+        r.pop("paused", None)
+        r.update({"loss": loss_sum / steps, "grad_norm": grad_norm,
+                  "skipped_steps": int(nonfinite), "step_time_s": step_time,
+                  "samples_per_s": self.ctx.samples_per_step / step_time if step_time else None})
+        flops = self.ctx.flops_per_step
+        r["mfu"] = (flops / step_time / self.ctx.peak_flops
+                    if flops and self.ctx.peak_flops and step_time else None)
+        r["peak_flops"] = self.ctx.peak_flops
+        r["time"] = round(time.time(), 3)
+        self.last = r
+        self.publish("metrics", r, True)
 
     def on_eval_end(self, state: State, metrics: dict[str, float]) -> None:
-        record = {"step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}}
+        record: dict[str, Any] = {"step": state.step, "time": round(time.time(), 3),
+                                  **{f"eval/{k}": v for k, v in metrics.items()}}
         record["eval/time_s"] = state.extra.get("eval_time_s", 0.0)
-        for sink in self.sinks:
-            sink.log_metrics(record)
+        self.publish("metrics", record, True)
         self._t0 += record["eval/time_s"]  # evaluation time is not step time
+        self._paused = True
 
     def on_checkpoint_saved(self, state: State, path: str) -> None:
         self._t0 += state.extra.get("checkpoint_time_s", 0.0)
+        self._paused = True
 
     def on_fit_end(self, state: State) -> None:
-        self.flush(state)
-        for sink in self.sinks:
-            sink.close()
+        if self._losses:
+            self._close_window(state, time.perf_counter())
+        if self._pending is not None:
+            self._emit(self._pending)
+            self._pending = None

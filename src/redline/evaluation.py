@@ -1,0 +1,47 @@
+"""Evaluation: the loss and the task's metrics, without disturbing training.
+
+It runs under a forked RNG re-seeded with the run's seed: training's random stream is
+left exactly where it was (exact resume depends on it), and every evaluation of a run
+draws the same noise, so its numbers are comparable from one evaluation to the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from redline.device import DeviceInfo
+from redline.engine import move_to
+from redline.precision import Precision
+from redline.task import Task
+
+
+def evaluate(task: Task, model: nn.Module, loader: Any, precision: Precision,
+             device: DeviceInfo, seed: int) -> dict[str, float]:
+    """{"loss": mean evaluation loss, **task.evaluate(model, loader)} in eval mode."""
+    devices = [device.index or 0] if device.is_cuda else []
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            metrics = {"loss": _mean_loss(task, model, loader, precision, device)}
+            with precision.forward_context():
+                metrics.update(task.evaluate(model, loader))
+    finally:
+        model.train()
+    return metrics
+
+
+def _mean_loss(task: Task, model: nn.Module, loader: Iterable[Any], precision: Precision,
+               device: DeviceInfo) -> float:
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = move_to(batch, device.torch_device)
+        with precision.forward_context():
+            loss = task.loss(model, batch)
+        total += float(loss.float().item())
+        count += 1
+    return total / max(count, 1)

@@ -1,0 +1,126 @@
+"""Everything a run records, wired once: hub and sinks, window metrics, sampler, MFU.
+
+The trainer builds one TelemetrySession at start and closes it at the end; the rest is
+callbacks (the window logger, the progress bar) and two threads (the hub's writer, the
+hardware sampler), so the training thread does as little as possible.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from redline.config import TelemetryConfig
+from redline.device import DeviceInfo
+from redline.engine import move_to
+from redline.events import Callback
+from redline.telemetry.console import Progress
+from redline.telemetry.flops import count_step_flops, peak_flops
+from redline.telemetry.hub import Hub, Sink
+from redline.telemetry.jsonl import EventLog
+from redline.telemetry.metrics import MetricsLogger, WindowContext
+from redline.telemetry.sampler import Sampler
+from redline.telemetry.sinks import make_sinks
+
+
+class TelemetrySession:
+    """Hub, sinks, window logger, progress bar and sampler of one run."""
+
+    def __init__(self, cfg: TelemetryConfig, run_dir: Path, device: DeviceInfo,
+                 compute_dtype: str, engine: Any, events: EventLog, *, max_steps: int,
+                 samples_per_step: int, memory_total: int | None,
+                 tracker: Callable[[], Any], progress: bool | None,
+                 tracker_run_id: str | None = None, run_name: str | None = None) -> None:
+        self.events = events
+        # No mode in the config: W&B's own rule (WANDB_MODE, else online).
+        mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
+        sinks: list[Sink] = []
+        for name in cfg.trackers:
+            try:
+                sinks += make_sinks([name], run_dir, wandb_mode=mode,
+                                    wandb_project=cfg.wandb_project,
+                                    wandb_run_id=tracker_run_id, run_name=run_name)
+            except ImportError:
+                raise  # a tracker asked for but not installed: the CLI names the extra
+            except Exception as e:  # cannot start (unreachable server, bad path): go on
+                why = f"{type(e).__name__}: {e}"
+                print(f"redline: telemetry sink {name!r} could not start and is disabled "
+                      f"({why})", file=sys.stderr, flush=True)
+                events.event("sink_failed", sink=name, reason=why)
+        self.tracker_run_id = next((getattr(s, "run_id", None) for s in sinks
+                                    if getattr(s, "run_id", None)), None)
+        self.progress = Progress(max_steps, interactive=progress) if progress is not False \
+            else None
+        if self.progress is not None:
+            sinks.append(self.progress)
+        self.hub = Hub(sinks, on_sink_failure=lambda name, why: events.event(
+            "sink_failed", sink=name, reason=why))
+        self.cfg, self.device, self.compute_dtype = cfg, device, compute_dtype
+        self.ctx = WindowContext(samples_per_step=samples_per_step,
+                                 device=device.torch_device, memory_total=memory_total)
+        self.metrics = MetricsLogger(cfg.log_every, self.ctx,
+                                     lambda stream, r, wake: self.hub.publish(stream, r,
+                                                                              wake=wake),
+                                     engine, memory_probe=_memory_probe(device, memory_total,
+                                                                        tracker))
+        self.sampler = Sampler(device, lambda r: self.hub.publish("system", r),
+                               every_s=cfg.system_every_s)
+
+    @property
+    def callbacks(self) -> list[Callback]:
+        return [self.metrics, *([self.progress] if self.progress else [])]
+
+    def count_flops(self, model: torch.nn.Module, dataset: Dataset, micro_batch: int,
+                    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]) -> None:
+        """FLOPs of one optimizer step, counted once, and the peak MFU is measured against."""
+        peak, source = peak_flops(self.device, self.compute_dtype, self.cfg.peak_flops)
+        self.ctx.peak_flops, self.ctx.peak_source = peak, source
+        n = min(micro_batch, len(dataset))  # type: ignore[arg-type]
+        batch = move_to(default_collate([dataset[i] for i in range(n)]),
+                        self.device.torch_device)
+        flops = count_step_flops(model, batch, loss_fn)
+        if flops:
+            self.ctx.flops_per_step = int(flops * self.ctx.samples_per_step / n)
+        self.events.event("flops", flops_per_step=self.ctx.flops_per_step,
+                          peak_flops=peak, peak_source=source, dtype=self.compute_dtype)
+
+    def start(self) -> None:
+        self.sampler.start()
+        for note in self.sampler.notes:
+            self.events.event("note", message=note)
+
+    def close(self) -> None:
+        self.sampler.stop()
+        self.hub.close()
+        if self.hub.failed:
+            print("redline: telemetry sinks disabled during the run: "
+                  + ", ".join(self.hub.failed), file=sys.stderr)
+
+
+def _memory_probe(device: DeviceInfo, total: int | None, tracker: Callable[[], Any]
+                  ) -> Callable[[], dict[str, Any]]:
+    """Memory of the window, read once per window from the allocator (no device sync)."""
+    def cuda() -> dict[str, Any]:
+        dev = device.torch_device
+        peak = torch.cuda.max_memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        return {"mem_allocated_bytes": torch.cuda.memory_allocated(dev),
+                "mem_reserved_bytes": torch.cuda.memory_reserved(dev),
+                "mem_peak_bytes": peak, "mem_pct": 100.0 * peak / total if total else None}
+
+    def cpu() -> dict[str, Any]:
+        t = tracker()
+        if t is None:  # no budget: the sampler's process RSS is the CPU's memory figure
+            return {}
+        peak = t.peak
+        t.reset_peak()
+        return {"mem_allocated_bytes": t.current, "mem_peak_bytes": peak,
+                "mem_pct": 100.0 * peak / total if total else None}
+
+    return cuda if device.is_cuda else cpu

@@ -1,0 +1,58 @@
+"""The `tensorboard` tracker: scalars in a TensorBoard event file, flushed once per batch."""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+from typing import Any
+
+_MISSING = "the tensorboard tracker needs tensorboard: pip install 'redline[tensorboard]'"
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The record's numeric values, less its "step" and "time" (they are the axes).
+
+    Booleans and None (e.g. an MFU left empty for an unknown device) are not scalars.
+    """
+    return {k: v for k, v in record.items()
+            if k not in ("step", "time") and isinstance(v, numbers.Real)
+            and not isinstance(v, bool)}
+
+
+class TensorBoardSink:
+    """Every numeric value becomes `add_scalar(name, value, step, walltime=record["time"])`.
+
+    System records without a step are placed at a running count of such samples, so each
+    still gets its own point. The writer is flushed once per `write` call (one batch of a
+    stream), never per scalar: the event file is written by the hub's writer thread, and
+    the writer's own periodic flush is pushed out of the way.
+    """
+
+    name = "tensorboard"
+
+    def __init__(self, log_dir: str | Path) -> None:
+        try:
+            # tensorboard first: torch.utils.tensorboard may already be imported and would
+            # then not notice that tensorboard itself is missing
+            import tensorboard  # noqa: F401
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError(_MISSING) from e
+        self.log_dir = Path(log_dir)
+        # a queue large enough that add_scalar never blocks, and a flush period long enough
+        # that only our explicit flush per batch writes
+        self._writer = SummaryWriter(str(self.log_dir), max_queue=100_000, flush_secs=86_400)
+        self._unstepped = 0  # running count for system samples that carry no step
+
+    def write(self, stream: str, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            step = record.get("step")
+            if step is None:
+                step, self._unstepped = self._unstepped, self._unstepped + 1
+            walltime = record.get("time")
+            for name, value in scalars(record).items():
+                self._writer.add_scalar(name, value, global_step=step, walltime=walltime)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()  # flushes what is queued

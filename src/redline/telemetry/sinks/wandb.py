@@ -1,0 +1,90 @@
+"""The `wandb` tracker: one `log` call per logging window, from the hub's writer thread.
+
+Steps. W&B keeps one monotonically increasing step per run and silently drops a row whose
+step is behind the newest one (checked with 0.31). Metrics records carry the training step
+and are logged at it: `run.log(values, step=step)`, which leaves that row open until a
+larger step arrives. System (hardware) samples never move W&B's step: the hub's metrics
+for a window arrive a window late (they wait for the device), so a sample logged at the
+current, newer step would make W&B drop the next metrics row. Instead each batch of
+samples is merged (newest value per name) and logged with `commit=False` and no step,
+which attaches it to the open row, i.e. the latest metrics step (step 0 or the resumed
+step before any metrics). system.jsonl keeps every sample with its own time.
+
+Resume. `run_id` (saved in redline's checkpoints) is passed as `id=` with `resume="allow"`,
+which online continues that W&B run (W&B's documented behaviour; no server was reachable to
+check it here). Offline there is no server to resume from (`run.resumed` stays False): the
+new session writes a second `offline-run-*/run-<id>.wandb` under the same id, for `wandb
+sync` to upload to that run. Credentials come only from the environment or `wandb login`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+_MISSING = "the wandb tracker needs wandb: pip install 'redline[wandb]'"
+
+
+def _values(record: dict[str, Any]) -> dict[str, Any]:
+    # "step" and "time" are the row's axes (W&B adds _step, _timestamp); None is "no value"
+    return {k: v for k, v in record.items() if k not in ("step", "time") and v is not None}
+
+
+class WandbSink:
+    """A W&B run in `run_dir/wandb/`: offline by default, never capturing the console."""
+
+    name = "wandb"
+    close_timeout_s = 10.0
+
+    def __init__(self, run_dir: str | Path,
+                 mode: Literal["offline", "online", "disabled"] = "offline",
+                 project: str | None = None, run_id: str | None = None,
+                 name: str | None = None) -> None:
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(_MISSING) from e
+        if mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"wandb mode must be offline, online or disabled, not {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        settings = wandb.Settings(
+            console="off",  # redline prints its own lines; no stdout/stderr capture
+            x_disable_stats=True,  # redline samples the hardware itself (system stream)
+        )
+        self._run = wandb.init(
+            dir=str(self.run_dir), mode=mode, project=project or "redline", id=run_id,
+            resume="allow" if run_id else None, name=name, settings=settings,
+            # a separate run object: never finish a run the user (or an adapter) has open
+            reinit="create_new",
+        )
+        self.run_id: str = self._run.id
+        self.mode = mode
+        # offline, the run's transaction log (what `wandb sync` uploads); asked of the run,
+        # as W&B settings files can change the mode
+        offline = getattr(self._run, "offline", False) and not getattr(self._run, "disabled", 0)
+        self.run_file = Path(self._run.settings.sync_file) if offline else None
+
+    def write(self, stream: str, records: list[dict[str, Any]]) -> None:
+        if stream == "metrics":
+            for record in records:  # one record per window: one log call per window
+                self._run.log(_values(record), step=int(record["step"]))
+            return
+        merged: dict[str, Any] = {}
+        for record in records:
+            merged.update(_values(record))
+        if merged:
+            self._run.log(merged, commit=False)  # joins the latest metrics step's row
+
+    def close(self) -> None:
+        # wandb 0.31's finish() has no `quiet` argument; WANDB_SILENT quietens it
+        self._run.finish()
+        if self.run_file is not None:
+            # finish() can return before wandb-core has written the last rows: wait (bounded)
+            # so that a closed sink means a complete file, for `wandb sync` or a reader
+            from redline.telemetry.wandb_reader import is_complete
+
+            deadline = time.monotonic() + self.close_timeout_s
+            while not is_complete(self.run_file) and time.monotonic() < deadline:
+                time.sleep(0.02)

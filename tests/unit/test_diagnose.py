@@ -1,0 +1,312 @@
+"""redline.diagnose: findings from synthetic run directories, one rule at a time."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from redline.diagnose import Finding, diagnose, render
+
+CPU = {"device": {"kind": "cpu", "name": "cpu", "memory_total": 16 * 2**30,
+                  "supports_bf16": False}, "precisions": {"bf16-mixed": "ok"}}
+CUDA = {"device": {"kind": "cuda", "name": "NVIDIA H100", "memory_total": 80 * 2**30,
+                   "supports_bf16": True}, "precisions": {"bf16-mixed": "ok"}}
+
+
+def config(**over: Any) -> dict[str, Any]:
+    """A resolved config; `over` maps dotted keys to values."""
+    cfg: dict[str, Any] = {
+        "train": {"batch_size": 8, "effective_batch_size": None},
+        "precision": {"name": "bf16-mixed", "compile": False},
+        "data": {"num_workers": 0, "pin_memory": "auto", "persistent_workers": "auto"},
+        "memory": {"budget": None, "target": 0.85},
+        "telemetry": {"log_every": 50},
+    }
+    for dotted, value in over.items():
+        section, key = dotted.split(".")
+        cfg[section][key] = value
+    return cfg
+
+
+def window(step: int, **over: Any) -> dict[str, Any]:
+    """One healthy training window; `over` replaces keys (None removes one)."""
+    row: dict[str, Any] = {"step": step, "time": 1000.0 + step, "loss": 1.0, "lr": 1e-3,
+                           "samples_per_s": 400.0, "step_time_s": 0.02, "data_wait_pct": 2.0,
+                           "mfu": None, "mem_pct": 80.0, "micro_batch": 8,
+                           "redline/overhead_pct": 0.1, "redline/host_syncs": 0,
+                           "skipped_steps": 0}
+    row.update(over)
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def windows(count: int = 5, **over: Any) -> list[dict[str, Any]]:
+    return [window(10 * (i + 1), **over) for i in range(count)]
+
+
+def make_run(root: Path, *, cfg: dict[str, Any] | None = None, env: dict[str, Any] | None = None,
+             metrics: list[dict[str, Any]] | None = None,
+             system: list[dict[str, Any]] | None = None,
+             events: list[dict[str, Any]] | None = None) -> Path:
+    """Write only the files given, as the trainer would."""
+    root.mkdir(parents=True, exist_ok=True)
+    if cfg is not None:
+        (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if env is not None:
+        (root / "environment.json").write_text(json.dumps(env))
+    for name, rows in (("metrics", metrics), ("system", system), ("events", events)):
+        if rows is not None:
+            (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def healthy(root: Path, **kw: Any) -> Path:
+    args: dict[str, Any] = {"cfg": config(), "env": CPU, "metrics": windows(), "system": [],
+                            "events": []}
+    args.update(kw)
+    return make_run(root, **args)
+
+
+def by_kind(findings: list[Finding]) -> dict[str, Finding]:
+    return {f.kind: f for f in findings}
+
+
+def test_healthy_run_is_ok(tmp_path: Path) -> None:
+    findings, notes = diagnose(healthy(tmp_path))
+    kinds = by_kind(findings)
+    assert set(kinds) == {"ok", "telemetry-overhead"}
+    assert "400.0 samples/s" in kinds["ok"].message and "20.0 ms" in kinds["ok"].message
+    assert kinds["ok"].value == 400.0
+    assert kinds["telemetry-overhead"].severity == "info"
+    assert notes == []
+
+
+def test_input_bound(tmp_path: Path) -> None:
+    rows = [window(10, data_wait_pct=95.0)] + [window(10 * i, data_wait_pct=38.0)
+                                               for i in range(2, 14)]
+    f = by_kind(diagnose(healthy(tmp_path, metrics=rows))[0])["input-bound"]
+    assert f.severity == "warning" and f.value == 38.0
+    assert "38 %" in f.message and "12 windows" in f.message
+    assert "data.num_workers (now 0)" in f.message
+    assert "pin_memory" not in f.message  # CPU: pinning does not apply
+    assert "ok" not in by_kind(diagnose(tmp_path)[0])
+
+
+def test_input_bound_cuda_explicit_false_settings(tmp_path: Path) -> None:
+    cfg = config(**{"data.pin_memory": False, "data.persistent_workers": False,
+                    "data.num_workers": 2})
+    run = healthy(tmp_path, cfg=cfg, env=CUDA, metrics=windows(data_wait_pct=20.0),
+                  system=[{"time": 1020.0, "gpu/util_pct": 30.0}])
+    kinds = by_kind(diagnose(run)[0])
+    msg = kinds["input-bound"].message
+    assert "(now 2)" in msg and "data.pin_memory: true" in msg
+    assert "data.persistent_workers: true" in msg
+    assert "host-bound" not in kinds  # a starved GPU is explained by the loader
+
+
+@pytest.mark.parametrize("waits, flagged", [([5.0] * 5, False), ([9.9] * 4, False),
+                                            ([90.0, 5.0, 5.0], False),  # warm-up skipped
+                                            ([90.0, 5.0], True)])  # too few to skip one
+def test_input_bound_thresholds(tmp_path: Path, waits: list[float], flagged: bool) -> None:
+    rows = [window(10 * (i + 1), data_wait_pct=w) for i, w in enumerate(waits)]
+    assert ("input-bound" in by_kind(diagnose(healthy(tmp_path, metrics=rows))[0])) is flagged
+
+
+def test_host_bound(tmp_path: Path) -> None:
+    system = [{"time": 1000.0 + t, "gpu/util_pct": 42.0, "cpu/util_pct": 99.0}
+              for t in range(10, 51, 2)]
+    run = healthy(tmp_path, env=CUDA, metrics=windows(**{"redline/host_syncs": 3}),
+                  system=system)
+    f = by_kind(diagnose(run)[0])["host-bound"]
+    assert f.severity == "warning" and f.value == 42.0
+    assert "42 %" in f.message and "train.batch_size: auto" in f.message
+    assert "precision.compile: true" in f.message and "3 per window" in f.message
+
+
+def test_host_bound_negatives(tmp_path: Path) -> None:
+    busy = [{"time": 1000.0 + t, "gpu/util_pct": 95.0} for t in range(10, 51, 2)]
+    assert "host-bound" not in by_kind(
+        diagnose(healthy(tmp_path / "a", env=CUDA, system=busy))[0])
+    # Idle GPU before training (model build, autobatch) does not count.
+    idle_before = [{"time": 900.0 + t, "gpu/util_pct": 0.0} for t in range(60)] + busy
+    assert "host-bound" not in by_kind(
+        diagnose(healthy(tmp_path / "b", env=CUDA, system=idle_before))[0])
+    # On a CPU run, GPU utilisation does not apply.
+    idle = [{"time": 1020.0, "gpu/util_pct": 10.0}]
+    assert "host-bound" not in by_kind(diagnose(healthy(tmp_path / "c", system=idle))[0])
+
+
+def test_host_bound_missing_evidence(tmp_path: Path) -> None:
+    findings, notes = diagnose(healthy(tmp_path / "a", env=CUDA, system=[{"cpu/util_pct": 5}]))
+    assert "host-bound" not in by_kind(findings)
+    assert any("gpu/util_pct" in n for n in notes)
+    system = [{"time": 1020.0, "gpu/util_pct": 10.0}]
+    findings, notes = diagnose(healthy(tmp_path / "b", env=CUDA, system=system,
+                                       metrics=windows(data_wait_pct=None)))
+    assert "host-bound" not in by_kind(findings)
+    assert any("cannot be told apart" in n for n in notes)
+
+
+def test_cuda_inferred_from_gpu_samples_without_environment(tmp_path: Path) -> None:
+    run = healthy(tmp_path, env=None, system=[{"gpu/util_pct": 20.0}])
+    findings, notes = diagnose(run)
+    assert "host-bound" in by_kind(findings)
+    assert "environment.json is missing" in notes
+
+
+@pytest.mark.parametrize("pct, severity", [(17.0, "warning"), (40.0, "info"), (70.0, None)])
+def test_memory_headroom(tmp_path: Path, pct: float, severity: str | None) -> None:
+    f = by_kind(diagnose(healthy(tmp_path, metrics=windows(mem_pct=pct)))[0]).get(
+        "memory-headroom")
+    if severity is None:
+        assert f is None
+        return
+    assert f is not None and f.severity == severity and f.value == pct
+    assert f"{pct:.0f} % of the device" in f.message and "micro-batch 8" in f.message
+    assert "train.batch_size: auto" in f.message and "(85 %)" in f.message
+
+
+def test_memory_headroom_uses_the_peak_window(tmp_path: Path) -> None:
+    rows = [*windows(4, mem_pct=20.0), window(50, mem_pct=60.0)]
+    assert "memory-headroom" not in by_kind(diagnose(healthy(tmp_path, metrics=rows))[0])
+
+
+def test_memory_headroom_from_peak_bytes(tmp_path: Path) -> None:
+    rows = windows(mem_pct=None, mem_peak_bytes=4 * 2**30)  # 4 of 16 GiB
+    f = by_kind(diagnose(healthy(tmp_path, metrics=rows))[0])["memory-headroom"]
+    assert f.value == 25.0
+    rows = windows(mem_pct=None)
+    findings, notes = diagnose(healthy(tmp_path / "b", metrics=rows))
+    assert "memory-headroom" not in by_kind(findings)
+    assert any("mem_pct" in n for n in notes)
+
+
+def test_memory_headroom_names_the_budget(tmp_path: Path) -> None:
+    cfg = config(**{"memory.budget": "2GiB", "memory.target": 0.9})
+    f = by_kind(diagnose(healthy(tmp_path, cfg=cfg, metrics=windows(mem_pct=30.0)))[0])
+    assert "of the memory budget" in f["memory-headroom"].message
+    assert "(90 %)" in f["memory-headroom"].message
+
+
+def test_precision_fp32_on_bf16_gpu(tmp_path: Path) -> None:
+    system = [{"time": 1020.0, "gpu/util_pct": 99.0}]
+    run = healthy(tmp_path, cfg=config(**{"precision.name": "fp32"}), env=CUDA, system=system)
+    f = by_kind(diagnose(run)[0])["precision"]
+    assert f.severity == "info" and "bf16-mixed" in f.message and "20.0 ms" in f.message
+
+
+def test_precision_fp32_on_bf16_cpu_is_only_a_suggestion(tmp_path: Path) -> None:
+    env = {"device": {**CPU["device"], "supports_bf16": True}}
+    run = healthy(tmp_path, cfg=config(**{"precision.name": "fp32"}), env=env)
+    f = by_kind(diagnose(run)[0])["precision"]
+    assert "measures it faster on this machine" in f.message
+
+
+@pytest.mark.parametrize("name, env", [("fp32", CPU),  # no bf16 support
+                                       ("bf16-mixed", CUDA),
+                                       ("fp32", {"device": {**CUDA["device"]},
+                                                 "precisions": {"bf16-mixed": "refused"}})])
+def test_precision_negatives(tmp_path: Path, name: str, env: dict[str, Any]) -> None:
+    run = healthy(tmp_path, cfg=config(**{"precision.name": name}), env=env)
+    assert "precision" not in by_kind(diagnose(run)[0])
+
+
+@pytest.mark.parametrize("skipped, flagged", [([0, 5, 20, 40], True),  # cumulative, 10 %
+                                              ([0, 2, 3, 3], False),  # start-up noise
+                                              ([10, 0, 10, 20], True)])  # per-window counts
+def test_precision_fp16_skipped_steps(tmp_path: Path, skipped: list[int], flagged: bool) -> None:
+    rows = [window(100 * (i + 1), skipped_steps=s) for i, s in enumerate(skipped)]
+    run = healthy(tmp_path, cfg=config(**{"precision.name": "fp16-mixed"}), metrics=rows)
+    f = by_kind(diagnose(run)[0]).get("precision")
+    assert (f is not None) is flagged
+    if f is not None:
+        assert f.severity == "warning" and f"skipped {int(f.value or 0)} of 400" in f.message
+        assert "lower train.lr" in f.message  # this CPU has no bf16 to switch to
+    cuda_run = healthy(tmp_path / "cuda", cfg=config(**{"precision.name": "fp16-mixed"}),
+                       env=CUDA, metrics=rows, system=[{"gpu/util_pct": 99.0}])
+    f = by_kind(diagnose(cuda_run)[0]).get("precision")
+    assert (f is not None) is flagged
+    assert f is None or "switch to precision.name: bf16-mixed" in f.message
+
+
+@pytest.mark.parametrize("pct, severity", [(0.8, "warning"), (0.1, "info")])
+def test_telemetry_overhead(tmp_path: Path, pct: float, severity: str) -> None:
+    run = healthy(tmp_path, metrics=windows(**{"redline/overhead_pct": pct}))
+    findings = diagnose(run)[0]
+    f = by_kind(findings)["telemetry-overhead"]
+    assert f.severity == severity and f.value == pct and f"{pct:.2f} %" in f.message
+    assert ("ok" in by_kind(findings)) is (severity == "info")
+    if severity == "warning":
+        assert "telemetry.log_every (now 50)" in f.message
+
+
+def test_oom_retries(tmp_path: Path) -> None:
+    events = [{"event": "run_start"},
+              {"event": "micro_batch", "old": 32, "new": 16, "reason": "oom", "step": 3},
+              {"event": "micro_batch", "old": 16, "new": 8, "reason": "oom", "step": 3},
+              {"event": "micro_batch", "old": 8, "new": 12, "reason": "grow", "step": 90},
+              {"event": "checkpoint_saved", "step": 100}]
+    f = by_kind(diagnose(healthy(tmp_path, events=events))[0])["oom-retries"]
+    assert f.severity == "info" and f.value == 2.0
+    assert "2 times" in f.message and "final micro-batch 12" in f.message
+    assert "oom-retries" not in by_kind(diagnose(healthy(tmp_path / "b"))[0])
+
+
+def test_missing_files_and_keys(tmp_path: Path) -> None:
+    # metrics only, with eval rows, a torn last line, and no optional telemetry keys
+    run = make_run(tmp_path, metrics=[{"step": 10, "loss": 1.0},
+                                      {"step": 10, "eval/loss": 0.5, "eval/time_s": 1.0}])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 20, "lo')
+    findings, notes = diagnose(run)
+    assert [f.kind for f in findings] == ["ok"]
+    assert "config.yaml is missing" in notes and "events.jsonl is missing" in notes
+    assert any("data_wait_pct" in n for n in notes)
+    assert any("precision.name" in n for n in notes)
+
+
+def test_eval_rows_only_and_unreadable_config(tmp_path: Path) -> None:
+    run = make_run(tmp_path, metrics=[{"step": 10, "eval/loss": 0.5}])
+    (run / "config.yaml").write_text("train: [unclosed")
+    (run / "environment.json").write_text("[1, 2]")
+    findings, notes = diagnose(run)
+    assert findings == []
+    assert "metrics.jsonl has no training windows" in notes
+    assert any(n.startswith("config.yaml could not be read") for n in notes)
+    assert "environment.json does not hold a mapping" in notes
+
+
+def test_not_a_run_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        diagnose(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a redline run directory"):
+        diagnose(tmp_path / "empty")
+
+
+def test_every_message_is_one_sentence_with_a_number(tmp_path: Path) -> None:
+    cfg = config(**{"precision.name": "fp32", "data.pin_memory": False})
+    rows = windows(data_wait_pct=30.0, mem_pct=12.0, **{"redline/overhead_pct": 0.9})
+    events = [{"event": "micro_batch", "old": 16, "new": 8, "reason": "oom"}]
+    findings, _ = diagnose(healthy(tmp_path, cfg=cfg, env=CUDA, metrics=rows, events=events,
+                                   system=[{"gpu/util_pct": 20.0}]))
+    assert {f.kind for f in findings} == {"input-bound", "memory-headroom", "precision",
+                                          "telemetry-overhead", "oom-retries"}
+    for f in findings:
+        assert re.search(r"\d", f.message), f.message
+        assert f.message.endswith(".") and not re.search(r"\.\s+[A-Z]", f.message), f.message
+
+
+def test_render(tmp_path: Path) -> None:
+    findings, notes = diagnose(healthy(tmp_path, metrics=windows(data_wait_pct=50.0),
+                                       system=None))
+    text = render(findings, notes)
+    lines = text.splitlines()
+    assert len(lines) == len(findings) + len(notes)
+    assert lines[0].startswith("warning") and "input-bound" in lines[0]
+    assert lines[-1] == "note     system.jsonl is missing"
+    assert render([], []) == "no findings"

@@ -1,0 +1,197 @@
+"""FLOPs per step (fake copy first, one real step as fallback), peak FLOP/s, MFU."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from redline.device import DeviceInfo, lookup_peak_flops
+from redline.telemetry import flops as flops_mod
+from redline.telemetry.flops import (
+    analytic_transformer_flops,
+    count_step_flops,
+    measure_step_flops,
+    mfu,
+    peak_flops,
+)
+
+H100 = DeviceInfo(kind="cuda", index=0, name="NVIDIA H100 80GB HBM3", memory_total=80 * 2**30,
+                  capability=(9, 0), supports_bf16=True, supports_tf32=True, supports_fp8=True,
+                  peak_flops=lookup_peak_flops("NVIDIA H100 80GB HBM3"))
+CPU = DeviceInfo(kind="cpu", index=None, name="test cpu", memory_total=2**30)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.2),
+                         nn.BatchNorm1d(128), nn.Linear(128, 10))
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {f"p.{k}": v.detach().clone() for k, v in model.named_parameters()}
+    out |= {f"g.{k}": v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
+    out |= {f"b.{k}": v.clone() for k, v in model.named_buffers()}
+    return out
+
+
+def _assert_same(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+def _ce(model: nn.Module, batch: Any) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+
+
+BATCH = {"x": torch.randn(8, 64), "y": torch.randint(0, 10, (8,)), "note": "kept as is"}
+# Independent count for _mlp at batch 8 (FlopCounterMode: 2 FLOPs per multiply-add; it
+# counts matmuls/convs/attention only, not activations, norms or the loss). Forward: two
+# addmm. Backward: the weight grads of both layers, the input grad of the second only
+# (the batch itself does not require grad).
+MLP_FLOPS = 2 * 8 * (64 * 128 + 128 * 10) + 2 * 8 * (64 * 128 + 128 * 10) + 2 * 8 * 128 * 10
+
+
+def test_linear_matches_flop_counter_conventions() -> None:
+    layer = nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    fwd = 2 * 8 * 64 * 32  # addmm: one multiply-add per (row, in, out)
+    grad_w = 2 * 8 * 64 * 32  # mm(grad_outᵀ, x); the bias grad is a sum, not counted
+    assert count_step_flops(layer, x, lambda m, b: m(b).sum()) == fwd + grad_w == 65536
+    # With an input that requires grad, backward also computes grad_x: 3x the forward.
+    x.requires_grad_(True)
+    assert count_step_flops(layer, x, lambda m, b: m(b).sum()) == 3 * fwd
+
+
+def test_fake_path_counts_without_touching_model_or_rng() -> None:
+    model = _mlp()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)  # existing grads must survive untouched
+    before, rng = _state(model), torch.get_rng_state()
+    counted = measure_step_flops(model, BATCH, _ce)
+    assert counted == (MLP_FLOPS, "fake")
+    _assert_same(before, _state(model))  # incl. BatchNorm running stats and batch count
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_loss_with_randn_without_device_is_counted_and_rng_untouched() -> None:
+    model, rng = _mlp(), torch.get_rng_state()
+    before = _state(model)
+
+    def noisy(m: nn.Module, batch: Any) -> torch.Tensor:
+        return _ce(m, batch) + 1e-3 * torch.randn(3).sum()  # no device=: a CPU tensor
+
+    assert count_step_flops(model, BATCH, noisy) == MLP_FLOPS
+    _assert_same(before, _state(model))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_data_dependent_loss_falls_back_to_one_real_step_on_a_copy() -> None:
+    model = _mlp()
+    before, rng = _state(model), torch.get_rng_state()
+
+    def data_dependent(m: nn.Module, batch: Any) -> torch.Tensor:
+        out = m(batch["x"]) + torch.randn(8, 10)  # consumes the RNG for real
+        scale = 2.0 if out.mean().item() > 0 else 1.0  # .item(): fake tensors cannot answer
+        return scale * nn.functional.cross_entropy(out, batch["y"])
+
+    assert measure_step_flops(model, BATCH, data_dependent) == (MLP_FLOPS, "real")
+    _assert_same(before, _state(model))
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(rng, torch.get_rng_state())  # fork_rng restored the stream
+
+
+def test_uncountable_step_returns_none() -> None:
+    def broken(m: nn.Module, batch: Any) -> torch.Tensor:
+        raise ValueError("not this batch")
+
+    assert count_step_flops(_mlp(), BATCH, broken) is None
+    # Ops the counter does not know (embedding lookups) give 0: reported as unknown.
+    emb = nn.Embedding(100, 16)
+    assert count_step_flops(emb, torch.tensor([1, 2, 3]), lambda m, b: m(b).sum()) is None
+
+
+def test_analytic_transformer_formula() -> None:
+    assert analytic_transformer_flops(1000, 10) == 60_000  # 6·N·T alone
+    # GPT-2 small-ish: N=85M non-embedding, 12 layers, S=1024, d=768, one sequence.
+    n, t, layers, s, d = 85_000_000, 1024, 12, 1024, 768
+    expected = 6 * n * t + 12 * layers * t * s * d
+    assert analytic_transformer_flops(n, t, layers, s, d) == expected
+    assert analytic_transformer_flops(n, t, layers, s, d) / (6 * n * t) == pytest.approx(
+        1 + 2 * layers * s * d / n)
+
+
+def test_mfu_arithmetic() -> None:
+    assert mfu(4 * 10**12, 0.5, 16e12) == pytest.approx(0.5)
+    assert mfu(None, 0.5, 1e12) is None
+    assert mfu(10**12, 0.5, None) is None
+    assert mfu(10**12, 0.0, 1e12) is None
+
+
+def test_peak_override_and_table() -> None:
+    assert peak_flops(H100, "bfloat16", override=5e14) == (5e14, "override")
+    assert peak_flops(H100, "bfloat16") == (989e12, "table")
+    assert peak_flops(H100, "tf32") == (494.5e12, "table")
+    with pytest.raises(ValueError, match="positive"):
+        peak_flops(H100, "bfloat16", override=0.0)
+
+
+def test_peak_unknown_gpu_and_fp8_are_left_empty() -> None:
+    unknown = DeviceInfo(kind="cuda", index=0, name="Some Future GPU", memory_total=None,
+                         peak_flops=lookup_peak_flops("Some Future GPU"))
+    assert peak_flops(unknown, "bfloat16") == (None, "unknown")
+    # The table lists float8 for capability routing, yet MFU for fp8 is never guessed.
+    assert H100.peak_for("float8") is not None
+    assert peak_flops(H100, "float8") == (None, "unknown")
+    assert peak_flops(H100, "float8_e4m3fn") == (None, "unknown")
+    assert peak_flops(CPU, "float8") == (None, "unknown")
+
+
+def test_cpu_peak_is_measured_once_then_read_from_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDLINE_CACHE_DIR", str(tmp_path))
+    rng = torch.get_rng_state()
+    start = time.perf_counter()
+    peak, source = peak_flops(CPU, "float32")  # default cache dir: $REDLINE_CACHE_DIR
+    measured_s = time.perf_counter() - start
+    assert source == "measured" and peak is not None and peak > 1e8
+    assert measured_s < 3.0  # ~0.5 s budget; generous for a loaded CI machine
+    assert torch.equal(rng, torch.get_rng_state())  # random matrices from a private generator
+    files = list(tmp_path.glob("cpu-peak-float32-*.json"))
+    assert len(files) == 1
+    assert json.loads(files[0].read_text())["key"]["threads"] == torch.get_num_threads()
+
+    def no_second_measurement(*args: object, **kwargs: object) -> float:
+        raise AssertionError("measured again instead of reading the cache")
+
+    monkeypatch.setattr(flops_mod, "measure_cpu_matmul_flops", no_second_measurement)
+    start = time.perf_counter()
+    assert peak_flops(CPU, "float32", cache_dir=tmp_path) == (peak, "measured")
+    assert time.perf_counter() - start < 0.5
+
+
+def test_cpu_peak_cache_is_keyed_and_survives_corruption(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    measured: list[torch.dtype] = []
+
+    def fake_measure(device: DeviceInfo, dtype: torch.dtype, budget_s: float = 0.5) -> float:
+        measured.append(dtype)
+        return 1e9 * len(measured)
+
+    monkeypatch.setattr(flops_mod, "measure_cpu_matmul_flops", fake_measure)
+    assert peak_flops(CPU, "bfloat16", cache_dir=tmp_path) == (1e9, "measured")
+    assert peak_flops(CPU, "bfloat16", cache_dir=tmp_path) == (1e9, "measured")
+    assert peak_flops(CPU, "float32", cache_dir=tmp_path) == (2e9, "measured")  # own key
+    assert peak_flops(CPU, "tf32", cache_dir=tmp_path) == (2e9, "measured")  # fp32 on CPU
+    other = DeviceInfo(kind="cpu", index=None, name="another cpu", memory_total=None)
+    assert peak_flops(other, "float32", cache_dir=tmp_path) == (3e9, "measured")
+    for path in tmp_path.glob("cpu-peak-bfloat16-*.json"):
+        path.write_text("{not json")
+    assert peak_flops(CPU, "bfloat16", cache_dir=tmp_path) == (4e9, "measured")
+    assert measured == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
