@@ -41,6 +41,24 @@ def batch_size_of(batch: Any) -> int:
     return sizes.pop()
 
 
+def _first_size(batch: Any) -> int | None:
+    """Dim 0 of the first tensor (or per-sample list) found: the hot path's batch size.
+
+    Whether all the batch's tensors agree is checked by batch_size_of, which the hot path
+    needs only when it actually splits the batch.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() > 0 else None
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(batch, (list, tuple)) and _is_per_sample_list(batch):
+        return len(batch)
+    if isinstance(batch, (Mapping, list, tuple)):
+        for v in values:
+            if (n := _first_size(v)) is not None:
+                return n
+    return None
+
+
 def _leading_sizes(batch: Any) -> list[int]:
     if isinstance(batch, torch.Tensor):
         return [batch.shape[0]] if batch.dim() > 0 else []
@@ -157,7 +175,10 @@ class Engine:
         # Device-side counters, read by whoever logs (never in the hot path).
         device = self._params[0].device if self._params else torch.device("cpu")
         self.grad_norm = torch.zeros((), device=device)
-        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
+        # Counting non-finite steps costs a device op; per step that was ~1.4 % of a 2 ms
+        # step. The norms are kept instead and counted in bulk when someone reads the count.
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self._norms: list[torch.Tensor] = []
         # True while parameters are being updated: a failure then leaves them half-stepped,
         # and the trainer must not checkpoint them.
         self.updating = False
@@ -178,8 +199,12 @@ class Engine:
 
     def _accumulate(self, batch: Any, loss_fn: LossFn, micro: int | None) -> torch.Tensor:
         """Forward and backward over every micro-batch; gradients accumulate in .grad."""
-        n = batch_size_of(batch)
-        chunks = split_batch(batch, micro or n)
+        n = _first_size(batch)
+        if n is None or (micro is not None and micro < n):
+            chunks = split_batch(batch, micro or batch_size_of(batch))  # checks the batch
+            n = sum(m for _, m in chunks)
+        else:
+            chunks = [(batch, n)]
         self.optimizer.zero_grad(set_to_none=True)
         total: torch.Tensor | None = None
         for chunk, m in chunks:
@@ -248,7 +273,9 @@ class Engine:
             else:
                 norm = torch.nn.utils.get_total_norm(grads, foreach=True)
             self.grad_norm = norm.detach()
-            self.nonfinite_steps.add_(~torch.isfinite(self.grad_norm))
+            self._norms.append(self.grad_norm)
+            if len(self._norms) >= 1024:  # nobody is reading: keep the list bounded
+                self._fold()
         if self._fire_opt:
             self.dispatcher.fire(Event.BEFORE_OPTIMIZER_STEP, self.state, self.optimizer)
         self.updating = True
@@ -256,6 +283,18 @@ class Engine:
         if self.scheduler is not None:
             self.scheduler.step()
         self.updating = False
+
+    def _fold(self) -> None:
+        if self._norms:
+            norms = torch.stack(self._norms)
+            self._norms = []
+            self._nonfinite.add_((~torch.isfinite(norms)).sum())
+
+    @property
+    def nonfinite_steps(self) -> torch.Tensor:
+        """Steps whose gradients held inf/NaN (skipped by fp16's scaler), as a device tensor."""
+        self._fold()
+        return self._nonfinite
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -267,7 +306,8 @@ class Engine:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.precision.load_state_dict(dict(state.get("precision", {})))
-        self.nonfinite_steps.fill_(int(state.get("nonfinite_steps", 0)))
+        self._norms = []
+        self._nonfinite.fill_(int(state.get("nonfinite_steps", 0)))
         if self.guard is not None and state.get("guard"):
             self.guard.load_state_dict(state["guard"])
             self.micro_batch_size = self.guard.current

@@ -26,7 +26,8 @@ from redline.telemetry.hub import Hub, Sink
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.metrics import MetricsLogger, WindowContext
 from redline.telemetry.sampler import Sampler
-from redline.telemetry.sinks import make_sinks
+from redline.telemetry.sinks import check_installed, make_sinks
+from redline.telemetry.sinks.process import ProcessSink
 
 
 class TelemetrySession:
@@ -40,27 +41,32 @@ class TelemetrySession:
         self.events = events
         # No mode in the config: W&B's own rule (WANDB_MODE, else online).
         mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
-        sinks: list[Sink] = []
-        for name in cfg.trackers:
+        def failed(name: str, why: str) -> None:
+            events.event("sink_failed", sink=name, reason=why)
+
+        # jsonl and console are cheap and stay here; TensorBoard and W&B, whose writes are
+        # Python-heavy, run in a child process (see sinks/process.py).
+        local = [t for t in cfg.trackers if t in ("jsonl", "console")]
+        remote = [t for t in cfg.trackers if t not in local]
+        sinks: list[Sink] = make_sinks(local, run_dir)
+        if remote:
+            check_installed(remote)  # a tracker asked for but not installed: name the extra
             try:
-                sinks += make_sinks([name], run_dir, wandb_mode=mode,
-                                    wandb_project=cfg.wandb_project,
-                                    wandb_run_id=tracker_run_id, run_name=run_name)
-            except ImportError:
-                raise  # a tracker asked for but not installed: the CLI names the extra
-            except Exception as e:  # cannot start (unreachable server, bad path): go on
-                why = f"{type(e).__name__}: {e}"
-                print(f"redline: telemetry sink {name!r} could not start and is disabled "
-                      f"({why})", file=sys.stderr, flush=True)
-                events.event("sink_failed", sink=name, reason=why)
+                sinks.append(ProcessSink(remote, run_dir, on_failure=failed, wandb_mode=mode,
+                                         wandb_project=cfg.wandb_project,
+                                         wandb_run_id=tracker_run_id, run_name=run_name))
+            except (OSError, RuntimeError) as e:  # the child could not start: go on without
+                for name in remote:
+                    print(f"redline: telemetry sink {name!r} could not start and is disabled "
+                          f"({e})", file=sys.stderr, flush=True)
+                    failed(name, str(e))
         self.tracker_run_id = next((getattr(s, "run_id", None) for s in sinks
                                     if getattr(s, "run_id", None)), None)
         self.progress = Progress(max_steps, interactive=progress) if progress is not False \
             else None
         if self.progress is not None:
             sinks.append(self.progress)
-        self.hub = Hub(sinks, on_sink_failure=lambda name, why: events.event(
-            "sink_failed", sink=name, reason=why))
+        self.hub = Hub(sinks, on_sink_failure=failed)
         self.cfg, self.device, self.compute_dtype = cfg, device, compute_dtype
         self.ctx = WindowContext(samples_per_step=samples_per_step,
                                  device=device.torch_device, memory_total=memory_total)

@@ -14,6 +14,21 @@ from redline.telemetry.hub import Sink
 TRACKERS = ("jsonl", "console", "tensorboard", "wandb")
 
 
+_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def check_installed(trackers: list[str]) -> None:
+    """ImportError naming the extra to install, for a tracker whose package is missing."""
+    import importlib.util
+
+    for tracker in trackers:
+        if tracker in _PACKAGES:
+            module, extra = _PACKAGES[tracker]
+            if importlib.util.find_spec(module) is None:
+                raise ImportError(f"the {tracker} tracker needs {module}: "
+                                  f"pip install 'redline[{extra}]'")
+
+
 def make_sinks(trackers: list[str], run_dir: Path, *, wandb_mode: str = "offline",
                wandb_project: str | None = None, wandb_run_id: str | None = None,
                run_name: str | None = None) -> list[Sink]:

@@ -1,0 +1,377 @@
+"""What per-step logging costs: redline's telemetry against a bare loop and its peers.
+
+    PYTHONPATH=src python bench/overhead.py [--repeats 5] [--steps 200,50] [--threads 1]
+                                            [--small 128x160] [--large 512x176]
+
+Goal: redline with full telemetry (Engine.step + TelemetrySession: jsonl, tensorboard and
+wandb offline, hardware sampler, MFU, log_every=50) within 0.5 % of the bare PyTorch loop,
+median time per optimizer step, on both sizes. Pass/fail is printed as measured.
+
+One process; the same MLP Linear(w,4w)-GELU-Linear(4w,w), pre-made batches (a list, no
+DataLoader), AdamW and clipping at 1.0 everywhere. Variants: the bare loop (zero_grad,
+forward, loss, backward, clip_grad_norm_, step: the floor); Engine.step alone; redline as
+Trainer._loop's body (data-wait clock, move_to, BATCH_START, Engine.step, state, STEP_END
+through a Dispatcher); the floor + wandb run.log of 10 metrics a step; Lightning
+Trainer.fit with self.log of them (on_step=True, logger=False), timed between
+on_train_batch_end hooks; Accelerate (log_with="wandb", accelerator.log every step).
+Each repeat runs every variant for a block of steps, in rotating order; W&B runs, the
+session and Accelerate live across blocks, Lightning runs one fit per block. Warm-up is
+log_every/2 steps, so redline's windows close mid-block and its writer thread finishes
+inside redline's block. Peers' W&B runs keep W&B's defaults (system stats on) except
+console capture. Pick --small/--large so the floor is ~2 ms and ~30 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from redline.config import TelemetryConfig
+from redline.device import DeviceInfo
+from redline.engine import Engine, move_to
+from redline.events import Dispatcher, Event, State
+from redline.telemetry.jsonl import EventLog
+from redline.telemetry.session import TelemetrySession
+
+TRACKERS = ["jsonl", "tensorboard", "wandb"]
+LR, CLIP, LOG_EVERY, GOAL_PCT = 1e-4, 1.0, 50, 0.5
+Batch = tuple[torch.Tensor, torch.Tensor]
+FLOOR, ENGINE, REDLINE = "bare loop (floor)", "Engine.step only", "redline, full telemetry"
+CONTROL = "bare loop again (noise control)"
+WANDB, LIGHTNING, ACCEL = "bare + wandb.log", "Lightning self.log, no logger", "Accelerate + wandb"
+
+
+def _mlp(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+
+def _loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+def _adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, foreach=True)
+
+
+class PerStep:
+    """The 10 metrics a peer's user logs every step; reads loss and grad norm on the host."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.n, self.t, self.ema, self.samples = batch_size, 0.0, 0.0, 0
+        self.log_s, self.last_s, self.calls = 0.0, 0.0, 0
+
+    def log(self, log: Callable[..., Any], i: int, loss: torch.Tensor, gnorm: torch.Tensor,
+            lr: float, **kw: Any) -> None:
+        t = time.perf_counter()
+        log(self(i, loss, gnorm, lr), **kw)
+        self.last_s = time.perf_counter() - t
+        self.log_s, self.calls = self.log_s + self.last_s, self.calls + 1
+
+    def __call__(self, step: int, loss: torch.Tensor, gnorm: torch.Tensor, lr: float
+                 ) -> dict[str, float]:
+        now = time.perf_counter()
+        dt, self.t = (now - self.t if self.t else 0.0), now
+        loss_v, gn = loss.item(), gnorm.item()
+        self.samples += self.n
+        self.ema = 0.98 * self.ema + 0.02 * loss_v
+        return {"loss": loss_v, "loss_ema": self.ema, "grad_norm": gn, "lr": lr,
+                "clip_coef": min(1.0, CLIP / (gn + 1e-6)), "step_time_s": dt,
+                "samples_per_s": self.n / dt if dt else 0.0, "samples": float(self.samples),
+                "epoch": 0.0, "step": float(step)}
+
+
+class Variant:
+    """`block(n)` runs n steps and returns seconds per step."""
+
+    def __init__(self, step: Callable[[], None], close: Callable[[], None] = lambda: None,
+                 per_step: PerStep | None = None) -> None:
+        self.step, self.close, self.per_step, self.steps = step, close, per_step, 0
+        self.sink_s: dict[str, float] = {}  # redline: time in sink writes (writer thread)
+        self.sink_n: dict[str, int] = {}
+
+    def block(self, n: int) -> float:
+        self.steps += n
+        step, t0 = self.step, time.perf_counter()
+        for _ in range(n):
+            step()
+        return (time.perf_counter() - t0) / n
+
+
+def _bare(ref: nn.Module, data: list[Batch], log: Any = None, ps: PerStep | None = None
+          ) -> Variant:
+    model, it = copy.deepcopy(ref), itertools.cycle(data)
+    opt, k = _adamw(model), itertools.count(1)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(model, next(it))
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP, foreach=True)
+        opt.step()
+        if log is not None and ps is not None:
+            ps.log(log, i := next(k), loss, gn, opt.param_groups[0]["lr"], step=i)
+
+    return Variant(step, per_step=ps)
+
+
+def _engine(ref: nn.Module, data: list[Batch]) -> Variant:
+    model, it = copy.deepcopy(ref), itertools.cycle(data)
+    engine = Engine(model, _adamw(model), "fp32", grad_clip=CLIP)
+    return Variant(lambda: engine.step(next(it), _loss))  # type: ignore[arg-type,return-value]
+
+
+def _redline(ref: nn.Module, data: list[Batch], run_dir: Path) -> tuple[Variant, Path]:
+    device, bs = DeviceInfo.detect("cpu"), data[0][0].shape[0]
+    model, it = copy.deepcopy(ref), itertools.cycle(data)
+    opt, events = _adamw(model), EventLog(run_dir / "events.jsonl")
+    cfg = TelemetryConfig(log_every=LOG_EVERY, trackers=TRACKERS, wandb_mode="offline")
+    session = TelemetrySession(cfg, run_dir, device, "float32", None, events,
+                               max_steps=10**9, samples_per_step=bs, memory_total=None,
+                               tracker=lambda: None, progress=False, run_name=run_dir.name)
+    state = State(model=model, optimizer=opt, max_steps=10**9, run_dir=str(run_dir))
+    dispatcher = Dispatcher(session.callbacks)
+    engine = Engine(model, opt, "fp32", grad_clip=CLIP, dispatcher=dispatcher, state=state)
+    (metrics := session.metrics).engine = engine
+    v = Variant(lambda: None)
+    for sink in session.hub.sinks:  # two clock reads per batch, on the writer thread
+        def write(stream: str, recs: list[Any], w: Any = sink.write, n: str = sink.name) -> None:
+            t, key = time.perf_counter(), n if stream == "metrics" else stream
+            w(stream, recs)
+            v.sink_s[key] = v.sink_s.get(key, 0.0) + time.perf_counter() - t
+            v.sink_n[key] = v.sink_n.get(key, 0) + 1
+        sink.write = write  # type: ignore[method-assign]
+    session.count_flops(model, list(zip(*data[0], strict=True)), bs, _loss)  # type: ignore
+    session.start()
+    dispatcher.fire(Event.FIT_START, state)
+    cpu, ended = device.torch_device, [time.perf_counter()]
+
+    def step() -> None:  # Trainer._loop's body, minus the eval/checkpoint checks
+        t = time.perf_counter()
+        batch = next(it)
+        metrics.data_wait_s += time.perf_counter() - t
+        batch = move_to(batch, cpu, False)
+        dispatcher.fire(Event.BATCH_START, state, batch)
+        loss = engine.step(batch, _loss)  # type: ignore[arg-type]
+        state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
+        state.samples_seen += bs
+        dispatcher.fire(Event.STEP_END, state, loss)
+
+    def close() -> None:
+        dispatcher.fire(Event.FIT_END, state)
+        session.close()
+        events.close()
+
+    v.step, v.close, run_block = step, close, v.block
+
+    def block(n: int) -> float:  # other variants' blocks are not window time (like evaluation)
+        metrics._t0 += time.perf_counter() - ended[0]
+        dt = run_block(n)
+        ended[0] = time.perf_counter()
+        return dt
+
+    v.block = block  # type: ignore[method-assign]
+    return v, run_dir / "metrics.jsonl"
+
+
+def _lightning(ref: nn.Module, data: list[Batch], tmp: Path) -> Variant:
+    import lightning.pytorch as pl
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    ps = PerStep(data[0][0].shape[0])
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.stamps = copy.deepcopy(ref), list[float]()
+            self.opt, self.last, self.gn = _adamw(self.net), torch.zeros(()), torch.zeros(())
+
+        def training_step(self, batch: Batch, idx: int) -> torch.Tensor:
+            self.last = _loss(self.net, batch)
+            return self.last
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return self.opt  # one optimizer across fits: its state carries over
+
+        def configure_gradient_clipping(self, *args: Any, **kw: Any) -> None:
+            self.gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), CLIP, foreach=True)
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, idx: int) -> None:
+            ps.log(self.log_all, self.global_step, self.last, self.gn, LR)
+            if idx == 0:  # before the first stamp: not in the timed steps
+                ps.log_s, ps.calls = ps.log_s - ps.last_s, ps.calls - 1
+            self.stamps.append(time.perf_counter())
+
+        def log_all(self, metrics: dict[str, float]) -> None:
+            for k, v in metrics.items():
+                self.log(k, v, on_step=True, on_epoch=False)
+
+    module = Module()
+
+    def block(n: int) -> float:
+        module.stamps = []
+        trainer = pl.Trainer(max_steps=n + 1, accelerator="cpu", devices=1, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, default_root_dir=str(tmp),
+                             num_sanity_val_steps=0, limit_val_batches=0)
+        # an iterator, not a list: Lightning would read a list as several loaders
+        trainer.fit(module, (data[i % len(data)] for i in range(n + 1)))
+        s = module.stamps
+        return (s[-1] - s[0]) / (len(s) - 1)
+
+    v = Variant(lambda: None, per_step=ps)
+    v.block = block  # type: ignore[method-assign]
+    return v
+
+
+def _accelerate(ref: nn.Module, data: list[Batch], tmp: Path) -> Variant:
+    import wandb
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True, log_with="wandb", project_dir=str(tmp))
+    acc.init_trackers("redline-bench", init_kwargs={"wandb": {
+        "dir": str(tmp), "mode": "offline", "name": "accelerate", "reinit": "create_new",
+        "settings": wandb.Settings(console="off")}})
+    model, opt = acc.prepare(net := copy.deepcopy(ref), _adamw(net))
+    it, k, ps = itertools.cycle(data), itertools.count(1), PerStep(data[0][0].shape[0])
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(model, next(it))
+        acc.backward(loss)
+        gn = acc.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        ps.log(acc.log, i := next(k), loss, gn, opt.param_groups[0]["lr"], step=i)
+
+    return Variant(step, acc.end_training, ps)
+
+
+def bench(width: int, bs: int, steps: int, repeats: int, threads: int, tmp: Path
+          ) -> tuple[dict[str, list[float]], dict[str, Variant], list[dict[str, Any]]]:
+    torch.manual_seed(0)
+    ref = _mlp(width)
+    data = [(torch.randn(bs, width), torch.randn(bs, width)) for _ in range(8)]
+    import wandb
+    run = wandb.init(dir=str(tmp), mode="offline", project="redline-bench", name="bare",
+                     reinit="create_new", settings=wandb.Settings(console="off"))
+    redline, metrics_path = _redline(ref, data, tmp / f"redline-{width}x{bs}")
+    # A second, identical floor: how far two equal loops drift apart is the noise level.
+    variants = {FLOOR: _bare(ref, data), CONTROL: _bare(ref, data), ENGINE: _engine(ref, data),
+                REDLINE: redline,
+                WANDB: _bare(ref, data, run.log, PerStep(bs)),
+                LIGHTNING: _lightning(ref, data, tmp), ACCEL: _accelerate(ref, data, tmp)}
+    names = list(variants)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for v in variants.values():  # warm-up; redline's windows then close mid-block
+        torch.set_num_threads(threads)
+        v.block(LOG_EVERY // 2)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            torch.set_num_threads(threads)  # in case a framework changed it
+            times[name].append(variants[name].block(steps))
+    for v in variants.values():
+        v.close()
+    run.finish()
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    return times, variants, [r for r in records if "redline/overhead_pct" in r]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", default="200,50", help="steps per block: SMALL,LARGE")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--small", default="128x160", help="WIDTHxBATCH, floor ~2 ms")
+    p.add_argument("--large", default="512x176", help="WIDTHxBATCH, floor ~30 ms")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="redline-overhead-",
+                                     ignore_cleanup_errors=True) as tmp:
+        run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp))
+    torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("highest")  # what redline's fp32 policy pins
+    import accelerate
+    import lightning
+    import wandb
+    steps = [int(s) for s in (args.steps.split(",") * 2)[:2]]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), platform.processor())
+    print(f"{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; Python "
+          f"{platform.python_version()}, torch {torch.__version__}, lightning "
+          f"{lightning.__version__}, accelerate {accelerate.__version__}, wandb "
+          f"{wandb.__version__}; {args.threads} thread(s), {args.repeats} repeats x "
+          f"{steps[0]}/{steps[1]} steps, interleaved", flush=True)
+    t_start, rows, notes = time.perf_counter(), [], []
+    why: dict[str, list[str]] = {k: [] for k in (ENGINE, REDLINE, WANDB, LIGHTNING, ACCEL)}
+    for size, n in zip((args.small, args.large), steps, strict=True):
+        width, bs = (int(x) for x in size.split("x"))
+        label = f"MLP {width}, batch {bs}"
+        times, variants, recs = bench(width, bs, n, args.repeats, args.threads, tmp)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        floor = med[FLOOR]
+        for name, ts in times.items():
+            rows.append(f"| {label} | {name} | {med[name] * 1e3:.3f} | {min(ts) * 1e3:.3f}.."
+                        f"{max(ts) * 1e3:.3f} | {med[name] / floor:.3f}x |")
+        ext = 100 * (med[REDLINE] / floor - 1)
+        pct = statistics.median([r["redline/overhead_pct"] for r in recs[1:-1]]
+                                or [r["redline/overhead_pct"] for r in recs])
+        mfu = [r["mfu"] for r in recs if r.get("mfu") is not None]
+        noise = 100 * abs(med[CONTROL] / floor - 1)
+        verdict = ("PASS" if ext <= GOAL_PCT else
+                   "not resolved: within the noise" if ext <= noise else "FAIL")
+        notes.append(f"- {label}: redline/overhead_pct (self-reported, median of "
+                     f"{max(1, len(recs) - 2)} windows) {pct:.3f} %; measured from outside "
+                     f"{ext:+.2f} % (noise: two identical floors differ by {noise:.2f} %) -> "
+                     f"{verdict}" + (f" (MFU {statistics.median(mfu):.3f})" if mfu else ""))
+        us = {k: (med[k] - floor) * 1e6 for k in med}
+        red = variants[REDLINE]
+        sinks = ", ".join(f"{k} {t / red.steps * 1e6:.1f}" for k, t in red.sink_s.items()
+                          if k != "system")
+        system = red.sink_s.get("system", 0.0) / max(1, red.sink_n.get("system", 0)) * len(TRACKERS)
+        why[ENGINE].append(f"{us[ENGINE]:+.0f} us")
+        why[REDLINE].append(f"{us[REDLINE] - us[ENGINE]:+.0f} us over Engine.step; "
+                            f"on_step_end {pct / 100 * med[REDLINE] * 1e6:.1f} us; sink writes "
+                            f"{sinks} us (system samples: {system * 1e3:.2f} ms a batch)")
+        for k in (WANDB, LIGHTNING, ACCEL):
+            ps = variants[k].per_step or PerStep(1)
+            why[k].append(f"{us[k]:+.0f} us, {ps.log_s / max(1, ps.calls) * 1e6:.0f} us logging")
+    print("\n| model | variant | median ms/step | spread (min..max) | vs floor |\n"
+          "|---|---|---|---|---|\n" + "\n".join(rows))
+    print(f"\nredline's goal: within {GOAL_PCT} % of the floor (median), both sizes.")
+    print("\n".join(notes))
+    print("\nWhere the extra time per step goes (median minus floor, per step; small | large):")
+    for k, text in (
+        (ENGINE, "batch-size lookup and precision hooks (the per-step non-finite counter "
+                 "is now counted once per window); differences below ~1 % are noise here"),
+        (REDLINE, "loop body, window closes in on_step_end, and the writer thread's JSONL "
+                  "and pipe writes (TensorBoard and W&B run in a child process), which hold "
+                  "the GIL while they run"),
+        (WANDB, "two .item() reads and run.log on the training thread"),
+        (LIGHTNING, ".item() + 10 self.log calls; the rest: Lightning's loop, hooks, closure"),
+        (ACCEL, ".item() + accelerator.log; the rest: optimizer wrapper, accelerate's clip"),
+    ):
+        print(f"- {k}: {' | '.join(why[k])}: {text}.")
+    print(f"\nload {os.getloadavg()[0]:.2f} at the end; total {time.perf_counter() - t_start:.0f}"
+          " s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
