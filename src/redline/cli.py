@@ -167,9 +167,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch, status("tune") as say:
         result = autobatch(task, config, device, cache_dir=scratch if args.no_cache else None,
                            progress=say)
-    t = config.train
-    t.batch_size, t.effective_batch_size = result.chosen, result.effective_batch_size
-    t.lr, t.eval_batch_size = result.lr, result.eval_batch_size
+    result.apply(config.train)
     out = Path(args.output or f"{task.name}-tuned.yaml")
     out.write_text(config.to_yaml())
     if args.json:

@@ -288,8 +288,7 @@ class Trainer:
             return {"source": str(saved), "micro_batch": t.batch_size}
         with status("autobatch", interactive=self.progress) as say:
             r = autobatch(self.task, self.config, self.device, progress=say)
-        t.batch_size, t.effective_batch_size = r.chosen, r.effective_batch_size
-        t.lr, t.eval_batch_size = r.lr, r.eval_batch_size or t.eval_batch_size
+        r.apply(t)
         return {"micro_batch": r.chosen, "max_fit": r.max_fit,
                 "accumulation_steps": r.accumulation_steps,
                 "effective_batch_size": r.effective_batch_size, "lr": r.lr,

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from redline.config import ConfigError, RunConfig
+from redline.config import ConfigError, RunConfig, TrainConfig
 from redline.device import DeviceInfo
 from redline.engine import Engine, build_optimizer, move_to
 from redline.memory.probe import MemoryBudget, live_tensor_bytes, measure_peak
@@ -76,6 +76,12 @@ class AutobatchResult:
     @property
     def fastest(self) -> int:
         return self.chosen
+
+    def apply(self, train: TrainConfig) -> None:
+        """Write the tuned micro-batch, effective batch, lr and eval batch into `train`."""
+        train.batch_size, train.effective_batch_size = self.chosen, self.effective_batch_size
+        train.lr = self.lr
+        train.eval_batch_size = self.eval_batch_size or train.eval_batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
