@@ -46,10 +46,6 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield order[b * self.batch_size:(b + 1) * self.batch_size]
 
 
-def batches_per_epoch(dataset: Dataset, batch_size: int) -> int:
-    return len(dataset) // batch_size  # type: ignore[arg-type]
-
-
 def loader_options(cfg: DataConfig, device_kind: str) -> dict[str, Any]:
     """DataLoader keyword arguments with the 'auto' settings resolved for this machine."""
     workers = cfg.num_workers

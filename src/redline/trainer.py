@@ -220,7 +220,8 @@ class Trainer:
                            device=self.device.name, resumed_from=resumed)
         last_saved: Path | None = None
         try:
-            self.telemetry.count_flops(self.step_model, self.train_set, micro, self.task.loss)
+            self.telemetry.count_flops(self.step_model, self.train_set, micro, self.task.loss,
+                                       getattr(self.task, "flops_per_sample", None))
             self.telemetry.start()
             with self.precision.global_context(), Signals() as signals, \
                     self._budget() as self.budget:

@@ -86,3 +86,16 @@ def test_window_records_hold_the_promised_metrics(tmp_path: Path) -> None:
     assert events["flops"] == 1  # counted once, at start
     system = read_jsonl(tmp_path / "r" / "system.jsonl")
     assert system and "proc/rss_bytes" in system[0]
+
+
+def test_a_task_can_declare_its_flops(tmp_path: Path) -> None:
+    from tests.tasks.toy import ToyRegression
+
+    class Declared(ToyRegression):
+        def flops_per_sample(self) -> float:
+            return 1000.0  # e.g. from analytic_transformer_flops for a sequence model
+
+    config = load_config(None, ["train.steps=4", "train.eval_every=0"])
+    Trainer(config, task=Declared(), run_dir=tmp_path / "r", progress=False).fit()
+    flops = [e for e in read_jsonl(tmp_path / "r" / "events.jsonl") if e["event"] == "flops"]
+    assert flops[0]["flops_per_step"] == 16_000  # 1000 per sample x 16 samples per step

@@ -22,19 +22,6 @@ def format_record(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-class ConsoleSink:
-    """The `console` tracker: one line per logged window on stderr."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-
-    def log_metrics(self, record: dict[str, Any]) -> None:
-        print(format_record(record), file=self.stream, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
 class Progress(Callback):
     """A rich progress bar (samples/s, ETA, loss, MFU, memory) on a terminal; plain lines
     otherwise.

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from redline.events import Callback, State
+from redline.telemetry.flops import mfu
 
 Publish = Callable[[str, dict[str, Any], bool], None]
 
@@ -141,9 +142,7 @@ class MetricsLogger(Callback):
         r.update({"loss": loss_sum / steps, "grad_norm": grad_norm,
                   "skipped_steps": int(nonfinite), "step_time_s": step_time,
                   "samples_per_s": self.ctx.samples_per_step / step_time if step_time else None})
-        flops = self.ctx.flops_per_step
-        r["mfu"] = (flops / step_time / self.ctx.peak_flops
-                    if flops and self.ctx.peak_flops and step_time else None)
+        r["mfu"] = mfu(self.ctx.flops_per_step, step_time, self.ctx.peak_flops)
         r["peak_flops"] = self.ctx.peak_flops
         r["time"] = round(time.time(), 3)
         self.last = r

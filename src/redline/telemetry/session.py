@@ -83,16 +83,25 @@ class TelemetrySession:
         return [self.metrics, *([self.progress] if self.progress else [])]
 
     def count_flops(self, model: torch.nn.Module, dataset: Dataset, micro_batch: int,
-                    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]) -> None:
-        """FLOPs of one optimizer step, counted once, and the peak MFU is measured against."""
+                    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+                    flops_per_sample: Callable[[], float] | None = None) -> None:
+        """FLOPs of one optimizer step, counted once, and the peak MFU is measured against.
+
+        A task that declares `flops_per_sample()` (e.g. from analytic_transformer_flops,
+        for sequence models whose shapes vary) is taken at its word; otherwise the first
+        micro-batch's forward and backward are counted on fake tensors.
+        """
         peak, source = peak_flops(self.device, self.compute_dtype, self.cfg.peak_flops)
         self.ctx.peak_flops, self.ctx.peak_source = peak, source
-        n = min(micro_batch, len(dataset))  # type: ignore[arg-type]
-        batch = move_to(default_collate([dataset[i] for i in range(n)]),
-                        self.device.torch_device)
-        flops = count_step_flops(model, batch, loss_fn)
-        if flops:
-            self.ctx.flops_per_step = int(flops * self.ctx.samples_per_step / n)
+        if flops_per_sample is not None:
+            self.ctx.flops_per_step = int(flops_per_sample() * self.ctx.samples_per_step)
+        else:
+            n = min(micro_batch, len(dataset))  # type: ignore[arg-type]
+            batch = move_to(default_collate([dataset[i] for i in range(n)]),
+                            self.device.torch_device)
+            flops = count_step_flops(model, batch, loss_fn)
+            if flops:
+                self.ctx.flops_per_step = int(flops * self.ctx.samples_per_step / n)
         self.events.event("flops", flops_per_step=self.ctx.flops_per_step,
                           peak_flops=peak, peak_source=source, dtype=self.compute_dtype)
 
