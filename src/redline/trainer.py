@@ -85,6 +85,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(task.name)
         self.resume = resume
         self.user_callbacks = list(callbacks)
+        self.budget: MemoryBudget | None = None  # the active memory.budget, during fit
         self.progress = progress
 
     # ---- set-up -------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class Trainer:
                            max_steps=self.max_steps, run_dir=str(self.run_dir))
 
     def _telemetry(self, tracker_run_id: str | None) -> TelemetrySession:
-        tracker = lambda: getattr(getattr(self, "budget", None), "tracker", None)  # noqa: E731
+        tracker = lambda: getattr(self.budget, "tracker", None)  # noqa: E731
         return TelemetrySession(
             self.config.telemetry, self.run_dir, self.device,
             self.precision.compute_dtype_name, None, self.events, max_steps=self.max_steps,

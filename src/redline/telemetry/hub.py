@@ -18,6 +18,12 @@ from typing import Any, Protocol
 STREAMS = ("metrics", "system")
 
 
+def report_sink_failure(name: str, why: str) -> None:
+    """The one sentence a failed sink gets on stderr (once: the sink is then disabled)."""
+    print(f"redline: telemetry sink {name!r} failed and is disabled ({why})",
+          file=sys.stderr, flush=True)
+
+
 class Sink(Protocol):
     """Where telemetry goes. `write` runs on the hub's writer thread, never on training's."""
 
@@ -39,7 +45,7 @@ class Hub:
         self._wake = threading.Event()
         self._stop = False
         self._flush_every_s = flush_every_s
-        self._on_failure = on_sink_failure
+        self._on_failure = on_sink_failure or report_sink_failure
         self._idle = threading.Condition()
         self._requested = 0  # flush tickets handed out
         self._done = 0  # tickets whose records have been written
@@ -101,7 +107,4 @@ class Hub:
         except Exception as e:  # a broken sink must never stop training
             reason = f"{type(e).__name__}: {e}"
             self.failed[sink.name] = reason
-            print(f"redline: telemetry sink {sink.name!r} failed and is disabled ({reason})",
-                  file=sys.stderr, flush=True)
-            if self._on_failure is not None:
-                self._on_failure(sink.name, reason)
+            self._on_failure(sink.name, reason)

@@ -131,14 +131,12 @@ class MetricsLogger(Callback):
             self.host_syncs += 1
         loss_sum, grad_norm, nonfinite = p.values.tolist()
         r = p.record
-        steps = r.pop("window_steps")
-        wall = r.pop("wall_s")
+        steps, wall, paused = r.pop("window_steps"), r.pop("wall_s"), r.pop("paused")
         # Device time between boundary events, unless evaluation or a checkpoint ran in
         # between: then the host clock, from which their time was taken out.
-        timed_on_device = p.event is not None and p.start_event is not None
-        step_time = (p.start_event.elapsed_time(p.event) / 1000.0 / steps
-                     if timed_on_device and not r.pop("paused") else wall / steps)
-        r.pop("paused", None)
+        on_device = p.event is not None and p.start_event is not None and not paused
+        step_time = (p.start_event.elapsed_time(p.event) / 1000.0 / steps if on_device
+                     else wall / steps)
         r.update({"loss": loss_sum / steps, "grad_norm": grad_norm,
                   "skipped_steps": int(nonfinite), "step_time_s": step_time,
                   "samples_per_s": self.ctx.samples_per_step / step_time if step_time else None})

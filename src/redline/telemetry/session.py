@@ -8,7 +8,6 @@ hardware sampler), so the training thread does as little as possible.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from redline.engine import move_to
 from redline.events import Callback
 from redline.telemetry.console import Progress
 from redline.telemetry.flops import count_step_flops, peak_flops
-from redline.telemetry.hub import Hub, Sink
+from redline.telemetry.hub import Hub, Sink, report_sink_failure
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.metrics import MetricsLogger, WindowContext
 from redline.telemetry.sampler import Sampler
@@ -41,7 +40,9 @@ class TelemetrySession:
         self.events = events
         # No mode in the config: W&B's own rule (WANDB_MODE, else online).
         mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
-        def failed(name: str, why: str) -> None:
+
+        def failed(name: str, why: str) -> None:  # every sink failure: one line, one event
+            report_sink_failure(name, why)
             events.event("sink_failed", sink=name, reason=why)
 
         # jsonl and console are cheap and stay here; TensorBoard and W&B, whose writes are
@@ -57,9 +58,7 @@ class TelemetrySession:
                                          wandb_run_id=tracker_run_id, run_name=run_name))
             except (OSError, RuntimeError) as e:  # the child could not start: go on without
                 for name in remote:
-                    print(f"redline: telemetry sink {name!r} could not start and is disabled "
-                          f"({e})", file=sys.stderr, flush=True)
-                    failed(name, str(e))
+                    failed(name, f"could not start: {e}")
         self.tracker_run_id = next((getattr(s, "run_id", None) for s in sinks
                                     if getattr(s, "run_id", None)), None)
         self.progress = Progress(max_steps, interactive=progress) if progress is not False \
@@ -113,9 +112,6 @@ class TelemetrySession:
     def close(self) -> None:
         self.sampler.stop()
         self.hub.close()
-        if self.hub.failed:
-            print("redline: telemetry sinks disabled during the run: "
-                  + ", ".join(self.hub.failed), file=sys.stderr)
 
 
 def _memory_probe(device: DeviceInfo, total: int | None, tracker: Callable[[], Any]

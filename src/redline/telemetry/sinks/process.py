@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from redline.telemetry.hub import report_sink_failure
+
 
 class ProcessSink:
     """One hub sink that forwards every batch to sinks living in a child process."""
@@ -35,7 +37,7 @@ class ProcessSink:
                  start_timeout_s: float = 180.0, **options: Any) -> None:
         self.names = list(names)
         self.run_ids: dict[str, str | None] = {}
-        self._on_failure = on_failure
+        self._on_failure = on_failure or report_sink_failure
         self._ready, self._closed = threading.Event(), threading.Event()
         spec = json.dumps({"names": self.names, "run_dir": str(run_dir), "options": options})
         self._proc = subprocess.Popen([sys.executable, "-m", __name__, spec],
@@ -73,11 +75,7 @@ class ProcessSink:
         for line in self._proc.stdout:
             message = json.loads(line)
             if "failed" in message:
-                name, why = message["failed"]
-                print(f"redline: telemetry sink {name!r} failed and is disabled ({why})",
-                      file=sys.stderr, flush=True)
-                if self._on_failure is not None:
-                    self._on_failure(name, why)
+                self._on_failure(*message["failed"])
             elif "ready" in message:
                 self.run_ids = message["ready"]
                 self._ready.set()
