@@ -104,7 +104,7 @@ def main() -> int:
         logger = MetricsLogger(5, WindowContext(samples_per_step=64, device=info.torch_device,
                                                 flops_per_step=10**9,
                                                 peak_flops=info.peak_for("bfloat16")),
-                               lambda stream, r, wake: records.append(r), engine)
+                               lambda stream, r: records.append(r), engine)
         dispatcher = Dispatcher([logger])
         with policy.global_context():
             engine.step((x, y), _loss)  # warm-up outside the check

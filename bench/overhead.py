@@ -1,33 +1,39 @@
 """What per-step logging costs: redline's telemetry against a bare loop and its peers.
 
-    PYTHONPATH=src python bench/overhead.py [--repeats 5] [--steps 200,50] [--threads 1]
+    PYTHONPATH=src python bench/overhead.py [--repeats 61,21] [--steps 50,50] [--threads 1]
                                             [--small 128x160] [--large 512x176]
 
-Goal: redline with full telemetry (Engine.step + TelemetrySession: jsonl, tensorboard and
-wandb offline, hardware sampler, MFU, log_every=50) within 0.5 % of the bare PyTorch loop,
-median time per optimizer step, on both sizes. Pass/fail is printed as measured.
+Goal: redline as `redline train` runs it, with full telemetry (Engine.step with the OOM
+guard on + TelemetrySession: jsonl, tensorboard and wandb offline, hardware sampler,
+MFU, log_every=50) within 0.5 % of the bare PyTorch loop, on both sizes. Pass/fail is
+printed as measured.
 
-One process; the same MLP Linear(w,4w)-GELU-Linear(4w,w), pre-made batches (a list, no
-DataLoader), AdamW and clipping at 1.0 everywhere. Variants: the bare loop (zero_grad,
-forward, loss, backward, clip_grad_norm_, step: the floor); Engine.step alone; redline as
-Trainer._loop's body (data-wait clock, move_to, BATCH_START, Engine.step, state, STEP_END
-through a Dispatcher); the floor + wandb run.log of 10 metrics a step; Lightning
-Trainer.fit with self.log of them (on_step=True, logger=False), timed between
-on_train_batch_end hooks; Accelerate (log_with="wandb", accelerator.log every step).
-Each repeat runs every variant for a block of steps, in rotating order; W&B runs, the
-session and Accelerate live across blocks, Lightning runs one fit per block. Warm-up is
-log_every/2 steps, so redline's windows close mid-block and its writer thread finishes
-inside redline's block. Peers' W&B runs keep W&B's defaults (system stats on) except
-console capture. Pick --small/--large so the floor is ~2 ms and ~30 ms.
+One process; one MLP Linear(w,4w)-GELU-Linear(4w,w) and one AdamW (clipping at 1.0) that
+every variant steps in turn, pre-made batches (a list, no DataLoader). Variants: the bare
+loop (zero_grad, forward, loss, backward, clip_grad_norm_, step: the floor) and an
+identical copy of it (the noise control); Engine.step alone; redline as Trainer._loop's
+body (data-wait clock, move_to, BATCH_START, Engine.step, state, STEP_END through a
+Dispatcher); the floor + wandb run.log of 10 metrics a step; Lightning Trainer.fit with
+self.log of them (on_step=True, logger=False), timed between on_train_batch_end hooks;
+Accelerate (log_with="wandb", accelerator.log every step).
+
+Each repeat runs every variant for a block of steps, in rotating order; a variant's cost
+is the median over repeats of its block time divided by the floor's block time in the
+same repeat (paired: the machine's drift cancels), with a distribution-free 95 %
+confidence interval. W&B runs, the session and Accelerate live across blocks, Lightning
+runs one fit per block. Warm-up is log_every/2 steps and blocks are a multiple of
+log_every, so every redline block closes a window mid-block and its writer thread
+finishes inside redline's block. Peers' W&B runs keep W&B's defaults (system stats on)
+except console capture. Pick --small/--large so the floor is ~2 ms and ~30 ms.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -39,11 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import track
 from torch import nn
 
 from redline.config import TelemetryConfig
 from redline.device import DeviceInfo
-from redline.engine import Engine, move_to
+from redline.engine import Engine
 from redline.events import Dispatcher, Event, State
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.session import TelemetrySession
@@ -112,10 +119,9 @@ class Variant:
         return (time.perf_counter() - t0) / n
 
 
-def _bare(ref: nn.Module, data: list[Batch], log: Any = None, ps: PerStep | None = None
-          ) -> Variant:
-    model, it = copy.deepcopy(ref), itertools.cycle(data)
-    opt, k = _adamw(model), itertools.count(1)
+def _bare(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], log: Any = None,
+          ps: PerStep | None = None) -> Variant:
+    it, k = itertools.cycle(data), itertools.count(1)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -129,47 +135,54 @@ def _bare(ref: nn.Module, data: list[Batch], log: Any = None, ps: PerStep | None
     return Variant(step, per_step=ps)
 
 
-def _engine(ref: nn.Module, data: list[Batch]) -> Variant:
-    model, it = copy.deepcopy(ref), itertools.cycle(data)
-    engine = Engine(model, _adamw(model), "fp32", grad_clip=CLIP)
+def _engine(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch]) -> Variant:
+    it = itertools.cycle(data)
+    engine = Engine(model, opt, "fp32", grad_clip=CLIP)
     return Variant(lambda: engine.step(next(it), _loss))  # type: ignore[arg-type,return-value]
 
 
-def _redline(ref: nn.Module, data: list[Batch], run_dir: Path) -> tuple[Variant, Path]:
+def _redline(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], run_dir: Path
+             ) -> tuple[Variant, Path]:
     device, bs = DeviceInfo.detect("cpu"), data[0][0].shape[0]
-    model, it = copy.deepcopy(ref), itertools.cycle(data)
-    opt, events = _adamw(model), EventLog(run_dir / "events.jsonl")
+    it, events = itertools.cycle(data), EventLog(run_dir / "events.jsonl")
     cfg = TelemetryConfig(log_every=LOG_EVERY, trackers=TRACKERS, wandb_mode="offline")
     session = TelemetrySession(cfg, run_dir, device, "float32", None, events,
                                max_steps=10**9, samples_per_step=bs, memory_total=None,
                                tracker=lambda: None, progress=False, run_name=run_dir.name)
     state = State(model=model, optimizer=opt, max_steps=10**9, run_dir=str(run_dir))
     dispatcher = Dispatcher(session.callbacks)
-    engine = Engine(model, opt, "fp32", grad_clip=CLIP, dispatcher=dispatcher, state=state)
+    # as `redline train` runs it: the OOM guard on, its micro-batch the whole batch
+    engine = Engine(model, opt, "fp32", grad_clip=CLIP, dispatcher=dispatcher, state=state,
+                    micro_batch_size=bs, oom_guard=True)
     (metrics := session.metrics).engine = engine
     v = Variant(lambda: None)
-    for sink in session.hub.sinks:  # two clock reads per batch, on the writer thread
-        def write(stream: str, recs: list[Any], w: Any = sink.write, n: str = sink.name) -> None:
-            t, key = time.perf_counter(), n if stream == "metrics" else stream
-            w(stream, recs)
-            v.sink_s[key] = v.sink_s.get(key, 0.0) + time.perf_counter() - t
-            v.sink_n[key] = v.sink_n.get(key, 0) + 1
-        sink.write = write  # type: ignore[method-assign]
-    session.count_flops(model, list(zip(*data[0], strict=True)), bs, _loss)  # type: ignore
-    session.start()
-    dispatcher.fire(Event.FIT_START, state)
-    cpu, ended = device.torch_device, [time.perf_counter()]
+    publish = session.hub.publish  # timed: the training thread's one hand-off per window
 
-    def step() -> None:  # Trainer._loop's body, minus the eval/checkpoint checks
+    def timed(stream: str, record: dict[str, Any]) -> None:
+        t = time.perf_counter()
+        publish(stream, record)
+        v.sink_s[stream] = v.sink_s.get(stream, 0.0) + time.perf_counter() - t
+        v.sink_n[stream] = v.sink_n.get(stream, 0) + 1
+
+    session.hub.publish = timed  # type: ignore[method-assign]
+    session.count_flops(model, list(zip(*data[0], strict=True)), bs, _loss)  # type: ignore
+    dispatcher.fire(Event.FIT_START, state)
+    ended = [time.perf_counter()]
+    on_batch_start = dispatcher.table[Event.BATCH_START]
+    on_step_end = dispatcher.table[Event.STEP_END]
+
+    def step() -> None:  # Trainer._loop's body on CPU, minus the eval/checkpoint checks
         t = time.perf_counter()
         batch = next(it)
         metrics.data_wait_s += time.perf_counter() - t
-        batch = move_to(batch, cpu, False)
-        dispatcher.fire(Event.BATCH_START, state, batch)
+        for handler in on_batch_start:
+            handler(state, batch)
         loss = engine.step(batch, _loss)  # type: ignore[arg-type]
-        state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
+        state.step += 1
+        state.batch_in_epoch += 1
         state.samples_seen += bs
-        dispatcher.fire(Event.STEP_END, state, loss)
+        for handler in on_step_end:
+            handler(state, loss)
 
     def close() -> None:
         dispatcher.fire(Event.FIT_END, state)
@@ -188,7 +201,8 @@ def _redline(ref: nn.Module, data: list[Batch], run_dir: Path) -> tuple[Variant,
     return v, run_dir / "metrics.jsonl"
 
 
-def _lightning(ref: nn.Module, data: list[Batch], tmp: Path) -> Variant:
+def _lightning(net: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], tmp: Path
+               ) -> Variant:
     import lightning.pytorch as pl
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -198,8 +212,8 @@ def _lightning(ref: nn.Module, data: list[Batch], tmp: Path) -> Variant:
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net, self.stamps = copy.deepcopy(ref), list[float]()
-            self.opt, self.last, self.gn = _adamw(self.net), torch.zeros(()), torch.zeros(())
+            self.net, self.stamps = net, list[float]()
+            self.opt, self.last, self.gn = opt, torch.zeros(()), torch.zeros(())
 
         def training_step(self, batch: Batch, idx: int) -> torch.Tensor:
             self.last = _loss(self.net, batch)
@@ -239,7 +253,8 @@ def _lightning(ref: nn.Module, data: list[Batch], tmp: Path) -> Variant:
     return v
 
 
-def _accelerate(ref: nn.Module, data: list[Batch], tmp: Path) -> Variant:
+def _accelerate(net: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], tmp: Path
+                ) -> Variant:
     import wandb
     from accelerate import Accelerator
 
@@ -247,7 +262,7 @@ def _accelerate(ref: nn.Module, data: list[Batch], tmp: Path) -> Variant:
     acc.init_trackers("redline-bench", init_kwargs={"wandb": {
         "dir": str(tmp), "mode": "offline", "name": "accelerate", "reinit": "create_new",
         "settings": wandb.Settings(console="off")}})
-    model, opt = acc.prepare(net := copy.deepcopy(ref), _adamw(net))
+    model, opt = acc.prepare(net, opt)
     it, k, ps = itertools.cycle(data), itertools.count(1), PerStep(data[0][0].shape[0])
 
     def step() -> None:
@@ -264,23 +279,27 @@ def _accelerate(ref: nn.Module, data: list[Batch], tmp: Path) -> Variant:
 def bench(width: int, bs: int, steps: int, repeats: int, threads: int, tmp: Path
           ) -> tuple[dict[str, list[float]], dict[str, Variant], list[dict[str, Any]]]:
     torch.manual_seed(0)
-    ref = _mlp(width)
+    # One model and one optimizer that every variant steps in turn: the same tensors at
+    # the same addresses, so no variant is faster for where its memory happens to lie
+    # (separate copies made two identical loops differ by up to 1.5 %).
+    net = _mlp(width)
+    opt = _adamw(net)
     data = [(torch.randn(bs, width), torch.randn(bs, width)) for _ in range(8)]
     import wandb
     run = wandb.init(dir=str(tmp), mode="offline", project="redline-bench", name="bare",
                      reinit="create_new", settings=wandb.Settings(console="off"))
-    redline, metrics_path = _redline(ref, data, tmp / f"redline-{width}x{bs}")
+    redline, metrics_path = _redline(net, opt, data, tmp / f"redline-{width}x{bs}")
     # A second, identical floor: how far two equal loops drift apart is the noise level.
-    variants = {FLOOR: _bare(ref, data), CONTROL: _bare(ref, data), ENGINE: _engine(ref, data),
-                REDLINE: redline,
-                WANDB: _bare(ref, data, run.log, PerStep(bs)),
-                LIGHTNING: _lightning(ref, data, tmp), ACCEL: _accelerate(ref, data, tmp)}
+    variants = {FLOOR: _bare(net, opt, data), CONTROL: _bare(net, opt, data),
+                ENGINE: _engine(net, opt, data), REDLINE: redline,
+                WANDB: _bare(net, opt, data, run.log, PerStep(bs)),
+                LIGHTNING: _lightning(net, opt, data, tmp), ACCEL: _accelerate(net, opt, data, tmp)}
     names = list(variants)
     times: dict[str, list[float]] = {k: [] for k in names}
     for v in variants.values():  # warm-up; redline's windows then close mid-block
         torch.set_num_threads(threads)
         v.block(LOG_EVERY // 2)
-    for r in range(repeats):
+    for r in track(range(repeats), description=f"MLP {width}, batch {bs}", transient=True):
         for name in names[r % len(names):] + names[:r % len(names)]:
             torch.set_num_threads(threads)  # in case a framework changed it
             times[name].append(variants[name].block(steps))
@@ -291,10 +310,25 @@ def bench(width: int, bs: int, steps: int, repeats: int, threads: int, tmp: Path
     return times, variants, [r for r in records if "redline/overhead_pct" in r]
 
 
+def paired(times: dict[str, list[float]], name: str) -> tuple[float, float, float]:
+    """Median of the per-repeat ratios name/floor, with a 95 % confidence interval.
+
+    Each repeat runs every variant once, close together in time, so a ratio within one
+    repeat cancels the machine's slow drift. The interval is distribution-free: the order
+    statistics around the median that a Binomial(n, 1/2) puts 95 % of the mass between.
+    """
+    ratios = sorted(t / f for t, f in zip(times[name], times[FLOOR], strict=True))
+    n = len(ratios)
+    half = 0.98 * math.sqrt(n)  # 1.96 standard deviations of Binomial(n, 1/2)
+    lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return statistics.median(ratios), ratios[lo], ratios[hi]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", default="200,50", help="steps per block: SMALL,LARGE")
+    p.add_argument("--repeats", default="61,21", help="repeats: SMALL,LARGE (or one)")
+    p.add_argument("--steps", default="50,50",
+                   help="steps per block: SMALL,LARGE; a multiple of log_every (50)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--small", default="128x160", help="WIDTHxBATCH, floor ~2 ms")
     p.add_argument("--large", default="512x176", help="WIDTHxBATCH, floor ~30 ms")
@@ -312,58 +346,60 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     import lightning
     import wandb
     steps = [int(s) for s in (args.steps.split(",") * 2)[:2]]
+    repeats = [int(s) for s in (args.repeats.split(",") * 2)[:2]]
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
                 .splitlines() if ln.startswith("model name")), platform.processor())
     print(f"{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; Python "
           f"{platform.python_version()}, torch {torch.__version__}, lightning "
           f"{lightning.__version__}, accelerate {accelerate.__version__}, wandb "
-          f"{wandb.__version__}; {args.threads} thread(s), {args.repeats} repeats x "
-          f"{steps[0]}/{steps[1]} steps, interleaved", flush=True)
+          f"{wandb.__version__}; {args.threads} thread(s), {repeats[0]}/{repeats[1]} repeats x "
+          f"{steps[0]}/{steps[1]} steps, interleaved, one shared model", flush=True)
     t_start, rows, notes = time.perf_counter(), [], []
     why: dict[str, list[str]] = {k: [] for k in (ENGINE, REDLINE, WANDB, LIGHTNING, ACCEL)}
-    for size, n in zip((args.small, args.large), steps, strict=True):
+    for size, n, reps in zip((args.small, args.large), steps, repeats, strict=True):
         width, bs = (int(x) for x in size.split("x"))
         label = f"MLP {width}, batch {bs}"
-        times, variants, recs = bench(width, bs, n, args.repeats, args.threads, tmp)
+        times, variants, recs = bench(width, bs, n, reps, args.threads, tmp)
         med = {k: statistics.median(v) for k, v in times.items()}
         floor = med[FLOOR]
+        ratio = {k: paired(times, k) for k in times}
         for name, ts in times.items():
+            r, lo, hi = ratio[name]
             rows.append(f"| {label} | {name} | {med[name] * 1e3:.3f} | {min(ts) * 1e3:.3f}.."
-                        f"{max(ts) * 1e3:.3f} | {med[name] / floor:.3f}x |")
-        ext = 100 * (med[REDLINE] / floor - 1)
+                        f"{max(ts) * 1e3:.3f} | {r:.4f}x ({lo:.4f}..{hi:.4f}) |")
+        ext, ext_hi = 100 * (ratio[REDLINE][0] - 1), 100 * (ratio[REDLINE][2] - 1)
         pct = statistics.median([r["redline/overhead_pct"] for r in recs[1:-1]]
                                 or [r["redline/overhead_pct"] for r in recs])
         mfu = [r["mfu"] for r in recs if r.get("mfu") is not None]
-        noise = 100 * abs(med[CONTROL] / floor - 1)
-        verdict = ("PASS" if ext <= GOAL_PCT else
-                   "not resolved: within the noise" if ext <= noise else "FAIL")
+        c, c_lo, c_hi = (100 * (x - 1) for x in ratio[CONTROL])
+        verdict = "PASS" if ext <= GOAL_PCT else "FAIL"
         notes.append(f"- {label}: redline/overhead_pct (self-reported, median of "
                      f"{max(1, len(recs) - 2)} windows) {pct:.3f} %; measured from outside "
-                     f"{ext:+.2f} % (noise: two identical floors differ by {noise:.2f} %) -> "
+                     f"{ext:+.2f} % (95 % CI up to {ext_hi:+.2f} %; noise control: two "
+                     f"identical floors {c:+.2f} %, CI {c_lo:+.2f}..{c_hi:+.2f} %) -> "
                      f"{verdict}" + (f" (MFU {statistics.median(mfu):.3f})" if mfu else ""))
-        us = {k: (med[k] - floor) * 1e6 for k in med}
+        us = {k: (ratio[k][0] - 1) * floor * 1e6 for k in med}
         red = variants[REDLINE]
-        sinks = ", ".join(f"{k} {t / red.steps * 1e6:.1f}" for k, t in red.sink_s.items()
-                          if k != "system")
-        system = red.sink_s.get("system", 0.0) / max(1, red.sink_n.get("system", 0)) * len(TRACKERS)
+        hand_off = red.sink_s.get("metrics", 0.0) / max(1, red.sink_n.get("metrics", 0))
         why[ENGINE].append(f"{us[ENGINE]:+.0f} us")
         why[REDLINE].append(f"{us[REDLINE] - us[ENGINE]:+.0f} us over Engine.step; "
-                            f"on_step_end {pct / 100 * med[REDLINE] * 1e6:.1f} us; sink writes "
-                            f"{sinks} us (system samples: {system * 1e3:.2f} ms a batch)")
+                            f"on_step_end {pct / 100 * med[REDLINE] * 1e6:.1f} us a step, of "
+                            f"which hub.publish {hand_off * 1e6:.0f} us a window")
         for k in (WANDB, LIGHTNING, ACCEL):
             ps = variants[k].per_step or PerStep(1)
             why[k].append(f"{us[k]:+.0f} us, {ps.log_s / max(1, ps.calls) * 1e6:.0f} us logging")
-    print("\n| model | variant | median ms/step | spread (min..max) | vs floor |\n"
+    print("\n| model | variant | median ms/step | spread (min..max) | vs floor, paired "
+          "(95 % CI) |\n"
           "|---|---|---|---|---|\n" + "\n".join(rows))
-    print(f"\nredline's goal: within {GOAL_PCT} % of the floor (median), both sizes.")
+    print(f"\nredline's goal: within {GOAL_PCT} % of the floor (median of the per-repeat "
+          "ratios), both sizes.")
     print("\n".join(notes))
-    print("\nWhere the extra time per step goes (median minus floor, per step; small | large):")
+    print("\nWhere the extra time per step goes (paired median ratio x floor; small | large):")
     for k, text in (
-        (ENGINE, "batch-size lookup and precision hooks (the per-step non-finite counter "
-                 "is now counted once per window); differences below ~1 % are noise here"),
-        (REDLINE, "loop body, window closes in on_step_end, and the writer thread's JSONL "
-                  "and pipe writes (TensorBoard and W&B run in a child process), which hold "
-                  "the GIL while they run"),
+        (ENGINE, "the Engine's Python per step: precision hooks, the norm it keeps for "
+                 "telemetry"),
+        (REDLINE, "loop body, the OOM guard's RNG snapshot, window closes in on_step_end "
+                  "(sinks and sampler run in the writer process)"),
         (WANDB, "two .item() reads and run.log on the training thread"),
         (LIGHTNING, ".item() + 10 self.log calls; the rest: Lightning's loop, hooks, closure"),
         (ACCEL, ".item() + accelerator.log; the rest: optimizer wrapper, accelerate's clip"),

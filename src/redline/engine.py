@@ -8,8 +8,8 @@ multiplied by its share m_i / N before backward, so the gradients that accumulat
 split, uneven last chunk included. The optimizer and scheduler step once per batch.
 
 Nothing here reads a device value on the host: the loss comes back as a device tensor,
-the gradient norm and the count of steps with non-finite gradients stay on the device,
-and the caller decides when to look at them (the telemetry window). The one exception
+the gradient norm stays on the device (`Engine.grad_norm`), and the caller decides when
+to look at them (the telemetry window). The one exception
 is fp16's GradScaler, whose `step` reads its inf flag on the host by design.
 """
 
@@ -49,13 +49,20 @@ def _first_size(batch: Any) -> int | None:
     """
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.dim() > 0 else None
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    if isinstance(batch, (list, tuple)) and _is_per_sample_list(batch):
-        return len(batch)
-    if isinstance(batch, (Mapping, list, tuple)):
-        for v in values:
-            if (n := _first_size(v)) is not None:
-                return n
+    if isinstance(batch, (list, tuple)):
+        # the common batch, (inputs, targets): one isinstance, not a scan of every entry
+        if batch and isinstance(first := batch[0], torch.Tensor) and first.dim() > 0:
+            return first.shape[0]
+        if _is_per_sample_list(batch):
+            return len(batch)
+        values: Any = batch
+    elif isinstance(batch, Mapping):
+        values = batch.values()
+    else:
+        return None
+    for v in values:
+        if (n := _first_size(v)) is not None:
+            return n
     return None
 
 
@@ -174,11 +181,10 @@ class Engine:
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         # Device-side counters, read by whoever logs (never in the hot path).
         device = self._params[0].device if self._params else torch.device("cpu")
+        # The last step's gradient norm, a device tensor (inf/NaN: a step fp16's scaler
+        # skipped). Telemetry records it per step; the engine keeps no history, since
+        # tensors kept alive across steps fragment the CPU allocator's heap.
         self.grad_norm = torch.zeros((), device=device)
-        # Counting non-finite steps costs a device op; per step that was ~1.4 % of a 2 ms
-        # step. The norms are kept instead and counted in bulk when someone reads the count.
-        self._nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-        self._norms: list[torch.Tensor] = []
         # True while parameters are being updated: a failure then leaves them half-stepped,
         # and the trainer must not checkpoint them.
         self.updating = False
@@ -186,6 +192,10 @@ class Engine:
         # BatchNorm statistics change in forward; a redone step restores them.
         self._buffers = [b for m in model.modules() if isinstance(m, _NormBase)
                          for b in m.buffers(recurse=False)]
+        self._saved_buffers: list[torch.Tensor] = []  # made by the first guarded step
+        # The CUDA generators a redone step must rewind: those of the parameters' devices.
+        self._rng_devices = sorted({p.device.index or 0 for p in self._params
+                                    if p.device.type == "cuda"})
         self._fire_backward = self.dispatcher.has(Event.BEFORE_BACKWARD)
         self._fire_opt = self.dispatcher.has(Event.BEFORE_OPTIMIZER_STEP)
 
@@ -199,12 +209,24 @@ class Engine:
 
     def _accumulate(self, batch: Any, loss_fn: LossFn, micro: int | None) -> torch.Tensor:
         """Forward and backward over every micro-batch; gradients accumulate in .grad."""
-        n = _first_size(batch)
-        if n is None or (micro is not None and micro < n):
-            chunks = split_batch(batch, micro or batch_size_of(batch))  # checks the batch
-            n = sum(m for _, m in chunks)
-        else:
-            chunks = [(batch, n)]
+        if micro is not None:  # only a micro-batch size can make a batch need splitting
+            n = _first_size(batch)
+            if n is None or micro < n:
+                return self._accumulate_chunks(split_batch(batch, micro), loss_fn)
+        # One chunk, the common case: kept free of lists and weights (it runs every step).
+        self.optimizer.zero_grad(set_to_none=True)
+        self._phase = "forward"
+        with self.precision.forward_context():
+            loss = loss_fn(self.model, batch).float()
+        if self._fire_backward:
+            self.dispatcher.fire(Event.BEFORE_BACKWARD, self.state, loss)
+        self._phase = "backward"
+        self.precision.backward(loss)
+        return loss.detach()
+
+    def _accumulate_chunks(self, chunks: list[tuple[Any, int]], loss_fn: LossFn
+                           ) -> torch.Tensor:
+        n = sum(m for _, m in chunks)
         self.optimizer.zero_grad(set_to_none=True)
         total: torch.Tensor | None = None
         for chunk, m in chunks:
@@ -221,8 +243,11 @@ class Engine:
         return total
 
     def _guarded_step(self, batch: Any, loss_fn: LossFn, guard: OOMGuard) -> torch.Tensor:
-        rng = snapshot_rng()
-        buffers = [b.clone() for b in self._buffers]
+        rng = snapshot_rng(self._rng_devices)
+        if self._buffers:  # one fused copy into buffers kept for it, not a clone each
+            if not self._saved_buffers:
+                self._saved_buffers = [b.detach().clone() for b in self._buffers]
+            torch._foreach_copy_(self._saved_buffers, self._buffers)
         while True:
             failed_in: str | None = None
             try:
@@ -233,7 +258,7 @@ class Engine:
                 break
             # Outside the except block: the exception's traceback, which pins the failed
             # micro-batch's activations, is gone before anything is redone.
-            self._recover(rng, buffers)
+            self._recover(rng)
             try:
                 change = guard.decide(oom=True)
             except OutOfMemoryAtMinimum:
@@ -253,29 +278,26 @@ class Engine:
                                   "phase": None, "step": self.state.step + 1})
         return total
 
-    def _recover(self, rng: tuple[Any, ...], buffers: list[torch.Tensor]) -> None:
+    def _recover(self, rng: tuple[Any, ...]) -> None:
         """Back to the state at the start of the step, with the failed attempt's memory freed."""
         self.optimizer.zero_grad(set_to_none=True)
         restore_rng(rng)
-        with torch.no_grad():
-            for live, saved in zip(self._buffers, buffers, strict=True):
-                live.copy_(saved)
+        if self._buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self._buffers, self._saved_buffers)
         gc.collect()  # reference cycles in user code can still pin activations
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
 
     def _finish_step(self) -> None:
         self.precision.unscale(self.optimizer)
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if grads:
-            if self.grad_clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip, foreach=True)
-            else:
-                norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-            self.grad_norm = norm.detach()
-            self._norms.append(self.grad_norm)
-            if len(self._norms) >= 1024:  # nobody is reading: keep the list bounded
-                self._fold()
+        if self.grad_clip is not None:  # clipping computes the norm anyway (no grads: 0)
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip, foreach=True)
+        else:
+            grads = [p.grad for p in self._params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
+        if norm is not None:
+            self.grad_norm = norm  # computed under no_grad: nothing to detach
         if self._fire_opt:
             self.dispatcher.fire(Event.BEFORE_OPTIMIZER_STEP, self.state, self.optimizer)
         self.updating = True
@@ -284,30 +306,15 @@ class Engine:
             self.scheduler.step()
         self.updating = False
 
-    def _fold(self) -> None:
-        if self._norms:
-            norms = torch.stack(self._norms)
-            self._norms = []
-            self._nonfinite.add_((~torch.isfinite(norms)).sum())
-
-    @property
-    def nonfinite_steps(self) -> torch.Tensor:
-        """Steps whose gradients held inf/NaN (skipped by fp16's scaler), as a device tensor."""
-        self._fold()
-        return self._nonfinite
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "precision": self.precision.state_dict(),
-            "nonfinite_steps": int(self.nonfinite_steps.item()),
             "micro_batch_size": self.micro_batch_size,
             "guard": self.guard.state_dict() if self.guard else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.precision.load_state_dict(dict(state.get("precision", {})))
-        self._norms = []
-        self._nonfinite.fill_(int(state.get("nonfinite_steps", 0)))
         if self.guard is not None and state.get("guard"):
             self.guard.load_state_dict(state["guard"])
             self.micro_batch_size = self.guard.current

@@ -123,7 +123,7 @@ def test_hot_path_makes_no_host_sync(precision: str, monkeypatch: pytest.MonkeyP
     assert torch.isfinite(loss)
 
 
-def test_fp16_scaler_skips_and_counts_nonfinite_steps() -> None:
+def test_fp16_scaler_skips_and_the_norm_shows_it() -> None:
     model, x, y = _setup("cpu")
     policy = get_precision("fp16-mixed", DeviceInfo.detect("cpu"))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -135,15 +135,15 @@ def test_fp16_scaler_skips_and_counts_nonfinite_steps() -> None:
 
     scale = policy.scaler.get_scale()
     engine.step((x, y), inf_loss)
-    assert engine.nonfinite_steps.item() == 1
+    assert not torch.isfinite(engine.grad_norm)  # what telemetry counts as a skipped step
     assert policy.scaler.get_scale() < scale  # the scaler backed off
     for a, b in zip(before, model.parameters(), strict=True):
         assert torch.equal(a, b)  # the step was skipped
     engine.step((x, y), _loss)
-    assert engine.nonfinite_steps.item() == 1
+    assert torch.isfinite(engine.grad_norm)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     state = engine.state_dict()
-    assert state["nonfinite_steps"] == 1 and "scaler" in state["precision"]
+    assert "scaler" in state["precision"]
 
 
 def test_engine_fires_backward_and_optimizer_events() -> None:

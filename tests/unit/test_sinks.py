@@ -1,22 +1,27 @@
-"""Telemetry sinks, each driven through a real Hub and read back from what it wrote."""
+"""Telemetry sinks, each driven through the writer's loop and read back from what it wrote."""
 
 from __future__ import annotations
 
 import io
+import json
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from redline.telemetry.console import format_record
-from redline.telemetry.hub import Hub, Sink
+from redline.telemetry.hub import Sink
 from redline.telemetry.jsonl import read_jsonl
 from redline.telemetry.sinks import TRACKERS, make_sinks
 from redline.telemetry.sinks.console import ConsoleSink
 from redline.telemetry.sinks.jsonl import JsonlSink
+from redline.telemetry.writer import serve
 
 T0 = 1_790_000_000.0
+Step = tuple[str, dict[str, Any]] | str | Callable[[], None]
 
 
 @pytest.fixture(autouse=True)
@@ -36,13 +41,34 @@ def system(step: int | None, t: float) -> dict[str, Any]:
     return {"time": T0 + t, "step": step, "sys/cpu_pct": 10.0 + t, "sys/rss_mb": 500.0 + t}
 
 
-def feed(sinks: list[Sink], streams: list[tuple[str, dict[str, Any]]]) -> Hub:
-    hub = Hub(sinks, flush_every_s=60)  # batches only where the test flushes
-    for stream, record in streams:
-        hub.publish(stream, record)
-    hub.flush()
-    hub.close()
-    return hub
+class _Outbox(io.StringIO):
+    def messages(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.getvalue().splitlines()]
+
+
+def feed(sinks: list[Sink], script: list[Step]) -> list[dict[str, Any]]:
+    """Run the writer's loop in this process over `script`: records, "flush" (wait until
+    everything before it is written) and callables (run after the flush before them)."""
+    out = _Outbox()
+
+    def lines() -> Iterator[str]:
+        flushes = 0
+        for item in script:
+            if item == "flush":
+                flushes += 1
+                yield json.dumps({"flush": flushes}) + "\n"
+            elif callable(item):
+                deadline = time.monotonic() + 30
+                while {"flushed": flushes} not in out.messages() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                item()
+            else:
+                yield json.dumps(list(item)) + "\n"
+        yield "null\n"
+
+    serve({"trackers": [], "sampler": None}, lines(), out,  # type: ignore[arg-type]
+          make=lambda spec, say: sinks)
+    return out.messages()
 
 
 def test_jsonl_sink_writes_one_file_per_stream(tmp_path: Path) -> None:
@@ -77,14 +103,10 @@ def test_tensorboard_sink_values_read_back(tmp_path: Path) -> None:
 
     sink._writer.flush = counting_flush  # type: ignore[method-assign]
     records = [metrics(s, n=5) for s in (10, 20, 30)]
-    hub = Hub([sink], flush_every_s=60)
-    for r in records:
-        hub.publish("metrics", r)
-    hub.flush()
+    sink.write("metrics", records)
     assert flushes == 1  # three records, 21 scalars: one flush for the batch
-    for r in (system(None, 1.0), system(None, 2.0), system(40, 3.0)):
-        hub.publish("system", r)
-    hub.close()
+    sink.write("system", [system(None, 1.0), system(None, 2.0), system(40, 3.0)])
+    sink.close()
 
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
@@ -109,15 +131,13 @@ def test_wandb_offline_history_read_back(tmp_path: Path) -> None:
     from redline.telemetry.wandb_reader import find_run_files, iter_records, read_history
 
     sink = wandb_sink(tmp_path / "run", name="trial")
-    hub = Hub([sink], flush_every_s=60)
+    script: list[Step] = []
     for batch in ([("system", system(None, 0.5))],  # before any metrics: W&B's first row
                   [("metrics", metrics(10, n=15))],
                   [("system", system(12, 1.0)), ("system", system(None, 2.0))],
                   [("metrics", metrics(20, n=15))]):
-        for stream, record in batch:
-            hub.publish(stream, record)
-        hub.flush()  # one writer batch per group, as windows arrive in training
-    hub.close()
+        script += [*batch, "flush"]  # one writer batch per group, as windows arrive
+    feed([sink], script)
     (path,) = find_run_files(tmp_path / "run")
     assert path.name == f"run-{sink.run_id}.wandb"
     runs = [r.run for r in iter_records(path) if r.WhichOneof("record_type") == "run"]
@@ -159,19 +179,14 @@ def test_failing_sink_is_disabled_and_others_keep_receiving(tmp_path: Path) -> N
     wandb = wandb_sink(tmp_path / "run")
     out = io.StringIO()
     sinks: list[Sink] = [JsonlSink(tmp_path / "run"), wandb, ConsoleSink(out)]
-    failures: list[tuple[str, str]] = []
-    hub = Hub(sinks, flush_every_s=60,
-              on_sink_failure=lambda name, reason: failures.append((name, reason)))
-    hub.publish("metrics", metrics(10))
-    hub.flush()
-    wandb._run.finish()  # as if W&B went away: every later log raises
-    for step in (20, 30):
-        hub.publish("metrics", metrics(step))
-    hub.flush()
-    hub.close()
-    assert list(hub.failed) == ["wandb"] and failures[0][0] == "wandb"
+    said = feed(sinks, [("metrics", metrics(10)), "flush",
+                        wandb._run.finish,  # as if W&B went away: every later log raises
+                        ("metrics", metrics(20)), ("metrics", metrics(30))])
+    failed = [m["failed"] for m in said if "failed" in m]
+    assert [name for name, _ in failed] == ["wandb"]
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [10, 20, 30]
     assert len(out.getvalue().splitlines()) == 3
+    assert said[-1] == {"closed": True}
 
 
 def test_make_sinks_by_name(tmp_path: Path) -> None:
@@ -194,7 +209,6 @@ def test_make_sinks_missing_package_names_the_extra(
     monkeypatch.setitem(sys.modules, package, None)  # `import package` now fails
     with pytest.raises(ImportError, match=rf"pip install 'redline\[{package}\]'"):
         make_sinks(["jsonl", package], tmp_path)
-
 
 
 def test_wandb_reader_crosses_blocks_and_stops_at_a_torn_tail(tmp_path: Path) -> None:

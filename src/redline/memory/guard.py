@@ -25,6 +25,7 @@ every few steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,21 +102,26 @@ class OOMGuard:
         self._wait = int(state["wait"])
 
 
-def snapshot_rng() -> tuple[Any, ...]:
+def snapshot_rng(cuda_devices: Sequence[int] | None = None) -> tuple[Any, ...]:
     """The torch RNG states (CPU and CUDA) a step draws from: dropout, noise, sampling.
 
+    `cuda_devices` limits the CUDA generators to those the model runs on (None: all).
     Python's and numpy's generators are not snapshotted: copying numpy's state costs
     ~35 us, a few percent of a small step, on every step, and model code draws from
     torch's generators. A loss function that draws from `random` or `np.random` is
     redone exactly in everything but those draws.
     """
-    cuda = (torch.cuda.get_rng_state_all()
-            if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
-    return torch.get_rng_state(), cuda
+    cuda = None
+    if cuda_devices is None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda_devices = range(len(torch.cuda.default_generators))  # all, where CUDA is in use
+    if cuda_devices:  # a CPU model asks nothing of CUDA: no per-step availability check
+        gens = torch.cuda.default_generators
+        cuda = [(i, gens[i].get_state()) for i in cuda_devices]
+    return torch.default_generator.get_state(), cuda
 
 
 def restore_rng(snapshot: tuple[Any, ...]) -> None:
     cpu, cuda = snapshot
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+    torch.default_generator.set_state(cpu)
+    for i, state in cuda or ():
+        torch.cuda.default_generators[i].set_state(state)

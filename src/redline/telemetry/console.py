@@ -26,12 +26,14 @@ class Progress(Callback):
     """A rich progress bar (samples/s, ETA, loss, MFU, memory) on a terminal; plain lines
     otherwise.
 
-    It is both a callback (advanced at most ten times a second: a clock read per step)
-    and a hub sink (the loss shown is the last window's mean, written by the hub's
-    writer thread; rich's bar is thread-safe).
+    A callback: a clock read per step, and the bar redrawn at most once a second, on
+    the training thread. rich's own refresh thread is off: a thread drawing ten times a
+    second would take the GIL from training between its ops (see telemetry/hub.py). The
+    loss, samples/s, MFU and memory shown are the last window's, given to `log_metrics`
+    as the window closes.
     """
 
-    name = "progress"
+    redraw_every_s = 1.0
 
     def __init__(self, total_steps: int, stream: TextIO | None = None,
                  interactive: bool | None = None) -> None:
@@ -62,7 +64,7 @@ class Progress(Callback):
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
-            console=Console(file=self.stream), transient=False,
+            console=Console(file=self.stream), transient=False, auto_refresh=False,
         )
         self._bar.start()
         self._task = self._bar.add_task("train", total=self.total, completed=state.step,
@@ -72,13 +74,8 @@ class Progress(Callback):
         if self._bar is not None:
             now = time.perf_counter()
             if now >= self._next_draw or state.step >= self.total:
-                self._next_draw = now + 0.1
-                self._bar.update(self._task, completed=state.step)
-
-    def write(self, stream: str, records: list[dict[str, Any]]) -> None:
-        if stream == "metrics":
-            for record in records:
-                self.log_metrics(record)
+                self._next_draw = now + self.redraw_every_s
+                self._bar.update(self._task, completed=state.step, refresh=True)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if self._bar is not None:

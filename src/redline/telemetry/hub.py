@@ -1,21 +1,43 @@
-"""The telemetry hub: the training thread appends, a writer thread talks to the sinks.
+"""The telemetry hub: the training process's end of a pipe to the telemetry writer process.
 
-Nothing a sink does (a file write, a W&B call, a TensorBoard flush) runs on the training
-thread. `publish` appends one record to a deque (an atomic C call, no lock) and, at a
-window boundary, wakes the writer; the writer drains the deque, groups records by stream
-("metrics", "system") and hands each sink one batch per stream. A sink that raises is
-reported once (stderr and events.jsonl), disabled, and training goes on.
+Why a process, not a writer thread. torch releases the GIL around its ops, so any Python
+thread in the training process takes the GIL between two of the training thread's ops,
+and the training thread then waits to get it back: for as long as that thread runs
+Python, up to `sys.getswitchinterval()` (5 ms) at a time. Measured with
+bench/overhead.py on a 2 ms CPU step, a writer thread spending ~0.3 ms per window on JSON
+lines and pipe writes, plus a sampler thread reading psutil, cost the training thread
+about 0.8 ms per window. So no telemetry thread does work in the training process while
+it trains: `publish` encodes a record as one JSON line and writes it to the writer
+process's stdin (~10 us, once per window), and everything else (the JSONL files, console
+lines, TensorBoard, W&B, the hardware sampler) runs in that process (writer.py), on its
+own interpreter and GIL.
+
+The pipe is non-blocking: a line that does not fit (the writer is far behind) waits in a
+backlog that the next publish retries, so the training thread never blocks on it. The one
+thread here, the listener, sleeps in a read of the writer's stdout (GIL released) and
+wakes only for its rare messages: ready (with W&B's run id), a failed sink, a note, the
+answer to a flush.
+
+If the writer process cannot start or dies, the hub says so once and from then on writes
+the JSONL files and console lines itself, synchronously; TensorBoard and W&B are then off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import select
+import subprocess
 import sys
 import threading
-from collections import deque
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 STREAMS = ("metrics", "system")
+IN_PROCESS = ("jsonl", "console")  # what the hub can still write itself if the writer dies
 
 
 def report_sink_failure(name: str, why: str) -> None:
@@ -25,7 +47,7 @@ def report_sink_failure(name: str, why: str) -> None:
 
 
 class Sink(Protocol):
-    """Where telemetry goes. `write` runs on the hub's writer thread, never on training's."""
+    """Where telemetry goes. `write` runs in the writer process, never on training's thread."""
 
     name: str
 
@@ -34,77 +56,194 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def _plain(value: Any) -> Any:  # numpy and torch scalars, and anything else, for JSON
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 class Hub:
-    """Queue and writer thread between the training loop and the sinks."""
+    """Starts the writer process for `trackers` and forwards records to it."""
 
-    def __init__(self, sinks: list[Sink], *, flush_every_s: float = 1.0,
-                 on_sink_failure: Callable[[str, str], None] | None = None) -> None:
-        self.sinks = list(sinks)
+    def __init__(self, trackers: Sequence[str], run_dir: str | Path, *,
+                 options: dict[str, Any] | None = None, sampler: dict[str, Any] | None = None,
+                 on_failure: Callable[[str, str], None] | None = None,
+                 on_note: Callable[[str], None] | None = None,
+                 start_timeout_s: float = 180.0) -> None:
+        self.trackers = list(dict.fromkeys(trackers))
+        self.run_dir = Path(run_dir)
         self.failed: dict[str, str] = {}
-        self._queue: deque[tuple[str, dict[str, Any]]] = deque()
-        self._wake = threading.Event()
-        self._stop = False
-        self._flush_every_s = flush_every_s
-        self._on_failure = on_sink_failure or report_sink_failure
-        self._idle = threading.Condition()
-        self._requested = 0  # flush tickets handed out
-        self._done = 0  # tickets whose records have been written
-        self._thread = threading.Thread(target=self._run, name="redline-telemetry", daemon=True)
-        self._thread.start()
+        self.run_ids: dict[str, str | None] = {}
+        self._on_failure = on_failure or report_sink_failure
+        self._on_note = on_note or (lambda note: None)
+        self._local: list[Sink] | None = None  # set once the writer is gone
+        self._backlog = bytearray()
+        self._cond = threading.Condition()
+        self._tickets = self._flushed = 0
+        self._ready, self._closed = threading.Event(), threading.Event()
+        self._exited = self._closing = False
+        spec = {"trackers": self.trackers, "run_dir": str(self.run_dir),
+                "options": options or {}, "sampler": sampler}
+        package_root = str(Path(__file__).resolve().parents[2])  # importable in the child
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        try:
+            self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [sys.executable, "-m", "redline.telemetry.writer", json.dumps(spec)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        except OSError as e:
+            self._proc = None
+            self._fall_back(f"the telemetry writer process could not start: {e}")
+            return
+        assert self._proc.stdin is not None
+        self._fd = self._proc.stdin.fileno()
+        os.set_blocking(self._fd, False)
+        threading.Thread(target=self._listen, name="redline-telemetry-listener",
+                         daemon=True).start()
+        if not self._ready.wait(start_timeout_s):
+            self._proc.kill()
+            self._fall_back(f"the telemetry writer process did not start in {start_timeout_s:g} s")
+        elif self._exited:
+            self._fall_back(f"the telemetry writer process exited ({self._proc.wait()})")
 
-    def publish(self, stream: str, record: dict[str, Any], *, wake: bool = False) -> None:
-        """Append a record (any thread). `wake` asks the writer to write now."""
-        self._queue.append((stream, record))
-        if wake:
-            self._wake.set()
+    @property
+    def run_id(self) -> str | None:
+        """The tracker's run id (W&B's), for a resumed run to continue."""
+        return next((rid for rid in self.run_ids.values() if rid), None)
 
-    def flush(self, timeout: float = 30.0) -> None:
-        """Block until everything published so far has reached the sinks."""
-        with self._idle:
-            self._requested += 1
-            ticket = self._requested
-        self._wake.set()
-        with self._idle:
-            self._idle.wait_for(lambda: self._done >= ticket or not self._thread.is_alive(),
-                                timeout=timeout)
+    def publish(self, stream: str, record: dict[str, Any]) -> None:
+        """Hand one record to the writer (training thread; never blocks)."""
+        if self._local is None and self._exited and not self._closing:
+            self._fall_back(f"the telemetry writer process exited ({self._exit_code()})")
+        if self._local is not None:
+            self._write_local([[stream, record]])
+            return
+        line = json.dumps([stream, record], separators=(",", ":"), default=_plain) + "\n"
+        self._send(line.encode())
 
-    def close(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=60)
-        for sink in self.sinks:
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Block until everything published so far is written; False on timeout."""
+        if self._local is not None:
+            return True
+        with self._cond:
+            self._tickets += 1
+            ticket = self._tickets
+        self._send(f'{{"flush":{ticket}}}\n'.encode())
+        deadline = time.monotonic() + timeout
+        self._drain(deadline)
+        with self._cond:
+            return self._cond.wait_for(lambda: self._flushed >= ticket or self._exited,
+                                       timeout=max(0.0, deadline - time.monotonic()))
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Write everything, stop the writer (it closes its sinks) and wait for it."""
+        if self._local is None and self._proc is not None:
+            self._closing = True
+            deadline = time.monotonic() + timeout
+            self._send(b"null\n")
+            self._drain(deadline)
+            assert self._proc.stdin is not None
+            with contextlib.suppress(OSError):  # a writer that died already closed it
+                self._proc.stdin.close()
+            self._closed.wait(max(0.0, deadline - time.monotonic()))
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        for sink in self._local or []:
             self._guard(sink, sink.close)
 
-    def _run(self) -> None:
-        while True:
-            self._wake.wait(self._flush_every_s)
-            self._wake.clear()
-            with self._idle:
-                ticket = self._requested  # everything published before this is queued
-            self._drain()
-            with self._idle:
-                self._done = ticket
-                self._idle.notify_all()
-            if self._stop:
-                self._drain()
-                return
+    # ---- the pipe ------------------------------------------------------------------------
 
-    def _drain(self) -> None:
-        batches: dict[str, list[dict[str, Any]]] = {}
-        while self._queue:
-            stream, record = self._queue.popleft()
-            batches.setdefault(stream, []).append(record)
-        for stream, records in batches.items():
-            for sink in self.sinks:
-                if sink.name not in self.failed:
-                    self._guard(sink, lambda s=sink, st=stream, r=records: s.write(st, r))
+    def _send(self, data: bytes) -> None:
+        if self._local is not None:
+            return
+        if self._backlog:
+            self._backlog += data
+            data = bytes(self._backlog)
+            self._backlog.clear()
+        try:
+            n = os.write(self._fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:  # broken pipe: the writer is gone
+            self._backlog += data
+            self._fall_back(f"the telemetry writer process exited ({self._exit_code()})")
+            return
+        if n < len(data):
+            self._backlog += data[n:]
+
+    def _drain(self, deadline: float) -> None:
+        """Write the backlog, waiting for the pipe (flush and close only)."""
+        while self._backlog and self._local is None and time.monotonic() < deadline:
+            _, writable, _ = select.select([], [self._fd], [], deadline - time.monotonic())
+            if writable:
+                self._send(b"")
+
+    def _listen(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            message = json.loads(line)
+            if "ready" in message:
+                self.run_ids = message["ready"]
+                self._ready.set()
+            elif "failed" in message:
+                name, why = message["failed"]
+                self.failed[name] = why
+                self._on_failure(name, why)
+            elif "note" in message:
+                self._on_note(message["note"])
+            elif "flushed" in message:
+                with self._cond:
+                    self._flushed = message["flushed"]
+                    self._cond.notify_all()
+            elif "closed" in message:
+                self._closed.set()
+        self._exited = True
+        self._ready.set()
+        self._closed.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _exit_code(self) -> str:
+        code = self._proc.poll() if self._proc is not None else None
+        return "still running" if code is None else f"exit code {code}"
+
+    # ---- without the writer --------------------------------------------------------------
+
+    def _fall_back(self, why: str) -> None:
+        """The writer is gone: say so once, write what is left of JSONL and console here."""
+        from redline.telemetry.sinks import make_sinks
+
+        gone = [t for t in self.trackers if t not in IN_PROCESS and t not in self.failed]
+        for name in gone:
+            self.failed[name] = why
+        self._on_failure("writer", f"{why}; " + (
+            f"{', '.join(gone)} off, " if gone else "") + "JSONL and console written in-process")
+        self._local = []
+        for name in (t for t in self.trackers if t in IN_PROCESS):
+            try:
+                self._local += make_sinks([name], self.run_dir)
+            except Exception as e:
+                self.failed[name] = f"{type(e).__name__}: {e}"
+        pending, self._backlog = bytes(self._backlog), bytearray()
+        items = []
+        for line in pending.splitlines():  # the first may be the tail of a half-sent line
+            try:
+                items.append(json.loads(line))
+            except ValueError:
+                continue
+        self._write_local([item for item in items if isinstance(item, list)])
+
+    def _write_local(self, items: list[list[Any]]) -> None:
+        for stream, record in items:
+            for sink in list(self._local or []):
+                self._guard(sink, lambda s=sink, st=stream, r=record: s.write(st, [r]))
 
     def _guard(self, sink: Sink, call: Callable[[], None]) -> None:
-        if sink.name in self.failed:
-            return
         try:
             call()
         except Exception as e:  # a broken sink must never stop training
             reason = f"{type(e).__name__}: {e}"
             self.failed[sink.name] = reason
+            if self._local is not None and sink in self._local:
+                self._local.remove(sink)
             self._on_failure(sink.name, reason)

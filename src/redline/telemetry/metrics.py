@@ -1,24 +1,33 @@
 """Training metrics per window, at a cost the run measures itself.
 
-On a step that does not log, the training thread only appends the step's loss tensor to
-a list: no device op, no host read. Every `log_every` steps the window closes: its losses
-are summed on the device (one op), and the sums are read:
+On a step that does not log, the training thread records the step's loss and gradient
+norm and nothing else: no host sync, no torch op, no tensor kept past the step. Every
+`log_every` steps the window closes and is published:
 
-  - on CPU they are host tensors already: read them at once (no copy, no pinning, which a
-    CPU-only torch cannot do, and no sync: there is no device to wait for);
-  - on CUDA they are copied into pinned host memory with non_blocking=True and a CUDA
-    event is recorded; the record is completed a window later, when that event has long
+  - on CPU the loss and norm are host memory: each step reads them as Python floats
+    straight from the tensors' memory (`host_float`, ~1 us) and adds them up; there is no
+    device to wait for. Why not a torch op (`.item()`, an in-place add, a copy into a
+    preallocated row): inside a training step any dispatcher call runs with cold caches,
+    8-16 us measured on a 2 ms CPU step. Why not keep the step's tensors until the window
+    closes: 50 small tensors alive per window fragment the allocator's heap, ~35 us a
+    step measured (docs/benchmarks.md, "Telemetry overhead");
+  - on a GPU each step appends its two device tensors to a list (no kernel launch; the
+    caching allocator does not fragment), and the window stacks them (one kernel). On
+    CUDA the stack is copied into pinned host memory with non_blocking=True and a CUDA
+    event recorded; the record is completed a window later, when that event has long
     completed, so the host never waits on the device. Step time comes from the CUDA
     events at window boundaries, not from the host clock, which runs ahead of the GPU.
 
-Time spent here on the training thread is measured (perf_counter around each call) and
-reported as `redline/overhead_pct` of the window's wall time, with the number of host
-syncs redline itself made (`redline/host_syncs`). Records go to the hub, whose writer
-thread talks to the sinks.
+The window's loss is the mean of its steps'; `skipped_steps` counts its steps whose
+gradient norm was not finite (those fp16's scaler skips). Time spent here on the training
+thread is measured (perf_counter around each call) and reported as `redline/overhead_pct`
+of the window's wall time, with the number of host syncs redline itself made
+(`redline/host_syncs`). Records go to the hub, which hands them to the writer process.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 from collections.abc import Callable
@@ -30,7 +39,17 @@ import torch
 from redline.events import Callback, State
 from redline.telemetry.flops import mfu
 
-Publish = Callable[[str, dict[str, Any], bool], None]
+Publish = Callable[[str, dict[str, Any]], None]
+FOLD_EVERY = 1024  # GPU: steps whose tensors are stacked into one, to keep the list short
+_CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+
+def host_float(t: torch.Tensor) -> float:
+    """The value of a one-element CPU tensor, read from its memory without a torch op."""
+    ctype = _CTYPES.get(t.dtype)
+    if ctype is None or not t.is_cpu or t.numel() != 1:
+        return float(t.item())  # other dtypes (bf16 norms of bf16-true): the usual way
+    return float(ctype.from_address(t.data_ptr()).value)
 
 
 @dataclass
@@ -48,7 +67,7 @@ class WindowContext:
 class _Pending:
     """A closed window whose device values are still on their way to the host."""
 
-    def __init__(self, values: torch.Tensor, record: dict[str, Any],
+    def __init__(self, values: torch.Tensor | tuple[float, float, int], record: dict[str, Any],
                  event: Any | None, start_event: Any | None) -> None:
         self.values, self.record, self.event, self.start_event = (values, record, event,
                                                                   start_event)
@@ -67,7 +86,12 @@ class MetricsLogger(Callback):
         self.data_wait_s = 0.0  # added to by the trainer around each batch fetch
         self.overhead_s = 0.0
         self.host_syncs = 0
-        self._losses: list[torch.Tensor] = []
+        # CPU: the window's sums as Python numbers; a device: the steps' tensors.
+        self._host = ctx.device.type == "cpu"
+        self._loss_sum, self._nonfinite, self._norm = 0.0, 0, 0.0
+        self._pairs: list[torch.Tensor] = []
+        self._folded: list[torch.Tensor] = []  # _pairs stacked every FOLD_EVERY steps
+        self._n = 0  # steps in the open window
         self._t0 = time.perf_counter()
         self._start_event: Any = None
         self._pending: _Pending | None = None
@@ -81,17 +105,31 @@ class MetricsLogger(Callback):
 
     def on_step_end(self, state: State, loss: torch.Tensor) -> None:
         t = time.perf_counter()
-        self._losses.append(loss)
+        if self._host:
+            self._loss_sum += host_float(loss)
+            self._norm = host_float(self.engine.grad_norm)
+            if not math.isfinite(self._norm):
+                self._nonfinite += 1
+        else:
+            self._pairs += (loss, self.engine.grad_norm)
+            if len(self._pairs) == 2 * FOLD_EVERY:
+                self._folded.append(torch.stack(self._pairs).float())
+                self._pairs = []
+        self._n += 1
         if state.step % self.log_every == 0 or state.step >= state.max_steps:
             self._close_window(state, t)
         self.overhead_s += time.perf_counter() - t
 
     def _close_window(self, state: State, now: float) -> None:
-        steps = len(self._losses)
-        values = torch.stack([torch.stack(self._losses).sum().float(),
-                              self.engine.grad_norm.float(),
-                              self.engine.nonfinite_steps.float()])
-        self._losses = []
+        steps, self._n = self._n, 0
+        values: torch.Tensor | tuple[float, float, int]
+        if self._host:
+            values = (self._loss_sum, self._norm, self._nonfinite)
+            self._loss_sum, self._nonfinite = 0.0, 0
+        else:
+            parts = [*self._folded, *([torch.stack(self._pairs).float()] if self._pairs else [])]
+            values = torch.cat(parts).view(steps, 2)
+            self._pairs, self._folded = [], []
         wall = now - self._t0
         record: dict[str, Any] = {
             "step": state.step, "epoch": state.epoch, "samples": state.samples_seen,
@@ -111,6 +149,7 @@ class MetricsLogger(Callback):
         self.host_syncs = 0
         self._paused = False
         if self.cuda:
+            assert isinstance(values, torch.Tensor)
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             host.copy_(values, non_blocking=True)
             end = torch.cuda.Event(enable_timing=True)
@@ -129,7 +168,13 @@ class MetricsLogger(Callback):
         if p.event is not None and not p.event.query():
             p.event.synchronize()  # only if the device is a whole window behind
             self.host_syncs += 1
-        loss_sum, grad_norm, nonfinite = p.values.tolist()
+        if isinstance(p.values, tuple):  # CPU: summed as the steps ran
+            loss_sum, grad_norm, nonfinite = p.values
+        else:
+            pairs = p.values.tolist()
+            loss_sum = math.fsum(loss for loss, _ in pairs)
+            grad_norm = pairs[-1][1]
+            nonfinite = sum(not math.isfinite(norm) for _, norm in pairs)
         r = p.record
         steps, wall, paused = r.pop("window_steps"), r.pop("wall_s"), r.pop("paused")
         # Device time between boundary events, unless evaluation or a checkpoint ran in
@@ -138,19 +183,19 @@ class MetricsLogger(Callback):
         step_time = (p.start_event.elapsed_time(p.event) / 1000.0 / steps if on_device
                      else wall / steps)
         r.update({"loss": loss_sum / steps, "grad_norm": grad_norm,
-                  "skipped_steps": int(nonfinite), "step_time_s": step_time,
+                  "skipped_steps": nonfinite, "step_time_s": step_time,
                   "samples_per_s": self.ctx.samples_per_step / step_time if step_time else None})
         r["mfu"] = mfu(self.ctx.flops_per_step, step_time, self.ctx.peak_flops)
         r["peak_flops"] = self.ctx.peak_flops
         r["time"] = round(time.time(), 3)
         self.last = r
-        self.publish("metrics", r, True)
+        self.publish("metrics", r)
 
     def on_eval_end(self, state: State, metrics: dict[str, float]) -> None:
         record: dict[str, Any] = {"step": state.step, "time": round(time.time(), 3),
                                   **{f"eval/{k}": v for k, v in metrics.items()}}
         record["eval/time_s"] = state.extra.get("eval_time_s", 0.0)
-        self.publish("metrics", record, True)
+        self.publish("metrics", record)
         self._t0 += record["eval/time_s"]  # evaluation time is not step time
         self._paused = True
 
@@ -159,7 +204,7 @@ class MetricsLogger(Callback):
         self._paused = True
 
     def on_fit_end(self, state: State) -> None:
-        if self._losses:
+        if self._n:
             self._close_window(state, time.perf_counter())
         if self._pending is not None:
             self._emit(self._pending)

@@ -1,9 +1,9 @@
 """The system sampler: a daemon thread that reads NVML and psutil at per-metric cadences.
 
-All of its work runs on its own thread, so the training thread pays nothing: it never
-calls into NVML or psutil and never waits on them. Each tick publishes one record,
-{"time": ..., metric: value, ...}, to a callback (the trainer passes
-`lambda r: hub.publish("system", r)`, a lock-free deque append).
+It runs in the telemetry writer process (see hub.py), not in the training process: a
+Python thread there would take the GIL from the training thread between its ops. It
+reads the training process by pid, and the GPU by the UUID the training process gives
+it. Each tick publishes one record, {"time": ..., metric: value, ...}, to a callback.
 
 Cadence follows how fast each metric moves and what reading it costs: utilisation and
 CPU/RAM/RSS every `every_s`; GPU memory, temperature, power and SM clock (which drift over
@@ -19,14 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-from redline.device import DeviceInfo
+from typing import Any, Protocol
 
 Record = dict[str, Any]
+
+
+class SampledDevice(Protocol):
+    """What the sampler needs of a device (a DeviceInfo, or the writer process's copy)."""
+
+    kind: str
+    index: int | None
+
+    @property
+    def is_cuda(self) -> bool: ...
+
 NO_NVML = "no NVML: GPU metrics are off (pip install nvidia-ml-py, and an NVIDIA driver)"
 NO_PSUTIL = "no psutil: CPU, RAM and RSS metrics are off (pip install psutil)"
 
@@ -41,7 +51,8 @@ class NvmlReader:
         self._broken: set[str] = set()  # metrics this GPU does not support: not retried
 
     @classmethod
-    def open(cls, index: int) -> tuple[NvmlReader | None, str | None]:
+    def open(cls, index: int, uuid: str | None = None
+             ) -> tuple[NvmlReader | None, str | None]:
         """(reader, None), or (None, why) when NVML or the GPU is not there."""
         try:
             import pynvml  # lazily: CPU-only installs never import it
@@ -52,7 +63,7 @@ class NvmlReader:
         except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
             return None, f"{NO_NVML}: {exc}"
         try:
-            return cls(pynvml, _handle_for(pynvml, index)), None
+            return cls(pynvml, _handle_for(pynvml, index, uuid)), None
         except Exception as exc:
             _quiet(pynvml.nvmlShutdown)
             return None, f"no NVML handle for GPU {index}: GPU metrics are off ({exc})"
@@ -94,10 +105,10 @@ class NvmlReader:
             return None
 
 
-def _handle_for(nvml: Any, index: int) -> Any:
+def _handle_for(nvml: Any, index: int, uuid: str | None = None) -> Any:
     # torch's index counts CUDA_VISIBLE_DEVICES in CUDA order; NVML counts every GPU in PCI
     # order. The UUID names the same board in both; the index is the last resort.
-    uuid = _torch_uuid(index)
+    uuid = uuid or _torch_uuid(index)
     if uuid:
         try:
             return nvml.nvmlDeviceGetHandleByUUID(uuid)
@@ -113,9 +124,11 @@ def _handle_for(nvml: Any, index: int) -> Any:
 
 
 def _torch_uuid(index: int) -> str | None:
+    """The GPU's UUID from torch, where this process has already initialised CUDA."""
+    torch = sys.modules.get("torch")  # never imported here: the writer process has none
+    if torch is None:
+        return None
     try:
-        import torch
-
         if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
             return None
         uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
@@ -132,11 +145,13 @@ def _quiet(fn: Callable[[], Any]) -> None:
 class Sampler:
     """Daemon thread publishing {"time", metrics...} records; `notes` says what is off."""
 
-    def __init__(self, device: DeviceInfo, publish: Callable[[Record], None],
-                 every_s: float = 2.0, slow_every_s: float = 10.0) -> None:
+    def __init__(self, device: SampledDevice, publish: Callable[[Record], None],
+                 every_s: float = 2.0, slow_every_s: float = 10.0, *,
+                 pid: int | None = None, gpu_uuid: str | None = None) -> None:
         if every_s <= 0 or slow_every_s <= 0:
             raise ValueError("sampler cadences must be positive")
         self.device = device
+        self.pid, self.gpu_uuid = pid, gpu_uuid  # None: this process, the UUID from torch
         self.every_s = every_s
         self.slow_every_s = slow_every_s
         self._publish = publish
@@ -203,7 +218,7 @@ class Sampler:
     def _setup(self) -> tuple[NvmlReader | None, Any, Any]:
         gpu = None
         if self.device.is_cuda:
-            gpu, why = NvmlReader.open(self.device.index or 0)
+            gpu, why = NvmlReader.open(self.device.index or 0, self.gpu_uuid)
             if why:
                 self._notes.append(why)
         else:
@@ -211,7 +226,7 @@ class Sampler:
         try:
             import psutil
 
-            proc = psutil.Process()
+            proc = psutil.Process(self.pid)
             psutil.cpu_percent(interval=None)  # primes the counter; the first call returns 0.0
             return gpu, proc, psutil
         except ImportError:

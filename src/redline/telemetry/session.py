@@ -1,8 +1,8 @@
 """Everything a run records, wired once: hub and sinks, window metrics, sampler, MFU.
 
-The trainer builds one TelemetrySession at start and closes it at the end; the rest is
-callbacks (the window logger, the progress bar) and two threads (the hub's writer, the
-hardware sampler), so the training thread does as little as possible.
+The trainer builds one TelemetrySession at start and closes it at the end. In the training
+process it is callbacks (the window logger, the progress bar) and the hub's end of a pipe;
+the sinks and the hardware sampler run in the telemetry writer process (hub.py says why).
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ from redline.engine import move_to
 from redline.events import Callback
 from redline.telemetry.console import Progress
 from redline.telemetry.flops import count_step_flops, peak_flops
-from redline.telemetry.hub import Hub, Sink, report_sink_failure
+from redline.telemetry.hub import Hub, report_sink_failure
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.metrics import MetricsLogger, WindowContext
-from redline.telemetry.sampler import Sampler
-from redline.telemetry.sinks import check_installed, make_sinks
-from redline.telemetry.sinks.process import ProcessSink
+from redline.telemetry.sinks import check_installed
 
 
 class TelemetrySession:
@@ -40,42 +38,33 @@ class TelemetrySession:
         self.events = events
         # No mode in the config: W&B's own rule (WANDB_MODE, else online).
         mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
+        check_installed(cfg.trackers)  # a tracker asked for but not installed: name the extra
 
         def failed(name: str, why: str) -> None:  # every sink failure: one line, one event
             report_sink_failure(name, why)
             events.event("sink_failed", sink=name, reason=why)
 
-        # jsonl and console are cheap and stay here; TensorBoard and W&B, whose writes are
-        # Python-heavy, run in a child process (see sinks/process.py).
-        local = [t for t in cfg.trackers if t in ("jsonl", "console")]
-        remote = [t for t in cfg.trackers if t not in local]
-        sinks: list[Sink] = make_sinks(local, run_dir)
-        if remote:
-            check_installed(remote)  # a tracker asked for but not installed: name the extra
-            try:
-                sinks.append(ProcessSink(remote, run_dir, on_failure=failed, wandb_mode=mode,
-                                         wandb_project=cfg.wandb_project,
-                                         wandb_run_id=tracker_run_id, run_name=run_name))
-            except (OSError, RuntimeError) as e:  # the child could not start: go on without
-                for name in remote:
-                    failed(name, f"could not start: {e}")
-        self.tracker_run_id = next((getattr(s, "run_id", None) for s in sinks
-                                    if getattr(s, "run_id", None)), None)
         self.progress = Progress(max_steps, interactive=progress) if progress is not False \
             else None
-        if self.progress is not None:
-            sinks.append(self.progress)
-        self.hub = Hub(sinks, on_sink_failure=failed)
+        sampler = {"kind": device.kind, "index": device.index, "uuid": _gpu_uuid(device),
+                   "pid": os.getpid(), "every_s": cfg.system_every_s,
+                   "slow_every_s": 5 * cfg.system_every_s}
+        # Every sink and the sampler live in the writer process (hub.py says why).
+        self.hub = Hub(cfg.trackers, run_dir, on_failure=failed, sampler=sampler,
+                       on_note=lambda note: events.event("note", message=note),
+                       options={"wandb_mode": mode, "wandb_project": cfg.wandb_project,
+                                "wandb_run_id": tracker_run_id, "run_name": run_name})
+        self.tracker_run_id = self.hub.run_id
         self.cfg, self.device, self.compute_dtype = cfg, device, compute_dtype
         self.ctx = WindowContext(samples_per_step=samples_per_step,
                                  device=device.torch_device, memory_total=memory_total)
-        self.metrics = MetricsLogger(cfg.log_every, self.ctx,
-                                     lambda stream, r, wake: self.hub.publish(stream, r,
-                                                                              wake=wake),
-                                     engine, memory_probe=_memory_probe(device, memory_total,
-                                                                        tracker))
-        self.sampler = Sampler(device, lambda r: self.hub.publish("system", r),
-                               every_s=cfg.system_every_s)
+        self.metrics = MetricsLogger(cfg.log_every, self.ctx, self._publish, engine,
+                                     memory_probe=_memory_probe(device, memory_total, tracker))
+
+    def _publish(self, stream: str, record: dict[str, Any]) -> None:
+        self.hub.publish(stream, record)
+        if self.progress is not None and stream == "metrics":
+            self.progress.log_metrics(record)
 
     @property
     def callbacks(self) -> list[Callback]:
@@ -104,14 +93,16 @@ class TelemetrySession:
         self.events.event("flops", flops_per_step=self.ctx.flops_per_step,
                           peak_flops=peak, peak_source=source, dtype=self.compute_dtype)
 
-    def start(self) -> None:
-        self.sampler.start()
-        for note in self.sampler.notes:
-            self.events.event("note", message=note)
-
     def close(self) -> None:
-        self.sampler.stop()
         self.hub.close()
+
+
+def _gpu_uuid(device: DeviceInfo) -> str | None:
+    """The GPU's UUID, which the writer's NVML reader finds it by (it has no torch)."""
+    if not device.is_cuda:
+        return None
+    uuid = getattr(torch.cuda.get_device_properties(device.index or 0), "uuid", None)
+    return f"GPU-{uuid}" if uuid else None
 
 
 def _memory_probe(device: DeviceInfo, total: int | None, tracker: Callable[[], Any]
