@@ -1,6 +1,6 @@
 """What per-step logging costs: redline's telemetry against a bare loop and its peers.
 
-    PYTHONPATH=src python bench/overhead.py [--repeats 61,21] [--steps 50,50] [--threads 1]
+    PYTHONPATH=src python bench/overhead.py [--repeats 121,31] [--steps 50,50] [--threads 1]
                                             [--small 128x160] [--large 512x176]
 
 Goal: redline as `redline train` runs it, with full telemetry (Engine.step with the OOM
@@ -17,12 +17,12 @@ Dispatcher); the floor + wandb run.log of 10 metrics a step; Lightning Trainer.f
 self.log of them (on_step=True, logger=False), timed between on_train_batch_end hooks;
 Accelerate (log_with="wandb", accelerator.log every step).
 
-Each repeat runs every variant for a block of steps, in rotating order; a variant's cost
+Each repeat runs every variant for a block of steps, in a random order; a variant's cost
 is the median over repeats of its block time divided by the floor's block time in the
 same repeat (paired: the machine's drift cancels), with a distribution-free 95 %
 confidence interval. W&B runs, the session and Accelerate live across blocks, Lightning
 runs one fit per block. Warm-up is log_every/2 steps and blocks are a multiple of
-log_every, so every redline block closes a window mid-block and its writer thread
+log_every, so every redline block closes a window mid-block and its writer process
 finishes inside redline's block. Peers' W&B runs keep W&B's defaults (system stats on)
 except console capture. Pick --small/--large so the floor is ~2 ms and ~30 ms.
 """
@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -108,7 +109,7 @@ class Variant:
     def __init__(self, step: Callable[[], None], close: Callable[[], None] = lambda: None,
                  per_step: PerStep | None = None) -> None:
         self.step, self.close, self.per_step, self.steps = step, close, per_step, 0
-        self.sink_s: dict[str, float] = {}  # redline: time in sink writes (writer thread)
+        self.sink_s: dict[str, float] = {}  # redline: time in hub.publish, per stream
         self.sink_n: dict[str, int] = {}
 
     def block(self, n: int) -> float:
@@ -299,8 +300,12 @@ def bench(width: int, bs: int, steps: int, repeats: int, threads: int, tmp: Path
     for v in variants.values():  # warm-up; redline's windows then close mid-block
         torch.set_num_threads(threads)
         v.block(LOG_EVERY // 2)
-    for r in track(range(repeats), description=f"MLP {width}, batch {bs}", transient=True):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+    order = random.Random(0)
+    for _ in track(range(repeats), description=f"MLP {width}, batch {bs}", transient=True):
+        # A fresh random order each repeat: with a rotation each variant would always
+        # follow the same one, and e.g. the floor would always inherit the background work
+        # of the W&B run that logged just before it.
+        for name in order.sample(names, len(names)):
             torch.set_num_threads(threads)  # in case a framework changed it
             times[name].append(variants[name].block(steps))
     for v in variants.values():
@@ -326,7 +331,7 @@ def paired(times: dict[str, list[float]], name: str) -> tuple[float, float, floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", default="61,21", help="repeats: SMALL,LARGE (or one)")
+    p.add_argument("--repeats", default="121,31", help="repeats: SMALL,LARGE (or one)")
     p.add_argument("--steps", default="50,50",
                    help="steps per block: SMALL,LARGE; a multiple of log_every (50)")
     p.add_argument("--threads", type=int, default=1)

@@ -53,6 +53,9 @@ def test_the_training_process_runs_no_telemetry_work_thread(tmp_path: Path) -> N
     before = set(threading.enumerate())
     hub = Said().hub(tmp_path, ["jsonl", "console"], sampler=cpu_sampler())
     new = [t.name for t in set(threading.enumerate()) - before]
+    assert hub._proc is not None
+    # a terminal's Ctrl-C goes to the trainer alone, which saves before the writer closes
+    assert os.getsid(hub._proc.pid) != os.getsid(0)
     hub.close()
     # only the listener, asleep in a read of the writer's stdout; sinks and sampler are
     # in the writer process, where their Python cannot take the GIL from training

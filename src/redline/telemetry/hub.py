@@ -4,9 +4,9 @@ Why a process, not a writer thread. torch releases the GIL around its ops, so an
 thread in the training process takes the GIL between two of the training thread's ops,
 and the training thread then waits to get it back: for as long as that thread runs
 Python, up to `sys.getswitchinterval()` (5 ms) at a time. Measured with
-bench/overhead.py on a 2 ms CPU step, a writer thread spending ~0.3 ms per window on JSON
-lines and pipe writes, plus a sampler thread reading psutil, cost the training thread
-about 0.8 ms per window. So no telemetry thread does work in the training process while
+bench/overhead.py on a 2 ms CPU step: beside a writer thread (~0.3 ms of JSON and pipe
+writes per window) and a sampler thread, the training thread's window close took ~0.9 ms;
+without them it takes ~0.16 ms. So no telemetry thread does work in the training process while
 it trains: `publish` encodes a record as one JSON line and writes it to the writer
 process's stdin (~10 us, once per window), and everything else (the JSONL files, console
 lines, TensorBoard, W&B, the hardware sampler) runs in that process (writer.py), on its
@@ -88,7 +88,11 @@ class Hub:
         try:
             self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
                 [sys.executable, "-m", "redline.telemetry.writer", json.dumps(spec)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                # its own session: Ctrl-C in a terminal, or a scheduler signalling the
+                # process group, reaches the trainer, which saves and then closes the
+                # writer; the writer itself stops at the end of its input
+                start_new_session=True)
         except OSError as e:
             self._proc = None
             self._fall_back(f"the telemetry writer process could not start: {e}")

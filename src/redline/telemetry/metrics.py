@@ -46,10 +46,19 @@ _CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
 def host_float(t: torch.Tensor) -> float:
     """The value of a one-element CPU tensor, read from its memory without a torch op."""
+    return reader_for(t)(t)
+
+
+def reader_for(t: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """The fastest exact way to read tensors like `t` (one element, CPU) as a float.
+
+    The window logger picks one per value at its first step and then calls it without
+    checks: each check is another call into torch, and inside a step they add up.
+    """
     ctype = _CTYPES.get(t.dtype)
     if ctype is None or not t.is_cpu or t.numel() != 1:
-        return float(t.item())  # other dtypes (bf16 norms of bf16-true): the usual way
-    return float(ctype.from_address(t.data_ptr()).value)
+        return lambda x: float(x.item())  # other dtypes (bf16-true's norms): the usual way
+    return lambda x: float(ctype.from_address(x.data_ptr()).value)
 
 
 @dataclass
@@ -89,6 +98,8 @@ class MetricsLogger(Callback):
         # CPU: the window's sums as Python numbers; a device: the steps' tensors.
         self._host = ctx.device.type == "cpu"
         self._loss_sum, self._nonfinite, self._norm = 0.0, 0, 0.0
+        self._read_loss: Callable[[torch.Tensor], float] | None = None
+        self._read_norm: Callable[[torch.Tensor], float] = float
         self._pairs: list[torch.Tensor] = []
         self._folded: list[torch.Tensor] = []  # _pairs stacked every FOLD_EVERY steps
         self._n = 0  # steps in the open window
@@ -106,8 +117,11 @@ class MetricsLogger(Callback):
     def on_step_end(self, state: State, loss: torch.Tensor) -> None:
         t = time.perf_counter()
         if self._host:
-            self._loss_sum += host_float(loss)
-            self._norm = host_float(self.engine.grad_norm)
+            if self._read_loss is None:  # the first step: how to read these tensors
+                self._read_loss = reader_for(loss)
+                self._read_norm = reader_for(self.engine.grad_norm)
+            self._loss_sum += self._read_loss(loss)
+            self._norm = self._read_norm(self.engine.grad_norm)
             if not math.isfinite(self._norm):
                 self._nonfinite += 1
         else:

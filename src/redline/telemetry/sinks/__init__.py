@@ -1,4 +1,4 @@
-"""Telemetry sinks by tracker name: where the hub's writer thread sends each batch.
+"""Telemetry sinks by tracker name: where the writer process sends each batch.
 
 `jsonl` (the source of truth) and `console` need nothing extra; `tensorboard` and `wandb`
 import their packages only when such a sink is made, and say which extra installs them.

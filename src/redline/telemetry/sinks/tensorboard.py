@@ -24,7 +24,7 @@ class TensorBoardSink:
 
     System records without a step are placed at a running count of such samples, so each
     still gets its own point. The writer is flushed once per `write` call (one batch of a
-    stream), never per scalar: the event file is written by the hub's writer thread, and
+    stream), never per scalar: the event file is written by the telemetry writer process, and
     the writer's own periodic flush is pushed out of the way.
     """
 

@@ -1,4 +1,4 @@
-"""The `wandb` tracker: one `log` call per logging window, from the hub's writer thread.
+"""The `wandb` tracker: one `log` call per logging window, from the telemetry writer process.
 
 Steps. W&B keeps one monotonically increasing step per run and silently drops a row whose
 step is behind the newest one (checked with 0.31). Metrics records carry the training step
