@@ -10,9 +10,9 @@ block time divided by the floor's block time in the same repeat, with a distribu
 hot path could do with the step's loss and gradient norm:
 
   keep tensors    append both to a list, stacked and summed every 50 steps
-  .item()         read both on the host with Tensor.item() (no sync on CPU, a torch op)
+  .item()         read both on the host with Tensor.item(): no sync on CPU (redline's
+                  CPU path, metrics.host_float)
   stack into row  torch.stack((loss, norm), out=row): one op into preallocated memory
-  read memory     read both as floats from their memory (redline's CPU path, host_float)
   pipe write      one ~0.6 KB JSON line every 50 steps to a child process that blocks
                   in a read (redline's hand-off to its writer process)
 """
@@ -69,13 +69,10 @@ def variants(net: torch.nn.Module, opt: torch.optim.Optimizer,
             kept.clear()
 
     def item(i: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
-        total[0] += loss.item() + norm.item()
+        total[0] += host_float(loss) + host_float(norm)
 
     def row(i: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
         torch.stack((loss, norm), out=rows[i % 50])
-
-    def memory(i: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
-        total[0] += host_float(loss) + host_float(norm)
 
     child = subprocess.Popen([sys.executable, "-c", READER], stdin=subprocess.PIPE)
     assert child.stdin is not None
@@ -90,7 +87,7 @@ def variants(net: torch.nn.Module, opt: torch.optim.Optimizer,
     out = {FLOOR: _loop(net, opt, data, None), "bare loop again (noise control)":
            _loop(net, opt, data, None)}
     for name, extra in (("keep tensors", keep), (".item()", item), ("stack into row", row),
-                        ("read memory", memory), ("pipe write", pipe)):
+                        ("pipe write", pipe)):
         out[name] = _loop(net, opt, data, extra)
     out["pipe write"].close = lambda: (child.stdin.close(), child.wait())  # type: ignore
     return out

@@ -198,22 +198,26 @@ class Trainer:
         skipped: list[str] = []
         found = self._load_checkpoint(skipped) if self.resume else None
         self.telemetry = self._telemetry(found[1].get("tracker_run_id") if found else None)
-        self.dispatcher = Dispatcher([*self.telemetry.callbacks, _MemoryEvents(self.events),
-                                      *self.user_callbacks])
-        mem, micro = self.config.memory, self.config.train.micro_batch
-        self.engine = Engine(self.step_model, self.optimizer, self.precision,
-                             scheduler=self.scheduler, grad_clip=self.config.train.grad_clip,
-                             micro_batch_size=micro, dispatcher=self.dispatcher,
-                             state=self.state,
-                             oom_guard=OOMGuard(micro, mem.grow_after) if mem.oom_guard else False)
-        self.telemetry.metrics.engine = self.engine
-        for path in skipped:
-            self.dispatcher.fire(Event.ANOMALY, self.state,
-                                 {"kind": "corrupt_checkpoint", "path": path})
-        if tuned is not None:
-            self.events.event("autobatch", **tuned)
-        self._write_run_files()
-        resumed = self._apply_checkpoint(*found) if found else None
+        try:  # the writer process is running from here: a failure must stop it
+            self.dispatcher = Dispatcher([*self.telemetry.callbacks, _MemoryEvents(self.events),
+                                          *self.user_callbacks])
+            mem, micro = self.config.memory, self.config.train.micro_batch
+            guard = OOMGuard(micro, mem.grow_after) if mem.oom_guard else False
+            self.engine = Engine(self.step_model, self.optimizer, self.precision,
+                                 scheduler=self.scheduler, grad_clip=self.config.train.grad_clip,
+                                 micro_batch_size=micro, dispatcher=self.dispatcher,
+                                 state=self.state, oom_guard=guard)
+            self.telemetry.metrics.engine = self.engine
+            for path in skipped:
+                self.dispatcher.fire(Event.ANOMALY, self.state,
+                                     {"kind": "corrupt_checkpoint", "path": path})
+            if tuned is not None:
+                self.events.event("autobatch", **tuned)
+            self._write_run_files()
+            resumed = self._apply_checkpoint(*found) if found else None
+        except BaseException:
+            self.telemetry.close()
+            raise
         self.events.event("run_start", step=self.state.step, max_steps=self.max_steps,
                           precision=self.precision.name, device=self.device.name)
         result = FitResult(run_dir=str(self.run_dir), steps=self.state.step, samples=0,

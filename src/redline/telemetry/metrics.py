@@ -1,16 +1,14 @@
 """Training metrics per window, at a cost the run measures itself.
 
 On a step that does not log, the training thread records the step's loss and gradient
-norm and nothing else: no host sync, no torch op, no tensor kept past the step. Every
+norm and nothing else: no host sync, no tensor kept past the step. Every
 `log_every` steps the window closes and is published:
 
   - on CPU the loss and norm are host memory: each step reads them as Python floats
-    straight from the tensors' memory (`host_float`, ~1 us) and adds them up; there is no
-    device to wait for. Why not a torch op (`.item()`, an in-place add, a copy into a
-    preallocated row): inside a training step any dispatcher call runs with cold caches,
-    8-16 us measured on a 2 ms CPU step. Why not keep the step's tensors until the window
-    closes: 50 small tensors alive per window fragment the allocator's heap, ~35 us a
-    step measured (docs/benchmarks.md, "Telemetry overhead");
+    (`host_float`, under a microsecond; there is no device to wait for) and adds them up.
+    Why not keep the step's tensors until the window closes, as on a GPU: on CPU, small
+    tensors kept alive across steps fragment the allocator's heap, and the big
+    activations then cost page faults: +2.2 % on a 2 ms step (bench/step_costs.py);
   - on a GPU each step appends its two device tensors to a list (no kernel launch; the
     caching allocator does not fragment), and the window stacks them (one kernel). On
     CUDA the stack is copied into pinned host memory with non_blocking=True and a CUDA
@@ -27,7 +25,6 @@ of the window's wall time, with the number of host syncs redline itself made
 
 from __future__ import annotations
 
-import ctypes
 import math
 import time
 from collections.abc import Callable
@@ -41,24 +38,15 @@ from redline.telemetry.flops import mfu
 
 Publish = Callable[[str, dict[str, Any]], None]
 FOLD_EVERY = 1024  # GPU: steps whose tensors are stacked into one, to keep the list short
-_CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
 
 def host_float(t: torch.Tensor) -> float:
-    """The value of a one-element CPU tensor, read from its memory without a torch op."""
-    return reader_for(t)(t)
+    """The value of a one-element CPU tensor (the CPU path only: there it syncs nothing).
 
-
-def reader_for(t: torch.Tensor) -> Callable[[torch.Tensor], float]:
-    """The fastest exact way to read tensors like `t` (one element, CPU) as a float.
-
-    The window logger picks one per value at its first step and then calls it without
-    checks: each check is another call into torch, and inside a step they add up.
+    Plain `.item()`: inside a step it measured cheaper than reading the memory through
+    ctypes (0.35 against 1.8 us a value) or any op that keeps the value in a tensor.
     """
-    ctype = _CTYPES.get(t.dtype)
-    if ctype is None or not t.is_cpu or t.numel() != 1:
-        return lambda x: float(x.item())  # other dtypes (bf16-true's norms): the usual way
-    return lambda x: float(ctype.from_address(x.data_ptr()).value)
+    return t.item()
 
 
 @dataclass
@@ -98,8 +86,6 @@ class MetricsLogger(Callback):
         # CPU: the window's sums as Python numbers; a device: the steps' tensors.
         self._host = ctx.device.type == "cpu"
         self._loss_sum, self._nonfinite, self._norm = 0.0, 0, 0.0
-        self._read_loss: Callable[[torch.Tensor], float] | None = None
-        self._read_norm: Callable[[torch.Tensor], float] = float
         self._pairs: list[torch.Tensor] = []
         self._folded: list[torch.Tensor] = []  # _pairs stacked every FOLD_EVERY steps
         self._n = 0  # steps in the open window
@@ -117,11 +103,8 @@ class MetricsLogger(Callback):
     def on_step_end(self, state: State, loss: torch.Tensor) -> None:
         t = time.perf_counter()
         if self._host:
-            if self._read_loss is None:  # the first step: how to read these tensors
-                self._read_loss = reader_for(loss)
-                self._read_norm = reader_for(self.engine.grad_norm)
-            self._loss_sum += self._read_loss(loss)
-            self._norm = self._read_norm(self.engine.grad_norm)
+            self._loss_sum += host_float(loss)
+            self._norm = host_float(self.engine.grad_norm)
             if not math.isfinite(self._norm):
                 self._nonfinite += 1
         else:
