@@ -123,7 +123,10 @@ class Variant:
 
 
 def _bare(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], log: Any = None,
-          ps: PerStep | None = None) -> Variant:
+          ps: PerStep | None = None,
+          after: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> Variant:
+    """The floor; with `log` and `ps`, a peer's per-step logging; `after(step, loss, norm)`
+    for what bench/step_costs.py adds to it."""
     it, k = itertools.cycle(data), itertools.count(1)
 
     def step() -> None:
@@ -134,6 +137,8 @@ def _bare(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], log: 
         opt.step()
         if log is not None and ps is not None:
             ps.log(log, i := next(k), loss, gn, opt.param_groups[0]["lr"], step=i)
+        elif after is not None:
+            after(next(k), loss.detach(), gn)
 
     return Variant(step, per_step=ps)
 

@@ -20,40 +20,21 @@ hot path could do with the step's loss and gradient norm:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import CLIP, FLOOR, Variant, _adamw, _loss, _mlp, paired
+from overhead import FLOOR, Variant, _adamw, _bare, _mlp, paired
 from redline.telemetry.metrics import host_float
 
 READER = "import sys, json\nfor line in sys.stdin: json.loads(line)"
-
-
-def _loop(net: torch.nn.Module, opt: torch.optim.Optimizer,
-          data: list[tuple[torch.Tensor, torch.Tensor]],
-          extra: Callable[[int, torch.Tensor, torch.Tensor], None] | None) -> Variant:
-    it, k = itertools.cycle(data), itertools.count(1)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss = _loss(net, next(it))
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP, foreach=True)
-        opt.step()
-        if extra is not None:
-            extra(next(k), loss.detach(), norm)
-
-    return Variant(step)
 
 
 def variants(net: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -84,11 +65,11 @@ def variants(net: torch.nn.Module, opt: torch.optim.Optimizer,
         if i % 50 == 25:
             os.write(fd, line)
 
-    out = {FLOOR: _loop(net, opt, data, None), "bare loop again (noise control)":
-           _loop(net, opt, data, None)}
+    out = {FLOOR: _bare(net, opt, data), "bare loop again (noise control)":
+           _bare(net, opt, data)}
     for name, extra in (("keep tensors", keep), (".item()", item), ("stack into row", row),
                         ("pipe write", pipe)):
-        out[name] = _loop(net, opt, data, extra)
+        out[name] = _bare(net, opt, data, after=extra)
     out["pipe write"].close = lambda: (child.stdin.close(), child.wait())  # type: ignore
     return out
 

@@ -36,7 +36,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-STREAMS = ("metrics", "system")
 IN_PROCESS = ("jsonl", "console")  # what the hub can still write itself if the writer dies
 
 
