@@ -105,7 +105,7 @@ class Hub:
             self._proc.kill()
             self._fall_back(f"the telemetry writer process did not start in {start_timeout_s:g} s")
         elif self._exited:
-            self._fall_back(f"the telemetry writer process exited ({self._proc.wait()})")
+            self._writer_exited()
 
     @property
     def run_id(self) -> str | None:
@@ -115,7 +115,7 @@ class Hub:
     def publish(self, stream: str, record: dict[str, Any]) -> None:
         """Hand one record to the writer (training thread; never blocks)."""
         if self._local is None and self._exited and not self._closing:
-            self._fall_back(f"the telemetry writer process exited ({self._exit_code()})")
+            self._writer_exited()
         if self._local is not None:
             self._write_local([[stream, record]])
             return
@@ -169,7 +169,7 @@ class Hub:
             n = 0
         except OSError:  # broken pipe: the writer is gone
             self._backlog += data
-            self._fall_back(f"the telemetry writer process exited ({self._exit_code()})")
+            self._writer_exited()
             return
         if n < len(data):
             self._backlog += data[n:]
@@ -206,9 +206,14 @@ class Hub:
         with self._cond:
             self._cond.notify_all()
 
-    def _exit_code(self) -> str:
-        code = self._proc.poll() if self._proc is not None else None
-        return "still running" if code is None else f"exit code {code}"
+    def _writer_exited(self) -> None:
+        """The writer is gone (its output ended, or its pipe broke): fall back, saying how."""
+        code = None
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self._proc.wait(timeout=1)  # exiting already: its code is moments away
+        self._fall_back("the telemetry writer process exited ("
+                        + ("still running" if code is None else f"exit code {code}") + ")")
 
     # ---- without the writer --------------------------------------------------------------
 

@@ -108,7 +108,7 @@ class NvmlReader:
 def _handle_for(nvml: Any, index: int, uuid: str | None = None) -> Any:
     # torch's index counts CUDA_VISIBLE_DEVICES in CUDA order; NVML counts every GPU in PCI
     # order. The UUID names the same board in both; the index is the last resort.
-    uuid = uuid or _torch_uuid(index)
+    uuid = uuid or torch_gpu_uuid(index)
     if uuid:
         try:
             return nvml.nvmlDeviceGetHandleByUUID(uuid)
@@ -123,8 +123,9 @@ def _handle_for(nvml: Any, index: int, uuid: str | None = None) -> Any:
     return nvml.nvmlDeviceGetHandleByIndex(index)
 
 
-def _torch_uuid(index: int) -> str | None:
-    """The GPU's UUID from torch, where this process has already initialised CUDA."""
+def torch_gpu_uuid(index: int) -> str | None:
+    """The GPU's UUID from torch, where this process has already initialised CUDA (the
+    trainer passes it to the writer process, whose NVML reader finds the GPU by it)."""
     torch = sys.modules.get("torch")  # never imported here: the writer process has none
     if torch is None:
         return None

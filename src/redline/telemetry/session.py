@@ -24,6 +24,7 @@ from redline.telemetry.flops import count_step_flops, peak_flops
 from redline.telemetry.hub import Hub, report_sink_failure
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.metrics import MetricsLogger, WindowContext
+from redline.telemetry.sampler import torch_gpu_uuid
 from redline.telemetry.sinks import check_installed
 
 
@@ -46,9 +47,9 @@ class TelemetrySession:
 
         self.progress = Progress(max_steps, interactive=progress) if progress is not False \
             else None
-        sampler = {"kind": device.kind, "index": device.index, "uuid": _gpu_uuid(device),
-                   "pid": os.getpid(), "every_s": cfg.system_every_s,
-                   "slow_every_s": 5 * cfg.system_every_s}
+        uuid = torch_gpu_uuid(device.index or 0) if device.is_cuda else None
+        sampler = {"kind": device.kind, "index": device.index, "uuid": uuid, "pid": os.getpid(),
+                   "every_s": cfg.system_every_s, "slow_every_s": 5 * cfg.system_every_s}
         # Every sink and the sampler live in the writer process (hub.py says why).
         self.hub = Hub(cfg.trackers, run_dir, on_failure=failed, sampler=sampler,
                        on_note=lambda note: events.event("note", message=note),
@@ -95,14 +96,6 @@ class TelemetrySession:
 
     def close(self) -> None:
         self.hub.close()
-
-
-def _gpu_uuid(device: DeviceInfo) -> str | None:
-    """The GPU's UUID, which the writer's NVML reader finds it by (it has no torch)."""
-    if not device.is_cuda:
-        return None
-    uuid = getattr(torch.cuda.get_device_properties(device.index or 0), "uuid", None)
-    return f"GPU-{uuid}" if uuid else None
 
 
 def _memory_probe(device: DeviceInfo, total: int | None, tracker: Callable[[], Any]
