@@ -110,3 +110,18 @@ def test_a_sink_that_cannot_start_is_reported_and_the_others_run(
     assert [name for name, _ in said.failures] == ["wandb"]
     assert "sideways" in said.failures[0][1] and list(hub.failed) == ["wandb"]
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [5]
+
+
+def test_the_writer_starts_its_own_wandb_service(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    # what wandb.init leaves in this process's environment: its service's address, stale
+    # once that service is gone
+    monkeypatch.setenv("WANDB_SERVICE", "3-1-unix-/nonexistent/socket")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    said = Said()
+    hub = said.hub(tmp_path, ["wandb"], options={"wandb_mode": "offline"})
+    hub.publish("metrics", record(5))
+    hub.close()
+    assert not said.failures and hub.run_id
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -84,6 +84,9 @@ class Hub:
         package_root = str(Path(__file__).resolve().parents[2])  # importable in the child
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        # wandb.init in this process exports the address of its own W&B service; the writer
+        # starts its own, and must not attach to that one, which may be gone already
+        env.pop("WANDB_SERVICE", None)
         try:
             self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
                 [sys.executable, "-m", "redline.telemetry.writer", json.dumps(spec)],
