@@ -65,11 +65,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from redline.device import DeviceInfo
 from redline.memory.probe import MemoryBudget, measure_peak
-
-try:
-    from redline.memory.sizes import format_size, live_tensor_bytes, parse_size
-except ImportError:  # before these moved out of probe.py
-    from redline.memory.probe import format_size, live_tensor_bytes, parse_size
+from redline.memory.sizes import format_size, live_tensor_bytes, parse_size
 
 TASK_SPEC = f"{Path(__file__).resolve()}:BenchTask"
 STEPS_PER_TRIAL = 3
@@ -112,7 +108,7 @@ class BenchTask:
 
 
 def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    # The optimizer redline tunes with (redline.engine.build_optimizer): AdamW, foreach.
+    # The optimizer redline tunes with (redline.build.build_optimizer): AdamW, foreach.
     return torch.optim.AdamW(model.parameters(), lr=2e-4, foreach=True)
 
 
@@ -154,8 +150,8 @@ def search_redline(budget: int, target: float, measure_throughput: bool = True) 
     t0 = time.perf_counter()
     try:
         from redline.config import load_config
-        from redline.memory.autobatch import autobatch
         from redline.task import resolve_task
+        from redline.tune import autobatch
 
         config = load_config(None, [f"task={TASK_SPEC}", f"memory.budget={budget}",
                                     f"memory.target={target}", "device=cpu"])

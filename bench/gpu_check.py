@@ -91,34 +91,30 @@ def main() -> int:
 
     @check("telemetry windows without host sync")
     def _() -> str:
-        from redline.events import Dispatcher, Event, State
-        from redline.telemetry.metrics import MetricsLogger, WindowContext
+        from redline.telemetry.metrics import WindowContext, WindowLogger
 
         model, x, y = _model()
         policy = get_precision("bf16-mixed" if info.supports_bf16 else "fp32", info)
         records: list[dict] = []
-        state = State(model=model, max_steps=20)
         engine = Engine(model, torch.optim.AdamW(model.parameters(), foreach=True,
                                                  capturable=True), policy, grad_clip=1.0)
-        state.optimizer = engine.optimizer
-        logger = MetricsLogger(5, WindowContext(samples_per_step=64, device=info.torch_device,
-                                                flops_per_step=10**9,
-                                                peak_flops=info.peak_for("bfloat16")),
-                               lambda stream, r: records.append(r), engine)
-        dispatcher = Dispatcher([logger])
+        logger = WindowLogger(5, WindowContext(samples_per_step=64, device=info.torch_device,
+                                               flops_per_step=10**9,
+                                               peak_flops=info.peak_for("bfloat16")),
+                              records.append)
         with policy.global_context():
             engine.step((x, y), _loss)  # warm-up outside the check
             torch.cuda.synchronize()
-            dispatcher.fire(Event.FIT_START, state)
+            logger.start()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                for _ in range(20):
+                for step in range(1, 21):
                     loss = engine.step((x, y), _loss)
-                    state.step += 1
-                    dispatcher.fire(Event.STEP_END, state, loss)
+                    logger.record(step, loss, engine.grad_norm, 0.0, step == 20,
+                                  lambda s=step: {"step": s, "micro_batch": 64})
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-            dispatcher.fire(Event.FIT_END, state)
+            logger.finish({"step": 20})
         assert [r["step"] for r in records] == [5, 10, 15, 20], records
         assert all(r["redline/host_syncs"] == 0 for r in records[:-1])
         return (f"ok, 4 windows, no sync; step {1e3 * records[-1]['step_time_s']:.2f} ms, "

@@ -50,12 +50,11 @@ import torch
 from rich.progress import track
 from torch import nn
 
-from redline.config import TelemetryConfig
 from redline.device import DeviceInfo
 from redline.engine import Engine
 from redline.events import Dispatcher, Event, State
-from redline.telemetry.jsonl import EventLog
-from redline.telemetry.session import TelemetrySession
+from redline.telemetry.config import TelemetryConfig
+from redline.telemetry.session import Telemetry
 
 TRACKERS = ["jsonl", "tensorboard", "wandb"]
 LR, CLIP, LOG_EVERY, GOAL_PCT = 1e-4, 1.0, 50, 0.5
@@ -152,19 +151,17 @@ def _engine(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch]) -> 
 def _redline(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], run_dir: Path,
              guard: bool = True) -> tuple[Variant, Path]:
     device, bs = DeviceInfo.detect("cpu"), data[0][0].shape[0]
-    it, events = itertools.cycle(data), EventLog(run_dir / "events.jsonl")
-    cfg = TelemetryConfig(log_every=LOG_EVERY, trackers=TRACKERS, wandb_mode="offline")
-    session = TelemetrySession(cfg, run_dir, device, "float32", None, events,
-                               max_steps=10**9, samples_per_step=bs, memory_total=None,
-                               tracker=lambda: None, progress=False, run_name=run_dir.name)
+    it = itertools.cycle(data)
+    cfg = TelemetryConfig(log_every=LOG_EVERY, trackers=tuple(TRACKERS), wandb_mode="offline")
+    telemetry = Telemetry(run_dir, cfg, device=device, samples_per_step=bs, progress=False,
+                          run_name=run_dir.name)
     state = State(model=model, optimizer=opt, max_steps=10**9, run_dir=str(run_dir))
-    dispatcher = Dispatcher(session.callbacks)
+    dispatcher = Dispatcher()
     # as `redline train` runs it: the OOM guard on, its micro-batch the whole batch
     engine = Engine(model, opt, "fp32", grad_clip=CLIP, dispatcher=dispatcher, state=state,
                     micro_batch_size=bs if guard else None, oom_guard=guard)
-    (metrics := session.metrics).engine = engine
     v = Variant(lambda: None)
-    publish = session.hub.publish  # timed: the training thread's one hand-off per window
+    publish = telemetry.hub.publish  # timed: the training thread's one hand-off per window
 
     def timed(stream: str, record: dict[str, Any]) -> None:
         t = time.perf_counter()
@@ -172,8 +169,9 @@ def _redline(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], ru
         v.sink_s[stream] = v.sink_s.get(stream, 0.0) + time.perf_counter() - t
         v.sink_n[stream] = v.sink_n.get(stream, 0) + 1
 
-    session.hub.publish = timed  # type: ignore[method-assign]
-    session.count_flops(model, list(zip(*data[0], strict=True)), bs, _loss)  # type: ignore
+    telemetry.hub.publish = timed  # type: ignore[method-assign]
+    telemetry.count_flops(model, data[0], _loss, bs)
+    telemetry.start()
     dispatcher.fire(Event.FIT_START, state)
     ended = [time.perf_counter()]
     on_batch_start = dispatcher.table[Event.BATCH_START]
@@ -182,7 +180,7 @@ def _redline(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], ru
     def step() -> None:  # Trainer._loop's body on CPU, minus the eval/checkpoint checks
         t = time.perf_counter()
         batch = next(it)
-        metrics.data_wait_s += time.perf_counter() - t
+        wait = time.perf_counter() - t
         for handler in on_batch_start:
             handler(state, batch)
         loss = engine.step(batch, _loss)  # type: ignore[arg-type]
@@ -191,16 +189,19 @@ def _redline(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], ru
         state.samples_seen += bs
         for handler in on_step_end:
             handler(state, loss)
+        telemetry.record_step(state.step, loss, engine.grad_norm,
+                              micro_batch=engine.micro_batch_size,
+                              lr=opt.param_groups[0]["lr"], epoch=state.epoch,
+                              samples=state.samples_seen, data_wait_s=wait)
 
     def close() -> None:
         dispatcher.fire(Event.FIT_END, state)
-        session.close()
-        events.close()
+        telemetry.close()
 
     v.step, v.close, run_block = step, close, v.block
 
     def block(n: int) -> float:  # other variants' blocks are not window time (like evaluation)
-        metrics._t0 += time.perf_counter() - ended[0]
+        telemetry.window.exclude(time.perf_counter() - ended[0])
         dt = run_block(n)
         ended[0] = time.perf_counter()
         return dt

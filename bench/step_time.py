@@ -19,8 +19,9 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import default_collate
 
+from redline import batch as batch_tree
 from redline.device import DeviceInfo
-from redline.engine import Engine, move_to
+from redline.engine import Engine
 from redline.precision import get_precision
 from redline.task import resolve_task
 
@@ -32,7 +33,8 @@ def make_step(task_name: str, precision: str, batch_size: int, device: DeviceInf
     policy = get_precision(precision, device)
     model = policy.convert_module(task.build_model().to(device.torch_device))
     data = task.train_data()
-    batch = move_to(default_collate([data[i] for i in range(batch_size)]), device.torch_device)
+    batch = batch_tree.move(default_collate([data[i] for i in range(batch_size)]),
+                            device.torch_device)
     engine = Engine(model, torch.optim.AdamW(model.parameters(), lr=1e-4), policy,
                     grad_clip=1.0)
 

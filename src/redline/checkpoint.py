@@ -13,21 +13,39 @@ with `weights_only=True` (no arbitrary code runs when a checkpoint is opened).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from redline.errors import UserError, require
+
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 
-class CheckpointError(ValueError):
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """The `checkpoint` section: how often the run saves what it needs to resume."""
+
+    every: int = 500
+    """Steps between checkpoints; 0: only at the end (and on SIGTERM/SIGINT)."""
+    keep: int = 3
+    """Newest checkpoints kept; older ones are deleted."""
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, "checkpoint.every", self.every, ">= 0 (0: only at the end)")
+        require(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
+
+
+class CheckpointError(UserError):
     """No usable checkpoint where one was required; the message says where and why."""
 
 
@@ -117,6 +135,16 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Every generator `rng_state` covers is where it was before, once the block ends."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -1,4 +1,9 @@
-"""The `redline` command: parse, call a workflow, print. Bad input exits 2 with one sentence."""
+"""The `redline` command: parse, call a workflow, print. Bad input exits 2 with one sentence.
+
+Bad input is any `redline.errors.UserError` (a wrong config key, an unknown task, a
+missing optional package, a corrupt checkpoint): one sentence on stderr, exit code 2.
+Anything raised by the user's own code keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -22,13 +27,46 @@ examples:
 
 Any config key can be set with --set SECTION.KEY=VALUE (values are YAML); the flags
 above are shorthands for train.steps, train.batch_size, train.seed, precision.name,
-device and telemetry.trackers.
+memory.budget, device and telemetry.trackers.
 """
+
+EPILOG_TUNE = """\
+examples:
+  redline tune sr3-tiny --memory-budget 2GiB
+  redline tune my_task.py:MyTask --target 0.9 --output tuned.yaml --json
+  redline train my_task.py:MyTask --config tuned.yaml
+"""
+
+# flag attribute -> the config key it is a shorthand for
+SHORTHANDS = (("steps", "train.steps"), ("batch_size", "train.batch_size"),
+              ("seed", "train.seed"), ("precision", "precision.name"), ("device", "device"),
+              ("memory_budget", "memory.budget"), ("target", "memory.target"))
+
+
+def _job_options() -> argparse.ArgumentParser:
+    """The options every command that builds a training job takes, declared once."""
+    from redline.precision import PRECISIONS
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("task", nargs="?", help="built-in name, package.module:Class or "
+                   "path/to/file.py:Class (or 'task' in --config)")
+    p.add_argument("--config", metavar="FILE", help="YAML config file")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--precision", metavar="NAME",
+                   help="one of " + ", ".join(PRECISIONS) + " (precision.name)")
+    p.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or mps (device)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="e.g. 2GiB: a CPU budget, or a cap below the device's memory "
+                        "(memory.budget)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object as the last line of standard output")
+    return p
 
 
 def _parser() -> argparse.ArgumentParser:
-    from redline.precision import PRECISIONS
     from redline.task import available_tasks
+    from redline.telemetry.sinks import available_sinks
 
     p = argparse.ArgumentParser(
         prog="redline",
@@ -37,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"redline {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    job = _job_options()
+    raw = argparse.RawDescriptionHelpFormatter
 
     d = sub.add_parser(
         "doctor", help="check the environment, or diagnose a run's step time",
@@ -48,88 +88,63 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print one JSON object")
 
     t = sub.add_parser(
-        "train", help="train a task and write a run directory",
-        description="Train TASK: a built-in name ("
-                    + ", ".join(available_tasks()) + "), package.module:Class or "
-                    "path/to/file.py:Class.",
-        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("task", nargs="?", help="task to train (or 'task' in --config)")
-    t.add_argument("--config", metavar="FILE", help="YAML config file")
-    t.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                   help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
+        "train", parents=[job], help="train a task and write a run directory",
+        description="Train TASK: a built-in name (" + ", ".join(available_tasks())
+                    + "), package.module:Class or path/to/file.py:Class.",
+        epilog=EPILOG_TRAIN, formatter_class=raw)
     t.add_argument("--steps", type=int, metavar="N", help="optimizer steps (train.steps)")
     t.add_argument("--batch-size", metavar="N|auto",
                    help="micro-batch, or auto to fill memory.target (train.batch_size)")
-    t.add_argument("--memory-budget", metavar="SIZE",
-                   help="e.g. 2GiB: a CPU budget, or a cap below the device's memory "
-                        "(memory.budget)")
     t.add_argument("--seed", type=int, metavar="N", help="random seed (train.seed)")
-    t.add_argument("--precision", metavar="NAME",
-                   help="one of " + ", ".join(PRECISIONS) + " (precision.name)")
-    t.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or mps (device)")
     t.add_argument("--tracker", action="append", default=[], metavar="NAME",
-                   help="add a tracker: jsonl, console, tensorboard, wandb "
-                        "(telemetry.trackers; repeatable)")
+                   help="add a tracker: " + ", ".join(available_sinks())
+                        + ", or package.module:Class (telemetry.trackers; repeatable)")
     t.add_argument("--run-dir", metavar="DIR", help="run directory (default: runs/TASK-TIME)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest good checkpoint in --run-dir (default: the "
                         "newest run of TASK under runs/)")
-    t.add_argument("--json", action="store_true",
-                   help="print one JSON object as the last line of standard output")
     t.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+
     u = sub.add_parser(
-        "tune", help="find the fastest micro-batch that fits memory; write a tuned config",
+        "tune", parents=[job],
+        help="find the fastest micro-batch that fits memory; write a tuned config",
         description="Probe TASK's memory, find the largest micro-batch within memory.target "
                     "and the fastest one, and write a config that `redline train --config` "
-                    "accepts.",
-        epilog="examples:\n  redline tune sr3-tiny --memory-budget 2GiB\n"
-               "  redline tune my_task.py:MyTask --target 0.9 --output tuned.yaml --json\n"
-               "  redline train my_task.py:MyTask --config tuned.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    u.add_argument("task", nargs="?", help="task to tune (or 'task' in --config)")
-    u.add_argument("--config", metavar="FILE", help="YAML config file")
-    u.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                   help="override a config key (repeatable)")
-    u.add_argument("--memory-budget", metavar="SIZE", help="e.g. 2GiB (memory.budget)")
+                    "accepts.", epilog=EPILOG_TUNE, formatter_class=raw)
     u.add_argument("--target", type=float, metavar="F",
                    help="share of the budget to fill, e.g. 0.85 (memory.target)")
-    u.add_argument("--precision", metavar="NAME", help="precision.name")
-    u.add_argument("--device", metavar="DEV", help="device")
     u.add_argument("--output", metavar="FILE", help="tuned config (default: TASK-tuned.yaml)")
     u.add_argument("--no-cache", action="store_true", help="search even if a result is cached")
-    u.add_argument("--json", action="store_true", help="print one JSON object at the end")
     return p
 
 
-def _train_overrides(args: argparse.Namespace) -> list[str]:
+def _load(args: argparse.Namespace, command: str) -> Any:
+    """The config the command's flags describe; ConfigError without a task."""
+    from redline.config import ConfigError, load_config
+
     sets = list(args.overrides)
-    for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size"),
-                      ("seed", "train.seed"), ("precision", "precision.name"),
-                      ("device", "device"), ("memory_budget", "memory.budget"),
-                      ("target", "memory.target")):
-        if not hasattr(args, flag):
-            continue
-        value = getattr(args, flag)
+    for flag, key in SHORTHANDS:
+        value = getattr(args, flag, None)
         if value is not None:
             sets.append(f"{key}={value}")
     if args.task:
         sets.append(f"task={args.task}")
-    return sets
+    config = load_config(args.config, sets)
+    trackers = getattr(args, "tracker", [])
+    if trackers:
+        config = config.updated({"telemetry.trackers": [*config.telemetry.trackers, *trackers]})
+    if not config.task:
+        raise ConfigError(f"no task given: name one (e.g. redline {command} sr3-tiny) or set "
+                          "'task' in the config file")
+    return config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from redline.config import ConfigError, load_config
+    from redline.config import ConfigError
     from redline.lifecycle import latest_run_dir
     from redline.trainer import Trainer
 
-    config = load_config(args.config, _train_overrides(args))
-    if args.tracker:
-        config.telemetry.trackers = list(dict.fromkeys([*config.telemetry.trackers,
-                                                        *args.tracker]))
-        config.telemetry.__post_init__()
-    if not config.task:
-        raise ConfigError("no task given: name one (e.g. redline train sr3-tiny) or set "
-                          "'task' in the config file")
+    config = _load(args, "train")
     run_dir = args.run_dir
     trainer = Trainer(config, run_dir=run_dir, resume=args.resume,
                       progress=False if args.no_progress else None)
@@ -152,22 +167,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     import tempfile
 
-    from redline.config import ConfigError, load_config
     from redline.device import DeviceInfo
-    from redline.memory.autobatch import autobatch
     from redline.memory.probe import format_size
     from redline.task import resolve_task
     from redline.telemetry.console import status
+    from redline.tune import autobatch
 
-    config = load_config(args.config, _train_overrides(args))
-    if not config.task:
-        raise ConfigError("no task given: name one (e.g. redline tune sr3-tiny)")
+    config = _load(args, "tune")
     task = resolve_task(config.task, config.task_args)
     device = DeviceInfo.detect(config.device)
     with tempfile.TemporaryDirectory() as scratch, status("tune") as say:
         result = autobatch(task, config, device, cache_dir=scratch if args.no_cache else None,
                            progress=say)
-    result.apply(config.train)
+    config = result.apply(config)
     out = Path(args.output or f"{task.name}-tuned.yaml")
     out.write_text(config.to_yaml())
     if args.json:
@@ -190,7 +202,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"largest fitting micro-batch {result.max_fit}, fastest {result.chosen}; "
           f"effective batch {result.effective_batch_size} = {result.chosen} x "
           f"{result.accumulation_steps}; lr {result.lr:.3g}; eval batch "
-          f"{result.eval_batch_size}; target {format_size(result.target_bytes)}"
+          f"{result.eval_batch_size}; target {format_size(result.target_bytes)} "
+          f"({config.memory.target:.0%} of {result.budget_source})"
           + (" (cached)" if result.cache_hit else ""))
     print(f"tuned config: {out}  (redline train --config {out})")
     return 0
@@ -214,7 +227,8 @@ def _print_result(r: dict[str, Any]) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from redline.doctor import environment_check, render
+    from redline.doctor import render
+    from redline.environment import environment_check
 
     if args.run_dir:
         return _diagnose(args)
@@ -238,30 +252,20 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from redline.checkpoint import CheckpointError
-    from redline.config import ConfigError
-    from redline.device import DeviceError
-    from redline.precision import PrecisionError
-    from redline.task import TaskError
-
-    return (ConfigError, TaskError, PrecisionError, CheckpointError, DeviceError)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from redline.errors import UserError
+
     parser = _parser()
     args = parser.parse_args(argv)
     handler = {"doctor": cmd_doctor, "train": cmd_train, "tune": cmd_tune}[args.command]
     try:
         return handler(args)
-    except _user_errors() as e:
+    except UserError as e:
         return _fail(args, str(e))
     except _out_of_memory() as e:
         print(f"redline: error: {str(e).splitlines()[0]}; lower memory use (bf16-mixed, a "
               "smaller model) or raise memory.budget", file=sys.stderr)
         return 1
-    except ImportError as e:
-        return _fail(args, f"{e}")
     except KeyboardInterrupt:
         print("redline: interrupted", file=sys.stderr)
         return 130

@@ -11,12 +11,38 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from redline.config import ConfigError, DataConfig
+from redline.errors import ConfigError, require
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The `data` section: how the DataLoader feeds the step."""
+
+    num_workers: int | str = 0
+    """Loader worker processes, or "auto" (cores - 1, at most 4)."""
+    pin_memory: bool | str = "auto"
+    """Page-locked host batches for fast copies; "auto": on for CUDA."""
+    persistent_workers: bool | str = "auto"
+    """Keep workers across epochs; "auto": on when num_workers > 0."""
+    prefetch_factor: int = 2
+    """Batches each worker loads ahead."""
+
+    def __post_init__(self) -> None:
+        require(self.num_workers == "auto" or (isinstance(self.num_workers, int)
+                and self.num_workers >= 0), "data.num_workers", self.num_workers,
+                "an integer >= 0 or 'auto'")
+        for key in ("pin_memory", "persistent_workers"):
+            value = getattr(self, key)
+            require(isinstance(value, bool) or value == "auto", f"data.{key}", value,
+                    "true, false or 'auto'")
+        require(self.prefetch_factor >= 1, "data.prefetch_factor", self.prefetch_factor,
+                "an integer >= 1")
 
 
 class EpochBatchSampler(Sampler[list[int]]):

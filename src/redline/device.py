@@ -2,16 +2,23 @@
 
 Every capability question the rest of redline asks (does this device run bf16? fp8? how
 much memory? what is the dense peak for this dtype?) is answered here, so CUDA-only
-branches stay thin and tests can route them with a hand-made DeviceInfo.
+branches stay thin and tests can route them with a hand-made DeviceInfo. So is the one
+global switch of how the device computes float32 matmuls (`float32_matmul`), which the
+precision policies and the CPU peak measurement both set.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from redline.errors import UserError
 
 # Dense (no sparsity) peak FLOP/s per compute dtype, from the vendors' data sheets.
 # Keys are matched as case-insensitive substrings of torch.cuda.get_device_name(),
@@ -41,7 +48,7 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError):
     """A device that does not exist here or is spelled wrong; the message says which."""
 
 
@@ -172,8 +179,66 @@ def _cpu_name() -> str:
 
 def _physical_memory() -> int | None:
     try:
-        import os
-
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+# ---- how float32 matmuls compute ---------------------------------------------------------
+# torch >= 2.9 has per-backend `fp32_precision` settings beside the legacy
+# float32-matmul-precision/allow_tf32 switches, and raises if a process mixes the two. So:
+# speak the legacy API (which torch maps onto the new flags), unless the process already
+# used the new one, which makes the legacy getter raise; then speak the new one.
+_NEW_API_FLAGS = ("cuda.matmul", "cudnn.conv", "mkldnn.matmul")
+
+
+@contextlib.contextmanager
+def float32_matmul(precision: str) -> Iterator[None]:
+    """Compute float32 matmuls and convolutions at `precision` inside; restore on exit.
+
+    "highest" is IEEE float32 everywhere. "high" allows TF32 on CUDA; on CPUs with AMX,
+    torch's "high"/"medium" would compute in bf16, so there it stays IEEE.
+    """
+    saved = _read_matmul_flags()
+    try:
+        _write_matmul_flags(precision, saved["legacy"])
+        yield
+    finally:
+        _restore_matmul_flags(saved)
+
+
+def _backend(path: str) -> Any:
+    obj: Any = torch.backends
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _read_matmul_flags() -> dict[str, Any]:
+    try:
+        return {"legacy": True, "matmul": torch.get_float32_matmul_precision(),
+                "cudnn_tf32": torch.backends.cudnn.allow_tf32}
+    except RuntimeError:
+        return {"legacy": False, **{p: _backend(p).fp32_precision for p in _NEW_API_FLAGS}}
+
+
+def _write_matmul_flags(precision: str, legacy: bool) -> None:
+    tf32 = precision != "highest"
+    if legacy:
+        # This covers CUDA and oneDNN matmuls (touching cuda.matmul.allow_tf32 as well would
+        # desynchronise them); cuDNN convolutions have their own switch.
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = tf32
+        return
+    for path in _NEW_API_FLAGS:
+        # "tf32" is a CUDA mode; on oneDNN (CPU) anything below "highest" stays IEEE here.
+        _backend(path).fp32_precision = "tf32" if tf32 and "mkldnn" not in path else "ieee"
+
+
+def _restore_matmul_flags(flags: dict[str, Any]) -> None:
+    if flags["legacy"]:
+        torch.set_float32_matmul_precision(flags["matmul"])
+        torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
+        return
+    for path in _NEW_API_FLAGS:
+        _backend(path).fp32_precision = flags[path]

@@ -6,6 +6,8 @@ loss is sum_i (m_i / N) * mean_loss(micro_batch_i). Each micro-batch's loss is
 multiplied by its share m_i / N before backward, so the gradients that accumulate in
 `.grad` equal the full-batch gradient (up to floating-point summation order), for any
 split, uneven last chunk included. The optimizer and scheduler step once per batch.
+One exception: a layer that normalises with the statistics of the batch it sees
+(BatchNorm in training mode) sees each micro-batch's statistics, not the full batch's.
 
 Nothing here reads a device value on the host: the loss comes back as a device tensor,
 the gradient norm stays on the device (`Engine.grad_norm`), and the caller decides when
@@ -15,123 +17,22 @@ is fp16's GradScaler, whose `step` reads its inf flag on the host by design.
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from redline import batch as batch_tree
 from redline.device import DeviceInfo
 from redline.events import Dispatcher, Event, State
 from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, restore_rng, snapshot_rng
 from redline.precision import Precision, get_precision
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-def batch_size_of(batch: Any) -> int:
-    """Number of samples in a batch: the size of dim 0 of its tensors (which must agree)."""
-    sizes = set(_leading_sizes(batch))
-    if not sizes:
-        raise ValueError("batch has no tensor or per-sample list to split along dim 0")
-    if len(sizes) > 1:
-        raise ValueError(f"batch tensors disagree on the batch dimension (dim 0): {sorted(sizes)}")
-    return sizes.pop()
-
-
-def _first_size(batch: Any) -> int | None:
-    """Dim 0 of the first tensor (or per-sample list) found: the hot path's batch size.
-
-    Whether all the batch's tensors agree is checked by batch_size_of, which the hot path
-    needs only when it actually splits the batch.
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() > 0 else None
-    if isinstance(batch, (list, tuple)):
-        # the common batch, (inputs, targets): one isinstance, not a scan of every entry
-        if batch and isinstance(first := batch[0], torch.Tensor) and first.dim() > 0:
-            return first.shape[0]
-        if _is_per_sample_list(batch):
-            return len(batch)
-        values: Any = batch
-    elif isinstance(batch, Mapping):
-        values = batch.values()
-    else:
-        return None
-    for v in values:
-        if (n := _first_size(v)) is not None:
-            return n
-    return None
-
-
-def _leading_sizes(batch: Any) -> list[int]:
-    if isinstance(batch, torch.Tensor):
-        return [batch.shape[0]] if batch.dim() > 0 else []
-    if isinstance(batch, Mapping):
-        return [s for v in batch.values() for s in _leading_sizes(v)]
-    if isinstance(batch, (list, tuple)):
-        if _is_per_sample_list(batch):
-            return [len(batch)]
-        return [s for v in batch for s in _leading_sizes(v)]
-    return []
-
-
-def _is_per_sample_list(seq: Sequence[Any]) -> bool:
-    # A list of plain values (captions, ids) holds one entry per sample; a list that holds
-    # tensors or containers is a structure to recurse into.
-    return len(seq) > 0 and not any(
-        isinstance(v, (torch.Tensor, Mapping, list, tuple)) for v in seq
-    )
-
-
-def slice_batch(batch: Any, start: int, stop: int) -> Any:
-    """The samples [start, stop) of every tensor and per-sample list in `batch`."""
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop] if batch.dim() > 0 else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({k: slice_batch(v, start, stop) for k, v in batch.items()})
-    if isinstance(batch, (list, tuple)):
-        if _is_per_sample_list(batch):
-            return type(batch)(batch[start:stop])
-        items = [slice_batch(v, start, stop) for v in batch]
-        if hasattr(batch, "_fields"):  # namedtuple
-            return type(batch)(*items)
-        return type(batch)(items)
-    return batch
-
-
-def split_batch(batch: Any, micro_batch_size: int) -> list[tuple[Any, int]]:
-    """Split along dim 0 into chunks of at most `micro_batch_size`: [(chunk, n_samples)]."""
-    n = batch_size_of(batch)
-    if micro_batch_size >= n:
-        return [(batch, n)]
-    return [
-        (slice_batch(batch, i, min(i + micro_batch_size, n)), min(micro_batch_size, n - i))
-        for i in range(0, n, micro_batch_size)
-    ]
-
-
-def move_to(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """Move every tensor of a nested batch to `device`."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: move_to(v, device, non_blocking) for k, v in batch.items()})
-    if isinstance(batch, (list, tuple)) and not _is_per_sample_list(batch):
-        items = [move_to(v, device, non_blocking) for v in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
-    return batch
-
-
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
-                    ) -> torch.optim.Optimizer:
-    """The optimizer redline trains with (AdamW), shared by the trainer and the tuner."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 class Engine:
@@ -156,6 +57,7 @@ class Engine:
         dispatcher: Dispatcher | None = None,
         state: State | None = None,
         oom_guard: OOMGuard | bool = False,
+        memory_check: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         if isinstance(precision, str):
             param = next(model.parameters(), None)
@@ -176,6 +78,10 @@ class Engine:
                 raise ValueError("oom_guard needs a micro_batch_size to shrink from")
             oom_guard = OOMGuard(micro_batch_size)
         self.guard: OOMGuard | None = oom_guard or None
+        # With the guard: a context (a tracked memory budget) that each micro-batch size's
+        # first attempt runs in, where the allocator itself would not raise (build.py).
+        self._memory_check = memory_check
+        self._checked: set[int] = set()
         self.dispatcher = dispatcher or Dispatcher()
         self.state = state or State(model=model, optimizer=optimizer)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -196,8 +102,11 @@ class Engine:
         # The CUDA generators a redone step must rewind: those of the parameters' devices.
         self._rng_devices = sorted({p.device.index or 0 for p in self._params
                                     if p.device.type == "cuda"})
-        self._fire_backward = self.dispatcher.has(Event.BEFORE_BACKWARD)
-        self._fire_opt = self.dispatcher.has(Event.BEFORE_OPTIMIZER_STEP)
+        # The dispatcher's handler lists, held once: callbacks added later still reach them,
+        # and an event nobody listens to costs one truthiness check.
+        self._on_backward = self.dispatcher.table[Event.BEFORE_BACKWARD]
+        self._on_optimizer_step = self.dispatcher.table[Event.BEFORE_OPTIMIZER_STEP]
+        self.applied = True  # whether the last step's update was applied (fp16 may skip)
 
     def step(self, batch: Any, loss_fn: LossFn) -> torch.Tensor:
         """One optimizer step on `batch`; returns the batch's mean loss as a device tensor."""
@@ -210,16 +119,16 @@ class Engine:
     def _accumulate(self, batch: Any, loss_fn: LossFn, micro: int | None) -> torch.Tensor:
         """Forward and backward over every micro-batch; gradients accumulate in .grad."""
         if micro is not None:  # only a micro-batch size can make a batch need splitting
-            n = _first_size(batch)
+            n = batch_tree.leading_size(batch)
             if n is None or micro < n:
-                return self._accumulate_chunks(split_batch(batch, micro), loss_fn)
+                return self._accumulate_chunks(batch_tree.split(batch, micro), loss_fn)
         # One chunk, the common case: kept free of lists and weights (it runs every step).
         self.optimizer.zero_grad(set_to_none=True)
         self._phase = "forward"
         with self.precision.forward_context():
             loss = loss_fn(self.model, batch).float()
-        if self._fire_backward:
-            self.dispatcher.fire(Event.BEFORE_BACKWARD, self.state, loss)
+        for handler in self._on_backward:
+            handler(self.state, loss)
         self._phase = "backward"
         self.precision.backward(loss)
         return loss.detach()
@@ -234,8 +143,8 @@ class Engine:
             with self.precision.forward_context():
                 loss = loss_fn(self.model, chunk)
             weighted = loss.float() * (m / n) if m != n else loss.float()
-            if self._fire_backward:
-                self.dispatcher.fire(Event.BEFORE_BACKWARD, self.state, weighted)
+            for handler in self._on_backward:
+                handler(self.state, weighted)
             self._phase = "backward"
             self.precision.backward(weighted)
             total = weighted.detach() if total is None else total + weighted.detach()
@@ -251,7 +160,7 @@ class Engine:
         while True:
             failed_in: str | None = None
             try:
-                total = self._accumulate(batch, loss_fn, guard.current)
+                total = self._attempt(batch, loss_fn, guard.current)
             except torch.OutOfMemoryError:
                 failed_in = self._phase
             if failed_in is None:
@@ -265,18 +174,26 @@ class Engine:
                 raise OutOfMemoryAtMinimum(
                     f"out of memory in {failed_in} at step {self.state.step + 1} even with "
                     "a micro-batch of 1 sample") from None
-            self.micro_batch_size = change.new
-            self.dispatcher.fire(Event.OOM_RETRY, self.state,
-                                 {"old": change.old, "new": change.new, "reason": "oom",
-                                  "phase": failed_in, "step": self.state.step + 1})
+            self._change_micro_batch(change.old, change.new, "oom", failed_in)
         self._finish_step()
         change = guard.decide(oom=False)
         if change is not None:
-            self.micro_batch_size = change.new
-            self.dispatcher.fire(Event.OOM_RETRY, self.state,
-                                 {"old": change.old, "new": change.new, "reason": "grow",
-                                  "phase": None, "step": self.state.step + 1})
+            self._change_micro_batch(change.old, change.new, "grow", None)
         return total
+
+    def _attempt(self, batch: Any, loss_fn: LossFn, micro: int) -> torch.Tensor:
+        if self._memory_check is None or micro in self._checked:
+            return self._accumulate(batch, loss_fn, micro)
+        with self._memory_check():
+            total = self._accumulate(batch, loss_fn, micro)
+        self._checked.add(micro)
+        return total
+
+    def _change_micro_batch(self, old: int, new: int, reason: str, phase: str | None) -> None:
+        self.micro_batch_size = new
+        self.dispatcher.fire(Event.MICRO_BATCH_CHANGE, self.state,
+                             {"old": old, "new": new, "reason": reason, "phase": phase,
+                              "step": self.state.step + 1})
 
     def _recover(self, rng: tuple[Any, ...]) -> None:
         """Back to the state at the start of the step, with the failed attempt's memory freed."""
@@ -298,10 +215,10 @@ class Engine:
             norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
         if norm is not None:
             self.grad_norm = norm  # computed under no_grad: nothing to detach
-        if self._fire_opt:
-            self.dispatcher.fire(Event.BEFORE_OPTIMIZER_STEP, self.state, self.optimizer)
+        for handler in self._on_optimizer_step:
+            handler(self.state, self.optimizer)
         self.updating = True
-        self.precision.optimizer_step(self.optimizer)
+        self.applied = self.precision.optimizer_step(self.optimizer)
         if self.scheduler is not None:
             self.scheduler.step()
         self.updating = False

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from redline import batch as batch_tree
 from redline.device import DeviceInfo
-from redline.engine import move_to
 from redline.precision import Precision
 from redline.task import Task
 
@@ -39,7 +39,7 @@ def _mean_loss(task: Task, model: nn.Module, loader: Iterable[Any], precision: P
                device: DeviceInfo) -> float:
     total, count = 0.0, 0
     for batch in loader:
-        batch = move_to(batch, device.torch_device)
+        batch = batch_tree.move(batch, device.torch_device)
         with precision.forward_context():
             loss = task.loss(model, batch)
         total += float(loss.float().item())

@@ -1,9 +1,8 @@
-"""Run lifecycle helpers: run-directory names, signal handling, learning-rate schedules."""
+"""Run lifecycle helpers: run-directory names and signal handling."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 from datetime import datetime
 from pathlib import Path
@@ -42,17 +41,3 @@ def default_run_dir(task_name: str, root: str | Path = "runs") -> Path:
 def latest_run_dir(task_name: str, root: str | Path = "runs") -> Path | None:
     runs = sorted(Path(root).glob(f"{task_name}-*"), key=lambda p: p.name)
     return runs[-1] if runs else None
-
-
-def lr_lambda(schedule: str, warmup: int, total: int) -> Any:
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
-
-    return factor

@@ -9,7 +9,7 @@ A policy is a small object with a fixed set of methods, chosen by name:
             loss = loss_fn(model, batch)
         policy.backward(loss)                           # GradScaler for fp16
         policy.unscale(optimizer)                       # before clipping
-        stepped = policy.optimizer_step(optimizer)      # scaler.step + update
+        applied = policy.optimizer_step(optimizer)      # False: fp16's scaler skipped it
 
 A precision the device cannot run raises `PrecisionError` with the reason; it is never
 silently replaced by another (peers quietly run fp32 when fp16 was asked for on CPU).
@@ -18,22 +18,25 @@ The fp32 baseline pins matmuls to full IEEE fp32: on CPUs with AMX, and on Amper
 a "high"/"medium" float32 matmul precision silently computes in bf16 or tf32, which would
 make a precision study compare bf16 against bf16. `tf32` opts into TF32 on CUDA only.
 
-Adding a policy is one class with a `name` and a registry entry in `PRECISIONS`.
+Adding a policy is one class with a `name` and a registry entry in `PRECISIONS`; the
+config's `precision.name` is validated against that registry (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from redline.device import DeviceInfo
+from redline import batch as batch_tree
+from redline.device import DeviceInfo, float32_matmul
+from redline.errors import UserError, require
 
 
-class PrecisionError(ValueError):
+class PrecisionError(UserError):
     """The requested precision cannot run on this device; the message says why."""
 
 
@@ -64,15 +67,9 @@ class Precision:
     def convert_module(self, model: nn.Module) -> nn.Module:
         return model
 
-    @contextlib.contextmanager
-    def global_context(self) -> Iterator[None]:
+    def global_context(self) -> contextlib.AbstractContextManager[None]:
         """Set the global matmul flags this policy needs; restore the previous ones on exit."""
-        saved = _read_matmul_flags()
-        try:
-            _write_matmul_flags(self.matmul_precision, saved["legacy"])
-            yield
-        finally:
-            _restore_matmul_flags(saved)
+        return float32_matmul(self.matmul_precision)
 
     def forward_context(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
@@ -83,8 +80,10 @@ class Precision:
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
         """Bring gradients to their true scale (a no-op without a loss scaler)."""
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Step the optimizer; True when the update was applied (no policy here skips)."""
         optimizer.step()
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -145,6 +144,8 @@ class FP16Mixed(_Autocast):
     def __init__(self, device: DeviceInfo) -> None:
         super().__init__(device)
         self.scaler = torch.amp.GradScaler(device.kind)
+        self._hooked: set[int] = set()  # optimizers whose step sets _applied
+        self._applied = False
 
     @classmethod
     def unsupported_reason(cls, device: DeviceInfo) -> str | None:
@@ -158,10 +159,23 @@ class FP16Mixed(_Autocast):
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
         self.scaler.unscale_(optimizer)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # GradScaler.step reads its inf flag on the host: fp16 costs one sync per step.
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """scaler.step + update; False when the scaler skipped the step on inf/NaN gradients.
+
+        Whether it skipped is known without another read: a step post-hook on the optimizer
+        records that `optimizer.step` ran. (GradScaler.step itself reads its inf flag on the
+        host: fp16 costs one sync per step.)
+        """
+        if id(optimizer) not in self._hooked:
+            optimizer.register_step_post_hook(self._mark_applied)
+            self._hooked.add(id(optimizer))
+        self._applied = False
         self.scaler.step(optimizer)
         self.scaler.update()
+        return self._applied
+
+    def _mark_applied(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._applied = True
 
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict()}
@@ -190,19 +204,9 @@ class BF16True(BF16Mixed):
         return contextlib.nullcontext()
 
 
-def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: _cast_floating(v, dtype) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_cast_floating(v, dtype) for v in obj)
-    return obj
-
-
 def _cast_inputs_to_bf16(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                          ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return _cast_floating(args, torch.bfloat16), _cast_floating(kwargs, torch.bfloat16)
+    return batch_tree.cast(args, torch.bfloat16), batch_tree.cast(kwargs, torch.bfloat16)
 
 
 PRECISIONS: dict[str, type[Precision]] = {
@@ -221,45 +225,15 @@ def get_precision(name: str, device: DeviceInfo) -> Precision:
     return cls(device)
 
 
-# Global matmul flags. torch >= 2.9 has per-backend `fp32_precision` settings beside the
-# legacy float32-matmul-precision/allow_tf32 switches, and raises if a process mixes the
-# two. So: speak the legacy API (which torch maps onto the new flags), unless the process
-# already used the new one, which makes the legacy getter raise; then speak the new one.
-_NEW_API_FLAGS = ("cuda.matmul", "cudnn.conv", "mkldnn.matmul")
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """The `precision` section: the number format a run trains in."""
 
+    name: str = "fp32"
+    """A policy name from `PRECISIONS`; refused with the reason where the device cannot run it."""
+    compile: bool = False
+    """torch.compile the model (FLOPs are counted before compiling)."""
 
-def _backend(path: str) -> Any:
-    obj: Any = torch.backends
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _read_matmul_flags() -> dict[str, Any]:
-    try:
-        return {"legacy": True, "matmul": torch.get_float32_matmul_precision(),
-                "cudnn_tf32": torch.backends.cudnn.allow_tf32}
-    except RuntimeError:
-        return {"legacy": False, **{p: _backend(p).fp32_precision for p in _NEW_API_FLAGS}}
-
-
-def _write_matmul_flags(precision: str, legacy: bool) -> None:
-    tf32 = precision != "highest"
-    if legacy:
-        # This covers CUDA and oneDNN matmuls (touching cuda.matmul.allow_tf32 as well would
-        # desynchronise them); cuDNN convolutions have their own switch.
-        torch.set_float32_matmul_precision(precision)
-        torch.backends.cudnn.allow_tf32 = tf32
-        return
-    for path in _NEW_API_FLAGS:
-        # "tf32" is a CUDA mode; on oneDNN (CPU) anything below "highest" stays IEEE here.
-        _backend(path).fp32_precision = "tf32" if tf32 and "mkldnn" not in path else "ieee"
-
-
-def _restore_matmul_flags(flags: dict[str, Any]) -> None:
-    if flags["legacy"]:
-        torch.set_float32_matmul_precision(flags["matmul"])
-        torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
-        return
-    for path in _NEW_API_FLAGS:
-        _backend(path).fp32_precision = flags[path]
+    def __post_init__(self) -> None:
+        require(self.name in PRECISIONS, "precision.name", self.name,
+                "one of " + ", ".join(PRECISIONS))

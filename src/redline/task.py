@@ -19,26 +19,29 @@ the samples, which gives the full-batch gradient only for a mean.
 A task spec is one of:
   - a built-in short name (`redline train --help` lists them),
   - `package.module:Class`,
-  - `path/to/file.py:Class`,
+  - `path/to/file.py:Class` (imported as the module named after the file, so its classes
+    reach DataLoader workers however they are started: plugins.py),
   - a name registered by an installed package in the entry-point group `redline.tasks`.
+
+A spec that names nothing, or task_args the constructor does not take, is bad input
+(TaskError). An exception raised by the task's own code, its constructor included, is not:
+it propagates with its traceback.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from redline.errors import UserError
+from redline.plugins import entry_point_targets, load_target
 
 ENTRY_POINT_GROUP = "redline.tasks"
 
@@ -48,7 +51,7 @@ BUILTIN_TASKS: dict[str, str] = {
 }
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """A task spec that cannot be resolved; the message says what to change."""
 
 
@@ -107,26 +110,22 @@ _OPTIONAL_DEFAULTS: dict[str, Callable[..., Any]] = {
 def available_tasks() -> dict[str, str]:
     """Short name -> target, built-ins first, then those registered by entry points."""
     tasks = dict(BUILTIN_TASKS)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        tasks.setdefault(ep.name, ep.value)
+    for name, target in entry_point_targets(ENTRY_POINT_GROUP).items():
+        tasks.setdefault(name, target)
     return tasks
 
 
 def resolve_task(spec: str, task_args: Mapping[str, Any] | None = None) -> Task:
     """Build the task named by `spec` with keyword arguments `task_args`."""
     factory = _load_factory(spec)
+    kwargs = dict(task_args or {})
     try:
-        inspect.signature(factory).bind(**dict(task_args or {}))
+        inspect.signature(factory).bind(**kwargs)
     except TypeError as e:
-        raise TaskError(
-            f"task {spec!r} does not accept task_args {dict(task_args or {})}: {e}"
-        ) from None
+        raise TaskError(f"task {spec!r} does not accept task_args {kwargs}: {e}") from None
     except ValueError:  # builtins without a signature: let the call decide
         pass
-    try:
-        task = factory(**dict(task_args or {}))
-    except (TypeError, ValueError) as e:
-        raise TaskError(f"task {spec!r} rejected its task_args: {e}") from None
+    task = factory(**kwargs)  # the user's code: its exceptions keep their traceback
     _check_protocol(spec, task)
     return task
 
@@ -134,44 +133,14 @@ def resolve_task(spec: str, task_args: Mapping[str, Any] | None = None) -> Task:
 def _load_factory(spec: str) -> Callable[..., Any]:
     known = available_tasks()
     if spec in known:
-        return _import_target(known[spec], spec)
+        return load_target(known[spec], spec, TaskError, "task")
     if ":" not in spec:
         names = ", ".join(sorted(known))
         raise TaskError(
             f"unknown task {spec!r}; built-in tasks are: {names}; "
             "or give 'package.module:Class' or 'path/to/file.py:Class'"
         )
-    return _import_target(spec, spec)
-
-
-def _import_target(target: str, spec: str) -> Callable[..., Any]:
-    module_part, _, attr = target.rpartition(":")
-    if not module_part or not attr:
-        raise TaskError(f"task {spec!r} must look like 'package.module:Class' or 'file.py:Class'")
-    if module_part.endswith(".py"):
-        module = _import_file(Path(module_part), spec)
-    else:
-        try:
-            module = importlib.import_module(module_part)
-        except ModuleNotFoundError as e:
-            raise TaskError(f"task {spec!r}: cannot import module {module_part!r} ({e})") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise TaskError(
-            f"task {spec!r}: module {module_part!r} has no attribute {attr!r}") from None
-
-
-def _import_file(path: Path, spec: str) -> Any:
-    if not path.is_file():
-        raise TaskError(f"task {spec!r}: file {str(path)!r} does not exist")
-    name = f"redline_user_task_{abs(hash(str(path.resolve())))}"
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module  # dataclasses and pickling look the module up by name
-    module_spec.loader.exec_module(module)
-    return module
+    return load_target(spec, spec, TaskError, "task")
 
 
 def _check_protocol(spec: str, task: Any) -> None:

@@ -1,18 +1,19 @@
 """The training loop: steps and epochs, evaluation, checkpoints, signals, exact resume.
 
-Exact resume rests on four things being restored together: the parameters and optimizer
-state, the RNG states (python, numpy, torch, cuda), the loss scaler, and the position in
-the data (epoch and batches consumed; see data.py). With those, a run that is killed and
-resumed on the CPU with a fixed seed ends with the same bits as one that was never
-stopped. Evaluation runs under a forked, re-seeded RNG so it neither perturbs training
-nor varies between evaluations.
+`Trainer.fit` is three parts: set-up (resolve `batch_size: auto`, build the job through
+build.py, resume, start telemetry), the loop, and the result. Exact resume rests on four
+things being restored together: the parameters and optimizer state, the RNG states
+(python, numpy, torch, cuda), the loss scaler, and the position in the data (epoch and
+batches consumed; see data.py). With those, a run that is killed and resumed on the CPU
+with a fixed seed ends with the same bits as one that was never stopped. Evaluation runs
+under a forked, re-seeded RNG so it neither perturbs training nor varies between
+evaluations. Callbacks' `state_dict()`s are kept in every checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import random
 import sys
 import time
 from collections.abc import Iterable
@@ -20,28 +21,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
-from torch import nn
 
+from redline import batch as batch_tree
 from redline import checkpoint as ckpt
+from redline.build import Job, build_job
 from redline.config import ConfigError, RunConfig
-from redline.data import LimitedLoader, eval_loader, iterate_from, loader_options, train_loader
+from redline.data import LimitedLoader, eval_loader, iterate_from
 from redline.device import DeviceInfo
-from redline.doctor import environment_check
-from redline.engine import Engine, build_optimizer, move_to
+from redline.environment import environment_check
 from redline.evaluation import evaluate
 from redline.events import Callback, Dispatcher, Event, State
-from redline.lifecycle import Signals, default_run_dir, lr_lambda
-from redline.memory.autobatch import autobatch
-from redline.memory.guard import OOMGuard
+from redline.lifecycle import Signals, default_run_dir
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
-from redline.precision import get_precision
 from redline.task import Task, resolve_task
 from redline.telemetry.console import status
 from redline.telemetry.jsonl import EventLog
-from redline.telemetry.session import TelemetrySession
+from redline.telemetry.session import Telemetry
+from redline.tune import autobatch
 
 
 @dataclass
@@ -81,63 +79,251 @@ class Trainer:
         self.config = config
         self.task = task
         self.device = DeviceInfo.detect(config.device)
-        self.precision = get_precision(config.precision.name, self.device)
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(task.name)
         self.resume = resume
         self.user_callbacks = list(callbacks)
-        self.budget: MemoryBudget | None = None  # the active memory.budget, during fit
         self.progress = progress
+        self.budget: MemoryBudget | None = None  # the active memory.budget, during fit
 
-    # ---- set-up -------------------------------------------------------------------------
+    @property
+    def engine(self) -> Any:
+        return self.job.engine
 
-    def _seed(self) -> None:
-        seed = self.config.train.seed
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+    # ---- fit: set-up, loop, result ---------------------------------------------------------
 
-    def _build(self) -> None:
-        cfg = self.config.train
-        self._seed()
-        model = self.task.build_model().to(self.device.torch_device)
-        self.model = self.precision.convert_module(model)
-        self.step_model: nn.Module = (torch.compile(self.model) if self.config.precision.compile
-                                      else self.model)
+    def fit(self) -> FitResult:
+        resumed = self._prepare()
+        interrupted: str | None = None
+        last_saved: Path | None = None
+        metrics: dict[str, float] = {}
         try:
-            self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
-        except ValueError as e:
-            raise ConfigError(f"task {self.task.name!r}: {e}") from None
-        self.train_set = self.task.train_data()
-        self.eval_set = self.task.eval_data()
-        self.loader_opts = loader_options(self.config.data, self.device.kind)
-        self.loader = train_loader(self.train_set, cfg.samples_per_step, cfg.seed,
-                                   self.loader_opts)
-        self.steps_per_epoch = len(self.train_set) // cfg.samples_per_step  # type: ignore[arg-type]
-        self.max_steps = cfg.steps if cfg.epochs is None else min(
-            cfg.steps, cfg.epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, self.max_steps))
-        self.state = State(model=self.model, optimizer=self.optimizer,
-                           max_steps=self.max_steps, run_dir=str(self.run_dir))
+            with self.job.precision.global_context(), Signals() as signals, \
+                    self._budget() as self.budget:
+                self.telemetry.start(self.state.step)
+                self.dispatcher.fire(Event.FIT_START, self.state)
+                self._loop(signals)
+                if self.state.step > 0:
+                    last_saved = self.save_checkpoint()
+                if signals.received:
+                    interrupted = signals.received
+                    self.events.event("interrupted", signal=interrupted, step=self.state.step)
+                elif self.job.eval_set is not None:
+                    metrics = self.evaluate()
+                self.telemetry.finish()
+                self.dispatcher.fire(Event.FIT_END, self.state)
+        except BaseException as exc:
+            self._save_after_failure(exc)
+            raise
+        finally:
+            self.telemetry.close()  # flushes the sinks, stops the sampler and progress bar
+            self.events.close()
+        last = self.telemetry.last
+        return FitResult(
+            run_dir=str(self.run_dir), steps=self.state.step, samples=self.state.samples_seen,
+            final_loss=last.get("loss"), precision=self.job.precision.name,
+            device=self.device.name, eval=metrics, resumed_from=resumed,
+            interrupted=interrupted, checkpoint=str(last_saved) if last_saved else None,
+            samples_per_s=last.get("samples_per_s"), mfu=last.get("mfu"),
+            overhead_pct=last.get("redline/overhead_pct"))
 
-    def _telemetry(self, tracker_run_id: str | None) -> TelemetrySession:
-        tracker = lambda: getattr(self.budget, "tracker", None)  # noqa: E731
-        return TelemetrySession(
-            self.config.telemetry, self.run_dir, self.device,
-            self.precision.compute_dtype_name, None, self.events, max_steps=self.max_steps,
-            samples_per_step=self.config.train.samples_per_step,
+    def _prepare(self) -> int | None:
+        """Run directory, batch search, the job, resume and telemetry; the resumed step."""
+        if not self.resume and ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+            raise ConfigError(f"run directory {str(self.run_dir)!r} already has checkpoints; "
+                              "pass --resume to continue it, or choose another --run-dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tuned = self._resolve_auto_batch() if self.config.train.auto_batch else None
+        self.events = EventLog(self.run_dir / "events.jsonl")
+        self.state = State(run_dir=str(self.run_dir))
+        self.dispatcher = Dispatcher([_MemoryEvents(self.events), *self.user_callbacks])
+        self.job: Job = build_job(self.config, self.task, self.device,
+                                  dispatcher=self.dispatcher, state=self.state)
+        self.state.model, self.state.optimizer = self.job.model, self.job.optimizer
+        self.state.max_steps = self.job.max_steps
+        self.loader = self.job.train_loader()
+        self._eval_batch = self.config.train.eval_batch_size or self.config.train.micro_batch
+        skipped: list[str] = []
+        found = self._load_checkpoint(skipped) if self.resume else None
+        self.telemetry = self._telemetry(found[1].get("tracker_run_id") if found else None)
+        try:  # the writer process is running from here: a failure must stop it
+            for path in skipped:
+                self.dispatcher.fire(Event.ANOMALY, self.state,
+                                     {"kind": "corrupt_checkpoint", "path": path})
+            if tuned is not None:
+                self.events.event("autobatch", **tuned)
+            self._write_run_files()
+            resumed = self._apply_checkpoint(*found) if found else None
+            self.events.event("run_start", step=self.state.step, max_steps=self.job.max_steps,
+                              precision=self.job.precision.name, device=self.device.name)
+            self._say_memory_limit()
+            self._count_flops()
+        except BaseException:
+            self.telemetry.close()
+            raise
+        return resumed
+
+    def _telemetry(self, tracker_run_id: str | None) -> Telemetry:
+        t = self.config.train
+        return Telemetry(
+            self.run_dir, self.config.telemetry, device=self.device,
+            samples_per_step=t.samples_per_step, max_steps=self.job.max_steps,
+            compute_dtype=self.job.precision.compute_dtype_name,
             memory_total=self.config.memory.budget_bytes or self.device.memory_total,
-            tracker=tracker, progress=self.progress, tracker_run_id=tracker_run_id,
-            run_name=self.run_dir.name)
+            memory_tracker=lambda: getattr(self.budget, "tracker", None), events=self.events,
+            progress=self.progress, resume_id=tracker_run_id, run_name=self.run_dir.name,
+            on_window=lambda record: self.dispatcher.fire(Event.WINDOW, self.state, record))
 
-    # ---- resume ---------------------------------------------------------------------------
+    def _count_flops(self) -> None:
+        declared = getattr(self.task, "flops_per_sample", None)
+        if declared is not None:  # e.g. analytic_transformer_flops, for varying shapes
+            self.telemetry.set_flops(int(declared() * self.config.train.samples_per_step))
+            return
+        n = min(self.config.train.micro_batch, len(self.job.train_set))  # type: ignore[arg-type]
+        batch = batch_tree.move(batch_tree.first_samples(self.job.train_set, n),
+                                self.device.torch_device)
+        self.telemetry.count_flops(self.job.step_model, batch, self.task.loss, n)
+
+    def _say_memory_limit(self) -> None:
+        limit = self.job.memory_limit
+        if limit is None:
+            return
+        size, source = limit
+        self.events.event("memory_limit", bytes=size, source=source)
+        print(f"redline: no memory.budget: each new micro-batch is checked against {source} "
+              "before it runs, so the OOM guard can shrink it", file=sys.stderr, flush=True)
+
+    def _resolve_auto_batch(self) -> dict[str, Any]:
+        """batch_size: auto -> the tuned micro-batch, effective batch, lr and eval batch.
+
+        A resumed run reuses the values its first start chose (they are in config.yaml),
+        so the math of the steps already taken does not change.
+        """
+        saved = self.run_dir / "config.yaml"
+        if self.resume and saved.is_file() and ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+            old = yaml.safe_load(saved.read_text())["train"]
+            keys = ("batch_size", "effective_batch_size", "lr", "eval_batch_size")
+            self.config = self.config.updated({f"train.{k}": old[k] for k in keys})
+            return {"source": str(saved), "micro_batch": self.config.train.batch_size}
+        with status("autobatch", interactive=self.progress) as say:
+            r = autobatch(self.task, self.config, self.device, progress=say)
+        self.config = r.apply(self.config)
+        return {"micro_batch": r.chosen, "max_fit": r.max_fit,
+                "accumulation_steps": r.accumulation_steps,
+                "effective_batch_size": r.effective_batch_size, "lr": r.lr,
+                "eval_batch_size": r.eval_batch_size, "cache_hit": r.cache_hit,
+                "probe_steps": r.probe_steps, "verify_steps": r.verify_steps,
+                "budget_bytes": r.budget_bytes, "budget_source": r.budget_source}
+
+    def _budget(self) -> contextlib.AbstractContextManager[Any]:
+        """memory.budget enforced around the loop (on CPU: every op tracked, slower)."""
+        budget = self.config.memory.budget_bytes
+        if budget is None:
+            return contextlib.nullcontext()
+        return MemoryBudget(budget, self.device,
+                            baseline=live_tensor_bytes(self.job.model, self.job.optimizer))
+
+    def _loop(self, signals: Signals) -> None:
+        cfg = self.config
+        device = self.device.torch_device
+        non_blocking = bool(self.job.loader_options.get("pin_memory"))
+        # A loader's batches are on the CPU already: Tensor.to would only cost ~5 us a step.
+        move = device.type != "cpu"
+        loss_fn, engine, telemetry = self.task.loss, self.job.engine, self.telemetry
+        optimizer, per_step = self.job.optimizer, cfg.train.samples_per_step
+        # The handlers, looked up once: an event nobody listens to costs nothing per step.
+        on_batch_start = self.dispatcher.table[Event.BATCH_START]
+        on_step_end = self.dispatcher.table[Event.STEP_END]
+        state, max_steps = self.state, self.job.max_steps
+        while state.step < max_steps and not signals.received:
+            if state.batch_in_epoch == 0:
+                self.dispatcher.fire(Event.EPOCH_START, state)
+            batches = iterate_from(self.loader, state.epoch, state.batch_in_epoch)
+            while True:
+                t = time.perf_counter()
+                batch = next(batches, None)
+                wait = time.perf_counter() - t  # the host waited on the loader
+                if batch is None:
+                    break
+                if move:
+                    batch = batch_tree.move(batch, device, non_blocking)
+                for handler in on_batch_start:
+                    handler(state, batch)
+                loss = engine.step(batch, loss_fn)
+                state.step += 1
+                state.batch_in_epoch += 1
+                state.samples_seen += per_step
+                for handler in on_step_end:
+                    handler(state, loss)
+                step = state.step
+                telemetry.record_step(step, loss, engine.grad_norm,
+                                      micro_batch=engine.micro_batch_size,
+                                      lr=optimizer.param_groups[0]["lr"], epoch=state.epoch,
+                                      samples=state.samples_seen, data_wait_s=wait)
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 \
+                        and step < max_steps:
+                    self.evaluate()
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 \
+                        and step < max_steps:
+                    self.save_checkpoint()
+                if signals.received or step >= max_steps:
+                    break
+            # An epoch whose last batch is also the run's last step ends too.
+            if state.batch_in_epoch >= (self.job.steps_per_epoch or 0):
+                self.dispatcher.fire(Event.EPOCH_END, state)
+                state.epoch += 1
+                state.batch_in_epoch = 0
+
+    # ---- evaluation ----------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluation loss and the task's metrics on the evaluation set."""
+        if self.job.eval_set is None:
+            return {}
+        with self.telemetry.paused():
+            t0 = time.perf_counter()
+            while True:
+                try:
+                    metrics = self._evaluate_at(self._eval_batch)
+                    break
+                except torch.OutOfMemoryError:
+                    if self._eval_batch == 1:
+                        raise
+                # Only evaluation shrinks: the training micro-batch is not the one that failed.
+                old, self._eval_batch = self._eval_batch, (self._eval_batch + 1) // 2
+                self.events.event("eval_oom", step=self.state.step, old=old,
+                                  new=self._eval_batch)
+                print(f"evaluation batch {old} -> {self._eval_batch} after OOM at step "
+                      f"{self.state.step}", file=sys.stderr, flush=True)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            self.telemetry.record_eval(self.state.step, metrics, time.perf_counter() - t0)
+            self.events.event("eval", step=self.state.step, **metrics)
+        self.dispatcher.fire(Event.EVAL_END, self.state, metrics)
+        return metrics
+
+    def _evaluate_at(self, size: int) -> dict[str, float]:
+        loader = LimitedLoader(eval_loader(self.job.eval_set, size, self.job.loader_options),  # type: ignore[arg-type]
+                               self.config.train.eval_batches)
+        return evaluate(self.task, self.job.step_model, loader, self.job.precision,
+                        self.device, self.config.train.seed)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        with self.telemetry.paused():
+            path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.state.step,
+                                        self._checkpoint_payload(), self.config.checkpoint.keep)
+        self.events.event("checkpoint_saved", step=self.state.step, path=str(path))
+        self.dispatcher.fire(Event.CHECKPOINT_SAVED, self.state, str(path))
+        return path
 
     def _checkpoint_payload(self) -> dict[str, Any]:
+        job = self.job
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "engine": self.engine.state_dict(),
+            "model": job.model.state_dict(),
+            "optimizer": job.optimizer.state_dict(),
+            "scheduler": job.scheduler.state_dict(),
+            "engine": job.engine.state_dict(),
+            "callbacks": _callback_states(self.user_callbacks),
             "rng": ckpt.rng_state(),
             "epoch": self.state.epoch,
             "batch_in_epoch": self.state.batch_in_epoch,
@@ -164,10 +350,12 @@ class Trainer:
         return found
 
     def _apply_checkpoint(self, path: Path, payload: dict[str, Any]) -> int:
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        self.engine.load_state_dict(payload["engine"])
+        job = self.job
+        job.model.load_state_dict(payload["model"])
+        job.optimizer.load_state_dict(payload["optimizer"])
+        job.scheduler.load_state_dict(payload["scheduler"])
+        job.engine.load_state_dict(payload["engine"])
+        _load_callback_states(self.user_callbacks, payload.get("callbacks", {}))
         ckpt.set_rng_state(payload["rng"])
         self.state.step = int(payload["step"])
         self.state.epoch = int(payload["epoch"])
@@ -175,84 +363,6 @@ class Trainer:
         self.state.samples_seen = int(payload["samples_seen"])
         self.events.event("resumed", path=str(path), step=self.state.step)
         return self.state.step
-
-    def save_checkpoint(self) -> Path:
-        t0 = time.perf_counter()
-        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.state.step,
-                                    self._checkpoint_payload(), self.config.checkpoint.keep)
-        self.state.extra["checkpoint_time_s"] = time.perf_counter() - t0
-        self.events.event("checkpoint_saved", step=self.state.step, path=str(path))
-        self.dispatcher.fire(Event.CHECKPOINT_SAVED, self.state, str(path))
-        return path
-
-    # ---- the loop ---------------------------------------------------------------------------
-
-    def fit(self) -> FitResult:
-        if not self.resume and ckpt.list_checkpoints(self.run_dir / "checkpoints"):
-            raise ConfigError(f"run directory {str(self.run_dir)!r} already has checkpoints; "
-                              "pass --resume to continue it, or choose another --run-dir")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tuned = self._resolve_auto_batch() if self.config.train.auto_batch else None
-        self._build()
-        self.events = EventLog(self.run_dir / "events.jsonl")
-        skipped: list[str] = []
-        found = self._load_checkpoint(skipped) if self.resume else None
-        self.telemetry = self._telemetry(found[1].get("tracker_run_id") if found else None)
-        try:  # the writer process is running from here: a failure must stop it
-            self.dispatcher = Dispatcher([*self.telemetry.callbacks, _MemoryEvents(self.events),
-                                          *self.user_callbacks])
-            mem, micro = self.config.memory, self.config.train.micro_batch
-            guard = OOMGuard(micro, mem.grow_after) if mem.oom_guard else False
-            self.engine = Engine(self.step_model, self.optimizer, self.precision,
-                                 scheduler=self.scheduler, grad_clip=self.config.train.grad_clip,
-                                 micro_batch_size=micro, dispatcher=self.dispatcher,
-                                 state=self.state, oom_guard=guard)
-            self.telemetry.metrics.engine = self.engine
-            for path in skipped:
-                self.dispatcher.fire(Event.ANOMALY, self.state,
-                                     {"kind": "corrupt_checkpoint", "path": path})
-            if tuned is not None:
-                self.events.event("autobatch", **tuned)
-            self._write_run_files()
-            resumed = self._apply_checkpoint(*found) if found else None
-        except BaseException:
-            self.telemetry.close()
-            raise
-        self.events.event("run_start", step=self.state.step, max_steps=self.max_steps,
-                          precision=self.precision.name, device=self.device.name)
-        result = FitResult(run_dir=str(self.run_dir), steps=self.state.step, samples=0,
-                           final_loss=None, precision=self.precision.name,
-                           device=self.device.name, resumed_from=resumed)
-        last_saved: Path | None = None
-        try:
-            self.telemetry.count_flops(self.step_model, self.train_set, micro, self.task.loss,
-                                       getattr(self.task, "flops_per_sample", None))
-            with self.precision.global_context(), Signals() as signals, \
-                    self._budget() as self.budget:
-                self.dispatcher.fire(Event.FIT_START, self.state)
-                self._loop(signals)
-                if self.state.step > 0:
-                    last_saved = self.save_checkpoint()
-                if signals.received:
-                    result.interrupted = signals.received
-                    self.events.event("interrupted", signal=signals.received,
-                                      step=self.state.step)
-                elif self.eval_set is not None:
-                    result.eval = self.evaluate()
-                self.dispatcher.fire(Event.FIT_END, self.state)
-        except BaseException as exc:
-            self._save_after_failure(exc)
-            raise
-        finally:
-            self.telemetry.close()  # flushes the sinks, stops the sampler and progress bar
-            self.events.close()
-        result.steps, result.samples = self.state.step, self.state.samples_seen
-        last = self.telemetry.metrics.last
-        result.final_loss = last.get("loss")
-        result.samples_per_s, result.mfu = last.get("samples_per_s"), last.get("mfu")
-        result.overhead_pct = last.get("redline/overhead_pct")
-        result.checkpoint = str(last_saved) if last_saved else None
-        return result
 
     def _save_after_failure(self, exc: BaseException) -> None:
         """Keep the work of every completed step when the loop dies of an exception.
@@ -263,8 +373,8 @@ class Trainer:
         """
         step = self.state.step
         saved = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-        if step == 0 or self.engine.updating or (saved and saved[-1].name ==
-                                                 ckpt.checkpoint_name(step)):
+        if step == 0 or self.job.engine.updating or (saved and saved[-1].name ==
+                                                     ckpt.checkpoint_name(step)):
             self.events.event("failed", step=step, error=type(exc).__name__)
             return
         try:
@@ -278,126 +388,38 @@ class Trainer:
         print(f"redline: {type(exc).__name__} after step {step}; saved {path}; continue with "
               "--resume once fixed", file=sys.stderr)
 
-    def _resolve_auto_batch(self) -> dict[str, Any]:
-        """batch_size: auto -> the tuned micro-batch, effective batch, lr and eval batch.
-
-        A resumed run reuses the values its first start chose (they are in config.yaml),
-        so the math of the steps already taken does not change.
-        """
-        t = self.config.train
-        saved = self.run_dir / "config.yaml"
-        if self.resume and saved.is_file() and ckpt.list_checkpoints(self.run_dir / "checkpoints"):
-            old = yaml.safe_load(saved.read_text())["train"]
-            t.batch_size, t.effective_batch_size = old["batch_size"], old["effective_batch_size"]
-            t.lr, t.eval_batch_size = old["lr"], old["eval_batch_size"]
-            return {"source": str(saved), "micro_batch": t.batch_size}
-        with status("autobatch", interactive=self.progress) as say:
-            r = autobatch(self.task, self.config, self.device, progress=say)
-        r.apply(t)
-        return {"micro_batch": r.chosen, "max_fit": r.max_fit,
-                "accumulation_steps": r.accumulation_steps,
-                "effective_batch_size": r.effective_batch_size, "lr": r.lr,
-                "eval_batch_size": r.eval_batch_size, "cache_hit": r.cache_hit,
-                "probe_steps": r.probe_steps, "verify_steps": r.verify_steps}
-
-    def _budget(self) -> contextlib.AbstractContextManager[Any]:
-        """memory.budget enforced around the loop (on CPU: every op tracked, slower)."""
-        budget = self.config.memory.budget_bytes
-        if budget is None:
-            return contextlib.nullcontext()
-        return MemoryBudget(budget, self.device,
-                            baseline=live_tensor_bytes(self.model, self.optimizer))
-
-    def _loop(self, signals: Signals) -> None:
-        cfg = self.config
-        device = self.device.torch_device
-        non_blocking = bool(self.loader_opts.get("pin_memory"))
-        # A loader's batches are on the CPU already: Tensor.to would only cost ~5 us a step.
-        move = device.type != "cpu"
-        loss_fn = self.task.loss
-        metrics = self.telemetry.metrics
-        # The handlers, looked up once: an event nobody listens to costs nothing per step.
-        on_batch_start = self.dispatcher.table[Event.BATCH_START]
-        on_step_end = self.dispatcher.table[Event.STEP_END]
-        state = self.state
-        while self.state.step < self.max_steps and not signals.received:
-            if self.state.batch_in_epoch == 0:
-                self.dispatcher.fire(Event.EPOCH_START, self.state)
-            batches = iterate_from(self.loader, self.state.epoch, self.state.batch_in_epoch)
-            while True:
-                t = time.perf_counter()
-                batch = next(batches, None)
-                metrics.data_wait_s += time.perf_counter() - t  # the host waited on the loader
-                if batch is None:
-                    break
-                if move:
-                    batch = move_to(batch, device, non_blocking)
-                for handler in on_batch_start:
-                    handler(state, batch)
-                loss = self.engine.step(batch, loss_fn)
-                state.step += 1
-                state.batch_in_epoch += 1
-                state.samples_seen += cfg.train.samples_per_step
-                for handler in on_step_end:
-                    handler(state, loss)
-                step = state.step
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 \
-                        and step < self.max_steps:
-                    self.evaluate()
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 \
-                        and step < self.max_steps:
-                    self.save_checkpoint()
-                if signals.received or step >= self.max_steps:
-                    break
-            # An epoch whose last batch is also the run's last step ends too.
-            if self.state.batch_in_epoch >= self.steps_per_epoch:
-                self.dispatcher.fire(Event.EPOCH_END, self.state)
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
-
-    # ---- evaluation ----------------------------------------------------------------------
-
-    def evaluate(self) -> dict[str, float]:
-        """Evaluation loss and the task's metrics on the evaluation set."""
-        if self.eval_set is None:
-            return {}
-        t0 = time.perf_counter()
-        cfg = self.config.train
-        size = cfg.eval_batch_size or cfg.micro_batch
-        while True:
-            try:
-                metrics = self._evaluate_at(size)
-                break
-            except torch.OutOfMemoryError:
-                if size == 1:
-                    raise
-            # Only evaluation shrinks: the training micro-batch is not the one that failed.
-            self.events.event("eval_oom", step=self.state.step, old=size, new=(size + 1) // 2)
-            print(f"evaluation batch {size} -> {(size + 1) // 2} after OOM at step "
-                  f"{self.state.step}", file=sys.stderr, flush=True)
-            size = (size + 1) // 2
-            cfg.eval_batch_size = size
-        metrics = {k: float(v) for k, v in metrics.items()}
-        self.state.extra["eval_time_s"] = time.perf_counter() - t0
-        self.events.event("eval", step=self.state.step, **metrics)
-        self.dispatcher.fire(Event.EVAL_END, self.state, metrics)
-        return metrics
-
-    def _evaluate_at(self, size: int) -> dict[str, float]:
-        loader = LimitedLoader(eval_loader(self.eval_set, size, self.loader_opts),  # type: ignore[arg-type]
-                               self.config.train.eval_batches)
-        return evaluate(self.task, self.step_model, loader, self.precision, self.device,
-                        self.config.train.seed)
-
     def _write_run_files(self) -> None:
         resolved = self.config.to_dict()
         resolved["task"] = self.config.task or self.task.name
         (self.run_dir / "config.yaml").write_text(
             yaml.safe_dump(resolved, sort_keys=False))
         env = environment_check(self.config.device).to_dict()
-        env["run"] = {"precision": self.precision.describe(), "device": self.device.to_dict(),
-                      "max_steps": self.max_steps, "steps_per_epoch": self.steps_per_epoch}
+        env["run"] = {"precision": self.job.precision.describe(),
+                      "device": self.device.to_dict(), "max_steps": self.job.max_steps,
+                      "steps_per_epoch": self.job.steps_per_epoch}
         (self.run_dir / "environment.json").write_text(json.dumps(env, indent=2))
+
+
+def _callback_keys(callbacks: list[Callback]) -> list[str]:
+    """A stable key per callback: its class name, numbered when a class repeats."""
+    keys, seen = [], dict[str, int]()
+    for cb in callbacks:
+        name = type(cb).__qualname__
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return keys
+
+
+def _callback_states(callbacks: list[Callback]) -> dict[str, Any]:
+    states = {key: cb.state_dict() for key, cb in zip(_callback_keys(callbacks), callbacks,
+                                                       strict=True)}
+    return {key: state for key, state in states.items() if state}
+
+
+def _load_callback_states(callbacks: list[Callback], states: dict[str, Any]) -> None:
+    for key, cb in zip(_callback_keys(callbacks), callbacks, strict=True):
+        if key in states:
+            cb.load_state_dict(states[key])
 
 
 class _MemoryEvents(Callback):
@@ -406,7 +428,7 @@ class _MemoryEvents(Callback):
     def __init__(self, events: EventLog) -> None:
         self.events = events
 
-    def on_oom_retry(self, state: State, info: dict[str, Any]) -> None:
+    def on_micro_batch_change(self, state: State, info: dict[str, Any]) -> None:
         why = (f"after OOM in {info['phase']}" if info["reason"] == "oom"
                else "growing back after clean steps")
         print(f"micro-batch {info['old']} -> {info['new']} {why} at step {info['step']}",

@@ -12,7 +12,7 @@ from redline.telemetry.jsonl import read_jsonl
 from redline.trainer import Trainer
 
 from ..conftest import TOY, run_cli
-from ..unit.test_autobatch import _peak_at
+from ..unit.test_tune import _peak_at
 
 BASE = [f"task={TOY}", "task_args.n=2048", "task_args.hidden=512", "train.steps=14",
         "train.batch_size=64", "train.eval_every=0", "memory.grow_after=4",

@@ -153,3 +153,22 @@ def test_a_crash_in_user_code_keeps_the_completed_steps(tmp_path: Path) -> None:
                      "--json", "--set", "train.eval_every=0"], tmp_path)
     assert again.returncode == 0, again.stderr
     assert _last_json(again.stdout)["resumed_from"] == 12
+
+
+def test_a_broken_import_in_the_users_task_keeps_its_traceback(tmp_path: Path) -> None:
+    """The user's own import failing is their bug (exit 1, traceback), not bad input."""
+    (tmp_path / "needs_pkg.py").write_text("import not_installed_anywhere\n\nclass T: ...\n")
+    out = run_cli(["train", "needs_pkg.py:T", "--steps", "2"], tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" in out.stderr and "not_installed_anywhere" in out.stderr
+
+
+def test_a_missing_extra_is_one_sentence_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['tensorboard'] = None\n")
+    out = run_cli(["train", TOY, "--steps", "2", "--tracker", "tensorboard"], tmp_path,
+                  env={"PYTHONPATH": str(blocker)})
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'redline[tensorboard]'" in lines[0]

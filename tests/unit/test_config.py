@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from redline.config import ConfigError, RunConfig, load_config, parse_override
 def test_defaults_match_design() -> None:
     c = RunConfig()
     assert c.train.steps == 1000 and c.train.batch_size == 16 and c.train.lr == 2e-4
-    assert c.precision.name == "fp32" and c.telemetry.trackers == ["jsonl"]
+    assert c.precision.name == "fp32" and c.telemetry.trackers == ("jsonl",)
     assert c.train.samples_per_step == 16
 
 
@@ -23,7 +24,7 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
     assert c.task == "sr3-tiny" and c.train.steps == 20 and c.train.lr == pytest.approx(2e-4)
     assert isinstance(c.train.lr, float)
     assert c.precision.name == "bf16-mixed" and c.task_args == {"size": 32}
-    assert c.telemetry.trackers == ["jsonl", "console"]
+    assert c.telemetry.trackers == ("jsonl", "console")
 
 
 def test_round_trip_through_yaml(tmp_path: Path) -> None:
@@ -83,3 +84,30 @@ def test_config_file_errors(tmp_path: Path) -> None:
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(lst)
+
+
+def test_a_validated_config_is_immutable_and_updates_revalidate() -> None:
+    c = load_config(None, ["train.steps=7"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.train.steps = 8  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.telemetry = c.telemetry  # type: ignore[misc]
+    changed = c.updated({"train.batch_size": 8, "telemetry.trackers": ["jsonl", "console"]})
+    assert (changed.train.batch_size, c.train.batch_size) == (8, 16)
+    assert changed.telemetry.trackers == ("jsonl", "console") and changed.train.steps == 7
+    with pytest.raises(ConfigError, match=r"train\.effective_batch_size"):
+        c.updated({"train.effective_batch_size": 4})  # below batch_size 16: refused again
+    with pytest.raises(ConfigError, match=r"train\.stepz"):
+        c.updated({"train.stepz": 1})
+    assert yaml.safe_load(changed.to_yaml())["telemetry"]["trackers"] == ["jsonl", "console"]
+
+
+def test_user_sinks_are_checked_where_they_point(tmp_path: Path) -> None:
+    sink = tmp_path / "my_sink.py"
+    sink.write_text("class MySink: ...\n")
+    ok = load_config(None, [f"telemetry.trackers=[jsonl, {sink}:MySink]"])
+    assert ok.telemetry.trackers == ("jsonl", f"{sink}:MySink")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(None, ["telemetry.trackers=[jsonl, nowhere.py:MySink]"])
+    with pytest.raises(ConfigError, match=r"cannot find module .no_such_pkg\.sinks."):
+        load_config(None, ["telemetry.trackers=[no_such_pkg.sinks:Sink]"])

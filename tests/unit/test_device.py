@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from redline.device import DeviceInfo, lookup_peak_flops
+from redline.device import PEAK_FLOPS, DeviceInfo, lookup_peak_flops
 
 
 def test_cpu_detection() -> None:
@@ -33,10 +33,24 @@ def test_cuda_without_cuda_is_a_clear_error() -> None:
         DeviceInfo.detect("cuda")
 
 
-def test_peak_flops_table() -> None:
-    sxm = lookup_peak_flops("NVIDIA H100 80GB HBM3")
-    pcie = lookup_peak_flops("NVIDIA H100 PCIe")
-    assert sxm["bfloat16"] == pytest.approx(989e12)
-    assert pcie["bfloat16"] < sxm["bfloat16"]  # the more specific entry wins
-    assert lookup_peak_flops("NVIDIA A100-SXM4-40GB")["tf32"] == pytest.approx(156e12)
+def test_every_table_entry_is_reachable_by_its_own_name() -> None:
+    """Substring matching picks the first key found in the name, so a key must come
+    before any shorter key contained in it ("h100 pcie" before "h100"): otherwise the
+    longer one's entry could never be reached and its GPUs would get another's peak."""
+    for i, (key, table) in enumerate(PEAK_FLOPS):
+        assert lookup_peak_flops(f"NVIDIA {key.upper()} 80GB") == table, key
+        later = [k for k, _ in PEAK_FLOPS[i + 1:] if key in k]
+        assert not later, f"{later} can never match: {key!r} comes first"
     assert lookup_peak_flops("Some Future GPU") == {}
+
+
+def test_table_peaks_are_ordered_as_the_hardware_is() -> None:
+    """Tensor-core dtypes are never slower than fp32 on the same part (a data-sheet typo,
+    e.g. a missing digit, would break it), and fp8 doubles bf16 where listed (data
+    sheets round, e.g. L40S: 362 and 733)."""
+    for key, table in PEAK_FLOPS:
+        for dtype in ("tf32", "bfloat16", "float16"):
+            if dtype in table:
+                assert table[dtype] >= table["float32"], (key, dtype)
+        if "float8" in table:
+            assert table["float8"] == pytest.approx(2 * table["bfloat16"], rel=0.02), key

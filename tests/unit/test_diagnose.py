@@ -166,8 +166,12 @@ def test_memory_headroom(tmp_path: Path, pct: float, severity: str | None) -> No
         assert f is None
         return
     assert f is not None and f.severity == severity and f.value == pct
-    assert f"{pct:.0f} % of the device" in f.message and "micro-batch 8" in f.message
+    assert f"{pct:.0f} % of physical memory" in f.message and "micro-batch 8" in f.message
     assert "train.batch_size: auto" in f.message and "(85 %)" in f.message
+    on_gpu = healthy(tmp_path / "gpu", env=CUDA, metrics=windows(mem_pct=pct),
+                     system=[{"gpu/util_pct": 99.0}])
+    assert f"{pct:.0f} % of the device" in by_kind(diagnose(on_gpu)[0])[
+        "memory-headroom"].message
 
 
 def test_memory_headroom_uses_the_peak_window(tmp_path: Path) -> None:
@@ -231,6 +235,14 @@ def test_precision_fp16_skipped_steps(tmp_path: Path, skipped: list[int], flagge
     f = by_kind(diagnose(cuda_run)[0]).get("precision")
     assert (f is not None) is flagged
     assert f is None or "switch to precision.name: bf16-mixed" in f.message
+
+
+def test_skipped_steps_are_per_window_counts(tmp_path: Path) -> None:
+    """Windows that skipped 0, 1, 1 and 2 steps skipped 4 in all, not 2 (the last count)."""
+    rows = [window(10 * (i + 1), skipped_steps=s) for i, s in enumerate([0, 1, 1, 2])]
+    run = healthy(tmp_path, cfg=config(**{"precision.name": "fp16-mixed"}), metrics=rows)
+    f = by_kind(diagnose(run)[0])["precision"]
+    assert f.value == 4.0 and "skipped 4 of 40 steps" in f.message
 
 
 @pytest.mark.parametrize("pct, severity", [(0.8, "warning"), (0.1, "info")])

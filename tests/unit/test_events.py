@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import inspect
 
-from redline.events import Callback, Dispatcher, Event, State
+from redline.events import Callback, Dispatcher, Event, Periodic, State
 
 
 def test_event_enum_and_callback_base_stay_in_sync() -> None:
@@ -38,3 +38,45 @@ def test_dispatch_table_holds_only_overrides_in_order() -> None:
     d.fire(Event.FIT_END, State())
     d.fire(Event.EPOCH_START, State())  # nobody listens: a no-op
     assert seen == ["a", "b", "b-end"]
+
+
+def test_handler_lists_stay_the_same_objects_when_callbacks_are_added() -> None:
+    seen: list[int] = []
+
+    class Late(Callback):
+        def on_before_backward(self, state: State, loss: object) -> None:
+            seen.append(1)
+
+    d = Dispatcher()
+    held = d.table[Event.BEFORE_BACKWARD]  # what the Engine and the loop hold on to
+    d.add(Late())
+    for handler in held:
+        handler(State(), None)
+    assert seen == [1]
+
+
+def test_periodic_gates_step_end_and_passes_every_other_event_through() -> None:
+    seen: list[str] = []
+
+    class Observer(Callback):
+        def on_step_end(self, state: State, loss: object) -> None:
+            seen.append(f"step {state.step}")
+
+        def on_epoch_end(self, state: State) -> None:
+            seen.append("epoch_end")
+
+        def on_window(self, state: State, record: dict) -> None:
+            seen.append("window")
+
+        def state_dict(self) -> dict:
+            return {"seen": len(seen)}
+
+    periodic = Periodic(Observer(), every=3)
+    d = Dispatcher([periodic])
+    assert not d.has(Event.BATCH_START)  # what the observer does not handle costs nothing
+    for step in range(1, 7):
+        d.fire(Event.STEP_END, State(step=step), None)
+    d.fire(Event.EPOCH_END, State(step=6))
+    d.fire(Event.WINDOW, State(step=6), {})
+    assert seen == ["step 3", "step 6", "epoch_end", "window"]
+    assert periodic.state_dict() == {"seen": 4}

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from redline.errors import ConfigError
 from redline.telemetry.console import format_record
-from redline.telemetry.hub import Sink
 from redline.telemetry.jsonl import read_jsonl
-from redline.telemetry.sinks import TRACKERS, make_sinks
+from redline.telemetry.sinks import BUILTIN_SINKS, Sink, SinkContext, make_sinks
 from redline.telemetry.sinks.console import ConsoleSink
 from redline.telemetry.sinks.jsonl import JsonlSink
 from redline.telemetry.writer import serve
@@ -190,7 +190,7 @@ def test_failing_sink_is_disabled_and_others_keep_receiving(tmp_path: Path) -> N
 
 
 def test_make_sinks_by_name(tmp_path: Path) -> None:
-    sinks = make_sinks(["jsonl", "console", "jsonl"], tmp_path)
+    sinks = make_sinks(["jsonl", "console", "jsonl"], SinkContext(tmp_path))
     assert [s.name for s in sinks] == ["jsonl", "console"]
     assert isinstance(sinks[0], JsonlSink) and isinstance(sinks[1], ConsoleSink)
     for s in sinks:
@@ -198,9 +198,9 @@ def test_make_sinks_by_name(tmp_path: Path) -> None:
 
 
 def test_make_sinks_unknown_name_lists_valid_ones(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'mlflow'") as info:
-        make_sinks(["jsonl", "mlflow"], tmp_path)
-    assert all(name in str(info.value) for name in TRACKERS)
+    with pytest.raises(ConfigError, match="'mlflow'") as info:
+        make_sinks(["jsonl", "mlflow"], SinkContext(tmp_path))
+    assert all(name in str(info.value) for name in BUILTIN_SINKS)
 
 
 @pytest.mark.parametrize("package", ["tensorboard", "wandb"])
@@ -208,7 +208,7 @@ def test_make_sinks_missing_package_names_the_extra(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, package: str) -> None:
     monkeypatch.setitem(sys.modules, package, None)  # `import package` now fails
     with pytest.raises(ImportError, match=rf"pip install 'redline\[{package}\]'"):
-        make_sinks(["jsonl", package], tmp_path)
+        make_sinks(["jsonl", package], SinkContext(tmp_path))
 
 
 def test_wandb_reader_crosses_blocks_and_stops_at_a_torn_tail(tmp_path: Path) -> None:

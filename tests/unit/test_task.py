@@ -4,7 +4,9 @@ from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
+import torch
 
+import redline.plugins as plugins_mod
 import redline.task as task_mod
 from redline.task import TaskError, available_tasks, resolve_task
 
@@ -30,8 +32,61 @@ def test_module_spec_and_task_args_errors() -> None:
     assert t.name == "toy"
     with pytest.raises(TaskError, match="does not accept task_args"):
         resolve_task(TOY, {"width": 3})
-    with pytest.raises(TaskError, match="rejected its task_args: n must be"):
+
+
+def test_errors_raised_by_the_tasks_own_code_are_not_bad_input() -> None:
+    """The constructor's own ValueError is the task's code speaking: it keeps its type
+    and traceback, it is not reported as 'rejected its task_args'."""
+    with pytest.raises(ValueError, match="n must be >= 1") as info:
         resolve_task(TOY, {"n": 0})
+    assert not isinstance(info.value, TaskError)
+    assert info.traceback[-1].path.name == "toy.py"
+
+
+def test_an_import_failing_inside_the_users_module_keeps_its_traceback(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
+    (tmp_path / "needs_pkg.py").write_text("import not_installed_anywhere\n\nclass T: ...\n")
+    (tmp_path / "userpkg").mkdir()
+    (tmp_path / "userpkg" / "__init__.py").write_text("")
+    (tmp_path / "userpkg" / "tasks.py").write_text("import also_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="not_installed_anywhere") as info:
+        resolve_task(f"{tmp_path / 'needs_pkg.py'}:T")
+    assert not isinstance(info.value, TaskError)
+    with pytest.raises(ModuleNotFoundError, match="also_not_installed") as info:
+        resolve_task("userpkg.tasks:T")
+    assert not isinstance(info.value, TaskError)
+    with pytest.raises(TaskError, match=r"cannot import module 'userpkg\.nothing'"):
+        resolve_task("userpkg.nothing:T")  # the spec itself names nothing: bad input
+
+
+def test_a_file_tasks_classes_reach_spawned_dataloader_workers(tmp_path: Path) -> None:
+    """A Dataset class defined in the task file is pickled into workers started with
+    spawn (macOS's default, Linux's from Python 3.14) and forkserver: they must be able
+    to import the file's module by its name."""
+    (tmp_path / "spawn_task.py").write_text(
+        "import torch\n"
+        "from torch.utils.data import Dataset\n\n"
+        "class Squares(Dataset):\n"
+        "    def __len__(self): return 8\n"
+        "    def __getitem__(self, i): return torch.tensor([float(i * i)])\n\n"
+        "class SpawnTask:\n"
+        "    name = 'spawn'\n"
+        "    def build_model(self): return torch.nn.Linear(1, 1)\n"
+        "    def train_data(self): return Squares()\n"
+        "    def loss(self, model, batch): return model(batch).mean()\n")
+    task = resolve_task(f"{tmp_path / 'spawn_task.py'}:SpawnTask")
+    for method in ("spawn", "forkserver"):
+        loader = torch.utils.data.DataLoader(task.train_data(), batch_size=4, num_workers=1,
+                                             multiprocessing_context=method)
+        assert [b.flatten().tolist() for b in loader] == [[0, 1, 4, 9], [16, 25, 36, 49]]
+
+
+def test_a_task_file_may_not_hide_another_module(tmp_path: Path) -> None:
+    (tmp_path / "json.py").write_text("class T: ...\n")
+    with pytest.raises(TaskError, match="rename"):
+        resolve_task(f"{tmp_path / 'json.py'}:T")
 
 
 @pytest.mark.parametrize(("spec", "words"), [
@@ -53,6 +108,6 @@ def test_entry_point_group_registers_tasks(monkeypatch: pytest.MonkeyPatch,
     def fake_entry_points(group: str) -> list[EntryPoint]:
         return [ep] if group == task_mod.ENTRY_POINT_GROUP else []
 
-    monkeypatch.setattr(task_mod, "entry_points", fake_entry_points)
+    monkeypatch.setattr(plugins_mod, "entry_points", fake_entry_points)
     assert available_tasks()["toy-ep"] == "tests.tasks.toy:ToyRegression"
     assert resolve_task("toy-ep", {"n": 32}).name == "toy"

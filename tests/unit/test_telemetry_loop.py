@@ -1,89 +1,99 @@
-"""The training loop's telemetry: what a non-logging step costs, and what a window holds."""
+"""The training loop's telemetry: what a step costs in host reads, and what a window holds."""
 
 from __future__ import annotations
 
-import os
-import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from redline.build import build_optimizer
 from redline.config import load_config
+from redline.engine import Engine
 from redline.events import Callback, State
+from redline.task import resolve_task
+from redline.telemetry.config import TelemetryConfig
 from redline.telemetry.jsonl import read_jsonl
-from redline.telemetry.metrics import MetricsLogger
+from redline.telemetry.metrics import WindowContext, WindowLogger
+from redline.telemetry.session import Telemetry
 from redline.trainer import Trainer
 
 from ..conftest import TOY
-
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
-
-
-class _SyncCounter(Callback):
-    """Counts host reads of tensors made by redline's own code, per step."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.per_step: dict[int, int] = {}
-
-    def on_step_end(self, state: State, loss: torch.Tensor) -> None:
-        self.per_step[state.step] = self.calls
-        self.calls = 0
+from ..synccount import HostReads
 
 
-@pytest.mark.parametrize("path", ["device", "cpu"])
-def test_steps_that_do_not_log_make_no_host_sync(tmp_path: Path, path: str,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """The device path (what CUDA runs: tensors appended, read at window boundaries only)
-    is forced here on CPU tensors; the CPU path reads its host floats through host_float,
-    which is no sync where there is no device, and is the one read allowed."""
-    counter = _SyncCounter()
-    real = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-    if path == "device":
-        real_init = MetricsLogger.__init__
+class _PerStep(Callback):
+    """Host reads counted per optimizer step (the loop's whole step, telemetry included)."""
 
-        def device_path(self: MetricsLogger, *args: object, **kwargs: object) -> None:
-            real_init(self, *args, **kwargs)  # type: ignore[arg-type]
-            self._host = False
+    def __init__(self, mode: HostReads) -> None:
+        self.mode, self.per_step, self._seen = mode, dict[int, int](), 0
 
-        monkeypatch.setattr(MetricsLogger, "__init__", device_path)
+    def on_batch_start(self, state: State, batch: Any) -> None:
+        self._seen = self.mode.count
 
-    def counting(name: str):  # type: ignore[no-untyped-def]
-        def read(self: torch.Tensor, *args: object, **kwargs: object) -> object:
-            frame = sys._getframe(1).f_code
-            caller = frame.co_filename
-            # The sampler's per-epoch permutation is made on the host by design (data.py);
-            # examples are user code. Everything else in redline is held to no reads.
-            if f"{os.sep}redline{os.sep}" in caller and not caller.endswith(
-                    (f"{os.sep}data.py",)) and f"{os.sep}examples{os.sep}" not in caller \
-                    and frame.co_name != "host_float":
-                counter.calls += 1
-            return real[name](self, *args, **kwargs)
-        return read
+    def close(self, step: int) -> None:
+        self.per_step[step] = self.mode.count - self._seen
 
-    config = load_config(None, [f"task={TOY}", "train.steps=30", "telemetry.log_every=10",
+
+def _bare_reads_per_step(steps: int) -> list[int]:
+    """The same task and optimizer in a hand-written loop: what torch itself reads."""
+    task = resolve_task(TOY)
+    model = task.build_model()
+    opt = build_optimizer(model, 2e-4)
+    data = task.train_data()
+    counts = []
+    with HostReads() as mode:
+        for i in range(steps):
+            x, y = torch.utils.data.default_collate([data[j] for j in range(16 * i, 16 * i + 16)])
+            before = mode.count
+            opt.zero_grad(set_to_none=True)
+            task.loss(model, (x, y)).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            counts.append(mode.count - before)
+    return counts
+
+
+def test_redline_adds_only_its_documented_reads_per_step(tmp_path: Path) -> None:
+    """Counted with a dispatch mode: on CPU, redline reads each step's loss and gradient
+    norm as two floats (host memory, no device to wait for: metrics.py) and nothing else,
+    on logging steps and quiet ones alike; everything else is what torch's own AdamW reads
+    in a hand-written loop. The device path is held to zero below."""
+    config = load_config(None, [f"task={TOY}", "train.steps=24", "telemetry.log_every=8",
                                 "train.eval_every=0", "checkpoint.every=0"])
-    trainer = Trainer(config, run_dir=tmp_path / "r", callbacks=[counter], progress=False)
+    with HostReads() as mode:
+        counter = _PerStep(mode)
 
-    class Arm(Callback):
-        def on_fit_start(self, state: State) -> None:
-            for name in HOST_READS:
-                monkeypatch.setattr(torch.Tensor, name, counting(name))
+        class Close(Callback):  # after the loop's telemetry call: STEP_END of the next step
+            def on_batch_start(self, state: State, batch: Any) -> None:
+                if state.step:
+                    counter.close(state.step)
 
-    trainer.user_callbacks.insert(0, Arm())
-    trainer.fit()
-    monkeypatch.undo()
-    # The counter sees each step's reads at that step's STEP_END, which it receives after
-    # the window logger: a boundary's read shows up at the boundary step.
-    quiet = {s: n for s, n in counter.per_step.items() if s % 10 != 0}
-    assert quiet and all(n == 0 for n in quiet.values()), quiet
-    windows = [counter.per_step[s] for s in (10, 20, 30)]
-    if path == "device":  # a window reads its values once (on CUDA: a window later,
-        assert all(n >= 1 for n in windows)  # which bench/gpu_check.py checks for syncs)
-    else:  # the CPU path's window reads nothing more: its floats are summed already
-        assert windows == [0, 0, 0]
+        Trainer(config, run_dir=tmp_path / "r", callbacks=[Close(), counter],
+                progress=False).fit()
+    bare = _bare_reads_per_step(24)
+    extra = {step: n - bare[step - 1] for step, n in counter.per_step.items()}
+    assert sorted(extra) == list(range(1, 24))
+    assert set(extra.values()) == {2}, extra  # window-closing steps 8 and 16 included
+
+
+def test_the_device_path_reads_nothing_on_any_step() -> None:
+    """What a GPU runs (tensors kept, stacked at the window; read a window later from
+    pinned memory), forced on CPU tensors: no read of a tensor's value, on any step."""
+    records: list[dict[str, Any]] = []
+    logger = WindowLogger(4, WindowContext(samples_per_step=8, device=torch.device("cpu")),
+                          records.append, host_reads=False)
+    logger.start()
+    with HostReads() as mode:
+        for step in range(1, 13):
+            loss, norm = torch.rand(()), torch.rand(()) + 1
+            logger.record(step, loss, norm, 0.0, step == 12,
+                          lambda s=step: {"step": s, "micro_batch": 8})
+            assert mode.count == 0, step
+        logger.finish({"step": 12})
+    assert [r["step"] for r in records] == [4, 8, 12]
 
 
 def test_window_records_hold_the_promised_metrics(tmp_path: Path) -> None:
@@ -107,6 +117,17 @@ def test_window_records_hold_the_promised_metrics(tmp_path: Path) -> None:
     assert system and "proc/rss_bytes" in system[0]
 
 
+def test_a_cpu_run_without_a_budget_records_its_resident_memory(tmp_path: Path) -> None:
+    config = load_config(None, [f"task={TOY}", "train.steps=10", "telemetry.log_every=5",
+                                "train.eval_every=0"])
+    Trainer(config, run_dir=tmp_path / "r", progress=False).fit()
+    rows = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
+    for r in rows:
+        assert 10 * 2**20 < r["mem_rss_bytes"] <= r["mem_rss_peak_bytes"]
+        assert 0 < r["mem_pct"] < 100  # of physical memory
+        assert "mem_peak_bytes" not in r  # no tracker ran: no tensor-memory count
+
+
 def test_a_task_can_declare_its_flops(tmp_path: Path) -> None:
     from tests.tasks.toy import ToyRegression
 
@@ -122,22 +143,84 @@ def test_a_task_can_declare_its_flops(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_the_cpu_path_sums_the_steps_it_saw(dtype: torch.dtype) -> None:
-    from redline.telemetry.metrics import WindowContext
-
-    class Engine:
-        grad_norm = torch.tensor(0.0)
-        micro_batch_size = None
-
     records: list[dict] = []
-    logger = MetricsLogger(3, WindowContext(samples_per_step=4, device=torch.device("cpu")),
-                           lambda stream, r: records.append(r), Engine())
-    state = State(max_steps=6)
-    logger.on_fit_start(state)
+    logger = WindowLogger(3, WindowContext(samples_per_step=4, device=torch.device("cpu")),
+                          records.append)
+    logger.start()
     for step, (loss, norm) in enumerate([(1.0, 2.0), (2.0, float("inf")), (3.0, 1.5),
                                          (4.0, 1.0), (5.0, float("nan")), (6.0, 0.5)], 1):
-        Engine.grad_norm = torch.tensor(norm, dtype=dtype)
-        state.step = step
-        logger.on_step_end(state, torch.tensor(loss, dtype=dtype))
+        logger.record(step, torch.tensor(loss, dtype=dtype), torch.tensor(norm, dtype=dtype),
+                      0.0, step == 6, lambda s=step: {"step": s})
     assert [(r["step"], r["loss"], r["skipped_steps"]) for r in records] == [(3, 2.0, 1),
                                                                             (6, 5.0, 1)]
     assert records[0]["grad_norm"] == 1.5 and records[1]["grad_norm"] == 0.5
+
+
+class _EveryOtherWindow(Callback):
+    """A callback's own metric at its own cadence: computed on some steps, added to a window."""
+
+    def __init__(self) -> None:
+        self.windows = 0
+        self.pending: torch.Tensor | None = None
+
+    def on_step_end(self, state: State, loss: torch.Tensor) -> None:
+        if state.step % 10 == 0:
+            self.pending = loss.detach() * 2  # stays on the device until the window
+
+    def on_window(self, state: State, record: dict[str, Any]) -> None:
+        self.windows += 1
+        if self.windows % 2 == 0 and self.pending is not None:
+            record["mine/double_loss"] = float(self.pending)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"windows": self.windows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.windows = state["windows"]
+
+
+def test_callbacks_see_each_window_and_add_their_own_metrics(tmp_path: Path) -> None:
+    config = load_config(None, [f"task={TOY}", "train.steps=40", "telemetry.log_every=10",
+                                "train.eval_every=0", "checkpoint.every=20"])
+    mine = _EveryOtherWindow()
+    Trainer(config, run_dir=tmp_path / "r", callbacks=[mine], progress=False).fit()
+    rows = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
+    assert [("mine/double_loss" in r) for r in rows] == [False, True, False, True]
+    assert mine.windows == 4
+
+
+def test_callback_state_is_kept_across_a_resume(tmp_path: Path) -> None:
+    args = [f"task={TOY}", "telemetry.log_every=10", "train.eval_every=0"]
+    first = _EveryOtherWindow()
+    Trainer(load_config(None, [*args, "train.steps=30"]), run_dir=tmp_path / "r",
+            callbacks=[first], progress=False).fit()
+    again = _EveryOtherWindow()
+    Trainer(load_config(None, [*args, "train.steps=50"]), run_dir=tmp_path / "r", resume=True,
+            callbacks=[again], progress=False).fit()
+    assert (first.windows, again.windows) == (3, 5)  # 3 windows, then 2 more after resuming
+
+
+def test_telemetry_in_your_own_loop(tmp_path: Path) -> None:
+    """No Trainer: an Engine, a loop, and Telemetry fed explicit values."""
+    task = resolve_task(TOY)
+    model = task.build_model()
+    opt = build_optimizer(model, 1e-3)
+    engine = Engine(model, opt, "fp32", grad_clip=1.0, micro_batch_size=8)
+    data = task.train_data()
+    telemetry = Telemetry(tmp_path / "mine", TelemetryConfig(log_every=5), device="cpu",
+                          samples_per_step=16, max_steps=20)
+    with telemetry:
+        for step in range(1, 21):
+            batch = torch.utils.data.default_collate([data[i] for i in range(16)])
+            loss = engine.step(batch, task.loss)
+            telemetry.record_step(step, loss, engine.grad_norm,
+                                  micro_batch=engine.micro_batch_size, lr=1e-3)
+            if step == 10:
+                with telemetry.paused():
+                    telemetry.record_eval(step, {"mae": 0.5})
+    rows = read_jsonl(tmp_path / "mine" / "metrics.jsonl")
+    windows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in windows] == [5, 10, 15, 20]
+    assert all(r["micro_batch"] == 8 and r["accumulation_steps"] == 2 for r in windows)
+    assert [r["eval/mae"] for r in rows if "eval/mae" in r] == [0.5]
+    assert (tmp_path / "mine" / "system.jsonl").is_file()

@@ -47,17 +47,17 @@ def test_epochs_limit_the_run_and_fire_epoch_events(tmp_path: Path) -> None:
 def test_progress_plain_lines_and_rich_bar() -> None:
     plain = io.StringIO()
     bar = Progress(10, stream=plain, interactive=False)
-    bar.on_fit_start(State(step=0))
-    bar.log_metrics({"step": 5, "loss": 0.5, "samples_per_s": 100.0, "step_time_s": 0.01})
+    bar.start(0)
+    bar.show({"step": 5, "loss": 0.5, "samples_per_s": 100.0, "step_time_s": 0.01})
     line = plain.getvalue()
     assert "step 5" in line and "loss 0.5" in line and "100.0 samples/s" in line
     assert "ETA" in line
 
     tty = io.StringIO()
     rich_bar = Progress(10, stream=tty, interactive=True)
-    rich_bar.on_fit_start(State(step=0))
-    rich_bar.on_step_end(State(step=4), None)
-    rich_bar.log_metrics({"step": 4, "loss": 0.25, "samples_per_s": 50.0})
+    rich_bar.start(0)
+    rich_bar.step(4)
+    rich_bar.show({"step": 4, "loss": 0.25, "samples_per_s": 50.0})
     rich_bar.close()
     out = tty.getvalue()
     assert "train" in out and "4/10" in out and "loss 0.25" in out
@@ -66,3 +66,30 @@ def test_progress_plain_lines_and_rich_bar() -> None:
 def test_trainer_refuses_missing_task() -> None:
     with pytest.raises(ValueError, match="no task given"):
         Trainer(load_config(None, []))
+
+
+class _StepCounter(Callback):
+    """Counts the steps it has seen; without its state_dict a resume would restart at 0."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def on_step_end(self, state: State, loss: object) -> None:
+        self.seen += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seen = state["seen"]
+
+
+def test_callback_state_dicts_are_kept_in_checkpoints(tmp_path: Path) -> None:
+    args = [f"task={TOY}", "train.eval_every=0", "checkpoint.every=5"]
+    first, other = _StepCounter(), _StepCounter()
+    Trainer(load_config(None, [*args, "train.steps=10"]), run_dir=tmp_path / "r",
+            callbacks=[first, other], progress=False).fit()
+    resumed, resumed_other = _StepCounter(), _StepCounter()
+    Trainer(load_config(None, [*args, "train.steps=14"]), run_dir=tmp_path / "r", resume=True,
+            callbacks=[resumed, resumed_other], progress=False).fit()
+    assert (first.seen, resumed.seen, resumed_other.seen) == (10, 14, 14)

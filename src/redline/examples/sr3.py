@@ -37,10 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from redline.errors import MissingExtra
 from redline.examples.sr3_unet import GROUPS, SR3UNet
 from redline.task import Sample, TaskBase
-
-INSTALL_HINT = "pip install 'redline[examples]'"
 
 # Bundled images that load offline. `cat` is left out: it is the same picture as
 # `chelsea`. Synthetic images (checkerboard, colorwheel, logo, phantom) and the binary
@@ -78,10 +77,8 @@ def _read_images() -> dict[str, np.ndarray]:
         import skimage.data
         from sklearn.datasets import load_sample_images
     except ImportError as e:
-        raise ImportError(
-            f"the sr3-tiny example needs scikit-image and scikit-learn ({e}); "
-            f"install them with: {INSTALL_HINT}"
-        ) from e
+        raise MissingExtra("the sr3-tiny example", e.name or "scikit-image and scikit-learn",
+                           "examples") from e
     raw: dict[str, np.ndarray] = {name: getattr(skimage.data, name)() for name in SKIMAGE_IMAGES}
     bunch = load_sample_images()
     for filename, image in zip(bunch.filenames, bunch.images, strict=True):
@@ -256,9 +253,7 @@ class SR3Task(TaskBase):
                 structural_similarity_index_measure,
             )
         except ImportError as e:
-            raise ImportError(
-                f"sr3-tiny's evaluation needs torchmetrics ({e}); install it with: {INSTALL_HINT}"
-            ) from e
+            raise MissingExtra("sr3-tiny's evaluation", "torchmetrics", "examples") from e
         device = _device_of(model)
         # A private generator: evaluating must not shift the training run's global RNG
         # stream, and the same checkpoint must always score the same.

@@ -58,16 +58,6 @@ def format_size(n: int) -> str:
     return f"{sign}{a / 2**40:.2f} TiB"
 
 
-def is_oom(exc: BaseException) -> bool:
-    """True for an out-of-memory error, judged by type only.
-
-    Message text is not evidence: a CUDA illegal memory access, an NCCL failure or a cuBLAS
-    allocation failure can all mention memory, leave the context broken, and must end the
-    run rather than be retried with smaller micro-batches.
-    """
-    return isinstance(exc, torch.OutOfMemoryError)
-
-
 def _iter_tensors(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         yield obj

@@ -8,29 +8,29 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from redline.events import Callback, State
+from redline.telemetry import schema as K
 
 
 def format_record(record: dict[str, Any]) -> str:
-    parts = [f"step {record['step']}"]
-    for key, fmt in (("loss", "loss {:.4g}"), ("samples_per_s", "{:.1f} samples/s"),
-                     ("step_time_s", "{:.3f} s/step"), ("lr", "lr {:.3g}")):
+    parts = [f"step {record[K.STEP]}"]
+    for key, fmt in ((K.LOSS, "loss {:.4g}"), (K.SAMPLES_PER_S, "{:.1f} samples/s"),
+                     (K.STEP_TIME, "{:.3f} s/step"), (K.LR, "lr {:.3g}")):
         if record.get(key) is not None:
             parts.append(fmt.format(record[key]))
     parts += [f"{k} {v:.4g}" for k, v in record.items()
-              if k.startswith("eval/") and isinstance(v, float) and k != "eval/time_s"]
+              if K.is_eval(k) and isinstance(v, float) and k != K.EVAL_TIME]
     return " | ".join(parts)
 
 
-class Progress(Callback):
+class Progress:
     """A rich progress bar (samples/s, ETA, loss, MFU, memory) on a terminal; plain lines
     otherwise.
 
-    A callback: a clock read per step, and the bar redrawn at most once a second, on
-    the training thread. rich's own refresh thread is off: a thread drawing ten times a
-    second would take the GIL from training between its ops (see telemetry/hub.py). The
-    loss, samples/s, MFU and memory shown are the last window's, given to `log_metrics`
-    as the window closes.
+    Driven by Telemetry: `start(step)`, `step(step)` after each optimizer step (a clock
+    read; the bar is redrawn at most once a second, on the training thread), `show(record)`
+    for each published record, `close()`. rich's own refresh thread is off: a thread drawing
+    ten times a second would take the GIL from training between its ops (see
+    telemetry/hub.py). The loss, samples/s, MFU and memory shown are the last window's.
     """
 
     redraw_every_s = 1.0
@@ -46,9 +46,9 @@ class Progress(Callback):
         self._start_step = 0
         self._next_draw = 0.0
 
-    def on_fit_start(self, state: State) -> None:
-        self._start, self._start_step = time.perf_counter(), state.step
-        if not self.interactive:
+    def start(self, step: int = 0) -> None:
+        self._start, self._start_step = time.perf_counter(), step
+        if not self.interactive or self._bar is not None:
             return
         from rich.console import Console
         from rich.progress import (
@@ -67,35 +67,34 @@ class Progress(Callback):
             console=Console(file=self.stream), transient=False, auto_refresh=False,
         )
         self._bar.start()
-        self._task = self._bar.add_task("train", total=self.total, completed=state.step,
-                                        info="")
+        self._task = self._bar.add_task("train", total=self.total, completed=step, info="")
 
-    def on_step_end(self, state: State, loss: Any) -> None:
+    def step(self, step: int) -> None:
         if self._bar is not None:
             now = time.perf_counter()
-            if now >= self._next_draw or state.step >= self.total:
+            if now >= self._next_draw or step >= self.total:
                 self._next_draw = now + self.redraw_every_s
-                self._bar.update(self._task, completed=state.step, refresh=True)
+                self._bar.update(self._task, completed=step, refresh=True)
 
-    def log_metrics(self, record: dict[str, Any]) -> None:
+    def show(self, record: dict[str, Any]) -> None:
         if self._bar is not None:
             info = []
-            if record.get("loss") is not None:
-                info.append(f"loss {record['loss']:.4g}")
-            if record.get("samples_per_s") is not None:
-                info.append(f"{record['samples_per_s']:.1f} samples/s")
-            if record.get("mfu") is not None:
-                info.append(f"MFU {100 * record['mfu']:.1f}%")
-            if record.get("mem_pct") is not None:
-                info.append(f"mem {record['mem_pct']:.0f}%")
+            if record.get(K.LOSS) is not None:
+                info.append(f"loss {record[K.LOSS]:.4g}")
+            if record.get(K.SAMPLES_PER_S) is not None:
+                info.append(f"{record[K.SAMPLES_PER_S]:.1f} samples/s")
+            if record.get(K.MFU) is not None:
+                info.append(f"MFU {100 * record[K.MFU]:.1f}%")
+            if record.get(K.MEM_PCT) is not None:
+                info.append(f"mem {record[K.MEM_PCT]:.0f}%")
             if info:
                 self._bar.update(self._task, info=" | ".join(info))
             else:
                 self._bar.console.print(format_record(record))
             return
         line = format_record(record)
-        if "loss" in record:
-            line = f"{line} | {self._eta(record['step'])}"
+        if K.LOSS in record:
+            line = f"{line} | {self._eta(record[K.STEP])}"
         print(line, file=self.stream, flush=True)
 
     def _eta(self, step: int) -> str:
@@ -109,9 +108,6 @@ class Progress(Callback):
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-
-    def on_fit_end(self, state: State) -> None:
-        self.close()
 
 
 @contextlib.contextmanager

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from redline.device import DeviceInfo
+from redline import batch as batch_tree
+from redline.device import DeviceInfo, float32_matmul
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -81,7 +82,7 @@ def _count_fake(model: nn.Module, batch: Any, loss_fn: LossFn) -> int:
     for tensor in (*model.parameters(), *model.buffers()):
         memo[id(tensor)] = mode.from_tensor(tensor)
     shadow = copy.deepcopy(model, memo)
-    fake_batch = _map_tensors(batch, mode.from_tensor)
+    fake_batch = batch_tree.map_tensors(batch, mode.from_tensor)
     with _rng_preserved(model), mode, FlopCounterMode(display=False) as counter:
         loss_fn(shadow, fake_batch).backward()
     return int(counter.get_total_flops())
@@ -105,18 +106,6 @@ def _rng_preserved(model: nn.Module) -> Iterator[None]:
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         yield
-
-
-def _map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _map_tensors(v, fn)) for k, v in obj.items())
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_map_tensors(v, fn) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    return obj
 
 
 def analytic_transformer_flops(n_params: int, tokens: int, n_layers: int = 0,
@@ -197,12 +186,10 @@ def measure_cpu_matmul_flops(device: DeviceInfo, dtype: torch.dtype,
     CPU has no fast kernels for (fp16 without AMX-FP16 runs at ~1 GFLOP/s) stays within
     budget while fast dtypes get matrices big enough to approach their peak.
     """
-    from redline.precision import Precision
-
     gen = torch.Generator().manual_seed(0)  # a private generator: the global RNG is untouched
     deadline = time.perf_counter() + budget_s
     # fp32 pins "highest": on AMX CPUs the default may silently compute fp32 in bf16.
-    with Precision(device).global_context(), torch.inference_mode():
+    with float32_matmul("highest"), torch.inference_mode():
         n, best = 512, 0.0  # below 512 a matmul sits in cache and overstates the rate
         while True:  # two timings per size while growing (the first warms the kernels)
             a = torch.rand(n, n, generator=gen).to(dtype)

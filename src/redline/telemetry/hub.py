@@ -32,11 +32,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-IN_PROCESS = ("jsonl", "console")  # what the hub can still write itself if the writer dies
+from redline.telemetry.sinks import LOCAL_SINKS, Sink, SinkContext, make_sink
 
 
 def report_sink_failure(name: str, why: str) -> None:
@@ -45,30 +45,26 @@ def report_sink_failure(name: str, why: str) -> None:
           file=sys.stderr, flush=True)
 
 
-class Sink(Protocol):
-    """Where telemetry goes. `write` runs in the writer process, never on training's thread."""
-
-    name: str
-
-    def write(self, stream: str, records: list[dict[str, Any]]) -> None: ...
-
-    def close(self) -> None: ...
-
-
 def _plain(value: Any) -> Any:  # numpy and torch scalars, and anything else, for JSON
     return value.item() if hasattr(value, "item") else str(value)
 
 
 class Hub:
-    """Starts the writer process for `trackers` and forwards records to it."""
+    """Starts the writer process for `trackers` and forwards records to it.
+
+    The sinks are made there from a SinkContext of `run_dir`, `run_name`, `resume_id` and
+    `options` (sinks/__init__.py).
+    """
 
     def __init__(self, trackers: Sequence[str], run_dir: str | Path, *,
-                 options: dict[str, Any] | None = None, sampler: dict[str, Any] | None = None,
+                 options: Mapping[str, Any] | None = None, resume_id: str | None = None,
+                 run_name: str | None = None, sampler: dict[str, Any] | None = None,
                  on_failure: Callable[[str, str], None] | None = None,
                  on_note: Callable[[str], None] | None = None,
                  start_timeout_s: float = 180.0) -> None:
         self.trackers = list(dict.fromkeys(trackers))
         self.run_dir = Path(run_dir)
+        self.context = SinkContext(self.run_dir, run_name, resume_id, dict(options or {}))
         self.failed: dict[str, str] = {}
         self.run_ids: dict[str, str | None] = {}
         self._on_failure = on_failure or report_sink_failure
@@ -79,8 +75,8 @@ class Hub:
         self._tickets = self._flushed = 0
         self._ready, self._closed = threading.Event(), threading.Event()
         self._exited = self._closing = False
-        spec = {"trackers": self.trackers, "run_dir": str(self.run_dir),
-                "options": options or {}, "sampler": sampler}
+        spec = {"trackers": self.trackers, "run_dir": str(self.run_dir), "run_name": run_name,
+                "resume_id": resume_id, "options": dict(options or {}), "sampler": sampler}
         package_root = str(Path(__file__).resolve().parents[2])  # importable in the child
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -222,17 +218,15 @@ class Hub:
 
     def _fall_back(self, why: str) -> None:
         """The writer is gone: say so once, write what is left of JSONL and console here."""
-        from redline.telemetry.sinks import make_sinks
-
-        gone = [t for t in self.trackers if t not in IN_PROCESS and t not in self.failed]
+        gone = [t for t in self.trackers if t not in LOCAL_SINKS and t not in self.failed]
         for name in gone:
             self.failed[name] = why
         self._on_failure("writer", f"{why}; " + (
             f"{', '.join(gone)} off, " if gone else "") + "JSONL and console written in-process")
         self._local = []
-        for name in (t for t in self.trackers if t in IN_PROCESS):
+        for name in (t for t in self.trackers if t in LOCAL_SINKS):
             try:
-                self._local += make_sinks([name], self.run_dir)
+                self._local.append(make_sink(name, self.context))
             except Exception as e:
                 self.failed[name] = f"{type(e).__name__}: {e}"
         pending, self._backlog = bytes(self._backlog), bytearray()

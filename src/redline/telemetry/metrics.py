@@ -20,23 +20,26 @@ The window's loss is the mean of its steps'; `skipped_steps` counts its steps wh
 gradient norm was not finite (those fp16's scaler skips). Time spent here on the training
 thread is measured (perf_counter around each call) and reported as `redline/overhead_pct`
 of the window's wall time, with the number of host syncs redline itself made
-(`redline/host_syncs`). Records go to the hub, which hands them to the writer process.
+(`redline/host_syncs`). Time inside `paused()` (evaluation, checkpoints) is not window
+time. A completed record goes to `on_record` (the WINDOW event: callbacks may add to it),
+then to `publish`. Every key is defined in schema.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from redline.events import Callback, State
+from redline.telemetry import schema as K
 from redline.telemetry.flops import mfu
 
-Publish = Callable[[str, dict[str, Any]], None]
+Record = dict[str, Any]
 FOLD_EVERY = 1024  # GPU: steps whose tensors are stacked into one, to keep the list short
 
 
@@ -58,66 +61,86 @@ class WindowContext:
     flops_per_step: int | None = None  # counted once at start; None: unknown
     peak_flops: float | None = None  # dense peak for the compute dtype; None: MFU empty
     peak_source: str = "unknown"
-    memory_total: int | None = None  # device memory or memory.budget, for mem_pct
 
 
 class _Pending:
     """A closed window whose device values are still on their way to the host."""
 
-    def __init__(self, values: torch.Tensor | tuple[float, float, int], record: dict[str, Any],
+    def __init__(self, values: torch.Tensor | tuple[float, float, int], record: Record,
                  event: Any | None, start_event: Any | None) -> None:
         self.values, self.record, self.event, self.start_event = (values, record, event,
                                                                   start_event)
 
 
-class MetricsLogger(Callback):
+class WindowLogger:
     """One record per `log_every` steps; see the module docstring for the cost model."""
 
-    def __init__(self, log_every: int, ctx: WindowContext, publish: Publish,
-                 engine: Any, memory_probe: Callable[[], dict[str, Any]] | None = None
-                 ) -> None:
-        self.log_every, self.ctx, self.publish, self.engine = log_every, ctx, publish, engine
-        self.memory_probe = memory_probe
+    def __init__(self, log_every: int, ctx: WindowContext, publish: Callable[[Record], None],
+                 memory: Callable[[], Record] | None = None,
+                 on_record: Callable[[Record], None] | None = None,
+                 host_reads: bool | None = None) -> None:
+        """`host_reads`: read each step's values as floats (None: where they are host
+        memory, i.e. on CPU), or keep them as tensors until the window closes (what a GPU
+        does; False forces it on CPU too)."""
+        self.log_every, self.ctx, self.publish = log_every, ctx, publish
+        self.memory, self.on_record = memory, on_record
         self.cuda = ctx.device.type == "cuda"
-        self.last: dict[str, Any] = {}
-        self.data_wait_s = 0.0  # added to by the trainer around each batch fetch
+        self.last: Record = {}
         self.overhead_s = 0.0
         self.host_syncs = 0
         # CPU: the window's sums as Python numbers; a device: the steps' tensors.
-        self._host = ctx.device.type == "cpu"
+        self._host = ctx.device.type == "cpu" if host_reads is None else host_reads
         self._loss_sum, self._nonfinite, self._norm = 0.0, 0, 0.0
         self._pairs: list[torch.Tensor] = []
         self._folded: list[torch.Tensor] = []  # _pairs stacked every FOLD_EVERY steps
         self._n = 0  # steps in the open window
+        self._data_wait_s = 0.0
         self._t0 = time.perf_counter()
         self._start_event: Any = None
         self._pending: _Pending | None = None
         self._paused = False  # evaluation or a checkpoint ran inside this window
 
-    def on_fit_start(self, state: State) -> None:
+    def start(self) -> None:
         self._t0 = time.perf_counter()
         if self.cuda:
             self._start_event = torch.cuda.Event(enable_timing=True)
             self._start_event.record()
 
-    def on_step_end(self, state: State, loss: torch.Tensor) -> None:
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, data_wait_s: float,
+               last: bool, position: Callable[[], Record]) -> None:
+        """One finished step; `position()` (step, epoch, lr, ...) is asked at window ends."""
         t = time.perf_counter()
+        self._data_wait_s += data_wait_s
         if self._host:
             self._loss_sum += host_float(loss)
-            self._norm = host_float(self.engine.grad_norm)
+            self._norm = host_float(grad_norm)
             if not math.isfinite(self._norm):
                 self._nonfinite += 1
         else:
-            self._pairs += (loss, self.engine.grad_norm)
+            self._pairs += (loss, grad_norm)
             if len(self._pairs) == 2 * FOLD_EVERY:
                 self._folded.append(torch.stack(self._pairs).float())
                 self._pairs = []
         self._n += 1
-        if state.step % self.log_every == 0 or state.step >= state.max_steps:
-            self._close_window(state, t)
+        if step % self.log_every == 0 or last:
+            self._close_window(position(), t)
         self.overhead_s += time.perf_counter() - t
 
-    def _close_window(self, state: State, now: float) -> None:
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time inside is not window time (evaluation, checkpoints)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.exclude(time.perf_counter() - t)
+
+    def exclude(self, seconds: float) -> None:
+        """Take `seconds` that were not training out of the open window's wall time."""
+        self._t0 += seconds
+        self._paused = True
+
+    def _close_window(self, position: Record, now: float) -> None:
         steps, self._n = self._n, 0
         values: torch.Tensor | tuple[float, float, int]
         if self._host:
@@ -128,21 +151,18 @@ class MetricsLogger(Callback):
             values = torch.cat(parts).view(steps, 2)
             self._pairs, self._folded = [], []
         wall = now - self._t0
-        record: dict[str, Any] = {
-            "step": state.step, "epoch": state.epoch, "samples": state.samples_seen,
-            "lr": state.optimizer.param_groups[0]["lr"] if state.optimizer else None,
-            "window_steps": steps, "wall_s": wall, "paused": self._paused,
-            "data_wait_pct": 100.0 * self.data_wait_s / wall if wall > 0 else None,
-            "micro_batch": self.engine.micro_batch_size or self.ctx.samples_per_step,
-            "effective_batch": self.ctx.samples_per_step,
-            "redline/overhead_pct": 100.0 * self.overhead_s / wall if wall > 0 else None,
-            "redline/host_syncs": self.host_syncs,
+        micro = position.pop(K.MICRO_BATCH, None) or self.ctx.samples_per_step
+        record: Record = {
+            **position, "window_steps": steps, "wall_s": wall, "paused": self._paused,
+            K.DATA_WAIT_PCT: 100.0 * self._data_wait_s / wall if wall > 0 else None,
+            K.MICRO_BATCH: micro, K.EFFECTIVE_BATCH: self.ctx.samples_per_step,
+            K.ACCUMULATION_STEPS: math.ceil(self.ctx.samples_per_step / micro),
+            K.OVERHEAD_PCT: 100.0 * self.overhead_s / wall if wall > 0 else None,
+            K.HOST_SYNCS: self.host_syncs,
         }
-        record["accumulation_steps"] = math.ceil(self.ctx.samples_per_step
-                                                 / record["micro_batch"])
-        if self.memory_probe is not None:
-            record.update(self.memory_probe())
-        self.data_wait_s = self.overhead_s = 0.0
+        if self.memory is not None:
+            record.update(self.memory())
+        self._data_wait_s = self.overhead_s = 0.0
         self.host_syncs = 0
         self._paused = False
         if self.cuda:
@@ -179,30 +199,20 @@ class MetricsLogger(Callback):
         on_device = p.event is not None and p.start_event is not None and not paused
         step_time = (p.start_event.elapsed_time(p.event) / 1000.0 / steps if on_device
                      else wall / steps)
-        r.update({"loss": loss_sum / steps, "grad_norm": grad_norm,
-                  "skipped_steps": nonfinite, "step_time_s": step_time,
-                  "samples_per_s": self.ctx.samples_per_step / step_time if step_time else None})
-        r["mfu"] = mfu(self.ctx.flops_per_step, step_time, self.ctx.peak_flops)
-        r["peak_flops"] = self.ctx.peak_flops
-        r["time"] = round(time.time(), 3)
+        r.update({K.LOSS: loss_sum / steps, K.GRAD_NORM: grad_norm, K.SKIPPED_STEPS: nonfinite,
+                  K.STEP_TIME: step_time,
+                  K.SAMPLES_PER_S: self.ctx.samples_per_step / step_time if step_time else None,
+                  K.MFU: mfu(self.ctx.flops_per_step, step_time, self.ctx.peak_flops),
+                  K.PEAK_FLOPS: self.ctx.peak_flops, K.TIME: round(time.time(), 3)})
+        if self.on_record is not None:
+            self.on_record(r)
         self.last = r
-        self.publish("metrics", r)
+        self.publish(r)
 
-    def on_eval_end(self, state: State, metrics: dict[str, float]) -> None:
-        record: dict[str, Any] = {"step": state.step, "time": round(time.time(), 3),
-                                  **{f"eval/{k}": v for k, v in metrics.items()}}
-        record["eval/time_s"] = state.extra.get("eval_time_s", 0.0)
-        self.publish("metrics", record)
-        self._t0 += record["eval/time_s"]  # evaluation time is not step time
-        self._paused = True
-
-    def on_checkpoint_saved(self, state: State, path: str) -> None:
-        self._t0 += state.extra.get("checkpoint_time_s", 0.0)
-        self._paused = True
-
-    def on_fit_end(self, state: State) -> None:
+    def finish(self, position: Record) -> None:
+        """Close the open window and publish any window still waiting for the device."""
         if self._n:
-            self._close_window(state, time.perf_counter())
+            self._close_window(position, time.perf_counter())
         if self._pending is not None:
             self._emit(self._pending)
             self._pending = None

@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from redline.telemetry import schema as K
+
 Record = dict[str, Any]
 
 
@@ -69,26 +71,26 @@ class NvmlReader:
             return None, f"no NVML handle for GPU {index}: GPU metrics are off ({exc})"
 
     def fast(self) -> Record:
-        util = self._read("gpu/util_pct", self._nvml.nvmlDeviceGetUtilizationRates)
+        util = self._read(K.GPU_UTIL, self._nvml.nvmlDeviceGetUtilizationRates)
         if util is None:
             return {}
-        return {"gpu/util_pct": float(util.gpu), "gpu/mem_util_pct": float(util.memory)}
+        return {K.GPU_UTIL: float(util.gpu), K.GPU_MEM_UTIL: float(util.memory)}
 
     def slow(self) -> Record:
         nvml, out = self._nvml, {}
-        mem = self._read("gpu/mem_used_bytes", nvml.nvmlDeviceGetMemoryInfo)
+        mem = self._read(K.GPU_MEM_USED, nvml.nvmlDeviceGetMemoryInfo)
         if mem is not None:  # device-wide: includes CUDA contexts and other processes
-            out["gpu/mem_used_bytes"] = int(mem.used)
-            out["gpu/mem_total_bytes"] = int(mem.total)
-        temp = self._read("gpu/temp_c", nvml.nvmlDeviceGetTemperature, nvml.NVML_TEMPERATURE_GPU)
+            out[K.GPU_MEM_USED] = int(mem.used)
+            out[K.GPU_MEM_TOTAL] = int(mem.total)
+        temp = self._read(K.GPU_TEMP, nvml.nvmlDeviceGetTemperature, nvml.NVML_TEMPERATURE_GPU)
         if temp is not None:
-            out["gpu/temp_c"] = float(temp)
-        power = self._read("gpu/power_w", nvml.nvmlDeviceGetPowerUsage)
+            out[K.GPU_TEMP] = float(temp)
+        power = self._read(K.GPU_POWER, nvml.nvmlDeviceGetPowerUsage)
         if power is not None:
-            out["gpu/power_w"] = power / 1000.0  # NVML reports milliwatts
-        clock = self._read("gpu/sm_clock_mhz", nvml.nvmlDeviceGetClockInfo, nvml.NVML_CLOCK_SM)
+            out[K.GPU_POWER] = power / 1000.0  # NVML reports milliwatts
+        clock = self._read(K.GPU_CLOCK, nvml.nvmlDeviceGetClockInfo, nvml.NVML_CLOCK_SM)
         if clock is not None:
-            out["gpu/sm_clock_mhz"] = float(clock)
+            out[K.GPU_CLOCK] = float(clock)
         return out
 
     def close(self) -> None:
@@ -199,7 +201,7 @@ class Sampler:
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now >= next_fast:
-                    record: Record = {"time": time.time()}
+                    record: Record = {K.TIME: time.time()}
                     self._sample(record, gpu, psutil, proc, slow=now >= next_slow)
                     if now >= next_slow:
                         next_slow = now + self.slow_every_s
@@ -208,7 +210,7 @@ class Sampler:
                         self._emit(record)
                 self._stop.wait(max(0.0, next_fast - time.monotonic()))
             # A last sample at stop: a run shorter than one period still gets a record.
-            record = {"time": time.time()}
+            record = {K.TIME: time.time()}
             self._sample(record, gpu, psutil, proc, slow=True)
             if len(record) > 1:
                 self._emit(record)
@@ -240,9 +242,9 @@ class Sampler:
                 slow: bool) -> None:
         try:
             if psutil is not None:
-                record["cpu/util_pct"] = float(psutil.cpu_percent(interval=None))
-                record["ram/used_pct"] = float(psutil.virtual_memory().percent)
-                record["proc/rss_bytes"] = int(proc.memory_info().rss)
+                record[K.CPU_UTIL] = float(psutil.cpu_percent(interval=None))
+                record[K.RAM_USED] = float(psutil.virtual_memory().percent)
+                record[K.PROC_RSS] = int(proc.memory_info().rss)
             if gpu is not None:
                 record.update(gpu.fast())
                 if slow:

@@ -1,121 +1,229 @@
-"""Everything a run records, wired once: hub and sinks, window metrics, sampler, MFU.
+"""Telemetry: what a run records, for any training loop, fed with explicit values.
 
-The trainer builds one TelemetrySession at start and closes it at the end. In the training
-process it is callbacks (the window logger, the progress bar) and the hub's end of a pipe;
-the sinks and the hardware sampler run in the telemetry writer process (hub.py says why).
+The trainer uses it, and so can your own loop (docs/architecture.md has the guide):
+
+    telemetry = Telemetry("runs/mine", TelemetryConfig(trackers=("jsonl", "tensorboard")),
+                          device="cpu", samples_per_step=64, max_steps=1000)
+    with telemetry:                                     # start ... close
+        for step, batch in enumerate(loader, start=1):
+            loss = engine.step(batch, loss_fn)
+            telemetry.record_step(step, loss, engine.grad_norm,
+                                  micro_batch=engine.micro_batch_size,
+                                  lr=scheduler.get_last_lr()[0])
+            if step % 500 == 0:
+                with telemetry.paused():                # not step time
+                    telemetry.record_eval(step, evaluate(model))
+
+In the training process it is the window logger (metrics.py: no host sync on a step
+that does not log), the progress display and the hub's end of a pipe; the sinks and the
+hardware sampler run in the telemetry writer process (hub.py says why).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, default_collate
 
-from redline.config import TelemetryConfig
 from redline.device import DeviceInfo
-from redline.engine import move_to
-from redline.events import Callback
+from redline.telemetry import schema as K
+from redline.telemetry.config import TelemetryConfig
 from redline.telemetry.console import Progress
 from redline.telemetry.flops import count_step_flops, peak_flops
 from redline.telemetry.hub import Hub, report_sink_failure
 from redline.telemetry.jsonl import EventLog
-from redline.telemetry.metrics import MetricsLogger, WindowContext
+from redline.telemetry.metrics import Record, WindowContext, WindowLogger
+from redline.telemetry.process import ProcessMemory
 from redline.telemetry.sampler import torch_gpu_uuid
-from redline.telemetry.sinks import check_installed
+from redline.telemetry.sinks import check_installed, resolved
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
-class TelemetrySession:
-    """Hub, sinks, window logger, progress bar and sampler of one run."""
+class Telemetry:
+    """The windows, trackers, hardware samples, MFU and progress display of one run.
 
-    def __init__(self, cfg: TelemetryConfig, run_dir: Path, device: DeviceInfo,
-                 compute_dtype: str, engine: Any, events: EventLog, *, max_steps: int,
-                 samples_per_step: int, memory_total: int | None,
-                 tracker: Callable[[], Any], progress: bool | None,
-                 tracker_run_id: str | None = None, run_name: str | None = None) -> None:
-        self.events = events
-        # No mode in the config: W&B's own rule (WANDB_MODE, else online).
-        mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
+    `memory_total` is what `mem_pct` divides by (memory.budget, or the device's memory);
+    `memory_tracker()`, when given, returns the CPU budget's MemoryTracker (or None), whose
+    counts become the window's tensor-memory figures. `on_window(record)` sees each
+    completed window record before it is published and may add keys to it.
+    """
+
+    def __init__(self, run_dir: str | Path, config: TelemetryConfig | None = None, *,
+                 samples_per_step: int, device: DeviceInfo | str = "auto",
+                 max_steps: int | None = None, compute_dtype: str = "float32",
+                 memory_total: int | None = None,
+                 memory_tracker: Callable[[], Any] | None = None,
+                 events: EventLog | None = None, progress: bool | None = False,
+                 resume_id: str | None = None, run_name: str | None = None,
+                 on_window: Callable[[Record], None] | None = None) -> None:
+        cfg = config or TelemetryConfig()
+        self.config, self.run_dir = cfg, Path(run_dir)
+        self.device = device if isinstance(device, DeviceInfo) else DeviceInfo.detect(device)
+        self.compute_dtype, self.max_steps = compute_dtype, max_steps
+        self._own_events = events is None
+        self.events = events or EventLog(self.run_dir / "events.jsonl")
         check_installed(cfg.trackers)  # a tracker asked for but not installed: name the extra
-
-        def failed(name: str, why: str) -> None:  # every sink failure: one line, one event
-            report_sink_failure(name, why)
-            events.event("sink_failed", sink=name, reason=why)
-
-        self.progress = Progress(max_steps, interactive=progress) if progress is not False \
-            else None
-        uuid = torch_gpu_uuid(device.index or 0) if device.is_cuda else None
-        sampler = {"kind": device.kind, "index": device.index, "uuid": uuid, "pid": os.getpid(),
-                   "every_s": cfg.system_every_s, "slow_every_s": 5 * cfg.system_every_s}
+        self.progress = (Progress(max_steps, interactive=progress)
+                         if progress is not False and max_steps else None)
+        device_info = self.device
+        uuid = torch_gpu_uuid(device_info.index or 0) if device_info.is_cuda else None
+        sampler = {"kind": device_info.kind, "index": device_info.index, "uuid": uuid,
+                   "pid": os.getpid(), "every_s": cfg.system_every_s,
+                   "slow_every_s": 5 * cfg.system_every_s}
         # Every sink and the sampler live in the writer process (hub.py says why).
-        self.hub = Hub(cfg.trackers, run_dir, on_failure=failed, sampler=sampler,
-                       on_note=lambda note: events.event("note", message=note),
-                       options={"wandb_mode": mode, "wandb_project": cfg.wandb_project,
-                                "wandb_run_id": tracker_run_id, "run_name": run_name})
-        self.tracker_run_id = self.hub.run_id
-        self.cfg, self.device, self.compute_dtype = cfg, device, compute_dtype
+        self.hub = Hub([resolved(t) for t in cfg.trackers], self.run_dir,
+                       on_failure=self._sink_failed, sampler=sampler,
+                       on_note=lambda note: self.events.event("note", message=note),
+                       options=cfg.sink_options, resume_id=resume_id,
+                       run_name=run_name or self.run_dir.name)
         self.ctx = WindowContext(samples_per_step=samples_per_step,
-                                 device=device.torch_device, memory_total=memory_total)
-        self.metrics = MetricsLogger(cfg.log_every, self.ctx, self._publish, engine,
-                                     memory_probe=_memory_probe(device, memory_total, tracker))
+                                 device=device_info.torch_device)
+        memory = _memory_reader(device_info, memory_total, memory_tracker)
+        self.window = WindowLogger(cfg.log_every, self.ctx, self._publish_window, memory,
+                                   on_record=on_window)
+        self._step = self._epoch = self._samples = 0
+        self._lr: float | None = None
+        self._micro: int | None = None
 
-    def _publish(self, stream: str, record: dict[str, Any]) -> None:
-        self.hub.publish(stream, record)
-        if self.progress is not None and stream == "metrics":
-            self.progress.log_metrics(record)
+    # ---- the run -------------------------------------------------------------------------
 
     @property
-    def callbacks(self) -> list[Callback]:
-        return [self.metrics, *([self.progress] if self.progress else [])]
+    def tracker_run_id(self) -> str | None:
+        """The tracker's run id (W&B's), kept in checkpoints so a resume continues it."""
+        return self.hub.run_id
 
-    def count_flops(self, model: torch.nn.Module, dataset: Dataset, micro_batch: int,
-                    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-                    flops_per_sample: Callable[[], float] | None = None) -> None:
-        """FLOPs of one optimizer step, counted once, and the peak MFU is measured against.
+    @property
+    def last(self) -> Record:
+        """The last published window record."""
+        return self.window.last
 
-        A task that declares `flops_per_sample()` (e.g. from analytic_transformer_flops,
-        for sequence models whose shapes vary) is taken at its word; otherwise the first
-        micro-batch's forward and backward are counted on fake tensors.
-        """
-        peak, source = peak_flops(self.device, self.compute_dtype, self.cfg.peak_flops)
-        self.ctx.peak_flops, self.ctx.peak_source = peak, source
-        if flops_per_sample is not None:
-            self.ctx.flops_per_step = int(flops_per_sample() * self.ctx.samples_per_step)
-        else:
-            n = min(micro_batch, len(dataset))  # type: ignore[arg-type]
-            batch = move_to(default_collate([dataset[i] for i in range(n)]),
-                            self.device.torch_device)
-            flops = count_step_flops(model, batch, loss_fn)
-            if flops:
-                self.ctx.flops_per_step = int(flops * self.ctx.samples_per_step / n)
-        self.events.event("flops", flops_per_step=self.ctx.flops_per_step,
-                          peak_flops=peak, peak_source=source, dtype=self.compute_dtype)
+    def start(self, step: int = 0) -> None:
+        """The loop begins at `step` (a resumed run's step); window timing starts now."""
+        self._step = step
+        self.window.start()
+        if self.progress is not None:
+            self.progress.start(step)
+
+    def record_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, *,
+                    micro_batch: int | None = None, lr: float | None = None, epoch: int = 0,
+                    samples: int | None = None, data_wait_s: float = 0.0) -> None:
+        """One finished optimizer step. `loss` and `grad_norm` stay device tensors; on a
+        step that does not close a window nothing is read from the device."""
+        self._step, self._epoch, self._lr, self._micro = step, epoch, lr, micro_batch
+        self._samples = samples if samples is not None else step * self.ctx.samples_per_step
+        last = self.max_steps is not None and step >= self.max_steps
+        self.window.record(step, loss, grad_norm, data_wait_s, last, self._position)
+        if self.progress is not None:
+            self.progress.step(step)
+
+    def _position(self) -> Record:
+        return {K.STEP: self._step, K.EPOCH: self._epoch, K.SAMPLES: self._samples,
+                K.LR: self._lr, K.MICRO_BATCH: self._micro}
+
+    def record_eval(self, step: int, metrics: dict[str, float], time_s: float | None = None
+                    ) -> None:
+        """An evaluation's metrics, as one `eval/*` row."""
+        row: Record = {K.STEP: step, K.TIME: round(time.time(), 3),
+                       **{f"{K.EVAL_PREFIX}{k}": v for k, v in metrics.items()}}
+        if time_s is not None:
+            row[K.EVAL_TIME] = time_s
+        self._publish(row)
+        if self.progress is not None:
+            self.progress.show(row)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        """A row of your own metrics at your own cadence (e.g. a second evaluation set)."""
+        self._publish({K.STEP: step, K.TIME: round(time.time(), 3), **values})
+
+    def paused(self) -> Any:
+        """A block whose time is not step time (evaluation, checkpoints)."""
+        return self.window.paused()
+
+    def count_flops(self, model: torch.nn.Module, batch: Any, loss_fn: LossFn,
+                    samples: int) -> int | None:
+        """FLOPs of one optimizer step from a batch of `samples` (counted once, on fake
+        tensors), and the peak MFU is measured against; recorded as a 'flops' event."""
+        flops = count_step_flops(model, batch, loss_fn)
+        return self.set_flops(int(flops * self.ctx.samples_per_step / samples)
+                              if flops else None)
+
+    def set_flops(self, flops_per_step: int | None) -> int | None:
+        """FLOPs of one optimizer step as the task declares them (e.g. analytic)."""
+        peak, source = peak_flops(self.device, self.compute_dtype, self.config.peak_flops)
+        self.ctx.flops_per_step, self.ctx.peak_flops, self.ctx.peak_source = (
+            flops_per_step, peak, source)
+        self.events.event("flops", flops_per_step=flops_per_step, peak_flops=peak,
+                          peak_source=source, dtype=self.compute_dtype)
+        return flops_per_step
+
+    def finish(self) -> None:
+        """Publish the open window (and one still waiting for the device)."""
+        self.window.finish(self._position())
+        if self.progress is not None:
+            self.progress.close()
 
     def close(self) -> None:
+        """Finish, write everything, stop the writer process. Safe to call twice."""
+        self.finish()
         self.hub.close()
+        if self._own_events:
+            self.events.close()
+
+    def __enter__(self) -> Telemetry:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- plumbing ------------------------------------------------------------------------
+
+    def _sink_failed(self, name: str, why: str) -> None:  # every failure: one line, one event
+        report_sink_failure(name, why)
+        self.events.event("sink_failed", sink=name, reason=why)
+
+    def _publish_window(self, record: Record) -> None:
+        self._publish(record)
+        if self.progress is not None:
+            self.progress.show(record)
+
+    def _publish(self, record: Record) -> None:
+        self.hub.publish("metrics", record)
 
 
-def _memory_probe(device: DeviceInfo, total: int | None, tracker: Callable[[], Any]
-                  ) -> Callable[[], dict[str, Any]]:
-    """Memory of the window, read once per window from the allocator (no device sync)."""
-    def cuda() -> dict[str, Any]:
+def _memory_reader(device: DeviceInfo, total: int | None, tracker: Callable[[], Any] | None
+                   ) -> Callable[[], Record]:
+    """The window's memory figures, read once per window (no device sync)."""
+    if device.is_cuda:
         dev = device.torch_device
-        peak = torch.cuda.max_memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        return {"mem_allocated_bytes": torch.cuda.memory_allocated(dev),
-                "mem_reserved_bytes": torch.cuda.memory_reserved(dev),
-                "mem_peak_bytes": peak, "mem_pct": 100.0 * peak / total if total else None}
 
-    def cpu() -> dict[str, Any]:
-        t = tracker()
-        if t is None:  # no budget: the sampler's process RSS is the CPU's memory figure
-            return {}
-        peak = t.peak
-        t.reset_peak()
-        return {"mem_allocated_bytes": t.current, "mem_peak_bytes": peak,
-                "mem_pct": 100.0 * peak / total if total else None}
+        def cuda() -> Record:
+            peak = torch.cuda.max_memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            return {K.MEM_ALLOCATED: torch.cuda.memory_allocated(dev),
+                    K.MEM_RESERVED: torch.cuda.memory_reserved(dev), K.MEM_PEAK: peak,
+                    K.MEM_PCT: 100.0 * peak / total if total else None}
 
-    return cuda if device.is_cuda else cpu
+        return cuda
+
+    process = ProcessMemory()
+
+    def cpu() -> Record:
+        rss, rss_peak = process.read()
+        record: Record = {K.MEM_RSS: rss, K.MEM_RSS_PEAK: rss_peak}
+        t = tracker() if tracker is not None else None
+        if t is not None:  # a memory.budget: the tracker's count is what the budget holds
+            peak = t.peak
+            t.reset_peak()
+            record.update({K.MEM_ALLOCATED: t.current, K.MEM_PEAK: peak})
+        else:
+            peak = rss_peak
+        record[K.MEM_PCT] = 100.0 * peak / total if total and peak else None
+        return record
+
+    return cpu

@@ -4,8 +4,9 @@ The hub (hub.py, which explains why this is a process) starts it as
 `python -m redline.telemetry.writer SPEC`, a fresh interpreter that imports neither torch
 nor the user's script (multiprocessing's spawn would re-import the parent's __main__: an
 unguarded training script would run twice). SPEC is JSON: {"trackers", "run_dir",
-"options" (for make_sinks), "sampler" (null, or {"kind", "index", "uuid", "pid",
-"every_s", "slow_every_s"})}.
+"run_name", "resume_id", "options" (the SinkContext every sink is made from), "sampler"
+(null, or {"kind", "index", "uuid", "pid", "every_s", "slow_every_s"})}. A tracker named
+`package.module:Class` or `file.py:Class` is imported here (sinks/__init__.py).
 
 Protocol, one JSON value per line. In, on stdin: `["metrics" | "system", record]`, then
 `{"flush": n}` (answered once everything before it is written) and `null` (stop). Out, on
@@ -27,14 +28,14 @@ import os
 import queue
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from redline.telemetry.hub import Sink
 from redline.telemetry.sampler import Sampler
-from redline.telemetry.sinks import make_sinks
+from redline.telemetry.sinks import BUILTIN_SINKS, Sink, SinkContext, make_sink
 
 Say = Callable[[dict[str, Any]], None]
 
@@ -63,12 +64,14 @@ def _sayer(outbox: IO[str]) -> Say:
 
 
 def _make(spec: dict[str, Any], say: Say) -> list[Sink]:
+    context = SinkContext(Path(spec["run_dir"]), spec.get("run_name"), spec.get("resume_id"),
+                          spec.get("options") or {})
     sinks: list[Sink] = []
     for name in spec["trackers"]:
         try:
-            sinks += make_sinks([name], Path(spec["run_dir"]), **spec.get("options", {}))
+            sinks.append(make_sink(name, context))
         except Exception as e:  # cannot start: reported once, the others go on
-            say({"failed": [name, f"{type(e).__name__}: {e}"]})
+            _failed(name, e, say)
     return sinks
 
 
@@ -77,8 +80,15 @@ def _write(sinks: list[Sink], stream: str, records: list[dict[str, Any]], say: S
         try:
             sink.write(stream, records)
         except Exception as e:  # a broken sink is dropped; the others go on
-            say({"failed": [sink.name, f"{type(e).__name__}: {e}"]})
+            _failed(sink.name, e, say)
             sinks.remove(sink)
+
+
+def _failed(name: str, error: Exception, say: Say) -> None:
+    """One line through the trainer; a user's own sink also gets its traceback here."""
+    if name not in BUILTIN_SINKS:
+        traceback.print_exception(error, file=sys.stderr)
+    say({"failed": [name, f"{type(error).__name__}: {error}"]})
 
 
 def _sampler(spec: dict[str, Any] | None, inbox: queue.SimpleQueue[Any]) -> Sampler | None:
@@ -147,7 +157,7 @@ def serve(spec: dict[str, Any], inbox: IO[str], outbox: IO[str],
         try:
             sink.close()
         except Exception as e:
-            say({"failed": [sink.name, f"{type(e).__name__}: {e}"]})
+            _failed(sink.name, e, say)
     say({"closed": True})
 
 

@@ -6,6 +6,7 @@ import sys
 from typing import Any, TextIO
 
 from redline.telemetry.console import format_record
+from redline.telemetry.sinks import SinkContext
 
 
 class ConsoleSink:
@@ -25,3 +26,7 @@ class ConsoleSink:
 
     def close(self) -> None:
         pass
+
+
+def from_context(context: SinkContext) -> ConsoleSink:
+    return ConsoleSink()

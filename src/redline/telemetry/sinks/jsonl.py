@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from redline.telemetry.jsonl import JsonlWriter
+from redline.telemetry.sinks import SinkContext
 
 
 class JsonlSink:
@@ -35,3 +36,7 @@ class JsonlSink:
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+def from_context(context: SinkContext) -> JsonlSink:
+    return JsonlSink(context.run_dir)

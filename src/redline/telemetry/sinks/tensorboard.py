@@ -6,7 +6,9 @@ import numbers
 from pathlib import Path
 from typing import Any
 
-_MISSING = "the tensorboard tracker needs tensorboard: pip install 'redline[tensorboard]'"
+from redline.errors import MissingExtra
+from redline.telemetry import schema as K
+from redline.telemetry.sinks import SinkContext
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -15,7 +17,7 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     Booleans and None (e.g. an MFU left empty for an unknown device) are not scalars.
     """
     return {k: v for k, v in record.items()
-            if k not in ("step", "time") and isinstance(v, numbers.Real)
+            if k not in (K.STEP, K.TIME) and isinstance(v, numbers.Real)
             and not isinstance(v, bool)}
 
 
@@ -37,7 +39,7 @@ class TensorBoardSink:
             import tensorboard  # noqa: F401
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ImportError(_MISSING) from e
+            raise MissingExtra("the tensorboard tracker", "tensorboard", "tensorboard") from e
         self.log_dir = Path(log_dir)
         # a queue large enough that add_scalar never blocks, and a flush period long enough
         # that only our explicit flush per batch writes
@@ -46,13 +48,17 @@ class TensorBoardSink:
 
     def write(self, stream: str, records: list[dict[str, Any]]) -> None:
         for record in records:
-            step = record.get("step")
+            step = record.get(K.STEP)
             if step is None:
                 step, self._unstepped = self._unstepped, self._unstepped + 1
-            walltime = record.get("time")
+            walltime = record.get(K.TIME)
             for name, value in scalars(record).items():
                 self._writer.add_scalar(name, value, global_step=step, walltime=walltime)
         self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()  # flushes what is queued
+
+
+def from_context(context: SinkContext) -> TensorBoardSink:
+    return TensorBoardSink(context.run_dir / "tensorboard")

@@ -23,29 +23,37 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-_MISSING = "the wandb tracker needs wandb: pip install 'redline[wandb]'"
+from redline.errors import MissingExtra
+from redline.telemetry import schema as K
+from redline.telemetry.sinks import SinkContext
+
+MODES = ("online", "offline", "disabled")
 
 
 def _values(record: dict[str, Any]) -> dict[str, Any]:
     # "step" and "time" are the row's axes (W&B adds _step, _timestamp); None is "no value"
-    return {k: v for k, v in record.items() if k not in ("step", "time") and v is not None}
+    return {k: v for k, v in record.items() if k not in (K.STEP, K.TIME) and v is not None}
 
 
 class WandbSink:
-    """A W&B run in `run_dir/wandb/`: offline by default, never capturing the console."""
+    """A W&B run in `run_dir/wandb/`, never capturing the console.
+
+    `mode` None is W&B's own rule (the WANDB_MODE variable, else online): this is the one
+    place redline decides a W&B mode.
+    """
 
     name = "wandb"
     close_timeout_s = 10.0
 
     def __init__(self, run_dir: str | Path,
-                 mode: Literal["offline", "online", "disabled"] = "offline",
+                 mode: Literal["offline", "online", "disabled"] | None = None,
                  project: str | None = None, run_id: str | None = None,
                  name: str | None = None) -> None:
         try:
             import wandb
         except ImportError as e:
-            raise ImportError(_MISSING) from e
-        if mode not in ("offline", "online", "disabled"):
+            raise MissingExtra("the wandb tracker", "wandb", "wandb") from e
+        if mode is not None and mode not in MODES:
             raise ValueError(f"wandb mode must be offline, online or disabled, not {mode!r}")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +77,7 @@ class WandbSink:
     def write(self, stream: str, records: list[dict[str, Any]]) -> None:
         if stream == "metrics":
             for record in records:  # one record per window: one log call per window
-                self._run.log(_values(record), step=int(record["step"]))
+                self._run.log(_values(record), step=int(record[K.STEP]))
             return
         merged: dict[str, Any] = {}
         for record in records:
@@ -88,3 +96,9 @@ class WandbSink:
             deadline = time.monotonic() + self.close_timeout_s
             while not is_complete(self.run_file) and time.monotonic() < deadline:
                 time.sleep(0.02)
+
+
+def from_context(context: SinkContext) -> WandbSink:
+    return WandbSink(context.run_dir, mode=context.options.get("wandb_mode"),
+                     project=context.options.get("wandb_project"), run_id=context.resume_id,
+                     name=context.run_name)

@@ -5,12 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from redline import batch as batch_tree
+from redline.build import build_optimizer
 from redline.config import load_config
 from redline.device import DeviceInfo
-from redline.engine import Engine, build_optimizer, move_to
-from redline.memory.autobatch import autobatch, scaled_lr
+from redline.engine import Engine
 from redline.memory.probe import live_tensor_bytes, measure_peak
 from redline.task import resolve_task
+from redline.tune import autobatch, scaled_lr
 
 from ..conftest import TOY
 
@@ -27,7 +29,7 @@ def _peak_at(size: int) -> int:
     opt = build_optimizer(model, 1e-3)
     engine = Engine(model, opt, "fp32", grad_clip=1.0)
     data = task.train_data()
-    batch = move_to(torch.utils.data.default_collate([data[i] for i in range(size)]), "cpu")
+    batch = batch_tree.first_samples(data, size)
     engine.step(batch, task.loss)  # allocate optimizer state first, as in training
     opt.zero_grad(set_to_none=True)  # grads freed inside the step must not be in the baseline
     return measure_peak(lambda: engine.step(batch, task.loss), CPU,
@@ -78,3 +80,41 @@ def test_lr_follows_the_effective_batch(rule: str, expected: float) -> None:
                                 "train.lr_reference_batch=16", f"train.lr_scaling={rule}"])
     assert scaled_lr(config, 64) == pytest.approx(expected)
     assert scaled_lr(config, 16) == pytest.approx(1e-3)
+
+
+def test_without_a_budget_a_cpu_search_stays_within_the_memory_available(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU, memory past what is free does not raise: the kernel kills the process.
+    So the search bounds itself by a share of the memory available when it starts."""
+    from redline.memory import probe
+
+    available = 4 * 2**20
+    monkeypatch.setattr(probe, "available_memory", lambda: available)
+    config = load_config(None, ARGS[:-1])  # no memory.budget
+    task = resolve_task(config.task, config.task_args)
+    said: list[str] = []
+    r = autobatch(task, config, CPU, cache_dir=tmp_path, progress=said.append)
+    assert r.budget_bytes == int(probe.AVAILABLE_SHARE * available) < available
+    assert "available" in r.budget_source and any("available" in s for s in said)
+    assert all(t.peak_bytes is None or t.peak_bytes <= r.budget_bytes for t in r.trials)
+    assert _peak_at(r.max_fit) <= r.target_bytes < r.budget_bytes
+
+
+def test_without_a_budget_the_guard_checks_new_sizes_against_the_memory_available(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from redline.memory import probe
+    from redline.telemetry.jsonl import read_jsonl
+    from redline.trainer import Trainer
+
+    # room for a micro-batch of 32, not 64 (the tracker's count is what the check uses)
+    available = int((_peak_at(32) + _peak_at(64)) / 2 / probe.AVAILABLE_SHARE)
+    monkeypatch.setattr(probe, "available_memory", lambda: available)
+    config = load_config(None, [*ARGS[:-1], "train.batch_size=64", "train.steps=3",
+                                "train.eval_every=0", "memory.grow_after=0"])
+    result = Trainer(config, run_dir=tmp_path / "r", progress=False).fit()
+    assert result.steps == 3 and result.samples == 3 * 64
+    events = read_jsonl(tmp_path / "r" / "events.jsonl")
+    changes = [(e["old"], e["new"], e["step"]) for e in events if e["event"] == "micro_batch"]
+    assert changes == [(64, 32, 1)]
+    limit = next(e for e in events if e["event"] == "memory_limit")
+    assert limit["bytes"] == int(probe.AVAILABLE_SHARE * available)

@@ -1,4 +1,5 @@
-"""Autobatch: the largest micro-batch that fits a memory target, and the fastest one.
+"""The batch search (autobatch): the largest micro-batch that fits a memory target, and
+the fastest one. A workflow: it builds its trials through build.py, like training.
 
 Predict, then check. Peak memory of a training step is close to affine in the batch
 size: memory(b) ~ a + k*b (a: weights, gradients, optimizer state, workspace; k: the
@@ -14,14 +15,18 @@ largest size itself; the *knee* is the smallest size within 2 % of the best, and
 the size chosen. The effective batch (samples per optimizer step) is kept with gradient
 accumulation; when it has to change, the learning rate follows `train.lr_scaling`.
 
-Results are cached on disk under a fingerprint of everything that decides memory (model
-structure and dtypes, optimizer, input shapes, device and its memory, budget, target,
-precision, torch version, compile): a cache hit costs one verification step.
+The budget is `memory.budget`, or the device's memory; on a CPU without a budget, a
+share of the memory available when the search starts (memory/probe.py says why): every
+probe and verification step runs under that budget, so the search stops at an
+out-of-memory error it raised itself, never at the kernel's OOM killer.
+
+Results are cached on disk under the job's fingerprint (build.Job.fingerprint: model
+structure and dtypes, precision, compile, optimizer, input shapes, device and its memory,
+torch version) and the budget and target: a cache hit costs one verification step.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,14 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.data import Dataset, default_collate
 
-from redline.config import ConfigError, RunConfig, TrainConfig
+from redline import batch as batch_tree
+from redline.build import Job, build_job
+from redline.checkpoint import preserved_rng
+from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
-from redline.engine import Engine, build_optimizer, move_to
-from redline.memory.probe import MemoryBudget, live_tensor_bytes, measure_peak
-from redline.precision import Precision, get_precision
+from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes, measure_peak
 from redline.task import Task
 
 KNEE_TOLERANCE = 0.02
@@ -66,6 +70,7 @@ class AutobatchResult:
     budget_bytes: int
     target_bytes: int
     fit: tuple[float, float]  # (a, k): memory(b) ~ a + k*b bytes
+    budget_source: str = "memory.budget"  # where budget_bytes came from, in words
     probe_steps: int = 0
     verify_steps: int = 0
     throughput_steps: int = 0
@@ -77,11 +82,12 @@ class AutobatchResult:
     def fastest(self) -> int:
         return self.chosen
 
-    def apply(self, train: TrainConfig) -> None:
-        """Write the tuned micro-batch, effective batch, lr and eval batch into `train`."""
-        train.batch_size, train.effective_batch_size = self.chosen, self.effective_batch_size
-        train.lr = self.lr
-        train.eval_batch_size = self.eval_batch_size or train.eval_batch_size
+    def apply(self, config: RunConfig) -> RunConfig:
+        """`config` with the tuned micro-batch, effective batch, lr and eval batch."""
+        return config.updated({
+            "train.batch_size": self.chosen,
+            "train.effective_batch_size": self.effective_batch_size, "train.lr": self.lr,
+            "train.eval_batch_size": self.eval_batch_size or config.train.eval_batch_size})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,23 +103,18 @@ Progress = Callable[[str], None]
 
 
 class _Harness:
-    """A fresh model, optimizer and engine for trial steps; nothing leaks into training."""
+    """A job built for trial steps (build.py: what training builds, each batch run whole)."""
 
     def __init__(self, task: Task, config: RunConfig, device: DeviceInfo) -> None:
-        self.task, self.config, self.device = task, config, device
-        self.precision: Precision = get_precision(config.precision.name, device)
-        model = task.build_model().to(device.torch_device)
-        self.model: nn.Module = self.precision.convert_module(model)
-        self.optimizer = build_optimizer(self.model, config.train.lr, config.train.weight_decay)
-        self.engine = Engine(self.model, self.optimizer, self.precision,
-                             grad_clip=config.train.grad_clip)
-        self.train_set: Dataset = task.train_data()
-        self.eval_set: Dataset | None = task.eval_data()
+        self.task = task
+        self.job: Job = build_job(config.updated({"train.batch_size": "auto"}), task, device)
+        self.device, self.precision = device, self.job.precision
+        self.model, self.optimizer, self.engine = (self.job.model, self.job.optimizer,
+                                                   self.job.engine)
+        self.train_set, self.eval_set = self.job.train_set, self.job.eval_set
 
-    def batch(self, dataset: Dataset, size: int) -> Any:
-        n = len(dataset)  # type: ignore[arg-type]
-        return move_to(default_collate([dataset[i % n] for i in range(size)]),
-                       self.device.torch_device)
+    def batch(self, dataset: Any, size: int) -> Any:
+        return batch_tree.move(batch_tree.first_samples(dataset, size), self.device.torch_device)
 
     def train_step(self, size: int) -> None:
         batch = self.batch(self.train_set, size)
@@ -124,12 +125,12 @@ class _Harness:
     def eval_step(self, size: int) -> None:
         assert self.eval_set is not None
         batch = self.batch(self.eval_set, size)
-        self.model.eval()
+        self.job.step_model.eval()
         try:
             with torch.no_grad(), self.precision.forward_context():
-                float(self.task.loss(self.model, batch).float().item())
+                float(self.task.loss(self.job.step_model, batch).float().item())
         finally:
-            self.model.train()
+            self.job.step_model.train()
 
     def live_bytes(self) -> int:
         # Gradients of the previous trial would count in the baseline and, freed inside the
@@ -137,22 +138,16 @@ class _Harness:
         self.optimizer.zero_grad(set_to_none=True)
         return live_tensor_bytes(self.model, self.optimizer)
 
-    def peak(self, fn: Callable[[], None]) -> int | None:
-        """Peak bytes of `fn`, or None when it ran out of memory."""
+    def fits(self, fn: Callable[[], None], budget: int, target: int) -> tuple[bool, int | None]:
+        """Run `fn` under the budget: (peak within target, peak; None when it ran out)."""
+        baseline = self.live_bytes()
         try:
-            return measure_peak(fn, self.device, baseline=self.live_bytes()).peak_bytes
+            with MemoryBudget(budget, self.device, baseline=baseline):
+                peak = measure_peak(fn, self.device, baseline=baseline).peak_bytes
         except torch.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
-            return None
-
-    def fits(self, fn: Callable[[], None], budget: int, target: int) -> tuple[bool, int | None]:
-        """Run `fn` under the budget: (peak within target, peak)."""
-        try:
-            with MemoryBudget(budget, self.device, baseline=self.live_bytes()):
-                peak = self.peak(fn)
-        except torch.OutOfMemoryError:
-            peak = None
-        return peak is not None and peak <= target, peak
+            return False, None
+        return peak <= target, peak
 
 
 def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
@@ -160,13 +155,15 @@ def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
               progress: Progress | None = None) -> AutobatchResult:
     """Find the micro-batch to train `task` with under `config.memory` (see module doc)."""
     say = progress or (lambda _: None)
-    budget = config.memory.budget_bytes or _device_memory(device)
+    if config.memory.budget_bytes is not None:
+        budget, source = config.memory.budget_bytes, "memory.budget"
+    else:
+        budget, source = default_budget(device)
+        say(f"no memory.budget: searching within {source}")
     target = int(config.memory.target * budget)
-    devices = [device.index or 0] if device.is_cuda else []
-    with torch.random.fork_rng(devices=devices):  # tuning must not shift training's RNG
-        torch.manual_seed(config.train.seed)
+    with preserved_rng():  # tuning must not shift training's random streams
         h = _Harness(task, config, device)
-        fingerprint = _fingerprint(h, config, device, budget)
+        fingerprint = h.job.fingerprint(f"budget={budget}", f"target={config.memory.target}")
         cached = _load_cache(cache_dir, fingerprint)
         if cached is not None:
             say(f"cache hit: micro-batch {cached.chosen}; verifying")
@@ -178,7 +175,7 @@ def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
                 return cached
             say("cached size no longer fits; searching again")
         result = _search(h, config, budget, target, measure_throughput, say)
-    result.fingerprint = fingerprint
+    result.fingerprint, result.budget_source = fingerprint, source
     _save_cache(cache_dir, result)
     return result
 
@@ -195,9 +192,9 @@ def _search(h: _Harness, config: RunConfig, budget: int, target: int,
     if config.train.effective_batch_size:
         cap = min(cap, config.train.effective_batch_size)
     trials: list[Trial] = []
-    a, k = _fit_memory(h, cap, target, trials, say)
+    a, k = _fit_memory(h, cap, budget, target, trials, say)
     size = max(1, min(cap, int((target - a) / k) if k > 0 else cap))
-    eval_size = _eval_size(h, target, trials, say) if h.eval_set is not None else None
+    eval_size = _eval_size(h, budget, target, trials, say) if h.eval_set is not None else None
     verify_steps = 0
     while True:
         say(f"verifying micro-batch {size}")
@@ -221,8 +218,8 @@ def _search(h: _Harness, config: RunConfig, budget: int, target: int,
         throughput_steps=tsteps, trials=trials)
 
 
-def _fit_memory(h: _Harness, cap: int, target: int, trials: list[Trial], say: Progress
-                ) -> tuple[float, float]:
+def _fit_memory(h: _Harness, cap: int, budget: int, target: int, trials: list[Trial],
+                say: Progress) -> tuple[float, float]:
     """(a, k) of memory(b) ~ a + k*b from at most three probe steps.
 
     Probes at s and 2s give a first prediction; the third probe lands halfway to it, and
@@ -233,7 +230,7 @@ def _fit_memory(h: _Harness, cap: int, target: int, trials: list[Trial], say: Pr
     points: list[tuple[int, int]] = []
     while len(trials) < 3:
         say(f"probing micro-batch {s}")
-        peak = h.peak(lambda s=s: h.train_step(s))
+        _, peak = h.fits(lambda s=s: h.train_step(s), budget, target)
         trials.append(Trial(s, "probe", peak, peak is not None))
         if peak is None:  # even the probe is too big: halve and keep looking
             if s == 1:
@@ -256,12 +253,13 @@ def _fit_memory(h: _Harness, cap: int, target: int, trials: list[Trial], say: Pr
     return _least_squares(points[-2:])
 
 
-def _eval_size(h: _Harness, target: int, trials: list[Trial], say: Progress) -> int:
+def _eval_size(h: _Harness, budget: int, target: int, trials: list[Trial], say: Progress
+               ) -> int:
     n = len(h.eval_set)  # type: ignore[arg-type]
     points = []
     for s in sorted({min(n, 4), min(n, 8)}):
         say(f"probing evaluation batch {s}")
-        peak = h.peak(lambda s=s: h.eval_step(s))
+        _, peak = h.fits(lambda s=s: h.eval_step(s), budget, target)
         trials.append(Trial(s, "eval-probe", peak, peak is not None))
         if peak is not None:
             points.append((s, peak))
@@ -312,26 +310,6 @@ def scaled_lr(config: RunConfig, effective: int) -> float:
         return t.lr
     ratio = effective / reference
     return t.lr * (ratio if t.lr_scaling == "linear" else math.sqrt(ratio))
-
-
-def _device_memory(device: DeviceInfo) -> int:
-    if device.memory_total is None:
-        raise ConfigError(f"the memory of {device.name} is unknown; set memory.budget")
-    return device.memory_total
-
-
-def _fingerprint(h: _Harness, config: RunConfig, device: DeviceInfo, budget: int) -> str:
-    sample = h.train_set[0]
-    shapes = repr(torch.utils._pytree.tree_map(
-        lambda v: (tuple(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else v,
-        sample))
-    parts = [repr(h.model), repr([(n, tuple(p.shape), str(p.dtype))
-                                  for n, p in h.model.named_parameters()]),
-             type(h.optimizer).__name__, shapes, device.name, str(device.memory_total),
-             str(budget), str(config.memory.target), config.precision.name,
-             str(config.precision.compile), torch.__version__, "world_size=1",
-             str(config.train.effective_batch_size), str(config.train.grad_clip)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
 def default_cache_dir() -> Path:

@@ -1,0 +1,162 @@
+"""config + task -> a training job: the one path every workflow that trains builds through.
+
+The trainer, the batch search (tune.py) and, next, the study and the integrations all call
+`build_job`, so a trial step in the search runs exactly what training will run, and the
+cache fingerprint (`Job.fingerprint`) describes what was actually built:
+
+    seed python, numpy, torch (train.seed)
+    model     = task.build_model() on the device, converted by the precision policy
+    step_model = torch.compile(model) if precision.compile else model
+    optimizer = AdamW(lr, weight_decay) over the trainable parameters
+    scheduler = LambdaLR(warm-up, then train.schedule over the run's steps)
+    data      = task.train_data(), task.eval_data(); loader options resolved for the device
+    engine    = Engine(step_model, optimizer, precision, micro-batch, grad_clip, OOM guard)
+
+With `train.batch_size: auto` (the search itself) the engine runs each batch whole, with no
+guard: the search decides the micro-batch by measuring, and resolves the config before
+training builds its own job. On a CPU without `memory.budget` the guard cannot see the
+machine's limit (Linux lets the kernel kill the process instead of failing an
+allocation), so the engine runs each micro-batch size's first step under a tracked budget
+of the memory available now (memory/probe.py): a size that would not fit raises a real
+OutOfMemoryError there, and the guard shrinks it. `Job.memory_limit` says what was used.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from redline import batch as batch_tree
+from redline.config import ConfigError, RunConfig
+from redline.data import loader_options, train_loader
+from redline.device import DeviceInfo
+from redline.engine import Engine
+from redline.events import Dispatcher, State
+from redline.memory.guard import OOMGuard
+from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes
+from redline.precision import Precision, get_precision
+from redline.task import Task
+
+
+@dataclass
+class Job:
+    """Everything one run (or one trial of the search) steps, built by `build_job`."""
+
+    config: RunConfig
+    task: Task
+    device: DeviceInfo
+    precision: Precision
+    model: nn.Module  # the module whose state_dict is checkpointed
+    step_model: nn.Module  # what the engine runs: `model`, compiled when precision.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: Engine
+    train_set: Dataset
+    eval_set: Dataset | None
+    loader_options: dict[str, Any]
+    max_steps: int  # train.steps, or fewer when train.epochs ends the run first
+    steps_per_epoch: int | None  # None while batch_size is auto
+    memory_limit: tuple[int, str] | None = None  # CPU without a budget: (bytes, source)
+
+    def train_loader(self) -> DataLoader:
+        """The exact-resume loader over the training set, one optimizer step per batch."""
+        t = self.config.train
+        return train_loader(self.train_set, t.samples_per_step, t.seed, self.loader_options)
+
+    def fingerprint(self, *extra: str) -> str:
+        """A hash of what was built (model structure and dtypes, precision, compile,
+        optimizer, input shapes, device, torch) and of `extra` (e.g. a memory budget)."""
+        t = self.config.train
+        params = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.model.named_parameters()]
+        parts = [repr(self.model), repr(params),
+                 repr(self.precision.describe()),
+                 f"compiled={self.step_model is not self.model}",
+                 type(self.optimizer).__name__, repr(self.optimizer.defaults.get("foreach")),
+                 batch_tree.describe(self.train_set[0]), self.device.name,
+                 str(self.device.memory_total), torch.__version__, "world_size=1",
+                 f"effective_batch_size={t.effective_batch_size}", f"grad_clip={t.grad_clip}",
+                 *extra]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *,
+              dispatcher: Dispatcher | None = None, state: State | None = None) -> Job:
+    """Build the training job `config` describes for `task` (see the module docstring)."""
+    device = device or DeviceInfo.detect(config.device)
+    precision = get_precision(config.precision.name, device)
+    t = config.train
+    seed_everything(t.seed)
+    model = precision.convert_module(task.build_model().to(device.torch_device))
+    step_model = torch.compile(model) if config.precision.compile else model
+    try:
+        optimizer = build_optimizer(model, t.lr, t.weight_decay)
+    except ValueError as e:
+        raise ConfigError(f"task {task.name!r}: {e}") from None
+    train_set, eval_set = task.train_data(), task.eval_data()
+    steps_per_epoch = (None if t.auto_batch
+                       else len(train_set) // t.samples_per_step)  # type: ignore[arg-type]
+    max_steps = t.steps if t.epochs is None or steps_per_epoch is None else min(
+        t.steps, t.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.schedule, t.warmup_steps, max_steps))
+    micro = None if t.auto_batch else t.micro_batch
+    guard = (OOMGuard(micro, config.memory.grow_after)
+             if micro is not None and config.memory.oom_guard else False)
+    limit = (default_budget(device) if guard and device.kind == "cpu"
+             and config.memory.budget is None else None)
+    check = (None if limit is None
+             else functools.partial(_tracked_budget, limit[0], device, model, optimizer))
+    engine = Engine(step_model, optimizer, precision, scheduler=scheduler,
+                    grad_clip=t.grad_clip, micro_batch_size=micro, dispatcher=dispatcher,
+                    state=state, oom_guard=guard, memory_check=check)
+    return Job(config=config, task=task, device=device, precision=precision, model=model,
+               step_model=step_model, optimizer=optimizer, scheduler=scheduler, engine=engine,
+               train_set=train_set, eval_set=eval_set,
+               loader_options=loader_options(config.data, device.kind), max_steps=max_steps,
+               steps_per_epoch=steps_per_epoch, memory_limit=limit)
+
+
+def _tracked_budget(size: int, device: DeviceInfo, model: nn.Module,
+                    optimizer: torch.optim.Optimizer) -> MemoryBudget:
+    return MemoryBudget(size, device, baseline=live_tensor_bytes(model, optimizer))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators (CUDA's with torch's)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
+                    ) -> torch.optim.Optimizer:
+    """The optimizer redline trains with: AdamW over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor at a step: linear warm-up, then constant, cosine or linear."""
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor

@@ -1,0 +1,34 @@
+"""The errors redline reports as bad input: one sentence, exit code 2, no traceback.
+
+Every module raises its own subclass (ConfigError, TaskError, PrecisionError, ...), so a
+Python caller can catch exactly what it expects, and the CLI catches `UserError` alone.
+Anything else, in particular an exception raised by the user's own code (a task, a
+callback, a sink), is not bad input: it keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad input: the message is one sentence naming what is wrong and how to fix it."""
+
+
+class ConfigError(UserError):
+    """A configuration key, value or file is wrong; the message says which and how to fix it."""
+
+
+class MissingExtra(UserError, ImportError):
+    """An optional package that a feature needs is not installed; the message names the extra.
+
+    It is an ImportError too, so code that guards an optional import keeps working.
+    """
+
+    def __init__(self, feature: str, package: str, extra: str) -> None:
+        super().__init__(f"{feature} needs {package}: pip install 'redline[{extra}]'")
+        self.package, self.extra = package, extra
+
+
+def require(ok: bool, key: str, value: object, allowed: str) -> None:
+    """Raise ConfigError("{key} must be {allowed}, got {value!r}") unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
