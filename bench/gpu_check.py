@@ -110,11 +110,11 @@ def main() -> int:
             try:
                 for step in range(1, 21):
                     loss = engine.step((x, y), _loss)
-                    logger.record(step, loss, engine.grad_norm, 0.0, step == 20,
-                                  lambda s=step: {"step": s, "micro_batch": 64})
+                    logger.record(step, loss, engine.grad_norm, 64, 1e-3, 0, 64 * step, 0.0,
+                                  step == 20)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-            logger.finish({"step": 20})
+            logger.finish()
         assert [r["step"] for r in records] == [5, 10, 15, 20], records
         assert all(r["redline/host_syncs"] == 0 for r in records[:-1])
         return (f"ok, 4 windows, no sync; step {1e3 * records[-1]['step_time_s']:.2f} ms, "

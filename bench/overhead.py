@@ -1,22 +1,25 @@
 """What per-step logging costs: redline's telemetry against a bare loop and its peers.
 
-    PYTHONPATH=src python bench/overhead.py [--repeats 121,31] [--steps 50,50] [--threads 1]
-                                            [--small 128x160] [--large 512x176] [--fixed-heap]
+    PYTHONPATH=src python bench/overhead.py [--workloads mlp-small,mlp-large,conv-bn,mlp-groups]
+        [--repeats 121,31,61,61] [--steps 50] [--threads 1] [--small 128x160]
+        [--large 512x176] [--fixed-heap]
 
 Goal: redline as `redline train` runs it, with full telemetry (Engine.step with the OOM
-guard on + TelemetrySession: jsonl, tensorboard and wandb offline, hardware sampler,
-MFU, log_every=50) within 0.5 % of the bare PyTorch loop, on both sizes. Pass/fail is
-printed as measured.
+guard on + Telemetry: jsonl, tensorboard and wandb offline, hardware sampler, MFU,
+log_every=50) within 0.5 % of the hand-written loop that does the same work (clipping
+and a scheduler step), on every workload (bench/workloads.py: two MLP sizes, a conv net
+with BatchNorm, several parameter groups). Pass/fail is printed as measured.
 
-One process; one MLP Linear(w,4w)-GELU-Linear(4w,w) and one AdamW (clipping at 1.0) that
-every variant steps in turn, pre-made batches (a list, no DataLoader). Variants: the bare
-loop (zero_grad, forward, loss, backward, clip_grad_norm_, step: the floor) and an
+One process; per workload one model, optimizer and scheduler that every variant steps in
+turn, pre-made batches (a list, no DataLoader). Variants: the bare loop (zero_grad,
+forward, loss, backward, clip_grad_norm_, step, scheduler step: the floor) and an
 identical copy of it (the noise control); Engine.step alone; redline as Trainer._loop's
-body on CPU (data-wait clock, BATCH_START and STEP_END handlers, Engine.step, state), with
-the OOM guard on as `redline train` runs it, and again with it off (telemetry's own cost);
-the floor + wandb run.log of 10 metrics a step; Lightning Trainer.fit with
-self.log of them (on_step=True, logger=False), timed between on_train_batch_end hooks;
-Accelerate (log_with="wandb", accelerator.log every step).
+body on CPU (data-wait clock, BATCH_START and STEP_END handlers, Engine.step, state,
+Telemetry.record_step), with the OOM guard on as `redline train` runs it, and again with
+it off (telemetry's own cost). On the MLP workloads also the peers: the floor + wandb
+run.log of 10 metrics a step; Lightning Trainer.fit with self.log of them (on_step=True,
+logger=False), timed between on_train_batch_end hooks; Accelerate (log_with="wandb",
+accelerator.log every step).
 
 Each repeat runs every variant for a block of steps, in a random order; a variant's cost
 is the median over repeats of its block time divided by the floor's block time in the
@@ -48,33 +51,20 @@ from typing import Any
 
 import torch
 from rich.progress import track
-from torch import nn
 
 from redline.device import DeviceInfo
 from redline.engine import Engine
 from redline.events import Dispatcher, Event, State
 from redline.telemetry.config import TelemetryConfig
 from redline.telemetry.session import Telemetry
+from workloads import CLIP, LR, Batch, Workload, build
 
 TRACKERS = ["jsonl", "tensorboard", "wandb"]
-LR, CLIP, LOG_EVERY, GOAL_PCT = 1e-4, 1.0, 50, 0.5
-Batch = tuple[torch.Tensor, torch.Tensor]
+LOG_EVERY, GOAL_PCT = 50, 0.5
 FLOOR, ENGINE, REDLINE = "bare loop (floor)", "Engine.step only", "redline, full telemetry"
 NO_GUARD = "redline, full telemetry, OOM guard off"
 CONTROL = "bare loop again (noise control)"
 WANDB, LIGHTNING, ACCEL = "bare + wandb.log", "Lightning self.log, no logger", "Accelerate + wandb"
-
-
-def _mlp(width: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-
-
-def _loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return nn.functional.mse_loss(model(batch[0]), batch[1])
-
-
-def _adamw(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, foreach=True)
 
 
 class PerStep:
@@ -121,19 +111,21 @@ class Variant:
         return (time.perf_counter() - t0) / n
 
 
-def _bare(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], log: Any = None,
-          ps: PerStep | None = None,
+def _bare(w: Workload, log: Any = None, ps: PerStep | None = None,
           after: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> Variant:
-    """The floor; with `log` and `ps`, a peer's per-step logging; `after(step, loss, norm)`
-    for what bench/step_costs.py adds to it."""
-    it, k = itertools.cycle(data), itertools.count(1)
+    """The floor: what a hand-written loop does for the same result (clip, scheduler step);
+    with `log` and `ps`, a peer's per-step logging; `after(step, loss, norm)` for what
+    bench/step_costs.py adds to it."""
+    it, k = itertools.cycle(w.data), itertools.count(1)
+    model, opt, sched, loss_fn = w.model, w.optimizer, w.scheduler, w.loss
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = _loss(model, next(it))
+        loss = loss_fn(model, next(it))
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP, foreach=True)
         opt.step()
+        sched.step()
         if log is not None and ps is not None:
             ps.log(log, i := next(k), loss, gn, opt.param_groups[0]["lr"], step=i)
         elif after is not None:
@@ -142,24 +134,24 @@ def _bare(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], log: 
     return Variant(step, per_step=ps)
 
 
-def _engine(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch]) -> Variant:
-    it = itertools.cycle(data)
-    engine = Engine(model, opt, "fp32", grad_clip=CLIP)
-    return Variant(lambda: engine.step(next(it), _loss))  # type: ignore[arg-type,return-value]
+def _engine(w: Workload) -> Variant:
+    it = itertools.cycle(w.data)
+    engine = Engine(w.model, w.optimizer, "fp32", scheduler=w.scheduler, grad_clip=CLIP)
+    return Variant(lambda: engine.step(next(it), w.loss))  # type: ignore[arg-type,return-value]
 
 
-def _redline(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], run_dir: Path,
-             guard: bool = True) -> tuple[Variant, Path]:
-    device, bs = DeviceInfo.detect("cpu"), data[0][0].shape[0]
-    it = itertools.cycle(data)
+def _redline(w: Workload, run_dir: Path, guard: bool = True) -> tuple[Variant, Path]:
+    device, bs, opt = DeviceInfo.detect("cpu"), w.batch_size, w.optimizer
+    it = itertools.cycle(w.data)
     cfg = TelemetryConfig(log_every=LOG_EVERY, trackers=tuple(TRACKERS), wandb_mode="offline")
     telemetry = Telemetry(run_dir, cfg, device=device, samples_per_step=bs, progress=False,
                           run_name=run_dir.name)
-    state = State(model=model, optimizer=opt, max_steps=10**9, run_dir=str(run_dir))
+    state = State(model=w.model, optimizer=opt, max_steps=10**9, run_dir=str(run_dir))
     dispatcher = Dispatcher()
     # as `redline train` runs it: the OOM guard on, its micro-batch the whole batch
-    engine = Engine(model, opt, "fp32", grad_clip=CLIP, dispatcher=dispatcher, state=state,
-                    micro_batch_size=bs if guard else None, oom_guard=guard)
+    engine = Engine(w.model, opt, "fp32", scheduler=w.scheduler, grad_clip=CLIP,
+                    dispatcher=dispatcher, state=state, micro_batch_size=bs if guard else None,
+                    oom_guard=guard)
     v = Variant(lambda: None)
     publish = telemetry.hub.publish  # timed: the training thread's one hand-off per window
 
@@ -170,7 +162,7 @@ def _redline(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], ru
         v.sink_n[stream] = v.sink_n.get(stream, 0) + 1
 
     telemetry.hub.publish = timed  # type: ignore[method-assign]
-    telemetry.count_flops(model, data[0], _loss, bs)
+    telemetry.count_flops(w.model, w.data[0], w.loss, bs)
     telemetry.start()
     dispatcher.fire(Event.FIT_START, state)
     ended = [time.perf_counter()]
@@ -183,7 +175,7 @@ def _redline(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], ru
         wait = time.perf_counter() - t
         for handler in on_batch_start:
             handler(state, batch)
-        loss = engine.step(batch, _loss)  # type: ignore[arg-type]
+        loss = engine.step(batch, w.loss)  # type: ignore[arg-type]
         state.step += 1
         state.batch_in_epoch += 1
         state.samples_seen += bs
@@ -210,26 +202,26 @@ def _redline(model: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], ru
     return v, run_dir / "metrics.jsonl"
 
 
-def _lightning(net: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], tmp: Path
-               ) -> Variant:
+def _lightning(w: Workload, tmp: Path) -> Variant:
     import lightning.pytorch as pl
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
-    ps = PerStep(data[0][0].shape[0])
+    ps = PerStep(w.batch_size)
+    net, opt, sched, data, loss_fn = w.model, w.optimizer, w.scheduler, w.data, w.loss
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.net, self.stamps = net, list[float]()
-            self.opt, self.last, self.gn = opt, torch.zeros(()), torch.zeros(())
+            self.last, self.gn = torch.zeros(()), torch.zeros(())
 
         def training_step(self, batch: Batch, idx: int) -> torch.Tensor:
-            self.last = _loss(self.net, batch)
+            self.last = loss_fn(self.net, batch)
             return self.last
 
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return self.opt  # one optimizer across fits: its state carries over
+        def configure_optimizers(self) -> Any:  # one optimizer across fits: state carries over
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
         def configure_gradient_clipping(self, *args: Any, **kw: Any) -> None:
             self.gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), CLIP, foreach=True)
@@ -262,8 +254,7 @@ def _lightning(net: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], tm
     return v
 
 
-def _accelerate(net: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], tmp: Path
-                ) -> Variant:
+def _accelerate(w: Workload, tmp: Path) -> Variant:
     import wandb
     from accelerate import Accelerator
 
@@ -271,46 +262,46 @@ def _accelerate(net: nn.Module, opt: torch.optim.Optimizer, data: list[Batch], t
     acc.init_trackers("redline-bench", init_kwargs={"wandb": {
         "dir": str(tmp), "mode": "offline", "name": "accelerate", "reinit": "create_new",
         "settings": wandb.Settings(console="off")}})
-    model, opt = acc.prepare(net, opt)
-    it, k, ps = itertools.cycle(data), itertools.count(1), PerStep(data[0][0].shape[0])
+    model, opt = acc.prepare(w.model, w.optimizer)
+    it, k, ps = itertools.cycle(w.data), itertools.count(1), PerStep(w.batch_size)
+    sched, loss_fn = w.scheduler, w.loss
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = _loss(model, next(it))
+        loss = loss_fn(model, next(it))
         acc.backward(loss)
         gn = acc.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
+        sched.step()
         ps.log(acc.log, i := next(k), loss, gn, opt.param_groups[0]["lr"], step=i)
 
     return Variant(step, acc.end_training, ps)
 
 
-def bench(width: int, bs: int, steps: int, repeats: int, threads: int, tmp: Path
+def bench(w: Workload, steps: int, repeats: int, threads: int, tmp: Path
           ) -> tuple[dict[str, list[float]], dict[str, Variant], list[dict[str, Any]]]:
-    torch.manual_seed(0)
     # One model and one optimizer that every variant steps in turn: the same tensors at
     # the same addresses, so no variant is faster for where its memory happens to lie
     # (separate copies made two identical loops differ by up to 1.5 %).
-    net = _mlp(width)
-    opt = _adamw(net)
-    data = [(torch.randn(bs, width), torch.randn(bs, width)) for _ in range(8)]
-    import wandb
-    run = wandb.init(dir=str(tmp), mode="offline", project="redline-bench", name="bare",
-                     reinit="create_new", settings=wandb.Settings(console="off"))
-    redline, metrics_path = _redline(net, opt, data, tmp / f"redline-{width}x{bs}")
+    slug = "".join(c if c.isalnum() else "-" for c in w.name)
+    redline, metrics_path = _redline(w, tmp / f"redline-{slug}")
     # A second, identical floor: how far two equal loops drift apart is the noise level.
-    variants = {FLOOR: _bare(net, opt, data), CONTROL: _bare(net, opt, data),
-                ENGINE: _engine(net, opt, data), REDLINE: redline,
-                NO_GUARD: _redline(net, opt, data, tmp / f"noguard-{width}x{bs}", False)[0],
-                WANDB: _bare(net, opt, data, run.log, PerStep(bs)),
-                LIGHTNING: _lightning(net, opt, data, tmp), ACCEL: _accelerate(net, opt, data, tmp)}
+    variants = {FLOOR: _bare(w), CONTROL: _bare(w), ENGINE: _engine(w), REDLINE: redline,
+                NO_GUARD: _redline(w, tmp / f"noguard-{slug}", False)[0]}
+    run = None
+    if w.peers:
+        import wandb
+        run = wandb.init(dir=str(tmp), mode="offline", project="redline-bench", name="bare",
+                         reinit="create_new", settings=wandb.Settings(console="off"))
+        variants.update({WANDB: _bare(w, run.log, PerStep(w.batch_size)),
+                         LIGHTNING: _lightning(w, tmp), ACCEL: _accelerate(w, tmp)})
     names = list(variants)
     times: dict[str, list[float]] = {k: [] for k in names}
     for v in variants.values():  # warm-up; redline's windows then close mid-block
         torch.set_num_threads(threads)
         v.block(LOG_EVERY // 2)
     order = random.Random(0)
-    for _ in track(range(repeats), description=f"MLP {width}, batch {bs}", transient=True):
+    for _ in track(range(repeats), description=w.name, transient=True):
         # A fresh random order each repeat: with a rotation each variant would always
         # follow the same one, and e.g. the floor would always inherit the background work
         # of the W&B run that logged just before it.
@@ -319,7 +310,8 @@ def bench(width: int, bs: int, steps: int, repeats: int, threads: int, tmp: Path
             times[name].append(variants[name].block(steps))
     for v in variants.values():
         v.close()
-    run.finish()
+    if run is not None:
+        run.finish()
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     return times, variants, [r for r in records if "redline/overhead_pct" in r]
 
@@ -340,12 +332,15 @@ def paired(times: dict[str, list[float]], name: str) -> tuple[float, float, floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", default="121,31", help="repeats: SMALL,LARGE (or one)")
-    p.add_argument("--steps", default="50,50",
-                   help="steps per block: SMALL,LARGE; a multiple of log_every (50)")
+    p.add_argument("--workloads", default="mlp-small,mlp-large,conv-bn,mlp-groups",
+                   help="comma-separated, from bench/workloads.py")
+    p.add_argument("--repeats", default="121,31,61,61",
+                   help="repeats per workload, in the same order (one value: all)")
+    p.add_argument("--steps", type=int, default=50,
+                   help="steps per block; a multiple of log_every (50)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--small", default="128x160", help="WIDTHxBATCH, floor ~2 ms")
-    p.add_argument("--large", default="512x176", help="WIDTHxBATCH, floor ~30 ms")
+    p.add_argument("--small", default="128x160", help="mlp-small's WIDTHxBATCH, floor ~2 ms")
+    p.add_argument("--large", default="512x176", help="mlp-large's WIDTHxBATCH, floor ~30 ms")
     p.add_argument("--fixed-heap", action="store_true",
                    help="fix glibc malloc's mmap and trim thresholds (mallopt), so that no "
                         "variant's step pays page faults for its big activations because "
@@ -371,71 +366,81 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     import accelerate
     import lightning
     import wandb
-    steps = [int(s) for s in (args.steps.split(",") * 2)[:2]]
-    repeats = [int(s) for s in (args.repeats.split(",") * 2)[:2]]
+    names = args.workloads.split(",")
+    repeats = [int(s) for s in args.repeats.split(",")]
+    repeats = (repeats * len(names))[:len(names)] if len(repeats) == 1 else repeats
+    assert len(repeats) == len(names), "one --repeats value per workload"
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
                 .splitlines() if ln.startswith("model name")), platform.processor())
     print(f"{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; Python "
           f"{platform.python_version()}, torch {torch.__version__}, lightning "
           f"{lightning.__version__}, accelerate {accelerate.__version__}, wandb "
-          f"{wandb.__version__}; {args.threads} thread(s), {repeats[0]}/{repeats[1]} repeats x "
-          f"{steps[0]}/{steps[1]} steps, interleaved, one shared model", flush=True)
+          f"{wandb.__version__}; {args.threads} thread(s), repeats {repeats} x {args.steps} "
+          "steps, interleaved, one shared model per workload", flush=True)
     t_start, rows, notes = time.perf_counter(), [], []
     why: dict[str, list[str]] = {k: [] for k in (ENGINE, REDLINE, WANDB, LIGHTNING, ACCEL)}
-    for size, n, reps in zip((args.small, args.large), steps, repeats, strict=True):
-        width, bs = (int(x) for x in size.split("x"))
-        label = f"MLP {width}, batch {bs}"
-        times, variants, recs = bench(width, bs, n, reps, args.threads, tmp)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        floor = med[FLOOR]
-        ratio = {k: paired(times, k) for k in times}
-        for name, ts in times.items():
-            r, lo, hi = ratio[name]
-            rows.append(f"| {label} | {name} | {med[name] * 1e3:.3f} | {min(ts) * 1e3:.3f}.."
-                        f"{max(ts) * 1e3:.3f} | {r:.4f}x ({lo:.4f}..{hi:.4f}) |")
-        ext, ext_hi = 100 * (ratio[REDLINE][0] - 1), 100 * (ratio[REDLINE][2] - 1)
-        pct = statistics.median([r["redline/overhead_pct"] for r in recs[1:-1]]
-                                or [r["redline/overhead_pct"] for r in recs])
-        mfu = [r["mfu"] for r in recs if r.get("mfu") is not None]
-        c, c_lo, c_hi = (100 * (x - 1) for x in ratio[CONTROL])
-        verdict = "PASS" if ext <= GOAL_PCT else "FAIL"
-        notes.append(f"- {label}: redline/overhead_pct (self-reported, median of "
-                     f"{max(1, len(recs) - 2)} windows) {pct:.3f} %; measured from outside "
-                     f"{ext:+.2f} % (95 % CI up to {ext_hi:+.2f} %; noise control: two "
-                     f"identical floors {c:+.2f} %, CI {c_lo:+.2f}..{c_hi:+.2f} %) -> "
-                     f"{verdict}" + (f" (MFU {statistics.median(mfu):.3f})" if mfu else ""))
-        ng, ng_hi = 100 * (ratio[NO_GUARD][0] - 1), 100 * (ratio[NO_GUARD][2] - 1)
-        notes.append(f"  telemetry without the OOM guard: {ng:+.2f} % (95 % CI up to "
-                     f"{ng_hi:+.2f} %) -> {'PASS' if ng <= GOAL_PCT else 'FAIL'}")
-        us = {k: (ratio[k][0] - 1) * floor * 1e6 for k in med}
-        red = variants[REDLINE]
-        hand_off = red.sink_s.get("metrics", 0.0) / max(1, red.sink_n.get("metrics", 0))
-        why[ENGINE].append(f"{us[ENGINE]:+.0f} us")
-        why[REDLINE].append(f"{us[REDLINE] - us[ENGINE]:+.0f} us over Engine.step; "
-                            f"on_step_end {pct / 100 * med[REDLINE] * 1e6:.1f} us a step, of "
-                            f"which hub.publish {hand_off * 1e6:.0f} us a window")
-        for k in (WANDB, LIGHTNING, ACCEL):
-            ps = variants[k].per_step or PerStep(1)
-            why[k].append(f"{us[k]:+.0f} us, {ps.log_s / max(1, ps.calls) * 1e6:.0f} us logging")
+    for w, reps in zip(build(names, args.small, args.large), repeats, strict=True):
+        times, variants, recs = bench(w, args.steps, reps, args.threads, tmp)
+        _report(w.name, times, variants, recs, rows, notes, why)
     print("\n| model | variant | median ms/step | spread (min..max) | vs floor, paired "
           "(95 % CI) |\n"
           "|---|---|---|---|---|\n" + "\n".join(rows))
     print(f"\nredline's goal: within {GOAL_PCT} % of the floor (median of the per-repeat "
-          "ratios), both sizes.")
+          "ratios), every workload.")
     print("\n".join(notes))
-    print("\nWhere the extra time per step goes (paired median ratio x floor; small | large):")
+    print("\nWhere the extra time per step goes (paired median ratio x floor, per workload):")
     for k, text in (
         (ENGINE, "the Engine's Python per step: precision hooks, the norm it keeps for "
                  "telemetry"),
-        (REDLINE, "loop body, the OOM guard's RNG snapshot, window closes in on_step_end "
-                  "(sinks and sampler run in the writer process)"),
+        (REDLINE, "loop body, the OOM guard's RNG and BatchNorm snapshots, "
+                  "Telemetry.record_step with its window closes (sinks and sampler run in "
+                  "the writer process)"),
         (WANDB, "two .item() reads and run.log on the training thread"),
         (LIGHTNING, ".item() + 10 self.log calls; the rest: Lightning's loop, hooks, closure"),
         (ACCEL, ".item() + accelerator.log; the rest: optimizer wrapper, accelerate's clip"),
     ):
-        print(f"- {k}: {' | '.join(why[k])}: {text}.")
+        if why[k]:
+            print(f"- {k}: {' | '.join(why[k])}: {text}.")
     print(f"\nload {os.getloadavg()[0]:.2f} at the end; total {time.perf_counter() - t_start:.0f}"
           " s", flush=True)
+
+
+def _report(label: str, times: dict[str, list[float]], variants: dict[str, Variant],
+            recs: list[dict[str, Any]], rows: list[str], notes: list[str],
+            why: dict[str, list[str]]) -> None:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor = med[FLOOR]
+    ratio = {k: paired(times, k) for k in times}
+    for name, ts in times.items():
+        r, lo, hi = ratio[name]
+        rows.append(f"| {label} | {name} | {med[name] * 1e3:.3f} | {min(ts) * 1e3:.3f}.."
+                    f"{max(ts) * 1e3:.3f} | {r:.4f}x ({lo:.4f}..{hi:.4f}) |")
+    ext, ext_hi = 100 * (ratio[REDLINE][0] - 1), 100 * (ratio[REDLINE][2] - 1)
+    pct = statistics.median([r["redline/overhead_pct"] for r in recs[1:-1]]
+                            or [r["redline/overhead_pct"] for r in recs])
+    mfu = [r["mfu"] for r in recs if r.get("mfu") is not None]
+    c, c_lo, c_hi = (100 * (x - 1) for x in ratio[CONTROL])
+    verdict = "PASS" if ext <= GOAL_PCT else "FAIL"
+    notes.append(f"- {label}: redline/overhead_pct (self-reported, median of "
+                 f"{max(1, len(recs) - 2)} windows) {pct:.3f} %; measured from outside "
+                 f"{ext:+.2f} % (95 % CI up to {ext_hi:+.2f} %; noise control: two "
+                 f"identical floors {c:+.2f} %, CI {c_lo:+.2f}..{c_hi:+.2f} %) -> "
+                 f"{verdict}" + (f" (MFU {statistics.median(mfu):.3f})" if mfu else ""))
+    ng, ng_hi = 100 * (ratio[NO_GUARD][0] - 1), 100 * (ratio[NO_GUARD][2] - 1)
+    notes.append(f"  telemetry without the OOM guard: {ng:+.2f} % (95 % CI up to "
+                 f"{ng_hi:+.2f} %) -> {'PASS' if ng <= GOAL_PCT else 'FAIL'}")
+    us = {k: (ratio[k][0] - 1) * floor * 1e6 for k in med}
+    red = variants[REDLINE]
+    hand_off = red.sink_s.get("metrics", 0.0) / max(1, red.sink_n.get("metrics", 0))
+    why[ENGINE].append(f"{us[ENGINE]:+.0f} us")
+    why[REDLINE].append(f"{us[REDLINE] - us[ENGINE]:+.0f} us over Engine.step; "
+                        f"record_step {pct / 100 * med[REDLINE] * 1e6:.1f} us a step, of "
+                        f"which hub.publish {hand_off * 1e6:.0f} us a window")
+    for k in (WANDB, LIGHTNING, ACCEL):
+        if k in variants:
+            ps = variants[k].per_step or PerStep(1)
+            why[k].append(f"{us[k]:+.0f} us, {ps.log_s / max(1, ps.calls) * 1e6:.0f} us "
+                          "logging")
 
 
 if __name__ == "__main__":

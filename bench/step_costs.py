@@ -11,7 +11,7 @@ hot path could do with the step's loss and gradient norm:
 
   keep tensors    append both to a list, stacked and summed every 50 steps
   .item()         read both on the host with Tensor.item(): no sync on CPU (redline's
-                  CPU path, metrics.host_float)
+                  CPU path, metrics.WindowLogger.record)
   stack into row  torch.stack((loss, norm), out=row): one op into preallocated memory
   pipe write      one ~0.6 KB JSON line every 50 steps to a child process that blocks
                   in a read (redline's hand-off to its writer process)
@@ -31,14 +31,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import FLOOR, Variant, _adamw, _bare, _mlp, paired
-from redline.telemetry.metrics import host_float
+from overhead import FLOOR, Variant, _bare, paired
+from workloads import Workload, mlp
 
 READER = "import sys, json\nfor line in sys.stdin: json.loads(line)"
 
 
-def variants(net: torch.nn.Module, opt: torch.optim.Optimizer,
-             data: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Variant]:
+def variants(w: Workload) -> dict[str, Variant]:
     kept: list[torch.Tensor] = []
     total = [0.0]
     rows = torch.zeros(50, 2).unbind(0)
@@ -50,7 +49,7 @@ def variants(net: torch.nn.Module, opt: torch.optim.Optimizer,
             kept.clear()
 
     def item(i: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
-        total[0] += host_float(loss) + host_float(norm)
+        total[0] += loss.item() + norm.item()
 
     def row(i: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
         torch.stack((loss, norm), out=rows[i % 50])
@@ -65,11 +64,10 @@ def variants(net: torch.nn.Module, opt: torch.optim.Optimizer,
         if i % 50 == 25:
             os.write(fd, line)
 
-    out = {FLOOR: _bare(net, opt, data), "bare loop again (noise control)":
-           _bare(net, opt, data)}
+    out = {FLOOR: _bare(w), "bare loop again (noise control)": _bare(w)}
     for name, extra in (("keep tensors", keep), (".item()", item), ("stack into row", row),
                         ("pipe write", pipe)):
-        out[name] = _bare(net, opt, data, after=extra)
+        out[name] = _bare(w, after=extra)
     out["pipe write"].close = lambda: (child.stdin.close(), child.wait())  # type: ignore
     return out
 
@@ -82,11 +80,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_float32_matmul_precision("highest")
     width, bs = (int(x) for x in args.size.split("x"))
-    torch.manual_seed(0)
-    net = _mlp(width)
-    opt = _adamw(net)
-    data = [(torch.randn(bs, width), torch.randn(bs, width)) for _ in range(8)]
-    vs = variants(net, opt, data)
+    vs = variants(mlp(width, bs, f"MLP {width}, batch {bs}"))
     names = list(vs)
     times: dict[str, list[float]] = {k: [] for k in names}
     for v in vs.values():

@@ -98,7 +98,7 @@ class Engine:
         # BatchNorm statistics change in forward; a redone step restores them.
         self._buffers = [b for m in model.modules() if isinstance(m, _NormBase)
                          for b in m.buffers(recurse=False)]
-        self._saved_buffers: list[torch.Tensor] = []  # made by the first guarded step
+        self._saved_buffers = [b.detach().clone() for b in self._buffers] if oom_guard else []
         # The CUDA generators a redone step must rewind: those of the parameters' devices.
         self._rng_devices = sorted({p.device.index or 0 for p in self._params
                                     if p.device.type == "cuda"})
@@ -152,21 +152,32 @@ class Engine:
         return total
 
     def _guarded_step(self, batch: Any, loss_fn: LossFn, guard: OOMGuard) -> torch.Tensor:
+        # The step's start, for a redo: torch's RNG, and the BatchNorm statistics in one
+        # fused copy into buffers kept for it (not a clone each step).
         rng = snapshot_rng(self._rng_devices)
-        if self._buffers:  # one fused copy into buffers kept for it, not a clone each
-            if not self._saved_buffers:
-                self._saved_buffers = [b.detach().clone() for b in self._buffers]
+        if self._buffers:
             torch._foreach_copy_(self._saved_buffers, self._buffers)
+        try:
+            total: torch.Tensor | None = self._attempt(batch, loss_fn, guard.current)
+        except torch.OutOfMemoryError:
+            total = None  # redone below, outside the except block (see _redo)
+        if total is None:
+            total = self._redo(batch, loss_fn, guard, rng)
+        self._finish_step()
+        change = guard.decide(oom=False)
+        if change is not None:
+            self._change_micro_batch(change.old, change.new, "grow", None)
+        return total
+
+    def _redo(self, batch: Any, loss_fn: LossFn, guard: OOMGuard, rng: tuple[Any, ...]
+              ) -> torch.Tensor:
+        """After an OOM: back to the step's start, smaller micro-batches, until it fits.
+
+        Called outside the except block, so the exception's traceback, which pins the
+        failed micro-batch's activations, is gone before anything is redone.
+        """
         while True:
-            failed_in: str | None = None
-            try:
-                total = self._attempt(batch, loss_fn, guard.current)
-            except torch.OutOfMemoryError:
-                failed_in = self._phase
-            if failed_in is None:
-                break
-            # Outside the except block: the exception's traceback, which pins the failed
-            # micro-batch's activations, is gone before anything is redone.
+            failed_in = self._phase
             self._recover(rng)
             try:
                 change = guard.decide(oom=True)
@@ -175,11 +186,10 @@ class Engine:
                     f"out of memory in {failed_in} at step {self.state.step + 1} even with "
                     "a micro-batch of 1 sample") from None
             self._change_micro_batch(change.old, change.new, "oom", failed_in)
-        self._finish_step()
-        change = guard.decide(oom=False)
-        if change is not None:
-            self._change_micro_batch(change.old, change.new, "grow", None)
-        return total
+            try:
+                return self._attempt(batch, loss_fn, guard.current)
+            except torch.OutOfMemoryError:
+                pass
 
     def _attempt(self, batch: Any, loss_fn: LossFn, micro: int) -> torch.Tensor:
         if self._memory_check is None or micro in self._checked:

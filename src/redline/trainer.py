@@ -228,7 +228,7 @@ class Trainer:
         non_blocking = bool(self.job.loader_options.get("pin_memory"))
         # A loader's batches are on the CPU already: Tensor.to would only cost ~5 us a step.
         move = device.type != "cpu"
-        loss_fn, engine, telemetry = self.task.loss, self.job.engine, self.telemetry
+        loss_fn, engine, record_step = self.task.loss, self.job.engine, self.telemetry.record_step
         optimizer, per_step = self.job.optimizer, cfg.train.samples_per_step
         # The handlers, looked up once: an event nobody listens to costs nothing per step.
         on_batch_start = self.dispatcher.table[Event.BATCH_START]
@@ -255,10 +255,9 @@ class Trainer:
                 for handler in on_step_end:
                     handler(state, loss)
                 step = state.step
-                telemetry.record_step(step, loss, engine.grad_norm,
-                                      micro_batch=engine.micro_batch_size,
-                                      lr=optimizer.param_groups[0]["lr"], epoch=state.epoch,
-                                      samples=state.samples_seen, data_wait_s=wait)
+                record_step(step, loss, engine.grad_norm, engine.micro_batch_size,
+                            optimizer.param_groups[0]["lr"], state.epoch, state.samples_seen,
+                            wait)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 \
                         and step < max_steps:
                     self.evaluate()

@@ -89,3 +89,52 @@ def test_doctor_run_dir_says_where_time_went(tmp_path: Path) -> None:
     assert "telemetry-overhead" in kinds and "precision" in kinds  # fp32 on a bf16 CPU
     missing = run_cli(["doctor", "nope"], tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+USER_SINK = '''\
+import json
+from pathlib import Path
+
+
+class Recorder:
+    """A sink of the user's own: every metrics record, one JSON line, in its own file."""
+
+    name = "recorder"
+
+    def __init__(self, context):
+        self.path = Path(context.run_dir) / "recorded.jsonl"
+        self.file = self.path.open("a")
+
+    def write(self, stream, records):
+        if stream == "metrics":
+            for record in records:
+                self.file.write(json.dumps(record) + "\\n")
+
+    def close(self):
+        self.file.close()
+
+
+class Broken(Recorder):
+    name = "broken"
+
+    def write(self, stream, records):
+        raise RuntimeError("bug in my sink")
+'''
+
+
+def test_a_users_own_sink_runs_in_the_writer_process(tmp_path: Path) -> None:
+    (tmp_path / "my_sinks.py").write_text(USER_SINK)
+    out = run_cli(["train", TOY, "--run-dir", "r", "--steps", "10", "--tracker",
+                   "my_sinks.py:Recorder", "--tracker", "my_sinks.py:Broken",
+                   "--set", "telemetry.log_every=5", "--set", "train.eval_every=0"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    mine = [r for r in read_jsonl(tmp_path / "r" / "recorded.jsonl") if "loss" in r]
+    assert [r["step"] for r in mine] == [5, 10]
+    assert mine == [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
+    # the broken one: its traceback (the user's code), one report, training went on
+    assert "bug in my sink" in out.stderr and "Traceback" in out.stderr
+    failed = [e for e in read_jsonl(tmp_path / "r" / "events.jsonl")
+              if e["event"] == "sink_failed"]
+    assert [e["sink"] for e in failed] == ["broken"]
+    bad = run_cli(["train", TOY, "--steps", "2", "--tracker", "nowhere.py:Sink"], tmp_path)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

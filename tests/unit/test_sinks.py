@@ -235,3 +235,22 @@ def test_wandb_reader_crosses_blocks_and_stops_at_a_torn_tail(tmp_path: Path) ->
     bad.write_bytes(bytes(corrupt))
     with pytest.raises(ValueError, match="checksum"):
         read_history(bad)
+
+
+def test_the_entry_point_group_registers_sinks(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import EntryPoint
+
+    import redline.plugins as plugins
+    from redline.telemetry.config import TelemetryConfig
+    from redline.telemetry.sinks import ENTRY_POINT_GROUP, available_sinks
+
+    ep = EntryPoint(name="jsonl-too", value="redline.telemetry.sinks.jsonl:from_context",
+                    group=ENTRY_POINT_GROUP)
+    monkeypatch.setattr(plugins, "entry_points",
+                        lambda group: [ep] if group == ENTRY_POINT_GROUP else [])
+    assert available_sinks()["jsonl-too"] == ep.value
+    assert TelemetryConfig(trackers=("jsonl-too",)).trackers == ("jsonl-too",)
+    (sink,) = make_sinks(["jsonl-too"], SinkContext(tmp_path))
+    assert isinstance(sink, JsonlSink)
+    sink.close()

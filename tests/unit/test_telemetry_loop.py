@@ -89,10 +89,9 @@ def test_the_device_path_reads_nothing_on_any_step() -> None:
     with HostReads() as mode:
         for step in range(1, 13):
             loss, norm = torch.rand(()), torch.rand(()) + 1
-            logger.record(step, loss, norm, 0.0, step == 12,
-                          lambda s=step: {"step": s, "micro_batch": 8})
+            logger.record(step, loss, norm, 8, 1e-3, 0, 8 * step, 0.0, step == 12)
             assert mode.count == 0, step
-        logger.finish({"step": 12})
+        logger.finish()
     assert [r["step"] for r in records] == [4, 8, 12]
 
 
@@ -150,7 +149,7 @@ def test_the_cpu_path_sums_the_steps_it_saw(dtype: torch.dtype) -> None:
     for step, (loss, norm) in enumerate([(1.0, 2.0), (2.0, float("inf")), (3.0, 1.5),
                                          (4.0, 1.0), (5.0, float("nan")), (6.0, 0.5)], 1):
         logger.record(step, torch.tensor(loss, dtype=dtype), torch.tensor(norm, dtype=dtype),
-                      0.0, step == 6, lambda s=step: {"step": s})
+                      None, None, 0, 4 * step, 0.0, step == 6)
     assert [(r["step"], r["loss"], r["skipped_steps"]) for r in records] == [(3, 2.0, 1),
                                                                             (6, 5.0, 1)]
     assert records[0]["grad_norm"] == 1.5 and records[1]["grad_norm"] == 0.5

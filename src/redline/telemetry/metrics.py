@@ -5,7 +5,7 @@ norm and nothing else: no host sync, no tensor kept past the step. Every
 `log_every` steps the window closes and is published:
 
   - on CPU the loss and norm are host memory: each step reads them as Python floats
-    (`host_float`, under a microsecond; there is no device to wait for) and adds them up.
+    (`.item()`, under a microsecond; there is no device to wait for) and adds them up.
     Why not keep the step's tensors until the window closes, as on a GPU: on CPU, small
     tensors kept alive across steps fragment the allocator's heap, and the big
     activations then cost page faults: +2.2 % on a 2 ms step (bench/step_costs.py);
@@ -41,15 +41,6 @@ from redline.telemetry.flops import mfu
 
 Record = dict[str, Any]
 FOLD_EVERY = 1024  # GPU: steps whose tensors are stacked into one, to keep the list short
-
-
-def host_float(t: torch.Tensor) -> float:
-    """The value of a one-element CPU tensor (the CPU path only: there it syncs nothing).
-
-    Plain `.item()`: inside a step it measured cheaper than reading the memory through
-    ctypes (0.35 against 1.8 us a value) or any op that keeps the value in a tensor.
-    """
-    return t.item()
 
 
 @dataclass
@@ -95,6 +86,8 @@ class WindowLogger:
         self._folded: list[torch.Tensor] = []  # _pairs stacked every FOLD_EVERY steps
         self._n = 0  # steps in the open window
         self._data_wait_s = 0.0
+        # where the last recorded step left the run: step, micro-batch, lr, epoch, samples
+        self._at: tuple[int, int | None, float | None, int, int] = (0, None, None, 0, 0)
         self._t0 = time.perf_counter()
         self._start_event: Any = None
         self._pending: _Pending | None = None
@@ -106,15 +99,21 @@ class WindowLogger:
             self._start_event = torch.cuda.Event(enable_timing=True)
             self._start_event.record()
 
-    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, data_wait_s: float,
-               last: bool, position: Callable[[], Record]) -> None:
-        """One finished step; `position()` (step, epoch, lr, ...) is asked at window ends."""
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+               micro_batch: int | None, lr: float | None, epoch: int, samples: int,
+               data_wait_s: float, last: bool) -> None:
+        """One finished step (positional arguments: this runs every step). `last` closes
+        the window whatever the step."""
         t = time.perf_counter()
+        self._at = (step, micro_batch, lr, epoch, samples)
         self._data_wait_s += data_wait_s
         if self._host:
-            self._loss_sum += host_float(loss)
-            self._norm = host_float(grad_norm)
-            if not math.isfinite(self._norm):
+            # Plain .item(): inside a step it measured cheaper than reading the memory
+            # through ctypes (0.35 against 1.8 us a value) or any op that keeps the value
+            # in a tensor. On CPU it waits for nothing.
+            self._loss_sum += loss.item()
+            norm = self._norm = grad_norm.item()
+            if not math.isfinite(norm):
                 self._nonfinite += 1
         else:
             self._pairs += (loss, grad_norm)
@@ -123,7 +122,7 @@ class WindowLogger:
                 self._pairs = []
         self._n += 1
         if step % self.log_every == 0 or last:
-            self._close_window(position(), t)
+            self._close_window(t)
         self.overhead_s += time.perf_counter() - t
 
     @contextlib.contextmanager
@@ -140,7 +139,7 @@ class WindowLogger:
         self._t0 += seconds
         self._paused = True
 
-    def _close_window(self, position: Record, now: float) -> None:
+    def _close_window(self, now: float) -> None:
         steps, self._n = self._n, 0
         values: torch.Tensor | tuple[float, float, int]
         if self._host:
@@ -151,9 +150,11 @@ class WindowLogger:
             values = torch.cat(parts).view(steps, 2)
             self._pairs, self._folded = [], []
         wall = now - self._t0
-        micro = position.pop(K.MICRO_BATCH, None) or self.ctx.samples_per_step
+        step, micro, lr, epoch, samples = self._at
+        micro = micro or self.ctx.samples_per_step
         record: Record = {
-            **position, "window_steps": steps, "wall_s": wall, "paused": self._paused,
+            K.STEP: step, K.EPOCH: epoch, K.SAMPLES: samples, K.LR: lr,
+            "window_steps": steps, "wall_s": wall, "paused": self._paused,
             K.DATA_WAIT_PCT: 100.0 * self._data_wait_s / wall if wall > 0 else None,
             K.MICRO_BATCH: micro, K.EFFECTIVE_BATCH: self.ctx.samples_per_step,
             K.ACCUMULATION_STEPS: math.ceil(self.ctx.samples_per_step / micro),
@@ -209,10 +210,10 @@ class WindowLogger:
         self.last = r
         self.publish(r)
 
-    def finish(self, position: Record) -> None:
+    def finish(self) -> None:
         """Close the open window and publish any window still waiting for the device."""
         if self._n:
-            self._close_window(position, time.perf_counter())
+            self._close_window(time.perf_counter())
         if self._pending is not None:
             self._emit(self._pending)
             self._pending = None

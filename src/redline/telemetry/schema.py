@@ -68,10 +68,10 @@ MEM_PEAK = Key("mem_peak_bytes", "bytes", "peak tensor memory during the window 
                "allocator; CPU: the memory.budget tracker's count)")
 MEM_RSS = Key("mem_rss_bytes", "bytes", "CPU: resident memory of the training process at the "
               "window's end")
-MEM_RSS_PEAK = Key("mem_rss_peak_bytes", "bytes", "CPU: peak resident memory of the training "
-                   "process during the window (since start where the OS cannot reset it)")
+MEM_RSS_PEAK = Key("mem_rss_peak_bytes", "bytes", "CPU: the most the training process has "
+                   "been resident since it started (the OS's high-water mark)")
 MEM_PCT = Key("mem_pct", "%", "peak memory as a share of memory.budget, else of the device's "
-              "memory (CPU: peak resident memory of physical memory)")
+              "memory (CPU without a budget: resident memory of physical memory)")
 OVERHEAD_PCT = Key("redline/overhead_pct", "%", "redline's own time on the training thread "
                    "(recording steps, closing the window) as a share of the window's wall time")
 HOST_SYNCS = Key("redline/host_syncs", "syncs", "times redline's telemetry made the host wait "

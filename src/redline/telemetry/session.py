@@ -86,9 +86,7 @@ class Telemetry:
         memory = _memory_reader(device_info, memory_total, memory_tracker)
         self.window = WindowLogger(cfg.log_every, self.ctx, self._publish_window, memory,
                                    on_record=on_window)
-        self._step = self._epoch = self._samples = 0
-        self._lr: float | None = None
-        self._micro: int | None = None
+        self._per_step = samples_per_step
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -104,26 +102,21 @@ class Telemetry:
 
     def start(self, step: int = 0) -> None:
         """The loop begins at `step` (a resumed run's step); window timing starts now."""
-        self._step = step
         self.window.start()
         if self.progress is not None:
             self.progress.start(step)
 
-    def record_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, *,
+    def record_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
                     micro_batch: int | None = None, lr: float | None = None, epoch: int = 0,
                     samples: int | None = None, data_wait_s: float = 0.0) -> None:
         """One finished optimizer step. `loss` and `grad_norm` stay device tensors; on a
-        step that does not close a window nothing is read from the device."""
-        self._step, self._epoch, self._lr, self._micro = step, epoch, lr, micro_batch
-        self._samples = samples if samples is not None else step * self.ctx.samples_per_step
-        last = self.max_steps is not None and step >= self.max_steps
-        self.window.record(step, loss, grad_norm, data_wait_s, last, self._position)
+        step that does not close a window nothing is read from the device. `samples`
+        defaults to step x samples_per_step; `data_wait_s` is how long the loader took."""
+        self.window.record(step, loss, grad_norm, micro_batch, lr, epoch,
+                           step * self._per_step if samples is None else samples, data_wait_s,
+                           step == self.max_steps)
         if self.progress is not None:
             self.progress.step(step)
-
-    def _position(self) -> Record:
-        return {K.STEP: self._step, K.EPOCH: self._epoch, K.SAMPLES: self._samples,
-                K.LR: self._lr, K.MICRO_BATCH: self._micro}
 
     def record_eval(self, step: int, metrics: dict[str, float], time_s: float | None = None
                     ) -> None:
@@ -163,7 +156,7 @@ class Telemetry:
 
     def finish(self) -> None:
         """Publish the open window (and one still waiting for the device)."""
-        self.window.finish(self._position())
+        self.window.finish()
         if self.progress is not None:
             self.progress.close()
 
@@ -221,8 +214,8 @@ def _memory_reader(device: DeviceInfo, total: int | None, tracker: Callable[[], 
             peak = t.peak
             t.reset_peak()
             record.update({K.MEM_ALLOCATED: t.current, K.MEM_PEAK: peak})
-        else:
-            peak = rss_peak
+        else:  # the resident size now: the lifetime high-water mark would never come down
+            peak = rss
         record[K.MEM_PCT] = 100.0 * peak / total if total and peak else None
         return record
 
