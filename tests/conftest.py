@@ -11,12 +11,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TOY = f"{ROOT / 'tests' / 'tasks' / 'toy.py'}:ToyRegression"
 
-# Device list for parametrized tests: CUDA cases skip without a GPU.
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                  reason="needs a CUDA device")),
-]
+# Device list for parametrized tests: CUDA cases are marked `cuda` and skip without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

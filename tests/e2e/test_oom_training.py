@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from redline.config import load_config
@@ -13,6 +14,8 @@ from redline.trainer import Trainer
 
 from ..conftest import TOY, run_cli
 from ..unit.test_tune import _peak_at
+
+pytestmark = pytest.mark.slow  # CLI runs in subprocesses: seconds each
 
 BASE = [f"task={TOY}", "task_args.n=2048", "task_args.hidden=512", "train.steps=14",
         "train.batch_size=64", "train.eval_every=0", "memory.grow_after=4",

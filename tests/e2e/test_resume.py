@@ -17,6 +17,8 @@ from redline.telemetry.jsonl import read_jsonl
 
 from ..conftest import TOY, run_cli
 
+pytestmark = pytest.mark.slow  # CLI runs in subprocesses: seconds each
+
 STEPS = 120
 # Steps are stretched (sleep_s) so a kill lands midway; eval, logging and checkpoint
 # cadences deliberately do not divide each other.

@@ -12,6 +12,8 @@ from redline.telemetry.jsonl import read_jsonl
 
 from ..conftest import TOY, run_cli
 
+pytestmark = pytest.mark.slow  # CLI runs in subprocesses: seconds each
+
 WANDB_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 ARGS = ["train", TOY, "--run-dir", "r", "--set", "telemetry.log_every=5",
         "--set", "train.eval_every=0", "--tracker", "tensorboard", "--tracker", "wandb"]

@@ -14,6 +14,8 @@ from redline.telemetry.jsonl import read_jsonl
 
 from ..conftest import TOY, run_cli
 
+pytestmark = pytest.mark.slow  # CLI runs in subprocesses: seconds each
+
 
 def _last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
