@@ -168,6 +168,7 @@ def _redline(w: Workload, run_dir: Path, guard: bool = True) -> tuple[Variant, P
     ended = [time.perf_counter()]
     on_batch_start = dispatcher.table[Event.BATCH_START]
     on_step_end = dispatcher.table[Event.STEP_END]
+    record_step = telemetry.record_step
 
     def step() -> None:  # Trainer._loop's body on CPU, minus the eval/checkpoint checks
         t = time.perf_counter()
@@ -181,10 +182,8 @@ def _redline(w: Workload, run_dir: Path, guard: bool = True) -> tuple[Variant, P
         state.samples_seen += bs
         for handler in on_step_end:
             handler(state, loss)
-        telemetry.record_step(state.step, loss, engine.grad_norm,
-                              micro_batch=engine.micro_batch_size,
-                              lr=opt.param_groups[0]["lr"], epoch=state.epoch,
-                              samples=state.samples_seen, data_wait_s=wait)
+        record_step(state.step, loss, engine.grad_norm, engine.micro_batch_size,
+                    opt.param_groups[0]["lr"], state.epoch, state.samples_seen, wait)
 
     def close() -> None:
         dispatcher.fire(Event.FIT_END, state)

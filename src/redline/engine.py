@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from redline import batch as batch_tree
 from redline.device import DeviceInfo
 from redline.events import Dispatcher, Event, State
-from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, restore_rng, snapshot_rng
+from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, StepRng
 from redline.precision import Precision, get_precision
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -99,9 +99,10 @@ class Engine:
         self._buffers = [b for m in model.modules() if isinstance(m, _NormBase)
                          for b in m.buffers(recurse=False)]
         self._saved_buffers = [b.detach().clone() for b in self._buffers] if oom_guard else []
-        # The CUDA generators a redone step must rewind: those of the parameters' devices.
-        self._rng_devices = sorted({p.device.index or 0 for p in self._params
-                                    if p.device.type == "cuda"})
+        # What a redone step rewinds: torch's CPU generator and those of the parameters'
+        # CUDA devices, snapshotted only while the step draws (guard.StepRng).
+        self._rng = StepRng(sorted({p.device.index or 0 for p in self._params
+                                    if p.device.type == "cuda"}))
         # The dispatcher's handler lists, held once: callbacks added later still reach them,
         # and an event nobody listens to costs one truthiness check.
         self._on_backward = self.dispatcher.table[Event.BEFORE_BACKWARD]
@@ -110,11 +111,32 @@ class Engine:
 
     def step(self, batch: Any, loss_fn: LossFn) -> torch.Tensor:
         """One optimizer step on `batch`; returns the batch's mean loss as a device tensor."""
-        if self.guard is None:
+        guard = self.guard
+        if guard is None:
             total = self._accumulate(batch, loss_fn, self.micro_batch_size)
             self._finish_step()
             return total
-        return self._guarded_step(batch, loss_fn, self.guard)
+        # The step's start, for a redo: torch's RNG while the step draws (guard.StepRng),
+        # and the BatchNorm statistics in one fused copy into buffers kept for it.
+        rng = self._rng.before()
+        if self._buffers:
+            torch._foreach_copy_(self._saved_buffers, self._buffers)
+        micro = guard.current
+        try:
+            if self._memory_check is None or micro in self._checked:
+                total: torch.Tensor | None = self._accumulate(batch, loss_fn, micro)
+            else:
+                total = self._attempt(batch, loss_fn, micro)
+        except torch.OutOfMemoryError:
+            total = None  # redone below, outside the except block (see _redo)
+        if total is None:
+            total = self._redo(batch, loss_fn, guard, rng)
+        self._finish_step()
+        self._rng.after(rng)
+        change = guard.decide(oom=False)
+        if change is not None:
+            self._change_micro_batch(change.old, change.new, "grow", None)
+        return total
 
     def _accumulate(self, batch: Any, loss_fn: LossFn, micro: int | None) -> torch.Tensor:
         """Forward and backward over every micro-batch; gradients accumulate in .grad."""
@@ -151,25 +173,7 @@ class Engine:
         assert total is not None
         return total
 
-    def _guarded_step(self, batch: Any, loss_fn: LossFn, guard: OOMGuard) -> torch.Tensor:
-        # The step's start, for a redo: torch's RNG, and the BatchNorm statistics in one
-        # fused copy into buffers kept for it (not a clone each step).
-        rng = snapshot_rng(self._rng_devices)
-        if self._buffers:
-            torch._foreach_copy_(self._saved_buffers, self._buffers)
-        try:
-            total: torch.Tensor | None = self._attempt(batch, loss_fn, guard.current)
-        except torch.OutOfMemoryError:
-            total = None  # redone below, outside the except block (see _redo)
-        if total is None:
-            total = self._redo(batch, loss_fn, guard, rng)
-        self._finish_step()
-        change = guard.decide(oom=False)
-        if change is not None:
-            self._change_micro_batch(change.old, change.new, "grow", None)
-        return total
-
-    def _redo(self, batch: Any, loss_fn: LossFn, guard: OOMGuard, rng: tuple[Any, ...]
+    def _redo(self, batch: Any, loss_fn: LossFn, guard: OOMGuard, rng: tuple[Any, ...] | None
               ) -> torch.Tensor:
         """After an OOM: back to the step's start, smaller micro-batches, until it fits.
 
@@ -178,14 +182,14 @@ class Engine:
         """
         while True:
             failed_in = self._phase
-            self._recover(rng)
+            exact = self._recover(rng)
             try:
                 change = guard.decide(oom=True)
             except OutOfMemoryAtMinimum:
                 raise OutOfMemoryAtMinimum(
                     f"out of memory in {failed_in} at step {self.state.step + 1} even with "
                     "a micro-batch of 1 sample") from None
-            self._change_micro_batch(change.old, change.new, "oom", failed_in)
+            self._change_micro_batch(change.old, change.new, "oom", failed_in, exact)
             try:
                 return self._attempt(batch, loss_fn, guard.current)
             except torch.OutOfMemoryError:
@@ -199,22 +203,27 @@ class Engine:
         self._checked.add(micro)
         return total
 
-    def _change_micro_batch(self, old: int, new: int, reason: str, phase: str | None) -> None:
+    def _change_micro_batch(self, old: int, new: int, reason: str, phase: str | None,
+                            exact: bool = True) -> None:
         self.micro_batch_size = new
-        self.dispatcher.fire(Event.MICRO_BATCH_CHANGE, self.state,
-                             {"old": old, "new": new, "reason": reason, "phase": phase,
-                              "step": self.state.step + 1})
+        info = {"old": old, "new": new, "reason": reason, "phase": phase,
+                "step": self.state.step + 1}
+        if not exact:  # the redo draws other random numbers than the failed attempt did
+            info["exact"] = False
+        self.dispatcher.fire(Event.MICRO_BATCH_CHANGE, self.state, info)
 
-    def _recover(self, rng: tuple[Any, ...]) -> None:
-        """Back to the state at the start of the step, with the failed attempt's memory freed."""
+    def _recover(self, rng: tuple[Any, ...] | None) -> bool:
+        """Back to the state at the start of the step, with the failed attempt's memory freed;
+        False when the RNG could not be rewound exactly (guard.StepRng)."""
         self.optimizer.zero_grad(set_to_none=True)
-        restore_rng(rng)
+        exact = self._rng.rewind(rng)
         if self._buffers:
             with torch.no_grad():
                 torch._foreach_copy_(self._buffers, self._saved_buffers)
         gc.collect()  # reference cycles in user code can still pin activations
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
+        return exact
 
     def _finish_step(self) -> None:
         self.precision.unscale(self.optimizer)

@@ -430,6 +430,9 @@ class _MemoryEvents(Callback):
     def on_micro_batch_change(self, state: State, info: dict[str, Any]) -> None:
         why = (f"after OOM in {info['phase']}" if info["reason"] == "oom"
                else "growing back after clean steps")
-        print(f"micro-batch {info['old']} -> {info['new']} {why} at step {info['step']}",
-              file=sys.stderr, flush=True)
+        inexact = ("; the redo draws other random numbers than the failed attempt (its "
+                   "RNG began drawing unseen), so this step is not bit-exact"
+                   if info.get("exact") is False else "")
+        print(f"micro-batch {info['old']} -> {info['new']} {why} at step {info['step']}"
+              f"{inexact}", file=sys.stderr, flush=True)
         self.events.event("micro_batch", **info)

@@ -184,3 +184,67 @@ def test_other_errors_are_not_retried(message: str) -> None:
     with pytest.raises(RuntimeError, match=message.split()[0]):
         engine.step(_batches(1)[0], broken)
     assert engine.guard is not None and engine.guard.retries == 0
+
+
+class _Plain(nn.Module):
+    """No dropout, no BatchNorm: a step that draws no random numbers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _plain_run(oom_at: set[int], draw_from: int | None = None) -> tuple[nn.Module, list[dict]]:
+    torch.manual_seed(0)
+    model = _Plain()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    spy, state = Schedule(), State()
+    engine = Engine(model, opt, "fp32", micro_batch_size=16, oom_guard=OOMGuard(16, 0),
+                    dispatcher=Dispatcher([spy]), state=state)
+    failed: set[int] = set()
+
+    def loss(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        step = state.step + 1
+        x, y = batch
+        if draw_from is not None and step >= draw_from:
+            x = x + torch.randn_like(x)  # this loss starts drawing random numbers here
+        if step in oom_at and step not in failed:
+            failed.add(step)
+            raise torch.OutOfMemoryError("DefaultCPUAllocator: can't allocate memory (test)")
+        return nn.functional.mse_loss(m(x), y)
+
+    for batch in _batches(12):
+        engine.step(batch, loss)
+        state.step += 1
+    return model, spy.changes
+
+
+def test_a_step_that_draws_nothing_is_redone_exactly_without_snapshots() -> None:
+    model, changes = _plain_run({5})
+    assert [(c["step"], c["new"]) for c in changes] == [(5, 8)]
+    assert "exact" not in changes[0]
+    reference = _run_plain_reference([16] * 4 + [8] * 8)
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _run_plain_reference(sizes: list[int]) -> nn.Module:
+    torch.manual_seed(0)
+    model = _Plain()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine = Engine(model, opt, "fp32")
+    for micro, batch in zip(sizes, _batches(12), strict=True):
+        engine.micro_batch_size = micro
+        engine.step(batch, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+    return model
+
+
+def test_a_draw_that_begins_unseen_is_reported_and_then_snapshotted() -> None:
+    """Snapshots stopped after two steps drew nothing; when the loss starts drawing and
+    the very step fails, the redo cannot rewind what it drew: the event says so, and every
+    later step is snapshotted (the next OOM is exact again)."""
+    _, changes = _plain_run({7, 10}, draw_from=7)
+    assert [(c["step"], c.get("exact", True)) for c in changes] == [(7, False), (10, True)]

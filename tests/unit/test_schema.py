@@ -1,0 +1,49 @@
+"""The telemetry contract: every key written is defined once, and the README shows them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from redline.telemetry import schema as K
+from redline.telemetry.metrics import WindowContext, WindowLogger
+from redline.telemetry.sampler import Sampler
+from redline.telemetry.session import _memory_reader
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_key_has_a_unit_and_a_meaning() -> None:
+    for name, key in K.KEYS.items():
+        assert key == name and key.meaning and key.stream in ("metrics", "system"), name
+
+
+def test_a_window_record_holds_only_schema_keys() -> None:
+    records: list[dict] = []
+    ctx = WindowContext(samples_per_step=8, device=torch.device("cpu"), flops_per_step=10**6,
+                        peak_flops=1e12)
+    memory = _memory_reader(type("D", (), {"is_cuda": False, "kind": "cpu"})(), 2**34, None)
+    logger = WindowLogger(2, ctx, records.append, memory)
+    logger.start()
+    for step in (1, 2):
+        logger.record(step, torch.tensor(1.0), torch.tensor(2.0), 4, 1e-3, 0, 8 * step, 0.0,
+                      False)
+    (record,) = records
+    assert set(record) <= set(K.KEYS), set(record) - set(K.KEYS)
+    for key in (K.LOSS, K.GRAD_NORM, K.STEP_TIME, K.MEM_RSS, K.MEM_PCT, K.MFU, K.OVERHEAD_PCT):
+        assert record[key] is not None, key
+
+
+def test_hardware_samples_hold_only_schema_keys() -> None:
+    samples: list[dict] = []
+    device = type("D", (), {"is_cuda": False, "kind": "cpu", "index": None})()
+    with Sampler(device, samples.append, every_s=0.05):
+        pass
+    assert samples and set(samples[-1]) <= {k for k, v in K.KEYS.items()
+                                            if v.stream == "system" or k == K.TIME}
+
+
+def test_the_readme_metric_table_is_the_schema() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert K.markdown_table() in readme, "regenerate it: python -m redline.telemetry.schema"
