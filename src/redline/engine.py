@@ -118,7 +118,8 @@ class Engine:
             return total
         # The step's start, for a redo: torch's RNG while the step draws (guard.StepRng),
         # and the BatchNorm statistics in one fused copy into buffers kept for it.
-        rng = self._rng.before()
+        keeper = self._rng
+        rng = keeper.before() if keeper.snapshotting else None
         if self._buffers:
             torch._foreach_copy_(self._saved_buffers, self._buffers)
         micro = guard.current
@@ -132,7 +133,7 @@ class Engine:
         if total is None:
             total = self._redo(batch, loss_fn, guard, rng)
         self._finish_step()
-        self._rng.after(rng)
+        keeper.after(rng)
         change = guard.decide(oom=False)
         if change is not None:
             self._change_micro_batch(change.old, change.new, "grow", None)

@@ -7,7 +7,7 @@ draws the same noise, so its numbers are comparable from one evaluation to the n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -45,3 +45,18 @@ def _mean_loss(task: Task, model: nn.Module, loader: Iterable[Any], precision: P
         total += float(loss.float().item())
         count += 1
     return total / max(count, 1)
+
+
+def evaluate_shrinking(run: Callable[[int], dict[str, float]], size: int,
+                       on_shrink: Callable[[int, int], None]) -> tuple[dict[str, float], int]:
+    """`run(size)`, halving `size` after each out-of-memory error: (metrics, the size that
+    fit). `on_shrink(old, new)` hears each change; at size 1 the error propagates."""
+    while True:
+        try:
+            metrics = run(size)
+            return {k: float(v) for k, v in metrics.items()}, size
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+        old, size = size, (size + 1) // 2
+        on_shrink(old, size)

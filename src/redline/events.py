@@ -180,3 +180,27 @@ class Periodic(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.observer.load_state_dict(state)
+
+
+def _callback_keys(callbacks: list[Callback]) -> list[str]:
+    """A stable key per callback: its class name, numbered when a class repeats."""
+    keys, seen = [], dict[str, int]()
+    for cb in callbacks:
+        name = type(cb).__qualname__
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return keys
+
+
+def callback_states(callbacks: list[Callback]) -> dict[str, Any]:
+    """Each callback's non-empty state_dict(), keyed as load_callback_states expects."""
+    states = {key: cb.state_dict() for key, cb in zip(_callback_keys(callbacks), callbacks,
+                                                       strict=True)}
+    return {key: state for key, state in states.items() if state}
+
+
+def load_callback_states(callbacks: list[Callback], states: dict[str, Any]) -> None:
+    """Give each callback the state a checkpoint kept for it (the same class, in order)."""
+    for key, cb in zip(_callback_keys(callbacks), callbacks, strict=True):
+        if key in states:
+            cb.load_state_dict(states[key])

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from redline import batch as batch_tree
@@ -31,15 +30,21 @@ from redline.config import ConfigError, RunConfig
 from redline.data import LimitedLoader, eval_loader, iterate_from
 from redline.device import DeviceInfo
 from redline.environment import environment_check
-from redline.evaluation import evaluate
-from redline.events import Callback, Dispatcher, Event, State
+from redline.evaluation import evaluate, evaluate_shrinking
+from redline.events import (
+    Callback,
+    Dispatcher,
+    Event,
+    State,
+    callback_states,
+    load_callback_states,
+)
 from redline.lifecycle import Signals, default_run_dir
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
 from redline.task import Task, resolve_task
-from redline.telemetry.console import status
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.session import Telemetry
-from redline.tune import autobatch
+from redline.tune import resolve_auto_batch
 
 
 @dataclass
@@ -132,7 +137,10 @@ class Trainer:
             raise ConfigError(f"run directory {str(self.run_dir)!r} already has checkpoints; "
                               "pass --resume to continue it, or choose another --run-dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tuned = self._resolve_auto_batch() if self.config.train.auto_batch else None
+        tuned = None
+        if self.config.train.auto_batch:
+            self.config, tuned = resolve_auto_batch(self.task, self.config, self.device,
+                                                    self.run_dir, self.resume, self.progress)
         self.events = EventLog(self.run_dir / "events.jsonl")
         self.state = State(run_dir=str(self.run_dir))
         self.dispatcher = Dispatcher([_MemoryEvents(self.events), *self.user_callbacks])
@@ -191,28 +199,6 @@ class Trainer:
         self.events.event("memory_limit", bytes=size, source=source)
         print(f"redline: no memory.budget: each new micro-batch is checked against {source} "
               "before it runs, so the OOM guard can shrink it", file=sys.stderr, flush=True)
-
-    def _resolve_auto_batch(self) -> dict[str, Any]:
-        """batch_size: auto -> the tuned micro-batch, effective batch, lr and eval batch.
-
-        A resumed run reuses the values its first start chose (they are in config.yaml),
-        so the math of the steps already taken does not change.
-        """
-        saved = self.run_dir / "config.yaml"
-        if self.resume and saved.is_file() and ckpt.list_checkpoints(self.run_dir / "checkpoints"):
-            old = yaml.safe_load(saved.read_text())["train"]
-            keys = ("batch_size", "effective_batch_size", "lr", "eval_batch_size")
-            self.config = self.config.updated({f"train.{k}": old[k] for k in keys})
-            return {"source": str(saved), "micro_batch": self.config.train.batch_size}
-        with status("autobatch", interactive=self.progress) as say:
-            r = autobatch(self.task, self.config, self.device, progress=say)
-        self.config = r.apply(self.config)
-        return {"micro_batch": r.chosen, "max_fit": r.max_fit,
-                "accumulation_steps": r.accumulation_steps,
-                "effective_batch_size": r.effective_batch_size, "lr": r.lr,
-                "eval_batch_size": r.eval_batch_size, "cache_hit": r.cache_hit,
-                "probe_steps": r.probe_steps, "verify_steps": r.verify_steps,
-                "budget_bytes": r.budget_bytes, "budget_source": r.budget_source}
 
     def _budget(self) -> contextlib.AbstractContextManager[Any]:
         """memory.budget enforced around the loop (on CPU: every op tracked, slower)."""
@@ -280,24 +266,18 @@ class Trainer:
             return {}
         with self.telemetry.paused():
             t0 = time.perf_counter()
-            while True:
-                try:
-                    metrics = self._evaluate_at(self._eval_batch)
-                    break
-                except torch.OutOfMemoryError:
-                    if self._eval_batch == 1:
-                        raise
-                # Only evaluation shrinks: the training micro-batch is not the one that failed.
-                old, self._eval_batch = self._eval_batch, (self._eval_batch + 1) // 2
-                self.events.event("eval_oom", step=self.state.step, old=old,
-                                  new=self._eval_batch)
-                print(f"evaluation batch {old} -> {self._eval_batch} after OOM at step "
-                      f"{self.state.step}", file=sys.stderr, flush=True)
-            metrics = {k: float(v) for k, v in metrics.items()}
+            metrics, self._eval_batch = evaluate_shrinking(self._evaluate_at, self._eval_batch,
+                                                           self._eval_shrunk)
             self.telemetry.record_eval(self.state.step, metrics, time.perf_counter() - t0)
             self.events.event("eval", step=self.state.step, **metrics)
         self.dispatcher.fire(Event.EVAL_END, self.state, metrics)
         return metrics
+
+    def _eval_shrunk(self, old: int, new: int) -> None:
+        # Only evaluation shrinks: the training micro-batch is not the one that failed.
+        self.events.event("eval_oom", step=self.state.step, old=old, new=new)
+        print(f"evaluation batch {old} -> {new} after OOM at step {self.state.step}",
+              file=sys.stderr, flush=True)
 
     def _evaluate_at(self, size: int) -> dict[str, float]:
         loader = LimitedLoader(eval_loader(self.job.eval_set, size, self.job.loader_options),  # type: ignore[arg-type]
@@ -322,7 +302,7 @@ class Trainer:
             "optimizer": job.optimizer.state_dict(),
             "scheduler": job.scheduler.state_dict(),
             "engine": job.engine.state_dict(),
-            "callbacks": _callback_states(self.user_callbacks),
+            "callbacks": callback_states(self.user_callbacks),
             "rng": ckpt.rng_state(),
             "epoch": self.state.epoch,
             "batch_in_epoch": self.state.batch_in_epoch,
@@ -354,7 +334,7 @@ class Trainer:
         job.optimizer.load_state_dict(payload["optimizer"])
         job.scheduler.load_state_dict(payload["scheduler"])
         job.engine.load_state_dict(payload["engine"])
-        _load_callback_states(self.user_callbacks, payload.get("callbacks", {}))
+        load_callback_states(self.user_callbacks, payload.get("callbacks", {}))
         ckpt.set_rng_state(payload["rng"])
         self.state.step = int(payload["step"])
         self.state.epoch = int(payload["epoch"])
@@ -397,28 +377,6 @@ class Trainer:
                       "device": self.device.to_dict(), "max_steps": self.job.max_steps,
                       "steps_per_epoch": self.job.steps_per_epoch}
         (self.run_dir / "environment.json").write_text(json.dumps(env, indent=2))
-
-
-def _callback_keys(callbacks: list[Callback]) -> list[str]:
-    """A stable key per callback: its class name, numbered when a class repeats."""
-    keys, seen = [], dict[str, int]()
-    for cb in callbacks:
-        name = type(cb).__qualname__
-        seen[name] = seen.get(name, 0) + 1
-        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return keys
-
-
-def _callback_states(callbacks: list[Callback]) -> dict[str, Any]:
-    states = {key: cb.state_dict() for key, cb in zip(_callback_keys(callbacks), callbacks,
-                                                       strict=True)}
-    return {key: state for key, state in states.items() if state}
-
-
-def _load_callback_states(callbacks: list[Callback], states: dict[str, Any]) -> None:
-    for key, cb in zip(_callback_keys(callbacks), callbacks, strict=True):
-        if key in states:
-            cb.load_state_dict(states[key])
 
 
 class _MemoryEvents(Callback):

@@ -37,14 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from redline import batch as batch_tree
 from redline.build import Job, build_job
-from redline.checkpoint import preserved_rng
+from redline.checkpoint import list_checkpoints, preserved_rng
 from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes, measure_peak
 from redline.task import Task
+from redline.telemetry.console import status
 
 KNEE_TOLERANCE = 0.02
 MAX_SIZE = 1 << 16
@@ -178,6 +180,32 @@ def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
     result.fingerprint, result.budget_source = fingerprint, source
     _save_cache(cache_dir, result)
     return result
+
+
+def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_dir: Path,
+                       resume: bool, interactive: bool | None
+                       ) -> tuple[RunConfig, dict[str, Any]]:
+    """batch_size: auto -> the config with the tuned micro-batch, effective batch, lr and
+    eval batch, and what to record of the decision.
+
+    A resumed run reuses the values its first start chose (they are in its config.yaml),
+    so the math of the steps already taken does not change.
+    """
+    saved = run_dir / "config.yaml"
+    if resume and saved.is_file() and list_checkpoints(run_dir / "checkpoints"):
+        old = yaml.safe_load(saved.read_text())["train"]
+        keys = ("batch_size", "effective_batch_size", "lr", "eval_batch_size")
+        config = config.updated({f"train.{k}": old[k] for k in keys})
+        return config, {"source": str(saved), "micro_batch": config.train.batch_size}
+    with status("autobatch", interactive=interactive) as say:
+        r = autobatch(task, config, device, progress=say)
+    return r.apply(config), {
+        "micro_batch": r.chosen, "max_fit": r.max_fit,
+        "accumulation_steps": r.accumulation_steps,
+        "effective_batch_size": r.effective_batch_size, "lr": r.lr,
+        "eval_batch_size": r.eval_batch_size, "cache_hit": r.cache_hit,
+        "probe_steps": r.probe_steps, "verify_steps": r.verify_steps,
+        "budget_bytes": r.budget_bytes, "budget_source": r.budget_source}
 
 
 def _train_and_eval(h: _Harness, size: int, eval_size: int | None) -> None:

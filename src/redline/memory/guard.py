@@ -149,14 +149,16 @@ class StepRng:
         self.cuda_devices = cuda_devices
         self.always = False  # a draw was seen: snapshot every step
         self._probe, self._recheck_every = probe_steps, recheck_every
-        self._countdown = recheck_every
+        self.snapshotting = probe_steps > 0  # whether `before` takes a snapshot
+        self.countdown = recheck_every  # quiet steps left until the next recheck
         self._reference: tuple[Any, ...] | None = None  # the state while nothing draws
 
     def before(self) -> tuple[Any, ...] | None:
-        """At the step's start: a snapshot, or None where nothing draws."""
-        if self.always or self._probe > 0:
-            return snapshot_rng(self.cuda_devices)
-        return None
+        """At the step's start: a snapshot, or None where nothing draws.
+
+        `snapshotting` says beforehand whether this returns a snapshot, so the engine's
+        hot path can skip the call (it runs every step, at cold cache)."""
+        return snapshot_rng(self.cuda_devices) if self.snapshotting else None
 
     def after(self, snapshot: tuple[Any, ...] | None) -> None:
         """At the end of a completed step, with what `before` returned."""
@@ -169,12 +171,17 @@ class StepRng:
                                               or _same(self._reference, snapshot))):
                 self.always = True
             self._reference = now
+            self.snapshotting = self.always or self._probe > 0
             return
-        self._countdown -= 1
-        if self._countdown == 0:
-            self._countdown = self._recheck_every
-            if not _same(self._reference, snapshot_rng(self.cuda_devices)):
-                self.always = True
+        self.countdown -= 1
+        if self.countdown == 0:
+            self.recheck()
+
+    def recheck(self) -> None:
+        """Compare the state with the reference now (every `recheck_every` quiet steps)."""
+        self.countdown = self._recheck_every
+        if not _same(self._reference, snapshot_rng(self.cuda_devices)):
+            self.always = self.snapshotting = True
 
     def rewind(self, snapshot: tuple[Any, ...] | None) -> bool:
         """Back to the step's start; False when a draw since the last check cannot be."""
@@ -183,7 +190,7 @@ class StepRng:
             return True
         if _same(self._reference, snapshot_rng(self.cuda_devices)):
             return True
-        self.always = True
+        self.always = self.snapshotting = True
         return False
 
 
