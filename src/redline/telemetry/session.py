@@ -70,9 +70,8 @@ class Telemetry:
         check_installed(cfg.trackers)  # a tracker asked for but not installed: name the extra
         self.progress = (Progress(max_steps, interactive=progress)
                          if progress is not False and max_steps else None)
-        device_info = self.device
-        uuid = torch_gpu_uuid(device_info.index or 0) if device_info.is_cuda else None
-        sampler = {"kind": device_info.kind, "index": device_info.index, "uuid": uuid,
+        uuid = torch_gpu_uuid(self.device.index or 0) if self.device.is_cuda else None
+        sampler = {"kind": self.device.kind, "index": self.device.index, "uuid": uuid,
                    "pid": os.getpid(), "every_s": cfg.system_every_s,
                    "slow_every_s": 5 * cfg.system_every_s}
         # Every sink and the sampler live in the writer process (hub.py says why).
@@ -82,11 +81,10 @@ class Telemetry:
                        options=cfg.sink_options, resume_id=resume_id,
                        run_name=run_name or self.run_dir.name)
         self.ctx = WindowContext(samples_per_step=samples_per_step,
-                                 device=device_info.torch_device)
-        memory = _memory_reader(device_info, memory_total, memory_tracker)
+                                 device=self.device.torch_device)
+        memory = _memory_reader(self.device, memory_total, memory_tracker)
         self.window = WindowLogger(cfg.log_every, self.ctx, self._publish_window, memory,
                                    on_record=on_window)
-        self._per_step = samples_per_step
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -113,7 +111,8 @@ class Telemetry:
         step that does not close a window nothing is read from the device. `samples`
         defaults to step x samples_per_step; `data_wait_s` is how long the loader took."""
         self.window.record(step, loss, grad_norm, micro_batch, lr, epoch,
-                           step * self._per_step if samples is None else samples, data_wait_s,
+                           step * self.ctx.samples_per_step if samples is None else samples,
+                           data_wait_s,
                            step == self.max_steps)
         if self.progress is not None:
             self.progress.step(step)
