@@ -16,6 +16,7 @@ import contextlib
 import json
 import sys
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +153,10 @@ class Trainer:
         self._eval_batch = self.config.train.eval_batch_size or self.config.train.micro_batch
         skipped: list[str] = []
         found = self._load_checkpoint(skipped) if self.resume else None
-        self.telemetry = self._telemetry(found[1].get("tracker_run_id") if found else None)
+        # chosen here, so checkpoints hold it before a tracker has answered (a resumed run
+        # continues its first start's)
+        run_id = (found[1].get("tracker_run_id") if found else None) or uuid.uuid4().hex[:8]
+        self.telemetry = self._telemetry(run_id)
         try:  # the writer process is running from here: a failure must stop it
             for path in skipped:
                 self.dispatcher.fire(Event.ANOMALY, self.state,
@@ -178,7 +182,7 @@ class Trainer:
             compute_dtype=self.job.precision.compute_dtype_name,
             memory_total=self.config.memory.budget_bytes or self.device.memory_total,
             memory_tracker=lambda: getattr(self.budget, "tracker", None), events=self.events,
-            progress=self.progress, resume_id=tracker_run_id, run_name=self.run_dir.name,
+            progress=self.progress, run_id=tracker_run_id, run_name=self.run_dir.name,
             on_window=lambda record: self.dispatcher.fire(Event.WINDOW, self.state, record))
 
     def _count_flops(self) -> None:

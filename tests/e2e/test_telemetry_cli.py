@@ -140,3 +140,54 @@ def test_a_users_own_sink_runs_in_the_writer_process(tmp_path: Path) -> None:
     assert [e["sink"] for e in failed] == ["broken"]
     bad = run_cli(["train", TOY, "--steps", "2", "--tracker", "nowhere.py:Sink"], tmp_path)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+SLOW_SINKS = '''\
+import json, time
+from pathlib import Path
+
+
+class SlowToConnect:
+    """Takes 3 s to start, like a tracker reaching a server; then records what it got."""
+
+    name = "slow"
+
+    def __init__(self, context):
+        time.sleep(3)
+        self.path = Path(context.run_dir) / "slow.jsonl"
+        self.path.write_text(json.dumps({"ready_at": time.time()}) + "\\n")
+
+    def write(self, stream, records):
+        with self.path.open("a") as f:
+            for r in records:
+                if stream == "metrics" and "loss" in r:
+                    f.write(json.dumps(r) + "\\n")
+
+    def close(self):
+        pass
+
+
+class NeverConnects:
+    name = "offline-server"
+
+    def __init__(self, context):
+        time.sleep(2)
+        raise ConnectionError("no route to the tracker's server")
+'''
+
+
+def test_trackers_that_start_slowly_or_never_delay_no_step(tmp_path: Path) -> None:
+    (tmp_path / "slow_sinks.py").write_text(SLOW_SINKS)
+    out = run_cli(["train", TOY, "--run-dir", "r", "--steps", "20", "--tracker",
+                   "slow_sinks.py:SlowToConnect", "--tracker", "slow_sinks.py:NeverConnects",
+                   "--set", "telemetry.log_every=5", "--set", "train.eval_every=0"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
+    slow = read_jsonl(tmp_path / "r" / "slow.jsonl")
+    ready_at = slow[0]["ready_at"]
+    assert rows and all(r["time"] < ready_at for r in rows)  # trained while it connected
+    assert [r["step"] for r in slow[1:]] == [r["step"] for r in rows]  # and it got them all
+    failed = [e for e in read_jsonl(tmp_path / "r" / "events.jsonl")
+              if e["event"] == "sink_failed"]
+    assert [e["sink"] for e in failed] == ["slow_sinks.py:NeverConnects"]
+    assert "no route to the tracker's server" in out.stderr

@@ -223,3 +223,40 @@ def test_telemetry_in_your_own_loop(tmp_path: Path) -> None:
     assert all(r["micro_batch"] == 8 and r["accumulation_steps"] == 2 for r in windows)
     assert [r["eval/mae"] for r in rows if "eval/mae" in r] == [0.5]
     assert (tmp_path / "mine" / "system.jsonl").is_file()
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(("log_every", "expected_pct"), [(1, 100 * 5 / 7), (10, 100 * 5 / 25)])
+def test_overhead_pct_is_redlines_share_of_the_window(log_every: int,
+                                                      expected_pct: float) -> None:
+    """With steps of 2 ms outside redline and a window close that takes 5 ms, each window
+    holds the previous close and its own steps: 5 / (5 + 2 x log_every) of it is redline's.
+    (It used to leave the close out of the window's time, not of its overhead: 1-step
+    windows then read 250 %.)"""
+    clock = _FakeClock()
+    records: list[dict] = []
+
+    def slow_publish(record: dict) -> None:
+        clock.now += 0.005
+        records.append(record)
+
+    logger = WindowLogger(log_every, WindowContext(samples_per_step=4,
+                                                   device=torch.device("cpu")),
+                          slow_publish, clock=clock)
+    logger.start()
+    for step in range(1, 6 * log_every + 1):
+        clock.now += 0.002  # the step itself
+        logger.record(step, torch.tensor(1.0), torch.tensor(1.0), 4, None, 0, 4 * step, 0.0,
+                      False)
+    shares = [r["redline/overhead_pct"] for r in records]
+    assert shares[0] == 0.0  # nothing of redline's came before the first close
+    for share in shares[1:]:
+        assert share == pytest.approx(expected_pct, rel=1e-6)
+    assert all(r["step_time_s"] == pytest.approx(0.002 + 0.005 / log_every) for r in records[1:])

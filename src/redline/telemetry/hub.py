@@ -19,8 +19,10 @@ to the pipe wakes the writer process, and measured inside a training step's loop
 ~55 us, as much as encoding the line. `flush()` and `close()` write everything at once;
 a process killed with SIGKILL loses at most the last half second of records. The one
 thread here, the listener, sleeps in a read of the writer's stdout (GIL released) and
-wakes only for its rare messages: ready (with W&B's run id), a failed sink, a note, the
-answer to a flush.
+wakes only for its rare messages: ready, a failed sink, a note, the answer to a flush.
+Nothing waits for the writer to start: records go into the pipe from the first window
+(the writer reads them while its sinks start), so a tracker that takes a minute to
+connect, or never does, delays no step.
 
 If the writer process cannot start or dies, the hub says so once and from then on writes
 the JSONL files and console lines itself, synchronously; TensorBoard and W&B are then off.
@@ -58,19 +60,19 @@ class Hub:
 
     `send_every_s`: the longest a published record waits before it is written to the pipe.
 
-    The sinks are made there from a SinkContext of `run_dir`, `run_name`, `resume_id` and
+    The sinks are made there from a SinkContext of `run_dir`, `run_name`, `run_id` and
     `options` (sinks/__init__.py).
     """
 
     def __init__(self, trackers: Sequence[str], run_dir: str | Path, *,
-                 options: Mapping[str, Any] | None = None, resume_id: str | None = None,
+                 options: Mapping[str, Any] | None = None, run_id: str | None = None,
                  run_name: str | None = None, sampler: dict[str, Any] | None = None,
                  on_failure: Callable[[str, str], None] | None = None,
                  on_note: Callable[[str], None] | None = None,
-                 start_timeout_s: float = 180.0, send_every_s: float = 0.5) -> None:
+                 send_every_s: float = 0.5) -> None:
         self.trackers = list(dict.fromkeys(trackers))
         self.run_dir = Path(run_dir)
-        self.context = SinkContext(self.run_dir, run_name, resume_id, dict(options or {}))
+        self.context = SinkContext(self.run_dir, run_name, run_id, dict(options or {}))
         self.failed: dict[str, str] = {}
         self.run_ids: dict[str, str | None] = {}
         self._on_failure = on_failure or report_sink_failure
@@ -84,7 +86,7 @@ class Hub:
         self._ready, self._closed = threading.Event(), threading.Event()
         self._exited = self._closing = False
         spec = {"trackers": self.trackers, "run_dir": str(self.run_dir), "run_name": run_name,
-                "resume_id": resume_id, "options": dict(options or {}), "sampler": sampler}
+                "run_id": run_id, "options": dict(options or {}), "sampler": sampler}
         package_root = str(Path(__file__).resolve().parents[2])  # importable in the child
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -108,16 +110,12 @@ class Hub:
         os.set_blocking(self._fd, False)
         threading.Thread(target=self._listen, name="redline-telemetry-listener",
                          daemon=True).start()
-        if not self._ready.wait(start_timeout_s):
-            self._proc.kill()
-            self._fall_back(f"the telemetry writer process did not start in {start_timeout_s:g} s")
-        elif self._exited:
-            self._writer_exited()
 
     @property
     def run_id(self) -> str | None:
-        """The tracker's run id (W&B's), for a resumed run to continue."""
-        return next((rid for rid in self.run_ids.values() if rid), None)
+        """The tracker's run id (W&B's), for a resumed run to continue: the one given, or
+        the one a sink reported once it started."""
+        return self.context.run_id or next((r for r in self.run_ids.values() if r), None)
 
     def publish(self, stream: str, record: dict[str, Any]) -> None:
         """Hand one record to the writer (training thread; never blocks)."""
@@ -198,8 +196,10 @@ class Hub:
         for line in self._proc.stdout:
             message = json.loads(line)
             if "ready" in message:
-                self.run_ids = message["ready"]
+                self.run_ids.update(message["ready"])
                 self._ready.set()
+            elif "started" in message:
+                self.run_ids.update(message["started"])
             elif "failed" in message:
                 name, why = message["failed"]
                 self.failed[name] = why

@@ -18,11 +18,14 @@ norm and nothing else: no host sync, no tensor kept past the step. Every
 
 The window's loss is the mean of its steps'; `skipped_steps` counts its steps whose
 gradient norm was not finite (those fp16's scaler skips). Time spent here on the training
-thread is measured (perf_counter around each call) and reported as `redline/overhead_pct`
+thread is measured (the clock around each call) and reported as `redline/overhead_pct`
 of the window's wall time, with the number of host syncs redline itself made
-(`redline/host_syncs`). Time inside `paused()` (evaluation, checkpoints) is not window
-time. A completed record goes to `on_record` (the WINDOW event: callbacks may add to it),
-then to `publish`. Every key is defined in schema.py.
+(`redline/host_syncs`). A window's wall time runs from the moment the previous window's
+closing call began to the moment its own closing call begins, so each call, the close
+included, lies inside the wall time of the window whose overhead it counts in: the
+share is at most 100 % on any step size. Time inside `paused()` (evaluation, checkpoints)
+is not window time. A completed record goes to `on_record` (the WINDOW event: callbacks
+may add to it), then to `publish`. Every key is defined in schema.py.
 """
 
 from __future__ import annotations
@@ -74,17 +77,20 @@ class WindowLogger:
     """
 
     __slots__ = ("_at", "_data_wait_s", "_folded", "_host", "_loss_sum", "_n", "_nonfinite",
-                 "_norm", "_pairs", "_paused", "_pending", "_start_event", "_t0", "ctx",
-                 "cuda", "host_syncs", "last", "log_every", "memory", "on_record",
+                 "_norm", "_pairs", "_paused", "_pending", "_start_event", "_t0", "clock",
+                 "ctx", "cuda", "host_syncs", "last", "log_every", "memory", "on_record",
                  "overhead_s", "publish")
 
     def __init__(self, log_every: int, ctx: WindowContext, publish: Callable[[Record], None],
                  memory: Callable[[], Record] | None = None,
                  on_record: Callable[[Record], None] | None = None,
-                 host_reads: bool | None = None) -> None:
+                 host_reads: bool | None = None,
+                 clock: Callable[[], float] = perf_counter) -> None:
         """`host_reads`: read each step's values as floats (None: where they are host
         memory, i.e. on CPU), or keep them as tensors until the window closes (what a GPU
-        does; False forces it on CPU too)."""
+        does; False forces it on CPU too). `clock`: seconds, for the window's wall time
+        and redline's own share of it."""
+        self.clock = clock
         self.log_every, self.ctx, self.publish = log_every, ctx, publish
         self.memory, self.on_record = memory, on_record
         self.cuda = ctx.device.type == "cuda"
@@ -100,13 +106,13 @@ class WindowLogger:
         self._data_wait_s = 0.0
         # where the last recorded step left the run: step, micro-batch, lr, epoch, samples
         self._at: tuple[int, int | None, float | None, int, int] = (0, None, None, 0, 0)
-        self._t0 = time.perf_counter()
+        self._t0 = clock()
         self._start_event: Any = None
         self._pending: _Pending | None = None
         self._paused = False  # evaluation or a checkpoint ran inside this window
 
     def start(self) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
         if self.cuda:
             self._start_event = torch.cuda.Event(enable_timing=True)
             self._start_event.record()
@@ -116,7 +122,7 @@ class WindowLogger:
                data_wait_s: float, last: bool) -> None:
         """One finished step (positional arguments: this runs every step). `last` closes
         the window whatever the step."""
-        t = perf_counter()
+        t = self.clock()
         self._at = (step, micro_batch, lr, epoch, samples)
         self._data_wait_s += data_wait_s
         if self._host:
@@ -135,16 +141,16 @@ class WindowLogger:
         self._n += 1
         if step % self.log_every == 0 or last:
             self._close_window(t)
-        self.overhead_s += perf_counter() - t
+        self.overhead_s += self.clock() - t
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Time inside is not window time (evaluation, checkpoints)."""
-        t = time.perf_counter()
+        t = self.clock()
         try:
             yield
         finally:
-            self.exclude(time.perf_counter() - t)
+            self.exclude(self.clock() - t)
 
     def exclude(self, seconds: float) -> None:
         """Take `seconds` that were not training out of the open window's wall time."""
@@ -191,7 +197,9 @@ class WindowLogger:
                 self._emit(ready)
         else:
             self._emit(_Pending(values, record, None, None))
-        self._t0 = time.perf_counter()
+        # The next window began when this close did: the close is its time, and the
+        # record call that made it counts in its overhead (see the module docstring).
+        self._t0 = now
 
     def _emit(self, p: _Pending) -> None:
         """Complete a window's record from its (now host-side) values and publish it."""
@@ -225,7 +233,7 @@ class WindowLogger:
     def finish(self) -> None:
         """Close the open window and publish any window still waiting for the device."""
         if self._n:
-            self._close_window(time.perf_counter())
+            self._close_window(self.clock())
         if self._pending is not None:
             self._emit(self._pending)
             self._pending = None

@@ -39,7 +39,7 @@ from redline.telemetry.jsonl import EventLog
 from redline.telemetry.metrics import Record, WindowContext, WindowLogger
 from redline.telemetry.process import ProcessMemory
 from redline.telemetry.sampler import torch_gpu_uuid
-from redline.telemetry.sinks import check_installed, resolved
+from redline.telemetry.sinks import check_installed
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -47,7 +47,9 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 class Telemetry:
     """The windows, trackers, hardware samples, MFU and progress display of one run.
 
-    `memory_total` is what `mem_pct` divides by (memory.budget, or the device's memory);
+    `run_id` names the tracker run (W&B's id) this run writes to: pass a resumed run's to
+    continue it; None lets the tracker choose. `memory_total` is what `mem_pct` divides by
+    (memory.budget, or the device's memory);
     `memory_tracker()`, when given, returns the CPU budget's MemoryTracker (or None), whose
     counts become the window's tensor-memory figures. `on_window(record)` sees each
     completed window record before it is published and may add keys to it.
@@ -59,7 +61,7 @@ class Telemetry:
                  memory_total: int | None = None,
                  memory_tracker: Callable[[], Any] | None = None,
                  events: EventLog | None = None, progress: bool | None = False,
-                 resume_id: str | None = None, run_name: str | None = None,
+                 run_id: str | None = None, run_name: str | None = None,
                  on_window: Callable[[Record], None] | None = None) -> None:
         cfg = config or TelemetryConfig()
         self.config, self.run_dir = cfg, Path(run_dir)
@@ -75,10 +77,11 @@ class Telemetry:
                    "pid": os.getpid(), "every_s": cfg.system_every_s,
                    "slow_every_s": 5 * cfg.system_every_s}
         # Every sink and the sampler live in the writer process (hub.py says why).
-        self.hub = Hub([resolved(t) for t in cfg.trackers], self.run_dir,
+        # the writer runs in this process's directory: a sink file's path means the same there
+        self.hub = Hub(list(cfg.trackers), self.run_dir,
                        on_failure=self._sink_failed, sampler=sampler,
                        on_note=lambda note: self.events.event("note", message=note),
-                       options=cfg.sink_options, resume_id=resume_id,
+                       options=cfg.sink_options, run_id=run_id,
                        run_name=run_name or self.run_dir.name)
         self.ctx = WindowContext(samples_per_step=samples_per_step,
                                  device=self.device.torch_device)

@@ -4,20 +4,22 @@ The hub (hub.py, which explains why this is a process) starts it as
 `python -m redline.telemetry.writer SPEC`, a fresh interpreter that imports neither torch
 nor the user's script (multiprocessing's spawn would re-import the parent's __main__: an
 unguarded training script would run twice). SPEC is JSON: {"trackers", "run_dir",
-"run_name", "resume_id", "options" (the SinkContext every sink is made from), "sampler"
+"run_name", "run_id", "options" (the SinkContext every sink is made from), "sampler"
 (null, or {"kind", "index", "uuid", "pid", "every_s", "slow_every_s"})}. A tracker named
 `package.module:Class` or `file.py:Class` is imported here (sinks/__init__.py).
 
 Protocol, one JSON value per line. In, on stdin: `["metrics" | "system", record]`, then
 `{"flush": n}` (answered once everything before it is written) and `null` (stop). Out, on
-stdout: {"ready": {sink: run_id}}, {"failed": [sink, why]}, {"note": text},
+stdout: {"ready": {sink: run_id}} (the sinks made at once), {"started": {sink: run_id}}
+(one made later), {"failed": [sink, why]}, {"note": text},
 {"flushed": n}, {"closed": true}. Stdout carries only the protocol: anything a library
 prints goes to stderr, where the console tracker writes too.
 
-Three threads: one reads stdin into a queue as fast as the parent writes (so the
-parent's non-blocking pipe never fills while a sink is slow, e.g. W&B online), the
-sampler adds its records to the same queue, and the main thread writes the queue to the
-sinks in batches: everything queued at once goes to each sink as one call per stream.
+Four threads: one reads stdin into a queue as fast as the parent writes (so the
+parent's non-blocking pipe never fills while a sink is slow, e.g. W&B online), one makes
+the slow sinks (TensorBoard, W&B, yours) while the JSONL and console sinks already write,
+the sampler adds its records to the same queue, and the main thread writes the queue to
+the sinks in batches: everything queued at once goes to each sink as one call per stream.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from redline.telemetry.sampler import Sampler
-from redline.telemetry.sinks import BUILTIN_SINKS, Sink, SinkContext, make_sink
+from redline.telemetry.sinks import BUILTIN_SINKS, LOCAL_SINKS, Sink, SinkContext, make_sink
 
 Say = Callable[[dict[str, Any]], None]
+LATE_SINK_WAIT_S = 60.0  # after training ends, how long a still-starting tracker may take
 
 
 @dataclass
@@ -63,16 +66,34 @@ def _sayer(outbox: IO[str]) -> Say:
     return say
 
 
-def _make(spec: dict[str, Any], say: Say) -> list[Sink]:
-    context = SinkContext(Path(spec["run_dir"]), spec.get("run_name"), spec.get("resume_id"),
-                          spec.get("options") or {})
+def _context(spec: dict[str, Any]) -> SinkContext:
+    return SinkContext(Path(spec["run_dir"]), spec.get("run_name"), spec.get("run_id"),
+                       spec.get("options") or {})
+
+
+def _make(names: list[str], context: SinkContext, say: Say) -> list[Sink]:
     sinks: list[Sink] = []
-    for name in spec["trackers"]:
+    for name in names:
         try:
             sinks.append(make_sink(name, context))
         except Exception as e:  # cannot start: reported once, the others go on
             _failed(name, e, say)
     return sinks
+
+
+@dataclass
+class _Late:
+    """A sink that started after the loop did (None: it could not start)."""
+
+    name: str
+    sink: Sink | None
+
+
+def _make_late(names: list[str], context: SinkContext, say: Say,
+               inbox: queue.SimpleQueue[Any]) -> None:
+    for name in names:
+        made = _make([name], context, say)
+        inbox.put(_Late(name, made[0] if made else None))
 
 
 def _write(sinks: list[Sink], stream: str, records: list[dict[str, Any]], say: Say) -> None:
@@ -101,11 +122,15 @@ def _sampler(spec: dict[str, Any] | None, inbox: queue.SimpleQueue[Any]) -> Samp
 
 
 def serve(spec: dict[str, Any], inbox: IO[str], outbox: IO[str],
-          make: Callable[[dict[str, Any], Say], list[Sink]] = _make) -> None:
-    """Run the writer until `null` or end of input; then close every sink."""
+          make: Callable[[dict[str, Any], Say], list[Sink]] | None = None) -> None:
+    """Run the writer until `null` or end of input; then close every sink.
+
+    The JSONL and console sinks are made before the loop starts; the others (TensorBoard,
+    W&B, your own) are made in a thread meanwhile, and each receives everything written so
+    far when it is ready: a tracker that takes a minute to connect delays nothing, and
+    one that cannot is reported once. `make` (tests) makes all sinks at once instead.
+    """
     say = _sayer(outbox)
-    sinks = make(spec, say)
-    say({"ready": {s.name: getattr(s, "run_id", None) for s in sinks}})
     items: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     def read() -> None:
@@ -116,26 +141,53 @@ def serve(spec: dict[str, Any], inbox: IO[str], outbox: IO[str],
                 return
         items.put(None)  # end of input: the parent is gone; write what came and stop
 
+    # reading first: the parent's pipe must never fill while sinks start
     threading.Thread(target=read, name="redline-writer-stdin", daemon=True).start()
+    if make is not None:
+        sinks, late = make(spec, say), []
+    else:
+        context = _context(spec)
+        sinks = _make([n for n in spec["trackers"] if n in LOCAL_SINKS], context, say)
+        late = [n for n in spec["trackers"] if n not in LOCAL_SINKS]
+        if late:
+            threading.Thread(target=_make_late, args=(late, context, say, items),
+                             name="redline-writer-sinks", daemon=True).start()
+    say({"ready": {s.name: getattr(s, "run_id", None) for s in sinks}})
     sampler = _sampler(spec.get("sampler"), items)
+    waiting = len(late)
+    history: list[list[Any]] | None = [] if waiting else None  # replayed to late sinks
     notes_sent = 0
     stopping = False
-    while not stopping:
-        batch = [items.get()]
+    while not stopping or waiting:
+        try:
+            batch = [items.get(timeout=LATE_SINK_WAIT_S if stopping else None)]
+        except queue.Empty:  # stopping, and a late sink never came: give up on it
+            say({"note": f"{waiting} tracker(s) did not start in {LATE_SINK_WAIT_S:g} s "
+                         "after training ended; their records are in metrics.jsonl"})
+            break
         while not items.empty():  # everything that is already here: one write per stream
             batch.append(items.get())
         pending: dict[str, list[dict[str, Any]]] = {}
         for item in batch:
             if isinstance(item, list):
                 pending.setdefault(item[0], []).append(item[1])
+                if history is not None:
+                    history.append(item)
                 continue
-            for stream, records in pending.items():  # in order, before a flush or stop
+            for stream, records in pending.items():  # in order, before anything else
                 _write(sinks, stream, records, say)
             pending = {}
-            if item is None:
+            if isinstance(item, _Late):
+                waiting -= 1
+                if item.sink is not None:
+                    _replay(item.sink, history or [], sinks, say)
+                    say({"started": {item.name: getattr(item.sink, "run_id", None)}})
+                if not waiting:
+                    history = None
+            elif item is None:
                 stopping = True
-                break
-            say({"flushed": item["flush"]})
+            else:
+                say({"flushed": item["flush"]})
         for stream, records in pending.items():
             _write(sinks, stream, records, say)
         if sampler is not None:
@@ -159,6 +211,16 @@ def serve(spec: dict[str, Any], inbox: IO[str], outbox: IO[str],
         except Exception as e:
             _failed(sink.name, e, say)
     say({"closed": True})
+
+
+def _replay(sink: Sink, history: list[list[Any]], sinks: list[Sink], say: Say) -> None:
+    """A late sink gets what came before it, stream by stream in order, then joins."""
+    joined = [sink]
+    for stream, record in history:
+        _write(joined, stream, [record], say)
+        if not joined:  # it failed on the way: reported, dropped
+            return
+    sinks.append(sink)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ A tracker name (`telemetry.trackers`, `--tracker`) is one of
   - a name an installed package registers in the entry-point group `redline.sinks`;
   - `package.module:Class` or `path/to/file.py:Class`: your own sink.
 
-Every name maps to a callable that takes one `SinkContext` and returns the sink (a class
+Every name maps to a callable that takes one `SinkContext` (run directory, run name, the
+tracker run id, options) and returns the sink (a class
 whose `__init__(self, context)` builds it qualifies). Sinks are made in the writer process
 (telemetry/hub.py says why), which imports the module named; this module, which the
 training process uses to validate names, imports nothing heavy. `tensorboard` and `wandb`
@@ -63,7 +64,7 @@ class SinkContext:
 
     run_dir: Path
     run_name: str | None = None
-    resume_id: str | None = None  # the tracker's run id that a resumed run continues
+    run_id: str | None = None  # the tracker run this run writes to (a resume: its first's)
     options: Mapping[str, Any] = field(default_factory=dict)  # e.g. wandb_mode, wandb_project
 
 
@@ -99,14 +100,6 @@ def _find_module(name: str) -> Any:
         return importlib.util.find_spec(name)
     except (ImportError, ValueError):  # a missing parent package
         return None
-
-
-def resolved(name: str) -> str:
-    """`name` as the writer process should see it: a sink file's path made absolute."""
-    module, sep, attr = name.rpartition(":")
-    if sep and module.endswith(".py") and name not in available_sinks():
-        return f"{Path(module).resolve()}:{attr}"
-    return name
 
 
 def check_installed(trackers: list[str] | tuple[str, ...]) -> None:

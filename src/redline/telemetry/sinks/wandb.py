@@ -10,11 +10,13 @@ samples is merged (newest value per name) and logged with `commit=False` and no 
 which attaches it to the open row, i.e. the latest metrics step (step 0 or the resumed
 step before any metrics). system.jsonl keeps every sample with its own time.
 
-Resume. `run_id` (saved in redline's checkpoints) is passed as `id=` with `resume="allow"`,
-which online continues that W&B run (W&B's documented behaviour; no server was reachable to
-check it here). Offline there is no server to resume from (`run.resumed` stays False): the
-new session writes a second `offline-run-*/run-<id>.wandb` under the same id, for `wandb
-sync` to upload to that run. Credentials come only from the environment or `wandb login`.
+Resume. `run_id` (chosen by the trainer at a run's first start and saved in its
+checkpoints, so known before W&B answers) is passed as `id=` with `resume="allow"`, which
+creates the run the first time and online continues it after a resume (W&B's documented
+behaviour; no server was reachable to check it here). Offline there is no server to
+resume from (`run.resumed` stays False): the new session writes a second
+`offline-run-*/run-<id>.wandb` under the same id, for `wandb sync` to upload to that run.
+Credentials come only from the environment or `wandb login`.
 """
 
 from __future__ import annotations
@@ -100,5 +102,5 @@ class WandbSink:
 
 def from_context(context: SinkContext) -> WandbSink:
     return WandbSink(context.run_dir, mode=context.options.get("wandb_mode"),
-                     project=context.options.get("wandb_project"), run_id=context.resume_id,
+                     project=context.options.get("wandb_project"), run_id=context.run_id,
                      name=context.run_name)
