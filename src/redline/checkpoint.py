@@ -53,9 +53,12 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.pt"
 
 
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Checkpoint files in `directory`, oldest step first."""
-    d = Path(directory)
+UNREADABLE = "unreadable"  # where checkpoints that do not read back are moved
+
+
+def list_checkpoints(directory: str | Path, unreadable: bool = False) -> list[Path]:
+    """Checkpoint files in `directory` (or those moved aside as unreadable), oldest first."""
+    d = Path(directory) / UNREADABLE if unreadable else Path(directory)
     if not d.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
@@ -102,19 +105,24 @@ def load_latest(directory: str | Path, map_location: str | torch.device = "cpu",
                 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest readable checkpoint in `directory`, or None if there is none at all.
 
-    Unreadable ones are passed to `on_skip(path, reason)` and skipped; if every file is
-    unreadable, CheckpointError says so.
+    An unreadable one is moved aside to `directory/unreadable/` (kept for inspection, no
+    longer counted toward `keep`), passed to `on_skip(moved_to, reason)`, and the previous
+    one tried; if none reads back, CheckpointError says so.
     """
     files = list_checkpoints(directory)
     for path in reversed(files):
         try:
             return path, load_checkpoint(path, map_location)
         except CheckpointError as e:
+            aside = Path(directory) / UNREADABLE / path.name
+            aside.parent.mkdir(exist_ok=True)
+            path.replace(aside)
             if on_skip:
-                on_skip(path, str(e))
+                on_skip(aside, str(e))
     if files:
         raise CheckpointError(f"none of the {len(files)} checkpoint(s) in {directory} is "
-                              "readable; start a new run or restore a backup")
+                              f"readable (moved to {Path(directory) / UNREADABLE}); start a new "
+                              "run or restore a backup")
     return None
 
 

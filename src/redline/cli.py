@@ -180,6 +180,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         result = autobatch(task, config, device, cache_dir=scratch if args.no_cache else None,
                            progress=say)
     config = result.apply(config)
+    module, sep, attr = (config.task or "").rpartition(":")
+    if sep and module.endswith(".py"):  # the tuned config works from any directory
+        config = config.updated({"task": f"{Path(module).resolve()}:{attr}"})
     out = Path(args.output or f"{task.name}-tuned.yaml")
     out.write_text(config.to_yaml())
     if args.json:
@@ -220,9 +223,11 @@ def _print_result(r: dict[str, Any]) -> None:
         print(f"speed: {r['samples_per_s']:.1f} samples/s{mfu}{cost}")
     if r["eval"]:
         print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in r["eval"].items()))
-    if r["interrupted"]:
+    if r["interrupted"] and r["checkpoint"]:
         print(f"stopped by {r['interrupted']}; checkpoint saved: {r['checkpoint']}; "
               "continue with --resume")
+    elif r["interrupted"]:
+        print(f"stopped by {r['interrupted']} before the first step: nothing to resume")
     print(f"run directory: {r['run_dir']}")
 
 

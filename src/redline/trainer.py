@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 import time
 import uuid
@@ -40,10 +41,10 @@ from redline.events import (
     callback_states,
     load_callback_states,
 )
-from redline.lifecycle import Signals, default_run_dir
+from redline.lifecycle import Interrupted, RunDirLock, Signals, new_run_dir
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
 from redline.task import Task, resolve_task
-from redline.telemetry.jsonl import EventLog
+from redline.telemetry.jsonl import EventLog, truncate_after
 from redline.telemetry.session import Telemetry
 from redline.tune import resolve_auto_batch
 
@@ -85,7 +86,9 @@ class Trainer:
         self.config = config
         self.task = task
         self.device = DeviceInfo.detect(config.device)
-        self.run_dir = Path(run_dir) if run_dir else default_run_dir(task.name)
+        # None: a new runs/TASK-TIME directory, made when the run starts
+        self.run_dir: Path | None = Path(run_dir) if run_dir else None
+        self._made_run_dir = False  # this run created its directory (so may remove it)
         self.resume = resume
         self.user_callbacks = list(callbacks)
         self.progress = progress
@@ -98,13 +101,31 @@ class Trainer:
     # ---- fit: set-up, loop, result ---------------------------------------------------------
 
     def fit(self) -> FitResult:
-        resumed = self._prepare()
+        with contextlib.ExitStack() as held:  # the run directory's lock, event log, writer
+            signals = held.enter_context(Signals(immediate=True))
+            try:
+                resumed = self._prepare(held)
+            except Interrupted as stop:
+                return self._stopped_in_set_up(stop)
+            signals.immediate = False  # in the loop: finish the step, save, then stop
+            return self._run(resumed, signals)
+
+    def _stopped_in_set_up(self, stop: Interrupted) -> FitResult:
+        """A signal during set-up (the batch search): nothing trained, nothing left behind
+        but a directory that already held something."""
+        print(f"redline: {stop}: nothing was trained", file=sys.stderr, flush=True)
+        if self.run_dir is not None and self._made_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return FitResult(run_dir=str(self.run_dir), steps=0, samples=0, final_loss=None,
+                         precision=self.config.precision.name, device=self.device.name,
+                         interrupted=stop.signal)
+
+    def _run(self, resumed: int | None, signals: Signals) -> FitResult:
         interrupted: str | None = None
         last_saved: Path | None = None
         metrics: dict[str, float] = {}
         try:
-            with self.job.precision.global_context(), Signals() as signals, \
-                    self._budget() as self.budget:
+            with self.job.precision.global_context(), self._budget() as self.budget:
                 self.telemetry.start(self.state.step)
                 self.dispatcher.fire(Event.FIT_START, self.state)
                 self._loop(signals)
@@ -122,7 +143,6 @@ class Trainer:
             raise
         finally:
             self.telemetry.close()  # flushes the sinks, stops the sampler and progress bar
-            self.events.close()
         last = self.telemetry.last
         return FitResult(
             run_dir=str(self.run_dir), steps=self.state.step, samples=self.state.samples_seen,
@@ -132,17 +152,17 @@ class Trainer:
             samples_per_s=last.get("samples_per_s"), mfu=last.get("mfu"),
             overhead_pct=last.get("redline/overhead_pct"))
 
-    def _prepare(self) -> int | None:
-        """Run directory, batch search, the job, resume and telemetry; the resumed step."""
-        if not self.resume and ckpt.list_checkpoints(self.run_dir / "checkpoints"):
-            raise ConfigError(f"run directory {str(self.run_dir)!r} already has checkpoints; "
-                              "pass --resume to continue it, or choose another --run-dir")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def _prepare(self, held: contextlib.ExitStack) -> int | None:
+        """Run directory, batch search, the job, resume and telemetry; the resumed step.
+
+        What it opens (the directory's lock, the event log, the telemetry writer) goes on
+        `held`, which closes it however the run ends."""
+        self._claim_run_dir(held)
         tuned = None
         if self.config.train.auto_batch:
             self.config, tuned = resolve_auto_batch(self.task, self.config, self.device,
                                                     self.run_dir, self.resume, self.progress)
-        self.events = EventLog(self.run_dir / "events.jsonl")
+        self.events = held.enter_context(EventLog(self.run_dir / "events.jsonl"))
         self.state = State(run_dir=str(self.run_dir))
         self.dispatcher = Dispatcher([_MemoryEvents(self.events), *self.user_callbacks])
         self.job: Job = build_job(self.config, self.task, self.device,
@@ -153,28 +173,48 @@ class Trainer:
         self._eval_batch = self.config.train.eval_batch_size or self.config.train.micro_batch
         skipped: list[str] = []
         found = self._load_checkpoint(skipped) if self.resume else None
+        start = int(found[1]["step"]) if found else 0
+        # Each step once in metrics.jsonl: rows past the step this run starts from belong to
+        # an attempt that died after its last checkpoint (a kill -9, a crash).
+        truncate_after(self.run_dir / "metrics.jsonl", start)
         # chosen here, so checkpoints hold it before a tracker has answered (a resumed run
         # continues its first start's)
         run_id = (found[1].get("tracker_run_id") if found else None) or uuid.uuid4().hex[:8]
-        self.telemetry = self._telemetry(run_id)
-        try:  # the writer process is running from here: a failure must stop it
-            for path in skipped:
-                self.dispatcher.fire(Event.ANOMALY, self.state,
-                                     {"kind": "corrupt_checkpoint", "path": path})
-            if tuned is not None:
-                self.events.event("autobatch", **tuned)
-            self._write_run_files()
-            resumed = self._apply_checkpoint(*found) if found else None
-            self.events.event("run_start", step=self.state.step, max_steps=self.job.max_steps,
-                              precision=self.job.precision.name, device=self.device.name)
-            self._say_memory_limit()
-            self._count_flops()
-        except BaseException:
-            self.telemetry.close()
-            raise
+        self.telemetry = self._telemetry(run_id, start)
+        held.callback(self.telemetry.close)  # closing twice is harmless
+        for path in skipped:
+            self.dispatcher.fire(Event.ANOMALY, self.state,
+                                 {"kind": "corrupt_checkpoint", "path": path})
+        if tuned is not None:
+            self.events.event("autobatch", **tuned)
+        self._write_run_files()
+        resumed = self._apply_checkpoint(*found) if found else None
+        self.events.event("run_start", step=self.state.step, max_steps=self.job.max_steps,
+                          precision=self.job.precision.name, device=self.device.name)
+        self._say_memory_limit()
+        self._count_flops()
         return resumed
 
-    def _telemetry(self, tracker_run_id: str | None) -> Telemetry:
+    def _claim_run_dir(self, held: contextlib.ExitStack) -> None:
+        """Make or check the run directory, then hold its lock for the whole run."""
+        self._made_run_dir = self.run_dir is None or not self.run_dir.exists()
+        if self.run_dir is None:
+            self.run_dir = new_run_dir(self.task.name)
+        elif self.resume and not self.run_dir.is_dir():
+            raise ConfigError(f"--resume: run directory {str(self.run_dir)!r} does not exist; "
+                              "drop --resume to start a new run there")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(RunDirLock(self.run_dir))
+        checkpoints = (ckpt.list_checkpoints(self.run_dir / "checkpoints")
+                       + ckpt.list_checkpoints(self.run_dir / "checkpoints", unreadable=True))
+        if self.resume and not checkpoints:
+            raise ConfigError(f"--resume: run directory {str(self.run_dir)!r} holds no "
+                              "checkpoint to continue from; drop --resume to start afresh")
+        if not self.resume and ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+            raise ConfigError(f"run directory {str(self.run_dir)!r} already has checkpoints; "
+                              "pass --resume to continue it, or choose another --run-dir")
+
+    def _telemetry(self, tracker_run_id: str | None, start_step: int) -> Telemetry:
         t = self.config.train
         return Telemetry(
             self.run_dir, self.config.telemetry, device=self.device,
@@ -183,6 +223,7 @@ class Trainer:
             memory_total=self.config.memory.budget_bytes or self.device.memory_total,
             memory_tracker=lambda: getattr(self.budget, "tracker", None), events=self.events,
             progress=self.progress, run_id=tracker_run_id, run_name=self.run_dir.name,
+            start_step=start_step,
             on_window=lambda record: self.dispatcher.fire(Event.WINDOW, self.state, record))
 
     def _count_flops(self) -> None:
@@ -316,19 +357,17 @@ class Trainer:
             "tracker_run_id": self.telemetry.tracker_run_id,
         }
 
-    def _load_checkpoint(self, skipped: list[str]) -> tuple[Path, dict[str, Any]] | None:
-        """The newest readable checkpoint; unreadable ones are reported and skipped."""
-        def skip(path: Path, reason: str) -> None:
-            print(f"warning: {reason}; trying the previous checkpoint", flush=True,
-                  file=sys.stderr)
-            self.events.event("checkpoint_skipped", path=str(path), reason=reason)
-            skipped.append(str(path))
+    def _load_checkpoint(self, skipped: list[str]) -> tuple[Path, dict[str, Any]]:
+        """The newest readable checkpoint; unreadable ones are moved aside and reported."""
+        def skip(moved_to: Path, reason: str) -> None:
+            print(f"warning: {reason}; moved it to {moved_to} and trying the previous "
+                  "checkpoint", flush=True, file=sys.stderr)
+            self.events.event("checkpoint_skipped", path=str(moved_to), reason=reason)
+            skipped.append(str(moved_to))
 
         found = ckpt.load_latest(self.run_dir / "checkpoints", self.device.torch_device,
                                  on_skip=skip)
-        if found is None:
-            self.events.event("resume_fresh", reason="no checkpoint in run directory")
-            return None
+        assert found is not None, "_claim_run_dir checked that a checkpoint exists"
         ckpt.check_resumable(found[1].get("config", {}), self.config.to_dict(), found[0])
         return found
 

@@ -96,13 +96,21 @@ def test_cli_micro_batch_of_one_failing_exits_cleanly_with_a_checkpoint(tmp_path
 
 def test_cli_batch_size_auto_and_tune(tmp_path: Path) -> None:
     env = {"REDLINE_CACHE_DIR": str(tmp_path / "cache")}
-    tune = run_cli(["tune", TOY, "--memory-budget", "2MiB", "--set", "task_args.hidden=512",
+    (tmp_path / "tasks").mkdir()  # a task file given relative to where tune runs
+    (tmp_path / "tasks" / "toy.py").write_text(Path(TOY.split(":")[0]).read_text())
+    relative = "tasks/toy.py:ToyRegression"
+    tune = run_cli(["tune", relative, "--memory-budget", "2MiB", "--set", "task_args.hidden=512",
                     "--set", "task_args.n=2048", "--output", "tuned.yaml"], tmp_path, env=env)
     assert tune.returncode == 0, tune.stderr
     assert "largest fitting micro-batch" in tune.stdout and "<-" in tune.stdout
     train = run_cli(["train", "--config", "tuned.yaml", "--steps", "3", "--json"], tmp_path,
                     env=env)
     assert train.returncode == 0, train.stderr
+    elsewhere = tmp_path / "elsewhere"  # the tuned config names its task file absolutely
+    elsewhere.mkdir()
+    again = run_cli(["train", "--config", str(tmp_path / "tuned.yaml"), "--steps", "2"],
+                    elsewhere, env=env)
+    assert again.returncode == 0, again.stderr
     auto = run_cli(["train", TOY, "--batch-size", "auto", "--memory-budget", "2MiB",
                     "--set", "task_args.hidden=512", "--set", "task_args.n=2048",
                     "--steps", "3", "--run-dir", "auto"], tmp_path, env=env)
@@ -110,3 +118,26 @@ def test_cli_batch_size_auto_and_tune(tmp_path: Path) -> None:
     events = read_jsonl(tmp_path / "auto" / "events.jsonl")
     tuned = [e for e in events if e["event"] == "autobatch"]
     assert tuned and tuned[0]["cache_hit"] is True  # tune's result, verified in one step
+
+
+def test_sigterm_during_the_batch_search_stops_at_once_and_says_so(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "REDLINE_CACHE_DIR": str(tmp_path / "c")}
+    proc = subprocess.Popen([sys.executable, "-m", "redline", "train", TOY, "--batch-size",
+                             "auto", "--memory-budget", "2MiB", "--set", "task_args.sleep_s=0.3",
+                             "--steps", "3", "--run-dir", "r", "--no-progress"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the search has begun
+        if "autobatch: probing" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM before the first step: nothing was trained" in stderr
+    assert "nothing to resume" in stdout and "Traceback" not in stderr
+    assert not (tmp_path / "r").exists()  # made by this run, holding nothing: removed

@@ -67,9 +67,21 @@ def _wait_for_checkpoint(proc: subprocess.Popen[str], ckpt_dir: Path, step: int)
         time.sleep(0.01)
 
 
+def _logged_past_the_newest_checkpoint(run: Path) -> bool:
+    saved = list_checkpoints(run / "checkpoints")
+    if not saved or not (run / "metrics.jsonl").is_file():
+        return False
+    newest = int(saved[-1].stem.split("-")[1])
+    return any(r.get("step", 0) > newest for r in read_jsonl(run / "metrics.jsonl"))
+
+
 def test_kill_9_then_resume_is_bit_identical(tmp_path: Path, reference: dict) -> None:
     proc = _start(tmp_path)
     _wait_for_checkpoint(proc, tmp_path / "run" / "checkpoints", 40)
+    deadline = time.monotonic() + 60  # killed with windows logged past its last checkpoint
+    while not _logged_past_the_newest_checkpoint(tmp_path / "run"):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     killed_at = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
@@ -78,6 +90,10 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path: Path, reference: dict) ->
     out = run_cli([*ARGS, "--run-dir", "run", "--resume"], tmp_path)
     assert out.returncode == 0, out.stderr
     _assert_identical(reference, _final_state(tmp_path / "run"))
+    # each step once in metrics.jsonl: the rows the killed attempt logged past its
+    # checkpoint were dropped, and the resumed run logged those steps again
+    windows = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert windows == sorted(set(windows)) and windows[-1] == STEPS
 
 
 def test_sigterm_saves_a_checkpoint_then_resume_is_bit_identical(tmp_path: Path,
@@ -112,5 +128,8 @@ def test_corrupt_newest_checkpoint_warns_and_resumes_from_the_previous(
     out = run_cli([*ARGS, "--run-dir", "run", "--resume"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert f"{newest.name} is unreadable" in out.stderr
-    assert "truncated or corrupt; trying the previous checkpoint" in out.stderr
+    assert "truncated or corrupt; moved it to" in out.stderr
+    assert "trying the previous checkpoint" in out.stderr and "failed" not in out.stderr
+    # moved aside, not counted toward checkpoint.keep
+    assert (tmp_path / "run" / "checkpoints" / "unreadable" / newest.name).is_file()
     _assert_identical(reference, _final_state(tmp_path / "run"))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +177,47 @@ def test_a_missing_extra_is_one_sentence_naming_it(tmp_path: Path) -> None:
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'redline[tensorboard]'" in lines[0]
+
+
+def test_two_runs_cannot_write_one_run_directory(tmp_path: Path) -> None:
+    """The second run is refused with the holder's pid; the first is untouched."""
+    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "redline", "train", TOY, "--steps", "60",
+                              "--set", "task_args.sleep_s=0.03", "--run-dir", "shared",
+                              "--set", "train.seed=7", "--no-progress"], cwd=tmp_path,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    lock = tmp_path / "shared" / ".lock"
+    deadline = time.monotonic() + 60
+    while not (lock.is_file() and lock.read_text().strip()):
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.02)
+    second = run_cli(["train", TOY, "--steps", "60", "--run-dir", "shared",
+                      "--set", "train.seed=8"], tmp_path)
+    assert second.returncode == 2, second.stderr
+    assert "in use by another redline run" in second.stderr
+    assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert first.wait(timeout=120) == 0, first.communicate()[1]
+    steps = [r["step"] for r in read_jsonl(tmp_path / "shared" / "metrics.jsonl") if "loss" in r]
+    assert steps == [50, 60]  # each once: only the first run wrote
+    config = yaml.safe_load((tmp_path / "shared" / "config.yaml").read_text())
+    assert config["train"]["seed"] == 7
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path) -> None:
+    from redline.lifecycle import latest_run_dir, new_run_dir
+
+    made = [new_run_dir("toy", tmp_path / "runs") for _ in range(3)]
+    assert len({p.name for p in made}) == 3 and all(p.is_dir() for p in made)
+    assert latest_run_dir("toy", tmp_path / "runs") == made[-1]
+
+
+@pytest.mark.parametrize("prepare", ["nothing", "an empty directory"])
+def test_resume_of_something_that_is_not_a_run_is_bad_input(tmp_path: Path,
+                                                            prepare: str) -> None:
+    if prepare != "nothing":
+        (tmp_path / "r").mkdir()
+    out = run_cli(["train", TOY, "--steps", "2", "--run-dir", "r", "--resume"], tmp_path)
+    assert out.returncode == 2, out.stderr
+    words = "does not exist" if prepare == "nothing" else "holds no checkpoint"
+    assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -66,13 +66,15 @@ class Hub:
 
     def __init__(self, trackers: Sequence[str], run_dir: str | Path, *,
                  options: Mapping[str, Any] | None = None, run_id: str | None = None,
-                 run_name: str | None = None, sampler: dict[str, Any] | None = None,
+                 run_name: str | None = None, start_step: int = 0,
+                 sampler: dict[str, Any] | None = None,
                  on_failure: Callable[[str, str], None] | None = None,
                  on_note: Callable[[str], None] | None = None,
                  send_every_s: float = 0.5) -> None:
         self.trackers = list(dict.fromkeys(trackers))
         self.run_dir = Path(run_dir)
-        self.context = SinkContext(self.run_dir, run_name, run_id, dict(options or {}))
+        self.context = SinkContext(self.run_dir, run_name, run_id, start_step,
+                                   dict(options or {}))
         self.failed: dict[str, str] = {}
         self.run_ids: dict[str, str | None] = {}
         self._on_failure = on_failure or report_sink_failure
@@ -86,7 +88,8 @@ class Hub:
         self._ready, self._closed = threading.Event(), threading.Event()
         self._exited = self._closing = False
         spec = {"trackers": self.trackers, "run_dir": str(self.run_dir), "run_name": run_name,
-                "run_id": run_id, "options": dict(options or {}), "sampler": sampler}
+                "run_id": run_id, "start_step": start_step, "options": dict(options or {}),
+                "sampler": sampler}
         package_root = str(Path(__file__).resolve().parents[2])  # importable in the child
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -147,9 +150,12 @@ class Hub:
                                        timeout=max(0.0, deadline - time.monotonic()))
 
     def close(self, timeout: float = 120.0) -> None:
-        """Write everything, stop the writer (it closes its sinks) and wait for it."""
+        """Write everything, stop the writer (it closes its sinks) and wait for it. Once:
+        a second call does nothing."""
+        if self._closing:
+            return
+        self._closing = True
         if self._local is None and self._proc is not None:
-            self._closing = True
             deadline = time.monotonic() + timeout
             self._send(b"null\n")
             self._drain(deadline)

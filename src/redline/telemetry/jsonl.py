@@ -36,9 +36,18 @@ class JsonlWriter:
             self._file.close()
             self._file = None
 
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class EventLog(JsonlWriter):
     """events.jsonl: decisions and incidents (resume, checkpoint, anomaly, interrupt)."""
+
+    def __enter__(self) -> EventLog:
+        return self
 
     def event(self, kind: str, **fields: Any) -> None:
         self.write({"time": round(time.time(), 3), "event": kind, **fields})
@@ -54,3 +63,33 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+def truncate_after(path: str | Path, step: int) -> int:
+    """Drop the records of `path` whose "step" is past `step` (a torn line too), atomically.
+
+    A run resumed from its checkpoint at `step` writes the steps after it again; without
+    this, those of the attempt that died after the checkpoint would appear twice. Returns
+    how many records were dropped; a file that does not exist is left alone.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                    and record["step"] > step:
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+    return dropped

@@ -61,7 +61,7 @@ class Telemetry:
                  memory_total: int | None = None,
                  memory_tracker: Callable[[], Any] | None = None,
                  events: EventLog | None = None, progress: bool | None = False,
-                 run_id: str | None = None, run_name: str | None = None,
+                 run_id: str | None = None, run_name: str | None = None, start_step: int = 0,
                  on_window: Callable[[Record], None] | None = None) -> None:
         cfg = config or TelemetryConfig()
         self.config, self.run_dir = cfg, Path(run_dir)
@@ -81,7 +81,7 @@ class Telemetry:
         self.hub = Hub(list(cfg.trackers), self.run_dir,
                        on_failure=self._sink_failed, sampler=sampler,
                        on_note=lambda note: self.events.event("note", message=note),
-                       options=cfg.sink_options, run_id=run_id,
+                       options=cfg.sink_options, run_id=run_id, start_step=start_step,
                        run_name=run_name or self.run_dir.name)
         self.ctx = WindowContext(samples_per_step=samples_per_step,
                                  device=self.device.torch_device)

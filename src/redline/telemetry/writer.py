@@ -4,7 +4,8 @@ The hub (hub.py, which explains why this is a process) starts it as
 `python -m redline.telemetry.writer SPEC`, a fresh interpreter that imports neither torch
 nor the user's script (multiprocessing's spawn would re-import the parent's __main__: an
 unguarded training script would run twice). SPEC is JSON: {"trackers", "run_dir",
-"run_name", "run_id", "options" (the SinkContext every sink is made from), "sampler"
+"run_name", "run_id", "start_step", "options" (the SinkContext every sink is made from),
+"sampler"
 (null, or {"kind", "index", "uuid", "pid", "every_s", "slow_every_s"})}. A tracker named
 `package.module:Class` or `file.py:Class` is imported here (sinks/__init__.py).
 
@@ -68,7 +69,7 @@ def _sayer(outbox: IO[str]) -> Say:
 
 def _context(spec: dict[str, Any]) -> SinkContext:
     return SinkContext(Path(spec["run_dir"]), spec.get("run_name"), spec.get("run_id"),
-                       spec.get("options") or {})
+                       spec.get("start_step", 0), spec.get("options") or {})
 
 
 def _make(names: list[str], context: SinkContext, say: Say) -> list[Sink]:

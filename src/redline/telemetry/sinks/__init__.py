@@ -65,6 +65,7 @@ class SinkContext:
     run_dir: Path
     run_name: str | None = None
     run_id: str | None = None  # the tracker run this run writes to (a resume: its first's)
+    start_step: int = 0  # the step the run starts from: a resumed run's checkpoint step
     options: Mapping[str, Any] = field(default_factory=dict)  # e.g. wandb_mode, wandb_project
 
 

@@ -32,7 +32,7 @@ class TensorBoardSink:
 
     name = "tensorboard"
 
-    def __init__(self, log_dir: str | Path) -> None:
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
         try:
             # tensorboard first: torch.utils.tensorboard may already be imported and would
             # then not notice that tensorboard itself is missing
@@ -43,7 +43,10 @@ class TensorBoardSink:
         self.log_dir = Path(log_dir)
         # a queue large enough that add_scalar never blocks, and a flush period long enough
         # that only our explicit flush per batch writes
-        self._writer = SummaryWriter(str(self.log_dir), max_queue=100_000, flush_secs=86_400)
+        # purge_step: a resumed run hides what the attempt it replaces wrote past its
+        # checkpoint, so each step shows once (TensorBoard's own mechanism)
+        self._writer = SummaryWriter(str(self.log_dir), max_queue=100_000, flush_secs=86_400,
+                                     purge_step=purge_step)
         self._unstepped = 0  # running count for system samples that carry no step
 
     def write(self, stream: str, records: list[dict[str, Any]]) -> None:
@@ -61,4 +64,5 @@ class TensorBoardSink:
 
 
 def from_context(context: SinkContext) -> TensorBoardSink:
-    return TensorBoardSink(context.run_dir / "tensorboard")
+    return TensorBoardSink(context.run_dir / "tensorboard",
+                           purge_step=context.start_step + 1 if context.start_step else None)
