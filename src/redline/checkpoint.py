@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from redline.errors import UserError, require
+from redline.errors import UserError, require, writing
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -67,20 +67,31 @@ def list_checkpoints(directory: str | Path, unreadable: bool = False) -> list[Pa
 
 def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any],
                     keep: int) -> Path:
-    """Write `payload` atomically as step-<step>.pt and delete all but the newest `keep`."""
+    """Write `payload` atomically as step-<step>.pt and delete all but the newest `keep`.
+
+    A file-system fault (read-only, disk full) is a StorageError naming the file; the
+    checkpoints written before are untouched (the new one is written aside, then renamed).
+    """
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     final = d / checkpoint_name(step)
     tmp = d / f".{final.name}.tmp-{os.getpid()}"
     payload = {"format": FORMAT_VERSION, "step": step, **payload}
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        with writing("checkpoint", final):
+            d.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(payload, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except RuntimeError as e:  # torch's zip writer hides the disk's OSError
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
+            os.replace(tmp, final)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     _fsync_dir(d)
     for old in list_checkpoints(d)[:-keep]:
         old.unlink(missing_ok=True)

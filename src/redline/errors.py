@@ -8,6 +8,9 @@ callback, a sink), is not bad input: it keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class UserError(ValueError):
     """Bad input: the message is one sentence naming what is wrong and how to fix it."""
@@ -32,3 +35,21 @@ def require(ok: bool, key: str, value: object, allowed: str) -> None:
     """Raise ConfigError("{key} must be {allowed}, got {value!r}") unless `ok`."""
     if not ok:
         raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+
+class StorageError(Exception):
+    """A file redline writes could not be written (read-only, disk full, permissions).
+
+    Not bad input: the CLI prints the one sentence and exits 1. The message names the
+    path and the fault; what was saved before is intact.
+    """
+
+
+@contextlib.contextmanager
+def writing(what: str, path: object) -> Iterator[None]:
+    """Turn an OSError inside into StorageError("cannot write {what} {path}: {fault}")."""
+    try:
+        yield
+    except OSError as e:
+        fault = e.strerror or type(e).__name__
+        raise StorageError(f"cannot write {what} {str(path)!r}: {fault}") from e

@@ -70,15 +70,20 @@ class Interrupted(Exception):
 class Signals:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and stops at the next step.
 
-    While `immediate` is set (set-up: the batch search can take minutes, and a scheduler
-    that sends SIGTERM kills what has not stopped soon after), a signal raises
-    `Interrupted` at once instead.
+    Before the loop, set-up calls `check()` at safe points (the batch search between its
+    trials: it can take minutes, and a scheduler that sends SIGTERM kills what has not
+    stopped soon after), which raises `Interrupted`. The handler itself never raises: it
+    may run inside a finalizer or a torch dispatch hook, where an exception is lost.
     """
 
-    def __init__(self, immediate: bool = False) -> None:
+    def __init__(self) -> None:
         self.received: str | None = None
-        self.immediate = immediate
         self._old: dict[int, Any] = {}
+
+    def check(self) -> None:
+        """Raise Interrupted if a signal has arrived."""
+        if self.received:
+            raise Interrupted(self.received)
 
     def __enter__(self) -> Signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -91,8 +96,6 @@ class Signals:
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.received = signal.Signals(signum).name
-        if self.immediate:
-            raise Interrupted(self.received)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():

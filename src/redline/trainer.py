@@ -13,25 +13,23 @@ evaluations. Callbacks' `state_dict()`s are kept in every checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from redline import batch as batch_tree
 from redline import checkpoint as ckpt
+from redline import rundir
 from redline.build import Job, build_job
 from redline.config import ConfigError, RunConfig
 from redline.data import LimitedLoader, eval_loader, iterate_from
 from redline.device import DeviceInfo
-from redline.environment import environment_check
+from redline.errors import StorageError
 from redline.evaluation import evaluate, evaluate_shrinking
 from redline.events import (
     Callback,
@@ -41,7 +39,7 @@ from redline.events import (
     callback_states,
     load_callback_states,
 )
-from redline.lifecycle import Interrupted, RunDirLock, Signals, new_run_dir
+from redline.lifecycle import Interrupted, Signals
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
 from redline.task import Task, resolve_task
 from redline.telemetry.jsonl import EventLog, truncate_after
@@ -102,13 +100,13 @@ class Trainer:
 
     def fit(self) -> FitResult:
         with contextlib.ExitStack() as held:  # the run directory's lock, event log, writer
-            signals = held.enter_context(Signals(immediate=True))
+            signals = held.enter_context(Signals())
             try:
-                resumed = self._prepare(held)
+                resumed = self._prepare(held, signals.check)
+                signals.check()
             except Interrupted as stop:
                 return self._stopped_in_set_up(stop)
-            signals.immediate = False  # in the loop: finish the step, save, then stop
-            return self._run(resumed, signals)
+            return self._run(resumed, signals)  # the loop: finish the step, save, stop
 
     def _stopped_in_set_up(self, stop: Interrupted) -> FitResult:
         """A signal during set-up (the batch search): nothing trained, nothing left behind
@@ -152,16 +150,19 @@ class Trainer:
             samples_per_s=last.get("samples_per_s"), mfu=last.get("mfu"),
             overhead_pct=last.get("redline/overhead_pct"))
 
-    def _prepare(self, held: contextlib.ExitStack) -> int | None:
+    def _prepare(self, held: contextlib.ExitStack, check: Callable[[], None]) -> int | None:
         """Run directory, batch search, the job, resume and telemetry; the resumed step.
 
         What it opens (the directory's lock, the event log, the telemetry writer) goes on
-        `held`, which closes it however the run ends."""
-        self._claim_run_dir(held)
+        `held`, which closes it however the run ends; `check()` raises Interrupted if a
+        signal came (called between the batch search's trials)."""
+        self.run_dir, self._made_run_dir = rundir.claim(self.run_dir, self.task.name,
+                                                       self.resume, held)
         tuned = None
         if self.config.train.auto_batch:
             self.config, tuned = resolve_auto_batch(self.task, self.config, self.device,
-                                                    self.run_dir, self.resume, self.progress)
+                                                    self.run_dir, self.resume, self.progress,
+                                                    check)
         self.events = held.enter_context(EventLog(self.run_dir / "events.jsonl"))
         self.state = State(run_dir=str(self.run_dir))
         self.dispatcher = Dispatcher([_MemoryEvents(self.events), *self.user_callbacks])
@@ -187,32 +188,15 @@ class Trainer:
                                  {"kind": "corrupt_checkpoint", "path": path})
         if tuned is not None:
             self.events.event("autobatch", **tuned)
-        self._write_run_files()
+        rundir.write_start_files(self.run_dir, self.config, self.task.name, {
+            "precision": self.job.precision.describe(), "device": self.device.to_dict(),
+            "max_steps": self.job.max_steps, "steps_per_epoch": self.job.steps_per_epoch})
         resumed = self._apply_checkpoint(*found) if found else None
         self.events.event("run_start", step=self.state.step, max_steps=self.job.max_steps,
                           precision=self.job.precision.name, device=self.device.name)
         self._say_memory_limit()
         self._count_flops()
         return resumed
-
-    def _claim_run_dir(self, held: contextlib.ExitStack) -> None:
-        """Make or check the run directory, then hold its lock for the whole run."""
-        self._made_run_dir = self.run_dir is None or not self.run_dir.exists()
-        if self.run_dir is None:
-            self.run_dir = new_run_dir(self.task.name)
-        elif self.resume and not self.run_dir.is_dir():
-            raise ConfigError(f"--resume: run directory {str(self.run_dir)!r} does not exist; "
-                              "drop --resume to start a new run there")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        held.enter_context(RunDirLock(self.run_dir))
-        checkpoints = (ckpt.list_checkpoints(self.run_dir / "checkpoints")
-                       + ckpt.list_checkpoints(self.run_dir / "checkpoints", unreadable=True))
-        if self.resume and not checkpoints:
-            raise ConfigError(f"--resume: run directory {str(self.run_dir)!r} holds no "
-                              "checkpoint to continue from; drop --resume to start afresh")
-        if not self.resume and ckpt.list_checkpoints(self.run_dir / "checkpoints"):
-            raise ConfigError(f"run directory {str(self.run_dir)!r} already has checkpoints; "
-                              "pass --resume to continue it, or choose another --run-dir")
 
     def _telemetry(self, tracker_run_id: str | None, start_step: int) -> Telemetry:
         t = self.config.train
@@ -395,8 +379,8 @@ class Trainer:
         """
         step = self.state.step
         saved = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-        if step == 0 or self.job.engine.updating or (saved and saved[-1].name ==
-                                                     ckpt.checkpoint_name(step)):
+        if step == 0 or self.job.engine.updating or isinstance(exc, StorageError) or (
+                saved and saved[-1].name == ckpt.checkpoint_name(step)):
             self.events.event("failed", step=step, error=type(exc).__name__)
             return
         try:
@@ -409,17 +393,6 @@ class Trainer:
                           checkpoint=str(path), exact_resume=False)
         print(f"redline: {type(exc).__name__} after step {step}; saved {path}; continue with "
               "--resume once fixed", file=sys.stderr)
-
-    def _write_run_files(self) -> None:
-        resolved = self.config.to_dict()
-        resolved["task"] = self.config.task or self.task.name
-        (self.run_dir / "config.yaml").write_text(
-            yaml.safe_dump(resolved, sort_keys=False))
-        env = environment_check(self.config.device).to_dict()
-        env["run"] = {"precision": self.job.precision.describe(),
-                      "device": self.device.to_dict(), "max_steps": self.job.max_steps,
-                      "steps_per_epoch": self.job.steps_per_epoch}
-        (self.run_dir / "environment.json").write_text(json.dumps(env, indent=2))
 
 
 class _MemoryEvents(Callback):

@@ -183,10 +183,12 @@ def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
 
 
 def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_dir: Path,
-                       resume: bool, interactive: bool | None
+                       resume: bool, interactive: bool | None,
+                       check: Callable[[], None] = lambda: None
                        ) -> tuple[RunConfig, dict[str, Any]]:
     """batch_size: auto -> the config with the tuned micro-batch, effective batch, lr and
-    eval batch, and what to record of the decision.
+    eval batch, and what to record of the decision. `check()` runs before each trial (it
+    may raise, e.g. lifecycle.Interrupted on SIGTERM).
 
     A resumed run reuses the values its first start chose (they are in its config.yaml),
     so the math of the steps already taken does not change.
@@ -198,7 +200,7 @@ def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_di
         config = config.updated({f"train.{k}": old[k] for k in keys})
         return config, {"source": str(saved), "micro_batch": config.train.batch_size}
     with status("autobatch", interactive=interactive) as say:
-        r = autobatch(task, config, device, progress=say)
+        r = autobatch(task, config, device, progress=lambda msg: (check(), say(msg)))
     return r.apply(config), {
         "micro_batch": r.chosen, "max_fit": r.max_fit,
         "accumulation_steps": r.accumulation_steps,

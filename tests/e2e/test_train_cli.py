@@ -221,3 +221,51 @@ def test_resume_of_something_that_is_not_a_run_is_bad_input(tmp_path: Path,
     assert out.returncode == 2, out.stderr
     words = "does not exist" if prepare == "nothing" else "holds no checkpoint"
     assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 1 MiB tmpfs mounted in tmp_path (root only: skipped elsewhere); unmounted after."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_read_only_run_directory_is_one_sentence_and_keeps_what_it_holds(
+        tmp_path: Path, small_disk: Path) -> None:
+    first = run_cli(["train", TOY, "--steps", "4", "--run-dir", str(small_disk / "r")],
+                    tmp_path)
+    assert first.returncode == 0, first.stderr
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    out = run_cli(["train", TOY, "--steps", "8", "--run-dir", str(small_disk / "r"),
+                   "--resume"], tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("redline: error: cannot write") and "Read-only file system" in line
+    assert str(small_disk / "r") in line
+    torch.load(small_disk / "r" / "checkpoints" / "step-00000004.pt", weights_only=True)
+
+
+def test_a_disk_that_fills_mid_run_is_one_sentence_and_the_checkpoints_stay(
+        tmp_path: Path, small_disk: Path) -> None:
+    run = small_disk / "r"
+    # about 600 KiB left: a few of these ~130 KiB checkpoints fit, then the disk is full
+    (small_disk / "filler").write_bytes(b"\0" * (420 * 1024))
+    out = run_cli(["train", TOY, "--steps", "60", "--run-dir", str(run), "--set",
+                   "task_args.hidden=512", "--set", "checkpoint.every=5", "--set",
+                   "checkpoint.keep=100", "--set", "train.eval_every=0"], tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("redline: error: cannot write checkpoint") and \
+        "No space left on device" in last and "intact" in last
+    saved = sorted((run / "checkpoints").glob("step-*.pt"))
+    assert saved, "some checkpoints fit before the disk filled"
+    for path in saved:
+        torch.load(path, weights_only=True)  # each one complete

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import IO, Any
+
+from redline.errors import writing
 
 
 def _clean(value: Any) -> Any:
@@ -21,8 +25,9 @@ class JsonlWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        with writing("log", self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is None:
@@ -50,7 +55,16 @@ class EventLog(JsonlWriter):
         return self
 
     def event(self, kind: str, **fields: Any) -> None:
-        self.write({"time": round(time.time(), 3), "event": kind, **fields})
+        """Record one event; a log that cannot be written (a full disk) says so once and
+        stops, since it must never be why a run, or its failure handling, dies."""
+        try:
+            self.write({"time": round(time.time(), 3), "event": kind, **fields})
+        except OSError as e:
+            print(f"redline: cannot write {self.path}: {e.strerror or e}; events are no "
+                  "longer recorded", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                self.close()
+            self._file = None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -90,6 +104,7 @@ def truncate_after(path: str | Path, step: int) -> int:
             kept.append(line if line.endswith("\n") else line + "\n")
     if dropped:
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(path)
+        with writing("metrics", path):
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(path)
     return dropped

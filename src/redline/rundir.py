@@ -1,0 +1,62 @@
+"""The run directory: claimed by one run at a time, and the files a run writes as it starts.
+
+`claim` makes (or checks) the directory and holds its lock for the run (lifecycle.py);
+`write_start_files` writes config.yaml and environment.json. A file-system fault (a
+read-only directory, a full disk, no permission) is a `StorageError`: one sentence naming
+the path and the fault, exit 1, nothing already saved touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from redline import checkpoint as ckpt
+from redline.config import ConfigError, RunConfig
+from redline.environment import environment_check
+from redline.errors import writing
+from redline.lifecycle import RunDirLock, new_run_dir
+
+
+def claim(run_dir: Path | None, task_name: str, resume: bool,
+          held: contextlib.ExitStack) -> tuple[Path, bool]:
+    """(the run directory, whether this run made it), locked until `held` closes.
+
+    None makes a new runs/TASK-TIME directory. --resume needs a directory with a
+    checkpoint (readable or moved aside); a fresh run refuses one that has checkpoints.
+    """
+    made = run_dir is None or not run_dir.exists()
+    if run_dir is not None and resume and not run_dir.is_dir():
+        raise ConfigError(f"--resume: run directory {str(run_dir)!r} does not exist; drop "
+                          "--resume to start a new run there")
+    with writing("run directory", run_dir or Path("runs")):
+        run_dir = new_run_dir(task_name) if run_dir is None else run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(RunDirLock(run_dir))
+    readable = ckpt.list_checkpoints(run_dir / "checkpoints")
+    if resume and not (readable or ckpt.list_checkpoints(run_dir / "checkpoints",
+                                                         unreadable=True)):
+        raise ConfigError(f"--resume: run directory {str(run_dir)!r} holds no checkpoint to "
+                          "continue from; drop --resume to start afresh")
+    if not resume and readable:
+        raise ConfigError(f"run directory {str(run_dir)!r} already has checkpoints; pass "
+                          "--resume to continue it, or choose another --run-dir")
+    return run_dir, made
+
+
+def write_start_files(run_dir: Path, config: RunConfig, task_name: str,
+                      run: dict[str, Any]) -> None:
+    """config.yaml (the resolved config: train again with --config) and environment.json
+    (doctor's snapshot, with what this run resolved in `run`)."""
+    resolved = config.to_dict()
+    resolved["task"] = config.task or task_name
+    with writing("config", run_dir / "config.yaml"):
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    env = environment_check(config.device).to_dict()
+    env["run"] = run
+    with writing("environment snapshot", run_dir / "environment.json"):
+        (run_dir / "environment.json").write_text(json.dumps(env, indent=2))
