@@ -7,7 +7,9 @@ multiplied by its share m_i / N before backward, so the gradients that accumulat
 `.grad` equal the full-batch gradient (up to floating-point summation order), for any
 split, uneven last chunk included. The optimizer and scheduler step once per batch.
 One exception: a layer that normalises with the statistics of the batch it sees
-(BatchNorm in training mode) sees each micro-batch's statistics, not the full batch's.
+(BatchNorm in training mode) sees each micro-batch's statistics, not the full batch's,
+so that step is not the full-batch step; the first split says so (Event.ANOMALY, kind
+"batch_statistics", naming the layers).
 
 Nothing here reads a device value on the host: the loss comes back as a device tensor,
 the gradient norm stays on the device (`Engine.grad_norm`), and the caller decides when
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from redline import batch as batch_tree
 from redline.device import DeviceInfo
@@ -98,6 +100,10 @@ class Engine:
         # BatchNorm statistics change in forward; a redone step restores them.
         self._buffers = [b for m in model.modules() if isinstance(m, _NormBase)
                          for b in m.buffers(recurse=False)]
+        # Layers that normalise with the statistics of the batch they see: split into
+        # micro-batches, they see each micro-batch's (said once, Event.ANOMALY).
+        self._batch_stat_layers = [(n, m) for n, m in model.named_modules()
+                                   if isinstance(m, _BatchNorm)]
         self._saved_buffers = [b.detach().clone() for b in self._buffers] if oom_guard else []
         # What a redone step rewinds: torch's CPU generator and those of the parameters'
         # CUDA devices, snapshotted only while the step draws (guard.StepRng).
@@ -159,6 +165,8 @@ class Engine:
     def _accumulate_chunks(self, chunks: list[tuple[Any, int]], loss_fn: LossFn
                            ) -> torch.Tensor:
         n = sum(m for _, m in chunks)
+        if self._batch_stat_layers:
+            self._say_batch_statistics(chunks[0][1], n)
         self.optimizer.zero_grad(set_to_none=True)
         total: torch.Tensor | None = None
         for chunk, m in chunks:
@@ -203,6 +211,14 @@ class Engine:
             total = self._accumulate(batch, loss_fn, micro)
         self._checked.add(micro)
         return total
+
+    def _say_batch_statistics(self, micro: int, n: int) -> None:
+        training = [name for name, m in self._batch_stat_layers if m.training]
+        self._batch_stat_layers = []  # once
+        if training:
+            self.dispatcher.fire(Event.ANOMALY, self.state, {
+                "kind": "batch_statistics", "layers": training, "micro_batch": micro,
+                "batch": n, "step": self.state.step + 1})
 
     def _change_micro_batch(self, old: int, new: int, reason: str, phase: str | None,
                             exact: bool = True) -> None:

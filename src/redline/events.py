@@ -23,8 +23,9 @@ The training loop, in pseudocode, with the event fired at each point:
         EPOCH_END
     FIT_END                                     also after an interrupt, before exiting
 
-    ANOMALY              whenever something needs attention (a corrupt checkpoint skipped
-                         on resume)
+    ANOMALY              whenever something needs attention ({"kind": ...}: a corrupt
+                         checkpoint skipped on resume, BatchNorm layers seeing
+                         micro-batches instead of the batch)
     MICRO_BATCH_CHANGE   the OOM guard changed the micro-batch: shrunk after an
                          out-of-memory error and the step redone, or grown back after
                          clean steps ({"old", "new", "reason": "oom" | "grow", ...})

@@ -396,10 +396,23 @@ class Trainer:
 
 
 class _MemoryEvents(Callback):
-    """Every micro-batch change of the OOM guard: a line on stderr and an event."""
+    """Every micro-batch change of the OOM guard, and what micro-batches do to BatchNorm:
+    a line on stderr and an event."""
 
     def __init__(self, events: EventLog) -> None:
         self.events = events
+
+    def on_anomaly(self, state: State, info: dict[str, Any]) -> None:
+        if info.get("kind") != "batch_statistics":
+            return
+        layers = info["layers"]
+        print(f"redline: note: {len(layers)} BatchNorm layer(s) ({', '.join(layers[:3])}"
+              f"{', ...' if len(layers) > 3 else ''}) normalise each micro-batch of "
+              f"{info['micro_batch']} with its own statistics, so a step split from "
+              f"{info['batch']} samples is not the full-batch step; GroupNorm or LayerNorm "
+              "are not affected", file=sys.stderr, flush=True)
+        self.events.event("batch_statistics", **{k: v for k, v in info.items()
+                                                 if k != "kind"})
 
     def on_micro_batch_change(self, state: State, info: dict[str, Any]) -> None:
         why = (f"after OOM in {info['phase']}" if info["reason"] == "oom"

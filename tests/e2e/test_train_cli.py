@@ -269,3 +269,24 @@ def test_a_disk_that_fills_mid_run_is_one_sentence_and_the_checkpoints_stay(
     assert saved, "some checkpoints fit before the disk filled"
     for path in saved:
         torch.load(path, weights_only=True)  # each one complete
+
+
+def test_micro_batches_through_batchnorm_are_said_once(tmp_path: Path) -> None:
+    (tmp_path / "bn_task.py").write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(TOY.split(':')[0]).parent)!r})\n"
+        "from torch import nn\n"
+        "from toy import ToyRegression\n\n"
+        "class WithBatchNorm(ToyRegression):\n"
+        "    def build_model(self):\n"
+        "        return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(),\n"
+        "                             nn.Linear(32, 1))\n")
+    out = run_cli(["train", "bn_task.py:WithBatchNorm", "--steps", "6", "--run-dir", "r",
+                   "--batch-size", "8", "--set", "train.effective_batch_size=32"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    notes = [line for line in out.stderr.splitlines() if "BatchNorm" in line]
+    assert len(notes) == 1 and "(1)" in notes[0] and "micro-batch of 8" in notes[0]
+    assert "not the full-batch step" in notes[0]
+    events = [e for e in read_jsonl(tmp_path / "r" / "events.jsonl")
+              if e["event"] == "batch_statistics"]
+    assert [(e["layers"], e["micro_batch"], e["batch"]) for e in events] == [(["1"], 8, 32)]

@@ -248,3 +248,25 @@ def test_a_draw_that_begins_unseen_is_reported_and_then_snapshotted() -> None:
     later step is snapshotted (the next OOM is exact again)."""
     _, changes = _plain_run({7, 10}, draw_from=7)
     assert [(c["step"], c.get("exact", True)) for c in changes] == [(7, False), (10, True)]
+
+
+def test_micro_batching_says_once_what_it_does_to_batchnorm() -> None:
+    """BatchNorm normalises each micro-batch with its own statistics: the split step is
+    not the full-batch step. The engine says so once, naming the layers."""
+    seen: list[dict] = []
+
+    class Spy(Callback):
+        def on_anomaly(self, state: State, info: dict) -> None:
+            seen.append(info)
+
+    model, opt = _fresh()
+    engine = Engine(model, opt, "fp32", micro_batch_size=8, dispatcher=Dispatcher([Spy()]))
+    for batch in _batches(3):
+        engine.step(batch, _loss)
+    assert seen == [{"kind": "batch_statistics", "layers": ["body.0"], "micro_batch": 8,
+                     "batch": 16, "step": 1}]
+    plain = _Plain()  # no BatchNorm: nothing to say
+    silent = Engine(plain, torch.optim.SGD(plain.parameters(), lr=0.1), "fp32",
+                    micro_batch_size=8, dispatcher=Dispatcher([Spy()]))
+    silent.step(_batches(1)[0], lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+    assert len(seen) == 1
