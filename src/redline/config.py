@@ -87,6 +87,11 @@ class TrainConfig:
         require(self.lr_reference_batch is None or self.lr_reference_batch >= 1,
                 "train.lr_reference_batch", self.lr_reference_batch,
                 "an integer >= 1 or null")
+        if self.batch_size == "auto" and self.lr_scaling != "none" and not (
+                self.lr_reference_batch or self.effective_batch_size):
+            raise ConfigError(f"train.lr_scaling {self.lr_scaling} with batch_size auto needs "
+                              "the batch train.lr was tuned for: set train.lr_reference_batch "
+                              "(or train.effective_batch_size, to keep the effective batch)")
         if self.effective_batch_size is not None and isinstance(self.batch_size, int):
             require(self.effective_batch_size >= self.batch_size,
                     "train.effective_batch_size", self.effective_batch_size,

@@ -28,8 +28,9 @@ torch version) and the budget and target: a cache hit costs one verification ste
 from __future__ import annotations
 
 import json
-import math
 import os
+import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -45,10 +46,12 @@ from redline.checkpoint import list_checkpoints, preserved_rng
 from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes, measure_peak
+from redline.recipe import Recipe, recipe
 from redline.task import Task
 from redline.telemetry.console import status
 
-KNEE_TOLERANCE = 0.02
+KNEE_TOLERANCE = 0.02  # the least a size must be faster by to count as faster
+ROUNDS = 3  # interleaved timing rounds per size
 MAX_SIZE = 1 << 16
 
 
@@ -58,7 +61,8 @@ class Trial:
     kind: str  # "probe" | "verify" | "eval-probe" | "throughput"
     peak_bytes: int | None = None
     fits: bool = True
-    samples_per_s: float | None = None
+    samples_per_s: float | None = None  # throughput: the median of the interleaved rounds
+    spread: tuple[float, float] | None = None  # throughput: the rounds' min and max
 
 
 @dataclass
@@ -84,19 +88,22 @@ class AutobatchResult:
     def fastest(self) -> int:
         return self.chosen
 
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.chosen, self.accumulation_steps, self.effective_batch_size,
+                      self.lr, self.eval_batch_size)
+
     def apply(self, config: RunConfig) -> RunConfig:
         """`config` with the tuned micro-batch, effective batch, lr and eval batch."""
-        return config.updated({
-            "train.batch_size": self.chosen,
-            "train.effective_batch_size": self.effective_batch_size, "train.lr": self.lr,
-            "train.eval_batch_size": self.eval_batch_size or config.train.eval_batch_size})
+        return self.recipe.apply(config)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AutobatchResult:
-        trials = [Trial(**t) for t in d.pop("trials", [])]
+        trials = [Trial(**{**t, "spread": tuple(t["spread"]) if t.get("spread") else None})
+                  for t in d.pop("trials", [])]
         d["fit"] = tuple(d["fit"])
         return cls(**d, trials=trials)
 
@@ -174,11 +181,20 @@ def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
             if ok:
                 cached.cache_hit, cached.verify_steps = True, 1
                 cached.probe_steps = cached.throughput_steps = 0
-                return cached
+                return _with_recipe(cached, config)  # the measurement; this config's recipe
             say("cached size no longer fits; searching again")
         result = _search(h, config, budget, target, measure_throughput, say)
     result.fingerprint, result.budget_source = fingerprint, source
     _save_cache(cache_dir, result)
+    return _with_recipe(result, config)
+
+
+def _with_recipe(result: AutobatchResult, config: RunConfig) -> AutobatchResult:
+    """The result with the effective batch, accumulation and lr `config` implies (recipe.py):
+    a cached search holds what was measured, never the lr of the run that measured it."""
+    r = recipe(config, result.chosen, result.eval_batch_size)
+    result.chosen, result.accumulation_steps = r.micro_batch, r.accumulation_steps
+    result.effective_batch_size, result.lr = r.effective_batch_size, r.lr
     return result
 
 
@@ -195,12 +211,16 @@ def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_di
     """
     saved = run_dir / "config.yaml"
     if resume and saved.is_file() and list_checkpoints(run_dir / "checkpoints"):
+        # What the first start measured (micro-batch, eval batch); the rest follows this
+        # config, and the checkpoint's config is compared with the result like any resume.
         old = yaml.safe_load(saved.read_text())["train"]
-        keys = ("batch_size", "effective_batch_size", "lr", "eval_batch_size")
-        config = config.updated({f"train.{k}": old[k] for k in keys})
-        return config, {"source": str(saved), "micro_batch": config.train.batch_size}
+        plan = recipe(config, old["batch_size"], old["eval_batch_size"])
+        print(f"batch_size: auto: {plan.describe(config)} (from {saved})", file=sys.stderr,
+              flush=True)
+        return plan.apply(config), {"source": str(saved), "micro_batch": plan.micro_batch}
     with status("autobatch", interactive=interactive) as say:
         r = autobatch(task, config, device, progress=lambda msg: (check(), say(msg)))
+    print(f"batch_size: auto: {r.recipe.describe(config)}", file=sys.stderr, flush=True)
     return r.apply(config), {
         "micro_batch": r.chosen, "max_fit": r.max_fit,
         "accumulation_steps": r.accumulation_steps,
@@ -239,10 +259,9 @@ def _search(h: _Harness, config: RunConfig, budget: int, target: int,
                           f"({config.memory.target:.0%} of {budget} bytes)")
     chosen, tsteps = (_knee(h, size, trials, say) if measure_throughput else (size, 0))
     effective = config.train.effective_batch_size or chosen
-    micro = min(chosen, effective)
-    return AutobatchResult(
-        max_fit=size, chosen=micro, accumulation_steps=math.ceil(effective / micro),
-        effective_batch_size=effective, lr=scaled_lr(config, effective),
+    return AutobatchResult(  # the recipe fields are filled in by _with_recipe
+        max_fit=size, chosen=min(chosen, effective), accumulation_steps=1,
+        effective_batch_size=effective, lr=config.train.lr,
         eval_batch_size=eval_size, budget_bytes=budget, target_bytes=target, fit=(a, k),
         probe_steps=sum(t.kind == "probe" for t in trials), verify_steps=verify_steps,
         throughput_steps=tsteps, trials=trials)
@@ -300,26 +319,42 @@ def _eval_size(h: _Harness, budget: int, target: int, trials: list[Trial], say: 
 
 
 def _knee(h: _Harness, largest: int, trials: list[Trial], say: Progress) -> tuple[int, int]:
+    """The throughput knee: sizes timed in interleaved rounds, chosen by `choose_knee`."""
     sizes = sorted({1 << i for i in range(largest.bit_length()) if 1 << i <= largest}
                    | {largest})
     sizes = [s for s in sizes if s >= min(8, largest)]
-    speed: dict[int, float] = {}
-    steps = 0
+    rates: dict[int, list[float]] = {s: [] for s in sizes}
     for s in sizes:
-        say(f"timing micro-batch {s}")
-        h.train_step(s)  # warm-up: allocator and kernels for this shape
-        # The faster of two timed steps: a busy machine slows some steps, never speeds any
-        # up, so the fastest is the closest to what this size can do.
-        best = math.inf
-        for _ in range(2):
+        say(f"warming up micro-batch {s}")
+        h.train_step(s)  # allocator and kernels for this shape
+    for r in range(ROUNDS):
+        # Interleaved, and each round in the other direction: a machine that slows down or
+        # speeds up mid-search shifts every size alike instead of favouring one end.
+        for s in sizes if r % 2 == 0 else reversed(sizes):
+            say(f"timing micro-batch {s} (round {r + 1} of {ROUNDS})")
             t0 = time.perf_counter()
             h.train_step(s)
-            best = min(best, time.perf_counter() - t0)
-        speed[s] = s / best
-        steps += 3
-        trials.append(Trial(s, "throughput", samples_per_s=speed[s]))
-    best = max(speed.values())
-    return min(s for s, v in speed.items() if v >= (1 - KNEE_TOLERANCE) * best), steps
+            rates[s].append(s / (time.perf_counter() - t0))
+    for s in sizes:
+        trials.append(Trial(s, "throughput", samples_per_s=statistics.median(rates[s]),
+                            spread=(min(rates[s]), max(rates[s]))))
+    return choose_knee(rates)[0], (ROUNDS + 1) * len(sizes)
+
+
+def choose_knee(rates: dict[int, list[float]]) -> tuple[int, float]:
+    """(the size to train with, the tolerance it was chosen at) from each size's rates.
+
+    A size is as fast as the best when its median is within the tolerance: the larger of
+    KNEE_TOLERANCE and the timing noise measured, the median relative spread of the
+    sizes' rounds. The smallest such size is chosen. Differences inside the noise decide
+    nothing, so a busy machine does not change the choice; where all sizes are within it,
+    the choice is the smallest size whatever the load.
+    """
+    median = {s: statistics.median(v) for s, v in rates.items()}
+    noise = statistics.median((max(v) - min(v)) / statistics.median(v) for v in rates.values())
+    tolerance = max(KNEE_TOLERANCE, noise)
+    best = max(median.values())
+    return min(s for s, m in median.items() if m >= (1 - tolerance) * best), tolerance
 
 
 def _least_squares(points: list[tuple[int, int]]) -> tuple[float, float]:
@@ -329,17 +364,6 @@ def _least_squares(points: list[tuple[int, int]]) -> tuple[float, float]:
     k = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
     k = max(k, 1.0)
     return my - k * mx, k
-
-
-def scaled_lr(config: RunConfig, effective: int) -> float:
-    """train.lr rescaled by train.lr_scaling from the batch it was tuned for to `effective`."""
-    t = config.train
-    reference = t.lr_reference_batch or t.effective_batch_size or (
-        t.batch_size if isinstance(t.batch_size, int) else None)
-    if reference is None or t.lr_scaling == "none" or reference == effective:
-        return t.lr
-    ratio = effective / reference
-    return t.lr * (ratio if t.lr_scaling == "linear" else math.sqrt(ratio))
 
 
 def default_cache_dir() -> Path:

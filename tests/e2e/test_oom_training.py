@@ -141,3 +141,28 @@ def test_sigterm_during_the_batch_search_stops_at_once_and_says_so(tmp_path: Pat
     assert "stopped by SIGTERM before the first step: nothing was trained" in stderr
     assert "nothing to resume" in stdout and "Traceback" not in stderr
     assert not (tmp_path / "r").exists()  # made by this run, holding nothing: removed
+
+
+def test_batch_size_auto_never_replaces_what_the_user_set(tmp_path: Path) -> None:
+    """A cached search keeps the user's lr; --resume compares the resolved values."""
+    import yaml
+
+    env = {"REDLINE_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["train", TOY, "--batch-size", "auto", "--memory-budget", "2MiB", "--set",
+            "task_args.hidden=512", "--set", "task_args.n=2048", "--steps", "3"]
+    first = run_cli([*args, "--run-dir", "a"], tmp_path, env=env)  # searches, caches
+    assert first.returncode == 0, first.stderr
+    mine = run_cli([*args, "--run-dir", "b", "--set", "train.lr=1e-3"], tmp_path, env=env)
+    assert mine.returncode == 0, mine.stderr
+    config = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    tuned = [e for e in read_jsonl(tmp_path / "b" / "events.jsonl") if e["event"] == "autobatch"]
+    assert tuned[0]["cache_hit"] is True
+    assert config["train"]["lr"] == tuned[0]["lr"] == 1e-3  # not the cached run's 2e-4
+    assert "batch_size: auto: micro-batch" in mine.stderr and "lr 0.001" in mine.stderr
+    changed = run_cli([*args[:-1], "6", "--run-dir", "b", "--resume", "--set",
+                       "train.lr=1e-2"], tmp_path, env=env)
+    assert changed.returncode == 2, changed.stderr
+    assert "train.lr=0.001" in changed.stderr and "train.lr=0.01" in changed.stderr
+    longer = run_cli([*args[:-1], "6", "--run-dir", "b", "--resume", "--set",
+                      "train.lr=1e-3"], tmp_path, env=env)
+    assert longer.returncode == 0, longer.stderr

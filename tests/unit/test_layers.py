@@ -27,7 +27,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("task",),
     3: ("precision", "memory.*", "checkpoint", "data", "lifecycle", "telemetry.*"),
     4: ("config", "engine", "evaluation", "environment"),
-    5: ("build", "rundir"),
+    5: ("build", "recipe", "rundir"),
     6: ("tune", "diagnose", "examples.*"),
     7: ("trainer", "doctor"),
     8: ("cli",),
