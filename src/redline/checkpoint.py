@@ -65,13 +65,21 @@ def list_checkpoints(directory: str | Path, unreadable: bool = False) -> list[Pa
     return [p for _, p in sorted(found)]
 
 
+NONFINITE = "nonfinite"  # where checkpoints of non-finite weights are kept
+
+
 def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any],
-                    keep: int) -> Path:
+                    keep: int, finite: bool = True) -> Path:
     """Write `payload` atomically as step-<step>.pt and delete all but the newest `keep`.
 
-    A file-system fault (read-only, disk full) is a StorageError naming the file; the
-    checkpoints written before are untouched (the new one is written aside, then renamed).
+    `finite` False (the weights hold NaN or inf): written to `directory/nonfinite/`
+    instead, outside the rotation, so it never displaces the last finite checkpoint and a
+    resume never starts from it. A file-system fault (read-only, disk full) is a
+    StorageError naming the file; the checkpoints written before are untouched (the new
+    one is written aside, then renamed).
     """
+    if not finite:
+        return save_checkpoint(Path(directory) / NONFINITE, step, payload, keep=10**9)
     d = Path(directory)
     final = d / checkpoint_name(step)
     tmp = d / f".{final.name}.tmp-{os.getpid()}"

@@ -258,7 +258,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from redline.errors import StorageError, UserError
+    from redline.errors import RunStopped, StorageError, UserError
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, str(e))
     except StorageError as e:  # the machine's fault, not the input's: exit 1
         _fail(args, f"{e}; what was saved before is intact")
+        return 1
+    except RunStopped as e:  # the run stopped itself, saying why (the state is saved)
+        _fail(args, str(e))
         return 1
     except _out_of_memory() as e:
         print(f"redline: error: {str(e).splitlines()[0]}; lower memory use (bf16-mixed, a "

@@ -65,6 +65,12 @@ class TrainConfig:
     """Steps of linear warm-up from 0."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this; null: no clipping."""
+    on_nonfinite: str = "skip"
+    """A step whose loss or gradients are not finite: skip (its update is not applied,
+    counted in skipped_steps), stop (the run ends, naming the step), warn (applied)."""
+    nonfinite_patience: int = 10
+    """With skip: this many non-finite steps in a row end the run; 0: never. (fp16's loss
+    scaler skipping overflowed gradients of a finite loss is not counted.)"""
     eval_every: int = 200
     """Steps between evaluations; 0: only at the end."""
     eval_batches: int | None = None
@@ -74,6 +80,7 @@ class TrainConfig:
 
     SCHEDULES: ClassVar[tuple[str, ...]] = ("constant", "cosine", "linear")
     LR_SCALING: ClassVar[tuple[str, ...]] = ("none", "linear", "sqrt")
+    ON_NONFINITE: ClassVar[tuple[str, ...]] = ("skip", "stop", "warn")
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
@@ -105,6 +112,10 @@ class TrainConfig:
         require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, ">= 0")
         require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip",
                 self.grad_clip, "a positive number or null (no clipping)")
+        require(self.on_nonfinite in self.ON_NONFINITE, "train.on_nonfinite",
+                self.on_nonfinite, "one of " + ", ".join(self.ON_NONFINITE))
+        require(self.nonfinite_patience >= 0, "train.nonfinite_patience",
+                self.nonfinite_patience, ">= 0 (0: never stop)")
         require(self.eval_every >= 0, "train.eval_every", self.eval_every,
                 ">= 0 (0: only at the end)")
         require(self.eval_batches is None or self.eval_batches >= 1, "train.eval_batches",

@@ -65,11 +65,18 @@ class EpochBatchSampler(Sampler[list[int]]):
         return self.num_samples // self.batch_size - self.start_batch
 
     def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator()
-        g.manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=g).tolist()
+        order = self._order(self.epoch)
         for b in range(self.start_batch, self.num_samples // self.batch_size):
             yield order[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def indices(self, epoch: int, batch: int) -> list[int]:
+        """The samples of batch `batch` of `epoch`, as an iteration would yield them."""
+        return self._order(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size]
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=g).tolist()
 
 
 def loader_options(cfg: DataConfig, device_kind: str) -> dict[str, Any]:

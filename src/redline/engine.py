@@ -13,8 +13,10 @@ so that step is not the full-batch step; the first split says so (Event.ANOMALY,
 
 Nothing here reads a device value on the host: the loss comes back as a device tensor,
 the gradient norm stays on the device (`Engine.grad_norm`), and the caller decides when
-to look at them (the telemetry window). The one exception
-is fp16's GradScaler, whose `step` reads its inf flag on the host by design.
+to look at them (the telemetry window). `skip_nonfinite` skips the update of a step whose
+gradient norm is not finite: a fused optimizer (what the trainer builds) skips it on the
+device; with another, that needs one host read a step. fp16's GradScaler skips such steps
+itself (on the device with a fused optimizer, after a host read of its inf flag otherwise).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Engine:
         state: State | None = None,
         oom_guard: OOMGuard | bool = False,
         memory_check: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         if isinstance(precision, str):
             param = next(model.parameters(), None)
@@ -113,7 +116,14 @@ class Engine:
         # and an event nobody listens to costs one truthiness check.
         self._on_backward = self.dispatcher.table[Event.BEFORE_BACKWARD]
         self._on_optimizer_step = self.dispatcher.table[Event.BEFORE_OPTIMIZER_STEP]
-        self.applied = True  # whether the last step's update was applied (fp16 may skip)
+        # Whether the last step's update was applied: a bool, or a device bool tensor where
+        # the skip was decided on the device (never read here: that would be a sync).
+        self.applied: bool | torch.Tensor = True
+        # Skip the update of a step whose gradients are not finite. A fused optimizer (the
+        # trainer's AdamW) is told through `found_inf` and skips on the device; any other
+        # is not stepped after a host read of the flag (on a GPU, a sync).
+        self._skip_nonfinite = skip_nonfinite and not precision.scales_loss
+        self._fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
     def step(self, batch: Any, loss_fn: LossFn) -> torch.Tensor:
         """One optimizer step on `batch`; returns the batch's mean loss as a device tensor."""
@@ -254,10 +264,26 @@ class Engine:
         for handler in self._on_optimizer_step:
             handler(self.state, self.optimizer)
         self.updating = True
-        self.applied = self.precision.optimizer_step(self.optimizer)
+        if self._skip_nonfinite and norm is not None:
+            self.applied = self._step_unless_nonfinite(norm)
+        else:
+            self.applied = self.precision.optimizer_step(self.optimizer)
         if self.scheduler is not None:
             self.scheduler.step()
         self.updating = False
+
+    def _step_unless_nonfinite(self, norm: torch.Tensor) -> bool | torch.Tensor:
+        bad = torch.isfinite(norm).logical_not()
+        if self._fused:  # the kernel skips the update (and its step count): no host read
+            self.optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
+            try:
+                self.precision.optimizer_step(self.optimizer)
+            finally:
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
+            return bad.logical_not()
+        if bad.item():  # host read: on a GPU this is a sync; a fused optimizer avoids it
+            return False
+        return self.precision.optimizer_step(self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         return {

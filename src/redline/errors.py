@@ -53,3 +53,8 @@ def writing(what: str, path: object) -> Iterator[None]:
     except OSError as e:
         fault = e.strerror or type(e).__name__
         raise StorageError(f"cannot write {what} {str(path)!r}: {fault}") from e
+
+
+class RunStopped(Exception):
+    """The run stopped itself for a reason its message states in one sentence (e.g.
+    non-finite steps under train.on_nonfinite: stop): exit 1, the last good state saved."""

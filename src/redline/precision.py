@@ -47,6 +47,7 @@ class Precision:
     compute_dtype: ClassVar[torch.dtype] = torch.float32
     param_dtype: ClassVar[torch.dtype] = torch.float32
     matmul_precision: ClassVar[str] = "highest"
+    scales_loss: ClassVar[bool] = False  # a loss scaler skips non-finite steps itself
 
     def __init__(self, device: DeviceInfo) -> None:
         self.device = device
@@ -80,8 +81,9 @@ class Precision:
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
         """Bring gradients to their true scale (a no-op without a loss scaler)."""
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Step the optimizer; True when the update was applied (no policy here skips)."""
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool | None:
+        """Step the optimizer: True when the update was applied, False when it was
+        skipped, None when the optimizer decided on the device (not read: no sync)."""
         optimizer.step()
         return True
 
@@ -140,6 +142,7 @@ class FP16Mixed(_Autocast):
 
     name = "fp16-mixed"
     compute_dtype = torch.float16
+    scales_loss = True
 
     def __init__(self, device: DeviceInfo) -> None:
         super().__init__(device)
@@ -159,13 +162,18 @@ class FP16Mixed(_Autocast):
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
         self.scaler.unscale_(optimizer)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool | None:
         """scaler.step + update; False when the scaler skipped the step on inf/NaN gradients.
 
         Whether it skipped is known without another read: a step post-hook on the optimizer
-        records that `optimizer.step` ran. (GradScaler.step itself reads its inf flag on the
-        host: fp16 costs one sync per step.)
+        records that `optimizer.step` ran (GradScaler.step reads its inf flag on the host
+        for it). A fused optimizer is handed the flag and skips on the device instead: no
+        sync, and None (not known here).
         """
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            return None
         if id(optimizer) not in self._hooked:
             optimizer.register_step_post_hook(self._mark_applied)
             self._hooked.add(id(optimizer))

@@ -13,6 +13,7 @@ evaluations. Callbacks' `state_dict()`s are kept in every checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import sys
 import time
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from redline import batch as batch_tree
 from redline import checkpoint as ckpt
 from redline import rundir
@@ -29,7 +32,7 @@ from redline.build import Job, build_job
 from redline.config import ConfigError, RunConfig
 from redline.data import LimitedLoader, eval_loader, iterate_from
 from redline.device import DeviceInfo
-from redline.errors import StorageError
+from redline.errors import RunStopped, StorageError
 from redline.evaluation import evaluate, evaluate_shrinking
 from redline.events import (
     Callback,
@@ -45,6 +48,7 @@ from redline.task import Task, resolve_task
 from redline.telemetry.jsonl import EventLog, truncate_after
 from redline.telemetry.session import Telemetry
 from redline.tune import resolve_auto_batch
+from redline.watch import RunWatch, locate_nonfinite
 
 
 @dataclass
@@ -171,6 +175,8 @@ class Trainer:
         self.state.model, self.state.optimizer = self.job.model, self.job.optimizer
         self.state.max_steps = self.job.max_steps
         self.loader = self.job.train_loader()
+        self.dispatcher.add(RunWatch(self.config.train, self.events, functools.partial(
+            locate_nonfinite, self.job, self.loader)))
         self._eval_batch = self.config.train.eval_batch_size or self.config.train.micro_batch
         skipped: list[str] = []
         found = self._load_checkpoint(skipped) if self.resume else None
@@ -208,7 +214,9 @@ class Trainer:
             memory_tracker=lambda: getattr(self.budget, "tracker", None), events=self.events,
             progress=self.progress, run_id=tracker_run_id, run_name=self.run_dir.name,
             start_step=start_step,
-            on_window=lambda record: self.dispatcher.fire(Event.WINDOW, self.state, record))
+            on_window=lambda record: self.dispatcher.fire(Event.WINDOW, self.state, record),
+            skip_nonfinite=t.on_nonfinite != "warn",
+            loss_scaled=self.job.precision.scales_loss)
 
     def _count_flops(self) -> None:
         declared = getattr(self.task, "flops_per_sample", None)
@@ -318,9 +326,19 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         with self.telemetry.paused():
+            # one host read per checkpoint: non-finite weights must not displace the last
+            # finite checkpoint (train.on_nonfinite: warn applies such updates)
+            finite = bool(torch.stack([p.isfinite().all() for p in self.job.model.parameters()]
+                                      ).all())
             path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.state.step,
-                                        self._checkpoint_payload(), self.config.checkpoint.keep)
-        self.events.event("checkpoint_saved", step=self.state.step, path=str(path))
+                                        self._checkpoint_payload(), self.config.checkpoint.keep,
+                                        finite=finite)
+        if not finite:
+            print(f"redline: warning: the weights at step {self.state.step} are not finite: "
+                  f"checkpoint kept aside in {path.parent}; --resume starts from the last "
+                  "finite one", file=sys.stderr, flush=True)
+        self.events.event("checkpoint_saved", step=self.state.step, path=str(path),
+                          finite=finite)
         self.dispatcher.fire(Event.CHECKPOINT_SAVED, self.state, str(path))
         return path
 
@@ -391,8 +409,9 @@ class Trainer:
             return
         self.events.event("failed", step=step, error=type(exc).__name__,
                           checkpoint=str(path), exact_resume=False)
-        print(f"redline: {type(exc).__name__} after step {step}; saved {path}; continue with "
-              "--resume once fixed", file=sys.stderr)
+        if not isinstance(exc, RunStopped):  # that one's sentence says it already
+            print(f"redline: {type(exc).__name__} after step {step}; saved {path}; continue "
+                  "with --resume once fixed", file=sys.stderr)
 
 
 class _MemoryEvents(Callback):

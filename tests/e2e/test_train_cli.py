@@ -290,3 +290,73 @@ def test_micro_batches_through_batchnorm_are_said_once(tmp_path: Path) -> None:
     events = [e for e in read_jsonl(tmp_path / "r" / "events.jsonl")
               if e["event"] == "batch_statistics"]
     assert [(e["layers"], e["micro_batch"], e["batch"]) for e in events] == [(["1"], 8, 32)]
+
+
+NAN_TASK = (
+    "import sys\n"
+    f"sys.path.insert(0, {str(Path(TOY.split(':')[0]).parent)!r})\n"
+    "from toy import ToyRegression\n\n"
+    "class GoesNaN(ToyRegression):\n"
+    "    calls = 0\n"
+    "    def loss(self, model, batch):\n"
+    "        loss = super().loss(model, batch)\n"
+    "        if model.training:\n"
+    "            GoesNaN.calls += 1  # call 1 counts FLOPs at start: call 31 is step 30\n"
+    "            if GoesNaN.calls > 30:\n"
+    "                return loss * float('nan')\n"
+    "        return loss\n")
+
+
+def _nan_run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    (tmp_path / "nan_task.py").write_text(NAN_TASK)
+    out = run_cli(["train", "nan_task.py:GoesNaN", "--steps", "100", "--run-dir", "r",
+                   "--set", "checkpoint.every=20", "--set", "train.eval_every=0", *extra],
+                  tmp_path)
+    return out, tmp_path / "r"
+
+
+def _weights_finite(path: Path) -> bool:
+    state = torch.load(path, weights_only=True)["model"]
+    return all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+def test_a_nan_loss_is_skipped_then_stops_the_run_and_keeps_finite_checkpoints(
+        tmp_path: Path) -> None:
+    out, run = _nan_run(tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert "steps in a row had non-finite loss or gradients" in last and "diverged" in last
+    saved = sorted((run / "checkpoints").glob("step-*.pt"))
+    assert saved and all(_weights_finite(p) for p in saved)  # NaN updates were skipped
+    assert int(saved[-1].stem.split("-")[1]) == 50  # the window that saw 10 in a row
+    windows = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert windows[0]["skipped_steps"] == windows[0]["nonfinite_steps"] == 21
+    assert windows[0]["first_nonfinite_step"] == 30
+    assert windows[0]["loss"] == windows[0]["loss"]  # the finite steps' mean, not NaN
+    found = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "nonfinite"]
+    assert found[0]["step"] == 30 and "loss" in found[0]["where"]
+
+
+def test_on_nonfinite_stop_names_the_step(tmp_path: Path) -> None:
+    out, run = _nan_run(tmp_path, "--set", "train.on_nonfinite=stop",
+                        "--set", "telemetry.log_every=5")
+    assert out.returncode == 1, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("redline: error: the loss or gradients were not finite at step 30")
+    assert all(_weights_finite(p) for p in (run / "checkpoints").glob("step-*.pt"))
+
+
+def test_on_nonfinite_warn_applies_them_and_never_displaces_the_last_finite_checkpoint(
+        tmp_path: Path) -> None:
+    out, run = _nan_run(tmp_path, "--set", "train.on_nonfinite=warn",
+                        "--set", "checkpoint.keep=2")
+    assert out.returncode == 0, out.stderr
+    assert "their updates were applied" in out.stderr
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*.pt"))
+    assert kept == ["step-00000020.pt"] and _weights_finite(run / "checkpoints" / kept[0])
+    aside = sorted(p.name for p in (run / "checkpoints" / "nonfinite").glob("*.pt"))
+    assert aside == ["step-00000040.pt", "step-00000060.pt", "step-00000080.pt",
+                     "step-00000100.pt"]
+    windows = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert windows[0]["skipped_steps"] == 0 and windows[0]["nonfinite_steps"] == 21

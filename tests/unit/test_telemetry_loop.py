@@ -143,16 +143,43 @@ def test_a_task_can_declare_its_flops(tmp_path: Path) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_the_cpu_path_sums_the_steps_it_saw(dtype: torch.dtype) -> None:
     records: list[dict] = []
-    logger = WindowLogger(3, WindowContext(samples_per_step=4, device=torch.device("cpu")),
-                          records.append)
+    logger = WindowLogger(3, WindowContext(samples_per_step=4, device=torch.device("cpu"),
+                                           skip_nonfinite=True), records.append)
     logger.start()
     for step, (loss, norm) in enumerate([(1.0, 2.0), (2.0, float("inf")), (3.0, 1.5),
                                          (4.0, 1.0), (5.0, float("nan")), (6.0, 0.5)], 1):
         logger.record(step, torch.tensor(loss, dtype=dtype), torch.tensor(norm, dtype=dtype),
                       None, None, 0, 4 * step, 0.0, step == 6)
-    assert [(r["step"], r["loss"], r["skipped_steps"]) for r in records] == [(3, 2.0, 1),
-                                                                            (6, 5.0, 1)]
+    assert [(r["step"], r["loss"], r["skipped_steps"], r["nonfinite_steps"],
+             r["first_nonfinite_step"]) for r in records] == [(3, 2.0, 1, 1, 2),
+                                                              (6, 5.0, 1, 1, 5)]
     assert records[0]["grad_norm"] == 1.5 and records[1]["grad_norm"] == 0.5
+
+
+@pytest.mark.parametrize("host_reads", [True, False])
+@pytest.mark.parametrize(("skip", "scaled", "expected"), [
+    # (skip_nonfinite, loss_scaled) -> per window: (loss, skipped, nonfinite, longest run)
+    (True, False, [(4.0, 3, 4, 4), (6.0, 1, 2, 6)]),  # the run goes on from step 2 to 7
+    (False, False, [(4.0, 0, 4, 4), (6.0, 0, 2, 6)]),  # warn: nothing skipped
+    (False, True, [(4.0, 3, 2, 2), (6.0, 1, 1, 3)]),  # the scaler's overflows are its own
+])
+def test_non_finite_steps_are_tallied_in_either_path(host_reads: bool, skip: bool,
+                                                     scaled: bool, expected: list) -> None:
+    nan, inf = float("nan"), float("inf")
+    steps = [(1.0, 1.0), (2.0, inf), (9.0, nan), (nan, nan), (nan, 1.0),  # window 1..5
+             (nan, 2.0), (6.0, inf), (6.0, 1.0), (6.0, 1.0), (6.0, 1.0)]  # window 6..10
+    records: list[dict] = []
+    logger = WindowLogger(5, WindowContext(samples_per_step=4, device=torch.device("cpu"),
+                                           skip_nonfinite=skip, loss_scaled=scaled),
+                          records.append, host_reads=host_reads)
+    logger.start()
+    for step, (loss, norm) in enumerate(steps, 1):
+        logger.record(step, torch.tensor(loss), torch.tensor(norm), 4, None, 0, 4 * step,
+                      0.0, step == 10)
+    logger.finish()
+    got = [(r["loss"], r["skipped_steps"], r["nonfinite_steps"], r["nonfinite_run_max"])
+           for r in records]
+    assert got == [(pytest.approx(loss), *rest) for loss, *rest in expected]
 
 
 class _EveryOtherWindow(Callback):

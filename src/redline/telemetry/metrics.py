@@ -16,8 +16,13 @@ norm and nothing else: no host sync, no tensor kept past the step. Every
     completed, so the host never waits on the device. Step time comes from the CUDA
     events at window boundaries, not from the host clock, which runs ahead of the GPU.
 
-The window's loss is the mean of its steps'; `skipped_steps` counts its steps whose
-gradient norm was not finite (those fp16's scaler skips). Time spent here on the training
+The window's loss is the mean of its steps' finite losses. A step whose loss or gradient
+norm is not finite is tallied off the hot path (`_Tally`): `nonfinite_steps` counts them
+(a finite loss whose gradients overflowed under fp16's loss scaler is the scaler's normal
+business, not counted), `skipped_steps` the updates not applied (non-finite gradients,
+skipped by train.on_nonfinite or by the scaler), `nonfinite_run_max` the longest run of
+consecutive non-finite steps reached in the window (counting across windows), and
+`first_nonfinite_step` the first of them. Time spent here on the training
 thread is measured (the clock around each call) and reported as `redline/overhead_pct`
 of the window's wall time, with the number of host syncs redline itself made
 (`redline/host_syncs`). A window's wall time runs from the moment the previous window's
@@ -54,9 +59,42 @@ class WindowContext:
 
     samples_per_step: int
     device: torch.device
+    skip_nonfinite: bool = False  # the engine skips updates with non-finite gradients
+    loss_scaled: bool = False  # fp16's scaler skips overflowed gradients itself
     flops_per_step: int | None = None  # counted once at start; None: unknown
     peak_flops: float | None = None  # dense peak for the compute dtype; None: MFU empty
     peak_source: str = "unknown"
+
+
+class _Tally:
+    """A window's non-finite steps; the run of consecutive ones carries across windows."""
+
+    __slots__ = ("bad_loss", "first", "last_bad", "max_run", "nonfinite", "run", "skipped")
+
+    def __init__(self) -> None:
+        self.run, self.last_bad = 0, -1
+        self.reset()
+
+    def reset(self) -> None:
+        self.bad_loss = self.nonfinite = self.skipped = self.max_run = 0
+        self.first: int | None = None
+
+    def add(self, step: int, loss: float, norm: float, ctx: WindowContext) -> None:
+        """A step whose loss or norm is not finite (the hot path checks both at once)."""
+        loss_ok, grad_ok = math.isfinite(loss), math.isfinite(norm)
+        self.bad_loss += not loss_ok
+        if not grad_ok and (ctx.skip_nonfinite or ctx.loss_scaled):
+            self.skipped += 1
+        if loss_ok and ctx.loss_scaled:
+            return  # the scaler's overflow: its business, not a non-finite step
+        self.nonfinite += 1
+        self.run = self.run + 1 if step == self.last_bad + 1 else 1
+        self.last_bad, self.max_run = step, max(self.max_run, self.run)
+        self.first = self.first if self.first is not None else step
+
+    def fields(self) -> Record:
+        return {K.SKIPPED_STEPS: self.skipped, K.NONFINITE_STEPS: self.nonfinite,
+                K.NONFINITE_RUN: self.max_run, K.FIRST_NONFINITE: self.first}
 
 
 class _Pending:
@@ -76,8 +114,8 @@ class WindowLogger:
     microbenchmark, and slots are cheaper to reach than an instance dict.
     """
 
-    __slots__ = ("_at", "_data_wait_s", "_folded", "_host", "_loss_sum", "_n", "_nonfinite",
-                 "_norm", "_pairs", "_paused", "_pending", "_start_event", "_t0", "clock",
+    __slots__ = ("_at", "_data_wait_s", "_folded", "_host", "_loss_sum", "_n", "_norm",
+                 "_pairs", "_paused", "_pending", "_start_event", "_t0", "_tally", "clock",
                  "ctx", "cuda", "host_syncs", "last", "log_every", "memory", "on_record",
                  "overhead_s", "publish")
 
@@ -99,7 +137,8 @@ class WindowLogger:
         self.host_syncs = 0
         # CPU: the window's sums as Python numbers; a device: the steps' tensors.
         self._host = ctx.device.type == "cpu" if host_reads is None else host_reads
-        self._loss_sum, self._nonfinite, self._norm = 0.0, 0, 0.0
+        self._loss_sum, self._norm = 0.0, 0.0
+        self._tally = _Tally()
         self._pairs: list[torch.Tensor] = []
         self._folded: list[torch.Tensor] = []  # _pairs stacked every FOLD_EVERY steps
         self._n = 0  # steps in the open window
@@ -129,10 +168,14 @@ class WindowLogger:
             # Plain .item(): inside a step it measured cheaper than reading the memory
             # through ctypes (0.35 against 1.8 us a value) or any op that keeps the value
             # in a tensor. On CPU it waits for nothing.
-            self._loss_sum += loss.item()
+            value = loss.item()
             norm = self._norm = grad_norm.item()
-            if not isfinite(norm):
-                self._nonfinite += 1
+            if isfinite(value + norm):  # both finite (inf - inf and nan are not)
+                self._loss_sum += value
+            else:
+                self._tally.add(step, value, norm, self.ctx)
+                if isfinite(value):
+                    self._loss_sum += value
         else:
             self._pairs += (loss, grad_norm)
             if len(self._pairs) == 2 * FOLD_EVERY:
@@ -159,10 +202,11 @@ class WindowLogger:
 
     def _close_window(self, now: float) -> None:
         steps, self._n = self._n, 0
-        values: torch.Tensor | tuple[float, float, int]
+        values: torch.Tensor | tuple[float, float, Record, int]
         if self._host:
-            values = (self._loss_sum, self._norm, self._nonfinite)
-            self._loss_sum, self._nonfinite = 0.0, 0
+            values = (self._loss_sum, self._norm, self._tally.fields(), self._tally.bad_loss)
+            self._loss_sum = 0.0
+            self._tally.reset()
         else:
             parts = [*self._folded, *([torch.stack(self._pairs).float()] if self._pairs else [])]
             values = torch.cat(parts).view(steps, 2)
@@ -206,29 +250,37 @@ class WindowLogger:
         if p.event is not None and not p.event.query():
             p.event.synchronize()  # only if the device is a whole window behind
             self.host_syncs += 1
-        if isinstance(p.values, tuple):  # CPU: summed as the steps ran
-            loss_sum, grad_norm, nonfinite = p.values
-        else:
-            pairs = p.values.tolist()
-            loss_sum = math.fsum(loss for loss, _ in pairs)
-            grad_norm = pairs[-1][1]
-            nonfinite = sum(not math.isfinite(norm) for _, norm in pairs)
         r = p.record
         steps, wall, paused = r.pop("window_steps"), r.pop("wall_s"), r.pop("paused")
+        if isinstance(p.values, tuple):  # CPU: summed as the steps ran
+            loss_sum, grad_norm, tally, bad_loss = p.values
+        else:
+            pairs = p.values.tolist()
+            first = r[K.STEP] - steps + 1
+            for i, (value, norm) in enumerate(pairs):
+                if not math.isfinite(value + norm):
+                    self._tally.add(first + i, value, norm, self.ctx)
+            loss_sum = math.fsum(v for v, _ in pairs if math.isfinite(v))
+            grad_norm = pairs[-1][1]
+            tally, bad_loss = self._tally.fields(), self._tally.bad_loss
+            self._tally.reset()
         # Device time between boundary events, unless evaluation or a checkpoint ran in
         # between: then the host clock, from which their time was taken out.
         on_device = p.event is not None and p.start_event is not None and not paused
         step_time = (p.start_event.elapsed_time(p.event) / 1000.0 / steps if on_device
                      else wall / steps)
-        r.update({K.LOSS: loss_sum / steps, K.GRAD_NORM: grad_norm, K.SKIPPED_STEPS: nonfinite,
-                  K.STEP_TIME: step_time,
+        finite = steps - bad_loss
+        r.update({K.LOSS: loss_sum / finite if finite else math.nan, K.GRAD_NORM: grad_norm,
+                  **tally, K.STEP_TIME: step_time,
                   K.SAMPLES_PER_S: self.ctx.samples_per_step / step_time if step_time else None,
                   K.MFU: mfu(self.ctx.flops_per_step, step_time, self.ctx.peak_flops),
                   K.PEAK_FLOPS: self.ctx.peak_flops, K.TIME: round(time.time(), 3)})
-        if self.on_record is not None:
-            self.on_record(r)
-        self.last = r
-        self.publish(r)
+        try:  # a handler may stop the run (watch.py): the window is published all the same
+            if self.on_record is not None:
+                self.on_record(r)
+        finally:
+            self.last = r
+            self.publish(r)
 
     def finish(self) -> None:
         """Close the open window and publish any window still waiting for the device."""

@@ -43,11 +43,20 @@ TIME = Key("time", "s (Unix)", "wall-clock time the record was made")
 EPOCH = Key("epoch", "epochs", "epoch of the window's last step (0-based)")
 SAMPLES = Key("samples", "samples", "training samples consumed so far")
 LR = Key("lr", "", "learning rate of the first parameter group after the window's last step")
-LOSS = Key("loss", "task's", "mean training loss over the window's steps")
+LOSS = Key("loss", "task's", "mean training loss over the window's steps whose loss was "
+           "finite (NaN when none was)")
 GRAD_NORM = Key("grad_norm", "", "global gradient norm, before clipping, of the window's last "
                 "step")
-SKIPPED_STEPS = Key("skipped_steps", "steps", "steps in this window (not cumulative) whose "
-                    "gradient norm was not finite: the steps fp16's loss scaler skips")
+SKIPPED_STEPS = Key("skipped_steps", "steps", "optimizer updates not applied in this window "
+                    "(not cumulative): non-finite gradients, skipped by train.on_nonfinite or "
+                    "by fp16's loss scaler")
+NONFINITE_STEPS = Key("nonfinite_steps", "steps", "steps in this window whose loss or "
+                      "gradients were not finite (fp16's scaler overflowing gradients of a "
+                      "finite loss excepted)")
+NONFINITE_RUN = Key("nonfinite_run_max", "steps", "the longest run of consecutive non-finite "
+                    "steps reached in this window, counting from before it")
+FIRST_NONFINITE = Key("first_nonfinite_step", "step", "the window's first non-finite step; "
+                      "empty when none")
 STEP_TIME = Key("step_time_s", "s", "mean time per optimizer step over the window (CUDA "
                 "events on a GPU, the host clock on CPU)")
 SAMPLES_PER_S = Key("samples_per_s", "samples/s", "effective batch / step_time_s")

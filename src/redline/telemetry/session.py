@@ -53,6 +53,8 @@ class Telemetry:
     `memory_tracker()`, when given, returns the CPU budget's MemoryTracker (or None), whose
     counts become the window's tensor-memory figures. `on_window(record)` sees each
     completed window record before it is published and may add keys to it.
+    `skip_nonfinite` and `loss_scaled` say how non-finite steps are handled (the engine's
+    skip, fp16's scaler), so `skipped_steps` counts the updates really not applied.
     """
 
     def __init__(self, run_dir: str | Path, config: TelemetryConfig | None = None, *,
@@ -62,7 +64,8 @@ class Telemetry:
                  memory_tracker: Callable[[], Any] | None = None,
                  events: EventLog | None = None, progress: bool | None = False,
                  run_id: str | None = None, run_name: str | None = None, start_step: int = 0,
-                 on_window: Callable[[Record], None] | None = None) -> None:
+                 on_window: Callable[[Record], None] | None = None,
+                 skip_nonfinite: bool = False, loss_scaled: bool = False) -> None:
         cfg = config or TelemetryConfig()
         self.config, self.run_dir = cfg, Path(run_dir)
         self.device = device if isinstance(device, DeviceInfo) else DeviceInfo.detect(device)
@@ -84,7 +87,8 @@ class Telemetry:
                        options=cfg.sink_options, run_id=run_id, start_step=start_step,
                        run_name=run_name or self.run_dir.name)
         self.ctx = WindowContext(samples_per_step=samples_per_step,
-                                 device=self.device.torch_device)
+                                 device=self.device.torch_device,
+                                 skip_nonfinite=skip_nonfinite, loss_scaled=loss_scaled)
         memory = _memory_reader(self.device, memory_total, memory_tracker)
         self.window = WindowLogger(cfg.log_every, self.ctx, self._publish_window, memory,
                                    on_record=on_window)

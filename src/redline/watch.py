@@ -1,0 +1,120 @@
+"""Watching each window of a run: non-finite steps and memory that keeps growing.
+
+`RunWatch` is a callback on Event.WINDOW (the trainer installs it) that reads what the
+window logger tallied, so it adds nothing to a step:
+
+- **Non-finite steps**, by `train.on_nonfinite`. `skip` (the default): the engine has
+  already not applied their updates; each window with some says so in one line, and
+  `train.nonfinite_patience` of them in a row (10) end the run, since a run of them is
+  divergence, not a bad batch. `stop`: the first ends the run. `warn`: one line, the
+  updates were applied. The first non-finite step of a run is diagnosed once: its batch is
+  rebuilt from the data order and re-run on a copy of the model with hooks
+  (stats.first_nonfinite), naming the first module whose output or gradient went
+  non-finite. A run that ends raises errors.RunStopped: one sentence, exit 1, and the
+  trainer saves the last (finite) state first.
+- **Memory growth**: the window's tensor memory (the allocator's, or the CPU budget's
+  tracker) or else the process's resident memory, fitted per window (telemetry/trend.py);
+  a steady climb is reported once, with its slope.
+
+A skip default, a stop after a run: isolated non-finite steps (one bad batch, a rare
+overflow) cost one skipped update, while ten in a row mean the model has diverged and
+further steps would only burn compute on NaN. fp16's loss scaler keeps working: its own
+skips of overflowed gradients (finite loss) are not counted as non-finite.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from torch.utils.data import DataLoader, default_collate
+
+from redline import batch as batch_tree
+from redline.build import Job
+from redline.config import TrainConfig
+from redline.data import EpochBatchSampler
+from redline.errors import RunStopped
+from redline.events import Callback, State
+from redline.stats import first_nonfinite
+from redline.telemetry import schema as K
+from redline.telemetry.jsonl import EventLog
+from redline.telemetry.trend import growth
+
+MEMORY_POINTS = 400  # the windows the trend is fitted over, at the most
+
+
+class RunWatch(Callback):
+    """See the module docstring. `locate(step)` names where that step went non-finite."""
+
+    def __init__(self, train: TrainConfig, events: EventLog,
+                 locate: Callable[[int], str | None]) -> None:
+        self.mode, self.patience = train.on_nonfinite, train.nonfinite_patience
+        self.events, self.locate = events, locate
+        self.diagnosed = self.warned_growth = False
+        self.memory: list[tuple[int, float]] = []
+
+    def on_window(self, state: State, record: dict[str, Any]) -> None:
+        if record.get(K.NONFINITE_STEPS):
+            self._nonfinite(record)
+        self._memory(record)
+
+    def _nonfinite(self, record: dict[str, Any]) -> None:
+        n, first, step = record[K.NONFINITE_STEPS], record[K.FIRST_NONFINITE], record[K.STEP]
+        where = ""
+        if not self.diagnosed:
+            self.diagnosed = True
+            found = self.locate(first)
+            where = (f" (re-run with the weights at step {step}: {found})" if found
+                     else f" (not reproduced re-running step {first} with the weights at "
+                          f"step {step})")
+            self.events.event("nonfinite", step=first, where=found, mode=self.mode)
+        if self.mode == "stop":
+            raise RunStopped(f"the loss or gradients were not finite at step {first}{where}; "
+                             "stopped (train.on_nonfinite: stop) with the last finite "
+                             "weights saved")
+        run = record.get(K.NONFINITE_RUN, 0)
+        if self.mode == "skip" and self.patience and run >= self.patience:
+            raise RunStopped(f"{run} steps in a row had non-finite loss or gradients (up to "
+                             f"step {step}){where}: the run has diverged, stopped "
+                             f"(train.nonfinite_patience {self.patience}) with the last "
+                             "finite weights saved; lower train.lr or fix what went non-finite")
+        fate = ("their updates were skipped" if self.mode == "skip"
+                else "their updates were applied (train.on_nonfinite: warn)")
+        print(f"redline: {n} step(s) with non-finite loss or gradients in the window ending "
+              f"at step {step}, the first at {first}{where}; {fate}", file=sys.stderr,
+              flush=True)
+        self.events.event("nonfinite_window", step=step, steps=n, first=first, mode=self.mode)
+
+    def _memory(self, record: dict[str, Any]) -> None:
+        key = K.MEM_ALLOCATED if record.get(K.MEM_ALLOCATED) is not None else K.MEM_RSS
+        value = record.get(key)
+        if value is None or self.warned_growth:
+            return
+        self.memory = [*self.memory[-MEMORY_POINTS + 1:], (record[K.STEP], float(value))]
+        found = growth(self.memory)
+        if found is not None:
+            self.warned_growth = True
+            what = "tensor memory" if key == K.MEM_ALLOCATED else "the process's resident memory"
+            print(f"redline: warning: {found.sentence(what)}", file=sys.stderr, flush=True)
+            self.events.event("memory_growth", key=key, bytes_per_1000_steps=round(
+                found.per_1000_steps), first_step=found.first_step, last_step=found.last_step,
+                r2=round(found.r2, 3))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"diagnosed": self.diagnosed, "warned_growth": self.warned_growth}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.diagnosed = bool(state.get("diagnosed"))
+        self.warned_growth = bool(state.get("warned_growth"))
+
+
+def locate_nonfinite(job: Job, loader: DataLoader, step: int) -> str | None:
+    """Where `step` (1-based) went non-finite: its batch rebuilt from the data order (the
+    loader's sampler), re-run with hooks on a copy of the current model."""
+    sampler = loader.batch_sampler
+    assert isinstance(sampler, EpochBatchSampler) and job.steps_per_epoch
+    epoch, index = divmod(step - 1, job.steps_per_epoch)
+    samples = default_collate([job.train_set[i] for i in sampler.indices(epoch, index)])
+    batch = batch_tree.move(samples, job.device.torch_device)
+    return first_nonfinite(job.model, batch, job.task.loss, job.precision.forward_context)
