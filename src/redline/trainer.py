@@ -48,7 +48,7 @@ from redline.task import Task, resolve_task
 from redline.telemetry.jsonl import EventLog, truncate_after
 from redline.telemetry.session import Telemetry
 from redline.tune import resolve_auto_batch
-from redline.watch import RunWatch, locate_nonfinite
+from redline.watch import MemoryEvents, RunWatch, locate_nonfinite
 
 
 @dataclass
@@ -169,7 +169,7 @@ class Trainer:
                                                     check)
         self.events = held.enter_context(EventLog(self.run_dir / "events.jsonl"))
         self.state = State(run_dir=str(self.run_dir))
-        self.dispatcher = Dispatcher([_MemoryEvents(self.events), *self.user_callbacks])
+        self.dispatcher = Dispatcher([MemoryEvents(self.events), *self.user_callbacks])
         self.job: Job = build_job(self.config, self.task, self.device,
                                   dispatcher=self.dispatcher, state=self.state)
         self.state.model, self.state.optimizer = self.job.model, self.job.optimizer
@@ -412,33 +412,3 @@ class Trainer:
         if not isinstance(exc, RunStopped):  # that one's sentence says it already
             print(f"redline: {type(exc).__name__} after step {step}; saved {path}; continue "
                   "with --resume once fixed", file=sys.stderr)
-
-
-class _MemoryEvents(Callback):
-    """Every micro-batch change of the OOM guard, and what micro-batches do to BatchNorm:
-    a line on stderr and an event."""
-
-    def __init__(self, events: EventLog) -> None:
-        self.events = events
-
-    def on_anomaly(self, state: State, info: dict[str, Any]) -> None:
-        if info.get("kind") != "batch_statistics":
-            return
-        layers = info["layers"]
-        print(f"redline: note: {len(layers)} BatchNorm layer(s) ({', '.join(layers[:3])}"
-              f"{', ...' if len(layers) > 3 else ''}) normalise each micro-batch of "
-              f"{info['micro_batch']} with its own statistics, so a step split from "
-              f"{info['batch']} samples is not the full-batch step; GroupNorm or LayerNorm "
-              "are not affected", file=sys.stderr, flush=True)
-        self.events.event("batch_statistics", **{k: v for k, v in info.items()
-                                                 if k != "kind"})
-
-    def on_micro_batch_change(self, state: State, info: dict[str, Any]) -> None:
-        why = (f"after OOM in {info['phase']}" if info["reason"] == "oom"
-               else "growing back after clean steps")
-        inexact = ("; the redo draws other random numbers than the failed attempt (its "
-                   "RNG began drawing unseen), so this step is not bit-exact"
-                   if info.get("exact") is False else "")
-        print(f"micro-batch {info['old']} -> {info['new']} {why} at step {info['step']}"
-              f"{inexact}", file=sys.stderr, flush=True)
-        self.events.event("micro_batch", **info)

@@ -1,4 +1,5 @@
-"""Watching each window of a run: non-finite steps and memory that keeps growing.
+"""Watching a run: non-finite steps and memory growth in each window; the OOM guard's
+micro-batch changes and what micro-batches do to BatchNorm (MemoryEvents).
 
 `RunWatch` is a callback on Event.WINDOW (the trainer installs it) that reads what the
 window logger tallied, so it adds nothing to a step:
@@ -118,3 +119,33 @@ def locate_nonfinite(job: Job, loader: DataLoader, step: int) -> str | None:
     samples = default_collate([job.train_set[i] for i in sampler.indices(epoch, index)])
     batch = batch_tree.move(samples, job.device.torch_device)
     return first_nonfinite(job.model, batch, job.task.loss, job.precision.forward_context)
+
+
+class MemoryEvents(Callback):
+    """Every micro-batch change of the OOM guard, and what micro-batches do to BatchNorm:
+    a line on stderr and an event."""
+
+    def __init__(self, events: EventLog) -> None:
+        self.events = events
+
+    def on_anomaly(self, state: State, info: dict[str, Any]) -> None:
+        if info.get("kind") != "batch_statistics":
+            return
+        layers = info["layers"]
+        print(f"redline: note: {len(layers)} BatchNorm layer(s) ({', '.join(layers[:3])}"
+              f"{', ...' if len(layers) > 3 else ''}) normalise each micro-batch of "
+              f"{info['micro_batch']} with its own statistics, so a step split from "
+              f"{info['batch']} samples is not the full-batch step; GroupNorm or LayerNorm "
+              "are not affected", file=sys.stderr, flush=True)
+        self.events.event("batch_statistics", **{k: v for k, v in info.items()
+                                                 if k != "kind"})
+
+    def on_micro_batch_change(self, state: State, info: dict[str, Any]) -> None:
+        why = (f"after OOM in {info['phase']}" if info["reason"] == "oom"
+               else "growing back after clean steps")
+        inexact = ("; the redo draws other random numbers than the failed attempt (its "
+                   "RNG began drawing unseen), so this step is not bit-exact"
+                   if info.get("exact") is False else "")
+        print(f"micro-batch {info['old']} -> {info['new']} {why} at step {info['step']}"
+              f"{inexact}", file=sys.stderr, flush=True)
+        self.events.event("micro_batch", **info)

@@ -92,6 +92,8 @@ def test_cli_micro_batch_of_one_failing_exits_cleanly_with_a_checkpoint(tmp_path
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr
     assert "even with a micro-batch of 1" in out.stderr and "memory.budget" in out.stderr
+    doctor = run_cli(["doctor", "r"], tmp_path)
+    assert "out of memory even at a micro-batch of 1" in doctor.stdout
 
 
 def test_cli_batch_size_auto_and_tune(tmp_path: Path) -> None:

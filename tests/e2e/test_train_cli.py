@@ -336,6 +336,11 @@ def test_a_nan_loss_is_skipped_then_stops_the_run_and_keeps_finite_checkpoints(
     assert windows[0]["loss"] == windows[0]["loss"]  # the finite steps' mean, not NaN
     found = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "nonfinite"]
     assert found[0]["step"] == 30 and "loss" in found[0]["where"]
+    doctor = run_cli(["doctor", "r", "--json"], tmp_path)
+    kinds = {f["kind"]: f["message"] for f in json.loads(doctor.stdout.splitlines()[-1])[
+        "findings"]}
+    assert "first at step 30" in kinds["nonfinite"] and "skipped" in kinds["nonfinite"]
+    assert "after step 50 of 100 with stopping itself" in kinds["ended"]
 
 
 def test_on_nonfinite_stop_names_the_step(tmp_path: Path) -> None:
@@ -360,3 +365,28 @@ def test_on_nonfinite_warn_applies_them_and_never_displaces_the_last_finite_chec
                      "step-00000100.pt"]
     windows = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert windows[0]["skipped_steps"] == 0 and windows[0]["nonfinite_steps"] == 21
+
+
+LEAKY_TASK = (
+    "import sys, torch\n"
+    f"sys.path.insert(0, {str(Path(TOY.split(':')[0]).parent)!r})\n"
+    "from toy import ToyRegression\n\n"
+    "class Leaky(ToyRegression):\n"
+    "    kept = []\n"
+    "    def loss(self, model, batch):\n"
+    "        loss = super().loss(model, batch)\n"
+    "        if model.training:  # the classic: something of each step kept in a list\n"
+    "            Leaky.kept.append(torch.ones(250_000))\n"
+    "        return loss\n")
+
+
+def test_memory_that_keeps_growing_is_reported_by_the_run_and_by_doctor(
+        tmp_path: Path) -> None:
+    (tmp_path / "leaky.py").write_text(LEAKY_TASK)
+    out = run_cli(["train", "leaky.py:Leaky", "--steps", "120", "--run-dir", "r", "--set",
+                   "telemetry.log_every=10", "--set", "train.eval_every=0"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    warned = [line for line in out.stderr.splitlines() if "grew steadily" in line]
+    assert len(warned) == 1 and "MiB per 1000 steps" in warned[0]
+    doctor = run_cli(["doctor", "r"], tmp_path)
+    assert "memory-growth" in doctor.stdout and "appended to a list" in doctor.stdout

@@ -322,3 +322,67 @@ def test_render(tmp_path: Path) -> None:
     assert lines[0].startswith("warning") and "input-bound" in lines[0]
     assert lines[-1] == "note     system.jsonl is missing"
     assert render([], []) == "no findings"
+
+
+def test_a_run_that_ended_early_says_how_and_where_to_go_on(tmp_path: Path) -> None:
+    start = {"event": "run_start", "step": 0, "max_steps": 100}
+    saved = [{"event": "checkpoint_saved", "step": s} for s in (20, 40)]
+    failed = healthy(tmp_path / "oom", events=[start, *saved, {
+        "event": "failed", "step": 47, "error": "OutOfMemoryAtMinimum"}])
+    f = by_kind(diagnose(failed)[0])["ended"]
+    assert f.severity == "warning" and "after step 47 of 100" in f.message
+    assert "out of memory even at a micro-batch of 1" in f.message and "step 40" in f.message
+    signal = healthy(tmp_path / "sig", events=[start, *saved, {
+        "event": "interrupted", "signal": "SIGTERM", "step": 41}])
+    assert "stopped by SIGTERM at step 41" in by_kind(diagnose(signal)[0])["ended"].message
+    killed = healthy(tmp_path / "killed", events=[start, *saved])  # windows end at step 50
+    f = by_kind(diagnose(killed)[0])["ended"]
+    assert "step 50 of 100" in f.message and "no word why" in f.message
+    done = healthy(tmp_path / "done", events=[{**start, "max_steps": 50},
+                                              {"event": "checkpoint_saved", "step": 50}])
+    assert "ended" not in by_kind(diagnose(done)[0])
+
+
+def test_non_finite_steps_are_reported_with_their_fate(tmp_path: Path) -> None:
+    rows = [window(10 * (i + 1), nonfinite_steps=n, skipped_steps=n,
+                   first_nonfinite_step=10 * i + 3 if n else None)
+            for i, n in enumerate([0, 2, 5, 0])]
+    events = [{"event": "nonfinite", "step": 13, "where": "output of net.2 (Linear)"}]
+    f = by_kind(diagnose(healthy(tmp_path, metrics=rows, events=events))[0])["nonfinite"]
+    assert f.value == 7.0 and "first at step 13" in f.message
+    assert "output of net.2" in f.message and "7 of their updates were skipped" in f.message
+    assert "nonfinite" not in by_kind(diagnose(healthy(tmp_path / "clean"))[0])
+
+
+def test_memory_that_keeps_growing_is_a_finding(tmp_path: Path) -> None:
+    leaking = [window(10 * (i + 1), mem_rss_bytes=300 * 2**20 + i * 4 * 2**20)
+               for i in range(12)]
+    f = by_kind(diagnose(healthy(tmp_path / "leak", metrics=leaking))[0])["memory-growth"]
+    assert "400.0 MiB per 1000 steps" in f.message and "appended to a list" in f.message
+    flat = [window(10 * (i + 1), mem_rss_bytes=300 * 2**20 + (i % 3) * 2**20)
+            for i in range(12)]
+    assert "memory-growth" not in by_kind(diagnose(healthy(tmp_path / "flat", metrics=flat))[0])
+
+
+def test_advice_names_real_settings_the_run_did_not_already_use(tmp_path: Path) -> None:
+    """Every 'set KEY: VALUE' is a real config key with another value than the run's,
+    and every command named exists."""
+    from redline.config import RunConfig
+
+    cfg = config(**{"precision.name": "fp32", "data.pin_memory": False})
+    cfg["precision"]["compile"] = True
+    rows = windows(data_wait_pct=3.0, mem_pct=12.0)
+    events = [{"event": "autobatch", "micro_batch": 8},
+              {"event": "micro_batch", "old": 16, "new": 8, "reason": "oom"}]
+    findings, _ = diagnose(healthy(tmp_path, cfg=cfg, env=CUDA, metrics=rows, events=events,
+                                   system=[{"gpu/util_pct": 20.0}]))
+    keys = RunConfig().to_dict()
+    for f in findings:
+        for key, value in re.findall(r"set ([a-z_]+\.[a-z_]+)(?::| to) ([\w.-]+)", f.message):
+            section, name = key.split(".")
+            assert name in keys[section], (key, f.message)
+            assert str(cfg.get(section, {}).get(name)) != value, (key, f.message)
+        for command in re.findall(r"redline (\w+)", f.message):
+            assert command in ("train", "tune", "doctor"), f.message
+    assert "precision.compile" not in by_kind(findings)["host-bound"].message
+    assert "train.batch_size: auto" not in " ".join(f.message for f in findings)

@@ -1,134 +1,30 @@
-"""`redline doctor RUN_DIR`: where a finished (or running) run's step time went.
-
-Reads only the run directory (config.yaml, environment.json, metrics.jsonl, system.jsonl,
-events.jsonl), so it works on a run from another machine and never touches a device.
-Every finding rests on logged evidence: a rule whose inputs are missing produces no
-finding, only a note saying what was missing. Statistics are medians over the training
-windows, because one slow window (a checkpoint, the allocator warming up) must not
-decide the verdict; the first window is skipped as warm-up when there are >= 3.
-
-Each check is one rule function in `RULES`, taking the run's `Evidence` and returning a
-Finding or None; keys are read from telemetry/schema.py. Adding a check is adding a rule.
+"""Where a run's step time went: the loader, the host, memory left unused, the precision,
+OOM retries, and redline's own overhead. One rule function per check.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import statistics
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from redline.diagnose.evidence import (
+    GPU_BUSY_PCT,
+    HEADROOM_PCT,
+    HEADROOM_WARN_PCT,
+    INPUT_BOUND_PCT,
+    OVERHEAD_GOAL_PCT,
+    SKIPPED_WARN_FRAC,
+    SKIPPED_WARN_MIN,
+    Evidence,
+    Finding,
+    _get,
+    _median,
+    _num,
+    _pct,
+    _secs,
+    _series,
+)
 from redline.telemetry import schema as K
-from redline.telemetry.jsonl import read_jsonl
-
-FILES = ("config.yaml", "environment.json", "metrics.jsonl", "system.jsonl", "events.jsonl")
-INPUT_BOUND_PCT = 10.0  # data-wait share at which the loader is the bottleneck
-GPU_BUSY_PCT = 60.0  # below this median utilisation the GPU is starved by the host
-HEADROOM_PCT = 50.0  # peak memory below this leaves room for a larger micro-batch
-HEADROOM_WARN_PCT = 25.0  # ... and below this much of the device is wasted
-OVERHEAD_GOAL_PCT = 0.5  # DESIGN.md: telemetry overhead goal
-SKIPPED_WARN_FRAC = 0.05  # fp16 scaler skips above this share of steps are not start-up noise
-SKIPPED_WARN_MIN = 3
-
-
-@dataclass
-class Finding:
-    kind: str  # input-bound host-bound memory-headroom precision telemetry-overhead oom-retries ok
-    severity: str  # info | warning
-    message: str  # one sentence, with its number and what to change
-    value: float | None = None
-
-
-def _num(x: Any) -> float | None:
-    # bool is an int; non-finite floats are logged as strings ("NaN"): neither is a measurement.
-    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
-        return None
-    return float(x)
-
-
-def _get(d: dict[str, Any], dotted: str) -> Any:
-    cur: Any = d
-    for part in dotted.split("."):
-        if not isinstance(cur, dict):
-            return None
-        cur = cur.get(part)
-    return cur
-
-
-def _series(rows: list[dict[str, Any]], key: str) -> list[float]:
-    return [v for v in (_num(r.get(key)) for r in rows) if v is not None]
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def _pct(x: float) -> str:
-    return f"{x:.0f}" if abs(x) >= 10 else f"{x:.1f}" if abs(x) >= 1 else f"{x:.2f}"
-
-
-def _secs(s: float) -> str:
-    return f"{s:.2f} s" if s >= 1 else f"{s * 1000:.1f} ms"
-
-
-def _read(path: Path, notes: list[str]) -> Any:
-    """Parsed content of one run file, or None (with a note) when missing or unreadable."""
-    if not path.is_file():
-        notes.append(f"{path.name} is missing")
-        return None
-    try:
-        if path.suffix == ".jsonl":
-            return [r for r in read_jsonl(path) if isinstance(r, dict)]
-        text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        notes.append(f"{path.name} could not be read ({type(e).__name__})")
-        return None
-    if not isinstance(data, dict):
-        notes.append(f"{path.name} does not hold a mapping")
-        return None
-    return data
-
-
-@dataclass
-class Evidence:
-    """A run directory's files, parsed once, and the training windows among its metrics."""
-
-    cfg: dict[str, Any]
-    env: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    system: list[dict[str, Any]]
-    events: list[dict[str, Any]]
-    notes: list[str]
-
-    def __post_init__(self) -> None:
-        # Training windows: evaluation rows carry eval/... keys and no loss.
-        self.train = [r for r in self.metrics if not any(K.is_eval(k) for k in r)
-                      and (K.LOSS in r or K.STEP_TIME in r)]
-        if self.metrics and not self.train:
-            self.notes.append("metrics.jsonl has no training windows")
-        self.kept = self.train[1:] if len(self.train) >= 3 else self.train
-        self.kind = _get(self.env, "device.kind")
-        self.gpu_rows = [r for r in self.system if _num(r.get(K.GPU_UTIL)) is not None]
-        # NVML metrics exist only on a GPU: they identify CUDA when environment.json is gone.
-        self.cuda = self.kind == "cuda" or (self.kind is None and bool(self.gpu_rows))
-        self.data_wait = self.median(K.DATA_WAIT_PCT, "input-bound")
-        self.step_time = _median(_series(self.kept, K.STEP_TIME))
-
-    def median(self, key: str, check: str) -> float | None:
-        """The key's median over the kept windows; a note when the windows lack it."""
-        value = _median(_series(self.kept, key))
-        if value is None and self.kept:
-            self.notes.append(f"metrics.jsonl has no {key}: {check} check skipped")
-        return value
-
-
-Rule = Callable[[Evidence], "Finding | None"]
 
 
 def input_bound(ev: Evidence) -> Finding | None:
@@ -166,11 +62,13 @@ def host_bound(ev: Evidence) -> Finding | None:
     if wait >= INPUT_BOUND_PCT:
         return None  # the loader explains it: input-bound says so
     syncs = _median(_series(ev.kept, K.HOST_SYNCS))
-    sync_txt = f" (now {syncs:g} per window)" if syncs else ""
+    fixes = ([] if ev.auto_batch else ["use a larger micro-batch (train.batch_size: auto)"]) \
+        + ([] if _get(ev.cfg, "precision.compile") is True
+           else ["set precision.compile: true"]) \
+        + [f"cut host syncs (now {syncs:g} per window)" if syncs else "cut host syncs"]
     return Finding("host-bound", "warning",
                    f"The GPU was busy only {_pct(util)} % of the time (median) while the "
-                   f"loader waited {_pct(wait)} %: use a larger micro-batch (train.batch_size: "
-                   f"auto), set precision.compile: true and cut host syncs{sync_txt}.", util)
+                   f"loader waited {_pct(wait)} %: " + ", ".join(fixes) + ".", util)
 
 
 def memory_headroom(ev: Evidence) -> Finding | None:
@@ -192,9 +90,14 @@ def memory_headroom(ev: Evidence) -> Finding | None:
     target = _num(_get(ev.cfg, "memory.target")) or 0.85
     of = ("the memory budget" if budget is not None
           else "physical memory" if ev.kind == "cpu" else "the device")
+    if ev.auto_batch:  # the search chose this size: it is the fastest, not the largest
+        fix = ("the batch search chose it as the fastest size (a larger one was not "
+               "faster)" if target >= 1 else f"raise memory.target (now {target:g}) to let "
+               "the batch search try larger sizes")
+    else:
+        fix = f"set train.batch_size: auto to fill memory.target ({target * 100:.0f} %)"
     return Finding("memory-headroom", "warning" if mem < HEADROOM_WARN_PCT else "info",
-                   f"Peak memory was {_pct(mem)} % of {of} at micro-batch {batch}: set "
-                   f"train.batch_size: auto to fill memory.target ({target * 100:.0f} %).", mem)
+                   f"Peak memory was {_pct(mem)} % of {of} at micro-batch {batch}: {fix}.", mem)
 
 
 def precision(ev: Evidence) -> Finding | None:
@@ -207,8 +110,8 @@ def precision(ev: Evidence) -> Finding | None:
             and ev.kind in ("cuda", "cpu"):
         at = f" at {_secs(ev.step_time)} per step" if ev.step_time else ""
         # CPU bf16 speed depends on AMX/AVX512-BF16: only a measurement here can justify it.
-        end = (" (redline study checks its quality against fp32)." if ev.kind == "cuda"
-               else ", but only if redline study measures it faster on this machine.")
+        end = (", after checking a short run's loss against fp32's." if ev.kind == "cuda"
+               else ", but only if a short run measures it faster on this machine.")
         return Finding("precision", "info", f"The run used fp32{at} on a "
                        f"{'GPU' if ev.kind == 'cuda' else 'CPU'} that supports bf16: try "
                        f"precision.name: bf16-mixed{end}", ev.step_time)
@@ -234,14 +137,19 @@ def oom_retries(ev: Evidence) -> Finding | None:
     if not ooms:
         return None
     final = changes[-1].get("new", "unknown")
+    fitted = min(int(e["new"]) for e in ooms if isinstance(e.get("new"), int))
+    if ev.auto_batch:  # the search's own size ran out: leave it more room
+        target = _num(_get(ev.cfg, "memory.target")) or 0.85
+        fix = f"lower memory.target (now {target:g}) so the batch search leaves more room"
+    else:
+        fix = f"set train.batch_size to {fitted} or auto to avoid the retries"
     return Finding("oom-retries", "info",
                    f"The OOM guard shrank the micro-batch {len(ooms)} time"
-                   f"{'s' if len(ooms) != 1 else ''} (final micro-batch {final}): set "
-                   f"train.batch_size to {final} or auto to avoid the retries.",
+                   f"{'s' if len(ooms) != 1 else ''} (final micro-batch {final}): {fix}.",
                    float(len(ooms)))
 
 
-RULES: list[Rule] = [input_bound, host_bound, memory_headroom, precision, oom_retries]
+RULES = [input_bound, host_bound, memory_headroom, precision, oom_retries]
 
 
 def telemetry_overhead(ev: Evidence) -> Finding | None:
@@ -273,28 +181,6 @@ def no_bottleneck(ev: Evidence, found: list[Finding]) -> Finding | None:
                    f"{'s' if n != 1 else ''}{summary}.", rate)
 
 
-def load_evidence(run_dir: str | Path) -> Evidence:
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"run directory {str(root)!r} does not exist")
-    if not any((root / name).is_file() for name in FILES):
-        raise FileNotFoundError(f"{str(root)!r} holds none of {', '.join(FILES)}: "
-                                "it is not a redline run directory")
-    notes: list[str] = []
-    cfg, env = (_read(root / name, notes) or {} for name in FILES[:2])
-    metrics, system, events = (_read(root / name, notes) or [] for name in FILES[2:])
-    return Evidence(cfg, env, metrics, system, events, notes)
-
-
-def diagnose(run_dir: str | Path) -> tuple[list[Finding], list[str]]:
-    """Findings about where the run's step time went, and notes on missing evidence."""
-    ev = load_evidence(run_dir)
-    found = [f for rule in RULES if (f := rule(ev)) is not None]
-    overhead = telemetry_overhead(ev)
-    verdict = no_bottleneck(ev, [*found, *([overhead] if overhead else [])])
-    return [*found, *([verdict] if verdict else []), *([overhead] if overhead else [])], ev.notes
-
-
 def _training_span(samples: list[dict[str, Any]],
                    train: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """System samples taken between the end of the warm-up window and the last window.
@@ -322,8 +208,3 @@ def _skipped_steps(train: list[dict[str, Any]]) -> tuple[int | None, int | None]
     return int(sum(counts)), int(steps) if steps else None
 
 
-def render(findings: list[Finding], notes: list[str]) -> str:
-    """Human text: one finding per line, warnings marked, then the notes."""
-    lines = [f"{f.severity:<8} {f.kind:<19} {f.message}" for f in findings]
-    lines += [f"note     {n}" for n in notes]
-    return "\n".join(lines) if lines else "no findings"

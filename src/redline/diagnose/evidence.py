@@ -1,0 +1,145 @@
+"""The evidence `redline doctor RUN_DIR` reasons from: a run directory's files, parsed once.
+
+Reads only the run directory (config.yaml, environment.json, metrics.jsonl, system.jsonl,
+events.jsonl), so it works on a run from another machine and never touches a device. A
+file that is missing or unreadable becomes a note, never an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from redline.telemetry import schema as K
+from redline.telemetry.jsonl import read_jsonl
+
+FILES = ("config.yaml", "environment.json", "metrics.jsonl", "system.jsonl", "events.jsonl")
+INPUT_BOUND_PCT = 10.0  # data-wait share at which the loader is the bottleneck
+GPU_BUSY_PCT = 60.0  # below this median utilisation the GPU is starved by the host
+HEADROOM_PCT = 50.0  # peak memory below this leaves room for a larger micro-batch
+HEADROOM_WARN_PCT = 25.0  # ... and below this much of the device is wasted
+OVERHEAD_GOAL_PCT = 0.5  # DESIGN.md: telemetry overhead goal
+SKIPPED_WARN_FRAC = 0.05  # fp16 scaler skips above this share of steps are not start-up noise
+SKIPPED_WARN_MIN = 3
+
+
+@dataclass
+class Finding:
+    kind: str  # ended nonfinite memory-growth input-bound host-bound memory-headroom precision
+    # oom-retries telemetry-overhead ok
+    severity: str  # info | warning
+    message: str  # one sentence, with its number and what to change
+    value: float | None = None
+
+
+
+
+Rule = Callable[["Evidence"], "Finding | None"]
+
+
+def _num(x: Any) -> float | None:
+    # bool is an int; non-finite floats are logged as strings ("NaN"): neither is a measurement.
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    cur: Any = d
+    for part in dotted.split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [v for v in (_num(r.get(key)) for r in rows) if v is not None]
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 10 else f"{x:.1f}" if abs(x) >= 1 else f"{x:.2f}"
+
+
+def _secs(s: float) -> str:
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1000:.1f} ms"
+
+
+def _read(path: Path, notes: list[str]) -> Any:
+    """Parsed content of one run file, or None (with a note) when missing or unreadable."""
+    if not path.is_file():
+        notes.append(f"{path.name} is missing")
+        return None
+    try:
+        if path.suffix == ".jsonl":
+            return [r for r in read_jsonl(path) if isinstance(r, dict)]
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        notes.append(f"{path.name} could not be read ({type(e).__name__})")
+        return None
+    if not isinstance(data, dict):
+        notes.append(f"{path.name} does not hold a mapping")
+        return None
+    return data
+
+
+@dataclass
+class Evidence:
+    """A run directory's files, parsed once, and the training windows among its metrics."""
+
+    cfg: dict[str, Any]
+    env: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    system: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    notes: list[str]
+
+    def __post_init__(self) -> None:
+        # Training windows: evaluation rows carry eval/... keys and no loss.
+        self.train = [r for r in self.metrics if not any(K.is_eval(k) for k in r)
+                      and (K.LOSS in r or K.STEP_TIME in r)]
+        if self.metrics and not self.train:
+            self.notes.append("metrics.jsonl has no training windows")
+        self.kept = self.train[1:] if len(self.train) >= 3 else self.train
+        self.kind = _get(self.env, "device.kind")
+        self.gpu_rows = [r for r in self.system if _num(r.get(K.GPU_UTIL)) is not None]
+        # NVML metrics exist only on a GPU: they identify CUDA when environment.json is gone.
+        self.cuda = self.kind == "cuda" or (self.kind is None and bool(self.gpu_rows))
+        self.data_wait = self.median(K.DATA_WAIT_PCT, "input-bound")
+        self.step_time = _median(_series(self.kept, K.STEP_TIME))
+        # config.yaml holds the resolved micro-batch; the search's event says it was auto
+        self.auto_batch = any(e.get("event") == "autobatch" for e in self.events)
+
+    def median(self, key: str, check: str) -> float | None:
+        """The key's median over the kept windows; a note when the windows lack it."""
+        value = _median(_series(self.kept, key))
+        if value is None and self.kept:
+            self.notes.append(f"metrics.jsonl has no {key}: {check} check skipped")
+        return value
+
+
+def load_evidence(run_dir: str | Path) -> Evidence:
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"run directory {str(root)!r} does not exist")
+    if not any((root / name).is_file() for name in FILES):
+        raise FileNotFoundError(f"{str(root)!r} holds none of {', '.join(FILES)}: "
+                                "it is not a redline run directory")
+    notes: list[str] = []
+    cfg, env = (_read(root / name, notes) or {} for name in FILES[:2])
+    metrics, system, events = (_read(root / name, notes) or [] for name in FILES[2:])
+    return Evidence(cfg, env, metrics, system, events, notes)
+
+

@@ -1,0 +1,91 @@
+"""How a run went: how it ended, its non-finite steps, memory that kept growing.
+
+Each rule reads the run's events and windows; none needs a device. A run that ended
+early is told by its last events: `failed` (an exception: out of memory at a micro-batch
+of 1, a crash in the task, a file-system fault, the run stopping itself on non-finite
+steps), `interrupted` (a signal), or nothing at all after its last window (killed: the
+kernel's OOM killer or kill -9).
+"""
+
+from __future__ import annotations
+
+from redline.diagnose.evidence import Evidence, Finding, _get, _series
+from redline.telemetry import schema as K
+from redline.telemetry.trend import growth
+
+_WHY = {"OutOfMemoryAtMinimum": "out of memory even at a micro-batch of 1",
+        "OutOfMemoryError": "out of memory", "RunStopped": "stopping itself",
+        "StorageError": "a file-system fault (read-only, full disk)",
+        "KeyboardInterrupt": "a second Ctrl-C"}
+
+
+def ended(ev: Evidence) -> Finding | None:
+    """A run that did not reach its last step, and how to go on."""
+    starts = [i for i, e in enumerate(ev.events) if e.get("event") == "run_start"]
+    if not starts:
+        return None
+    start = ev.events[starts[-1]]
+    after = ev.events[starts[-1]:]
+    saved = [e["step"] for e in after if e.get("event") == "checkpoint_saved"
+             and e.get("finite", True)] or [e["step"] for e in ev.events[:starts[-1]]
+                                             if e.get("event") == "checkpoint_saved"]
+    last_good = f"step {saved[-1]}" if saved else "none (nothing to resume)"
+    max_steps = start.get("max_steps")
+    for e in reversed(after):
+        if e.get("event") == "failed":
+            why = _WHY.get(str(e.get("error")), str(e.get("error")))
+            return Finding("ended", "warning",
+                           f"The run ended after step {e.get('step')} of {max_steps} with "
+                           f"{why}; its last good checkpoint is {last_good}: fix the cause "
+                           "and continue with redline train --resume.", float(e.get("step", 0)))
+        if e.get("event") == "interrupted":
+            return Finding("ended", "info",
+                           f"The run was stopped by {e.get('signal')} at step "
+                           f"{e.get('step')} of {max_steps} with a checkpoint: continue with "
+                           "redline train --resume.", float(e.get("step", 0)))
+    steps = _series(ev.train, K.STEP)
+    last = int(max(steps)) if steps else 0
+    if max_steps and last < max_steps and not any(
+            e.get("event") == "checkpoint_saved" and e.get("step") == max_steps for e in after):
+        return Finding("ended", "warning",
+                       f"The run's last record is step {last} of {max_steps} and it left no "
+                       "word why (killed: by the kernel for memory, or kill -9); its last good "
+                       f"checkpoint is {last_good}: continue with redline train --resume.",
+                       float(last))
+    return None
+
+
+def nonfinite(ev: Evidence) -> Finding | None:
+    counts = _series(ev.train, K.NONFINITE_STEPS)
+    total = int(sum(counts))
+    if not total:
+        return None
+    firsts = [r[K.FIRST_NONFINITE] for r in ev.train if r.get(K.FIRST_NONFINITE) is not None]
+    where = next((e.get("where") for e in ev.events if e.get("event") == "nonfinite"), None)
+    skipped = int(sum(_series(ev.train, K.SKIPPED_STEPS)))
+    mode = _get(ev.cfg, "train.on_nonfinite") or "skip"
+    fate = (f"{skipped} of their updates were skipped" if skipped
+            else "their updates were applied (train.on_nonfinite: warn)")
+    at = f", first at step {firsts[0]}" if firsts else ""
+    cause = f" ({where})" if where else ""
+    fix = ("lower train.lr, or look at what went non-finite first" if mode != "warn" else
+           "set train.on_nonfinite: skip so they do not poison the weights")
+    return Finding("nonfinite", "warning",
+                   f"{total} steps had non-finite loss or gradients{at}{cause}; {fate}: {fix}.",
+                   float(total))
+
+
+def memory_growth(ev: Evidence) -> Finding | None:
+    for key, what in ((K.MEM_ALLOCATED, "Tensor memory"), (K.MEM_RSS, "Resident memory")):
+        points = [(int(r[K.STEP]), float(r[key])) for r in ev.train
+                  if isinstance(r.get(key), int | float) and isinstance(r.get(K.STEP), int)]
+        if points:
+            found = growth(points)
+            if found is None:
+                return None
+            return Finding("memory-growth", "warning", found.sentence(what) + ".",
+                           found.per_1000_steps)
+    return None
+
+
+RULES = [ended, nonfinite, memory_growth]
