@@ -111,3 +111,19 @@ def test_user_sinks_are_checked_where_they_point(tmp_path: Path) -> None:
         load_config(None, ["telemetry.trackers=[jsonl, nowhere.py:MySink]"])
     with pytest.raises(ConfigError, match=r"cannot find module .no_such_pkg\.sinks."):
         load_config(None, ["telemetry.trackers=[no_such_pkg.sinks:Sink]"])
+
+
+def test_the_readme_config_block_lists_every_key_at_its_default() -> None:
+    """The README's Configuration block is the reference: every key, each default true."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    documented = yaml.safe_load(block)
+    defaults = RunConfig().to_dict()
+    for section_name, values in defaults.items():
+        if not isinstance(values, dict) or section_name == "task_args":
+            continue
+        assert set(documented[section_name]) == set(values), section_name
+    assert set(documented) == set(defaults)
+    documented["task"] = None  # the block shows an example task; its default is none
+    assert RunConfig.from_dict(documented).to_dict() == defaults
