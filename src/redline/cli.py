@@ -224,8 +224,9 @@ def _print_result(r: dict[str, Any]) -> None:
     if r["eval"]:
         print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in r["eval"].items()))
     if r["interrupted"] and r["checkpoint"]:
-        print(f"stopped by {r['interrupted']}; checkpoint saved: {r['checkpoint']}; "
-              "continue with --resume")
+        d = r["run_dir"]
+        print(f"stopped by {r['interrupted']}; checkpoint saved: {r['checkpoint']}; continue "
+              f"with redline train --config {d}/config.yaml --run-dir {d} --resume")
     elif r["interrupted"]:
         print(f"stopped by {r['interrupted']} before the first step: nothing to resume")
     print(f"run directory: {r['run_dir']}")

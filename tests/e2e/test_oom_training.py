@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,13 @@ def test_cli_micro_batch_of_one_failing_exits_cleanly_with_a_checkpoint(tmp_path
     assert "even with a micro-batch of 1" in out.stderr and "memory.budget" in out.stderr
     doctor = run_cli(["doctor", "r"], tmp_path)
     assert "out of memory even at a micro-batch of 1" in doctor.stdout
+    assert "oom-retries" not in doctor.stdout  # no batch size fits: not the advice
+    # The advice is a command that runs: with the cause fixed (a budget that fits), it goes on.
+    command = re.search(r"with (redline train .*)\.$", doctor.stdout, re.M)
+    assert command, doctor.stdout
+    args = [*shlex.split(command.group(1))[1:], "--memory-budget", "64MiB"]
+    again = run_cli(args, tmp_path)
+    assert again.returncode == 0, again.stderr
 
 
 def test_cli_batch_size_auto_and_tune(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -111,7 +113,11 @@ def test_sigterm_saves_a_checkpoint_then_resume_is_bit_identical(tmp_path: Path,
                    if e["event"] == "interrupted"]
     assert interrupted == [{**interrupted[0], "signal": "SIGTERM", "step": step}]
 
-    out = run_cli([*ARGS, "--run-dir", "run", "--resume"], tmp_path)
+    # the command the run printed, resumed from its own config.yaml, is bit-identical too
+    command = re.search(r"continue with (redline train .*)$", stdout, re.M)
+    assert command, stdout
+    assert f"{command.group(1)}." in run_cli(["doctor", "run"], tmp_path).stdout  # the same
+    out = run_cli(shlex.split(command.group(1))[1:], tmp_path)
     assert out.returncode == 0, out.stderr
     _assert_identical(reference, _final_state(tmp_path / "run"))
 

@@ -105,6 +105,8 @@ class Evidence:
     system: list[dict[str, Any]]
     events: list[dict[str, Any]]
     notes: list[str]
+    run_dir: str = "RUN_DIR"
+    """Where the files were read, as given: advice names it in the commands it shows."""
 
     def __post_init__(self) -> None:
         # Training windows: evaluation rows carry eval/... keys and no loss.
@@ -140,6 +142,6 @@ def load_evidence(run_dir: str | Path) -> Evidence:
     notes: list[str] = []
     cfg, env = (_read(root / name, notes) or {} for name in FILES[:2])
     metrics, system, events = (_read(root / name, notes) or [] for name in FILES[2:])
-    return Evidence(cfg, env, metrics, system, events, notes)
+    return Evidence(cfg, env, metrics, system, events, notes, str(run_dir))
 
 

@@ -19,6 +19,15 @@ _WHY = {"OutOfMemoryAtMinimum": "out of memory even at a micro-batch of 1",
         "KeyboardInterrupt": "a second Ctrl-C"}
 
 
+def _go_on(ev: Evidence, saved: list[int]) -> str:
+    """The command that goes on: resume from a checkpoint, or start again from the run's
+    resolved config (config.yaml holds the task) where there is none to resume."""
+    config = f"redline train --config {ev.run_dir}/config.yaml"
+    if not saved:
+        return f"start it again with {config}"
+    return f"continue with {config} --run-dir {ev.run_dir} --resume"
+
+
 def ended(ev: Evidence) -> Finding | None:
     """A run that did not reach its last step, and how to go on."""
     starts = [i for i, e in enumerate(ev.events) if e.get("event") == "run_start"]
@@ -29,7 +38,7 @@ def ended(ev: Evidence) -> Finding | None:
     saved = [e["step"] for e in after if e.get("event") == "checkpoint_saved"
              and e.get("finite", True)] or [e["step"] for e in ev.events[:starts[-1]]
                                              if e.get("event") == "checkpoint_saved"]
-    last_good = f"step {saved[-1]}" if saved else "none (nothing to resume)"
+    last_good = f"step {saved[-1]}" if saved else "none"
     max_steps = start.get("max_steps")
     for e in reversed(after):
         if e.get("event") == "failed":
@@ -37,12 +46,12 @@ def ended(ev: Evidence) -> Finding | None:
             return Finding("ended", "warning",
                            f"The run ended after step {e.get('step')} of {max_steps} with "
                            f"{why}; its last good checkpoint is {last_good}: fix the cause "
-                           "and continue with redline train --resume.", float(e.get("step", 0)))
+                           f"and {_go_on(ev, saved)}.", float(e.get("step", 0)))
         if e.get("event") == "interrupted":
             return Finding("ended", "info",
                            f"The run was stopped by {e.get('signal')} at step "
-                           f"{e.get('step')} of {max_steps} with a checkpoint: continue with "
-                           "redline train --resume.", float(e.get("step", 0)))
+                           f"{e.get('step')} of {max_steps}; its last good checkpoint is "
+                           f"{last_good}: {_go_on(ev, saved)}.", float(e.get("step", 0)))
     steps = _series(ev.train, K.STEP)
     last = int(max(steps)) if steps else 0
     if max_steps and last < max_steps and not any(
@@ -50,7 +59,7 @@ def ended(ev: Evidence) -> Finding | None:
         return Finding("ended", "warning",
                        f"The run's last record is step {last} of {max_steps} and it left no "
                        "word why (killed: by the kernel for memory, or kill -9); its last good "
-                       f"checkpoint is {last_good}: continue with redline train --resume.",
+                       f"checkpoint is {last_good}: {_go_on(ev, saved)}.",
                        float(last))
     return None
 

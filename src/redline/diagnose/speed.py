@@ -134,8 +134,9 @@ def precision(ev: Evidence) -> Finding | None:
 def oom_retries(ev: Evidence) -> Finding | None:
     changes = [e for e in ev.events if e.get("event") == "micro_batch"]
     ooms = [e for e in changes if e.get("reason") == "oom"]
-    if not ooms:
-        return None
+    if not ooms or any(e.get("event") == "failed" and e.get("error") == "OutOfMemoryAtMinimum"
+                       for e in ev.events):
+        return None  # no size fitted: `ended` says so, and no batch size is the fix
     final = changes[-1].get("new", "unknown")
     fitted = min(int(e["new"]) for e in ooms if isinstance(e.get("new"), int))
     if ev.auto_batch:  # the search's own size ran out: leave it more room
