@@ -145,13 +145,14 @@ def _redline(w: Workload, run_dir: Path, guard: bool = True) -> tuple[Variant, P
     it = itertools.cycle(w.data)
     cfg = TelemetryConfig(log_every=LOG_EVERY, trackers=tuple(TRACKERS), wandb_mode="offline")
     telemetry = Telemetry(run_dir, cfg, device=device, samples_per_step=bs, progress=False,
-                          run_name=run_dir.name)
+                          run_name=run_dir.name, skip_nonfinite=True)
     state = State(model=w.model, optimizer=opt, max_steps=10**9, run_dir=str(run_dir))
     dispatcher = Dispatcher()
-    # as `redline train` runs it: the OOM guard on, its micro-batch the whole batch
+    # as `redline train` runs it: the OOM guard on, its micro-batch the whole batch, and
+    # non-finite steps skipped (train.on_nonfinite: skip, through the fused AdamW's found_inf)
     engine = Engine(w.model, opt, "fp32", scheduler=w.scheduler, grad_clip=CLIP,
                     dispatcher=dispatcher, state=state, micro_batch_size=bs if guard else None,
-                    oom_guard=guard)
+                    oom_guard=guard, skip_nonfinite=True)
     v = Variant(lambda: None)
     publish = telemetry.hub.publish  # timed: the training thread's one hand-off per window
 

@@ -1,7 +1,8 @@
 """The models the overhead benchmarks step: each with its optimizer, scheduler and data.
 
 Every workload is what a user's hand-written loop would train, and what `redline train`
-runs for it: AdamW (foreach), a LambdaLR scheduler stepped once per step (redline's
+runs for it: AdamW (fused, as `redline train` builds it: 3x faster than foreach on CPU,
+and it skips a non-finite step on the device), a LambdaLR scheduler stepped once per step (redline's
 constant schedule), gradient clipping at 1.0, pre-made batches. The floor loop and every
 redline variant step the same model, optimizer and scheduler objects in turn.
 
@@ -59,7 +60,7 @@ def _constant(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.Lamb
 def mlp(width: int, batch: int, name: str, peers: bool = True) -> Workload:
     torch.manual_seed(0)
     net = _mlp_net(width)
-    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.01, foreach=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.01, fused=True)
     data = [(torch.randn(batch, width), torch.randn(batch, width)) for _ in range(8)]
     return Workload(name, net, opt, _constant(opt), data, _mse, peers)
 
@@ -73,7 +74,7 @@ def conv_bn(batch: int = 32, size: int = 16) -> Workload:
 
     net = nn.Sequential(*block(3, 16, 1), *block(16, 32, 2), *block(32, 32, 2),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.01, foreach=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.01, fused=True)
     data = [(torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)))
             for _ in range(8)]
     return Workload(f"conv net with BatchNorm, batch {batch} of {size}x{size}", net, opt,
@@ -86,7 +87,7 @@ def mlp_groups(width: int = 128, batch: int = 160) -> Workload:
     groups = [{"params": [first.weight], "weight_decay": 0.01},
               {"params": [first.bias], "weight_decay": 0.0},
               {"params": list(last.parameters()), "lr": LR / 10, "weight_decay": 0.0}]
-    w.optimizer = torch.optim.AdamW(groups, lr=LR, foreach=True)
+    w.optimizer = torch.optim.AdamW(groups, lr=LR, fused=True)
     w.scheduler = _constant(w.optimizer)
     return w
 

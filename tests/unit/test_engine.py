@@ -82,6 +82,35 @@ def test_hot_path_makes_no_host_read(precision: str, guard: bool) -> None:
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("host_reads", [True, False])
+@pytest.mark.parametrize("kind", ["fused", "foreach"])
+def test_a_nonfinite_step_is_skipped_as_if_it_never_ran(host_reads: bool, kind: str) -> None:
+    """skip_nonfinite: the update and the optimizer's step count are untouched by a NaN
+    batch, so the run equals one that never saw it; on the device path (the fused
+    optimizer's found_inf, what CUDA runs) with no host read."""
+    def run(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Engine, nn.Module]:
+        model = _setup("cpu")[0]
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, **{kind: True})
+        engine = Engine(model, opt, "fp32", grad_clip=1.0, skip_nonfinite=True,
+                        host_reads=host_reads)
+        with HostReads() as reads:
+            for batch in batches:
+                engine.step(batch, _loss)
+        if kind == "fused":  # (foreach AdamW reads its step counts on the host itself)
+            assert reads.count == (len(batches) if host_reads else 0)
+        return engine, model
+
+    _, x, y = _setup("cpu")
+    nan = (torch.full_like(x, float("nan")), y)
+    skipped, a = run([(x, y), nan, (x * 2, y)])
+    clean, b = run([(x, y), (x * 2, y)])
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    states = [e.optimizer.state_dict()["state"] for e in (skipped, clean)]
+    assert [s["step"] for s in states[0].values()] == [s["step"] for s in states[1].values()]
+    assert all(float(s["step"]) == 2 for s in states[0].values())
+
+
 def test_fp16_scaler_skips_and_the_norm_shows_it() -> None:
     model, x, y = _setup("cpu")
     policy = get_precision("fp16-mixed", DeviceInfo.detect("cpu"))
