@@ -12,9 +12,12 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redline import __version__
+
+if TYPE_CHECKING:  # the CLI imports its workflows lazily, for a fast --help
+    from redline.tune import AutobatchResult
 
 EXIT_BAD_INPUT = 2
 
@@ -171,7 +174,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from redline.memory.probe import format_size
     from redline.task import resolve_task
     from redline.telemetry.console import status
-    from redline.tune import autobatch
+    from redline.tune import KNEE_TOLERANCE, autobatch
 
     config = _load(args, "tune")
     task = resolve_task(config.task, config.task_args)
@@ -188,21 +191,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**result.to_dict(), "config": str(out)}))
         return 0
-    print(f"{'micro-batch':>11}  {'peak memory':>12}  {'% of target':>11}  {'samples/s':>10}  "
-          "chosen")
-    speeds = {tr.size: tr.samples_per_s for tr in result.trials if tr.kind == "throughput"}
-    for tr in result.trials:
-        if tr.kind not in ("probe", "verify"):
-            continue
-        peak = format_size(tr.peak_bytes) if tr.peak_bytes else "OOM"
-        pct = f"{100 * tr.peak_bytes / result.target_bytes:.0f}%" if tr.peak_bytes else "-"
-        sps = speeds.pop(tr.size, None)
-        print(f"{tr.size:>11}  {peak:>12}  {pct:>11}  "
-              f"{f'{sps:.1f}' if sps else '-':>10}  {'<-' if tr.size == result.chosen else ''}")
-    for size, sps in sorted(speeds.items()):
-        print(f"{size:>11}  {'-':>12}  {'-':>11}  {sps:>10.1f}  "
-              f"{'<-' if size == result.chosen else ''}")
-    print(f"largest fitting micro-batch {result.max_fit}, fastest {result.chosen}; "
+    _print_trials(result)
+    tol = result.knee_tolerance
+    knee = (f" (the smallest within {tol:.1%} of the best: {KNEE_TOLERANCE:.0%} or the "
+            "rounds' noise, whichever is larger)" if tol is not None else "")
+    print(f"largest fitting micro-batch {result.max_fit}, chosen {result.chosen}{knee}; "
           f"effective batch {result.effective_batch_size} = {result.chosen} x "
           f"{result.accumulation_steps}; lr {result.lr:.3g}; eval batch "
           f"{result.eval_batch_size}; target {format_size(result.target_bytes)} "
@@ -210,6 +203,29 @@ def cmd_tune(args: argparse.Namespace) -> int:
           + (" (cached)" if result.cache_hit else ""))
     print(f"tuned config: {out}  (redline train --config {out})")
     return 0
+
+
+def _print_trials(result: AutobatchResult) -> None:
+    """The batch search's table: each size's memory, its speed and the rounds' spread."""
+    from redline.memory.probe import format_size
+
+    print(f"{'micro-batch':>11}  {'peak memory':>12}  {'% of target':>11}  {'samples/s':>10}  "
+          f"{'spread':>7}  chosen")
+    timed = {tr.size: tr for tr in result.trials if tr.kind == "throughput"}
+    rows = [(tr.size, tr) for tr in result.trials if tr.kind in ("probe", "verify")]
+    rows += [(size, None) for size in set(timed) - {size for size, _ in rows}]
+    rows.sort(key=lambda row: row[0])  # stable: a probe before its size's verification
+    for size, tr in rows:
+        peak, pct = "-", "-"  # a size only timed has no memory row of its own
+        if tr is not None:
+            peak = format_size(tr.peak_bytes) if tr.peak_bytes else "OOM"
+            pct = f"{100 * tr.peak_bytes / result.target_bytes:.0f}%" if tr.peak_bytes else "-"
+        speed = timed.pop(size, None)
+        sps = f"{speed.samples_per_s:.1f}" if speed and speed.samples_per_s else "-"
+        spread = (f"{100 * (speed.spread[1] - speed.spread[0]) / speed.samples_per_s:.1f}%"
+                  if speed and speed.spread and speed.samples_per_s else "-")
+        print(f"{size:>11}  {peak:>12}  {pct:>11}  {sps:>10}  {spread:>7}  "
+              f"{'<-' if size == result.chosen else ''}".rstrip())
 
 
 def _print_result(r: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,15 @@ class AutobatchResult:
     @property
     def fastest(self) -> int:
         return self.chosen
+
+    @property
+    def knee_tolerance(self) -> float | None:
+        """The tolerance the knee was chosen at (see choose_knee); None: nothing timed.
+        A throughput trial keeps its rounds' median and range, which for ROUNDS = 3 is
+        every round."""
+        timed = [(t.spread[0], t.samples_per_s, t.spread[1]) for t in self.trials
+                 if t.kind == "throughput" and t.spread and t.samples_per_s]
+        return max(KNEE_TOLERANCE, timing_noise(timed)) if timed else None
 
     @property
     def recipe(self) -> Recipe:
@@ -351,10 +360,14 @@ def choose_knee(rates: dict[int, list[float]]) -> tuple[int, float]:
     the choice is the smallest size whatever the load.
     """
     median = {s: statistics.median(v) for s, v in rates.items()}
-    noise = statistics.median((max(v) - min(v)) / statistics.median(v) for v in rates.values())
-    tolerance = max(KNEE_TOLERANCE, noise)
+    tolerance = max(KNEE_TOLERANCE, timing_noise(rates.values()))
     best = max(median.values())
     return min(s for s, m in median.items() if m >= (1 - tolerance) * best), tolerance
+
+
+def timing_noise(rates: Iterable[Sequence[float]]) -> float:
+    """The median over sizes of their rounds' range relative to their median rate."""
+    return statistics.median((max(v) - min(v)) / statistics.median(v) for v in rates)
 
 
 def _least_squares(points: list[tuple[int, int]]) -> tuple[float, float]:

@@ -114,6 +114,8 @@ def test_cli_batch_size_auto_and_tune(tmp_path: Path) -> None:
                     "--set", "task_args.n=2048", "--output", "tuned.yaml"], tmp_path, env=env)
     assert tune.returncode == 0, tune.stderr
     assert "largest fitting micro-batch" in tune.stdout and "<-" in tune.stdout
+    assert "spread" in tune.stdout.splitlines()[0]  # each timed size's rounds, and the rule
+    assert re.search(r"chosen \d+ \(the smallest within \d+\.\d% of the best", tune.stdout)
     train = run_cli(["train", "--config", "tuned.yaml", "--steps", "3", "--json"], tmp_path,
                     env=env)
     assert train.returncode == 0, train.stderr

@@ -72,6 +72,7 @@ def test_knee_and_effective_batch_with_accumulation(tmp_path: Path) -> None:
     speeds = {t.size: t.samples_per_s for t in timed}
     noise = statistics.median((t.spread[1] - t.spread[0]) / t.samples_per_s for t in timed)
     tolerance = max(KNEE_TOLERANCE, noise)  # what choose_knee decided with
+    assert r.knee_tolerance == pytest.approx(tolerance)  # and what tune prints
     assert r.chosen in speeds and speeds[r.chosen] >= (1 - tolerance) * max(speeds.values())
     assert all(t.spread[0] <= t.samples_per_s <= t.spread[1] for t in timed)
     assert r.effective_batch_size == 1000
