@@ -93,7 +93,7 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
               dispatcher: Dispatcher | None = None, state: State | None = None) -> Job:
     """Build the training job `config` describes for `task` (see the module docstring)."""
     device = device or DeviceInfo.detect(config.device)
-    precision = get_precision(config.precision.name, device)
+    precision = get_precision(config.precision.name, device, config.precision)
     t = config.train
     seed_everything(t.seed)
     model = precision.convert_module(task.build_model().to(device.torch_device))

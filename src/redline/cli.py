@@ -230,8 +230,9 @@ def _print_trials(result: AutobatchResult) -> None:
 
 def _print_result(r: dict[str, Any]) -> None:
     loss = f"{r['final_loss']:.4g}" if r["final_loss"] is not None else "-"
-    print(f"trained {r['steps']} steps ({r['samples']} samples) in {r['precision']} on "
-          f"{r['device']}; final loss {loss}")
+    emulated = " (an emulation: its numerics, no speed-up)" if r.get("emulated") else ""
+    print(f"trained {r['steps']} steps ({r['samples']} samples) in {r['precision']}{emulated} "
+          f"on {r['device']}; final loss {loss}")
     if r.get("samples_per_s") is not None:
         mfu = f", MFU {100 * r['mfu']:.2f} %" if r.get("mfu") is not None else ""
         cost = (f"; telemetry overhead {r['overhead_pct']:.3f} % of step time (measured)"

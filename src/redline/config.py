@@ -6,7 +6,8 @@ the value and what is allowed, as one sentence; its type is `ConfigError` (a Val
 which the CLI turns into exit code 2.
 
 Each mechanism owns its section (precision.PrecisionConfig, data.DataConfig,
-memory.config.MemoryConfig, checkpoint.CheckpointConfig, telemetry.config.TelemetryConfig)
+memory.config.MemoryConfig, checkpoint.CheckpointConfig, telemetry.config.TelemetryConfig,
+inspector.InspectConfig)
 and validates names against its own registry; this module composes them with the
 recipe (`train`) and loads the whole. A RunConfig is frozen once validated: a workflow
 that resolves a value (the batch search's micro-batch, say) makes a new one with
@@ -28,11 +29,12 @@ import yaml
 from redline.checkpoint import CheckpointConfig
 from redline.data import DataConfig
 from redline.errors import ConfigError, require
+from redline.inspector import InspectConfig
 from redline.memory.config import MemoryConfig
 from redline.precision import PrecisionConfig
 from redline.telemetry.config import TelemetryConfig
 
-__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "MemoryConfig",
+__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "InspectConfig", "MemoryConfig",
            "PrecisionConfig", "RunConfig", "TelemetryConfig", "TrainConfig", "load_config",
            "parse_override", "set_dotted"]
 
@@ -151,6 +153,7 @@ class RunConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-able data (tuples become lists)."""

@@ -27,6 +27,7 @@ from redline.telemetry.sinks import EXTRAS as TRACKER_EXTRAS
 EXTRAS: dict[str, list[tuple[str, str]]] = {
     "examples": [("skimage", "scikit-image"), ("sklearn", "scikit-learn"),
                  ("torchmetrics", "torchmetrics")],
+    "fp8": [("torchao", "torchao")],
     **{extra: [(module, module)] for module, extra in TRACKER_EXTRAS.values()},
 }
 MIN_TORCH = (2, 4)

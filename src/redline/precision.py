@@ -18,6 +18,11 @@ The fp32 baseline pins matmuls to full IEEE fp32: on CPUs with AMX, and on Amper
 a "high"/"medium" float32 matmul precision silently computes in bf16 or tf32, which would
 make a precision study compare bf16 against bf16. `tf32` opts into TF32 on CUDA only.
 
+`fp8` trains chosen Linear layers in float8 through torchao (CUDA sm_89+); `fp8-emulated`
+is the same conversion with torchao's emulation on: fp8's numerics on any device, no
+speed-up, labelled `emulated` wherever it appears. Which layers convert, and why the others
+do not, is fp8.py's plan, kept as the policy's `layer_plan`.
+
 Adding a policy is one class with a `name` and a registry entry in `PRECISIONS`; the
 config's `precision.name` is validated against that registry (docs/architecture.md).
 """
@@ -49,8 +54,11 @@ class Precision:
     matmul_precision: ClassVar[str] = "highest"
     scales_loss: ClassVar[bool] = False  # a loss scaler skips non-finite steps itself
 
-    def __init__(self, device: DeviceInfo) -> None:
+    emulated: ClassVar[bool] = False  # numerics of a format, without its speed
+
+    def __init__(self, device: DeviceInfo, config: PrecisionConfig | None = None) -> None:
         self.device = device
+        self.config = config or PrecisionConfig(name=self.name)
         reason = self.unsupported_reason(device)
         if reason:
             raise PrecisionError(f"precision {self.name!r} cannot run on {device.name}: {reason}")
@@ -93,9 +101,17 @@ class Precision:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    @property
+    def layer_plan(self) -> list[dict[str, Any]]:
+        """Per-layer decisions this policy made in `convert_module` (fp8's); empty otherwise."""
+        return []
+
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "compute_dtype": self.compute_dtype_name,
+        info = {"name": self.name, "compute_dtype": self.compute_dtype_name,
                 "param_dtype": str(self.param_dtype).removeprefix("torch.")}
+        if self.emulated:
+            info["emulated"] = True
+        return info
 
 
 class TF32(Precision):
@@ -144,8 +160,8 @@ class FP16Mixed(_Autocast):
     compute_dtype = torch.float16
     scales_loss = True
 
-    def __init__(self, device: DeviceInfo) -> None:
-        super().__init__(device)
+    def __init__(self, device: DeviceInfo, config: PrecisionConfig | None = None) -> None:
+        super().__init__(device, config)
         self.scaler = torch.amp.GradScaler(device.kind)
         self._hooked: set[int] = set()  # optimizers whose step sets _applied
         self._applied = False
@@ -217,20 +233,82 @@ def _cast_inputs_to_bf16(module: nn.Module, args: tuple[Any, ...], kwargs: dict[
     return batch_tree.cast(args, torch.bfloat16), batch_tree.cast(kwargs, torch.bfloat16)
 
 
+class FP8(Precision):
+    """torchao float8 training: chosen Linear layers run their matmuls in fp8 (CUDA sm_89+).
+
+    Every other op, and the layers fp8.plan keeps in high precision, stay in float32; the
+    decision for each layer, with its reason, is `layer_plan`.
+    """
+
+    name = "fp8"
+    def __init__(self, device: DeviceInfo, config: PrecisionConfig | None = None) -> None:
+        super().__init__(device, config)
+        from redline import fp8
+
+        fp8.torchao_float8()  # a missing torchao is bad input now, not at the first step
+        self._plan: list[dict[str, Any]] = []
+
+    @classmethod
+    def unsupported_reason(cls, device: DeviceInfo) -> str | None:
+        if not device.is_cuda:
+            return ("fp8 matmuls need a CUDA GPU of compute capability 8.9 or newer (Ada, "
+                    "Hopper); for fp8's numerics without its speed-up use fp8-emulated")
+        if not device.supports_fp8:
+            return (f"fp8 matmuls need compute capability 8.9 or newer, this GPU has "
+                    f"{device.capability}; use fp8-emulated for fp8's numerics")
+        return None
+
+    @property
+    def compute_dtype_name(self) -> str:
+        return "float8"  # no single dense peak: MFU stays empty (telemetry/flops.py)
+
+    def convert_module(self, model: nn.Module) -> nn.Module:
+        from redline import fp8
+
+        c = self.config
+        decisions = fp8.plan(model, c.fp8_recipe, c.fp8_keep_first_last, c.fp8_min_numel)
+        self._plan = [d.to_dict() for d in decisions]
+        return fp8.convert(model, decisions, c.fp8_recipe, emulate=self.emulated)
+
+    @property
+    def layer_plan(self) -> list[dict[str, Any]]:
+        return self._plan
+
+    def describe(self) -> dict[str, Any]:
+        converted = sum(d["converted"] for d in self._plan)
+        return {**super().describe(), "fp8_recipe": self.config.fp8_recipe,
+                "fp8_layers": f"{converted} of {len(self._plan)} converted"}
+
+
+class FP8Emulated(FP8):
+    """fp8's numerics on any device (torchao's emulation): for quality studies. It gives no
+    speed-up, and says so wherever it appears."""
+
+    name = "fp8-emulated"
+    emulated = True
+
+    @classmethod
+    def unsupported_reason(cls, device: DeviceInfo) -> str | None:
+        return None
+
+
 PRECISIONS: dict[str, type[Precision]] = {
-    cls.name: cls for cls in (Precision, TF32, FP16Mixed, BF16Mixed, BF16True)
+    cls.name: cls for cls in (Precision, TF32, FP16Mixed, BF16Mixed, BF16True, FP8,
+                              FP8Emulated)
 }
 
 
-def get_precision(name: str, device: DeviceInfo) -> Precision:
-    """The policy called `name` for `device`; raises PrecisionError when it cannot run."""
+def get_precision(name: str, device: DeviceInfo, config: PrecisionConfig | None = None
+                  ) -> Precision:
+    """The policy called `name` for `device` (fp8 options from `config`); raises
+    PrecisionError when it cannot run."""
     try:
         cls = PRECISIONS[name]
     except KeyError:
         raise PrecisionError(
             f"unknown precision {name!r}; choose one of: {', '.join(PRECISIONS)}"
         ) from None
-    return cls(device)
+    return cls(device, config)
 
 
 @dataclass(frozen=True)
@@ -241,7 +319,16 @@ class PrecisionConfig:
     """A policy name from `PRECISIONS`; refused with the reason where the device cannot run it."""
     compile: bool = False
     """torch.compile the model (FLOPs are counted before compiling)."""
+    fp8_recipe: str = "tensorwise"
+    """fp8 and fp8-emulated: tensorwise (one scale per tensor) or rowwise (per row)."""
+    fp8_keep_first_last: bool = True
+    """fp8: keep the first and the last Linear layer in high precision."""
+    fp8_min_numel: int = 4096
+    """fp8: a Linear with fewer weights than this stays in high precision (a tiny matmul)."""
 
     def __post_init__(self) -> None:
         require(self.name in PRECISIONS, "precision.name", self.name,
                 "one of " + ", ".join(PRECISIONS))
+        require(self.fp8_recipe in ("tensorwise", "rowwise"), "precision.fp8_recipe",
+                self.fp8_recipe, "tensorwise or rowwise")
+        require(self.fp8_min_numel >= 0, "precision.fp8_min_numel", self.fp8_min_numel, ">= 0")

@@ -1,4 +1,12 @@
-"""Statistics of a model's numbers: where a step first went non-finite.
+"""Statistics of a model's numbers: per-tensor summaries, and where a step first went
+non-finite.
+
+`tensor_stats` summarises a list of tensors (a layer's parameters, gradients or
+activations) into one [n, len(STAT_NAMES)] float32 tensor on their device: norms batched
+with a foreach kernel, the other reductions one per tensor, and nothing read by the host,
+so the caller decides when to pay for the read (inspector.py reads at a telemetry window).
+`fp8_stats` adds what an fp8 cast would do to a tensor: its amax, and the fraction of its
+values that the cast saturates or flushes to zero.
 
 `first_nonfinite` re-runs one step's forward and backward on a copy of the model with a
 forward hook on every module, and names the first module, in execution order, whose output
@@ -20,6 +28,47 @@ import torch
 from torch import nn
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+STAT_NAMES = ("norm", "mean", "std", "min", "max", "absmax", "zero_frac", "nan", "inf")
+FP8_STAT_NAMES = ("amax", "saturated_frac", "underflow_frac")
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def tensor_stats(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[len(tensors), len(STAT_NAMES)] float32 on the tensors' device, no host read.
+
+    NaN and Inf are counted, not hidden: the other statistics of a tensor holding them are
+    NaN or Inf themselves, as they would be computed by hand."""
+    if not tensors:
+        return torch.empty(0, len(STAT_NAMES))
+    flat = [t.detach().reshape(-1).float() for t in tensors]
+    norms = torch._foreach_norm(flat)  # one kernel for every tensor's norm
+    rows = []
+    for f, norm in zip(flat, norms, strict=True):
+        lo, hi = torch.aminmax(f) if f.numel() else (f.new_zeros(()), f.new_zeros(()))
+        n = max(f.numel(), 1)
+        rows.append(torch.stack([
+            norm, f.mean() if f.numel() else f.new_zeros(()),
+            f.std(correction=0) if f.numel() else f.new_zeros(()), lo, hi,
+            torch.maximum(lo.abs(), hi.abs()), (f == 0).sum() / n,
+            f.isnan().sum().float(), f.isinf().sum().float()]))
+    return torch.stack(rows)
+
+
+def fp8_stats(tensor: torch.Tensor) -> torch.Tensor:
+    """[len(FP8_STAT_NAMES)]: amax, and the fractions of values an e4m3 cast with one scale
+    for the tensor (448 / amax, as torchao's tensorwise recipe computes it) saturates or
+    flushes to zero. With a scale from this tensor's own amax nothing saturates; a value
+    saturates when the scale came from a smaller amax, as in delayed scaling."""
+    f = tensor.detach().reshape(-1).float()
+    amax = f.abs().max() if f.numel() else f.new_zeros(())
+    scale = E4M3_MAX / amax.clamp(min=1e-12)
+    scaled = f * scale
+    n = max(f.numel(), 1)
+    cast = scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+    saturated = (scaled.abs() > E4M3_MAX * (1 + 1e-6)).sum() / n  # not amax itself
+    underflow = ((cast == 0) & (f != 0)).sum() / n
+    return torch.stack([amax, saturated, underflow])
 
 
 def _finite(value: Any) -> bool:

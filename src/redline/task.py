@@ -11,10 +11,17 @@ studies need a fresh model per trial, so a task hands out factories rather than 
         def loss(self, model, batch) -> Tensor: ...             # mean over the batch's samples
         def evaluate(self, model, loader) -> dict[str, float]: ...   # optional
         def samples(self, model, batch) -> list[Sample]: ...    # optional
+        def series(self, model, batch) -> dict[str, Tensor]: ... # optional
 
 `loss` must return the *mean* over the samples of the batch it is given: the Engine
 splits a batch into micro-batches and weights each micro-batch's loss by its share of
 the samples, which gives the full-batch gradient only for a mean.
+
+`series`, if a task has it, is called on the steps that `inspect.every` inspects, under
+no_grad with the training RNG forked, and returns named values to record with the layer
+statistics: 0-d tensors are loss components, 1-d tensors series (sr3-tiny: the loss per
+diffusion-timestep bucket, and the noise schedule). `samples` turns a batch of fixed
+evaluation inputs into what a report shows (images as HxW or HxWx3 arrays, texts).
 
 A task spec is one of:
   - a built-in short name (`redline train --help` lists them),

@@ -32,7 +32,7 @@ from redline.build import Job, build_job
 from redline.config import ConfigError, RunConfig
 from redline.data import LimitedLoader, eval_loader, iterate_from
 from redline.device import DeviceInfo
-from redline.errors import RunStopped, StorageError
+from redline.errors import RunStopped, StorageError, UserError
 from redline.evaluation import evaluate, evaluate_shrinking
 from redline.events import (
     Callback,
@@ -42,9 +42,11 @@ from redline.events import (
     callback_states,
     load_callback_states,
 )
+from redline.inspector import Inspector
 from redline.lifecycle import Interrupted, Signals
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
 from redline.task import Task, resolve_task
+from redline.telemetry import schema as K
 from redline.telemetry.jsonl import EventLog, truncate_after
 from redline.telemetry.session import Telemetry
 from redline.tune import resolve_auto_batch
@@ -66,6 +68,7 @@ class FitResult:
     samples_per_s: float | None = None  # the last window's
     mfu: float | None = None  # the last window's; None where the peak is unknown
     overhead_pct: float | None = None  # redline's own time on the training thread, last window
+    emulated: bool = False  # the precision is an emulation (fp8-emulated): no speed-up
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -110,17 +113,23 @@ class Trainer:
                 signals.check()
             except Interrupted as stop:
                 return self._stopped_in_set_up(stop)
+            except UserError:  # bad input found in set-up: leave no empty run behind
+                self._remove_made_run_dir()
+                raise
             return self._run(resumed, signals)  # the loop: finish the step, save, stop
 
     def _stopped_in_set_up(self, stop: Interrupted) -> FitResult:
         """A signal during set-up (the batch search): nothing trained, nothing left behind
         but a directory that already held something."""
         print(f"redline: {stop}: nothing was trained", file=sys.stderr, flush=True)
-        if self.run_dir is not None and self._made_run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self._remove_made_run_dir()
         return FitResult(run_dir=str(self.run_dir), steps=0, samples=0, final_loss=None,
                          precision=self.config.precision.name, device=self.device.name,
                          interrupted=stop.signal)
+
+    def _remove_made_run_dir(self) -> None:
+        if self.run_dir is not None and self._made_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _run(self, resumed: int | None, signals: Signals) -> FitResult:
         interrupted: str | None = None
@@ -152,7 +161,7 @@ class Trainer:
             device=self.device.name, eval=metrics, resumed_from=resumed,
             interrupted=interrupted, checkpoint=str(last_saved) if last_saved else None,
             samples_per_s=last.get("samples_per_s"), mfu=last.get("mfu"),
-            overhead_pct=last.get("redline/overhead_pct"))
+            overhead_pct=last.get("redline/overhead_pct"), emulated=self.job.precision.emulated)
 
     def _prepare(self, held: contextlib.ExitStack, check: Callable[[], None]) -> int | None:
         """Run directory, batch search, the job, resume and telemetry; the resumed step.
@@ -177,6 +186,10 @@ class Trainer:
         self.loader = self.job.train_loader()
         self.dispatcher.add(RunWatch(self.config.train, self.events, functools.partial(
             locate_nonfinite, self.job, self.loader)))
+        if self.config.inspect.enabled:
+            self.dispatcher.add(Inspector(self.config.inspect, self.run_dir,
+                                          getattr(self.task, "series", None),
+                                          self.job.precision.forward_context))
         self._eval_batch = self.config.train.eval_batch_size or self.config.train.micro_batch
         skipped: list[str] = []
         found = self._load_checkpoint(skipped) if self.resume else None
@@ -200,6 +213,7 @@ class Trainer:
         resumed = self._apply_checkpoint(*found) if found else None
         self.events.event("run_start", step=self.state.step, max_steps=self.job.max_steps,
                           precision=self.job.precision.name, device=self.device.name)
+        self._say_precision()
         self._say_memory_limit()
         self._count_flops()
         return resumed
@@ -216,7 +230,8 @@ class Trainer:
             start_step=start_step,
             on_window=lambda record: self.dispatcher.fire(Event.WINDOW, self.state, record),
             skip_nonfinite=t.on_nonfinite != "warn",
-            loss_scaled=self.job.precision.scales_loss)
+            loss_scaled=self.job.precision.scales_loss,
+            labels={K.EMULATED: 1} if self.job.precision.emulated else None)
 
     def _count_flops(self) -> None:
         declared = getattr(self.task, "flops_per_sample", None)
@@ -227,6 +242,16 @@ class Trainer:
         batch = batch_tree.move(batch_tree.first_samples(self.job.train_set, n),
                                 self.device.torch_device)
         self.telemetry.count_flops(self.job.step_model, batch, self.task.loss, n)
+
+    def _say_precision(self) -> None:
+        """fp8's per-layer decisions to events.jsonl; an emulation said as such."""
+        precision = self.job.precision
+        if precision.layer_plan:
+            self.events.event("fp8_layers", recipe=precision.config.fp8_recipe,
+                              layers=precision.layer_plan)
+        if precision.emulated:
+            print(f"redline: {precision.name} is an emulation: its numerics are the format's, "
+                  "its speed is not (no speed-up)", file=sys.stderr, flush=True)
 
     def _say_memory_limit(self) -> None:
         limit = self.job.memory_limit

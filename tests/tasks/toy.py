@@ -17,18 +17,20 @@ class ToyRegression:
     name = "toy"
 
     def __init__(self, n: int = 512, dim: int = 16, hidden: int = 64,
-                 sleep_s: float = 0.0) -> None:
+                 sleep_s: float = 0.0, depth: int = 1) -> None:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         self.sleep_s = sleep_s  # stretches steps so a test can kill the run midway
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(n, dim, generator=g)
         self.y = torch.sin(self.x @ torch.randn(dim, 1, generator=g))
-        self.dim, self.hidden = dim, hidden
+        self.dim, self.hidden, self.depth = dim, hidden, depth
 
     def build_model(self) -> nn.Module:
+        middle = [layer for _ in range(self.depth - 1)
+                  for layer in (nn.Linear(self.hidden, self.hidden), nn.GELU())]
         return nn.Sequential(nn.Linear(self.dim, self.hidden), nn.GELU(), nn.Dropout(0.1),
-                             nn.Linear(self.hidden, 1))
+                             *middle, nn.Linear(self.hidden, 1))
 
     def train_data(self) -> TensorDataset:
         return TensorDataset(self.x, self.y)

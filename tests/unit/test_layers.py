@@ -24,8 +24,9 @@ PACKAGE = SRC / "redline"
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("errors",),
     1: ("plugins", "device", "events", "batch"),
-    2: ("task",),
-    3: ("precision", "memory.*", "checkpoint", "data", "lifecycle", "stats", "telemetry.*"),
+    2: ("task", "fp8", "stats"),
+    3: ("precision", "memory.*", "checkpoint", "data", "lifecycle", "inspector",
+        "telemetry.*"),
     4: ("config", "engine", "evaluation", "environment"),
     5: ("build", "recipe", "rundir"),
     6: ("tune", "diagnose.*", "watch", "examples.*"),

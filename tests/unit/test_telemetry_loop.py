@@ -56,14 +56,19 @@ def _bare_reads_per_step(steps: int) -> list[int]:
     return counts
 
 
-def test_redline_adds_only_its_documented_reads_per_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inspect_every", [0, 4])
+def test_redline_adds_only_its_documented_reads_per_step(tmp_path: Path,
+                                                         inspect_every: int) -> None:
     """Counted with a dispatch mode: on CPU, redline reads each step's loss and gradient
     norm as two floats for telemetry (host memory, no device to wait for: metrics.py) and
     the norm once more for train.on_nonfinite's skip (engine.py), and nothing else, on
     logging steps and quiet ones alike; everything else is what torch's own AdamW reads
-    in a hand-written loop. The device path is held to zero below and in test_engine."""
+    in a hand-written loop. The device path is held to zero below and in test_engine.
+    Per-layer statistics (inspect.every=4: steps 4, 8, ... inspect) add none: their values
+    are read from host memory at the window."""
     config = load_config(None, [f"task={TOY}", "train.steps=24", "telemetry.log_every=8",
-                                "train.eval_every=0", "checkpoint.every=0"])
+                                "train.eval_every=0", "checkpoint.every=0",
+                                f"inspect.every={inspect_every}"])
     with HostReads() as mode:
         counter = _PerStep(mode)
 
@@ -78,6 +83,8 @@ def test_redline_adds_only_its_documented_reads_per_step(tmp_path: Path) -> None
     extra = {step: n - bare[step - 1] for step, n in counter.per_step.items()}
     assert sorted(extra) == list(range(1, 24))
     assert set(extra.values()) == {3}, extra  # window-closing steps 8 and 16 included
+    inspected = sorted(p.name for p in (tmp_path / "r" / "stats" / "layers").glob("*"))
+    assert len(inspected) == (6 if inspect_every else 0)
 
 
 def test_the_device_path_reads_nothing_on_any_step() -> None:

@@ -19,6 +19,8 @@ def format_record(record: dict[str, Any]) -> str:
             parts.append(fmt.format(record[key]))
     parts += [f"{k} {v:.4g}" for k, v in record.items()
               if K.is_eval(k) and isinstance(v, float) and k != K.EVAL_TIME]
+    if record.get(K.EMULATED):
+        parts.append("emulated precision: no speed-up")
     return " | ".join(parts)
 
 
@@ -87,6 +89,8 @@ class Progress:
                 info.append(f"MFU {100 * record[K.MFU]:.1f}%")
             if record.get(K.MEM_PCT) is not None:
                 info.append(f"mem {record[K.MEM_PCT]:.0f}%")
+            if record.get(K.EMULATED):
+                info.append("emulated: no speed-up")
             if info:
                 self._bar.update(self._task, info=" | ".join(info))
             else:

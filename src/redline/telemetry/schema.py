@@ -83,6 +83,8 @@ MEM_PCT = Key("mem_pct", "%", "peak memory as a share of memory.budget, else of 
               "memory (CPU without a budget: resident memory of physical memory)")
 OVERHEAD_PCT = Key("redline/overhead_pct", "%", "redline's own time on the training thread "
                    "(recording steps, closing the window) as a share of the window's wall time")
+EMULATED = Key("precision/emulated", "flag", "1 when the precision is an emulation "
+               "(fp8-emulated): the format's numerics, not its speed; absent otherwise")
 HOST_SYNCS = Key("redline/host_syncs", "syncs", "times redline's telemetry made the host wait "
                  "for the device in this window (goal: 0)")
 

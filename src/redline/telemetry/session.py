@@ -55,6 +55,7 @@ class Telemetry:
     completed window record before it is published and may add keys to it.
     `skip_nonfinite` and `loss_scaled` say how non-finite steps are handled (the engine's
     skip, fp16's scaler), so `skipped_steps` counts the updates really not applied.
+    `labels` are added to every window record (e.g. precision/emulated).
     """
 
     def __init__(self, run_dir: str | Path, config: TelemetryConfig | None = None, *,
@@ -65,8 +66,10 @@ class Telemetry:
                  events: EventLog | None = None, progress: bool | None = False,
                  run_id: str | None = None, run_name: str | None = None, start_step: int = 0,
                  on_window: Callable[[Record], None] | None = None,
-                 skip_nonfinite: bool = False, loss_scaled: bool = False) -> None:
+                 skip_nonfinite: bool = False, loss_scaled: bool = False,
+                 labels: Record | None = None) -> None:
         cfg = config or TelemetryConfig()
+        self.labels = dict(labels or {})
         self.config, self.run_dir = cfg, Path(run_dir)
         self.device = device if isinstance(device, DeviceInfo) else DeviceInfo.detect(device)
         self.compute_dtype, self.max_steps = compute_dtype, max_steps
@@ -187,6 +190,7 @@ class Telemetry:
         self.events.event("sink_failed", sink=name, reason=why)
 
     def _publish_window(self, record: Record) -> None:
+        record.update(self.labels)
         self._publish(record)
         if self.progress is not None:
             self.progress.show(record)

@@ -1,0 +1,312 @@
+"""Per-layer statistics every `inspect.every` steps, at no host sync on the other steps.
+
+People debugging divergence dump every layer's weights, gradients and activations to
+pickles every 100 steps and pay seconds for it. The Inspector is a callback that, on an
+inspecting step only:
+
+    BATCH_START            forward hooks go on the selected layers; the task's series
+                           (Task.series, optional) are computed on the batch
+    each layer's forward   its output's statistics (stats.tensor_stats), once per step;
+                           for an fp8 layer also its input's and weight's fp8 figures
+    BEFORE_OPTIMIZER_STEP  every selected parameter's and gradient's statistics (final,
+                           unscaled gradients); the hooks come off; everything is stacked
+                           into one device tensor (on CUDA copied to pinned memory,
+                           non-blocking)
+    WINDOW                 the stacked values are read (they have arrived: the window's
+                           own values were issued after them) and written to
+                           RUN_DIR/stats/layers/ and stats/series/ as Parquet
+
+So a step that does not inspect runs no hook and reads nothing, and an inspecting step adds
+no host sync of its own. Statistics are computed on the device: norms with a foreach kernel,
+the rest one reduction per tensor. `inspect.snapshot_every` also saves the full tensors as
+safetensors (stats/snapshots/step-N.safetensors): an explicit, costly opt-in.
+
+Read them with pandas in one call: `pd.read_parquet("RUN_DIR/stats/layers")`; columns
+step, tensor, layer, kind (param | grad | activation | fp8_input | fp8_weight) and the
+statistics of stats.STAT_NAMES (fp8 rows: stats.FP8_STAT_NAMES).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from redline.errors import MissingExtra, require, writing
+from redline.events import Callback, State
+from redline.stats import FP8_STAT_NAMES, STAT_NAMES, fp8_stats, tensor_stats
+
+SeriesFn = Callable[[nn.Module, Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """The `inspect` section: per-layer statistics of parameters, gradients, activations."""
+
+    every: int = 200
+    """Steps between inspections; 0: off. At 200 the cost was under 1 % of the run
+    (bench/inspect_overhead.py, docs/benchmarks.md)."""
+    layers: tuple[str, ...] = ()
+    """Patterns selecting layers by name or type, case-insensitive (e.g. [attn, conv,
+    norm]); empty: every layer that holds parameters."""
+    snapshot_every: int = 0
+    """Steps between full-tensor snapshots (safetensors, costly); 0: never."""
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, "inspect.every", self.every, "an integer >= 0 (0: off)")
+        require(self.snapshot_every >= 0, "inspect.snapshot_every", self.snapshot_every,
+                "an integer >= 0 (0: never)")
+        object.__setattr__(self, "layers", tuple(self.layers))
+        for pattern in self.layers:
+            require(isinstance(pattern, str) and pattern != "", "inspect.layers", pattern,
+                    "a list of non-empty name or type patterns")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0 or self.snapshot_every > 0
+
+    def inspects(self, step: int) -> bool:
+        return (self.every > 0 and step % self.every == 0) or (
+            self.snapshot_every > 0 and step % self.snapshot_every == 0)
+
+
+def select_layers(model: nn.Module, patterns: tuple[str, ...]) -> dict[str, nn.Module]:
+    """name -> module for the layers `patterns` select (see InspectConfig.layers)."""
+    found = {}
+    for name, module in model.named_modules():
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue  # containers and parameter-free layers: their children are listed
+        kind = type(module).__name__
+        if not patterns or any(re.search(p, name, re.I) or re.search(p, kind, re.I)
+                               for p in patterns):
+            found[name or "model"] = module
+    return found
+
+
+@dataclass
+class _Pending:
+    step: int
+    labels: list[tuple[str, str, str]]  # (tensor, layer, kind) per row of `values`
+    values: torch.Tensor  # [rows, len(STAT_NAMES)]
+    fp8_labels: list[tuple[str, str, str]] = field(default_factory=list)
+    fp8_values: torch.Tensor | None = None
+    series: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Inspector(Callback):
+    """The statistics callback (module docstring). `series` is the task's optional
+    Task.series(model, batch); `forward_context` the precision's, for it."""
+
+    def __init__(self, config: InspectConfig, run_dir: str | Path,
+                 series: SeriesFn | None = None,
+                 forward_context: Callable[[], contextlib.AbstractContextManager[Any]]
+                 = contextlib.nullcontext) -> None:
+        _pyarrow()  # a missing pyarrow is said before training, not at the first window
+        self.config, self.dir = config, Path(run_dir) / "stats"
+        self.series_fn, self.forward_context = series, forward_context
+        self.layers: dict[str, nn.Module] = {}
+        self._active: int | None = None  # the step being inspected
+        self._handles: list[Any] = []
+        self._acts: dict[str, tuple[torch.Tensor, torch.Tensor | None, Any]] = {}
+        self._series: dict[str, torch.Tensor] = {}
+        self._pending: list[_Pending] = []
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def on_fit_start(self, state: State) -> None:
+        assert state.model is not None
+        self.layers = select_layers(state.model, self.config.layers)
+        for part in ("layers", "series"):  # a resumed run writes each step once
+            for path in (self.dir / part).glob("step-*.parquet"):
+                if int(path.stem.removeprefix("step-")) > state.step:
+                    path.unlink()
+
+    def on_batch_start(self, state: State, batch: Any) -> None:
+        step = state.step + 1
+        if not self.config.inspects(step):
+            return
+        self._active, self._acts = step, {}
+        snapshot = self._snapshot_step(step)
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._hook(name, snapshot)))
+        if self.series_fn is not None:
+            self._series = self._task_series(state.model, batch)
+
+    def on_micro_batch_change(self, state: State, info: dict[str, Any]) -> None:
+        if self._active is not None and info.get("reason") == "oom":
+            self._acts = {}  # the step is redone: its first forward's figures are void
+
+    def on_before_optimizer_step(self, state: State, optimizer: torch.optim.Optimizer) -> None:
+        if self._active is None:
+            return
+        step, self._active = self._active, None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        labels, tensors = [], []
+        for layer, module in self.layers.items():
+            for pname, p in module.named_parameters(recurse=False):
+                labels.append((f"{layer}.{pname}", layer, "param"))
+                tensors.append(p)
+                if p.grad is not None:
+                    labels.append((f"{layer}.{pname}", layer, "grad"))
+                    tensors.append(p.grad)
+        rows = [tensor_stats(tensors)] if tensors else []
+        fp8_labels, fp8_rows = [], []
+        for layer, (act, fp8, _) in self._acts.items():
+            labels.append((layer, layer, "activation"))
+            rows.append(act)
+            if fp8 is not None:
+                fp8_labels += [(layer, layer, "fp8_input"), (layer, layer, "fp8_weight")]
+                fp8_rows.append(fp8)
+        pending = _Pending(step, labels, _to_host(torch.cat(rows)) if rows else
+                           torch.empty(0, len(STAT_NAMES)), fp8_labels,
+                           _to_host(torch.cat(fp8_rows)) if fp8_rows else None,
+                           {k: _to_host(v) for k, v in self._series.items()})
+        self._pending.append(pending)
+        if self._snapshot_step(step):
+            self._save_snapshot(step)
+        self._acts, self._series = {}, {}
+
+    def on_window(self, state: State, record: dict[str, Any]) -> None:
+        self._flush(int(record["step"]))
+
+    def on_fit_end(self, state: State) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # sync: once, at the end, for the last copies
+        self._flush(state.step)
+
+    # ---- hooks and figures -------------------------------------------------------------------
+
+    def _hook(self, name: str, snapshot: bool) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if name in self._acts:
+                return  # one micro-batch's figures per step: the first's
+            out = _first_float(output)
+            if out is None:
+                return
+            with torch.no_grad():
+                fp8 = None
+                if type(module).__name__ == "Float8Linear" and _first_float(args) is not None:
+                    fp8 = torch.stack([fp8_stats(_first_float(args)),  # type: ignore[arg-type]
+                                       fp8_stats(module.weight)])
+                full = out.detach().cpu() if snapshot else None
+                self._acts[name] = (tensor_stats([out]), fp8, full)
+        return hook
+
+    def _task_series(self, model: nn.Module | None, batch: Any) -> dict[str, torch.Tensor]:
+        assert model is not None and self.series_fn is not None
+        devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+        # forked: training's random stream is where it would be without inspection
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.forward_context():
+            values = self.series_fn(model, batch)
+        return {k: torch.as_tensor(v).detach().float().reshape(-1) for k, v in values.items()}
+
+    def _snapshot_step(self, step: int) -> bool:
+        every = self.config.snapshot_every
+        return every > 0 and step % every == 0
+
+    def _save_snapshot(self, step: int) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for layer, module in self.layers.items():
+            for pname, p in module.named_parameters(recurse=False):
+                tensors[f"param/{layer}.{pname}"] = p.detach().cpu().contiguous()
+                if p.grad is not None:
+                    tensors[f"grad/{layer}.{pname}"] = p.grad.detach().cpu().contiguous()
+        for layer, (_, _, full) in self._acts.items():
+            if full is not None:
+                tensors[f"activation/{layer}"] = full.contiguous()
+        path = self.dir / "snapshots" / f"step-{step:08d}.safetensors"
+        with writing("statistics snapshot", path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(path))
+
+    # ---- storage -----------------------------------------------------------------------------
+
+    def _flush(self, upto: int) -> None:
+        ready = [p for p in self._pending if p.step <= upto]
+        self._pending = [p for p in self._pending if p.step > upto]
+        for p in ready:
+            rows = _rows(p.step, p.labels, p.values.tolist(), STAT_NAMES)
+            if p.fp8_values is not None:
+                rows += _rows(p.step, p.fp8_labels, p.fp8_values.tolist(), FP8_STAT_NAMES)
+            _write_parquet(self.dir / "layers" / f"step-{p.step:08d}.parquet", rows,
+                           LAYER_COLUMNS)
+            if p.series:
+                _write_parquet(self.dir / "series" / f"step-{p.step:08d}.parquet", [
+                    {"step": p.step, "name": name, "index": i, "value": v}
+                    for name, values in p.series.items()
+                    for i, v in enumerate(values.tolist())], SERIES_COLUMNS)
+
+
+def _first_float(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value if value.is_floating_point() else None
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            found = _first_float(v)
+            if found is not None:
+                return found
+    return None
+
+
+def _to_host(values: torch.Tensor) -> torch.Tensor:
+    """On CUDA a pinned host copy, non-blocking (read at the next window); else as is."""
+    if values.device.type != "cuda":
+        return values
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    return host.copy_(values, non_blocking=True)
+
+
+def _rows(step: int, labels: list[tuple[str, str, str]], values: list[list[float]],
+          names: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [{"step": step, "tensor": t, "layer": layer, "kind": kind,
+             **dict(zip(names, row, strict=True))}
+            for (t, layer, kind), row in zip(labels, values, strict=True)]
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise MissingExtra("per-layer statistics (inspect.every)", "pyarrow", "all") from None
+    return pyarrow
+
+
+# Every file of a directory has the same columns, so pandas reads the directory in one call.
+LAYER_COLUMNS = {"step": "int64", "tensor": "string", "layer": "string", "kind": "string",
+                 **dict.fromkeys((*STAT_NAMES, *FP8_STAT_NAMES), "float64")}
+SERIES_COLUMNS = {"step": "int64", "name": "string", "index": "int64", "value": "float64"}
+
+
+def _write_parquet(path: Path, rows: list[dict[str, Any]], columns: dict[str, str]) -> None:
+    """One step's rows as a Parquet file, written whole or not at all (temp + rename)."""
+    pa = _pyarrow()
+    schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in columns.items()])
+    table = pa.table({name: [row.get(name) for row in rows] for name in columns},
+                     schema=schema)
+    tmp = path.with_suffix(".tmp")
+    with writing("statistics", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pa.parquet.write_table(table, tmp)
+        tmp.replace(path)
+
+
+def read_rows(run_dir: str | Path, part: str = "layers") -> list[dict[str, Any]]:
+    """RUN_DIR/stats/PART (layers or series) as a list of rows, oldest step first; empty
+    when nothing was inspected. (pandas: `pd.read_parquet("RUN_DIR/stats/layers")`.)"""
+    path = Path(run_dir) / "stats" / part
+    files = sorted(path.glob("step-*.parquet"))
+    if not files:
+        return []
+    pq = _pyarrow().parquet
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
