@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   install redline into .venv and run a short sr3-tiny training
+#   make demo   install redline into .venv, run a short sr3-tiny training and write its
+#               report (runs/sr3-tiny-TIME/report.html)
 #   make test   install redline with its test tools into .venv and run the tests
 #
 # TORCH is what pip installs first. The default pins the CPU build this project's

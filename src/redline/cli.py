@@ -40,6 +40,18 @@ examples:
   redline train my_task.py:MyTask --config tuned.yaml
 """
 
+EPILOG_STUDY = """\
+examples:
+  redline study sr3-tiny --precision fp32,bf16-mixed,fp8-emulated --steps 100
+  redline study my_task.py:MyTask --precision fp32,fp16-mixed --seeds 3 --json
+  redline study sr3-tiny --precision fp32,bf16-mixed --vary train.batch_size=16,64
+  redline study sr3-tiny --precision fp32,bf16-mixed --run-dir runs/s1 --resume
+
+fp32 (the reference) runs --seeds seeds: its spread is the run-to-run noise every other
+setting's difference is judged against. The study directory holds one ordinary run
+directory per setting and seed, summary.json and report.html.
+"""
+
 # flag attribute -> the config key it is a shorthand for
 SHORTHANDS = (("steps", "train.steps"), ("batch_size", "train.batch_size"),
               ("seed", "train.seed"), ("precision", "precision.name"), ("device", "device"),
@@ -107,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from the newest good checkpoint in --run-dir (default: the "
                         "newest run of TASK under runs/)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    t.add_argument("--no-report", action="store_true",
+                   help="do not write RUN_DIR/report.html at the end (redline report does)")
 
     u = sub.add_parser(
         "tune", parents=[job],
@@ -118,6 +132,36 @@ def _parser() -> argparse.ArgumentParser:
                    help="share of the budget to fill, e.g. 0.85 (memory.target)")
     u.add_argument("--output", metavar="FILE", help="tuned config (default: TASK-tuned.yaml)")
     u.add_argument("--no-cache", action="store_true", help="search even if a result is cached")
+
+    s = sub.add_parser(
+        "study", parents=[job], help="train TASK under several settings; judge each against "
+        "fp32's own noise; write report.html",
+        description="Train TASK once per setting (precisions x --vary values), fp32 with "
+                    "several seeds for its noise floor, and judge every other setting's "
+                    "metrics against that noise; the fastest setting within it is "
+                    "recommended.", epilog=EPILOG_STUDY, formatter_class=raw)
+    s.add_argument("--steps", type=int, metavar="N", help="optimizer steps per run "
+                   "(train.steps)")
+    s.add_argument("--seeds", type=int, default=3, metavar="N",
+                   help="seeds of the reference (fp32), its noise floor (default 3)")
+    s.add_argument("--other-seeds", type=int, default=1, metavar="N",
+                   help="seeds of every other setting (default 1)")
+    s.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                   help="another axis, e.g. train.batch_size=16,64 (repeatable)")
+    s.add_argument("--tracker", action="append", default=[], metavar="NAME",
+                   help="add a tracker to every run (telemetry.trackers; repeatable)")
+    s.add_argument("--run-dir", metavar="DIR",
+                   help="the study directory (default: runs/study-TASK-TIME)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the study in --run-dir: finished runs are kept, a killed "
+                        "one continues from its checkpoint")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("report", help="(re)build report.html for a run or study directory",
+                       description="Write DIR/report.html: self-contained (no network "
+                                   "needed), from what a run or a study directory holds.")
+    r.add_argument("directory", metavar="DIR", help="a run or study directory")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
@@ -158,10 +202,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "runs/; pass --run-dir DIR")
         trainer.run_dir = found
     result = trainer.fit()
+    info = result.to_dict()
+    if not args.no_report and result.steps:
+        from redline.report import build_report
+
+        info["report"] = str(build_report(result.run_dir))
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps(info))
     else:
-        _print_result(result.to_dict())
+        _print_result(info)
     if result.interrupted:
         return 128 + signal.Signals[result.interrupted].value
     return 0
@@ -202,6 +251,65 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"({config.memory.target:.0%} of {result.budget_source})"
           + (" (cached)" if result.cache_hit else ""))
     print(f"tuned config: {out}  (redline train --config {out})")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from redline.study import Study, parse_vary, plan_settings
+    from redline.task import resolve_task
+
+    precisions = [p.strip() for p in (args.precision or "fp32").split(",") if p.strip()]
+    args.precision = None  # the study sets precision.name per setting
+    config = _load(args, "study")
+    task = resolve_task(config.task, config.task_args)
+    settings = plan_settings(config, precisions, parse_vary(args.vary), args.seeds,
+                             args.other_seeds)
+    study = Study(task, config, settings, args.run_dir, args.resume,
+                  progress=False if args.no_progress else None)
+    print(f"study {study.dir}: {len(settings)} runs of {config.train.steps} steps "
+          f"({', '.join(dict.fromkeys(s.label for s in settings))})", file=sys.stderr,
+          flush=True)
+    _, stopped = study.run()
+    if stopped:
+        print(f"study stopped by {stopped}; continue with redline study {args.task or ''} "
+              f"--precision {','.join(precisions)} --run-dir {study.dir} --resume "
+              "(and the same flags)", file=sys.stderr)
+        return 128 + signal.Signals[stopped].value
+    summary = study.finish()
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        _print_study(summary)
+    return 0
+
+
+def _print_study(summary: dict[str, Any]) -> None:
+    metrics = list(next((e["metrics"] for e in summary["settings"] if e["reference"]), {}))
+    print(f"{'setting':<28} {'samples/s':>10} {'speed-up':>9}  " + "  ".join(metrics))
+    for e in summary["settings"]:
+        speed = f"{e['samples_per_s']:.1f}" if e.get("samples_per_s") else "-"
+        up = f"{e['speedup']:.2f}x" if e.get("speedup") else "-"
+        if e["status"] in ("refused", "incomplete"):
+            cells = [f"{e['status']}: {e.get('reason') or ''}"]
+        else:
+            cells = [f"{m}: {e['metrics'][m]['mean']:.4g} ({e['metrics'][m]['text']})"
+                     if e["metrics"].get(m, {}).get("mean") is not None
+                     else f"{m}: {e['metrics'].get(m, {}).get('text', '-')}" for m in metrics]
+        label = e["setting"] + (" (emulated)" if e.get("emulated") else "")
+        print(f"{label:<28} {speed:>10} {up:>9}  " + "; ".join(cells))
+    rec = summary.get("recommendation")
+    if rec:
+        print(f"recommendation: {rec['setting']} — {rec['why']}")
+    else:
+        print("recommendation: none (no setting finished within the reference's noise)")
+    print(f"report: {summary['report']}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from redline.report import build_report
+
+    out = build_report(args.directory)
+    print(json.dumps({"report": str(out)}) if args.json else f"report: {out}")
     return 0
 
 
@@ -247,6 +355,8 @@ def _print_result(r: dict[str, Any]) -> None:
     elif r["interrupted"]:
         print(f"stopped by {r['interrupted']} before the first step: nothing to resume")
     print(f"run directory: {r['run_dir']}")
+    if r.get("report"):
+        print(f"report: {r['report']} (open it in a browser; it needs no network)")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -280,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = _parser()
     args = parser.parse_args(argv)
-    handler = {"doctor": cmd_doctor, "train": cmd_train, "tune": cmd_tune}[args.command]
+    handler = {"doctor": cmd_doctor, "train": cmd_train, "tune": cmd_tune, "study": cmd_study,
+               "report": cmd_report}[args.command]
     try:
         return handler(args)
     except UserError as e:

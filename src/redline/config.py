@@ -79,6 +79,9 @@ class TrainConfig:
     """Evaluation batches per evaluation; null: the whole evaluation set."""
     seed: int = 0
     """Seeds python, numpy and torch before the model is built; fixes the data order."""
+    samples: int = 5
+    """Fixed evaluation inputs whose outputs (Task.samples) the run saves at its end, for
+    the report (RUN_DIR/samples/); 0: none."""
 
     SCHEDULES: ClassVar[tuple[str, ...]] = ("constant", "cosine", "linear")
     LR_SCALING: ClassVar[tuple[str, ...]] = ("none", "linear", "sqrt")
@@ -122,6 +125,7 @@ class TrainConfig:
                 ">= 0 (0: only at the end)")
         require(self.eval_batches is None or self.eval_batches >= 1, "train.eval_batches",
                 self.eval_batches, "an integer >= 1 or null")
+        require(self.samples >= 0, "train.samples", self.samples, "an integer >= 0 (0: none)")
 
     @property
     def auto_batch(self) -> bool:

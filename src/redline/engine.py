@@ -95,6 +95,8 @@ class Engine:
         # first attempt runs in, where the allocator itself would not raise (build.py).
         self._memory_check = memory_check
         self._checked: set[int] = set()
+        # micro-batch -> peak tensor bytes its first, tracked step counted (CPU, no budget)
+        self.checked_peaks: dict[int, int] = {}
         self.dispatcher = dispatcher or Dispatcher()
         self.state = state or State(model=model, optimizer=optimizer)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -227,9 +229,12 @@ class Engine:
     def _attempt(self, batch: Any, loss_fn: LossFn, micro: int) -> torch.Tensor:
         if self._memory_check is None or micro in self._checked:
             return self._accumulate(batch, loss_fn, micro)
-        with self._memory_check():
+        with self._memory_check() as budget:
             total = self._accumulate(batch, loss_fn, micro)
         self._checked.add(micro)
+        tracker = getattr(budget, "tracker", None)
+        if tracker is not None:  # what the tracked step counted: the run's CPU peak figure
+            self.checked_peaks[micro] = tracker.peak
         return total
 
     def _say_batch_statistics(self, micro: int, n: int) -> None:

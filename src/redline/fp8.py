@@ -126,6 +126,6 @@ def torchao_float8() -> Any:
     except ImportError:
         raise MissingExtra("fp8 training", "torchao", "fp8") from None
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
     return float8

@@ -1,7 +1,8 @@
 """The run directory: claimed by one run at a time, and the files a run writes as it starts.
 
 `claim` makes (or checks) the directory and holds its lock for the run (lifecycle.py);
-`write_start_files` writes config.yaml and environment.json. A file-system fault (a
+`write_start_files` writes config.yaml and environment.json; `announce` says, on stderr
+and in events.jsonl, what a user must know before the first step. A file-system fault (a
 read-only directory, a full disk, no permission) is a `StorageError`: one sentence naming
 the path and the fault, exit 1, nothing already saved touched.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from redline.config import ConfigError, RunConfig
 from redline.environment import environment_check
 from redline.errors import writing
 from redline.lifecycle import RunDirLock, new_run_dir
+from redline.precision import Precision
 
 
 def claim(run_dir: Path | None, task_name: str, resume: bool,
@@ -60,3 +63,19 @@ def write_start_files(run_dir: Path, config: RunConfig, task_name: str,
     env["run"] = run
     with writing("environment snapshot", run_dir / "environment.json"):
         (run_dir / "environment.json").write_text(json.dumps(env, indent=2))
+
+
+def announce(events: Any, precision: Precision, memory_limit: tuple[int, str] | None) -> None:
+    """fp8's per-layer decisions, an emulated precision, and the memory limit a CPU run
+    without memory.budget checks each new micro-batch against."""
+    if precision.layer_plan:
+        events.event("fp8_layers", recipe=precision.config.fp8_recipe,
+                     layers=precision.layer_plan)
+    if precision.emulated:
+        print(f"redline: {precision.name} is an emulation: its numerics are the format's, "
+              "its speed is not (no speed-up)", file=sys.stderr, flush=True)
+    if memory_limit is not None:
+        size, source = memory_limit
+        events.event("memory_limit", bytes=size, source=source)
+        print(f"redline: no memory.budget: each new micro-batch is checked against {source} "
+              "before it runs, so the OOM guard can shrink it", file=sys.stderr, flush=True)

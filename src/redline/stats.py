@@ -2,8 +2,8 @@
 non-finite.
 
 `tensor_stats` summarises a list of tensors (a layer's parameters, gradients or
-activations) into one [n, len(STAT_NAMES)] float32 tensor on their device: norms batched
-with a foreach kernel, the other reductions one per tensor, and nothing read by the host,
+activations) into one [n, len(STAT_NAMES)] float32 tensor on their device: a few fused
+reductions per tensor (norms batched in one foreach kernel), nothing read by the host,
 so the caller decides when to pay for the read (inspector.py reads at a telemetry window).
 `fp8_stats` adds what an fp8 cast would do to a tensor: its amax, and the fraction of its
 values that the cast saturates or flushes to zero.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,21 +38,27 @@ E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 def tensor_stats(tensors: list[torch.Tensor]) -> torch.Tensor:
     """[len(tensors), len(STAT_NAMES)] float32 on the tensors' device, no host read.
 
+    Norms come from one foreach kernel; per tensor the mean, the centred norm (std),
+    aminmax and three counts: about eight small kernels a tensor. (A segmented reduction
+    over all tensors at once, and std_mean, were measured slower on CPU.)
     NaN and Inf are counted, not hidden: the other statistics of a tensor holding them are
     NaN or Inf themselves, as they would be computed by hand."""
     if not tensors:
         return torch.empty(0, len(STAT_NAMES))
     flat = [t.detach().reshape(-1).float() for t in tensors]
-    norms = torch._foreach_norm(flat)  # one kernel for every tensor's norm
+    norms = torch._foreach_norm(flat)
     rows = []
     for f, norm in zip(flat, norms, strict=True):
-        lo, hi = torch.aminmax(f) if f.numel() else (f.new_zeros(()), f.new_zeros(()))
-        n = max(f.numel(), 1)
+        if not f.numel():
+            rows.append(f.new_zeros(len(STAT_NAMES)))
+            continue
+        mean = f.mean()
+        std = torch.linalg.vector_norm(f - mean) / math.sqrt(f.numel())  # 5x std_mean's speed
+        lo, hi = torch.aminmax(f)
         rows.append(torch.stack([
-            norm, f.mean() if f.numel() else f.new_zeros(()),
-            f.std(correction=0) if f.numel() else f.new_zeros(()), lo, hi,
-            torch.maximum(lo.abs(), hi.abs()), (f == 0).sum() / n,
-            f.isnan().sum().float(), f.isinf().sum().float()]))
+            norm, mean, std, lo, hi, torch.maximum(-lo, hi),
+            (f.numel() - torch.count_nonzero(f)) / f.numel(),
+            torch.count_nonzero(f != f), torch.count_nonzero(f.abs() == math.inf)]).float())
     return torch.stack(rows)
 
 

@@ -64,14 +64,16 @@ class TaskError(UserError):
 
 @dataclass
 class Sample:
-    """One generated example for reports: named images and/or named texts.
+    """One generated example for reports: named images and/or named texts, and its metrics.
 
-    Images are HxW (grey) or HxWx3 arrays, float in [0, 1] or uint8.
+    Images are HxW (grey) or HxWx3 arrays, float in [0, 1] or uint8. `metrics` are this
+    sample's own scores (e.g. its PSNR, or its BLEU against the reference text).
     """
 
     title: str
     images: dict[str, np.ndarray] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -90,6 +92,8 @@ class Task(Protocol):
 
     def samples(self, model: nn.Module, batch: Any) -> list[Sample]: ...
 
+    def series(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]: ...
+
 
 class TaskBase:
     """Optional base class: defaults for the optional parts of the protocol."""
@@ -105,12 +109,16 @@ class TaskBase:
     def samples(self, model: nn.Module, batch: Any) -> list[Sample]:
         return []
 
+    def series(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        return {}
+
 
 _REQUIRED = ("build_model", "train_data", "loss")
 _OPTIONAL_DEFAULTS: dict[str, Callable[..., Any]] = {
     "eval_data": TaskBase.eval_data,
     "evaluate": TaskBase.evaluate,
     "samples": TaskBase.samples,
+    "series": TaskBase.series,
 }
 
 

@@ -27,6 +27,7 @@ import torch
 
 from redline import batch as batch_tree
 from redline import checkpoint as ckpt
+from redline import resume as resume_state
 from redline import rundir
 from redline.build import Job, build_job
 from redline.config import ConfigError, RunConfig
@@ -34,17 +35,11 @@ from redline.data import LimitedLoader, eval_loader, iterate_from
 from redline.device import DeviceInfo
 from redline.errors import RunStopped, StorageError, UserError
 from redline.evaluation import evaluate, evaluate_shrinking
-from redline.events import (
-    Callback,
-    Dispatcher,
-    Event,
-    State,
-    callback_states,
-    load_callback_states,
-)
+from redline.events import Callback, Dispatcher, Event, State
 from redline.inspector import Inspector
 from redline.lifecycle import Interrupted, Signals
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
+from redline.samples import save_samples
 from redline.task import Task, resolve_task
 from redline.telemetry import schema as K
 from redline.telemetry.jsonl import EventLog, truncate_after
@@ -142,11 +137,14 @@ class Trainer:
                 self._loop(signals)
                 if self.state.step > 0:
                     last_saved = self.save_checkpoint()
+                if self.job.engine.checked_peaks:
+                    self.events.event("memory_checked", peaks=self.job.engine.checked_peaks)
                 if signals.received:
                     interrupted = signals.received
                     self.events.event("interrupted", signal=interrupted, step=self.state.step)
                 elif self.job.eval_set is not None:
                     metrics = self.evaluate()
+                    self._save_samples()
                 self.telemetry.finish()
                 self.dispatcher.fire(Event.FIT_END, self.state)
         except BaseException as exc:
@@ -213,8 +211,7 @@ class Trainer:
         resumed = self._apply_checkpoint(*found) if found else None
         self.events.event("run_start", step=self.state.step, max_steps=self.job.max_steps,
                           precision=self.job.precision.name, device=self.device.name)
-        self._say_precision()
-        self._say_memory_limit()
+        rundir.announce(self.events, self.job.precision, self.job.memory_limit)
         self._count_flops()
         return resumed
 
@@ -242,25 +239,6 @@ class Trainer:
         batch = batch_tree.move(batch_tree.first_samples(self.job.train_set, n),
                                 self.device.torch_device)
         self.telemetry.count_flops(self.job.step_model, batch, self.task.loss, n)
-
-    def _say_precision(self) -> None:
-        """fp8's per-layer decisions to events.jsonl; an emulation said as such."""
-        precision = self.job.precision
-        if precision.layer_plan:
-            self.events.event("fp8_layers", recipe=precision.config.fp8_recipe,
-                              layers=precision.layer_plan)
-        if precision.emulated:
-            print(f"redline: {precision.name} is an emulation: its numerics are the format's, "
-                  "its speed is not (no speed-up)", file=sys.stderr, flush=True)
-
-    def _say_memory_limit(self) -> None:
-        limit = self.job.memory_limit
-        if limit is None:
-            return
-        size, source = limit
-        self.events.event("memory_limit", bytes=size, source=source)
-        print(f"redline: no memory.budget: each new micro-batch is checked against {source} "
-              "before it runs, so the OOM guard can shrink it", file=sys.stderr, flush=True)
 
     def _budget(self) -> contextlib.AbstractContextManager[Any]:
         """memory.budget enforced around the loop (on CPU: every op tracked, slower)."""
@@ -335,6 +313,13 @@ class Trainer:
         self.dispatcher.fire(Event.EVAL_END, self.state, metrics)
         return metrics
 
+    def _save_samples(self) -> None:
+        if self.config.train.samples and self.job.eval_set is not None:
+            with self.telemetry.paused():
+                save_samples(self.task, self.job.step_model, self.job.eval_set,
+                             self.job.precision, self.device, self.run_dir / "samples",
+                             self.config.train.samples, self.config.train.seed)
+
     def _eval_shrunk(self, old: int, new: int) -> None:
         # Only evaluation shrinks: the training micro-batch is not the one that failed.
         self.events.event("eval_oom", step=self.state.step, old=old, new=new)
@@ -368,48 +353,15 @@ class Trainer:
         return path
 
     def _checkpoint_payload(self) -> dict[str, Any]:
-        job = self.job
-        return {
-            "model": job.model.state_dict(),
-            "optimizer": job.optimizer.state_dict(),
-            "scheduler": job.scheduler.state_dict(),
-            "engine": job.engine.state_dict(),
-            "callbacks": callback_states(self.user_callbacks),
-            "rng": ckpt.rng_state(),
-            "epoch": self.state.epoch,
-            "batch_in_epoch": self.state.batch_in_epoch,
-            "samples_seen": self.state.samples_seen,
-            "config": self.config.to_dict(),
-            "task": self.task.name,
-            "tracker_run_id": self.telemetry.tracker_run_id,
-        }
+        return resume_state.payload(self.job, self.state, self.user_callbacks,
+                                    self.telemetry.tracker_run_id)
 
     def _load_checkpoint(self, skipped: list[str]) -> tuple[Path, dict[str, Any]]:
-        """The newest readable checkpoint; unreadable ones are moved aside and reported."""
-        def skip(moved_to: Path, reason: str) -> None:
-            print(f"warning: {reason}; moved it to {moved_to} and trying the previous "
-                  "checkpoint", flush=True, file=sys.stderr)
-            self.events.event("checkpoint_skipped", path=str(moved_to), reason=reason)
-            skipped.append(str(moved_to))
-
-        found = ckpt.load_latest(self.run_dir / "checkpoints", self.device.torch_device,
-                                 on_skip=skip)
-        assert found is not None, "_claim_run_dir checked that a checkpoint exists"
-        ckpt.check_resumable(found[1].get("config", {}), self.config.to_dict(), found[0])
-        return found
+        return resume_state.load(self.run_dir, self.job.device, self.config, self.events,
+                                 skipped)
 
     def _apply_checkpoint(self, path: Path, payload: dict[str, Any]) -> int:
-        job = self.job
-        job.model.load_state_dict(payload["model"])
-        job.optimizer.load_state_dict(payload["optimizer"])
-        job.scheduler.load_state_dict(payload["scheduler"])
-        job.engine.load_state_dict(payload["engine"])
-        load_callback_states(self.user_callbacks, payload.get("callbacks", {}))
-        ckpt.set_rng_state(payload["rng"])
-        self.state.step = int(payload["step"])
-        self.state.epoch = int(payload["epoch"])
-        self.state.batch_in_epoch = int(payload["batch_in_epoch"])
-        self.state.samples_seen = int(payload["samples_seen"])
+        resume_state.apply(self.job, self.state, self.user_callbacks, payload)
         self.events.event("resumed", path=str(path), step=self.state.step)
         return self.state.step
 

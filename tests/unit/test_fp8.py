@@ -85,7 +85,7 @@ def test_fp8_emulated_rounds_like_fp8() -> None:
 
 
 def test_fp8_is_refused_with_the_reason_where_the_device_cannot_run_it() -> None:
-    with pytest.raises(PrecisionError, match="CUDA GPU of compute capability 8.9.*fp8-emulated"):
+    with pytest.raises(PrecisionError, match=r"CUDA GPU of compute capability 8\.9.*fp8-emulated"):
         get_precision("fp8", CPU)
     with pytest.raises(PrecisionError, match=r"has \(8, 0\)"):
         get_precision("fp8", AMPERE)

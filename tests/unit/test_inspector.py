@@ -123,9 +123,9 @@ def test_snapshots_are_safetensors_of_every_selected_tensor(tmp_path: Path) -> N
 
 
 def test_bad_inspect_settings_name_the_key() -> None:
-    with pytest.raises(ConfigError, match="inspect.every"):
+    with pytest.raises(ConfigError, match=r"inspect\.every"):
         load_config(None, ["inspect.every=-1"])
-    with pytest.raises(ConfigError, match="inspect.layers"):
+    with pytest.raises(ConfigError, match=r"inspect\.layers"):
         load_config(None, ["inspect.layers=['']"])
 
 

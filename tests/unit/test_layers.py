@@ -24,15 +24,16 @@ PACKAGE = SRC / "redline"
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("errors",),
     1: ("plugins", "device", "events", "batch"),
-    2: ("task", "fp8", "stats"),
+    2: ("task", "fp8", "stats", "judge"),
     3: ("precision", "memory.*", "checkpoint", "data", "lifecycle", "inspector",
         "telemetry.*"),
-    4: ("config", "engine", "evaluation", "environment"),
+    4: ("config", "engine", "evaluation", "environment", "samples"),
     5: ("build", "recipe", "rundir"),
-    6: ("tune", "diagnose.*", "watch", "examples.*"),
-    7: ("trainer", "doctor"),
-    8: ("cli",),
-    9: ("__main__",),
+    6: ("tune", "diagnose.*", "watch", "examples.*", "resume", "summarize"),
+    7: ("trainer", "doctor", "report.*"),
+    8: ("study",),
+    9: ("cli",),
+    10: ("__main__",),
 }
 
 

@@ -214,9 +214,9 @@ def test_samples_are_unit_range_images_of_the_right_shapes(
 ) -> None:
     model.eval()
     batch = _batch(task.eval_data(), 4)
-    batch = {k: torch.cat([v, v]) for k, v in batch.items()}  # 8 items: only 4 are shown
-    samples = task.samples(model, batch)
-    assert len(samples) == 4
+    batch = {k: torch.cat([v, v[:1]]) for k, v in batch.items()}
+    samples = task.samples(model, batch)  # one per input: the caller picks how many
+    assert len(samples) == 5
     expected = {"low-res": (8, 8, 3), "bicubic": (32, 32, 3), "generated": (32, 32, 3)}
     expected["high-res"] = (32, 32, 3)
     for i, sample in enumerate(samples):
@@ -225,6 +225,19 @@ def test_samples_are_unit_range_images_of_the_right_shapes(
         for image in sample.images.values():
             assert isinstance(image, np.ndarray) and image.dtype == np.float32
             assert image.min() >= 0.0 and image.max() <= 1.0
+        hr = sample.images["high-res"].astype(np.float64)
+        mse = ((sample.images["bicubic"] - hr) ** 2).mean()
+        assert sample.metrics["psnr_bicubic"] == pytest.approx(10 * np.log10(1 / mse), abs=0.05)
+        assert set(sample.metrics) == {"psnr", "psnr_bicubic"}
+
+
+def test_series_are_the_loss_per_timestep_bucket_and_the_schedule(
+    task: SR3Task, model: torch.nn.Module
+) -> None:
+    series = task.series(model, _batch(task.train_data(), 4))
+    losses, schedule = series["loss_by_timestep_bucket"], series["noise_schedule"]
+    assert losses.shape == schedule.shape == (5,) and torch.isfinite(losses).all()
+    assert (schedule.diff() > 0).all() and 0 < schedule[0] < schedule[-1] < 1  # noisier later
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -153,6 +153,15 @@ class CropDataset(Dataset):
         return {"lr": lr * 2.0 - 1.0, "hr": hr * 2.0 - 1.0}
 
 
+SERIES_BUCKETS = 5  # timestep buckets of the loss that Task.series reports
+
+
+def _psnr(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [0, 1]."""
+    mse = ((image - target) ** 2).flatten(1).mean(1).clamp(min=1e-12)
+    return 10.0 * torch.log10(1.0 / mse)
+
+
 class SR3Task(TaskBase):
     """Train a tiny SR3 diffusion model to upscale `size / scale` crops to `size`."""
 
@@ -284,10 +293,16 @@ class SR3Task(TaskBase):
 
     @torch.no_grad()
     def samples(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[Sample]:
+        """Each input's low-res crop, bicubic and generated upscales and the true crop, with
+        the generated and bicubic PSNR."""
         device = _device_of(model)
-        lr = batch["lr"][:4].to(device)
+        lr = batch["lr"].to(device)
         generated = self.super_resolve(model, lr)
         bicubic = self._upsample(lr)
+        target = _to_unit(batch["hr"].to(device))
+        with torch.autocast(device.type, enabled=False):
+            psnr = {name: _psnr(_to_unit(image), target)
+                    for name, image in (("psnr", generated), ("psnr_bicubic", bicubic))}
         return [
             Sample(
                 title=f"eval crop {i}",
@@ -297,9 +312,31 @@ class SR3Task(TaskBase):
                     "generated": _to_numpy(generated[i]),
                     "high-res": _to_numpy(batch["hr"][i]),
                 },
+                metrics={name: float(values[i]) for name, values in psnr.items()},
             )
             for i in range(lr.shape[0])
         ]
+
+    @torch.no_grad()
+    def series(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss at the centre of each of SERIES_BUCKETS timestep buckets (on up to 8 of
+        the batch's samples, the same noise for every bucket), and the noise schedule there
+        (sqrt(1 - alpha_bar), the noise's share of x_t)."""
+        hr = batch["hr"][:8].float()
+        lr = batch["lr"][:8]
+        centres = ((torch.arange(SERIES_BUCKETS) + 0.5) * self.train_timesteps
+                   / SERIES_BUCKETS).long()
+        noise = torch.randn(hr.shape, device=hr.device, dtype=torch.float32)
+        coefficients = self._coefficients.to(hr.device)
+        losses = []
+        for step in centres.tolist():
+            signal, spread = coefficients[:, step]  # 0-d tensors: no host read
+            x_t = signal * hr + spread * noise
+            t = torch.full((hr.shape[0],), step, device=hr.device, dtype=torch.long)
+            v = model(x_t, self._upsample(lr), t).float()
+            losses.append(F.mse_loss(spread * x_t + signal * v, noise))
+        return {"loss_by_timestep_bucket": torch.stack(losses),
+                "noise_schedule": coefficients[1, centres.to(hr.device)]}
 
     # -- sampling -----------------------------------------------------------------------
 

@@ -1,0 +1,88 @@
+"""Judging a difference against the reference's own run-to-run noise.
+
+A study trains the reference setting (fp32) with N seeds. For a metric, the seeds give a
+mean m and a sample standard deviation s; the reference's noise band is m ± 2s (two
+standard deviations: a second fp32 run falls inside it about 95 % of the time). Another
+setting's value x is then
+
+    diverged                          its loss or the metric is not finite, or it stopped
+    within the reference's noise      |x - m| <= 2s
+    better / worse by |x - m|,        outside the band, in the metric's direction
+      beyond noise
+
+With one reference seed there is no band: the difference is given, with "no noise floor"
+(run --seeds 2 or more for one). Whether higher is better comes from the task
+(`Task.metric_directions`, {"psnr": "max"}) or, failing that, from the metric's name:
+loss, error, mse, rmse, mae, nll, perplexity, fid and lpips are lower-is-better, the rest
+higher-is-better.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+LOWER_IS_BETTER = ("loss", "error", "mse", "rmse", "mae", "nll", "perplexity", "fid",
+                   "lpips")
+WITHIN, BETTER, WORSE, DIVERGED, NO_FLOOR = ("within noise", "better", "worse", "diverged",
+                                             "no noise floor")
+
+
+def higher_is_better(metric: str, directions: Mapping[str, str] | None = None) -> bool:
+    """Whether a larger value of `metric` is better (see the module docstring)."""
+    if directions and metric in directions:
+        return directions[metric] == "max"
+    name = metric.lower().rsplit("/", 1)[-1]
+    return not any(word in name for word in LOWER_IS_BETTER)
+
+
+@dataclass(frozen=True)
+class Band:
+    """The reference's values of one metric: mean, sample std, and the seeds' count."""
+
+    mean: float
+    std: float | None  # None with a single seed
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Band:
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite:
+            return cls(math.nan, None, 0)
+        std = statistics.stdev(finite) if len(finite) >= 2 else None
+        return cls(statistics.fmean(finite), std, len(finite))
+
+    @property
+    def half_width(self) -> float | None:
+        return None if self.std is None else 2.0 * self.std
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: str  # WITHIN | BETTER | WORSE | DIVERGED | NO_FLOOR
+    difference: float  # value - reference mean
+    text: str
+
+    @property
+    def acceptable(self) -> bool:
+        """Quality no worse than the reference's, as far as its noise can tell."""
+        return self.kind in (WITHIN, BETTER)
+
+
+def judge(value: float, band: Band, higher_better: bool, diverged: bool = False,
+          reference: str = "fp32") -> Verdict:
+    """The verdict on `value` against the reference `band` (see the module docstring)."""
+    if diverged or not math.isfinite(value):
+        return Verdict(DIVERGED, math.nan, "diverged")
+    diff = value - band.mean
+    if band.half_width is None:
+        return Verdict(NO_FLOOR, diff, f"{diff:+.4g} (no noise floor: one reference seed)")
+    if abs(diff) <= band.half_width:
+        return Verdict(WITHIN, diff,
+                       f"within {reference}'s run-to-run noise (±{band.half_width:.3g})")
+    better = (diff > 0) == higher_better
+    kind = BETTER if better else WORSE
+    return Verdict(kind, diff, f"{kind} by {abs(diff):.3g}, beyond noise "
+                               f"(±{band.half_width:.3g})")

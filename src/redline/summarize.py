@@ -1,0 +1,179 @@
+"""What a run directory measured, and a study's settings judged against the reference.
+
+`run_figures(RUN_DIR)` reads metrics.jsonl: the median samples/s and step time over the
+run's windows (the first left out when there are others: it holds start-up), the peak
+memory (the allocator's or the budget tracker's peak where there is one; on a CPU without a
+budget, the peak its tracked first step counted; else the process's resident high-water
+mark; and which it is), the final evaluation, and the
+skipped and non-finite steps. `summarize(plan, outcomes, study_dir)` groups a study's runs
+by setting, gives the reference's band for each metric and every other setting's verdict
+(judge.py), the speed-up against the reference, and the recommendation: the fastest
+setting whose every metric is within the reference's noise or better. An emulated
+precision (fp8-emulated) is judged on quality but never recommended for speed: its
+samples/s are not the format's.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from redline import judge
+from redline.telemetry import schema as K
+from redline.telemetry.jsonl import read_jsonl
+
+PLAN = "study.json"  # a study directory's plan: task, base config, settings
+OUTCOMES = "outcomes"  # its folder of one outcome file per finished, refused or diverged run
+
+
+def run_figures(run_dir: str | Path) -> dict[str, Any]:
+    """The figures of one run directory (module docstring); {} if it has no metrics."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = read_jsonl(path)
+    windows = [r for r in rows if r.get(K.LOSS) is not None or r.get(K.SAMPLES_PER_S)]
+    timed = windows[1:] if len(windows) > 1 else windows
+    evals = [r for r in rows if any(K.is_eval(k) for k in r)]
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in timed if isinstance(r.get(key), (int, float))]
+        return statistics.median(values) if values else None
+
+    peak, source = None, None
+    checked = _checked_peak(Path(run_dir) / "events.jsonl")
+    for key, name in ((K.MEM_PEAK, "tensor peak"), ("", "tensor peak, first step tracked"),
+                      (K.MEM_RSS_PEAK, "process resident peak")):
+        if not key and checked:
+            peak, source = checked, name
+            break
+        values = [r[key] for r in windows if isinstance(r.get(key), (int, float))]
+        if values:
+            peak, source = max(values), name
+            break
+    final_eval = {k.removeprefix(K.EVAL_PREFIX): v for k, v in (evals[-1] if evals else {}
+                                                                ).items()
+                  if K.is_eval(k) and k != K.EVAL_TIME and isinstance(v, (int, float))}
+    return {
+        "samples_per_s": median(K.SAMPLES_PER_S), "step_time_s": median(K.STEP_TIME),
+        "peak_memory_bytes": peak, "peak_memory_source": source, "eval": final_eval,
+        "final_loss": windows[-1].get(K.LOSS) if windows else None,
+        "skipped_steps": sum(int(r.get(K.SKIPPED_STEPS) or 0) for r in windows),
+        "nonfinite_steps": sum(int(r.get(K.NONFINITE_STEPS) or 0) for r in windows),
+        "emulated": any(r.get(K.EMULATED) for r in windows),
+    }
+
+
+def _checked_peak(events: Path) -> int | None:
+    """The largest peak a CPU run's tracked first steps counted (events.jsonl)."""
+    if not events.is_file():
+        return None
+    peaks = [int(v) for e in read_jsonl(events) if e.get("event") == "memory_checked"
+             for v in e.get("peaks", {}).values()]
+    return max(peaks) if peaks else None
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(finite) if finite else None
+
+
+def summarize(plan: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, Any]],
+              study_dir: str | Path,
+              directions: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The study's summary: one entry per setting, and the recommendation (module doc)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for s in plan["settings"]:
+        label = ", ".join([s["precision"], *(f"{k}={v}" for k, v in s["vary"])])
+        run = s["run"]
+        group = groups.setdefault(label, {"setting": label, "precision": s["precision"],
+                                          "vary": dict(s["vary"]), "reference": s["reference"],
+                                          "runs": [], "figures": []})
+        outcome = outcomes.get(run)
+        group["runs"].append({"run": run, "seed": s["seed"],
+                              "status": outcome["status"] if outcome else "not run",
+                              "reason": outcome.get("reason") if outcome else None})
+        if outcome and outcome["status"] in ("finished", "diverged"):
+            group["figures"].append(run_figures(Path(study_dir) / run))
+    entries = [_entry(g) for g in groups.values()]
+    reference = next((e for e in entries if e["reference"]), None)
+    if reference is not None:
+        _judge_all(entries, reference, directions)
+    return {"study_dir": str(study_dir), "task": plan.get("task"),
+            "reference": reference["setting"] if reference else None,
+            "settings": entries, "recommendation": _recommend(entries, reference)}
+
+
+def _entry(group: dict[str, Any]) -> dict[str, Any]:
+    figures = group.pop("figures")
+    statuses = {r["status"] for r in group["runs"]}
+    status = ("refused" if statuses == {"refused"} else "diverged" if "diverged" in statuses
+              else "finished" if statuses == {"finished"} else "incomplete")
+    metrics = sorted({k for f in figures for k in f.get("eval", {})})
+    per_metric = {m: [f["eval"][m] for f in figures if m in f.get("eval", {})] for m in metrics}
+    if not metrics and figures:  # no evaluation set: judge the final training loss
+        per_metric = {"train_loss": [f["final_loss"] for f in figures
+                                     if f.get("final_loss") is not None]}
+    return {**group, "status": status,
+            "reason": next((r["reason"] for r in group["runs"] if r["reason"]), None),
+            "seeds": len(figures),
+            "samples_per_s": _mean([f.get("samples_per_s") for f in figures]),
+            "step_time_s": _mean([f.get("step_time_s") for f in figures]),
+            "peak_memory_bytes": max((f["peak_memory_bytes"] for f in figures
+                                      if f.get("peak_memory_bytes")), default=None),
+            "peak_memory_source": next((f["peak_memory_source"] for f in figures
+                                        if f.get("peak_memory_source")), None),
+            "skipped_steps": sum(f.get("skipped_steps", 0) for f in figures),
+            "nonfinite_steps": sum(f.get("nonfinite_steps", 0) for f in figures),
+            "emulated": any(f.get("emulated") for f in figures),
+            "values": per_metric}
+
+
+def _judge_all(entries: list[dict[str, Any]], reference: dict[str, Any],
+               directions: Mapping[str, str] | None) -> None:
+    ref_name = reference["precision"]
+    bands = {m: judge.Band.of(v) for m, v in reference["values"].items()}
+    ref_speed = reference["samples_per_s"]
+    for e in entries:
+        e["speedup"] = (e["samples_per_s"] / ref_speed
+                        if e["samples_per_s"] and ref_speed else None)
+        e["metrics"] = {}
+        for m, band in bands.items():
+            values = e["values"].get(m, [])
+            mean = _mean(values) if values else None
+            spread = statistics.stdev(values) if len(values) >= 2 else None
+            item: dict[str, Any] = {"mean": mean, "std": spread, "n": len(values)}
+            if e is reference:
+                item["verdict"], item["text"] = "reference", (
+                    f"reference: {band.n} seed(s)"
+                    + (f", ±{band.half_width:.3g} (2 std)" if band.half_width else ""))
+            elif e["status"] in ("refused", "incomplete") or (
+                    mean is None and e["status"] != "diverged"):
+                item["verdict"], item["text"] = "none", e["status"]
+            else:
+                v = judge.judge(mean if mean is not None else math.nan, band,
+                                judge.higher_is_better(m, directions),
+                                diverged=e["status"] == "diverged", reference=ref_name)
+                item["verdict"], item["text"] = v.kind, v.text
+            e["metrics"][m] = item
+
+
+def _recommend(entries: list[dict[str, Any]], reference: dict[str, Any] | None
+               ) -> dict[str, Any] | None:
+    if reference is None:
+        return None
+    ok = [e for e in entries if e["status"] == "finished" and not e["emulated"]
+          and e["samples_per_s"] and (e is reference or all(
+              m["verdict"] in ("within noise", "better") for m in e["metrics"].values()))]
+    if not ok:
+        return None
+    best = max(ok, key=lambda e: e["samples_per_s"])
+    why = ("the fastest setting whose every metric is within the reference's run-to-run "
+           "noise or better" if best is not reference else
+           "no faster setting kept its quality within the reference's noise")
+    if reference["seeds"] < 2:
+        why += " (one reference seed: no noise floor, differences are unjudged)"
+    return {"setting": best["setting"], "speedup": best.get("speedup"), "why": why}
