@@ -218,6 +218,8 @@ class Study:
         if run_dir.exists() and not resume:
             shutil.rmtree(run_dir)  # killed before its first checkpoint: start it again
         config = self.base.updated(setting.overrides())
+        if "wandb" in config.telemetry.trackers and config.telemetry.wandb_group is None:
+            config = config.updated({"telemetry.wandb_group": self.dir.name})  # one group
         start = time.perf_counter()
         try:
             fit = Trainer(config, task=self.task, run_dir=run_dir, resume=resume,

@@ -39,7 +39,7 @@ from redline.events import Callback, Dispatcher, Event, State
 from redline.inspector import Inspector
 from redline.lifecycle import Interrupted, Signals
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
-from redline.samples import save_samples
+from redline.samples import read_samples, save_samples
 from redline.task import Task, resolve_task
 from redline.telemetry import schema as K
 from redline.telemetry.jsonl import EventLog, truncate_after
@@ -319,6 +319,8 @@ class Trainer:
                 save_samples(self.task, self.job.step_model, self.job.eval_set,
                              self.job.precision, self.device, self.run_dir / "samples",
                              self.config.train.samples, self.config.train.seed)
+            if "wandb" in self.config.telemetry.trackers:
+                self.telemetry.samples(self.state.step, read_samples(self.run_dir))
 
     def _eval_shrunk(self, old: int, new: int) -> None:
         # Only evaluation shrinks: the training micro-batch is not the one that failed.

@@ -135,3 +135,19 @@ def test_bad_study_input_is_one_sentence_and_exit_2(tmp_path: Path, extra: list[
     assert message in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.count("\n") == 1
     assert (tmp_path / "elsewhere" / "notes.txt").read_text() == "mine"
+
+
+def test_with_wandb_a_studys_runs_share_a_group_and_log_their_samples(tmp_path: Path) -> None:
+    from redline.telemetry.wandb_reader import find_run_files, iter_records, read_history
+
+    out = run_cli(["study", TOY, "--precision", "fp32,bf16-mixed", "--seeds", "1", "--steps",
+                   "4", "--run-dir", "s", "--no-progress", "--tracker", "wandb",
+                   "--set", "telemetry.wandb_mode=offline", "--set", "telemetry.log_every=2"],
+                  tmp_path, env={"WANDB_SILENT": "true"})
+    assert out.returncode == 0, out.stderr
+    for run in ("fp32-s0", "bf16-mixed-s0"):
+        (path,) = find_run_files(tmp_path / "s" / run)
+        (info,) = (r.run for r in iter_records(path) if r.WhichOneof("record_type") == "run")
+        assert info.run_group == "s"
+        rows = read_history(path)
+        assert any(r.get("samples/images.count") == 5 for r in rows)

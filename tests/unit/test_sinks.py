@@ -254,3 +254,26 @@ def test_the_entry_point_group_registers_sinks(tmp_path: Path,
     (sink,) = make_sinks(["jsonl-too"], SinkContext(tmp_path))
     assert isinstance(sink, JsonlSink)
     sink.close()
+
+
+def test_wandb_groups_a_study_and_logs_samples_as_images_and_a_table(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from redline.telemetry.wandb_reader import find_run_files, iter_records, read_history
+
+    image = tmp_path / "00-generated.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
+    sink = wandb_sink(tmp_path / "run", name="fp32-s0", group="study-x")
+    feed([sink], [("metrics", metrics(10)), "flush",
+                  ("samples", {"step": 10, "samples": [
+                      {"title": "input 0", "images": {"generated": str(image)},
+                       "texts": {"prediction": "0.5"}, "metrics": {"psnr": 21.5}}]}),
+                  "flush"])
+    (path,) = find_run_files(tmp_path / "run")
+    (run,) = (r.run for r in iter_records(path) if r.WhichOneof("record_type") == "run")
+    assert run.run_group == "study-x"
+    (row,) = read_history(path)  # joined to the step-10 row: W&B's step never moves back
+    assert row["_step"] == 10 and row["loss"] == 0.1
+    assert row["samples/images._type"] == "images/separated"
+    assert row["samples/images.captions"] == ["input 0: generated (psnr 21.5)"]
+    assert row["samples/table._type"] == "table-file" and row["samples/table.nrows"] == 1

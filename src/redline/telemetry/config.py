@@ -26,6 +26,8 @@ class TelemetryConfig:
     """online | offline | disabled; null: W&B's own default (WANDB_MODE, else online)."""
     wandb_project: str | None = None
     """null: "redline"."""
+    wandb_group: str | None = None
+    """W&B run group; null: none (redline study puts each study's runs in one group)."""
 
     def __post_init__(self) -> None:
         require(self.log_every >= 1, "telemetry.log_every", self.log_every, "an integer >= 1")
@@ -45,4 +47,5 @@ class TelemetryConfig:
     @property
     def sink_options(self) -> dict[str, str | None]:
         """What the sinks read from this section (SinkContext.options)."""
-        return {"wandb_mode": self.wandb_mode, "wandb_project": self.wandb_project}
+        return {"wandb_mode": self.wandb_mode, "wandb_project": self.wandb_project,
+                "wandb_group": self.wandb_group}

@@ -142,6 +142,11 @@ class Telemetry:
         """A row of your own metrics at your own cadence (e.g. a second evaluation set)."""
         self._publish({K.STEP: step, K.TIME: round(time.time(), 3), **values})
 
+    def samples(self, step: int, entries: list[dict[str, Any]]) -> None:
+        """A run's saved samples (samples.read_samples' entries) for the trackers that show
+        them (W&B: images and a table); the run directory's samples/ folder holds them."""
+        self.hub.publish("samples", {K.STEP: step, "samples": entries})
+
     def paused(self) -> Any:
         """A block whose time is not step time (evaluation, checkpoints)."""
         return self.window.paused()

@@ -9,6 +9,9 @@ from redline.telemetry.jsonl import JsonlWriter
 from redline.telemetry.sinks import SinkContext
 
 
+STREAMS = ("metrics", "system")  # the streams this sink keeps as files
+
+
 class JsonlSink:
     """metrics.jsonl and system.jsonl in the run directory, one JSON object per record.
 
@@ -26,6 +29,8 @@ class JsonlSink:
         return self.run_dir / f"{stream}.jsonl"
 
     def write(self, stream: str, records: list[dict[str, Any]]) -> None:
+        if stream not in STREAMS:
+            return  # e.g. "samples": the run directory's samples/ folder is their record
         writer = self._writers.get(stream)
         if writer is None:
             writer = self._writers[stream] = JsonlWriter(self.path(stream))

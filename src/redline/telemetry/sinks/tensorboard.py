@@ -50,6 +50,8 @@ class TensorBoardSink:
         self._unstepped = 0  # running count for system samples that carry no step
 
     def write(self, stream: str, records: list[dict[str, Any]]) -> None:
+        if stream not in ("metrics", "system"):
+            return  # "samples" are images and texts, not scalars
         for record in records:
             step = record.get(K.STEP)
             if step is None:

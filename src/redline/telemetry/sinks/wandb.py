@@ -50,7 +50,7 @@ class WandbSink:
     def __init__(self, run_dir: str | Path,
                  mode: Literal["offline", "online", "disabled"] | None = None,
                  project: str | None = None, run_id: str | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, group: str | None = None) -> None:
         try:
             import wandb
         except ImportError as e:
@@ -65,7 +65,7 @@ class WandbSink:
         )
         self._run = wandb.init(
             dir=str(self.run_dir), mode=mode, project=project or "redline", id=run_id,
-            resume="allow" if run_id else None, name=name, settings=settings,
+            resume="allow" if run_id else None, name=name, group=group, settings=settings,
             # a separate run object: never finish a run the user (or an adapter) has open
             reinit="create_new",
         )
@@ -77,6 +77,10 @@ class WandbSink:
         self.run_file = Path(self._run.settings.sync_file) if offline else None
 
     def write(self, stream: str, records: list[dict[str, Any]]) -> None:
+        if stream == "samples":
+            for record in records:
+                self._run.log(_samples(record), commit=False)
+            return
         if stream == "metrics":
             for record in records:  # one record per window: one log call per window
                 self._run.log(_values(record), step=int(record[K.STEP]))
@@ -100,7 +104,26 @@ class WandbSink:
                 time.sleep(0.02)
 
 
+def _samples(record: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved samples as W&B images (captioned) and one table of texts and metrics."""
+    import wandb
+
+    images, rows = [], []
+    for entry in record["samples"]:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in entry.get("metrics", {}).items())
+        for name, path in entry.get("images", {}).items():
+            images.append(wandb.Image(str(path), caption=f"{entry['title']}: {name}"
+                                      + (f" ({metrics})" if metrics else "")))
+        rows.append([entry["title"], " | ".join(f"{k}: {v}" for k, v in
+                                                entry.get("texts", {}).items()), metrics])
+    values: dict[str, Any] = {"samples/table": wandb.Table(
+        columns=["input", "texts", "metrics"], data=rows)}
+    if images:
+        values["samples/images"] = images
+    return values
+
+
 def from_context(context: SinkContext) -> WandbSink:
     return WandbSink(context.run_dir, mode=context.options.get("wandb_mode"),
                      project=context.options.get("wandb_project"), run_id=context.run_id,
-                     name=context.run_name)
+                     name=context.run_name, group=context.options.get("wandb_group"))
