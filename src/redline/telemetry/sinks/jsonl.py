@@ -8,7 +8,6 @@ from typing import Any
 from redline.telemetry.jsonl import JsonlWriter
 from redline.telemetry.sinks import SinkContext
 
-
 STREAMS = ("metrics", "system")  # the streams this sink keeps as files
 
 
