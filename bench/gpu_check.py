@@ -4,10 +4,12 @@
 
 Development and CI have no GPU, so every CUDA branch is thin and sits behind device.py;
 this script exercises those branches for real: device detection and the peak-FLOPs
-table, every precision policy the GPU supports (refusals for the rest), Engine.step with
-no host sync under torch.cuda.set_sync_debug_mode("error"), and a checkpoint round trip
-that includes the CUDA RNG. It prints one line per check and exits 1 if any failed.
-Without a GPU it says so and exits 0 (nothing to validate).
+table, every precision policy the GPU supports (refusals for the rest; fp8 through torchao
+on sm_89+, with a layer really converted), Engine.step with no host sync under
+torch.cuda.set_sync_debug_mode("error"), per-layer statistics with no host sync on the
+inspecting steps, and a checkpoint round trip that includes the CUDA RNG. It prints one
+line per check and exits 1 if any failed. Without a GPU it says so and exits 0 (nothing
+to validate).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def check(name: str) -> Callable[[Callable[[], str]], Callable[[], str]]:
 
 
 def _model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 10)).cuda()
+    # three Linear layers: fp8 keeps the first and last in high precision, converts the middle
+    model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(),
+                          nn.Linear(1024, 10)).cuda()
     return model, torch.randn(64, 256, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
 
 
@@ -87,7 +91,10 @@ def main() -> int:
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
             assert torch.isfinite(loss) and loss.item() < first.item(), "loss did not fall"
-            return f"ok, loss {first.item():.3f} -> {loss.item():.3f}, no host sync"
+            fp8 = sum(d["converted"] for d in policy.layer_plan)
+            assert fp8 or not policy.layer_plan, "fp8 converted no layer"
+            return (f"ok, loss {first.item():.3f} -> {loss.item():.3f}, no host sync"
+                    + (f", {fp8} layer(s) in fp8" if policy.layer_plan else ""))
 
     @check("telemetry windows without host sync")
     def _() -> str:
@@ -119,6 +126,35 @@ def main() -> int:
         assert all(r["redline/host_syncs"] == 0 for r in records[:-1])
         return (f"ok, 4 windows, no sync; step {1e3 * records[-1]['step_time_s']:.2f} ms, "
                 f"MFU {records[-1]['mfu']}")
+
+    @check("per-layer statistics without host sync")
+    def _() -> str:
+        from redline.events import Dispatcher, Event, State
+        from redline.inspector import InspectConfig, Inspector, read_rows
+
+        model, x, y = _model()
+        with tempfile.TemporaryDirectory() as d:
+            state = State(model=model, run_dir=d)
+            dispatcher = Dispatcher([Inspector(InspectConfig(every=2), d)])
+            engine = Engine(model, torch.optim.AdamW(model.parameters(), foreach=True,
+                                                     capturable=True), "fp32",
+                            dispatcher=dispatcher, state=state)
+            dispatcher.fire(Event.FIT_START, state)
+            engine.step((x, y), _loss)  # warm-up
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(4):
+                    dispatcher.fire(Event.BATCH_START, state, (x, y))
+                    engine.step((x, y), _loss)
+                    state.step += 1
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()  # the window's values have arrived
+            dispatcher.fire(Event.WINDOW, state, {"step": state.step})
+            rows = read_rows(d)
+        assert sorted({r["step"] for r in rows}) == [2, 4], rows[:3]
+        return f"ok, {len(rows)} rows at steps 2 and 4, no host sync on the steps"
 
     @check("checkpoint with CUDA RNG")
     def _() -> str:
