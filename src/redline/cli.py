@@ -27,6 +27,7 @@ examples:
   redline train sr3-tiny --precision bf16-mixed --set train.lr=1e-3 --json
   redline train my_tasks.py:MyTask --config run.yaml --run-dir runs/exp1
   redline train sr3-tiny --run-dir runs/exp1 --resume     # continue where it stopped
+  redline train my_tasks.py:MyTask --config run.yaml --dry-run   # check it all, write nothing
 
 Any config key can be set with --set SECTION.KEY=VALUE (values are YAML); the flags
 above are shorthands for train.steps, train.batch_size, train.seed, precision.name,
@@ -119,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from the newest good checkpoint in --run-dir (default: the "
                         "newest run of TASK under runs/)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    t.add_argument("--dry-run", action="store_true",
+                   help="check the config and device, build everything, run one training "
+                        "step and one evaluation batch, write nothing; exit 0, 1 or 2 like "
+                        "doctor")
     t.add_argument("--no-report", action="store_true",
                    help="do not write RUN_DIR/report.html at the end (redline report does)")
 
@@ -192,6 +197,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from redline.trainer import Trainer
 
     config = _load(args, "train")
+    if args.dry_run:
+        return _dry_run(args, config)
     run_dir = args.run_dir
     trainer = Trainer(config, run_dir=run_dir, resume=args.resume,
                       progress=False if args.no_progress else None)
@@ -214,6 +221,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         return 128 + signal.Signals[result.interrupted].value
     return 0
+
+
+def _dry_run(args: argparse.Namespace, config: Any) -> int:
+    from redline.dryrun import dry_run, render
+    from redline.task import resolve_task
+
+    result = dry_run(config, resolve_task(config.task, config.task_args))
+    print(json.dumps(result.to_dict()) if args.json else render(result))
+    return 0 if result.ok else 1
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

@@ -1,0 +1,139 @@
+"""`redline train --dry-run`: everything a run would do, once, and nothing written.
+
+It checks the environment (as `redline doctor` does), builds the job exactly as training
+would (build.py: task, model, precision, optimizer, data), runs two training steps on the
+first batch (the first's peak memory measured: the allocator's on CUDA, the storage
+tracker's on CPU; the second, warm, timed) and one evaluation batch, and reports what a real run would do: the recipe, the
+step's time and memory, a projection of the run's length (labelled as a projection: one
+step is not a run), where it would write. No run directory, cache or file is created; the
+model trained for one step is thrown away.
+
+Exit codes as `doctor`: 0 when the run can go, 1 when something blocks it (the
+environment, an out-of-memory step), 2 for bad input (the config, the task).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from redline import batch as batch_tree
+from redline.build import build_job
+from redline.config import RunConfig
+from redline.data import LimitedLoader, eval_loader
+from redline.device import DeviceInfo
+from redline.environment import environment_check
+from redline.evaluation import evaluate
+from redline.memory.probe import MemoryBudget, format_size, live_tensor_bytes, measure_peak
+from redline.task import Task
+
+
+@dataclass
+class DryRun:
+    ok: bool
+    blockers: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "blockers": self.blockers, "warnings": self.warnings,
+                **self.plan}
+
+
+def dry_run(config: RunConfig, task: Task) -> DryRun:
+    """Check, build, step once, evaluate once; write nothing (module docstring)."""
+    env = environment_check(config.device)
+    result = DryRun(ok=env.ok, blockers=list(env.blockers), warnings=list(env.warnings))
+    if not env.ok:
+        return result
+    device = DeviceInfo.detect(config.device)
+    if config.train.auto_batch:
+        result.warnings.append("train.batch_size is auto: a real run searches first (redline "
+                               "tune shows what it would pick); this dry run steps with 1")
+        config = config.updated({"train.batch_size": 1, "train.effective_batch_size": None})
+    job = build_job(config, task, device)
+    t = config.train
+    batch = batch_tree.move(batch_tree.first_samples(job.train_set, t.samples_per_step),
+                            device.torch_device)
+    params = sum(p.numel() for p in job.model.parameters())
+    result.plan = {
+        "task": task.name, "device": device.name, "precision": job.precision.name,
+        "emulated": job.precision.emulated, "parameters": params,
+        "train_samples": len(job.train_set),  # type: ignore[arg-type]
+        "eval_samples": len(job.eval_set) if job.eval_set is not None else 0,  # type: ignore[arg-type]
+        "steps": job.max_steps, "steps_per_epoch": job.steps_per_epoch,
+        "micro_batch": t.micro_batch, "effective_batch": t.samples_per_step,
+        "accumulation_steps": -(-t.samples_per_step // t.micro_batch), "lr": t.lr,
+        "fp8_layers": sum(d["converted"] for d in job.precision.layer_plan),
+        "checkpoint_every": config.checkpoint.every, "trackers": list(config.telemetry.trackers),
+    }
+    budget = config.memory.budget_bytes
+    limit = (MemoryBudget(budget, device, baseline=live_tensor_bytes(job.model, job.optimizer))
+             if budget is not None else contextlib.nullcontext())
+    with job.precision.global_context(), limit:
+        try:
+            step_s, peak = _one_step(job, batch, device)
+        except torch.OutOfMemoryError as e:
+            result.ok = False
+            result.blockers.append(f"one training step at micro-batch {t.micro_batch} ran out "
+                                   f"of memory ({str(e).splitlines()[0]}); lower "
+                                   "train.batch_size or use --batch-size auto")
+            return result
+        result.plan.update(step_time_s=step_s, step_peak_bytes=peak,
+                           projected_run_s=step_s * job.max_steps)
+        if job.engine.micro_batch_size != t.micro_batch:
+            result.warnings.append(f"micro-batch {t.micro_batch} ran out of memory; the OOM "
+                                   f"guard went on at {job.engine.micro_batch_size} (a real "
+                                   "run does the same, with accumulation)")
+        if job.eval_set is not None:
+            loader = LimitedLoader(eval_loader(job.eval_set, t.eval_batch_size or t.micro_batch,
+                                               job.loader_options), 1)
+            result.plan["eval_metrics"] = sorted(evaluate(task, job.step_model, loader,
+                                                          job.precision, device, t.seed))
+    return result
+
+
+def _one_step(job: Any, batch: Any, device: DeviceInfo) -> tuple[float, int]:
+    """(seconds, peak bytes) of an optimizer step on `batch`: the first measured for memory
+    (a tracked step is slower on CPU), the second, warm and untracked, for time."""
+    baseline = live_tensor_bytes(job.model, job.optimizer)
+    stats = measure_peak(lambda: job.engine.step(batch, job.task.loss), device, baseline)
+    start = time.perf_counter()
+    loss = job.engine.step(batch, job.task.loss)
+    if device.is_cuda:
+        torch.cuda.synchronize(device.torch_device)  # sync: timing the step, once
+    del loss
+    return time.perf_counter() - start, stats.peak_bytes
+
+
+def render(result: DryRun) -> str:
+    """What a person reads: the plan, then warnings and blockers."""
+    p = result.plan
+    lines = []
+    if p:
+        emulated = " (an emulation: no speed-up)" if p["emulated"] else ""
+        lines += [
+            f"task       {p['task']}: {p['parameters']:,} parameters; {p['train_samples']} "
+            f"training and {p['eval_samples']} evaluation samples",
+            f"device     {p['device']}, precision {p['precision']}{emulated}"
+            + (f", {p['fp8_layers']} fp8 layer(s)" if p["fp8_layers"] else ""),
+            f"recipe     {p['steps']} steps, effective batch {p['effective_batch']} = "
+            f"micro-batch {p['micro_batch']} x {p['accumulation_steps']}, lr {p['lr']:.3g}",
+        ]
+        if "step_time_s" in p:
+            lines.append(f"one step   {p['step_time_s']:.3f} s (the second, warm), peak "
+                         f"{format_size(p['step_peak_bytes'])} (the first, tracked); the run "
+                         f"would take about {p['projected_run_s'] / 60:.1f} min of steps (a "
+                         "projection from one step, evaluation not included)")
+        if "eval_metrics" in p:
+            lines.append("evaluation " + ", ".join(p["eval_metrics"]))
+        lines.append(f"writes     checkpoints every {p['checkpoint_every']} steps; trackers "
+                     + ", ".join(p["trackers"]) + "; nothing was written by this dry run")
+    lines += [f"warning    {w}" for w in result.warnings]
+    lines += [f"blocker    {b}" for b in result.blockers]
+    lines.append("ok: the run can start" if result.ok else "not ok: fix the blockers above")
+    return "\n".join(lines)
