@@ -5,8 +5,8 @@ would (build.py: task, model, precision, optimizer, data), runs two training ste
 first batch (the first's peak memory measured: the allocator's on CUDA, the storage
 tracker's on CPU; the second, warm, timed) and one evaluation batch, and reports what a
 real run would do: the recipe, the step's time and memory, a projection of the run's
-length (labelled as a projection: one step is not a run), where it would write. No run directory, cache or file is created; the
-model trained for one step is thrown away.
+length (labelled as a projection: one step is not a run), where it would write. No run
+directory, cache or file is created; the model trained for two steps is thrown away.
 
 Exit codes as `doctor`: 0 when the run can go, 1 when something blocks it (the
 environment, an out-of-memory step), 2 for bad input (the config, the task).
