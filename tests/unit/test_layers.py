@@ -30,7 +30,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     4: ("config", "engine", "evaluation", "environment", "samples"),
     5: ("build", "recipe", "rundir"),
     6: ("tune", "diagnose.*", "watch", "examples.*", "resume", "summarize"),
-    7: ("trainer", "doctor", "dryrun", "report.*"),
+    7: ("trainer", "doctor", "dryrun", "report.*", "integrations.*"),
     8: ("study",),
     9: ("cli",),
     10: ("__main__",),

@@ -1,0 +1,158 @@
+"""redline inside PyTorch Lightning: one callback, a redline run directory.
+
+    import lightning as L
+    from redline.integrations.lightning import RedlineCallback
+
+    trainer = L.Trainer(max_steps=1000, callbacks=[RedlineCallback("runs/my-run")])
+    trainer.fit(model, datamodule)
+    # then: redline doctor runs/my-run ; redline report runs/my-run
+
+The callback records what `redline train` records (integrations/recorder.py): windows of
+`log_every` optimizer steps with no host sync on the steps between (Lightning's own
+ThroughputMonitor synchronises every batch), the writer process with the hardware sampler,
+MFU against the device's peak (FLOPs counted on the first real step), data wait, memory,
+`redline/overhead_pct`, and validation metrics (`val*` keys of callback_metrics) as eval
+rows. The loss is the one `training_step` returned (its "loss"). Only global rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from redline.errors import MissingExtra
+from redline.integrations.recorder import RunRecorder, grad_norm
+from redline.telemetry.config import TelemetryConfig
+
+try:
+    from lightning.pytorch.callbacks import Callback as _Base
+except ImportError:  # the class must exist to be named in the error below
+    try:
+        from pytorch_lightning.callbacks import Callback as _Base  # type: ignore[no-redef]
+    except ImportError:
+        _Base = None  # type: ignore[assignment,misc]
+
+
+def _require() -> None:
+    if _Base is None:
+        raise MissingExtra("redline's Lightning callback", "lightning", "lightning")
+
+
+class RedlineCallback(_Base if _Base is not None else object):  # type: ignore[misc]
+    """Record a Lightning run into a redline run directory (module docstring).
+
+    `run_dir`: where (default runs/lightning-TIME); `config`: the telemetry section
+    (trackers, log_every, ...), or `log_every` / `trackers` alone; `peak_flops`: FLOP/s for
+    MFU where the device table has none.
+    """
+
+    def __init__(self, run_dir: str | Path | None = None, config: TelemetryConfig | None = None,
+                 *, log_every: int | None = None, trackers: tuple[str, ...] | None = None,
+                 peak_flops: float | None = None) -> None:
+        _require()
+        super().__init__()
+        config = config or TelemetryConfig()
+        if log_every is not None:
+            config = dataclasses.replace(config, log_every=log_every)
+        if trackers is not None:
+            config = dataclasses.replace(config, trackers=tuple(trackers))
+        self.run_dir, self.config, self.peak_flops = run_dir, config, peak_flops
+        self.recorder: RunRecorder | None = None
+        self._norm: torch.Tensor | None = None
+        self._wait = 0.0
+        self._last_step = -1
+
+    # ---- Lightning's hooks -------------------------------------------------------------------
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        device = "cuda" if pl_module.device.type == "cuda" else "cpu"
+        self.recorder = RunRecorder(self.run_dir, self.config, "lightning", device,
+                                    self.peak_flops)
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        per_step = self._batch_size(trainer) * accumulate * max(1, trainer.world_size)
+        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else (
+            (trainer.max_epochs or 1) * max(1, trainer.num_training_batches) // accumulate)
+        self.recorder.start({"model": type(pl_module).__name__,
+                             "hparams": dict(getattr(pl_module, "hparams", {}) or {}),
+                             "trainer": {"max_steps": max_steps, "precision":
+                                         str(trainer.precision),
+                                         "accumulate_grad_batches": accumulate,
+                                         "world_size": trainer.world_size}},
+                            max_steps=max_steps, samples_per_step=per_step,
+                            compute_dtype=_dtype(str(trainer.precision)))
+        self._accumulate = accumulate
+        self._last_step = trainer.global_step  # records start at the next optimizer step
+        self.recorder.count_flops_of_next_step()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                             batch_idx: int) -> None:
+        if self.recorder is not None:
+            self._wait += self.recorder.batch_start()
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.recorder is not None:  # final (unscaled) gradients, as a device tensor
+            self._norm = grad_norm(pl_module.parameters())
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.recorder is None or trainer.global_step <= self._last_step:
+            return  # an accumulation micro-batch: the optimizer has not stepped
+        self._last_step = trainer.global_step
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+        step = trainer.global_step
+        self.recorder.step(step, loss, self._norm, self._batch_size(trainer), lr,
+                           trainer.current_epoch,
+                           step * self.recorder.telemetry.ctx.samples_per_step,  # type: ignore[union-attr]
+                           self._wait, self._accumulate)
+        self._wait = 0.0
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.recorder is not None:
+            self._validating = self.recorder.paused()
+            self._validating.__enter__()
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.recorder is None:
+            return
+        self._validating.__exit__(None, None, None)
+        metrics = {k.removeprefix("val_").removeprefix("val/"): float(v)
+                   for k, v in trainer.callback_metrics.items()
+                   if k.startswith("val") and isinstance(v, (torch.Tensor, float, int))}
+        if not trainer.sanity_checking:
+            self.recorder.evaluation(trainer.global_step, metrics)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.finish(trainer.global_step)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if self.recorder is not None:
+            self.recorder.events.event("failed", step=trainer.global_step,
+                                       error=type(exception).__name__)
+            self.recorder.finish(trainer.global_step)
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _batch_size(trainer: Any) -> int:
+        loader = getattr(trainer, "train_dataloader", None)
+        size = getattr(loader, "batch_size", None) if loader is not None else None
+        return int(size or 1)
+
+
+def _dtype(precision: str) -> str:
+    """Lightning's precision flag -> the dtype name the peak-FLOPs table is keyed by."""
+    if "bf16" in precision:
+        return "bfloat16"
+    if "16" in precision:
+        return "float16"
+    return "float32"
