@@ -24,7 +24,7 @@ def test_the_own_loop_guide_runs_as_written(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__guide__"}
     for block in blocks:
-        exec(compile(block, "docs/own-loop.md", "exec"), namespace)  # noqa: S102
+        exec(compile(block, "docs/own-loop.md", "exec"), namespace)
     rows = [json.loads(line) for line in
             (tmp_path / "runs" / "own-loop" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [10, 20, 30, 40]
