@@ -55,6 +55,7 @@ ENTRY_POINT_GROUP = "redline.tasks"
 # Built-in tasks: short name -> "module:factory". The factory is called with task_args.
 BUILTIN_TASKS: dict[str, str] = {
     "sr3-tiny": "redline.examples.sr3:SR3Task",
+    "sst-tiny": "redline.examples.sst:SSTTask",
 }
 
 
