@@ -79,6 +79,8 @@ def judge(value: float, band: Band, higher_better: bool, diverged: bool = False,
     diff = value - band.mean
     if band.half_width is None:
         return Verdict(NO_FLOOR, diff, f"{diff:+.4g} (no noise floor: one reference seed)")
+    if band.half_width == 0 and diff == 0:  # e.g. a baseline metric the setting cannot move
+        return Verdict(WITHIN, 0.0, f"identical to {reference}'s (no run-to-run spread)")
     if abs(diff) <= band.half_width:
         return Verdict(WITHIN, diff,
                        f"within {reference}'s run-to-run noise (±{band.half_width:.3g})")
