@@ -16,7 +16,10 @@ trainer fires them (BATCH_START, a WINDOW every 50 steps):
 
 Blocks run in a random order in each repeat; a variant's cost is the median over repeats
 of its block time over the floor's block time in the same repeat, with a distribution-free
-95 % interval (paired, as bench/overhead.py does).
+95 % interval (paired, as bench/overhead.py does). One inspection in 200 steps is a small
+effect next to the block-to-block noise of a shared machine, so the cost of one inspection
+is also measured directly (blocks of 20 steps that each inspect, against blocks that do
+not, interleaved) and divided by the cadence: the share of a run it costs.
 """
 
 from __future__ import annotations
@@ -103,6 +106,23 @@ def paired(times: dict[str, list[float]], name: str) -> tuple[float, float, floa
     return statistics.median(ratios), ratios[lo], ratios[hi]
 
 
+def per_inspection(w: Workload, repeats: int, tmp: Path, block: int = 20) -> tuple[float, float]:
+    """(median ms one inspection adds to its step, the floor's ms per step): blocks of
+    `block` steps that all inspect, interleaved with blocks that do not."""
+    off, every_step = _variant(w, tmp, "off", 1), _variant(w, tmp / "each", "inspect", 1)
+    off(block), every_step(block)  # warm-up
+    extra, floor = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        off(block)
+        a = (time.perf_counter() - t) / block
+        t = time.perf_counter()
+        every_step(block)
+        extra.append((time.perf_counter() - t) / block - a)
+        floor.append(a)
+    return 1e3 * statistics.median(extra), 1e3 * statistics.median(floor)
+
+
 def bench(w: Workload, repeats: int, every: int, tmp: Path) -> None:
     variants = {kind: _variant(w, tmp, kind, every) for kind in ("off", "inspect", "pickle")}
     for run in variants.values():  # warm-up: allocator, kernels, the first Parquet write
@@ -123,6 +143,11 @@ def bench(w: Workload, repeats: int, every: int, tmp: Path) -> None:
         verdict = (" PASS" if mid - 1 < 0.01 else " over 1 %") if kind == "inspect" else ""
         print(f"{kind:<10} {100 * (mid - 1):>+11.2f}% {100 * (lo - 1):>+9.2f}% .."
               f" {100 * (hi - 1):>+6.2f}%{verdict}")
+    cost, floor = per_inspection(w, repeats, tmp)
+    share = 100 * cost / (every * floor)
+    print(f"one inspection: {cost:.2f} ms ({cost / floor:.2f} steps of {floor:.2f} ms), "
+          f"measured in blocks that inspect every step; at inspect.every={every}: "
+          f"{share:.2f} % of the run{' PASS' if share < 1 else ' over 1 %'}")
 
 
 def main() -> None:

@@ -17,7 +17,9 @@ inspecting step only:
                            RUN_DIR/stats/layers/ and stats/series/ as Parquet
 
 So a step that does not inspect runs no hook and reads nothing, and an inspecting step adds
-no host sync of its own. Statistics are computed on the device: norms with a foreach kernel,
+no host sync of its own. (On a CPU, where reading a value waits for nothing, an inspecting
+step reads one flag per statistics call, whether all are finite, to skip the NaN/Inf
+counts that must be 0: stats.tensor_stats. `host_reads=False` turns that off.) Statistics are computed on the device: norms with a foreach kernel,
 the rest one reduction per tensor. `inspect.snapshot_every` also saves the full tensors as
 safetensors (stats/snapshots/step-N.safetensors): an explicit, costly opt-in.
 
@@ -106,10 +108,12 @@ class Inspector(Callback):
     def __init__(self, config: InspectConfig, run_dir: str | Path,
                  series: SeriesFn | None = None,
                  forward_context: Callable[[], contextlib.AbstractContextManager[Any]]
-                 = contextlib.nullcontext) -> None:
+                 = contextlib.nullcontext, host_reads: bool | None = None) -> None:
         _pyarrow()  # a missing pyarrow is said before training, not at the first window
         self.config, self.dir = config, Path(run_dir) / "stats"
         self.series_fn, self.forward_context = series, forward_context
+        # None: read values on the host where that is free (the model is on a CPU)
+        self._host_reads = host_reads
         self.layers: dict[str, nn.Module] = {}
         self._active: int | None = None  # the step being inspected
         self._handles: list[Any] = []
@@ -122,6 +126,8 @@ class Inspector(Callback):
     def on_fit_start(self, state: State) -> None:
         assert state.model is not None
         self.layers = select_layers(state.model, self.config.layers)
+        if self._host_reads is None:
+            self._host_reads = all(p.device.type == "cpu" for p in state.model.parameters())
         for part in ("layers", "series"):  # a resumed run writes each step once
             for path in (self.dir / part).glob("step-*.parquet"):
                 if int(path.stem.removeprefix("step-")) > state.step:
@@ -157,7 +163,7 @@ class Inspector(Callback):
                 if p.grad is not None:
                     labels.append((f"{layer}.{pname}", layer, "grad"))
                     tensors.append(p.grad)
-        rows = [tensor_stats(tensors)] if tensors else []
+        rows = [tensor_stats(tensors, bool(self._host_reads))] if tensors else []
         fp8_labels, fp8_rows = [], []
         for layer, (act, fp8, _) in self._acts.items():
             labels.append((layer, layer, "activation"))
@@ -197,7 +203,7 @@ class Inspector(Callback):
                     fp8 = torch.stack([fp8_stats(_first_float(args)),  # type: ignore[arg-type]
                                        fp8_stats(module.weight)])
                 full = out.detach().cpu() if snapshot else None
-                self._acts[name] = (tensor_stats([out]), fp8, full)
+                self._acts[name] = (tensor_stats([out], bool(self._host_reads)), fp8, full)
         return hook
 
     def _task_series(self, model: nn.Module | None, batch: Any) -> dict[str, torch.Tensor]:

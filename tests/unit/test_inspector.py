@@ -39,6 +39,41 @@ def test_tensor_stats_equal_the_quantities_computed_by_hand() -> None:
     assert bad[STAT_NAMES.index("zero_frac")] == 0.25
 
 
+def test_the_host_read_shortcut_gives_the_same_figures() -> None:
+    g = torch.Generator().manual_seed(1)
+    finite = [torch.randn(50, generator=g), torch.zeros(3)]
+    assert torch.equal(tensor_stats(finite, host_reads=True), tensor_stats(finite))
+    bad = [torch.tensor([1.0, float("nan"), float("inf"), float("-inf")]), torch.ones(2)]
+    got = tensor_stats(bad, host_reads=True)
+    assert torch.equal(got[:, 7:], tensor_stats(bad)[:, 7:])
+    assert got[0, STAT_NAMES.index("nan")] == 1 and got[0, STAT_NAMES.index("inf")] == 2
+
+
+def test_the_device_path_reads_nothing_on_an_inspecting_step(tmp_path: Path) -> None:
+    from ..synccount import HostReads
+
+    model = _model()
+    counts = {}
+    for host_reads in (False, None):
+        inspector = Inspector(InspectConfig(every=1), tmp_path / str(host_reads),
+                              host_reads=host_reads)
+        state = State(model=model, run_dir=str(tmp_path))
+        dispatcher = Dispatcher([inspector])
+        engine = Engine(model, build_optimizer(model, 1e-2), dispatcher=dispatcher, state=state)
+        dispatcher.fire(Event.FIT_START, state)
+        batch = (torch.randn(8, 4), torch.zeros(8, 1))
+        loss = lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+        engine.step(batch, loss)  # warm-up, not inspected
+        with HostReads() as mode:
+            engine.step(batch, loss)
+            bare = mode.count
+            dispatcher.fire(Event.BATCH_START, state, batch)
+            engine.step(batch, loss)
+            counts[host_reads] = mode.count - 2 * bare
+    assert counts[False] == 0  # what runs on a GPU: no read at all
+    assert counts[None] == 4  # on a CPU: one flag per call (params+grads, 3 layer outputs)
+
+
 def test_fp8_stats_count_what_an_e4m3_cast_flushes_to_zero() -> None:
     amax, saturated, underflow = fp8_stats(torch.tensor([1e-9, -1e-9, 0.5, 2.0])).tolist()
     assert amax == 2.0 and saturated == 0.0 and underflow == 0.5
