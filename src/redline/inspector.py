@@ -19,8 +19,9 @@ inspecting step only:
 So a step that does not inspect runs no hook and reads nothing, and an inspecting step adds
 no host sync of its own. (On a CPU, where reading a value waits for nothing, an inspecting
 step reads one flag per statistics call, whether all are finite, to skip the NaN/Inf
-counts that must be 0: stats.tensor_stats. `host_reads=False` turns that off.) Statistics are computed on the device: norms with a foreach kernel,
-the rest one reduction per tensor. `inspect.snapshot_every` also saves the full tensors as
+counts that must be 0: stats.tensor_stats. `host_reads=False` turns that off.)
+Statistics are computed on the device: norms with a foreach kernel, the rest a few
+reductions per tensor. `inspect.snapshot_every` also saves the full tensors as
 safetensors (stats/snapshots/step-N.safetensors): an explicit, costly opt-in.
 
 Read them with pandas in one call: `pd.read_parquet("RUN_DIR/stats/layers")`; columns

@@ -96,7 +96,8 @@ class RedlineCallback(_Base if _Base is not None else object):  # type: ignore[m
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self.recorder is not None:  # final (unscaled) gradients, as a device tensor
-            self._norm = grad_norm(pl_module.parameters())
+            self._norm = (grad_norm(pl_module.parameters())
+                          if self.recorder.closes_window(trainer.global_step + 1) else None)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -100,7 +100,8 @@ class RedlineCallback(_Base if _Base is not None else object):  # type: ignore[m
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
                               **kwargs: Any) -> None:
         if self.recorder is not None and model is not None:
-            self._norm = grad_norm(model.parameters())
+            self._norm = (grad_norm(model.parameters())
+                          if self.recorder.closes_window(int(state.global_step) + 1) else None)
 
     def on_step_end(self, args: Any, state: Any, control: Any, optimizer: Any = None,
                     **kwargs: Any) -> None:
