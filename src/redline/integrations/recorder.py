@@ -153,6 +153,18 @@ class RunRecorder:
         self.telemetry = None
 
 
+def telemetry_config(config: TelemetryConfig | None, log_every: int | None,
+                     trackers: tuple[str, ...] | None) -> TelemetryConfig:
+    """The callbacks' telemetry section: `config`, with `log_every` / `trackers` given alone
+    taking precedence (validated like the YAML's)."""
+    config = config or TelemetryConfig()
+    if log_every is not None:
+        config = dataclasses.replace(config, log_every=log_every)
+    if trackers is not None:
+        config = dataclasses.replace(config, trackers=tuple(trackers))
+    return config
+
+
 def grad_norm(parameters: Any) -> torch.Tensor | None:
     """The global gradient norm as a device tensor (one foreach kernel, no host read)."""
     grads = [p.grad for p in parameters if p.grad is not None]

@@ -19,14 +19,13 @@ global rank 0 (`state.is_world_process_zero`) writes.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from redline.errors import MissingExtra
-from redline.integrations.recorder import RunRecorder, grad_norm
+from redline.integrations.recorder import RunRecorder, grad_norm, telemetry_config
 from redline.telemetry.config import TelemetryConfig
 
 try:
@@ -48,12 +47,8 @@ class RedlineCallback(_Base if _Base is not None else object):  # type: ignore[m
         if _Base is None:
             raise MissingExtra("redline's Hugging Face callback", "transformers",
                                "transformers")
-        config = config or TelemetryConfig()
-        if log_every is not None:
-            config = dataclasses.replace(config, log_every=log_every)
-        if trackers is not None:
-            config = dataclasses.replace(config, trackers=tuple(trackers))
-        self.run_dir, self.config, self.peak_flops = run_dir, config, peak_flops
+        self.config = telemetry_config(config, log_every, trackers)
+        self.run_dir, self.peak_flops = run_dir, peak_flops
         self.recorder: RunRecorder | None = None
         self._loss: torch.Tensor | None = None
         self._micro = 0
