@@ -54,13 +54,13 @@ def run_figures(run_dir: str | Path) -> dict[str, Any]:
         if values:
             peak, source = max(values), name
             break
-    final_eval = {k.removeprefix(K.EVAL_PREFIX): v for k, v in (evals[-1] if evals else {}
-                                                                ).items()
-                  if K.is_eval(k) and k != K.EVAL_TIME and isinstance(v, (int, float))}
+    final_eval = {k.removeprefix(K.EVAL_PREFIX): _number(v)
+                  for k, v in (evals[-1] if evals else {}).items()
+                  if K.is_eval(k) and k != K.EVAL_TIME and _number(v) is not None}
     return {
         "samples_per_s": median(K.SAMPLES_PER_S), "step_time_s": median(K.STEP_TIME),
         "peak_memory_bytes": peak, "peak_memory_source": source, "eval": final_eval,
-        "final_loss": windows[-1].get(K.LOSS) if windows else None,
+        "final_loss": _number(windows[-1].get(K.LOSS)) if windows else None,
         "skipped_steps": sum(int(r.get(K.SKIPPED_STEPS) or 0) for r in windows),
         "nonfinite_steps": sum(int(r.get(K.NONFINITE_STEPS) or 0) for r in windows),
         "emulated": any(r.get(K.EMULATED) for r in windows),
@@ -74,6 +74,15 @@ def _checked_peak(events: Path) -> int | None:
     peaks = [int(v) for e in read_jsonl(events) if e.get("event") == "memory_checked"
              for v in e.get("peaks", {}).values()]
     return max(peaks) if peaks else None
+
+
+def _number(value: Any) -> float | None:
+    """A metric as a float: metrics.jsonl writes NaN and infinities as strings."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if value in ("NaN", "Infinity", "-Infinity"):
+        return float(value.replace("Infinity", "inf"))
+    return None
 
 
 def _mean(values: list[float]) -> float | None:

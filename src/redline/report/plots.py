@@ -41,7 +41,8 @@ def image_uri(path: str | Path) -> str:
 def lines(series: Series, title: str, xlabel: str = "step", ylabel: str = "",
           log_y: bool = False) -> str | None:
     """Overlaid curves, one per label; None when there is nothing to draw."""
-    series = {k: [(x, y) for x, y in v if y is not None and math.isfinite(y)]
+    # metrics.jsonl writes a non-finite value as a string ("NaN"): not a point to draw
+    series = {k: [(x, y) for x, y in v if isinstance(y, (int, float)) and math.isfinite(y)]
               for k, v in series.items()}
     series = {k: v for k, v in series.items() if v}
     if not series:
@@ -62,7 +63,7 @@ def lines(series: Series, title: str, xlabel: str = "step", ylabel: str = "",
 def heatmap(rows: Sequence[Mapping[str, Any]], value: str, title: str,
             kind: str = "grad") -> str | None:
     """A layer x step heat map of log10(`value`) over stats rows of `kind`."""
-    rows = [r for r in rows if r["kind"] == kind and r.get(value) is not None]
+    rows = [r for r in rows if r["kind"] == kind and isinstance(r.get(value), (int, float))]
     if not rows:
         return None
     import numpy as np
