@@ -63,3 +63,14 @@ def test_precisions_run_as_asked_and_are_recorded(tmp_path: Path, precision: str
     assert env["run"]["precision"]["name"] == precision
     dtype = {"bf16-mixed": "bfloat16", "bf16-true": "bfloat16", "fp16-mixed": "float16"}
     assert env["run"]["precision"]["compute_dtype"] == dtype[precision]
+
+
+def test_sst_tiny_after_its_default_training_beats_persistence_and_climatology(
+        tmp_path: Path) -> None:
+    """`redline train sst-tiny` as the README runs it: 1000 steps, ~20 s on this CPU."""
+    pytest.importorskip("xarray")
+    out = run_cli(["train", "sst-tiny", "--json", "--no-report"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    ev = json.loads(out.stdout.strip().splitlines()[-1])["eval"]
+    assert ev["rmse"] < ev["rmse_persistence"] < ev["rmse_climatology"], ev
+    assert ev["acc"] > 0.6 and ev["acc_climatology"] == pytest.approx(0.0, abs=1e-6)

@@ -40,7 +40,7 @@ from redline.errors import MissingExtra
 from redline.task import Sample, TaskBase, TaskError
 
 WINDOW = 144  # longitudes per sample (a third of the globe)
-OFFSETS = 9  # training windows per month, 48 longitudes apart
+OFFSETS = 108  # training windows per month, 4 longitudes apart
 
 
 @functools.cache
@@ -110,7 +110,7 @@ class SSTTask(TaskBase):
 
     name = "sst-tiny"
 
-    def __init__(self, history: int = 3, patch: int = 6, width: int = 64, depth: int = 2,
+    def __init__(self, history: int = 3, patch: int = 6, width: int = 32, depth: int = 2,
                  heads: int = 4, train_until: str = "2009-03") -> None:
         for key, value, ok in (("history", history, 1 <= history <= 12),
                                ("patch", patch, patch in (2, 3, 6, 9, 18)),
