@@ -25,7 +25,7 @@ def test_the_data_is_the_real_ostia_band_and_the_split_is_by_time(task: SSTTask)
     assert str(months[0]) == "2006-04" and str(months[-1]) == "2010-09"
     assert task.train_months.max() < task.eval_months.min()  # never a later month in training
     assert str(task.eval_months[0]) == "2009-04" and len(task.eval_months) == 18
-    assert len(task.train_data()) == 9 * len(task.train_months)
+    assert len(task.train_data()) == 108 * len(task.train_months)  # windows 4 longitudes apart
     assert len(task.eval_data()) == 3 * 18
 
 
