@@ -43,9 +43,11 @@ from torch import nn
 
 from redline.errors import MissingExtra, require, writing
 from redline.events import Callback, State
-from redline.stats import FP8_STAT_NAMES, STAT_NAMES, fp8_stats, tensor_stats
+from redline.stats import FP8_STAT_NAMES, STAT_NAMES, fp8_stats, histograms, tensor_stats
 
 SeriesFn = Callable[[nn.Module, Any], dict[str, Any]]
+Publish = Callable[[int, list[dict[str, Any]]], None]
+HISTOGRAM_BINS = 32
 
 
 @dataclass(frozen=True)
@@ -100,21 +102,27 @@ class _Pending:
     fp8_labels: list[tuple[str, str, str]] = field(default_factory=list)
     fp8_values: torch.Tensor | None = None
     series: dict[str, torch.Tensor] = field(default_factory=dict)
+    histograms: torch.Tensor | None = None  # [parameter and gradient rows, HISTOGRAM_BINS]
 
 
 class Inspector(Callback):
     """The statistics callback (module docstring). `series` is the task's optional
-    Task.series(model, batch); `forward_context` the precision's, for it."""
+    Task.series(model, batch); `forward_context` the precision's, for it; `publish(step,
+    histograms)`, when given, receives each parameter's and gradient's histogram
+    (HISTOGRAM_BINS bins from its min to its max) at the window, for TensorBoard and W&B."""
 
     def __init__(self, config: InspectConfig, run_dir: str | Path,
                  series: SeriesFn | None = None,
                  forward_context: Callable[[], contextlib.AbstractContextManager[Any]]
-                 = contextlib.nullcontext, host_reads: bool | None = None) -> None:
+                 = contextlib.nullcontext, host_reads: bool | None = None,
+                 publish: Publish | None = None) -> None:
         _pyarrow()  # a missing pyarrow is said before training, not at the first window
         self.config, self.dir = config, Path(run_dir) / "stats"
         self.series_fn, self.forward_context = series, forward_context
         # None: read values on the host where that is free (the model is on a CPU)
         self._host_reads = host_reads
+        # given (TensorBoard or W&B is on): parameter and gradient histograms go to it
+        self.publish = publish
         self.layers: dict[str, nn.Module] = {}
         self._active: int | None = None  # the step being inspected
         self._handles: list[Any] = []
@@ -165,6 +173,8 @@ class Inspector(Callback):
                     labels.append((f"{layer}.{pname}", layer, "grad"))
                     tensors.append(p.grad)
         rows = [tensor_stats(tensors, bool(self._host_reads))] if tensors else []
+        hist = (histograms(tensors, rows[0][:, 3], rows[0][:, 4], HISTOGRAM_BINS)
+                if rows and self.publish is not None else None)
         fp8_labels, fp8_rows = [], []
         for layer, (act, fp8, _) in self._acts.items():
             labels.append((layer, layer, "activation"))
@@ -175,7 +185,8 @@ class Inspector(Callback):
         pending = _Pending(step, labels, _to_host(torch.cat(rows)) if rows else
                            torch.empty(0, len(STAT_NAMES)), fp8_labels,
                            _to_host(torch.cat(fp8_rows)) if fp8_rows else None,
-                           {k: _to_host(v) for k, v in self._series.items()})
+                           {k: _to_host(v) for k, v in self._series.items()},
+                           _to_host(hist) if hist is not None else None)
         self._pending.append(pending)
         if self._snapshot_step(step):
             self._save_snapshot(step)
@@ -247,11 +258,27 @@ class Inspector(Callback):
                 rows += _rows(p.step, p.fp8_labels, p.fp8_values.tolist(), FP8_STAT_NAMES)
             _write_parquet(self.dir / "layers" / f"step-{p.step:08d}.parquet", rows,
                            LAYER_COLUMNS)
+            if p.histograms is not None and self.publish is not None:
+                self.publish(p.step, _histogram_entries(rows, p.histograms.tolist()))
             if p.series:
                 _write_parquet(self.dir / "series" / f"step-{p.step:08d}.parquet", [
                     {"step": p.step, "name": name, "index": i, "value": v}
                     for name, values in p.series.items()
                     for i, v in enumerate(values.tolist())], SERIES_COLUMNS)
+
+
+def _histogram_entries(rows: list[dict[str, Any]], counts: list[list[float]]
+                       ) -> list[dict[str, Any]]:
+    """One entry per parameter and gradient (the first rows), as TensorBoard's
+    add_histogram_raw and W&B's Histogram take them."""
+    out = []
+    for row, c in zip(rows[:len(counts)], counts, strict=True):  # then come the activations
+        lo, hi = row["min"], row["max"]
+        edges = [lo + (hi - lo) * i / len(c) for i in range(len(c) + 1)]
+        out.append({"name": f"{row['kind']}/{row['tensor']}", "min": lo, "max": hi,
+                    "num": sum(c), "sum": row["mean"] * sum(c),
+                    "sum_squares": row["norm"] ** 2, "edges": edges, "counts": c})
+    return out
 
 
 def _first_float(value: Any) -> torch.Tensor | None:

@@ -67,6 +67,20 @@ def tensor_stats(tensors: list[torch.Tensor], host_reads: bool = False) -> torch
     return torch.cat([table, counts.float()], dim=1)
 
 
+def histograms(tensors: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor,
+               bins: int = 32) -> torch.Tensor:
+    """[len(tensors), bins] counts of each tensor's finite values in `bins` equal bins from
+    its lo to its hi (device tensors, e.g. tensor_stats' min and max): a scatter-add, no
+    host read (torch.histc and bincount size or range their output on the host)."""
+    out = []
+    for f, a, b in zip((t.detach().reshape(-1).float() for t in tensors), lo, hi, strict=True):
+        width = (b - a).clamp(min=1e-30)
+        finite = torch.isfinite(f)
+        idx = ((f - a) / width * bins).nan_to_num(0.0).clamp(0, bins - 1).long()
+        out.append(torch.zeros(bins, device=f.device).scatter_add_(0, idx, finite.float()))
+    return torch.stack(out) if out else torch.empty(0, bins)
+
+
 def fp8_stats(tensor: torch.Tensor) -> torch.Tensor:
     """[len(FP8_STAT_NAMES)]: amax, and the fractions of values an e4m3 cast with one scale
     for the tensor (448 / amax, as torchao's tensorwise recipe computes it) saturates or

@@ -185,9 +185,11 @@ class Trainer:
         self.dispatcher.add(RunWatch(self.config.train, self.events, functools.partial(
             locate_nonfinite, self.job, self.loader)))
         if self.config.inspect.enabled:
-            self.dispatcher.add(Inspector(self.config.inspect, self.run_dir,
-                                          getattr(self.task, "series", None),
-                                          self.job.precision.forward_context))
+            drawn = {"tensorboard", "wandb"} & set(self.config.telemetry.trackers)
+            self.dispatcher.add(Inspector(
+                self.config.inspect, self.run_dir, getattr(self.task, "series", None),
+                self.job.precision.forward_context,
+                publish=(lambda step, h: self.telemetry.histograms(step, h)) if drawn else None))
         self._eval_batch = self.config.train.eval_batch_size or self.config.train.micro_batch
         skipped: list[str] = []
         found = self._load_checkpoint(skipped) if self.resume else None

@@ -177,3 +177,33 @@ def test_a_training_run_writes_its_statistics_and_task_series(tmp_path: Path) ->
     series = read_rows(tmp_path / "r", "series")
     assert [(r["step"], r["name"], r["index"], r["value"]) for r in series if r["step"] == 3] \
         == [(3, "loss_parts", 0, 1.0), (3, "loss_parts", 1, 2.0), (3, "penalty", 0, 0.5)]
+
+
+def test_histograms_count_each_tensors_finite_values_in_equal_bins() -> None:
+    from redline.stats import histograms
+
+    t = torch.tensor([0.0, 0.1, 0.5, 0.99, 1.0, float("nan")])
+    (counts,) = histograms([t], torch.tensor([0.0]), torch.tensor([1.0]), bins=4).tolist()
+    assert counts == [2, 0, 1, 2]  # [0, .25) [.25, .5) [.5, .75) [.75, 1]; NaN not counted
+
+
+def test_histograms_reach_tensorboard_and_wandb_when_they_are_on(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from redline.telemetry.wandb_reader import find_run_files, read_history
+
+    config = load_config(None, [f"task={TOY}", "train.steps=4", "inspect.every=2",
+                                "telemetry.log_every=2", "train.eval_every=0",
+                                "telemetry.trackers=[jsonl,tensorboard,wandb]",
+                                "telemetry.wandb_mode=offline"])
+    Trainer(config, run_dir=tmp_path / "r", progress=False).fit()
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard"),
+                              size_guidance={"histograms": 0})
+    events.Reload()
+    tags = events.Tags()["histograms"]
+    assert "grad/0.weight" in tags and "param/3.bias" in tags
+    steps = [e.step for e in events.Histograms("grad/0.weight")]
+    assert steps == [2, 4]
+    rows = read_history(find_run_files(tmp_path / "r")[0])
+    assert any(r.get("hist/grad/0.weight._type") == "histogram" for r in rows)

@@ -147,6 +147,11 @@ class Telemetry:
         them (W&B: images and a table); the run directory's samples/ folder holds them."""
         self.hub.publish("samples", {K.STEP: step, "samples": entries})
 
+    def histograms(self, step: int, entries: list[dict[str, Any]]) -> None:
+        """Histograms (name, min, max, num, sum, sum_squares, edges, counts) for the
+        trackers that draw them (TensorBoard, W&B); the jsonl files do not keep them."""
+        self.hub.publish("histograms", {K.STEP: step, "histograms": entries})
+
     def paused(self) -> Any:
         """A block whose time is not step time (evaluation, checkpoints)."""
         return self.window.paused()

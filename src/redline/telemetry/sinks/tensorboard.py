@@ -50,6 +50,14 @@ class TensorBoardSink:
         self._unstepped = 0  # running count for system samples that carry no step
 
     def write(self, stream: str, records: list[dict[str, Any]]) -> None:
+        if stream == "histograms":
+            for record in records:
+                for h in record["histograms"]:
+                    self._writer.add_histogram_raw(
+                        h["name"], h["min"], h["max"], h["num"], h["sum"], h["sum_squares"],
+                        h["edges"][1:], h["counts"], global_step=record[K.STEP])
+            self._writer.flush()
+            return
         if stream not in ("metrics", "system"):
             return  # "samples" are images and texts, not scalars
         for record in records:

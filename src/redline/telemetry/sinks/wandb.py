@@ -77,6 +77,15 @@ class WandbSink:
         self.run_file = Path(self._run.settings.sync_file) if offline else None
 
     def write(self, stream: str, records: list[dict[str, Any]]) -> None:
+        if stream == "histograms":
+            import numpy as np
+            import wandb
+
+            for record in records:
+                self._run.log({f"hist/{h['name']}": wandb.Histogram(np_histogram=(
+                    np.asarray(h["counts"]), np.asarray(h["edges"])))
+                    for h in record["histograms"]}, commit=False)
+            return
         if stream == "samples":
             for record in records:
                 self._run.log(_samples(record), commit=False)
