@@ -141,10 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "study", parents=[job], help="train TASK under several settings; judge each against "
         "fp32's own noise; write report.html",
-        description="Train TASK once per setting (precisions x --vary values), fp32 with "
-                    "several seeds for its noise floor, and judge every other setting's "
-                    "metrics against that noise; the fastest setting within it is "
-                    "recommended.", epilog=EPILOG_STUDY, formatter_class=raw)
+        description="Train TASK once per setting (the comma-separated --precision list x "
+                    "the --vary values), fp32 with several seeds for its noise floor, and "
+                    "judge every other setting's metrics against that noise; the fastest "
+                    "setting within it is recommended.", epilog=EPILOG_STUDY,
+        formatter_class=raw)
     s.add_argument("--steps", type=int, metavar="N", help="optimizer steps per run "
                    "(train.steps)")
     s.add_argument("--seeds", type=int, default=3, metavar="N",
