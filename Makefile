@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/redline doctor
 	$(VENV)/bin/redline train sr3-tiny --steps 200 --set train.eval_every=100 \
-		--set telemetry.log_every=20
+		--set telemetry.log_every=20 --set inspect.every=50
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
