@@ -31,7 +31,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     5: ("build", "recipe", "rundir"),
     6: ("tune", "diagnose.*", "watch", "examples.*", "resume", "summarize"),
     7: ("trainer", "doctor", "dryrun", "report.*", "integrations.*"),
-    8: ("study",),
+    8: ("study", "output"),
     9: ("cli",),
     10: ("__main__",),
 }

@@ -1,0 +1,76 @@
+"""What the CLI prints: result lines and tables, one function per command's output."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from redline.tune import AutobatchResult
+
+
+def print_result(r: dict[str, Any]) -> None:
+    loss = f"{r['final_loss']:.4g}" if r["final_loss"] is not None else "-"
+    emulated = " (an emulation: its numerics, no speed-up)" if r.get("emulated") else ""
+    print(f"trained {r['steps']} steps ({r['samples']} samples) in {r['precision']}{emulated} "
+          f"on {r['device']}; final loss {loss}")
+    if r.get("samples_per_s") is not None:
+        mfu = f", MFU {100 * r['mfu']:.2f} %" if r.get("mfu") is not None else ""
+        cost = (f"; telemetry overhead {r['overhead_pct']:.3f} % of step time (measured)"
+                if r.get("overhead_pct") is not None else "")
+        print(f"speed: {r['samples_per_s']:.1f} samples/s{mfu}{cost}")
+    if r["eval"]:
+        print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in r["eval"].items()))
+    if r["interrupted"] and r["checkpoint"]:
+        d = r["run_dir"]
+        print(f"stopped by {r['interrupted']}; checkpoint saved: {r['checkpoint']}; continue "
+              f"with redline train --config {d}/config.yaml --run-dir {d} --resume")
+    elif r["interrupted"]:
+        print(f"stopped by {r['interrupted']} before the first step: nothing to resume")
+    print(f"run directory: {r['run_dir']}")
+    if r.get("report"):
+        print(f"report: {r['report']} (open it in a browser; it needs no network)")
+
+
+def print_trials(result: AutobatchResult) -> None:
+    """The batch search's table: each size's memory, its speed and the rounds' spread."""
+    from redline.memory.probe import format_size
+
+    print(f"{'micro-batch':>11}  {'peak memory':>12}  {'% of target':>11}  {'samples/s':>10}  "
+          f"{'spread':>7}  chosen")
+    timed = {tr.size: tr for tr in result.trials if tr.kind == "throughput"}
+    rows = [(tr.size, tr) for tr in result.trials if tr.kind in ("probe", "verify")]
+    rows += [(size, None) for size in set(timed) - {size for size, _ in rows}]
+    rows.sort(key=lambda row: row[0])  # stable: a probe before its size's verification
+    for size, tr in rows:
+        peak, pct = "-", "-"  # a size only timed has no memory row of its own
+        if tr is not None:
+            peak = format_size(tr.peak_bytes) if tr.peak_bytes else "OOM"
+            pct = f"{100 * tr.peak_bytes / result.target_bytes:.0f}%" if tr.peak_bytes else "-"
+        speed = timed.pop(size, None)
+        sps = f"{speed.samples_per_s:.1f}" if speed and speed.samples_per_s else "-"
+        spread = (f"{100 * (speed.spread[1] - speed.spread[0]) / speed.samples_per_s:.1f}%"
+                  if speed and speed.spread and speed.samples_per_s else "-")
+        print(f"{size:>11}  {peak:>12}  {pct:>11}  {sps:>10}  {spread:>7}  "
+              f"{'<-' if size == result.chosen else ''}".rstrip())
+
+
+def print_study(summary: dict[str, Any]) -> None:
+    metrics = list(next((e["metrics"] for e in summary["settings"] if e["reference"]), {}))
+    print(f"{'setting':<28} {'samples/s':>10} {'speed-up':>9}  " + "  ".join(metrics))
+    for e in summary["settings"]:
+        speed = f"{e['samples_per_s']:.1f}" if e.get("samples_per_s") else "-"
+        up = f"{e['speedup']:.2f}x" if e.get("speedup") else "-"
+        if e["status"] in ("refused", "incomplete"):
+            cells = [f"{e['status']}: {e.get('reason') or ''}"]
+        else:
+            cells = [f"{m}: {e['metrics'][m]['mean']:.4g} ({e['metrics'][m]['text']})"
+                     if e["metrics"].get(m, {}).get("mean") is not None
+                     else f"{m}: {e['metrics'].get(m, {}).get('text', '-')}" for m in metrics]
+        label = e["setting"] + (" (emulated)" if e.get("emulated") else "")
+        print(f"{label:<28} {speed:>10} {up:>9}  " + "; ".join(cells))
+    rec = summary.get("recommendation")
+    if rec:
+        print(f"recommendation: {rec['setting']} — {rec['why']}")
+    else:
+        print("recommendation: none (no setting finished within the reference's noise)")
+    print(f"report: {summary['report']}")
