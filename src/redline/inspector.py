@@ -55,8 +55,8 @@ class InspectConfig:
     """The `inspect` section: per-layer statistics of parameters, gradients, activations."""
 
     every: int = 200
-    """Steps between inspections; 0: off. At 200 the cost was under 1 % of the run
-    (bench/inspect_overhead.py, docs/benchmarks.md)."""
+    """Steps between inspections, and the last step; 0: off. At 200 the cost was under
+    1 % of the run (bench/inspect_overhead.py, docs/benchmarks.md)."""
     layers: tuple[str, ...] = ()
     """Patterns selecting layers by name or type, case-insensitive (e.g. [attn, conv,
     norm]); empty: every layer that holds parameters."""
@@ -76,8 +76,11 @@ class InspectConfig:
     def enabled(self) -> bool:
         return self.every > 0 or self.snapshot_every > 0
 
-    def inspects(self, step: int) -> bool:
-        return (self.every > 0 and step % self.every == 0) or (
+    def inspects(self, step: int, last: int = 0) -> bool:
+        """Whether optimizer step `step` is inspected: every `every` steps and the run's
+        `last` step (so a run shorter than `every` still has its end state), and every
+        `snapshot_every` steps."""
+        return (self.every > 0 and (step % self.every == 0 or step == last)) or (
             self.snapshot_every > 0 and step % self.snapshot_every == 0)
 
 
@@ -144,7 +147,7 @@ class Inspector(Callback):
 
     def on_batch_start(self, state: State, batch: Any) -> None:
         step = state.step + 1
-        if not self.config.inspects(step):
+        if not self.config.inspects(step, state.max_steps):
             return
         self._active, self._acts = step, {}
         snapshot = self._snapshot_step(step)
