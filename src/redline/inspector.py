@@ -32,6 +32,7 @@ statistics of stats.STAT_NAMES (fp8 rows: stats.FP8_STAT_NAMES).
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -277,6 +278,8 @@ def _histogram_entries(rows: list[dict[str, Any]], counts: list[list[float]]
     out = []
     for row, c in zip(rows[:len(counts)], counts, strict=True):  # then come the activations
         lo, hi = row["min"], row["max"]
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            continue  # a tensor holding NaN/Inf has no range to bin (its stats count them)
         edges = [lo + (hi - lo) * i / len(c) for i in range(len(c) + 1)]
         out.append({"name": f"{row['kind']}/{row['tensor']}", "min": lo, "max": hi,
                     "num": sum(c), "sum": row["mean"] * sum(c),

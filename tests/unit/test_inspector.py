@@ -188,6 +188,27 @@ def test_histograms_count_each_tensors_finite_values_in_equal_bins() -> None:
     assert counts == [2, 0, 1, 2]  # [0, .25) [.25, .5) [.5, .75) [.75, 1]; NaN not counted
 
 
+def test_a_tensor_without_a_finite_range_gets_no_histogram(tmp_path: Path) -> None:
+    published: list[tuple[int, list[dict]]] = []
+    model = _model()
+    inspector = Inspector(InspectConfig(every=1), tmp_path,
+                          publish=lambda step, h: published.append((step, h)))
+    state = State(model=model, run_dir=str(tmp_path))
+    dispatcher = Dispatcher([inspector])
+    engine = Engine(model, build_optimizer(model, 1e-2), dispatcher=dispatcher, state=state,
+                    skip_nonfinite=True)
+    dispatcher.fire(Event.FIT_START, state)
+    batch = (torch.randn(8, 4), torch.zeros(8, 1))
+    dispatcher.fire(Event.BATCH_START, state, batch)
+    engine.step(batch, lambda m, b: m(b[0]).sum() * float("nan"))  # every gradient NaN
+    state.step += 1
+    dispatcher.fire(Event.WINDOW, state, {"step": 1})
+    ((step, entries),) = published
+    names = {e["name"] for e in entries}
+    assert step == 1 and names == {f"param/{n}" for n, _ in model.named_parameters()}
+    assert all(len(e["edges"]) == len(e["counts"]) + 1 for e in entries)
+
+
 def test_histograms_reach_tensorboard_and_wandb_when_they_are_on(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
