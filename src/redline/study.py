@@ -36,7 +36,7 @@ from redline.errors import MissingExtra, RunStopped, UserError, writing
 from redline.events import Callback, State
 from redline.lifecycle import new_run_dir
 from redline.precision import PRECISIONS, PrecisionError
-from redline.summarize import OUTCOMES, PLAN, summarize
+from redline.summarize import OUTCOMES, PLAN, read_outcomes, summarize
 from redline.task import Task
 from redline.trainer import Trainer
 
@@ -150,7 +150,8 @@ class Study:
 
     def _claim(self, path: Path | None) -> Path:
         plan = {"task": self.base.task or self.task.name, "base": self.base.to_dict(),
-                "settings": [{**asdict(s), "run": s.run_name} for s in self.settings]}
+                "settings": [{**asdict(s), "run": s.run_name, "label": s.label}
+                             for s in self.settings]}
         plan = json.loads(json.dumps(plan))  # tuples as lists, as the file holds them
         if path is None:
             if self.resume:
@@ -200,8 +201,7 @@ class Study:
         from redline.report import build_report
 
         plan = json.loads((self.dir / PLAN).read_text())
-        outcomes = {p.stem: json.loads(p.read_text())
-                    for p in sorted((self.dir / OUTCOMES).glob("*.json"))}
+        outcomes = read_outcomes(self.dir)
         summary = summarize(plan, outcomes, self.dir,
                             getattr(self.task, "metric_directions", None))
         with writing("study summary", self.dir / "summary.json"):

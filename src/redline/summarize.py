@@ -15,6 +15,7 @@ samples/s are not the format's.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Mapping
@@ -27,6 +28,12 @@ from redline.telemetry.jsonl import read_jsonl
 
 PLAN = "study.json"  # a study directory's plan: task, base config, settings
 OUTCOMES = "outcomes"  # its folder of one outcome file per finished, refused or diverged run
+
+
+def read_outcomes(study_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """run name -> its outcome record, for every run the study has finished or recorded."""
+    return {p.stem: json.loads(p.read_text())
+            for p in sorted((Path(study_dir) / OUTCOMES).glob("*.json"))}
 
 
 def run_figures(run_dir: str | Path) -> dict[str, Any]:
@@ -96,8 +103,7 @@ def summarize(plan: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, Any]]
     """The study's summary: one entry per setting, and the recommendation (module doc)."""
     groups: dict[str, dict[str, Any]] = {}
     for s in plan["settings"]:
-        label = ", ".join([s["precision"], *(f"{k}={v}" for k, v in s["vary"])])
-        run = s["run"]
+        label, run = s["label"], s["run"]
         group = groups.setdefault(label, {"setting": label, "precision": s["precision"],
                                           "vary": dict(s["vary"]), "reference": s["reference"],
                                           "runs": [], "figures": []})

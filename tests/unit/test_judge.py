@@ -42,7 +42,7 @@ def test_the_summary_recommends_the_fastest_setting_within_noise(tmp_path: Path)
     settings = [("fp32", 0, True), ("fp32", 1, True), ("bf16-mixed", 0, False),
                 ("fp16-mixed", 0, False), ("fp8-emulated", 0, False), ("fp8", 0, False)]
     plan = {"task": "t", "settings": [
-        {"precision": p, "vary": [], "seed": s, "reference": r, "run": f"{p}-s{s}"}
+        {"precision": p, "vary": [], "seed": s, "reference": r, "run": f"{p}-s{s}", "label": p}
         for p, s, r in settings]}
     _run(tmp_path, "fp32-s0", 20.0, 0.10, 100)
     _run(tmp_path, "fp32-s1", 21.0, 0.12, 100)

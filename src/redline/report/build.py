@@ -18,7 +18,7 @@ from redline.errors import UserError, writing
 from redline.inspector import read_rows
 from redline.report import plots
 from redline.samples import read_samples
-from redline.summarize import OUTCOMES, PLAN, run_figures, summarize
+from redline.summarize import PLAN, read_outcomes, run_figures, summarize
 from redline.telemetry import schema as K
 from redline.telemetry.jsonl import read_jsonl
 
@@ -179,14 +179,11 @@ def _samples(by_label: dict[str, Path]) -> list[dict[str, Any]]:
 def _study_context(root: Path, summary: dict[str, Any] | None) -> dict[str, Any]:
     plan = json.loads((root / PLAN).read_text())
     if summary is None:
-        outcomes = {p.stem: json.loads(p.read_text())
-                    for p in sorted((root / OUTCOMES).glob("*.json"))}
-        summary = summarize(plan, outcomes, root)
+        summary = summarize(plan, read_outcomes(root), root)
     first_seed: dict[str, Path] = {}  # one run per setting for statistics and samples
     all_runs: dict[str, Path] = {}
     for s in plan["settings"]:
-        label = ", ".join([s["precision"], *(f"{k}={v}" for k, v in s["vary"])])
-        path = root / s["run"]
+        label, path = s["label"], root / s["run"]
         if (path / "metrics.jsonl").is_file():
             first_seed.setdefault(label, path)
             all_runs[f"{label} (seed {s['seed']})"] = path
