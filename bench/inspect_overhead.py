@@ -25,7 +25,6 @@ not, interleaved) and divided by the cadence: the share of a run it costs.
 from __future__ import annotations
 
 import argparse
-import math
 import pickle
 import platform
 import random
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from overhead import paired
 from redline.engine import Engine
 from redline.events import Dispatcher, Event, State
 from redline.inspector import InspectConfig, Inspector
@@ -98,14 +98,6 @@ def _pickle(model: nn.Module, acts: dict[str, torch.Tensor], path: Path) -> None
         pickle.dump(payload, f)
 
 
-def paired(times: dict[str, list[float]], name: str) -> tuple[float, float, float]:
-    ratios = sorted(t / f for t, f in zip(times[name], times["off"], strict=True))
-    n = len(ratios)
-    half = 0.98 * math.sqrt(n)
-    lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
-    return statistics.median(ratios), ratios[lo], ratios[hi]
-
-
 def per_inspection(w: Workload, repeats: int, tmp: Path, block: int = 20) -> tuple[float, float]:
     """(median ms one inspection adds to its step, the floor's ms per step): blocks of
     `block` steps that all inspect, interleaved with blocks that do not."""
@@ -139,7 +131,7 @@ def bench(w: Workload, repeats: int, every: int, tmp: Path) -> None:
     print(f"\n{w.name}: floor {step_ms:.2f} ms/step, {repeats} repeats of {every} steps")
     print(f"{'variant':<10} {'cost vs off':>12} {'95% interval':>20}")
     for kind in ("inspect", "pickle"):
-        mid, lo, hi = paired(times, kind)
+        mid, lo, hi = paired(times, kind, floor="off")
         verdict = (" PASS" if mid - 1 < 0.01 else " over 1 %") if kind == "inspect" else ""
         print(f"{kind:<10} {100 * (mid - 1):>+11.2f}% {100 * (lo - 1):>+9.2f}% .."
               f" {100 * (hi - 1):>+6.2f}%{verdict}")

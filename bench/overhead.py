@@ -316,14 +316,15 @@ def bench(w: Workload, steps: int, repeats: int, threads: int, tmp: Path
     return times, variants, [r for r in records if "redline/overhead_pct" in r]
 
 
-def paired(times: dict[str, list[float]], name: str) -> tuple[float, float, float]:
+def paired(times: dict[str, list[float]], name: str, floor: str = FLOOR
+           ) -> tuple[float, float, float]:
     """Median of the per-repeat ratios name/floor, with a 95 % confidence interval.
 
     Each repeat runs every variant once, close together in time, so a ratio within one
     repeat cancels the machine's slow drift. The interval is distribution-free: the order
     statistics around the median that a Binomial(n, 1/2) puts 95 % of the mass between.
     """
-    ratios = sorted(t / f for t, f in zip(times[name], times[FLOOR], strict=True))
+    ratios = sorted(t / f for t, f in zip(times[name], times[floor], strict=True))
     n = len(ratios)
     half = 0.98 * math.sqrt(n)  # 1.96 standard deviations of Binomial(n, 1/2)
     lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
