@@ -6,7 +6,8 @@ cache fingerprint (`Job.fingerprint`) describes what was actually built:
 
     seed python, numpy, torch (train.seed)
     model     = task.build_model() on the device, converted by the precision policy
-    step_model = torch.compile(model) if precision.compile else model
+    step_model = DDP(model) under torchrun, compiled if precision.compile; else model
+    re-seed   rank r > 0 with distributed.rank_seed (rank 0 draws what one process would)
     optimizer = AdamW(lr, weight_decay) over the trainable parameters, fused
     scheduler = LambdaLR(warm-up, then train.schedule over the run's steps)
     data      = task.train_data(), task.eval_data(); loader options resolved for the device
@@ -14,21 +15,25 @@ cache fingerprint (`Job.fingerprint`) describes what was actually built:
 
 With `train.batch_size: auto` (the search itself) the engine runs each batch whole, with no
 guard: the search decides the micro-batch by measuring, and resolves the config before
-training builds its own job. On a CPU without `memory.budget` the guard cannot see the
-machine's limit (Linux lets the kernel kill the process instead of failing an
-allocation), so the engine runs each micro-batch size's first step under a tracked budget
-of the memory available now (memory/probe.py): a size that would not fit raises a real
-OutOfMemoryError there, and the guard shrinks it. `Job.memory_limit` says what was used.
+training builds its own job. Under torchrun `train.effective_batch_size` (or batch_size)
+is the whole step's, over all ranks: each rank steps its share, so a 2-rank run takes the
+same optimizer steps as one process would, and `batch_size` is the micro-batch per rank.
+On a CPU without `memory.budget` the guard cannot see the machine's limit (Linux lets
+the kernel kill the process instead of failing an allocation), so the engine runs each
+micro-batch size's first step under a tracked budget of the memory available now
+(memory/probe.py): a size that would not fit raises a real OutOfMemoryError there, and
+the guard shrinks it. `Job.memory_limit` says what was used.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +45,7 @@ from redline import batch as batch_tree
 from redline.config import ConfigError, RunConfig
 from redline.data import loader_options, train_loader
 from redline.device import DeviceInfo
+from redline.distributed import Comm, World, rank_seed
 from redline.engine import Engine
 from redline.events import Dispatcher, State
 from redline.memory.guard import OOMGuard
@@ -67,11 +73,18 @@ class Job:
     max_steps: int  # train.steps, or fewer when train.epochs ends the run first
     steps_per_epoch: int | None  # None while batch_size is auto
     memory_limit: tuple[int, str] | None = None  # CPU without a budget: (bytes, source)
+    comm: Comm = field(default_factory=lambda: Comm(World()))  # the ranks (one: alone)
+
+    @property
+    def world(self) -> World:
+        return self.comm.world
 
     def train_loader(self) -> DataLoader:
-        """The exact-resume loader over the training set, one optimizer step per batch."""
+        """The exact-resume loader over the training set, one optimizer step per batch
+        (this rank's share of it under torchrun)."""
         t = self.config.train
-        return train_loader(self.train_set, t.samples_per_step, t.seed, self.loader_options)
+        return train_loader(self.train_set, t.samples_per_step, t.seed, self.loader_options,
+                            self.world.rank, self.world.size)
 
     def fingerprint(self, *extra: str) -> str:
         """A hash of what was built (model structure and dtypes, precision, compile,
@@ -83,21 +96,31 @@ class Job:
                  f"compiled={self.step_model is not self.model}",
                  type(self.optimizer).__name__, repr(self.optimizer.defaults.get("foreach")),
                  batch_tree.describe(self.train_set[0]), self.device.name,
-                 str(self.device.memory_total), torch.__version__, "world_size=1",
+                 str(self.device.memory_total), torch.__version__,
+                 f"world_size={self.world.size}",
                  f"effective_batch_size={t.effective_batch_size}", f"grad_clip={t.grad_clip}",
                  *extra]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
 def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *,
-              dispatcher: Dispatcher | None = None, state: State | None = None) -> Job:
-    """Build the training job `config` describes for `task` (see the module docstring)."""
+              dispatcher: Dispatcher | None = None, state: State | None = None,
+              comm: Comm | None = None) -> Job:
+    """Build the training job `config` describes for `task` (see the module docstring);
+    `comm`: the ranks under torchrun (distributed.init), None alone."""
     device = device or DeviceInfo.detect(config.device)
+    comm = comm or Comm(World())
     precision = get_precision(config.precision.name, device, config.precision)
     t = config.train
+    if comm.world.distributed and not t.auto_batch:
+        check_divisible(t.samples_per_step, comm.world.size)
     seed_everything(t.seed)
     model = precision.convert_module(task.build_model().to(device.torch_device))
-    step_model = torch.compile(model) if config.precision.compile else model
+    step_model = _wrap(model, device, comm.world) if comm.world.distributed else model
+    if config.precision.compile:
+        step_model = torch.compile(step_model)
+    if comm.world.rank:
+        seed_everything(rank_seed(t.seed, comm.world.rank))
     try:
         optimizer = build_optimizer(model, t.lr, t.weight_decay)
     except ValueError as e:
@@ -109,22 +132,48 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
         t.steps, t.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t.schedule, t.warmup_steps, max_steps))
-    micro = None if t.auto_batch else t.micro_batch
+    # a rank's micro-batch: at most its share of the step
+    micro = None if t.auto_batch else min(t.micro_batch, t.samples_per_step // comm.world.size)
     guard = (OOMGuard(micro, config.memory.grow_after)
              if micro is not None and config.memory.oom_guard else False)
-    limit = (default_budget(device) if guard and device.kind == "cpu"
+    limit = (default_budget(device, comm.world.local_size) if guard and device.kind == "cpu"
              and config.memory.budget is None else None)
     check = (None if limit is None
              else functools.partial(_tracked_budget, limit[0], device, model, optimizer))
     engine = Engine(step_model, optimizer, precision, scheduler=scheduler,
                     grad_clip=t.grad_clip, micro_batch_size=micro, dispatcher=dispatcher,
                     state=state, oom_guard=guard, memory_check=check,
-                    skip_nonfinite=t.on_nonfinite != "warn")
+                    skip_nonfinite=t.on_nonfinite != "warn", comm=comm)
     return Job(config=config, task=task, device=device, precision=precision, model=model,
                step_model=step_model, optimizer=optimizer, scheduler=scheduler, engine=engine,
                train_set=train_set, eval_set=eval_set,
                loader_options=loader_options(config.data, device.kind), max_steps=max_steps,
-               steps_per_epoch=steps_per_epoch, memory_limit=limit)
+               steps_per_epoch=steps_per_epoch, memory_limit=limit, comm=comm)
+
+
+def check_divisible(samples_per_step: int, ranks: int) -> None:
+    """Each rank steps an equal share of every batch (data.py)."""
+    if samples_per_step % ranks:
+        raise ConfigError(
+            f"the batch of {samples_per_step} samples per step does not divide among "
+            f"{ranks} ranks: set train.effective_batch_size (or train.batch_size) to a "
+            f"multiple of {ranks}")
+
+
+def _wrap(model: nn.Module, device: DeviceInfo, world: World) -> nn.Module:
+    """DistributedDataParallel around `model`. Buffers are not broadcast at each forward:
+    that broadcast would be a collective inside the step, before the ranks' agreement on
+    an out-of-memory error (engine.py), and a rank that failed would leave the others
+    waiting in it; BatchNorm statistics stay per rank, and rank 0's are checkpointed."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [world.local_rank if device.index is None else device.index] if device.is_cuda \
+        else None
+    # torch 2.13 renamed broadcast_buffers; the parameters' sync at construction stays
+    sync = ({"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, **sync)
 
 
 def _tracked_budget(size: int, device: DeviceInfo, model: nn.Module,

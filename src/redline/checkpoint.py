@@ -68,6 +68,12 @@ def list_checkpoints(directory: str | Path, unreadable: bool = False) -> list[Pa
 NONFINITE = "nonfinite"  # where checkpoints of non-finite weights are kept
 
 
+def checkpoint_path(directory: str | Path, step: int, finite: bool = True) -> Path:
+    """Where `save_checkpoint` writes step `step`'s checkpoint."""
+    d = Path(directory) if finite else Path(directory) / NONFINITE
+    return d / checkpoint_name(step)
+
+
 def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any],
                     keep: int, finite: bool = True) -> Path:
     """Write `payload` atomically as step-<step>.pt and delete all but the newest `keep`.

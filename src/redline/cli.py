@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -123,6 +124,10 @@ def _parser() -> argparse.ArgumentParser:
                         "doctor")
     t.add_argument("--no-report", action="store_true",
                    help="do not write RUN_DIR/report.html at the end (redline report does)")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this host (DistributedDataParallel; "
+                        "torchrun --standalone --nproc-per-node N -m redline train ...; "
+                        "several hosts: see docs/distributed.md)")
 
     u = sub.add_parser(
         "tune", parents=[job],
@@ -197,6 +202,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _load(args, "train")
     if args.dry_run:
         return _dry_run(args, config)
+    if args.nproc is not None:
+        return _launch(args)
     run_dir = args.run_dir
     trainer = Trainer(config, run_dir=run_dir, resume=args.resume,
                       progress=False if args.no_progress else None)
@@ -207,6 +214,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "runs/; pass --run-dir DIR")
         trainer.run_dir = found
     result = trainer.fit()
+    if not trainer.world.main:  # rank 0 reports the run
+        return 128 + signal.Signals[result.interrupted].value if result.interrupted else 0
     info = result.to_dict()
     if not args.no_report and result.steps:
         from redline.report import build_report
@@ -219,6 +228,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         return 128 + signal.Signals[result.interrupted].value
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    import os
+
+    from redline import distributed
+    from redline.config import ConfigError
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: give a number of processes >= 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--nproc inside a torchrun launch: drop --nproc (torchrun already "
+                          "started the processes)")
+    argv, skip = [], False
+    for item in args.argv:  # every argument but --nproc N (or --nproc=N) goes to the ranks
+        if skip or item.startswith("--nproc="):
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        argv.append(item)
+    return distributed.launch(args.nproc, argv)
 
 
 def _dry_run(args: argparse.Namespace, config: Any) -> int:
@@ -335,18 +367,25 @@ def main(argv: list[str] | None = None) -> int:
     from redline.errors import RunStopped, StorageError, UserError
 
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv
     handler = {"doctor": cmd_doctor, "train": cmd_train, "tune": cmd_tune, "study": cmd_study,
                "report": cmd_report}[args.command]
     try:
         return handler(args)
     except UserError as e:
+        if _other_rank():  # torchrun: every rank found it; rank 0 says it, once
+            return EXIT_BAD_INPUT
         return _fail(args, str(e))
     except StorageError as e:  # the machine's fault, not the input's: exit 1
         _fail(args, f"{e}; what was saved before is intact")
         return 1
     except RunStopped as e:  # the run stopped itself, saying why (the state is saved)
-        _fail(args, str(e))
+        from redline.distributed import PeerFailed
+
+        if not _other_rank() or isinstance(e, PeerFailed):  # a rank's own finding: it says it
+            _fail(args, str(e))
         return 1
     except _out_of_memory() as e:
         print(f"redline: error: {str(e).splitlines()[0]}; lower memory use (bf16-mixed, a "
@@ -355,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("redline: interrupted", file=sys.stderr)
         return 130
+
+
+def _other_rank() -> bool:
+    """A rank other than 0 under torchrun (which sets RANK)."""
+    return int(os.environ.get("RANK", "0")) > 0
 
 
 def _out_of_memory() -> tuple[type[BaseException], ...]:

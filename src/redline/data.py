@@ -5,6 +5,12 @@ drawn from a generator seeded with both, so a resumed run rebuilds the same perm
 and skips the batches it had already consumed, without reading them. The sampler runs in
 the main process, so this holds with any number of loader workers, provided the dataset
 returns the same item for the same index (the Task's datasets must be deterministic).
+
+Under torchrun every rank draws the same permutation and takes its own contiguous share
+of each batch (rank r of W: samples r*B/W to (r+1)*B/W of a batch of B): together the
+ranks consume exactly the batches a single process would, in the same order, so the
+position in the data is one (epoch, batch) pair for the whole run and a resumed run
+continues it on any rank.
 """
 
 from __future__ import annotations
@@ -46,16 +52,20 @@ class DataConfig:
 
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Batches of a seeded per-epoch permutation, starting at batch `start_batch`."""
+    """Batches of a seeded per-epoch permutation, starting at batch `start_batch`; with
+    `world` > 1, rank `rank`'s share of each (the module docstring)."""
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int = 0,
-                 start_batch: int = 0) -> None:
+                 start_batch: int = 0, rank: int = 0, world: int = 1) -> None:
         if num_samples < batch_size:
             raise ConfigError(f"the training set has {num_samples} samples, fewer than one "
                              f"batch of {batch_size}; lower train.batch_size or "
                              "train.effective_batch_size")
+        assert batch_size % world == 0, "build.py checks the batch divides among the ranks"
         self.num_samples, self.batch_size = num_samples, batch_size
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+        share = batch_size // world
+        self._share = slice(rank * share, (rank + 1) * share)
 
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
         """Where the next iteration starts; call before each `iter(loader)`."""
@@ -67,11 +77,12 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = self._order(self.epoch)
         for b in range(self.start_batch, self.num_samples // self.batch_size):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield order[b * self.batch_size:(b + 1) * self.batch_size][self._share]
 
     def indices(self, epoch: int, batch: int) -> list[int]:
         """The samples of batch `batch` of `epoch`, as an iteration would yield them."""
-        return self._order(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size]
+        return self._order(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size][
+            self._share]
 
     def _order(self, epoch: int) -> list[int]:
         g = torch.Generator()
@@ -95,13 +106,15 @@ def loader_options(cfg: DataConfig, device_kind: str) -> dict[str, Any]:
 
 
 def train_loader(dataset: Dataset, batch_size: int, seed: int,
-                 options: dict[str, Any]) -> DataLoader:
-    """A loader whose `batch_sampler.set_position(epoch, start_batch)` picks where it starts.
+                 options: dict[str, Any], rank: int = 0, world: int = 1) -> DataLoader:
+    """A loader whose `batch_sampler.set_position(epoch, start_batch)` picks where it starts;
+    `batch_size` is the whole step's, of which this rank reads its share.
 
     Each `iter(loader)` re-reads the sampler in the main process, so persistent workers
     are kept across epochs and the order stays exact.
     """
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed)  # type: ignore[arg-type]
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed,  # type: ignore[arg-type]
+                                rank=rank, world=world)
     # Each iter(loader) draws the workers' base seed from this generator; without one it
     # would draw from the global RNG and shift the training stream on every resume.
     return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator(), **options)

@@ -21,6 +21,18 @@ the trainer builds) is handed the flag as `found_inf` and skips on the device, n
 read; another optimizer needs one host read (a sync) a step. fp16's GradScaler skips
 such steps itself (on the device with a fused optimizer, after a host read of its inf
 flag otherwise).
+
+Under DistributedDataParallel (a `comm` of more than one rank) every micro-batch but the
+last runs under `no_sync`, so gradients accumulate locally and DDP all-reduces once, in
+the last micro-batch's backward. Just before that backward the ranks agree, in one
+host-side message (distributed.Comm.agree), on whether any of them ran out of memory in
+this attempt and whether any was asked to stop. A rank that ran out of memory earlier in
+the step sends its flag from the guard's handler instead, so every rank makes exactly one
+agreement per attempt, and all of them redo the step together with the same smaller
+micro-batch: none is left waiting in an all-reduce the failed rank never joins. An
+out-of-memory error *inside* that last backward comes after the agreement, when the
+gradient all-reduce has begun and cannot be redone alone: it ends that rank's run with a
+sentence saying so, and the others stop naming it (distributed.py).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,11 +50,16 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from redline import batch as batch_tree
 from redline.device import DeviceInfo
+from redline.distributed import Comm
 from redline.events import Dispatcher, Event, State
 from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, StepRng
 from redline.precision import Precision, get_precision
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class PeerOutOfMemory(torch.OutOfMemoryError):
+    """Another rank ran out of memory in this attempt: this one redoes the step too."""
 
 
 class Engine:
@@ -69,9 +87,11 @@ class Engine:
         memory_check: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
         skip_nonfinite: bool = False,
         host_reads: bool | None = None,
+        comm: Comm | None = None,
     ) -> None:
         """`host_reads`: check the gradient norm on the host (None: where it is host memory,
-        the CPU); False runs the device path (the fused optimizer's `found_inf`) anywhere."""
+        the CPU); False runs the device path (the fused optimizer's `found_inf`) anywhere.
+        `comm`: the ranks of a DDP-wrapped `model` (see the module docstring)."""
         if isinstance(precision, str):
             param = next(model.parameters(), None)
             spec = str(param.device) if param is not None else "cpu"
@@ -136,6 +156,16 @@ class Engine:
         fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         on_cpu = all(p.device.type == "cpu" for p in self._params)
         self._flag_on_device = fused and not (on_cpu if host_reads is None else host_reads)
+        # Distributed: the per-attempt agreement, and what it found out.
+        self._comm = comm if comm is not None and comm.world.distributed else None
+        no_sync = getattr(model, "no_sync", None) if self._comm is not None else None
+        self._no_sync: Callable[[], Any] = no_sync or contextlib.nullcontext
+        self._agreed = False  # this attempt's agreement was made
+        # Whether this rank has been asked to stop (the trainer's signal flag), sent along;
+        # `stop_agreed` becomes True once any rank was, after the same step on every rank.
+        self.stop_requested: Callable[[], bool] = lambda: False
+        self.stop_agreed = False
+        self.sync_wait_s = 0.0  # time spent in the agreement: waiting for the slowest rank
 
     def step(self, batch: Any, loss_fn: LossFn) -> torch.Tensor:
         """One optimizer step on `batch`; returns the batch's mean loss as a device tensor."""
@@ -150,15 +180,8 @@ class Engine:
         rng = keeper.before() if keeper.snapshotting else None
         if self._buffers:
             torch._foreach_copy_(self._saved_buffers, self._buffers)
-        micro = guard.current
-        try:
-            if self._memory_check is None or micro in self._checked:
-                total: torch.Tensor | None = self._accumulate(batch, loss_fn, micro)
-            else:
-                total = self._attempt(batch, loss_fn, micro)
-        except torch.OutOfMemoryError:
-            total = None  # redone below, outside the except block (see _redo)
-        if total is None:
+        total = self._try(batch, loss_fn, guard.current)
+        if total is None:  # redone outside the except block (see _redo)
             total = self._redo(batch, loss_fn, guard, rng)
         self._finish_step()
         keeper.after(rng)
@@ -169,6 +192,8 @@ class Engine:
 
     def _accumulate(self, batch: Any, loss_fn: LossFn, micro: int | None) -> torch.Tensor:
         """Forward and backward over every micro-batch; gradients accumulate in .grad."""
+        if self._comm is not None:
+            return self._accumulate_ddp(batch, loss_fn, micro)
         if micro is not None:  # only a micro-batch size can make a batch need splitting
             n = batch_tree.leading_size(batch)
             if n is None or micro < n:
@@ -204,6 +229,38 @@ class Engine:
         assert total is not None
         return total
 
+    def _accumulate_ddp(self, batch: Any, loss_fn: LossFn, micro: int | None
+                        ) -> torch.Tensor:
+        """`_accumulate` under DDP (module docstring). Every forward runs under no_sync, so
+        a forward the ranks then abandon leaves DDP expecting no backward; after the
+        agreement the last backward is armed to all-reduce, as DDP's own forward would."""
+        n = batch_tree.leading_size(batch)
+        chunks = (batch_tree.split(batch, micro) if micro is not None and n is not None
+                  and micro < n else [(batch, n or 1)])
+        if len(chunks) > 1 and self._batch_stat_layers:
+            self._say_batch_statistics(chunks[0][1], sum(m for _, m in chunks))
+        total_n = sum(m for _, m in chunks)
+        self.optimizer.zero_grad(set_to_none=True)
+        total: torch.Tensor | None = None
+        for i, (chunk, m) in enumerate(chunks):
+            with self._no_sync():  # gradients accumulate locally
+                self._phase = "forward"
+                with self.precision.forward_context():
+                    loss = loss_fn(self.model, chunk)
+                weighted = loss.float() * (m / total_n) if m != total_n else loss.float()
+                for handler in self._on_backward:
+                    handler(self.state, weighted)
+                if i < len(chunks) - 1:
+                    self._phase = "backward"
+                    self.precision.backward(weighted)
+            total = weighted.detach() if total is None else total + weighted.detach()
+        self._agree(oom=False)
+        _arm_all_reduce(self.model)
+        self._phase = "backward"
+        self.precision.backward(weighted)  # DDP all-reduces the gradients in here
+        assert total is not None
+        return total
+
     def _redo(self, batch: Any, loss_fn: LossFn, guard: OOMGuard, rng: tuple[Any, ...] | None
               ) -> torch.Tensor:
         """After an OOM: back to the step's start, smaller micro-batches, until it fits.
@@ -221,10 +278,49 @@ class Engine:
                     f"out of memory in {failed_in} at step {self.state.step + 1} even with "
                     "a micro-batch of 1 sample") from None
             self._change_micro_batch(change.old, change.new, "oom", failed_in, exact)
-            try:
-                return self._attempt(batch, loss_fn, guard.current)
-            except torch.OutOfMemoryError:
-                pass
+            total = self._try(batch, loss_fn, guard.current)
+            if total is not None:
+                return total
+
+    def _try(self, batch: Any, loss_fn: LossFn, micro: int) -> torch.Tensor | None:
+        """One attempt at the step; None when this rank, or any other, ran out of memory."""
+        self._agreed = False
+        failed = False
+        try:
+            return self._attempt(batch, loss_fn, micro)
+        except PeerOutOfMemory:
+            return None
+        except torch.OutOfMemoryError:
+            if self._comm is not None and self._agreed:
+                raise self._oom_after_agreement() from None
+            failed = True
+        if failed and self._comm is not None:  # outside the handler: its frames are gone
+            self._agree(oom=True)
+        return None
+
+    def _agree(self, oom: bool) -> None:
+        """The attempt's one agreement (module docstring): raises PeerOutOfMemory when
+        another rank ran out of memory; sets `stop_agreed` when any rank is stopping."""
+        comm = self._comm
+        assert comm is not None
+        t = time.perf_counter()
+        # host-side message on the control group: no device sync
+        failed_rank, stop = comm.agree(comm.world.rank + 1 if oom else 0,
+                                       int(self.stop_requested()))
+        self.sync_wait_s += time.perf_counter() - t
+        self._agreed = True
+        self.stop_agreed = self.stop_agreed or bool(stop)
+        if failed_rank and not oom:
+            self._phase = f"rank {failed_rank - 1}"
+            raise PeerOutOfMemory(f"rank {failed_rank - 1} ran out of memory")
+
+    def _oom_after_agreement(self) -> torch.OutOfMemoryError:
+        assert self._comm is not None
+        return torch.OutOfMemoryError(
+            f"out of memory on rank {self._comm.world.rank} in the last micro-batch's "
+            f"backward at step {self.state.step + 1}, where DDP all-reduces the gradients: "
+            "that backward cannot be redone by one rank alone; lower train.batch_size or "
+            "memory.target (redline tune measures what fits)")
 
     def _attempt(self, batch: Any, loss_fn: LossFn, micro: int) -> torch.Tensor:
         if self._memory_check is None or micro in self._checked:
@@ -312,3 +408,14 @@ class Engine:
         if self.guard is not None and state.get("guard"):
             self.guard.load_state_dict(state["guard"])
             self.micro_batch_size = self.guard.current
+
+
+def _arm_all_reduce(model: nn.Module) -> None:
+    """What DistributedDataParallel's forward does outside no_sync (its _pre_forward and
+    _post_forward, torch 2.x; find_unused_parameters=False, as build.py wraps), done after
+    the forward instead: the next backward all-reduces the gradients."""
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile's wrapper around DDP
+    ddp.require_backward_grad_sync = True
+    ddp.require_forward_param_sync = True
+    ddp.reducer.prepare_for_forward()
+    ddp.reducer.prepare_for_backward([])

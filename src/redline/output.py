@@ -23,7 +23,8 @@ def print_result(r: dict[str, Any]) -> None:
     if r["interrupted"] and r["checkpoint"]:
         d = r["run_dir"]
         print(f"stopped by {r['interrupted']}; checkpoint saved: {r['checkpoint']}; continue "
-              f"with redline train --config {d}/config.yaml --run-dir {d} --resume")
+              f"with redline train --config {d}/config.yaml --run-dir {d} --resume"
+              + (f" --nproc {r['ranks']}" if r.get("ranks", 1) > 1 else ""))
     elif r["interrupted"]:
         print(f"stopped by {r['interrupted']} before the first step: nothing to resume")
     print(f"run directory: {r['run_dir']}")

@@ -5,6 +5,8 @@ user's settings, never a cached result's or a measurement's whim:
 
   - `train.effective_batch_size` set: it is kept, by gradient accumulation;
   - unset: the effective batch is the micro-batch chosen (and the run says so);
+  - under torchrun the effective batch is all ranks' together: each rank accumulates its
+    share (an unset effective batch is then the micro-batch times the ranks);
   - the learning rate is `train.lr`, rescaled by `train.lr_scaling` (none, linear, sqrt)
     from the batch it was tuned for (`train.lr_reference_batch`, else the configured
     effective batch or micro-batch) to the effective batch.
@@ -74,10 +76,12 @@ def scaled_lr(config: RunConfig, effective: int) -> float:
     return t.lr * (ratio if t.lr_scaling == "linear" else math.sqrt(ratio))
 
 
-def recipe(config: RunConfig, micro_batch: int, eval_batch_size: int | None) -> Recipe:
-    """The recipe `config` implies for `micro_batch` (see the module docstring)."""
+def recipe(config: RunConfig, micro_batch: int, eval_batch_size: int | None,
+           ranks: int = 1) -> Recipe:
+    """The recipe `config` implies for `micro_batch` per rank (see the module docstring)."""
     t = config.train
-    effective = t.effective_batch_size or micro_batch
-    micro = min(micro_batch, effective)
-    return Recipe(micro, math.ceil(effective / micro), effective, scaled_lr(config, effective),
+    effective = t.effective_batch_size or micro_batch * ranks
+    share = max(1, effective // ranks)
+    micro = min(micro_batch, share)
+    return Recipe(micro, math.ceil(share / micro), effective, scaled_lr(config, effective),
                   eval_batch_size or t.eval_batch_size)

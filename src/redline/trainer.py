@@ -8,6 +8,15 @@ batches consumed; see data.py). With those, a run that is killed and resumed on 
 with a fixed seed ends with the same bits as one that was never stopped. Evaluation runs
 under a forked, re-seeded RNG so it neither perturbs training nor varies between
 evaluations. Callbacks' `state_dict()`s are kept in every checkpoint.
+
+Under torchrun (docs/distributed.md) every rank runs this loop on its share of each batch.
+Rank 0 alone writes: it claims the run directory and tells the others its path, and
+writes the events, the telemetry and the checkpoints (holding every rank's RNG state).
+The ranks stop together: a signal on any rank is agreed on inside the next step
+(engine.py), so all finish the same step and save. A failure on one rank makes the others
+stop with a sentence naming it (distributed.PeerFailed); the last checkpoint stands, since
+saving another would need the rank that is gone. Every rank evaluates the whole
+evaluation set (the others would wait for rank 0 anyway); rank 0 records it.
 """
 
 from __future__ import annotations
@@ -27,12 +36,13 @@ import torch
 
 from redline import batch as batch_tree
 from redline import checkpoint as ckpt
+from redline import distributed, rundir
 from redline import resume as resume_state
-from redline import rundir
 from redline.build import Job, build_job
 from redline.config import ConfigError, RunConfig
 from redline.data import LimitedLoader, eval_loader, iterate_from
 from redline.device import DeviceInfo
+from redline.distributed import Comm, PeerFailed, World
 from redline.errors import RunStopped, StorageError, UserError
 from redline.evaluation import evaluate, evaluate_shrinking
 from redline.events import Callback, Dispatcher, Event, State
@@ -42,7 +52,7 @@ from redline.memory.probe import MemoryBudget, live_tensor_bytes
 from redline.samples import read_samples, save_samples
 from redline.task import Task, resolve_task
 from redline.telemetry import schema as K
-from redline.telemetry.jsonl import EventLog, truncate_after
+from redline.telemetry.jsonl import EventLog, SilentEventLog, truncate_after
 from redline.telemetry.session import Telemetry
 from redline.tune import resolve_auto_batch
 from redline.watch import MemoryEvents, RunWatch, locate_nonfinite
@@ -64,6 +74,7 @@ class FitResult:
     mfu: float | None = None  # the last window's; None where the peak is unknown
     overhead_pct: float | None = None  # redline's own time on the training thread, last window
     emulated: bool = False  # the precision is an emulation (fp8-emulated): no speed-up
+    ranks: int = 1  # processes that trained together (torchrun)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -85,7 +96,10 @@ class Trainer:
             task = resolve_task(config.task, config.task_args)
         self.config = config
         self.task = task
+        self.world = World.from_env()
         self.device = DeviceInfo.detect(config.device)
+        if self.world.distributed and self.device.is_cuda and self.device.index is None:
+            self.device = DeviceInfo.detect(f"cuda:{self.world.local_rank}")  # one per rank
         # None: a new runs/TASK-TIME directory, made when the run starts
         self.run_dir: Path | None = Path(run_dir) if run_dir else None
         self._made_run_dir = False  # this run created its directory (so may remove it)
@@ -148,7 +162,10 @@ class Trainer:
                 self.telemetry.finish()
                 self.dispatcher.fire(Event.FIT_END, self.state)
         except BaseException as exc:
-            self._save_after_failure(exc)
+            if self.comm.world.distributed:
+                self._stop_with_peers(exc)
+            else:
+                self._save_after_failure(exc)
             raise
         finally:
             self.telemetry.close()  # flushes the sinks, stops the sampler and progress bar
@@ -159,7 +176,8 @@ class Trainer:
             device=self.device.name, eval=metrics, resumed_from=resumed,
             interrupted=interrupted, checkpoint=str(last_saved) if last_saved else None,
             samples_per_s=last.get("samples_per_s"), mfu=last.get("mfu"),
-            overhead_pct=last.get("redline/overhead_pct"), emulated=self.job.precision.emulated)
+            overhead_pct=last.get("redline/overhead_pct"), emulated=self.job.precision.emulated,
+            ranks=self.world.size)
 
     def _prepare(self, held: contextlib.ExitStack, check: Callable[[], None]) -> int | None:
         """Run directory, batch search, the job, resume and telemetry; the resumed step.
@@ -167,24 +185,29 @@ class Trainer:
         What it opens (the directory's lock, the event log, the telemetry writer) goes on
         `held`, which closes it however the run ends; `check()` raises Interrupted if a
         signal came (called between the batch search's trials)."""
-        self.run_dir, self._made_run_dir = rundir.claim(self.run_dir, self.task.name,
-                                                       self.resume, held)
+        self.comm: Comm = distributed.init(self.world, self.device.kind)
+        held.callback(self.comm.close)
+        main = self.world.main
+        claimed = self.comm.from_main(lambda: rundir.claim(self.run_dir, self.task.name,
+                                                           self.resume, held))
+        self.run_dir, self._made_run_dir = claimed[0], claimed[1] and main
         tuned = None
         if self.config.train.auto_batch:
             self.config, tuned = resolve_auto_batch(self.task, self.config, self.device,
                                                     self.run_dir, self.resume, self.progress,
-                                                    check)
-        self.events = held.enter_context(EventLog(self.run_dir / "events.jsonl"))
+                                                    check, self.comm)
+        self.events = held.enter_context(EventLog(self.run_dir / "events.jsonl") if main
+                                         else SilentEventLog())
         self.state = State(run_dir=str(self.run_dir))
         self.dispatcher = Dispatcher([MemoryEvents(self.events), *self.user_callbacks])
         self.job: Job = build_job(self.config, self.task, self.device,
-                                  dispatcher=self.dispatcher, state=self.state)
+                                  dispatcher=self.dispatcher, state=self.state, comm=self.comm)
         self.state.model, self.state.optimizer = self.job.model, self.job.optimizer
         self.state.max_steps = self.job.max_steps
         self.loader = self.job.train_loader()
         self.dispatcher.add(RunWatch(self.config.train, self.events, functools.partial(
             locate_nonfinite, self.job, self.loader)))
-        if self.config.inspect.enabled:
+        if self.config.inspect.enabled and self.world.main:  # rank 0's layers stand for all
             drawn = {"tensorboard", "wandb"} & set(self.config.telemetry.trackers)
             self.dispatcher.add(Inspector(
                 self.config.inspect, self.run_dir, getattr(self.task, "series", None),
@@ -196,7 +219,9 @@ class Trainer:
         start = int(found[1]["step"]) if found else 0
         # Each step once in metrics.jsonl: rows past the step this run starts from belong to
         # an attempt that died after its last checkpoint (a kill -9, a crash).
-        truncate_after(self.run_dir / "metrics.jsonl", start)
+        if main:
+            truncate_after(self.run_dir / "metrics.jsonl", start)
+            truncate_after(self.run_dir / "ranks.jsonl", start)
         # chosen here, so checkpoints hold it before a tracker has answered (a resumed run
         # continues its first start's)
         run_id = (found[1].get("tracker_run_id") if found else None) or uuid.uuid4().hex[:8]
@@ -207,13 +232,17 @@ class Trainer:
                                  {"kind": "corrupt_checkpoint", "path": path})
         if tuned is not None:
             self.events.event("autobatch", **tuned)
-        rundir.write_start_files(self.run_dir, self.config, self.task.name, {
-            "precision": self.job.precision.describe(), "device": self.device.to_dict(),
-            "max_steps": self.job.max_steps, "steps_per_epoch": self.job.steps_per_epoch})
+        if main:
+            rundir.write_start_files(self.run_dir, self.config, self.task.name, {
+                "precision": self.job.precision.describe(), "device": self.device.to_dict(),
+                "max_steps": self.job.max_steps, "steps_per_epoch": self.job.steps_per_epoch,
+                "ranks": self.world.size})
         resumed = self._apply_checkpoint(*found) if found else None
         self.events.event("run_start", step=self.state.step, max_steps=self.job.max_steps,
-                          precision=self.job.precision.name, device=self.device.name)
-        rundir.announce(self.events, self.job.precision, self.job.memory_limit)
+                          precision=self.job.precision.name, device=self.device.name,
+                          **({"ranks": self.world.size} if self.world.distributed else {}))
+        if main:
+            rundir.announce(self.events, self.job.precision, self.job.memory_limit)
         self._count_flops()
         return resumed
 
@@ -230,7 +259,8 @@ class Trainer:
             on_window=lambda record: self.dispatcher.fire(Event.WINDOW, self.state, record),
             skip_nonfinite=t.on_nonfinite != "warn",
             loss_scaled=self.job.precision.scales_loss,
-            labels={K.EMULATED: 1} if self.job.precision.emulated else None)
+            labels={K.EMULATED: 1} if self.job.precision.emulated else None,
+            comm=self.comm, sync_wait=lambda: self.job.engine.sync_wait_s)
 
     def _count_flops(self) -> None:
         declared = getattr(self.task, "flops_per_sample", None)
@@ -240,7 +270,9 @@ class Trainer:
         n = min(self.config.train.micro_batch, len(self.job.train_set))  # type: ignore[arg-type]
         batch = batch_tree.move(batch_tree.first_samples(self.job.train_set, n),
                                 self.device.torch_device)
-        self.telemetry.count_flops(self.job.step_model, batch, self.task.loss, n)
+        # counted on the bare module under DDP: its backward hooks would all-reduce
+        model = self.job.model if self.world.distributed else self.job.step_model
+        self.telemetry.count_flops(model, batch, self.task.loss, n)
 
     def _budget(self) -> contextlib.AbstractContextManager[Any]:
         """memory.budget enforced around the loop (on CPU: every op tracked, slower)."""
@@ -262,7 +294,11 @@ class Trainer:
         on_batch_start = self.dispatcher.table[Event.BATCH_START]
         on_step_end = self.dispatcher.table[Event.STEP_END]
         state, max_steps = self.state, self.job.max_steps
-        while state.step < max_steps and not signals.received:
+        # Under torchrun the ranks stop after the step in which they agreed to (engine.py).
+        engine.stop_requested = lambda: signals.received is not None
+        stopping: Callable[[], Any] = ((lambda: engine.stop_agreed) if self.world.distributed
+                                       else (lambda: signals.received))
+        while state.step < max_steps and not stopping():
             if state.batch_in_epoch == 0:
                 self.dispatcher.fire(Event.EPOCH_START, state)
             batches = iterate_from(self.loader, state.epoch, state.batch_in_epoch)
@@ -292,7 +328,7 @@ class Trainer:
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 \
                         and step < max_steps:
                     self.save_checkpoint()
-                if signals.received or step >= max_steps:
+                if stopping() or step >= max_steps:
                     break
             # An epoch whose last batch is also the run's last step ends too.
             if state.batch_in_epoch >= (self.job.steps_per_epoch or 0):
@@ -316,7 +352,7 @@ class Trainer:
         return metrics
 
     def _save_samples(self) -> None:
-        if self.config.train.samples and self.job.eval_set is not None:
+        if self.config.train.samples and self.job.eval_set is not None and self.world.main:
             with self.telemetry.paused():
                 save_samples(self.task, self.job.step_model, self.job.eval_set,
                              self.job.precision, self.device, self.run_dir / "samples",
@@ -344,9 +380,12 @@ class Trainer:
             # finite checkpoint (train.on_nonfinite: warn applies such updates)
             finite = bool(torch.stack([p.isfinite().all() for p in self.job.model.parameters()]
                                       ).all())
-            path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.state.step,
-                                        self._checkpoint_payload(), self.config.checkpoint.keep,
-                                        finite=finite)
+            payload = self._checkpoint_payload()  # under torchrun: every rank's RNG, gathered
+            path = ckpt.checkpoint_path(self.run_dir / "checkpoints", self.state.step, finite)
+            if payload is not None:  # rank 0 writes
+                path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.state.step,
+                                            payload, self.config.checkpoint.keep,
+                                            finite=finite)
         if not finite:
             print(f"redline: warning: the weights at step {self.state.step} are not finite: "
                   f"checkpoint kept aside in {path.parent}; --resume starts from the last "
@@ -356,16 +395,43 @@ class Trainer:
         self.dispatcher.fire(Event.CHECKPOINT_SAVED, self.state, str(path))
         return path
 
-    def _checkpoint_payload(self) -> dict[str, Any]:
+    def _checkpoint_payload(self) -> dict[str, Any] | None:
         return resume_state.payload(self.job, self.state, self.user_callbacks,
                                     self.telemetry.tracker_run_id)
 
+    def _stop_with_peers(self, exc: BaseException) -> None:
+        """Under torchrun: another rank failed first -> PeerFailed naming it; else this
+        rank's own error stands (re-raised by the caller)."""
+        if isinstance(exc, PeerFailed | KeyboardInterrupt):
+            return
+        cause = self.comm.failure_cause(exc, self.state.step)
+        if cause is None:
+            self.events.event("failed", step=self.state.step, error=type(exc).__name__)
+            return
+        saved = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+        last = (f"; the last checkpoint is {saved[-1].name}: continue with --resume"
+                if saved else "; no checkpoint was saved yet")
+        self.events.event("peer_failed", step=self.state.step, message=cause)
+        raise PeerFailed(cause + last) from None
+
     def _load_checkpoint(self, skipped: list[str]) -> tuple[Path, dict[str, Any]]:
-        return resume_state.load(self.run_dir, self.job.device, self.config, self.events,
-                                 skipped)
+        """Rank 0 picks the checkpoint (moving unreadable ones aside, checking the config);
+        under torchrun the others then read the one it picked."""
+        found: list[Any] = []
+
+        def pick() -> tuple[Path, list[str]]:
+            found.append(resume_state.load(self.run_dir, self.job.device, self.config,
+                                           self.events, skipped))
+            return found[0][0], skipped
+
+        path, moved = self.comm.from_main(pick)
+        skipped[:] = moved
+        if found:
+            return found[0]
+        return path, ckpt.load_checkpoint(path, self.job.device.torch_device)
 
     def _apply_checkpoint(self, path: Path, payload: dict[str, Any]) -> int:
-        resume_state.apply(self.job, self.state, self.user_callbacks, payload)
+        resume_state.apply(self.job, self.state, self.user_callbacks, payload, self.events)
         self.events.event("resumed", path=str(path), step=self.state.step)
         return self.state.step
 

@@ -20,6 +20,10 @@ share of the memory available when the search starts (memory/probe.py says why):
 probe and verification step runs under that budget, so the search stops at an
 out-of-memory error it raised itself, never at the kernel's OOM killer.
 
+Under torchrun every rank searches on its own device (each trial is one process's step,
+with the host's memory split between the ranks on it), and the ranks settle on the
+smallest micro-batch any of them chose (one message): the size every rank can hold.
+
 Results are cached on disk under the job's fingerprint (build.Job.fingerprint: model
 structure and dtypes, precision, compile, optimizer, input shapes, device and its memory,
 torch version) and the budget and target: a cache hit costs one verification step.
@@ -45,6 +49,7 @@ from redline.build import Job, build_job
 from redline.checkpoint import list_checkpoints, preserved_rng
 from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
+from redline.distributed import Comm, World
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes, measure_peak
 from redline.recipe import Recipe, recipe
 from redline.task import Task
@@ -170,13 +175,14 @@ class _Harness:
 
 def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
               cache_dir: str | Path | None = None, measure_throughput: bool = True,
-              progress: Progress | None = None) -> AutobatchResult:
-    """Find the micro-batch to train `task` with under `config.memory` (see module doc)."""
+              progress: Progress | None = None, sharing: int = 1) -> AutobatchResult:
+    """Find the micro-batch to train `task` with under `config.memory` (see module doc);
+    `sharing`: processes training on this host (torchrun's ranks on one machine)."""
     say = progress or (lambda _: None)
     if config.memory.budget_bytes is not None:
         budget, source = config.memory.budget_bytes, "memory.budget"
     else:
-        budget, source = default_budget(device)
+        budget, source = default_budget(device, sharing)
         say(f"no memory.budget: searching within {source}")
     target = int(config.memory.target * budget)
     with preserved_rng():  # tuning must not shift training's random streams
@@ -198,10 +204,11 @@ def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
     return _with_recipe(result, config)
 
 
-def _with_recipe(result: AutobatchResult, config: RunConfig) -> AutobatchResult:
+def _with_recipe(result: AutobatchResult, config: RunConfig, ranks: int = 1
+                 ) -> AutobatchResult:
     """The result with the effective batch, accumulation and lr `config` implies (recipe.py):
     a cached search holds what was measured, never the lr of the run that measured it."""
-    r = recipe(config, result.chosen, result.eval_batch_size)
+    r = recipe(config, result.chosen, result.eval_batch_size, ranks)
     result.chosen, result.accumulation_steps = r.micro_batch, r.accumulation_steps
     result.effective_batch_size, result.lr = r.effective_batch_size, r.lr
     return result
@@ -209,27 +216,36 @@ def _with_recipe(result: AutobatchResult, config: RunConfig) -> AutobatchResult:
 
 def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_dir: Path,
                        resume: bool, interactive: bool | None,
-                       check: Callable[[], None] = lambda: None
+                       check: Callable[[], None] = lambda: None, comm: Comm | None = None
                        ) -> tuple[RunConfig, dict[str, Any]]:
     """batch_size: auto -> the config with the tuned micro-batch, effective batch, lr and
     eval batch, and what to record of the decision. `check()` runs before each trial (it
-    may raise, e.g. lifecycle.Interrupted on SIGTERM).
+    may raise, e.g. lifecycle.Interrupted on SIGTERM). `comm`: the ranks, which settle on
+    the smallest micro-batch any chose (module docstring).
 
     A resumed run reuses the values its first start chose (they are in its config.yaml),
     so the math of the steps already taken does not change.
     """
+    world = comm.world if comm is not None else World()
     saved = run_dir / "config.yaml"
     if resume and saved.is_file() and list_checkpoints(run_dir / "checkpoints"):
         # What the first start measured (micro-batch, eval batch); the rest follows this
         # config, and the checkpoint's config is compared with the result like any resume.
         old = yaml.safe_load(saved.read_text())["train"]
-        plan = recipe(config, old["batch_size"], old["eval_batch_size"])
-        print(f"batch_size: auto: {plan.describe(config)} (from {saved})", file=sys.stderr,
-              flush=True)
+        plan = recipe(config, old["batch_size"], old["eval_batch_size"], world.size)
+        if world.main:
+            print(f"batch_size: auto: {plan.describe(config)} (from {saved})",
+                  file=sys.stderr, flush=True)
         return plan.apply(config), {"source": str(saved), "micro_batch": plan.micro_batch}
-    with status("autobatch", interactive=interactive) as say:
-        r = autobatch(task, config, device, progress=lambda msg: (check(), say(msg)))
-    print(f"batch_size: auto: {r.recipe.describe(config)}", file=sys.stderr, flush=True)
+    with status("autobatch", interactive=interactive and world.main) as say:
+        r = autobatch(task, config, device, progress=lambda msg: (check(), say(msg)),
+                      sharing=world.local_size)
+    if world.distributed:  # one message: the size every rank holds (max of the negatives)
+        micro, evaluation = comm.agree(-r.chosen, -(r.eval_batch_size or 0))  # type: ignore[union-attr]
+        r.chosen, r.eval_batch_size = -micro, -evaluation or None
+        r = _with_recipe(r, config, world.size)
+    if world.main:
+        print(f"batch_size: auto: {r.recipe.describe(config)}", file=sys.stderr, flush=True)
     return r.apply(config), {
         "micro_batch": r.chosen, "max_fit": r.max_fit,
         "accumulation_steps": r.accumulation_steps,
@@ -400,7 +416,7 @@ def _save_cache(cache_dir: str | Path | None, result: AutobatchResult) -> None:
     path = _cache_path(cache_dir, result.fingerprint)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")  # ranks may write it at once
         tmp.write_text(json.dumps(result.to_dict()))
         tmp.replace(path)
     except OSError:

@@ -82,9 +82,8 @@ class RunWatch(Callback):
                              "finite weights saved; lower train.lr or fix what went non-finite")
         fate = ("their updates were skipped" if self.mode == "skip"
                 else "their updates were applied (train.on_nonfinite: warn)")
-        print(f"redline: {n} step(s) with non-finite loss or gradients in the window ending "
-              f"at step {step}, the first at {first}{where}; {fate}", file=sys.stderr,
-              flush=True)
+        _say(self.events, f"redline: {n} step(s) with non-finite loss or gradients in the "
+             f"window ending at step {step}, the first at {first}{where}; {fate}")
         self.events.event("nonfinite_window", step=step, steps=n, first=first, mode=self.mode)
 
     def _memory(self, record: dict[str, Any]) -> None:
@@ -97,7 +96,7 @@ class RunWatch(Callback):
         if found is not None:
             self.warned_growth = True
             what = "tensor memory" if key == K.MEM_ALLOCATED else "the process's resident memory"
-            print(f"redline: warning: {found.sentence(what)}", file=sys.stderr, flush=True)
+            _say(self.events, f"redline: warning: {found.sentence(what)}")
             self.events.event("memory_growth", key=key, bytes_per_1000_steps=round(
                 found.per_1000_steps), first_step=found.first_step, last_step=found.last_step,
                 r2=round(found.r2, 3))
@@ -132,20 +131,28 @@ class MemoryEvents(Callback):
         if info.get("kind") != "batch_statistics":
             return
         layers = info["layers"]
-        print(f"redline: note: {len(layers)} BatchNorm layer(s) ({', '.join(layers[:3])}"
-              f"{', ...' if len(layers) > 3 else ''}) normalise each micro-batch of "
-              f"{info['micro_batch']} with its own statistics, so a step split from "
-              f"{info['batch']} samples is not the full-batch step; GroupNorm or LayerNorm "
-              "are not affected", file=sys.stderr, flush=True)
+        _say(self.events, f"redline: note: {len(layers)} BatchNorm layer(s) "
+             f"({', '.join(layers[:3])}"
+             f"{', ...' if len(layers) > 3 else ''}) normalise each micro-batch of "
+             f"{info['micro_batch']} with its own statistics, so a step split from "
+             f"{info['batch']} samples is not the full-batch step; GroupNorm or LayerNorm "
+             "are not affected")
         self.events.event("batch_statistics", **{k: v for k, v in info.items()
                                                  if k != "kind"})
 
     def on_micro_batch_change(self, state: State, info: dict[str, Any]) -> None:
-        why = (f"after OOM in {info['phase']}" if info["reason"] == "oom"
+        where = "on" if str(info["phase"]).startswith("rank") else "in"
+        why = (f"after OOM {where} {info['phase']}" if info["reason"] == "oom"
                else "growing back after clean steps")
         inexact = ("; the redo draws other random numbers than the failed attempt (its "
                    "RNG began drawing unseen), so this step is not bit-exact"
                    if info.get("exact") is False else "")
-        print(f"micro-batch {info['old']} -> {info['new']} {why} at step {info['step']}"
-              f"{inexact}", file=sys.stderr, flush=True)
+        _say(self.events, f"micro-batch {info['old']} -> {info['new']} {why} at step "
+             f"{info['step']}{inexact}")
         self.events.event("micro_batch", **info)
+
+
+def _say(events: EventLog, text: str) -> None:
+    """One line on stderr, from the rank that records the run's events (rank 0)."""
+    if events.announces:
+        print(text, file=sys.stderr, flush=True)

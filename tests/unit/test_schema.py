@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_key_has_a_unit_and_a_meaning() -> None:
     for name, key in K.KEYS.items():
-        assert key == name and key.meaning and key.stream in ("metrics", "system"), name
+        assert key == name and key.meaning and key.stream in ("metrics", "system", "ranks"), name
 
 
 def test_a_window_record_holds_only_schema_keys() -> None:

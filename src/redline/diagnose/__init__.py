@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from redline.diagnose import health, speed
+from redline.diagnose import health, ranks, speed
 from redline.diagnose.evidence import Evidence, Finding, Rule, load_evidence
 
 __all__ = ["RULES", "Evidence", "Finding", "diagnose", "load_evidence", "render"]
 
-RULES: list[Rule] = [*health.RULES, *speed.RULES]
+RULES: list[Rule] = [*health.RULES, *speed.RULES, *ranks.RULES]
 
 
 def diagnose(run_dir: str | Path) -> tuple[list[Finding], list[str]]:

@@ -1,8 +1,8 @@
 """The evidence `redline doctor RUN_DIR` reasons from: a run directory's files, parsed once.
 
 Reads only the run directory (config.yaml, environment.json, metrics.jsonl, system.jsonl,
-events.jsonl), so it works on a run from another machine and never touches a device. A
-file that is missing or unreadable becomes a note, never an error.
+events.jsonl, and ranks.jsonl under torchrun), so it works on a run from another machine
+and never touches a device. A file that is missing or unreadable becomes a note, never an error.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ SKIPPED_WARN_MIN = 3
 @dataclass
 class Finding:
     kind: str  # ended nonfinite memory-growth input-bound host-bound memory-headroom precision
-    # oom-retries telemetry-overhead ok
+    # oom-retries telemetry-overhead straggler ranks ok
     severity: str  # info | warning
     message: str  # one sentence, with its number and what to change
     value: float | None = None
@@ -107,6 +107,8 @@ class Evidence:
     notes: list[str]
     run_dir: str = "RUN_DIR"
     """Where the files were read, as given: advice names it in the commands it shows."""
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    """ranks.jsonl: each rank's window figures (torchrun runs only)."""
 
     def __post_init__(self) -> None:
         # Training windows: evaluation rows carry eval/... keys and no loss.
@@ -142,6 +144,7 @@ def load_evidence(run_dir: str | Path) -> Evidence:
     notes: list[str] = []
     cfg, env = (_read(root / name, notes) or {} for name in FILES[:2])
     metrics, system, events = (_read(root / name, notes) or [] for name in FILES[2:])
-    return Evidence(cfg, env, metrics, system, events, notes, str(run_dir))
+    ranks = _read(root / "ranks.jsonl", []) or [] if (root / "ranks.jsonl").is_file() else []
+    return Evidence(cfg, env, metrics, system, events, notes, str(run_dir), ranks)
 
 

@@ -156,17 +156,21 @@ def available_memory() -> int | None:
     return int(psutil.virtual_memory().available)
 
 
-def default_budget(device: DeviceInfo) -> tuple[int, str]:
+def default_budget(device: DeviceInfo, sharing: int = 1) -> tuple[int, str]:
     """(bytes, where they come from, in words) when memory.budget is not set.
 
     CUDA: the device's memory (its allocator raises a real OOM past it). CPU: a share of the
-    memory available now (see the module docstring). Elsewhere: unknown, so ConfigError.
+    memory available now (see the module docstring), split between the `sharing`
+    processes that train on this host (torchrun's ranks on one machine). Elsewhere:
+    unknown, so ConfigError.
     """
     if device.is_cuda and device.memory_total:
         return device.memory_total, f"the {format_size(device.memory_total)} of {device.name}"
     if device.kind == "cpu":
         free = available_memory()
         if free is not None:
-            return int(AVAILABLE_SHARE * free), (
-                f"{AVAILABLE_SHARE:.0%} of the {format_size(free)} of memory available now")
+            ranks = f", shared by {sharing} ranks" if sharing > 1 else ""
+            return int(AVAILABLE_SHARE * free / sharing), (
+                f"{AVAILABLE_SHARE:.0%} of the {format_size(free)} of memory available "
+                f"now{ranks}")
     raise ConfigError(f"the memory of {device.name} is unknown; set memory.budget")

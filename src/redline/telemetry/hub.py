@@ -55,6 +55,25 @@ def _plain(value: Any) -> Any:  # numpy and torch scalars, and anything else, fo
     return value.item() if hasattr(value, "item") else str(value)
 
 
+class QuietHub:
+    """The hub of a rank other than 0 under torchrun: no writer process, nothing written
+    (rank 0 publishes the run's records, every rank's window figures among them)."""
+
+    run_id: str | None = None
+
+    def __init__(self) -> None:
+        self.failed: dict[str, str] = {}
+
+    def publish(self, stream: str, record: dict[str, Any]) -> None:
+        pass
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        return True
+
+    def close(self, timeout: float = 120.0) -> None:
+        pass
+
+
 class Hub:
     """Starts the writer process for `trackers` and forwards records to it.
 

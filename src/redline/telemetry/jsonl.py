@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,11 @@ class JsonlWriter:
 
 
 class EventLog(JsonlWriter):
-    """events.jsonl: decisions and incidents (resume, checkpoint, anomaly, interrupt)."""
+    """events.jsonl: decisions and incidents (resume, checkpoint, anomaly, interrupt).
+
+    `announces`: whoever records an event here also says it on stderr (rank 0 only)."""
+
+    announces = True
 
     def __enter__(self) -> EventLog:
         return self
@@ -65,6 +70,17 @@ class EventLog(JsonlWriter):
             with contextlib.suppress(OSError):
                 self.close()
             self._file = None
+
+
+class SilentEventLog(EventLog):
+    """The event log of a rank other than 0 under torchrun: rank 0 writes the run's, and
+    says what it records."""
+
+    announces = False
+
+    def __init__(self) -> None:
+        self.path = Path(os.devnull)
+        self._file = None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -29,8 +29,10 @@ of the window's wall time, with the number of host syncs redline itself made
 closing call began to the moment its own closing call begins, so each call, the close
 included, lies inside the wall time of the window whose overhead it counts in: the
 share is at most 100 % on any step size. Time inside `paused()` (evaluation, checkpoints)
-is not window time. A completed record goes to `on_record` (the WINDOW event: callbacks
-may add to it), then to `publish`. Every key is defined in schema.py.
+is not window time. Under torchrun a completed record first goes to `merge`, which
+exchanges the ranks' figures (the window's one collective: session.py). It then goes to
+`on_record` (the WINDOW event: callbacks may add to it), then to `publish`. Every key is
+defined in schema.py.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class WindowContext:
     flops_per_step: int | None = None  # counted once at start; None: unknown
     peak_flops: float | None = None  # dense peak for the compute dtype; None: MFU empty
     peak_source: str = "unknown"
+    ranks: int = 1  # under torchrun each rank steps samples_per_step / ranks
 
 
 class _Tally:
@@ -116,21 +119,22 @@ class WindowLogger:
 
     __slots__ = ("_at", "_data_wait_s", "_folded", "_host", "_loss_sum", "_n", "_norm",
                  "_pairs", "_paused", "_pending", "_start_event", "_t0", "_tally", "clock",
-                 "ctx", "cuda", "host_syncs", "last", "log_every", "memory", "on_record",
+                 "ctx", "cuda", "host_syncs", "last", "log_every", "memory", "merge", "on_record",
                  "overhead_s", "publish")
 
     def __init__(self, log_every: int, ctx: WindowContext, publish: Callable[[Record], None],
                  memory: Callable[[], Record] | None = None,
                  on_record: Callable[[Record], None] | None = None,
                  host_reads: bool | None = None,
-                 clock: Callable[[], float] = perf_counter) -> None:
+                 clock: Callable[[], float] = perf_counter,
+                 merge: Callable[[Record], None] | None = None) -> None:
         """`host_reads`: read each step's values as floats (None: where they are host
         memory, i.e. on CPU), or keep them as tensors until the window closes (what a GPU
         does; False forces it on CPU too). `clock`: seconds, for the window's wall time
         and redline's own share of it."""
         self.clock = clock
         self.log_every, self.ctx, self.publish = log_every, ctx, publish
-        self.memory, self.on_record = memory, on_record
+        self.memory, self.on_record, self.merge = memory, on_record, merge
         self.cuda = ctx.device.type == "cuda"
         self.last: Record = {}
         self.overhead_s = 0.0
@@ -213,13 +217,14 @@ class WindowLogger:
             self._pairs, self._folded = [], []
         wall = now - self._t0
         step, micro, lr, epoch, samples = self._at
-        micro = micro or self.ctx.samples_per_step
+        share = self.ctx.samples_per_step // self.ctx.ranks
+        micro = micro or share
         record: Record = {
             K.STEP: step, K.EPOCH: epoch, K.SAMPLES: samples, K.LR: lr,
             "window_steps": steps, "wall_s": wall, "paused": self._paused,
             K.DATA_WAIT_PCT: 100.0 * self._data_wait_s / wall if wall > 0 else None,
             K.MICRO_BATCH: micro, K.EFFECTIVE_BATCH: self.ctx.samples_per_step,
-            K.ACCUMULATION_STEPS: math.ceil(self.ctx.samples_per_step / micro),
+            K.ACCUMULATION_STEPS: math.ceil(share / micro),
             K.OVERHEAD_PCT: 100.0 * self.overhead_s / wall if wall > 0 else None,
             K.HOST_SYNCS: self.host_syncs,
         }
@@ -275,6 +280,10 @@ class WindowLogger:
                   K.SAMPLES_PER_S: self.ctx.samples_per_step / step_time if step_time else None,
                   K.MFU: mfu(self.ctx.flops_per_step, step_time, self.ctx.peak_flops),
                   K.PEAK_FLOPS: self.ctx.peak_flops, K.TIME: round(time.time(), 3)})
+        r["window_steps"] = steps  # for merge; gone before the record is seen
+        if self.merge is not None:
+            self.merge(r)
+        del r["window_steps"]
         try:  # a handler may stop the run (watch.py): the window is published all the same
             if self.on_record is not None:
                 self.on_record(r)

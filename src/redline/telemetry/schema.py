@@ -7,7 +7,8 @@ metric table is generated from it (`python -m redline.telemetry.schema`; a test 
 that the README holds that table).
 
 Streams: `metrics` (one record per telemetry window, plus `eval/*` rows and any rows a
-callback logs), `system` (hardware samples, from the writer process's sampler). Keys a
+callback logs), `system` (hardware samples, from the writer process's sampler), `ranks`
+(under torchrun: each rank's own figures for each window, in ranks.jsonl). Keys a
 callback adds to a window (Event.WINDOW) are the callback's own and are not listed here;
 they should not reuse these names.
 
@@ -31,6 +32,9 @@ class Key(str):
         key.unit, key.meaning, key.stream = unit, meaning, stream
         KEYS[name] = key
         return key
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:  # sent between ranks as a plain name
+        return (str, (str(self),))
 
 
 KEYS: dict[str, Key] = {}
@@ -59,13 +63,15 @@ FIRST_NONFINITE = Key("first_nonfinite_step", "step", "the window's first non-fi
                       "empty when none")
 STEP_TIME = Key("step_time_s", "s", "mean time per optimizer step over the window (CUDA "
                 "events on a GPU, the host clock on CPU)")
-SAMPLES_PER_S = Key("samples_per_s", "samples/s", "effective batch / step_time_s")
+SAMPLES_PER_S = Key("samples_per_s", "samples/s", "effective batch / step_time_s (all ranks "
+                    "together under torchrun)")
 DATA_WAIT_PCT = Key("data_wait_pct", "%", "share of the window's wall time the training "
                     "thread waited for the data loader")
 MFU = Key("mfu", "fraction", "model FLOPs utilisation: FLOPs per step / step_time_s / "
           "peak_flops; empty where the peak is unknown (an unknown GPU, fp8)")
-PEAK_FLOPS = Key("peak_flops", "FLOP/s", "the dense peak MFU divides by (its source, table, "
-                 "measured or override, is in events.jsonl's 'flops' event)")
+PEAK_FLOPS = Key("peak_flops", "FLOP/s", "the dense peak MFU divides by, of all ranks' devices "
+                 "together (its source, table, measured or override, is in events.jsonl's "
+                 "'flops' event)")
 MICRO_BATCH = Key("micro_batch", "samples", "samples per forward/backward at the window's end")
 ACCUMULATION_STEPS = Key("accumulation_steps", "micro-batches", "micro-batches per optimizer "
                          "step")
@@ -87,6 +93,21 @@ EMULATED = Key("precision/emulated", "flag", "1 when the precision is an emulati
                "(fp8-emulated): the format's numerics, not its speed; absent otherwise")
 HOST_SYNCS = Key("redline/host_syncs", "syncs", "times redline's telemetry made the host wait "
                  "for the device in this window (goal: 0)")
+
+# ---- ranks under torchrun (a window's figures, gathered once per window) ------------------
+WORLD_SIZE = Key("dist/world_size", "ranks", "processes training together under torchrun; "
+                 "absent in a single-process run")
+SLOWEST_RANK = Key("dist/slowest_rank", "rank", "the rank the others waited for in this window "
+                   "(the one that waited least at the step's agreement)")
+SYNC_WAIT_MAX = Key("dist/sync_wait_pct", "%", "the largest share of a rank's step time spent "
+                    "waiting for the slowest rank at the step's agreement")
+STEP_TIME_SPREAD = Key("dist/busy_spread_pct", "%", "how much longer the slowest rank's busy "
+                       "time (step time less its wait) was than the fastest's")
+RANK = Key("rank", "", "the rank whose figures a ranks.jsonl record holds (its step_time_s, "
+           "samples_per_s (its share), micro_batch, data_wait_pct, mem_* and "
+           "redline/overhead_pct keys mean what they mean in metrics)", "ranks")
+SYNC_WAIT_PCT = Key("sync_wait_pct", "%", "this rank's share of step time spent waiting for "
+                    "the other ranks at the step's agreement", "ranks")
 
 # ---- evaluation rows ---------------------------------------------------------------------
 EVAL_PREFIX = "eval/"

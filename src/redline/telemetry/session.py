@@ -17,6 +17,14 @@ The trainer uses it, and so can your own loop (docs/architecture.md has the guid
 In the training process it is the window logger (metrics.py: no host sync on a step
 that does not log), the progress display and the hub's end of a pipe; the sinks and the
 hardware sampler run in the telemetry writer process (hub.py says why).
+
+Under torchrun (a `comm` of several ranks) every rank keeps its own windows, and each
+window's figures are exchanged in one all-gather when it closes (never on a step that
+does not log): every rank then sees the same record, the loss averaged over the ranks,
+the slowest rank named, so a callback that stops the run decides the same everywhere.
+Rank 0 alone publishes it, with each rank's figures (the `ranks` stream, ranks.jsonl);
+the other ranks start no writer process. FLOPs are counted on rank 0 and sent once; MFU
+divides by the peak of all ranks' devices.
 """
 
 from __future__ import annotations
@@ -30,11 +38,12 @@ from typing import Any
 import torch
 
 from redline.device import DeviceInfo
+from redline.distributed import Comm, World
 from redline.telemetry import schema as K
 from redline.telemetry.config import TelemetryConfig
 from redline.telemetry.console import Progress
 from redline.telemetry.flops import count_step_flops, peak_flops
-from redline.telemetry.hub import Hub, report_sink_failure
+from redline.telemetry.hub import Hub, QuietHub, report_sink_failure
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.metrics import Record, WindowContext, WindowLogger
 from redline.telemetry.process import ProcessMemory
@@ -55,7 +64,9 @@ class Telemetry:
     completed window record before it is published and may add keys to it.
     `skip_nonfinite` and `loss_scaled` say how non-finite steps are handled (the engine's
     skip, fp16's scaler), so `skipped_steps` counts the updates really not applied.
-    `labels` are added to every window record (e.g. precision/emulated).
+    `labels` are added to every window record (e.g. precision/emulated). `comm`: the
+    ranks under torchrun (module docstring); `sync_wait()` the seconds this rank has
+    waited for the others so far (Engine.sync_wait_s).
     """
 
     def __init__(self, run_dir: str | Path, config: TelemetryConfig | None = None, *,
@@ -67,8 +78,12 @@ class Telemetry:
                  run_id: str | None = None, run_name: str | None = None, start_step: int = 0,
                  on_window: Callable[[Record], None] | None = None,
                  skip_nonfinite: bool = False, loss_scaled: bool = False,
-                 labels: Record | None = None) -> None:
+                 labels: Record | None = None, comm: Comm | None = None,
+                 sync_wait: Callable[[], float] | None = None) -> None:
         cfg = config or TelemetryConfig()
+        self.comm = comm or Comm(World())
+        self._sync_wait, self._sync_seen = sync_wait or (lambda: 0.0), 0.0
+        quiet = not self.comm.world.main
         self.labels = dict(labels or {})
         self.config, self.run_dir = cfg, Path(run_dir)
         self.device = device if isinstance(device, DeviceInfo) else DeviceInfo.detect(device)
@@ -77,24 +92,27 @@ class Telemetry:
         self.events = events or EventLog(self.run_dir / "events.jsonl")
         check_installed(cfg.trackers)  # a tracker asked for but not installed: name the extra
         self.progress = (Progress(max_steps, interactive=progress)
-                         if progress is not False and max_steps else None)
+                         if progress is not False and max_steps and not quiet else None)
         uuid = torch_gpu_uuid(self.device.index or 0) if self.device.is_cuda else None
         sampler = {"kind": self.device.kind, "index": self.device.index, "uuid": uuid,
                    "pid": os.getpid(), "every_s": cfg.system_every_s,
                    "slow_every_s": 5 * cfg.system_every_s}
         # Every sink and the sampler live in the writer process (hub.py says why).
         # the writer runs in this process's directory: a sink file's path means the same there
-        self.hub = Hub(list(cfg.trackers), self.run_dir,
-                       on_failure=self._sink_failed, sampler=sampler,
-                       on_note=lambda note: self.events.event("note", message=note),
-                       options=cfg.sink_options, run_id=run_id, start_step=start_step,
-                       run_name=run_name or self.run_dir.name)
+        self.hub: Hub | QuietHub = QuietHub() if quiet else Hub(
+            list(cfg.trackers), self.run_dir, on_failure=self._sink_failed, sampler=sampler,
+            on_note=lambda note: self.events.event("note", message=note),
+            options=cfg.sink_options, run_id=run_id, start_step=start_step,
+            run_name=run_name or self.run_dir.name)
         self.ctx = WindowContext(samples_per_step=samples_per_step,
                                  device=self.device.torch_device,
-                                 skip_nonfinite=skip_nonfinite, loss_scaled=loss_scaled)
+                                 skip_nonfinite=skip_nonfinite, loss_scaled=loss_scaled,
+                                 ranks=self.comm.world.size)
         memory = _memory_reader(self.device, memory_total, memory_tracker)
         self.window = WindowLogger(cfg.log_every, self.ctx, self._publish_window, memory,
-                                   on_record=on_window)
+                                   on_record=on_window,
+                                   merge=self._merge_ranks if self.comm.world.distributed
+                                   else None)
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -160,17 +178,20 @@ class Telemetry:
                     samples: int) -> int | None:
         """FLOPs of one optimizer step from a batch of `samples` (counted once, on fake
         tensors), and the peak MFU is measured against; recorded as a 'flops' event."""
-        flops = count_step_flops(model, batch, loss_fn)
+        flops = self.comm.from_main(lambda: count_step_flops(model, batch, loss_fn))
         return self.set_flops(int(flops * self.ctx.samples_per_step / samples)
                               if flops else None)
 
     def set_flops(self, flops_per_step: int | None) -> int | None:
         """FLOPs of one optimizer step as the task declares them (e.g. analytic)."""
         peak, source = peak_flops(self.device, self.compute_dtype, self.config.peak_flops)
+        ranks = self.comm.world.size
+        peak = peak * ranks if peak else peak  # every rank's device works on the step
         self.ctx.flops_per_step, self.ctx.peak_flops, self.ctx.peak_source = (
             flops_per_step, peak, source)
         self.events.event("flops", flops_per_step=flops_per_step, peak_flops=peak,
-                          peak_source=source, dtype=self.compute_dtype)
+                          peak_source=source, dtype=self.compute_dtype,
+                          **({"ranks": ranks} if ranks > 1 else {}))
         return flops_per_step
 
     def finish(self) -> None:
@@ -207,6 +228,36 @@ class Telemetry:
 
     def _publish(self, record: Record) -> None:
         self.hub.publish("metrics", record)
+
+    def _merge_ranks(self, record: Record) -> None:
+        """The window's one collective: every rank's figures, merged into `record` the
+        same way on every rank (module docstring)."""
+        world = self.comm.world
+        steps, step_time = record["window_steps"], record.get(K.STEP_TIME) or 0.0
+        waited = self._sync_wait() - self._sync_seen
+        self._sync_seen += waited
+        wall = step_time * steps
+        mine: Record = {K.STEP: record[K.STEP], K.RANK: world.rank,
+                        K.STEP_TIME: step_time, K.LOSS: record.get(K.LOSS),
+                        K.SYNC_WAIT_PCT: 100.0 * waited / wall if wall > 0 else None,
+                        K.SAMPLES_PER_S: (self.ctx.samples_per_step / world.size / step_time
+                                          if step_time else None)}
+        mine.update({k: record.get(k) for k in (K.MICRO_BATCH, K.DATA_WAIT_PCT, K.OVERHEAD_PCT,
+                                                K.MEM_PEAK, K.MEM_RSS, K.MEM_PCT)
+                     if record.get(k) is not None})
+        ranks = self.comm.all_gather(mine)
+        losses = [r[K.LOSS] for r in ranks if r.get(K.LOSS) is not None
+                  and r[K.LOSS] == r[K.LOSS]]
+        record[K.LOSS] = sum(losses) / len(losses) if losses else float("nan")
+        waits = [r.get(K.SYNC_WAIT_PCT) or 0.0 for r in ranks]
+        busy = [r[K.STEP_TIME] * (1 - w / 100) for r, w in zip(ranks, waits, strict=True)]
+        record.update({
+            K.WORLD_SIZE: world.size, K.SLOWEST_RANK: waits.index(min(waits)),
+            K.SYNC_WAIT_MAX: max(waits),
+            K.STEP_TIME_SPREAD: 100.0 * (max(busy) / min(busy) - 1) if min(busy) > 0 else None})
+        for r in ranks:
+            r[K.TIME] = record.get(K.TIME)
+            self.hub.publish("ranks", r)
 
 
 def _memory_reader(device: DeviceInfo, total: int | None, tracker: Callable[[], Any] | None

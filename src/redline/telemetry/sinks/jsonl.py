@@ -8,7 +8,7 @@ from typing import Any
 from redline.telemetry.jsonl import JsonlWriter
 from redline.telemetry.sinks import SinkContext
 
-STREAMS = ("metrics", "system")  # the streams this sink keeps as files
+STREAMS = ("metrics", "system", "ranks")  # the streams this sink keeps as files
 
 
 class JsonlSink:

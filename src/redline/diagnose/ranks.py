@@ -1,0 +1,51 @@
+"""Under torchrun: did the ranks keep pace, and if not, which one held the others up.
+
+Every step the ranks agree once, just before the gradient all-reduce (engine.py); the
+time a rank waits there is the time it waited for the slowest rank. Each window records
+the largest such wait and the rank that waited least (the one the others waited for);
+ranks.jsonl holds every rank's own figures, from which the slow rank's loader wait is
+compared with the others'.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from redline.diagnose.evidence import Evidence, Finding, _median, _num, _pct, _series
+from redline.telemetry import schema as K
+
+STRAGGLER_WAIT_PCT = 10.0  # a rank waiting this share of its step time for another
+LOADER_GAP_PCT = 5.0  # the slow rank's loader wait exceeds the others' by this much
+
+
+def straggler(ev: Evidence) -> Finding | None:
+    windows = [r for r in ev.kept if _num(r.get(K.WORLD_SIZE))]
+    wait = _median(_series(windows, K.SYNC_WAIT_MAX))
+    if wait is None:
+        return None
+    ranks = int(windows[-1][K.WORLD_SIZE])
+    named = Counter(int(r[K.SLOWEST_RANK]) for r in windows if _num(r.get(K.SLOWEST_RANK))
+                    is not None)
+    if wait < STRAGGLER_WAIT_PCT or not named:
+        return Finding("ranks", "info", f"The {ranks} ranks kept pace: the most a rank waited "
+                       f"for the others was {_pct(wait)} % of its step time (median over "
+                       f"{len(windows)} windows).", wait)
+    rank, times = named.most_common(1)[0]
+    return Finding("straggler", "warning",
+                   f"Rank {rank} held up the others ({ranks} ranks): they waited up to "
+                   f"{_pct(wait)} % of their step time for it (median over {len(windows)} "
+                   f"windows; it was the slowest in {times}). {_cause(ev, rank)}", wait)
+
+
+def _cause(ev: Evidence, rank: int) -> str:
+    rows = [r for r in ev.ranks if _num(r.get(K.DATA_WAIT_PCT)) is not None]
+    own = _median(_series([r for r in rows if r.get(K.RANK) == rank], K.DATA_WAIT_PCT))
+    rest = _median(_series([r for r in rows if r.get(K.RANK) != rank], K.DATA_WAIT_PCT))
+    if own is not None and rest is not None and own - rest >= LOADER_GAP_PCT:
+        return (f"Its loader held it up {_pct(own)} % of the time against {_pct(rest)} % on "
+                "the others: raise data.num_workers, or check its storage.")
+    return ("Its loader is not the cause: check what else runs on its device or host "
+            "(nvidia-smi, top), or its interconnect.")
+
+
+RULES = [straggler]

@@ -1,0 +1,288 @@
+"""torchrun / torch.distributed: the process group, the few messages redline sends, and
+what a rank does when another one fails.
+
+redline never launches or schedules processes itself: `torchrun` (or `redline train
+--nproc N`, which calls torch's own launcher, torch.distributed.run) starts one process
+per device and sets RANK, WORLD_SIZE and LOCAL_RANK; `World.from_env` reads them and
+`init` joins the process group (NCCL on CUDA, gloo otherwise). Training is
+DistributedDataParallel (build.py); what redline adds rides on a second, gloo-only
+*control group*, so its messages are host-side Python ints and objects: none of them
+waits for the device (no sync), whatever the training backend.
+
+What redline sends, and when:
+
+  - every step: one `StepAgreement` (two ints, a max-reduce), between the last
+    micro-batch's forward and its backward, which is where DDP's own gradient all-reduce
+    begins. It says whether any rank ran out of memory (so all ranks redo the step with the
+    same smaller micro-batch, none left waiting in an all-reduce the failed rank never
+    joins) and whether any rank was asked to stop (SIGTERM/SIGINT: all ranks stop after
+    the same step, then save). Its wait is measured: the time a rank waits there is the
+    time it waited for the slowest rank (the straggler figure);
+  - once per telemetry window: one all-gather of each rank's window figures;
+  - once per run: the run directory, the FLOPs count, the batch search's answer;
+  - per checkpoint: a gather of every rank's RNG state to rank 0, which writes.
+
+A rank that fails. Each rank's heartbeat thread bumps a counter in the rendezvous store
+every `HEARTBEAT_S` (a store write, ~20 us, GIL released). A rank whose step raises writes
+why to the store, then looks: another rank that wrote an earlier failure, or whose
+heartbeat stopped (killed: SIGKILL, the OOM killer, a lost host), is the cause, and this
+rank stops with one sentence naming it (`PeerFailed`, exit 1) instead of waiting in a
+collective that will never complete. If every other rank is alive and well, this rank is
+the cause and its own error stands, traceback included. A dead peer's sockets close, so
+gloo fails at once; on NCCL torchrun stops the remaining workers itself when one exits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from redline.errors import RunStopped, UserError
+
+HEARTBEAT_S = 1.0
+T = TypeVar("T")
+
+
+class PeerFailed(RunStopped):
+    """Another rank failed or died; the message names it (exit 1)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands among the ranks (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1  # ranks on this host (they share its memory)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes the run directory, checkpoints and trackers."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @staticmethod
+    def from_env() -> World:
+        """The world torchrun describes in the environment (none: a single process)."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return World()
+        return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")),
+                     int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random stream after the model is built (rank 0: `seed`,
+    as a single process), so ranks do not draw the same noise for different samples."""
+    return seed if rank == 0 else seed + 1_000_003 * rank
+
+
+class Comm:
+    """redline's own messages between ranks (the module docstring lists them).
+
+    A single process gets a Comm too, whose calls answer locally: code that uses it has
+    one path. `counts` tallies the messages by kind, for the overhead figures."""
+
+    def __init__(self, world: World, group: Any = None, store: Any = None) -> None:
+        self.world = world
+        self.group = group
+        self.store = store
+        self.broken = False  # a rank failed: no further collective is attempted
+        self.counts: dict[str, int] = {}
+        self._beat: threading.Thread | None = None
+        self._stop_beat = threading.Event()
+
+    # ---- collectives (host-side, on the gloo control group) ------------------------------
+
+    def _count(self, kind: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def agree(self, *flags: int) -> list[int]:
+        """The element-wise max of `flags` over the ranks: one 8-byte-per-flag all-reduce."""
+        if not self.world.distributed or self.broken:
+            return list(flags)
+        self._count("agree")
+        t = torch.tensor(flags, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t.tolist()
+
+    def all_gather(self, obj: T) -> list[T]:
+        """Every rank's `obj`, in rank order."""
+        if not self.world.distributed or self.broken:
+            return [obj]
+        self._count("all_gather")
+        out: list[Any] = [None] * self.world.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def gather_to_main(self, obj: T) -> list[T] | None:
+        """Every rank's `obj` on rank 0 (None elsewhere)."""
+        if not self.world.distributed or self.broken:
+            return [obj]
+        self._count("gather")
+        out: list[Any] | None = [None] * self.world.size if self.world.main else None
+        dist.gather_object(obj, out, dst=self._global(0), group=self.group)
+        return out
+
+    def from_main(self, fn: Callable[[], T]) -> T:
+        """`fn()` run on rank 0 and its result sent to every rank. Bad input found there
+        (a UserError) is raised on every rank with the same sentence, so none hangs."""
+        if not self.world.distributed:
+            return fn()
+        result: tuple[str, Any] = ("ok", None)
+        if self.world.main:
+            try:
+                result = ("ok", fn())
+            except UserError as e:
+                result = ("error", (type(e), str(e)))
+        self._count("broadcast")
+        box = [result]
+        dist.broadcast_object_list(box, src=self._global(0), group=self.group)
+        status, value = box[0]
+        if status == "error":
+            kind, message = value
+            raise kind(message)
+        return value
+
+    def _global(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
+
+    # ---- failure -------------------------------------------------------------------------
+
+    def start_heartbeat(self) -> None:
+        if self.store is None or self._beat is not None:
+            return
+        self._beat = threading.Thread(target=self._heartbeat, name="redline-heartbeat",
+                                      daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        key = f"redline/beat/{self.world.rank}"
+        while not self._stop_beat.wait(HEARTBEAT_S):
+            try:
+                self.store.add(key, 1)
+            except Exception:  # the store is gone (its host ended): nothing to tell
+                return
+
+    def failure_cause(self, exc: BaseException, step: int) -> str | None:
+        """After `exc` on this rank at `step`: the sentence naming the rank that failed
+        first, or None when this rank is the cause (every other rank alive and well)."""
+        if not self.world.distributed:
+            return None
+        self.broken = True
+        import sys
+        import traceback
+        traceback.print_exception(exc, file=sys.stderr)
+        if self.store is None:
+            return None
+        me = self.world.rank
+        now = time.time()
+        try:
+            self.store.set(f"redline/down/{me}", json.dumps(
+                {"t": now, "step": step, "error": f"{type(exc).__name__}: {exc}"[:300]}))
+        except Exception:
+            return (f"the rendezvous store is unreachable at step {step}: the process that "
+                    "hosts it (torchrun's agent, or rank 0) has gone")
+        others = [r for r in range(self.world.size) if r != me]
+        beats = {r: self._read_beat(r) for r in others}
+        deadline = time.monotonic() + 2.5 * HEARTBEAT_S
+        while True:
+            for r in others:
+                down = self._read_down(r)
+                if down is not None and down["t"] <= now:
+                    return (f"rank {r} failed at step {down['step']} ({down['error']}); "
+                            f"rank {me} stops too")
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        # silent and no heartbeat since: dead (a rank that failed after this one, because
+        # of it, wrote why before it stopped beating)
+        dead = [r for r in others if self._read_beat(r) == beats[r] and self._read_down(r) is None]
+        if dead:
+            names = ", ".join(str(r) for r in dead)
+            return (f"rank {names} stopped answering at step {step} (killed, or its host is "
+                    f"gone); rank {me} stops too")
+        return None
+
+    def _read_beat(self, rank: int) -> int | None:
+        try:
+            return int(self.store.add(f"redline/beat/{rank}", 0))
+        except Exception:
+            return None
+
+    def _read_down(self, rank: int) -> dict[str, Any] | None:
+        key = f"redline/down/{rank}"
+        try:
+            if not self.store.check([key]):
+                return None
+            return json.loads(self.store.get(key))
+        except Exception:
+            return None
+
+    def close(self) -> None:
+        """Stop the heartbeat and leave the process group (skipped after a failure: the
+        group cannot be torn down with a peer gone, and the process is ending anyway)."""
+        self._stop_beat.set()
+        if self.world.distributed and not self.broken and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """`redline ARGV` in `nproc` processes on this host, through torch's own launcher
+    (torchrun --standalone); the exit code of the first rank that failed, else 0."""
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--module", "redline", *argv])
+    try:
+        run(args)
+    except SignalException as e:  # Ctrl-C or SIGTERM: the launcher passed it to the ranks,
+        return 128 + int(e.sigval)  # which finished their step and saved, saying so
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        how = (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
+        print(f"redline: rank {rank} {how} (its output above says why)", file=sys.stderr,
+              flush=True)
+        return code if code > 0 else 1
+    return 0
+
+
+def init(world: World, device_kind: str, timeout_s: float = 600.0) -> Comm:
+    """Join the process group torchrun set up, once per process; a Comm for `world`.
+
+    `timeout_s` bounds any collective's wait (a rank that hangs without dying)."""
+    if not world.distributed:
+        return Comm(world)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if device_kind == "cuda":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend, timeout=timeout)
+    group = (dist.new_group(backend="gloo", timeout=timeout)
+             if dist.get_backend() != "gloo" else None)
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # no store to reach: failures are reported without naming the rank
+        store = None
+    comm = Comm(world, group, store)
+    comm.start_heartbeat()
+    return comm
