@@ -151,6 +151,15 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
                steps_per_epoch=steps_per_epoch, memory_limit=limit, comm=comm)
 
 
+def rank_device(spec: str, world: World) -> DeviceInfo:
+    """The device `spec` names, for this rank: under torchrun an unnumbered CUDA device is
+    the rank's own, cuda:LOCAL_RANK."""
+    device = DeviceInfo.detect(spec)
+    if world.distributed and device.is_cuda and device.index is None:
+        return DeviceInfo.detect(f"cuda:{world.local_rank}")
+    return device
+
+
 def check_divisible(samples_per_step: int, ranks: int) -> None:
     """Each rank steps an equal share of every batch (data.py)."""
     if samples_per_step % ranks:

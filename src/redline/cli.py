@@ -265,18 +265,24 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     import tempfile
 
-    from redline.device import DeviceInfo
+    from redline import distributed
+    from redline.build import rank_device
     from redline.memory.probe import format_size
     from redline.task import resolve_task
     from redline.telemetry.console import status
-    from redline.tune import KNEE_TOLERANCE, autobatch
+    from redline.tune import KNEE_TOLERANCE, autobatch_ranks
 
     config = _load(args, "tune")
     task = resolve_task(config.task, config.task_args)
-    device = DeviceInfo.detect(config.device)
-    with tempfile.TemporaryDirectory() as scratch, status("tune") as say:
-        result = autobatch(task, config, device, cache_dir=scratch if args.no_cache else None,
-                           progress=say)
+    world = distributed.World.from_env()  # under torchrun every rank searches its device
+    device = rank_device(config.device, world)
+    comm = distributed.init(world, device.kind)
+    with tempfile.TemporaryDirectory() as scratch, status("tune") as shown:
+        result = autobatch_ranks(task, config, device, comm,
+                                 cache_dir=scratch if args.no_cache else None,
+                                 progress=shown if world.main else None)
+    if not world.main:  # rank 0 writes the tuned config
+        return 0
     config = result.apply(config)
     module, sep, attr = (config.task or "").rpartition(":")
     if sep and module.endswith(".py"):  # the tuned config works from any directory
@@ -292,7 +298,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             "rounds' noise, whichever is larger)" if tol is not None else "")
     print(f"largest fitting micro-batch {result.max_fit}, chosen {result.chosen}{knee}; "
           f"effective batch {result.effective_batch_size} = {result.chosen} x "
-          f"{result.accumulation_steps}; lr {result.lr:.3g}; eval batch "
+          f"{result.accumulation_steps}" + (f" x {world.size} ranks" if world.distributed
+                                            else "") + f"; lr {result.lr:.3g}; eval batch "
           f"{result.eval_batch_size}; target {format_size(result.target_bytes)} "
           f"({config.memory.target:.0%} of {result.budget_source})"
           + (" (cached)" if result.cache_hit else ""))
@@ -312,6 +319,9 @@ def cmd_study(args: argparse.Namespace) -> int:
                              args.other_seeds)
     study = Study(task, config, settings, args.run_dir, args.resume,
                   progress=False if args.no_progress else None)
+    if not study.main:  # under torchrun: rank 0 reports the study
+        _, stopped = study.run()
+        return 128 + signal.Signals[stopped].value if stopped else 0
     print(f"study {study.dir}: {len(settings)} runs of {config.train.steps} steps "
           f"({', '.join(dict.fromkeys(s.label for s in settings))})", file=sys.stderr,
           flush=True)

@@ -34,6 +34,7 @@ gloo fails at once; on NCCL torchrun stops the remaining workers itself when one
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -265,12 +266,18 @@ def launch(nproc: int, argv: list[str]) -> int:
     return 0
 
 
+_JOINED: list[Comm] = []  # the process's Comm, once it has joined (a study trains many runs)
+
+
 def init(world: World, device_kind: str, timeout_s: float = 600.0) -> Comm:
-    """Join the process group torchrun set up, once per process; a Comm for `world`.
+    """Join the process group torchrun set up, once per process; the Comm for `world`
+    (the same one on every later call; it leaves the group when the process exits).
 
     `timeout_s` bounds any collective's wait (a rank that hangs without dying)."""
     if not world.distributed:
         return Comm(world)
+    if _JOINED:
+        return _JOINED[0]
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
@@ -285,4 +292,6 @@ def init(world: World, device_kind: str, timeout_s: float = 600.0) -> Comm:
         store = None
     comm = Comm(world, group, store)
     comm.start_heartbeat()
+    _JOINED.append(comm)
+    atexit.register(comm.close)
     return comm

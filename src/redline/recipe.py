@@ -31,6 +31,7 @@ class Recipe:
     effective_batch_size: int
     lr: float
     eval_batch_size: int | None
+    ranks: int = 1  # torchrun: the effective batch is micro_batch x accumulation x ranks
 
     def apply(self, config: RunConfig) -> RunConfig:
         """`config` with this recipe's micro-batch, effective batch, lr and eval batch."""
@@ -43,9 +44,10 @@ class Recipe:
         """One line: what the optimizer will see, and what changed from `config`."""
         t = config.train
         if t.effective_batch_size:
+            ranks = f" x {self.ranks} ranks" if self.ranks > 1 else ""
             effective = (f"effective batch {self.effective_batch_size} kept "
                          f"(train.effective_batch_size) = {self.micro_batch} x "
-                         f"{self.accumulation_steps}")
+                         f"{self.accumulation_steps}{ranks}")
         else:
             effective = (f"effective batch {self.effective_batch_size} (train."
                          "effective_batch_size unset: it follows the micro-batch)")
@@ -84,4 +86,4 @@ def recipe(config: RunConfig, micro_batch: int, eval_batch_size: int | None,
     share = max(1, effective // ranks)
     micro = min(micro_batch, share)
     return Recipe(micro, math.ceil(share / micro), effective, scaled_lr(config, effective),
-                  eval_batch_size or t.eval_batch_size)
+                  eval_batch_size or t.eval_batch_size, ranks)

@@ -17,6 +17,10 @@
 Every run trains a fresh model from the same seed and data order as the reference's first
 seed, so a difference is the setting's, not the draw's; the reference's other seeds
 measure how much a second fp32 run differs by chance.
+
+Under torchrun every rank walks the same plan and trains each run with the others (each
+run is an ordinary torchrun training run); rank 0 claims the study directory and writes
+the plan, the outcomes and the summary.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from redline import checkpoint as ckpt
+from redline import distributed
+from redline.build import rank_device
 from redline.config import ConfigError, RunConfig
 from redline.errors import MissingExtra, RunStopped, UserError, writing
 from redline.events import Callback, State
@@ -146,7 +152,11 @@ class Study:
                  progress: bool | None = None) -> None:
         self.task, self.base, self.settings = task, base, settings
         self.resume, self.progress = resume, progress
-        self.dir = self._claim(Path(study_dir) if study_dir else None)
+        world = distributed.World.from_env()
+        self.comm = distributed.init(world, rank_device(base.device, world).kind)
+        self.main = world.main
+        self.dir = self.comm.from_main(lambda: self._claim(Path(study_dir) if study_dir
+                                                           else None))
 
     def _claim(self, path: Path | None) -> Path:
         plan = {"task": self.base.task or self.task.name, "base": self.base.to_dict(),
@@ -181,7 +191,8 @@ class Study:
         from redline.telemetry.console import Progress
 
         steps = self.base.train.steps
-        bar = Progress(steps * len(self.settings), interactive=self.progress)
+        bar = Progress(steps * len(self.settings),
+                       interactive=self.progress if self.main else False)
         bar.start(0)
         outcomes: list[Outcome] = []
         try:
@@ -190,8 +201,9 @@ class Study:
                 if stopped:
                     return outcomes, stopped
                 outcomes.append(outcome)
-                bar.step((i + 1) * steps)
-                self._say(i, setting, outcome)
+                if self.main:
+                    bar.step((i + 1) * steps)
+                    self._say(i, setting, outcome)
         finally:
             bar.close()
         return outcomes, None
@@ -215,7 +227,7 @@ class Study:
             return Outcome(**json.loads(record.read_text())), None
         run_dir = self.dir / setting.run_name
         resume = bool(ckpt.list_checkpoints(run_dir / "checkpoints"))
-        if run_dir.exists() and not resume:
+        if run_dir.exists() and not resume and self.main:
             shutil.rmtree(run_dir)  # killed before its first checkpoint: start it again
         config = self.base.updated(setting.overrides())
         if "wandb" in config.telemetry.trackers and config.telemetry.wandb_group is None:
@@ -233,8 +245,9 @@ class Study:
                 return Outcome(setting.run_name, "interrupted"), fit.interrupted
             outcome = Outcome(setting.run_name, "finished", fit=fit.to_dict())
         outcome.wall_s = time.perf_counter() - start
-        with writing("study outcome", record):
-            record.write_text(json.dumps(asdict(outcome), default=str))
+        if self.main:
+            with writing("study outcome", record):
+                record.write_text(json.dumps(asdict(outcome), default=str))
         return outcome, None
 
     def _say(self, i: int, setting: Setting, outcome: Outcome) -> None:

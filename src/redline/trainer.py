@@ -38,10 +38,9 @@ from redline import batch as batch_tree
 from redline import checkpoint as ckpt
 from redline import distributed, rundir
 from redline import resume as resume_state
-from redline.build import Job, build_job
+from redline.build import Job, build_job, rank_device
 from redline.config import ConfigError, RunConfig
 from redline.data import LimitedLoader, eval_loader, iterate_from
-from redline.device import DeviceInfo
 from redline.distributed import Comm, PeerFailed, World
 from redline.errors import RunStopped, StorageError, UserError
 from redline.evaluation import evaluate, evaluate_shrinking
@@ -97,9 +96,7 @@ class Trainer:
         self.config = config
         self.task = task
         self.world = World.from_env()
-        self.device = DeviceInfo.detect(config.device)
-        if self.world.distributed and self.device.is_cuda and self.device.index is None:
-            self.device = DeviceInfo.detect(f"cuda:{self.world.local_rank}")  # one per rank
+        self.device = rank_device(config.device, self.world)
         # None: a new runs/TASK-TIME directory, made when the run starts
         self.run_dir: Path | None = Path(run_dir) if run_dir else None
         self._made_run_dir = False  # this run created its directory (so may remove it)
@@ -186,7 +183,6 @@ class Trainer:
         `held`, which closes it however the run ends; `check()` raises Interrupted if a
         signal came (called between the batch search's trials)."""
         self.comm: Comm = distributed.init(self.world, self.device.kind)
-        held.callback(self.comm.close)
         main = self.world.main
         claimed = self.comm.from_main(lambda: rundir.claim(self.run_dir, self.task.name,
                                                            self.resume, held))
@@ -403,6 +399,9 @@ class Trainer:
         """Under torchrun: another rank failed first -> PeerFailed naming it; else this
         rank's own error stands (re-raised by the caller)."""
         if isinstance(exc, PeerFailed | KeyboardInterrupt):
+            return
+        if isinstance(exc, RunStopped):  # decided alike on every rank (the merged window)
+            self._save_after_failure(exc)
             return
         cause = self.comm.failure_cause(exc, self.state.step)
         if cause is None:

@@ -88,6 +88,7 @@ class AutobatchResult:
     cache_hit: bool = False
     fingerprint: str = ""
     trials: list[Trial] = field(default_factory=list)
+    ranks: int = 1  # torchrun: the ranks the effective batch is shared by
 
     @property
     def fastest(self) -> int:
@@ -105,7 +106,7 @@ class AutobatchResult:
     @property
     def recipe(self) -> Recipe:
         return Recipe(self.chosen, self.accumulation_steps, self.effective_batch_size,
-                      self.lr, self.eval_batch_size)
+                      self.lr, self.eval_batch_size, self.ranks)
 
     def apply(self, config: RunConfig) -> RunConfig:
         """`config` with the tuned micro-batch, effective batch, lr and eval batch."""
@@ -211,6 +212,7 @@ def _with_recipe(result: AutobatchResult, config: RunConfig, ranks: int = 1
     r = recipe(config, result.chosen, result.eval_batch_size, ranks)
     result.chosen, result.accumulation_steps = r.micro_batch, r.accumulation_steps
     result.effective_batch_size, result.lr = r.effective_batch_size, r.lr
+    result.ranks = ranks
     return result
 
 
@@ -237,13 +239,10 @@ def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_di
             print(f"batch_size: auto: {plan.describe(config)} (from {saved})",
                   file=sys.stderr, flush=True)
         return plan.apply(config), {"source": str(saved), "micro_batch": plan.micro_batch}
-    with status("autobatch", interactive=interactive and world.main) as say:
-        r = autobatch(task, config, device, progress=lambda msg: (check(), say(msg)),
-                      sharing=world.local_size)
-    if world.distributed:  # one message: the size every rank holds (max of the negatives)
-        micro, evaluation = comm.agree(-r.chosen, -(r.eval_batch_size or 0))  # type: ignore[union-attr]
-        r.chosen, r.eval_batch_size = -micro, -evaluation or None
-        r = _with_recipe(r, config, world.size)
+    with status("autobatch", interactive=interactive) as shown:
+        say = shown if world.main else (lambda msg: None)  # rank 0 shows its search
+        r = autobatch_ranks(task, config, device, comm,
+                            progress=lambda msg: (check(), say(msg)))
     if world.main:
         print(f"batch_size: auto: {r.recipe.describe(config)}", file=sys.stderr, flush=True)
     return r.apply(config), {
@@ -253,6 +252,19 @@ def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_di
         "eval_batch_size": r.eval_batch_size, "cache_hit": r.cache_hit,
         "probe_steps": r.probe_steps, "verify_steps": r.verify_steps,
         "budget_bytes": r.budget_bytes, "budget_source": r.budget_source}
+
+
+def autobatch_ranks(task: Task, config: RunConfig, device: DeviceInfo, comm: Comm | None,
+                    **options: Any) -> AutobatchResult:
+    """`autobatch` on every rank (each on its own device, sharing the host's memory), then
+    the size every rank holds: the smallest chosen, in one message (module docstring)."""
+    world = comm.world if comm is not None else World()
+    r = autobatch(task, config, device, sharing=world.local_size, **options)
+    if comm is None or not world.distributed:
+        return r
+    micro, evaluation = comm.agree(-r.chosen, -(r.eval_batch_size or 0))  # max of negatives
+    r.chosen, r.eval_batch_size = -micro, -evaluation or None
+    return _with_recipe(r, config, world.size)
 
 
 def _train_and_eval(h: _Harness, size: int, eval_size: int | None) -> None:

@@ -182,3 +182,33 @@ def test_torchrun_run_directory_reads_like_a_single_process_one(tmp_path: Path) 
     doctor = run_cli(["doctor", str(run)], tmp_path)
     assert doctor.returncode in (0, 1), doctor.stderr
     assert "2 ranks" in doctor.stdout
+
+
+def test_batch_search_tune_and_study_run_under_torchrun(tmp_path: Path) -> None:
+    budget = ["--memory-budget", "64MiB", "--set", "train.effective_batch_size=64"]
+    auto = torchrun(["-m", "redline", "train", TOY, "--steps", "8", "--batch-size", "auto",
+                     *budget, "--no-progress", "--no-report", "--run-dir", "auto",
+                     "--set", "telemetry.log_every=4"], tmp_path)
+    assert auto.returncode == 0, auto.stderr
+    assert auto.stderr.count("batch_size: auto:") == 1 and "x 2 ranks" in auto.stderr
+    micro = [r["micro_batch"] for r in read_jsonl(tmp_path / "auto" / "ranks.jsonl")]
+    chosen = next(e for e in read_jsonl(tmp_path / "auto" / "events.jsonl")
+                  if e["event"] == "autobatch")["micro_batch"]
+    assert set(micro) == {chosen}  # every rank trains with the size they settled on
+
+    tune = torchrun(["-m", "redline", "tune", TOY, *budget, "--output", "tuned.yaml"],
+                    tmp_path)
+    assert tune.returncode == 0, tune.stderr
+    assert tune.stdout.count("tuned config: tuned.yaml") == 1 and "x 2 ranks" in tune.stdout
+
+    study = torchrun(["-m", "redline", "study", TOY, "--precision", "fp32,bf16-mixed",
+                      "--seeds", "2", "--steps", "8", "--run-dir", "study", "--no-progress"],
+                     tmp_path)
+    assert study.returncode == 0, study.stderr
+    assert study.stdout.count("recommendation:") == 1
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    outcomes = [json.loads(p.read_text())
+                for p in sorted((tmp_path / "study" / "outcomes").glob("*.json"))]
+    assert [o["status"] for o in outcomes] == ["finished"] * 3
+    assert all(o["fit"]["ranks"] == 2 for o in outcomes)
+    assert summary["recommendation"]["setting"] in ("fp32", "bf16-mixed")
