@@ -124,6 +124,8 @@ def describe(batch: Any) -> str:
 
 
 def first_samples(dataset: Dataset, n: int) -> Any:
-    """A collated batch of the dataset's first `n` samples (wrapping round a small one)."""
+    """A collated batch of the dataset's first `n` samples (wrapping round a small one),
+    by the dataset's `collate_fn` where it has one (a framework's loader's)."""
     count = len(dataset)  # type: ignore[arg-type]
-    return default_collate([dataset[i % count] for i in range(n)])
+    collate = getattr(dataset, "collate_fn", None) or default_collate
+    return collate([dataset[i % count] for i in range(n)])

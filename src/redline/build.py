@@ -8,7 +8,8 @@ cache fingerprint (`Job.fingerprint`) describes what was actually built:
     model     = task.build_model() on the device, converted by the precision policy
     step_model = DDP(model) under torchrun, compiled if precision.compile; else model
     re-seed   rank r > 0 with distributed.rank_seed (rank 0 draws what one process would)
-    optimizer = AdamW(lr, weight_decay) over the trainable parameters, fused
+    optimizer = task.optimizer(model), else AdamW(lr, weight_decay) over the trainable
+                parameters, fused
     scheduler = LambdaLR(warm-up, then train.schedule over the run's steps)
     data      = task.train_data(), task.eval_data(); loader options resolved for the device
     engine    = Engine(step_model, optimizer, precision, micro-batch, grad_clip, OOM guard)
@@ -121,8 +122,10 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
         step_model = torch.compile(step_model)
     if comm.world.rank:
         seed_everything(rank_seed(t.seed, comm.world.rank))
+    own = getattr(task, "optimizer", None)  # the task's own optimizer, where it has one
     try:
-        optimizer = build_optimizer(model, t.lr, t.weight_decay)
+        optimizer = (own(model) if own else None) or build_optimizer(model, t.lr,
+                                                                     t.weight_decay)
     except ValueError as e:
         raise ConfigError(f"task {task.name!r}: {e}") from None
     train_set, eval_set = task.train_data(), task.eval_data()

@@ -237,6 +237,9 @@ class Comm:
         """Stop the heartbeat and leave the process group (skipped after a failure: the
         group cannot be torn down with a peer gone, and the process is ending anyway)."""
         self._stop_beat.set()
+        if self._beat is not None:  # not inside a store call while the group goes
+            self._beat.join(timeout=5)
+            self._beat = None
         if self.world.distributed and not self.broken and dist.is_initialized():
             dist.destroy_process_group()
 

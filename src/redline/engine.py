@@ -32,7 +32,9 @@ agreement per attempt, and all of them redo the step together with the same smal
 micro-batch: none is left waiting in an all-reduce the failed rank never joins. An
 out-of-memory error *inside* that last backward comes after the agreement, when the
 gradient all-reduce has begun and cannot be redone alone: it ends that rank's run with a
-sentence saying so, and the others stop naming it (distributed.py).
+sentence saying so, and the others stop naming it (distributed.py). Without the OOM guard
+there is no agreement (an OOM ends the run the same way; a stop is agreed at the next
+telemetry window instead: session.py).
 """
 
 from __future__ import annotations
@@ -254,7 +256,8 @@ class Engine:
                     self._phase = "backward"
                     self.precision.backward(weighted)
             total = weighted.detach() if total is None else total + weighted.detach()
-        self._agree(oom=False)
+        if self.guard is not None:  # without the guard an OOM ends the run: nothing to agree
+            self._agree(oom=False)
         _arm_all_reduce(self.model)
         self._phase = "backward"
         self.precision.backward(weighted)  # DDP all-reduces the gradients in here

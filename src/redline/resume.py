@@ -10,6 +10,9 @@ data position and the optimizer's steps continue, but the random streams cannot 
 rank is re-seeded, and the run says it is not an exact resume).
 `load` picks the newest readable checkpoint, moving unreadable ones aside (and saying so),
 and refuses a config that changed what the run trains (checkpoint.check_resumable).
+`Checkpoints` is what the trainer calls: save, load, apply, and what to keep when the loop
+fails (a checkpoint of the last completed step; under torchrun, a sentence naming the
+rank that failed first).
 """
 
 from __future__ import annotations
@@ -18,13 +21,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from redline import checkpoint as ckpt
 from redline.build import Job, seed_everything
 from redline.config import RunConfig
 from redline.device import DeviceInfo
-from redline.distributed import rank_seed
-from redline.events import Callback, State, callback_states, load_callback_states
+from redline.distributed import PeerFailed, rank_seed
+from redline.errors import RunStopped, StorageError
+from redline.events import (
+    Callback,
+    Dispatcher,
+    Event,
+    State,
+    callback_states,
+    load_callback_states,
+)
 from redline.telemetry.jsonl import EventLog
+from redline.telemetry.session import Telemetry
 
 
 def payload(job: Job, state: State, callbacks: list[Callback],
@@ -96,3 +110,105 @@ def _restore_rng(job: Job, payload: dict[str, Any], events: EventLog | None) -> 
     if events is not None:
         events.event("resume_not_exact", reason="ranks", checkpoint_ranks=len(ranks),
                      ranks=world.size)
+
+
+class Checkpoints:
+    """A run's checkpoints: saved at the trainer's cadence, at its end and after a failure;
+    picked and taken back on --resume. Under torchrun every rank calls the same methods at
+    the same steps: rank 0 picks and writes, every rank's RNG state is gathered into what
+    it writes, and each rank reads the checkpoint rank 0 picked. `telemetry` is set once
+    the run's telemetry exists (its tracker run id is kept; saving is not step time)."""
+
+    def __init__(self, job: Job, state: State, run_dir: Path, events: EventLog,
+                 dispatcher: Dispatcher, callbacks: list[Callback]) -> None:
+        self.job, self.state, self.run_dir, self.events = job, state, run_dir, events
+        self.dispatcher, self.callbacks = dispatcher, callbacks
+        self.directory = run_dir / "checkpoints"
+        self.telemetry: Telemetry | None = None
+
+    def save(self) -> Path:
+        assert self.telemetry is not None, "the trainer sets telemetry before the loop"
+        step = self.state.step
+        with self.telemetry.paused():
+            # one host read per checkpoint: non-finite weights must not displace the last
+            # finite checkpoint (train.on_nonfinite: warn applies such updates)
+            finite = bool(torch.stack([p.isfinite().all() for p in self.job.model.parameters()]
+                                      ).all())
+            data = payload(self.job, self.state, self.callbacks, self.telemetry.tracker_run_id)
+            path = ckpt.checkpoint_path(self.directory, step, finite)
+            if data is not None:  # rank 0 writes
+                path = ckpt.save_checkpoint(self.directory, step, data,
+                                            self.job.config.checkpoint.keep, finite=finite)
+        if not finite and self.events.announces:
+            print(f"redline: warning: the weights at step {step} are not finite: checkpoint "
+                  f"kept aside in {path.parent}; --resume starts from the last finite one",
+                  file=sys.stderr, flush=True)
+        self.events.event("checkpoint_saved", step=step, path=str(path), finite=finite)
+        self.dispatcher.fire(Event.CHECKPOINT_SAVED, self.state, str(path))
+        return path
+
+    def load(self, skipped: list[str]) -> tuple[Path, dict[str, Any]]:
+        """The checkpoint to resume from; moved-aside unreadable ones appended to
+        `skipped`."""
+        found: list[tuple[Path, dict[str, Any]]] = []
+
+        def pick() -> tuple[Path, list[str]]:
+            found.append(load(self.run_dir, self.job.device, self.job.config, self.events,
+                              skipped))
+            return found[0][0], skipped
+
+        path, moved = self.job.comm.from_main(pick)
+        skipped[:] = moved
+        if found:
+            return found[0]
+        return path, ckpt.load_checkpoint(path, self.job.device.torch_device)
+
+    def apply(self, path: Path, data: dict[str, Any]) -> int:
+        """Take the checkpoint back; the step it resumes from."""
+        apply(self.job, self.state, self.callbacks, data, self.events)
+        self.events.event("resumed", path=str(path), step=self.state.step)
+        return self.state.step
+
+    def after_failure(self, exc: BaseException) -> None:
+        """The loop died of `exc` (re-raised by the caller): keep the work done. Under
+        torchrun, another rank's failure becomes PeerFailed naming it."""
+        if not self.job.world.distributed or (isinstance(exc, RunStopped) and not isinstance(
+                exc, PeerFailed)):  # RunStopped under torchrun: decided alike on every rank
+            self._save_after_failure(exc)
+        elif not isinstance(exc, PeerFailed | KeyboardInterrupt):
+            self._stop_with_peers(exc)
+
+    def _save_after_failure(self, exc: BaseException) -> None:
+        """A checkpoint of the last completed step, unless the failure struck while the
+        optimizer was updating the parameters; the RNG has moved on by part of a step, so
+        resuming from it is not bit-exact."""
+        step = self.state.step
+        saved = ckpt.list_checkpoints(self.directory)
+        if step == 0 or self.job.engine.updating or isinstance(exc, StorageError) or (
+                saved and saved[-1].name == ckpt.checkpoint_name(step)):
+            self.events.event("failed", step=step, error=type(exc).__name__)
+            return
+        try:
+            path = self.save()
+        except Exception as save_error:  # the disk may be why we failed
+            print(f"redline: could not save a checkpoint after the failure: {save_error}",
+                  file=sys.stderr)
+            return
+        self.events.event("failed", step=step, error=type(exc).__name__,
+                          checkpoint=str(path), exact_resume=False)
+        if not isinstance(exc, RunStopped) and self.events.announces:  # its sentence says it
+            print(f"redline: {type(exc).__name__} after step {step}; saved {path}; continue "
+                  "with --resume once fixed", file=sys.stderr)
+
+    def _stop_with_peers(self, exc: BaseException) -> None:
+        """Another rank failed first: PeerFailed naming it (the last checkpoint stands:
+        saving another needs the rank that is gone). Else this rank's error stands."""
+        cause = self.job.comm.failure_cause(exc, self.state.step)
+        if cause is None:
+            self.events.event("failed", step=self.state.step, error=type(exc).__name__)
+            return
+        saved = ckpt.list_checkpoints(self.directory)
+        last = (f"; the last checkpoint is {saved[-1].name}: continue with --resume"
+                if saved else "; no checkpoint was saved yet")
+        self.events.event("peer_failed", step=self.state.step, message=cause)
+        raise PeerFailed(cause + last) from None

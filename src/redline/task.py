@@ -12,6 +12,7 @@ studies need a fresh model per trial, so a task hands out factories rather than 
         def evaluate(self, model, loader) -> dict[str, float]: ...   # optional
         def samples(self, model, batch) -> list[Sample]: ...    # optional
         def series(self, model, batch) -> dict[str, Tensor]: ... # optional
+        def optimizer(self, model) -> Optimizer | None: ...     # optional
 
 `loss` must return the *mean* over the samples of the batch it is given: the Engine
 splits a batch into micro-batches and weights each micro-batch's loss by its share of
@@ -22,6 +23,9 @@ no_grad with the training RNG forked, and returns named values to record with th
 statistics: 0-d tensors are loss components, 1-d tensors series (sr3-tiny: the loss per
 diffusion-timestep bucket, and the noise schedule). `samples` turns a batch of fixed
 evaluation inputs into what a report shows (images as HxW or HxWx3 arrays, texts).
+`optimizer`, if a task has it and it returns one, is the optimizer to train `model` with
+(the Lightning adapter hands over the module's `configure_optimizers`); otherwise redline
+builds fused AdamW at train.lr (build.py).
 
 A task spec is one of:
   - a built-in short name (`redline train --help` lists them),
@@ -95,6 +99,8 @@ class Task(Protocol):
 
     def series(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]: ...
 
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer | None: ...
+
 
 class TaskBase:
     """Optional base class: defaults for the optional parts of the protocol."""
@@ -113,6 +119,9 @@ class TaskBase:
     def series(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         return {}
 
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer | None:
+        return None
+
 
 _REQUIRED = ("build_model", "train_data", "loss")
 _OPTIONAL_DEFAULTS: dict[str, Callable[..., Any]] = {
@@ -120,6 +129,7 @@ _OPTIONAL_DEFAULTS: dict[str, Callable[..., Any]] = {
     "evaluate": TaskBase.evaluate,
     "samples": TaskBase.samples,
     "series": TaskBase.series,
+    "optimizer": TaskBase.optimizer,
 }
 
 

@@ -32,17 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from redline import batch as batch_tree
-from redline import checkpoint as ckpt
 from redline import distributed, rundir
 from redline import resume as resume_state
 from redline.build import Job, build_job, rank_device
 from redline.config import ConfigError, RunConfig
 from redline.data import LimitedLoader, eval_loader, iterate_from
-from redline.distributed import Comm, PeerFailed, World
-from redline.errors import RunStopped, StorageError, UserError
+from redline.distributed import Comm, World
+from redline.errors import UserError
 from redline.evaluation import evaluate, evaluate_shrinking
 from redline.events import Callback, Dispatcher, Event, State
 from redline.inspector import Inspector
@@ -159,10 +156,7 @@ class Trainer:
                 self.telemetry.finish()
                 self.dispatcher.fire(Event.FIT_END, self.state)
         except BaseException as exc:
-            if self.comm.world.distributed:
-                self._stop_with_peers(exc)
-            else:
-                self._save_after_failure(exc)
+            self.checkpoints.after_failure(exc)
             raise
         finally:
             self.telemetry.close()  # flushes the sinks, stops the sampler and progress bar
@@ -211,7 +205,10 @@ class Trainer:
                 publish=(lambda step, h: self.telemetry.histograms(step, h)) if drawn else None))
         self._eval_batch = self.config.train.eval_batch_size or self.config.train.micro_batch
         skipped: list[str] = []
-        found = self._load_checkpoint(skipped) if self.resume else None
+        self.checkpoints = resume_state.Checkpoints(self.job, self.state, self.run_dir,
+                                                    self.events, self.dispatcher,
+                                                    self.user_callbacks)
+        found = self.checkpoints.load(skipped) if self.resume else None
         start = int(found[1]["step"]) if found else 0
         # Each step once in metrics.jsonl: rows past the step this run starts from belong to
         # an attempt that died after its last checkpoint (a kill -9, a crash).
@@ -221,7 +218,7 @@ class Trainer:
         # chosen here, so checkpoints hold it before a tracker has answered (a resumed run
         # continues its first start's)
         run_id = (found[1].get("tracker_run_id") if found else None) or uuid.uuid4().hex[:8]
-        self.telemetry = self._telemetry(run_id, start)
+        self.telemetry = self.checkpoints.telemetry = self._telemetry(run_id, start)
         held.callback(self.telemetry.close)  # closing twice is harmless
         for path in skipped:
             self.dispatcher.fire(Event.ANOMALY, self.state,
@@ -233,7 +230,7 @@ class Trainer:
                 "precision": self.job.precision.describe(), "device": self.device.to_dict(),
                 "max_steps": self.job.max_steps, "steps_per_epoch": self.job.steps_per_epoch,
                 "ranks": self.world.size})
-        resumed = self._apply_checkpoint(*found) if found else None
+        resumed = self.checkpoints.apply(*found) if found else None
         self.events.event("run_start", step=self.state.step, max_steps=self.job.max_steps,
                           precision=self.job.precision.name, device=self.device.name,
                           **({"ranks": self.world.size} if self.world.distributed else {}))
@@ -291,9 +288,11 @@ class Trainer:
         on_step_end = self.dispatcher.table[Event.STEP_END]
         state, max_steps = self.state, self.job.max_steps
         # Under torchrun the ranks stop after the step in which they agreed to (engine.py).
-        engine.stop_requested = lambda: signals.received is not None
-        stopping: Callable[[], Any] = ((lambda: engine.stop_agreed) if self.world.distributed
-                                       else (lambda: signals.received))
+        engine.stop_requested = self.telemetry.stop_requested = (
+            lambda: signals.received is not None)
+        stopping: Callable[[], Any] = (
+            (lambda: engine.stop_agreed or self.telemetry.stop_agreed)
+            if self.world.distributed else (lambda: signals.received))
         while state.step < max_steps and not stopping():
             if state.batch_in_epoch == 0:
                 self.dispatcher.fire(Event.EPOCH_START, state)
@@ -371,90 +370,5 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        with self.telemetry.paused():
-            # one host read per checkpoint: non-finite weights must not displace the last
-            # finite checkpoint (train.on_nonfinite: warn applies such updates)
-            finite = bool(torch.stack([p.isfinite().all() for p in self.job.model.parameters()]
-                                      ).all())
-            payload = self._checkpoint_payload()  # under torchrun: every rank's RNG, gathered
-            path = ckpt.checkpoint_path(self.run_dir / "checkpoints", self.state.step, finite)
-            if payload is not None:  # rank 0 writes
-                path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.state.step,
-                                            payload, self.config.checkpoint.keep,
-                                            finite=finite)
-        if not finite:
-            print(f"redline: warning: the weights at step {self.state.step} are not finite: "
-                  f"checkpoint kept aside in {path.parent}; --resume starts from the last "
-                  "finite one", file=sys.stderr, flush=True)
-        self.events.event("checkpoint_saved", step=self.state.step, path=str(path),
-                          finite=finite)
-        self.dispatcher.fire(Event.CHECKPOINT_SAVED, self.state, str(path))
-        return path
-
-    def _checkpoint_payload(self) -> dict[str, Any] | None:
-        return resume_state.payload(self.job, self.state, self.user_callbacks,
-                                    self.telemetry.tracker_run_id)
-
-    def _stop_with_peers(self, exc: BaseException) -> None:
-        """Under torchrun: another rank failed first -> PeerFailed naming it; else this
-        rank's own error stands (re-raised by the caller)."""
-        if isinstance(exc, PeerFailed | KeyboardInterrupt):
-            return
-        if isinstance(exc, RunStopped):  # decided alike on every rank (the merged window)
-            self._save_after_failure(exc)
-            return
-        cause = self.comm.failure_cause(exc, self.state.step)
-        if cause is None:
-            self.events.event("failed", step=self.state.step, error=type(exc).__name__)
-            return
-        saved = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-        last = (f"; the last checkpoint is {saved[-1].name}: continue with --resume"
-                if saved else "; no checkpoint was saved yet")
-        self.events.event("peer_failed", step=self.state.step, message=cause)
-        raise PeerFailed(cause + last) from None
-
-    def _load_checkpoint(self, skipped: list[str]) -> tuple[Path, dict[str, Any]]:
-        """Rank 0 picks the checkpoint (moving unreadable ones aside, checking the config);
-        under torchrun the others then read the one it picked."""
-        found: list[Any] = []
-
-        def pick() -> tuple[Path, list[str]]:
-            found.append(resume_state.load(self.run_dir, self.job.device, self.config,
-                                           self.events, skipped))
-            return found[0][0], skipped
-
-        path, moved = self.comm.from_main(pick)
-        skipped[:] = moved
-        if found:
-            return found[0]
-        return path, ckpt.load_checkpoint(path, self.job.device.torch_device)
-
-    def _apply_checkpoint(self, path: Path, payload: dict[str, Any]) -> int:
-        resume_state.apply(self.job, self.state, self.user_callbacks, payload, self.events)
-        self.events.event("resumed", path=str(path), step=self.state.step)
-        return self.state.step
-
-    def _save_after_failure(self, exc: BaseException) -> None:
-        """Keep the work of every completed step when the loop dies of an exception.
-
-        The state is that of the last completed step, unless the failure struck while the
-        optimizer was updating the parameters; the RNG has moved on by part of a step, so
-        resuming from this checkpoint is not bit-exact.
-        """
-        step = self.state.step
-        saved = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-        if step == 0 or self.job.engine.updating or isinstance(exc, StorageError) or (
-                saved and saved[-1].name == ckpt.checkpoint_name(step)):
-            self.events.event("failed", step=step, error=type(exc).__name__)
-            return
-        try:
-            path = self.save_checkpoint()
-        except Exception as save_error:  # the disk may be why we failed
-            print(f"redline: could not save a checkpoint after the failure: {save_error}",
-                  file=sys.stderr)
-            return
-        self.events.event("failed", step=step, error=type(exc).__name__,
-                          checkpoint=str(path), exact_resume=False)
-        if not isinstance(exc, RunStopped):  # that one's sentence says it already
-            print(f"redline: {type(exc).__name__} after step {step}; saved {path}; continue "
-                  "with --resume once fixed", file=sys.stderr)
+        """Save the run's state now (every rank under torchrun: rank 0 writes)."""
+        return self.checkpoints.save()

@@ -39,7 +39,7 @@ def main() -> None:
     local = model()
     ddp = DistributedDataParallel(local)
     Engine(ddp, torch.optim.SGD(local.parameters(), lr=0.1), micro_batch_size=3,
-           grad_clip=None, comm=comm).step((x[share], y[share]), loss_fn)
+           grad_clip=None, oom_guard=True, comm=comm).step((x[share], y[share]), loss_fn)
 
     diff = max((a - b).abs().max().item()
                for a, b in zip(alone.parameters(), local.parameters(), strict=True))

@@ -212,3 +212,21 @@ def test_batch_search_tune_and_study_run_under_torchrun(tmp_path: Path) -> None:
     assert [o["status"] for o in outcomes] == ["finished"] * 3
     assert all(o["fit"]["ranks"] == 2 for o in outcomes)
     assert summary["recommendation"]["setting"] in ("fp32", "bf16-mixed")
+
+
+def test_lightning_batch_search_settles_on_a_size_every_rank_holds(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    from redline.integrations.lightning import find_batch_size
+    from tests.integrations.test_lightning import Data, Regressor
+
+    alone = find_batch_size(Regressor(), Data(), effective_batch_size=256,
+                            memory_budget="100KiB")
+    out = torchrun([str(SCRIPTS / "lightning_batch.py"), str(tmp_path / "plans.json")],
+                   tmp_path)
+    assert out.returncode == 0, out.stderr
+    first, second = json.loads((tmp_path / "plans.json").read_text())
+    same = ("micro_batch", "accumulate_grad_batches", "effective_batch_size", "ranks")
+    assert [first[k] for k in same] == [second[k] for k in same] and first["ranks"] == 2
+    assert second["max_fit"] < first["max_fit"]  # rank 1 had far less memory
+    assert first["micro_batch"] <= alone.max_fit  # what rank 1's memory holds
+    assert first["micro_batch"] * first["accumulate_grad_batches"] * 2 == 256

@@ -69,3 +69,37 @@ def test_a_lightning_run_writes_a_run_directory_doctor_and_report_read(tmp_path:
     report = run_cli(["report", str(run)], tmp_path)
     assert report.returncode == 0, report.stderr
     assert "gradient norm" in (run / "report.html").read_text()
+
+
+class Data(L.LightningDataModule):
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return _loader(512, self.batch_size)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return _loader(64, self.batch_size)
+
+
+def test_find_batch_size_keeps_the_effective_batch_within_the_memory(tmp_path: Path) -> None:
+    from redline.integrations.lightning import RedlineCallback, find_batch_size
+
+    roomy = find_batch_size(Regressor(), Data(), effective_batch_size=256,
+                            memory_budget="64MiB")
+    tight = find_batch_size(Regressor(), Data(), effective_batch_size=256,
+                            memory_budget="100KiB")
+    for plan in (roomy, tight):
+        assert plan.micro_batch * plan.accumulate_grad_batches == 256
+        assert plan.micro_batch <= plan.max_fit
+    assert tight.max_fit < roomy.max_fit and tight.micro_batch < 256
+    data = Data(tight.micro_batch)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        accumulate_grad_batches=tight.accumulate_grad_batches,
+                        callbacks=[RedlineCallback(tmp_path / "run", log_every=2)])
+    trainer.fit(Regressor(), data)
+    windows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert {r["effective_batch"] for r in windows} == {256}

@@ -13,14 +13,32 @@ ThroughputMonitor synchronises every batch), the writer process with the hardwar
 MFU against the device's peak (FLOPs counted on the first real step), data wait, memory,
 `redline/overhead_pct`, and validation metrics (`val*` keys of callback_metrics) as eval
 rows. The loss is the one `training_step` returned (its "loss"). Only global rank 0 writes.
+
+And a batch-size search, which Lightning's own Tuner refuses under DDP:
+
+    plan = find_batch_size(model, datamodule, effective_batch_size=256,
+                           precision="bf16-mixed")
+    datamodule.batch_size = plan.micro_batch
+    trainer = L.Trainer(accumulate_grad_batches=plan.accumulate_grad_batches, ...)
+
+It runs redline's autobatch (tune.py: probes, a fitted memory line, a verified size, the
+throughput knee) on the module's own `training_step` and `configure_optimizers` and the
+datamodule's training set, and keeps the effective batch by accumulation. Under torchrun
+every rank searches its own device and they settle on the smallest size (one message),
+and the effective batch is shared by the ranks.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from redline.errors import MissingExtra
 from redline.integrations.recorder import RunRecorder, grad_norm, telemetry_config
@@ -143,6 +161,119 @@ class RedlineCallback(_Base if _Base is not None else object):  # type: ignore[m
         loader = getattr(trainer, "train_dataloader", None)
         size = getattr(loader, "batch_size", None) if loader is not None else None
         return int(size or 1)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What `find_batch_size` chose: give the loader `micro_batch` and the Trainer
+    `accumulate_grad_batches`; micro_batch x accumulate_grad_batches x ranks is
+    `effective_batch_size` exactly (Lightning accumulates whole loader batches, so the
+    micro-batch is the largest divisor of each rank's share within the size searched)."""
+
+    micro_batch: int
+    accumulate_grad_batches: int
+    effective_batch_size: int
+    max_fit: int  # the largest micro-batch within the memory target
+    ranks: int = 1
+
+
+def find_batch_size(module: Any, datamodule: Any = None, *, effective_batch_size: int,
+                    precision: str = "fp32", memory_budget: str | int | None = None,
+                    target: float = 0.85, device: str = "auto") -> BatchPlan:
+    """The fastest micro-batch within `target` of the memory (module docstring).
+
+    `precision`: a redline name or Lightning's flag ("bf16-mixed", "16-mixed", "32-true");
+    `memory_budget`: e.g. "8GiB" (default: the device's memory; on a CPU a share of the
+    memory available now); `device`: auto, cpu, cuda or cuda:N."""
+    _require()
+    from redline import distributed
+    from redline.build import rank_device
+    from redline.config import RunConfig
+    from redline.tune import autobatch_ranks
+
+    world = distributed.World.from_env()
+    config = RunConfig(device=device).updated({
+        "precision.name": _precision_name(precision), "memory.target": target,
+        "memory.budget": memory_budget, "train.batch_size": "auto",
+        "train.effective_batch_size": effective_batch_size})
+    spec = rank_device(device, world)
+    comm = distributed.init(world, spec.kind)
+    with warnings.catch_warnings():  # self.log() outside a Trainer warns on every call
+        warnings.simplefilter("ignore")
+        result = autobatch_ranks(_ModuleTask(module, datamodule), config, spec, comm)
+    share = effective_batch_size // world.size
+    # Lightning accumulates whole loader batches: the micro-batch must divide the share
+    steps = next(a for a in range(math.ceil(share / result.chosen), share + 1)
+                 if share % a == 0)
+    return BatchPlan(share // steps, steps, effective_batch_size, result.max_fit, world.size)
+
+
+class _ModuleTask:
+    """A LightningModule and its data as a redline Task (task.py), for the batch search."""
+
+    def __init__(self, module: Any, datamodule: Any) -> None:
+        self.module, self.name = module, type(module).__name__
+        source = datamodule if datamodule is not None else module
+        if datamodule is not None:
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+        self._train = _dataset(source.train_dataloader())
+        try:
+            self._eval = _dataset(source.val_dataloader())
+        except Exception:  # no validation loader (Lightning raises when it is not defined)
+            self._eval = None
+
+    def build_model(self) -> nn.Module:
+        return copy.deepcopy(self.module)
+
+    def train_data(self) -> Any:
+        return self._train
+
+    def eval_data(self) -> Any:
+        return self._eval
+
+    def loss(self, model: Any, batch: Any) -> torch.Tensor:
+        step = model.training_step if model.training else model.validation_step
+        out = step(batch, 0)
+        if out is None:  # a validation_step that only logs: measured by a forward instead
+            return torch.zeros(())
+        return out["loss"] if isinstance(out, dict) else out
+
+    def optimizer(self, model: Any) -> torch.optim.Optimizer | None:
+        chosen: Any = model.configure_optimizers()
+        if isinstance(chosen, dict):
+            chosen = chosen.get("optimizer")
+        if isinstance(chosen, list | tuple):
+            chosen = chosen[0] if chosen else None
+            if isinstance(chosen, list | tuple):
+                chosen = chosen[0] if chosen else None
+        return chosen if isinstance(chosen, torch.optim.Optimizer) else None
+
+
+class _Collated(torch.utils.data.Dataset):
+    """A loader's dataset, batched by its collate_fn (batch.first_samples reads it)."""
+
+    def __init__(self, dataset: Any, collate_fn: Any) -> None:
+        self.dataset, self.collate_fn = dataset, collate_fn
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+
+def _dataset(loader: Any) -> Any:
+    if isinstance(loader, list | tuple):  # several loaders: the first is searched on
+        loader = loader[0]
+    return _Collated(loader.dataset, getattr(loader, "collate_fn", None))
+
+
+def _precision_name(flag: str) -> str:
+    """Lightning's precision flag -> redline's precision name (a redline name passes)."""
+    names = {"32": "fp32", "32-true": "fp32", "16": "fp16-mixed", "16-mixed": "fp16-mixed",
+             "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true"}
+    return names.get(str(flag), str(flag))
 
 
 def _dtype(precision: str) -> str:

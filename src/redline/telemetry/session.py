@@ -22,6 +22,8 @@ Under torchrun (a `comm` of several ranks) every rank keeps its own windows, and
 window's figures are exchanged in one all-gather when it closes (never on a step that
 does not log): every rank then sees the same record, the loss averaged over the ranks,
 the slowest rank named, so a callback that stops the run decides the same everywhere.
+The figures carry whether the rank was asked to stop (`stop_requested()`, set by the
+trainer): `stop_agreed` is then True on every rank after the same step.
 Rank 0 alone publishes it, with each rank's figures (the `ranks` stream, ranks.jsonl);
 the other ranks start no writer process. FLOPs are counted on rank 0 and sent once; MFU
 divides by the peak of all ranks' devices.
@@ -84,6 +86,8 @@ class Telemetry:
         self.comm = comm or Comm(World())
         self._sync_wait, self._sync_seen = sync_wait or (lambda: 0.0), 0.0
         quiet = not self.comm.world.main
+        self.stop_requested: Callable[[], bool] = lambda: False
+        self.stop_agreed = False
         self.labels = dict(labels or {})
         self.config, self.run_dir = cfg, Path(run_dir)
         self.device = device if isinstance(device, DeviceInfo) else DeviceInfo.detect(device)
@@ -245,7 +249,9 @@ class Telemetry:
         mine.update({k: record.get(k) for k in (K.MICRO_BATCH, K.DATA_WAIT_PCT, K.OVERHEAD_PCT,
                                                 K.MEM_PEAK, K.MEM_RSS, K.MEM_PCT)
                      if record.get(k) is not None})
+        mine["stop"] = int(self.stop_requested())
         ranks = self.comm.all_gather(mine)
+        self.stop_agreed = self.stop_agreed or any(r.pop("stop") for r in ranks)
         losses = [r[K.LOSS] for r in ranks if r.get(K.LOSS) is not None
                   and r[K.LOSS] == r[K.LOSS]]
         record[K.LOSS] = sum(losses) / len(losses) if losses else float("nan")
