@@ -7,17 +7,23 @@ this script exercises those branches for real: device detection and the peak-FLO
 table, every precision policy the GPU supports (refusals for the rest; fp8 through torchao
 on sm_89+, with a layer really converted), Engine.step with no host sync under
 torch.cuda.set_sync_debug_mode("error"), per-layer statistics with no host sync on the
-inspecting steps, and a checkpoint round trip that includes the CUDA RNG. It prints one
-line per check and exits 1 if any failed. Without a GPU it says so and exits 0 (nothing
-to validate).
+inspecting steps, a checkpoint round trip that includes the CUDA RNG, and a 2-rank
+torchrun training run (NCCL with two GPUs; with one, gloo on it, since NCCL refuses two
+ranks on one device) whose run directory must show both ranks and no telemetry host sync.
+It prints one line per check and exits 1 if any failed. Without a GPU it says so and exits
+0 (nothing to validate).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -167,6 +173,30 @@ def main() -> int:
             set_rng_state(payload["rng"])
             assert torch.equal(a, torch.rand(4, device="cuda")), "CUDA RNG not restored"
         return "ok"
+
+    @check("torchrun, 2 ranks")
+    def _() -> str:
+        two = torch.cuda.device_count() >= 2
+        toy = Path(__file__).resolve().parents[1] / "tests" / "tasks" / "toy.py"
+        with tempfile.TemporaryDirectory() as d:
+            env = {**os.environ, **({} if two else {"REDLINE_DIST_BACKEND": "gloo"})}
+            done = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", "2", "-m", "redline", "train", f"{toy}:ToyRegression",
+                 "--steps", "40", "--device", "cuda" if two else "cuda:0", "--no-progress",
+                 "--no-report", "--run-dir", f"{d}/run", "--set", "telemetry.log_every=10",
+                 "--set", "train.batch_size=32", "--set", "train.effective_batch_size=64"],
+                env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            lines = Path(f"{d}/run/metrics.jsonl").read_text().splitlines()
+            rows = [json.loads(line) for line in lines if '"loss"' in line]
+            ranks = {json.loads(line)["rank"]
+                     for line in Path(f"{d}/run/ranks.jsonl").read_text().splitlines()}
+        assert [r["step"] for r in rows] == [10, 20, 30, 40] and ranks == {0, 1}
+        assert all(r["redline/host_syncs"] == 0 for r in rows[:-1]), rows
+        return (f"ok over {'NCCL' if two else 'gloo on one GPU'}, "
+                f"{rows[-1]['samples_per_s']:.0f} samples/s, slowest rank "
+                f"{rows[-1]['dist/slowest_rank']}")
 
     failed = [r for r in RESULTS if not r[1]]
     for name, ok, detail in RESULTS:

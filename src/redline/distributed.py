@@ -283,7 +283,9 @@ def init(world: World, device_kind: str, timeout_s: float = 600.0) -> Comm:
         return _JOINED[0]
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        backend = "nccl" if device_kind == "cuda" else "gloo"
+        # NCCL refuses two ranks on one GPU: REDLINE_DIST_BACKEND=gloo runs them anyway
+        backend = os.environ.get("REDLINE_DIST_BACKEND") or (
+            "nccl" if device_kind == "cuda" else "gloo")
         if device_kind == "cuda":
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group(backend, timeout=timeout)
