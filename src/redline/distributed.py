@@ -184,9 +184,6 @@ class Comm:
         if not self.world.distributed:
             return None
         self.broken = True
-        import sys
-        import traceback
-        traceback.print_exception(exc, file=sys.stderr)
         if self.store is None:
             return None
         me = self.world.rank
@@ -213,8 +210,8 @@ class Comm:
         # of it, wrote why before it stopped beating)
         dead = [r for r in others if self._read_beat(r) == beats[r] and self._read_down(r) is None]
         if dead:
-            names = ", ".join(str(r) for r in dead)
-            return (f"rank {names} stopped answering at step {step} (killed, or its host is "
+            names = ("rank " if len(dead) == 1 else "ranks ") + ", ".join(map(str, dead))
+            return (f"{names} stopped answering at step {step} (killed, or its host is "
                     f"gone); rank {me} stops too")
         return None
 

@@ -167,7 +167,9 @@ class Engine:
         # `stop_agreed` becomes True once any rank was, after the same step on every rank.
         self.stop_requested: Callable[[], bool] = lambda: False
         self.stop_agreed = False
-        self.sync_wait_s = 0.0  # time spent in the agreement: waiting for the slowest rank
+        # time spent in the agreement, waiting for the slowest rank (None: no agreement)
+        self.sync_wait_s: float | None = (0.0 if self._comm is not None and self.guard
+                                          is not None else None)
 
     def step(self, batch: Any, loss_fn: LossFn) -> torch.Tensor:
         """One optimizer step on `batch`; returns the batch's mean loss as a device tensor."""
@@ -219,17 +221,22 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         total: torch.Tensor | None = None
         for chunk, m in chunks:
-            self._phase = "forward"
-            with self.precision.forward_context():
-                loss = loss_fn(self.model, chunk)
-            weighted = loss.float() * (m / n) if m != n else loss.float()
-            for handler in self._on_backward:
-                handler(self.state, weighted)
+            weighted = self._forward(chunk, m, n, loss_fn)
             self._phase = "backward"
             self.precision.backward(weighted)
             total = weighted.detach() if total is None else total + weighted.detach()
         assert total is not None
         return total
+
+    def _forward(self, chunk: Any, m: int, n: int, loss_fn: LossFn) -> torch.Tensor:
+        """A micro-batch of `m` of the batch's `n` samples: its loss, weighted by its share."""
+        self._phase = "forward"
+        with self.precision.forward_context():
+            loss = loss_fn(self.model, chunk)
+        weighted = loss.float() * (m / n) if m != n else loss.float()
+        for handler in self._on_backward:
+            handler(self.state, weighted)
+        return weighted
 
     def _accumulate_ddp(self, batch: Any, loss_fn: LossFn, micro: int | None
                         ) -> torch.Tensor:
@@ -239,19 +246,14 @@ class Engine:
         n = batch_tree.leading_size(batch)
         chunks = (batch_tree.split(batch, micro) if micro is not None and n is not None
                   and micro < n else [(batch, n or 1)])
-        if len(chunks) > 1 and self._batch_stat_layers:
-            self._say_batch_statistics(chunks[0][1], sum(m for _, m in chunks))
         total_n = sum(m for _, m in chunks)
+        if len(chunks) > 1 and self._batch_stat_layers:
+            self._say_batch_statistics(chunks[0][1], total_n)
         self.optimizer.zero_grad(set_to_none=True)
         total: torch.Tensor | None = None
         for i, (chunk, m) in enumerate(chunks):
             with self._no_sync():  # gradients accumulate locally
-                self._phase = "forward"
-                with self.precision.forward_context():
-                    loss = loss_fn(self.model, chunk)
-                weighted = loss.float() * (m / total_n) if m != total_n else loss.float()
-                for handler in self._on_backward:
-                    handler(self.state, weighted)
+                weighted = self._forward(chunk, m, total_n, loss_fn)
                 if i < len(chunks) - 1:
                     self._phase = "backward"
                     self.precision.backward(weighted)
@@ -310,7 +312,7 @@ class Engine:
         # host-side message on the control group: no device sync
         failed_rank, stop = comm.agree(comm.world.rank + 1 if oom else 0,
                                        int(self.stop_requested()))
-        self.sync_wait_s += time.perf_counter() - t
+        self.sync_wait_s = (self.sync_wait_s or 0.0) + time.perf_counter() - t
         self._agreed = True
         self.stop_agreed = self.stop_agreed or bool(stop)
         if failed_rank and not oom:

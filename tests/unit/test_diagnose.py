@@ -386,3 +386,33 @@ def test_advice_names_real_settings_the_run_did_not_already_use(tmp_path: Path) 
             assert command in ("train", "tune", "doctor"), f.message
     assert "precision.compile" not in by_kind(findings)["host-bound"].message
     assert "train.batch_size: auto" not in " ".join(f.message for f in findings)
+
+
+def _ranks_run(root: Path, wait: float, loader: tuple[float, float]) -> Path:
+    run = healthy(root, metrics=windows(**{"dist/world_size": 2, "dist/slowest_rank": 1,
+                                           "dist/sync_wait_pct": wait}))
+    rows = [{"step": w["step"], "rank": r, "step_time_s": 0.02, "data_wait_pct": loader[r]}
+            for w in windows() for r in (0, 1)]
+    (run / "ranks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_a_straggling_rank_is_named_with_its_loader_as_the_cause(tmp_path: Path) -> None:
+    findings, _ = diagnose(_ranks_run(tmp_path, wait=30.0, loader=(1.0, 25.0)))
+    found = by_kind(findings)["straggler"]
+    assert found.severity == "warning" and found.value == 30.0
+    assert "Rank 1 held up the others (2 ranks)" in found.message
+    assert "raise data.num_workers" in found.message
+    assert "ok" not in by_kind(findings)  # a warning: not "no bottleneck"
+
+
+def test_ranks_that_keep_pace_get_an_info_and_no_straggler(tmp_path: Path) -> None:
+    findings, _ = diagnose(_ranks_run(tmp_path, wait=3.0, loader=(1.0, 1.0)))
+    kinds = by_kind(findings)
+    assert "straggler" not in kinds and kinds["ranks"].severity == "info"
+    assert "The 2 ranks kept pace" in kinds["ranks"].message
+
+
+def test_a_single_process_run_has_no_ranks_finding(tmp_path: Path) -> None:
+    kinds = by_kind(diagnose(healthy(tmp_path))[0])
+    assert "ranks" not in kinds and "straggler" not in kinds

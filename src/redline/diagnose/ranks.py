@@ -20,10 +20,13 @@ LOADER_GAP_PCT = 5.0  # the slow rank's loader wait exceeds the others' by this 
 
 def straggler(ev: Evidence) -> Finding | None:
     windows = [r for r in ev.kept if _num(r.get(K.WORLD_SIZE))]
-    wait = _median(_series(windows, K.SYNC_WAIT_MAX))
-    if wait is None:
+    if not windows:
         return None
     ranks = int(windows[-1][K.WORLD_SIZE])
+    wait = _median(_series(windows, K.SYNC_WAIT_MAX))
+    if wait is None:  # timed at the step's agreement, which needs the OOM guard
+        return Finding("ranks", "info", f"The {ranks} ranks' pace was not measured: without "
+                       "memory.oom_guard there is no per-step agreement to time.")
     named = Counter(int(r[K.SLOWEST_RANK]) for r in windows if _num(r.get(K.SLOWEST_RANK))
                     is not None)
     if wait < STRAGGLER_WAIT_PCT or not named:

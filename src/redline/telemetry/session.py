@@ -68,7 +68,7 @@ class Telemetry:
     skip, fp16's scaler), so `skipped_steps` counts the updates really not applied.
     `labels` are added to every window record (e.g. precision/emulated). `comm`: the
     ranks under torchrun (module docstring); `sync_wait()` the seconds this rank has
-    waited for the others so far (Engine.sync_wait_s).
+    waited for the others so far (Engine.sync_wait_s; None where nothing measures it).
     """
 
     def __init__(self, run_dir: str | Path, config: TelemetryConfig | None = None, *,
@@ -81,10 +81,11 @@ class Telemetry:
                  on_window: Callable[[Record], None] | None = None,
                  skip_nonfinite: bool = False, loss_scaled: bool = False,
                  labels: Record | None = None, comm: Comm | None = None,
-                 sync_wait: Callable[[], float] | None = None) -> None:
+                 sync_wait: Callable[[], float | None] | None = None) -> None:
         cfg = config or TelemetryConfig()
         self.comm = comm or Comm(World())
-        self._sync_wait, self._sync_seen = sync_wait or (lambda: 0.0), 0.0
+        self._sync_wait: Callable[[], float | None] = sync_wait or (lambda: None)
+        self._sync_seen = 0.0
         quiet = not self.comm.world.main
         self.stop_requested: Callable[[], bool] = lambda: False
         self.stop_agreed = False
@@ -238,12 +239,14 @@ class Telemetry:
         same way on every rank (module docstring)."""
         world = self.comm.world
         steps, step_time = record["window_steps"], record.get(K.STEP_TIME) or 0.0
-        waited = self._sync_wait() - self._sync_seen
-        self._sync_seen += waited
+        total = self._sync_wait()
+        waited = None if total is None else total - self._sync_seen
+        self._sync_seen = total or 0.0
         wall = step_time * steps
         mine: Record = {K.STEP: record[K.STEP], K.RANK: world.rank,
                         K.STEP_TIME: step_time, K.LOSS: record.get(K.LOSS),
-                        K.SYNC_WAIT_PCT: 100.0 * waited / wall if wall > 0 else None,
+                        K.SYNC_WAIT_PCT: (100.0 * waited / wall if wall > 0 and waited
+                                          is not None else None),
                         K.SAMPLES_PER_S: (self.ctx.samples_per_step / world.size / step_time
                                           if step_time else None)}
         mine.update({k: record.get(k) for k in (K.MICRO_BATCH, K.DATA_WAIT_PCT, K.OVERHEAD_PCT,
@@ -255,12 +258,14 @@ class Telemetry:
         losses = [r[K.LOSS] for r in ranks if r.get(K.LOSS) is not None
                   and r[K.LOSS] == r[K.LOSS]]
         record[K.LOSS] = sum(losses) / len(losses) if losses else float("nan")
-        waits = [r.get(K.SYNC_WAIT_PCT) or 0.0 for r in ranks]
-        busy = [r[K.STEP_TIME] * (1 - w / 100) for r, w in zip(ranks, waits, strict=True)]
-        record.update({
-            K.WORLD_SIZE: world.size, K.SLOWEST_RANK: waits.index(min(waits)),
-            K.SYNC_WAIT_MAX: max(waits),
-            K.STEP_TIME_SPREAD: 100.0 * (max(busy) / min(busy) - 1) if min(busy) > 0 else None})
+        record[K.WORLD_SIZE] = world.size
+        waits = [r.get(K.SYNC_WAIT_PCT) for r in ranks]
+        if all(w is not None for w in waits):  # measured where the ranks agree each step
+            busy = [r[K.STEP_TIME] * (1 - w / 100) for r, w in zip(ranks, waits, strict=True)]
+            record.update({
+                K.SLOWEST_RANK: waits.index(min(waits)), K.SYNC_WAIT_MAX: max(waits),
+                K.STEP_TIME_SPREAD: (100.0 * (max(busy) / min(busy) - 1) if min(busy) > 0
+                                     else None)})
         for r in ranks:
             r[K.TIME] = record.get(K.TIME)
             self.hub.publish("ranks", r)
