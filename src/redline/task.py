@@ -60,6 +60,7 @@ ENTRY_POINT_GROUP = "redline.tasks"
 BUILTIN_TASKS: dict[str, str] = {
     "sr3-tiny": "redline.examples.sr3:SR3Task",
     "sst-tiny": "redline.examples.sst:SSTTask",
+    "reportgen-tiny": "redline.examples.reportgen:ReportGenTask",
 }
 
 

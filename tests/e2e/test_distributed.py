@@ -230,3 +230,32 @@ def test_lightning_batch_search_settles_on_a_size_every_rank_holds(tmp_path: Pat
     assert second["max_fit"] < first["max_fit"]  # rank 1 had far less memory
     assert first["micro_batch"] <= alone.max_fit  # what rank 1's memory holds
     assert first["micro_batch"] * first["accumulate_grad_batches"] * 2 == 256
+
+
+@pytest.mark.parametrize("guard", ["true", "false"])
+def test_ctrl_c_stops_every_rank_after_the_same_step_and_saves(tmp_path: Path,
+                                                               guard: str) -> None:
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "redline", *TRAIN, "--steps", "400",
+                             "--nproc", "2", "--run-dir", str(run),
+                             "--set", "task_args.sleep_s=0.02", "--set", "checkpoint.every=1000",
+                             "--set", f"memory.oom_guard={guard}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no window in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # the launcher passes it to the ranks, as Ctrl-C would
+    _, stderr = proc.communicate(timeout=BOUND_S)
+    assert proc.returncode == 130, stderr
+    saved = list_checkpoints(run / "checkpoints")
+    assert saved, stderr
+    step = _final(run)["step"]
+    assert 0 < step < 400 and len(_final(run)["rng_ranks"]) == 2
+    stopped = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "interrupted"]
+    assert [e["step"] for e in stopped] == [step]
+    if guard == "false":  # agreed at a window's close
+        assert step % 7 == 0
