@@ -11,10 +11,13 @@ said once on stderr. SPICE needs a download and is not computed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from redline.errors import MissingExtra
@@ -52,10 +55,26 @@ def tokenized(texts: dict[int, list[str]]) -> dict[int, list[str]]:
     if java():
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-        return PTBTokenizer().tokenize({i: [{"caption": t} for t in ts]
-                                        for i, ts in texts.items()})
+        with _java_quiet():
+            return PTBTokenizer().tokenize({i: [{"caption": t} for t in ts]
+                                            for i, ts in texts.items()})
     return {i: [" ".join(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", t.lower())) for t in ts]
             for i, ts in texts.items()}
+
+
+@contextlib.contextmanager
+def _java_quiet() -> Iterator[None]:
+    """The PTB tokenizer's JVM prints a line per call on stderr (the process's file
+    descriptor, which it inherits): send it to /dev/null for the call."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def caption_scores(references: list[str], hypotheses: list[str]) -> dict[str, float]:

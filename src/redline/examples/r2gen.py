@@ -23,17 +23,21 @@ PAD, BOS, EOS = 0, 1, 2
 
 
 class VisualExtractor(nn.Module):
-    """64x64 grey image -> (batch, 64 patches, d) features."""
+    """64x64 grey image in [0, 1] -> (batch, 64 patches, d) features. GroupNorm after each
+    convolution: without it the decoder learned the reports' language long before it
+    learned to read the image (clinical F1 still 0 after 600 steps)."""
 
     def __init__(self, d: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(64, d, 3, stride=2, padding=1), nn.GELU())
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout),
+                    nn.GELU()]
+
+        self.net = nn.Sequential(*block(1, 32), *block(32, 64), *block(64, d))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images).flatten(2).transpose(1, 2)
+        return self.net(images * 4.0 - 2.0).flatten(2).transpose(1, 2)
 
 
 class RelationalMemory(nn.Module):
