@@ -259,3 +259,15 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_and_saves(tmp_path: Path,
     assert [e["step"] for e in stopped] == [step]
     if guard == "false":  # agreed at a window's close
         assert step % 7 == 0
+
+
+def test_lightning_ddp_under_torchrun_with_the_search_and_the_callback(tmp_path: Path
+                                                                       ) -> None:
+    pytest.importorskip("lightning")
+    out = torchrun([str(SCRIPTS / "lightning_ddp.py"), str(tmp_path / "run")], tmp_path)
+    assert out.returncode == 0, out.stderr
+    windows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [w["step"] for w in windows] == [2, 4, 6]
+    micro = windows[0]["micro_batch"]
+    assert windows[0]["effective_batch"] == 128  # the search's plan, kept by both ranks
+    assert windows[0]["accumulation_steps"] * micro * 2 == 128

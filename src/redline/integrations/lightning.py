@@ -97,7 +97,8 @@ class RedlineCallback(_Base if _Base is not None else object):  # type: ignore[m
                                          "accumulate_grad_batches": accumulate,
                                          "world_size": trainer.world_size}},
                             max_steps=max_steps, samples_per_step=per_step,
-                            compute_dtype=_dtype(str(trainer.precision)))
+                            compute_dtype=_dtype(str(trainer.precision)),
+                            ranks=max(1, trainer.world_size))
         self._accumulate = accumulate
         self._last_step = trainer.global_step  # records start at the next optimizer step
         self.recorder.count_flops_of_next_step()

@@ -69,8 +69,9 @@ class RunRecorder:
         return self.path
 
     def start(self, settings: dict[str, Any], *, max_steps: int, samples_per_step: int,
-              compute_dtype: str = "float32", progress: bool = False) -> None:
-        """Claim the run directory, write its start files, start telemetry."""
+              compute_dtype: str = "float32", progress: bool = False, ranks: int = 1) -> None:
+        """Claim the run directory, write its start files, start telemetry; `ranks`: the
+        framework's processes, which share `samples_per_step`."""
         with writing("run directory", self.path or Path("runs")):
             self.path = self.path or new_run_dir(self.framework)
             self.path.mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,7 @@ class RunRecorder:
         self.telemetry = Telemetry(self.path, self.config, device=self.device,
                                    samples_per_step=samples_per_step, max_steps=max_steps,
                                    compute_dtype=compute_dtype, events=self.events,
-                                   progress=progress, run_name=self.path.name)
+                                   progress=progress, run_name=self.path.name, ranks=ranks)
         self._held.callback(self.telemetry.close)
         self.events.event("run_start", step=0, max_steps=max_steps, framework=self.framework,
                           device=self.device.name)
@@ -120,7 +121,9 @@ class RunRecorder:
         if self._flops is not None:
             self._flops.__exit__(None, None, None)
             flops, self._flops = self._flops.get_total_flops(), None
-            self.telemetry.set_flops(int(flops * accumulation) if flops else None)
+            # this rank's step, as every rank's: MFU divides by all ranks' peak
+            self.telemetry.set_flops(int(flops * accumulation * self.telemetry.ranks)
+                                     if flops else None)
         norm = grad_norm if grad_norm is not None else self._no_norm(loss.device)
         self.telemetry.record_step(step, loss.detach(), norm, micro_batch, lr, epoch, samples,
                                    data_wait_s)

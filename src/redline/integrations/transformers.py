@@ -73,7 +73,7 @@ class RedlineCallback(_Base if _Base is not None else object):  # type: ignore[m
                              "training_args": {k: v for k, v in args.to_dict().items()
                                                if isinstance(v, (int, float, str, bool))}},
                             max_steps=int(state.max_steps), samples_per_step=per_step,
-                            compute_dtype=dtype)
+                            compute_dtype=dtype, ranks=max(1, int(args.world_size)))
         self._hook = model.register_forward_hook(self._keep_loss)
         self.recorder.count_flops_of_next_step()
 

@@ -69,6 +69,8 @@ class Telemetry:
     `labels` are added to every window record (e.g. precision/emulated). `comm`: the
     ranks under torchrun (module docstring); `sync_wait()` the seconds this rank has
     waited for the others so far (Engine.sync_wait_s; None where nothing measures it).
+    `ranks`: the processes that share each step's samples, where another framework runs
+    them (a Lightning or HF callback on rank 0; default: the comm's ranks).
     """
 
     def __init__(self, run_dir: str | Path, config: TelemetryConfig | None = None, *,
@@ -81,9 +83,11 @@ class Telemetry:
                  on_window: Callable[[Record], None] | None = None,
                  skip_nonfinite: bool = False, loss_scaled: bool = False,
                  labels: Record | None = None, comm: Comm | None = None,
-                 sync_wait: Callable[[], float | None] | None = None) -> None:
+                 sync_wait: Callable[[], float | None] | None = None,
+                 ranks: int | None = None) -> None:
         cfg = config or TelemetryConfig()
         self.comm = comm or Comm(World())
+        self.ranks = ranks or self.comm.world.size
         self._sync_wait: Callable[[], float | None] = sync_wait or (lambda: None)
         self._sync_seen = 0.0
         quiet = not self.comm.world.main
@@ -112,7 +116,7 @@ class Telemetry:
         self.ctx = WindowContext(samples_per_step=samples_per_step,
                                  device=self.device.torch_device,
                                  skip_nonfinite=skip_nonfinite, loss_scaled=loss_scaled,
-                                 ranks=self.comm.world.size)
+                                 ranks=self.ranks)
         memory = _memory_reader(self.device, memory_total, memory_tracker)
         self.window = WindowLogger(cfg.log_every, self.ctx, self._publish_window, memory,
                                    on_record=on_window,
@@ -190,7 +194,7 @@ class Telemetry:
     def set_flops(self, flops_per_step: int | None) -> int | None:
         """FLOPs of one optimizer step as the task declares them (e.g. analytic)."""
         peak, source = peak_flops(self.device, self.compute_dtype, self.config.peak_flops)
-        ranks = self.comm.world.size
+        ranks = self.ranks
         peak = peak * ranks if peak else peak  # every rank's device works on the step
         self.ctx.flops_per_step, self.ctx.peak_flops, self.ctx.peak_source = (
             flops_per_step, peak, source)
