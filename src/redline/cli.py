@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="share of the budget to fill, e.g. 0.85 (memory.target)")
     u.add_argument("--output", metavar="FILE", help="tuned config (default: TASK-tuned.yaml)")
     u.add_argument("--no-cache", action="store_true", help="search even if a result is cached")
+    u.add_argument("--keep-budget", action="store_true",
+                   help="keep --memory-budget in the tuned config (on a CPU training then "
+                        "tracks every tensor operation to enforce it, which is slower)")
 
     s = sub.add_parser(
         "study", parents=[job], help="train TASK under several settings; judge each against "
@@ -284,6 +287,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not world.main:  # rank 0 writes the tuned config
         return 0
     config = result.apply(config)
+    dropped = config.memory.budget is not None and not args.keep_budget
+    if dropped:  # the search needed it; training with it on a CPU is tracked, slower
+        config = config.updated({"memory.budget": None})
     module, sep, attr = (config.task or "").rpartition(":")
     if sep and module.endswith(".py"):  # the tuned config works from any directory
         config = config.updated({"task": f"{Path(module).resolve()}:{attr}"})
@@ -304,6 +310,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"({config.memory.target:.0%} of {result.budget_source})"
           + (" (cached)" if result.cache_hit else ""))
     print(f"tuned config: {out}  (redline train --config {out})")
+    if dropped:
+        print("memory.budget is left out of the tuned config (the micro-batch was sized "
+              "for it); --keep-budget keeps it, at the cost of tracking every tensor "
+              "operation on a CPU")
     return 0
 
 

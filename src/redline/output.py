@@ -33,12 +33,14 @@ def print_result(r: dict[str, Any]) -> None:
 
 
 def print_trials(result: AutobatchResult) -> None:
-    """The batch search's table: each size's memory, its speed and the rounds' spread."""
+    """The batch search's table: each size's memory, its speed and the rounds' spread (a
+    size scanned once, not timed again in rounds, shows "scan" there)."""
     from redline.memory.probe import format_size
 
     print(f"{'micro-batch':>11}  {'peak memory':>12}  {'% of target':>11}  {'samples/s':>10}  "
           f"{'spread':>7}  chosen")
-    timed = {tr.size: tr for tr in result.trials if tr.kind == "throughput"}
+    timed = {tr.size: tr for tr in result.trials if tr.kind == "scan"}
+    timed.update({tr.size: tr for tr in result.trials if tr.kind == "throughput"})
     rows = [(tr.size, tr) for tr in result.trials if tr.kind in ("probe", "verify")]
     rows += [(size, None) for size in set(timed) - {size for size, _ in rows}]
     rows.sort(key=lambda row: row[0])  # stable: a probe before its size's verification
@@ -50,7 +52,8 @@ def print_trials(result: AutobatchResult) -> None:
         speed = timed.pop(size, None)
         sps = f"{speed.samples_per_s:.1f}" if speed and speed.samples_per_s else "-"
         spread = (f"{100 * (speed.spread[1] - speed.spread[0]) / speed.samples_per_s:.1f}%"
-                  if speed and speed.spread and speed.samples_per_s else "-")
+                  if speed and speed.spread and speed.samples_per_s
+                  else "scan" if speed else "-")
         print(f"{size:>11}  {peak:>12}  {pct:>11}  {sps:>10}  {spread:>7}  "
               f"{'<-' if size == result.chosen else ''}".rstrip())
 

@@ -65,7 +65,8 @@ def write_start_files(run_dir: Path, config: RunConfig, task_name: str,
         (run_dir / "environment.json").write_text(json.dumps(env, indent=2))
 
 
-def announce(events: Any, precision: Precision, memory_limit: tuple[int, str] | None) -> None:
+def announce(events: Any, precision: Precision, memory_limit: tuple[int, str] | None,
+             tracked_budget: int | None = None) -> None:
     """fp8's per-layer decisions, an emulated precision, and the memory limit a CPU run
     without memory.budget checks each new micro-batch against."""
     if precision.layer_plan:
@@ -74,6 +75,12 @@ def announce(events: Any, precision: Precision, memory_limit: tuple[int, str] | 
     if precision.emulated:
         print(f"redline: {precision.name} is an emulation: its numerics are the format's, "
               "its speed is not (no speed-up)", file=sys.stderr, flush=True)
+    if tracked_budget is not None:  # a CPU budget is enforced by tracking every tensor op
+        events.event("memory_budget_tracked", bytes=tracked_budget)
+        print(f"redline: memory.budget {tracked_budget / 2**30:.2f} GiB on a CPU: every tensor "
+              "operation is tracked to enforce it, which slows steps (8-10 % on sr3-tiny, "
+              "more on small models); leave memory.budget unset to train untracked",
+              file=sys.stderr, flush=True)
     if memory_limit is not None:
         size, source = memory_limit
         events.event("memory_limit", bytes=size, source=source)

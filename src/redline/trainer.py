@@ -235,7 +235,9 @@ class Trainer:
                           precision=self.job.precision.name, device=self.device.name,
                           **({"ranks": self.world.size} if self.world.distributed else {}))
         if main:
-            rundir.announce(self.events, self.job.precision, self.job.memory_limit)
+            rundir.announce(self.events, self.job.precision, self.job.memory_limit,
+                            self.config.memory.budget_bytes if self.device.kind == "cpu"
+                            else None)
         self._count_flops()
         return resumed
 

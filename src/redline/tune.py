@@ -10,9 +10,12 @@ followed by one evaluation batch, confirms it under the budget; if it does not f
 size shrinks by 10 % and is verified again.
 
 Largest is not fastest: past some size, samples/s stops growing while memory keeps
-filling. Samples/s is measured at the powers of two up to the largest size and at the
-largest size itself; the *knee* is the smallest size within 2 % of the best, and that is
-the size chosen. The effective batch (samples per optimizer step) is kept with gradient
+filling, and on a CPU it often falls. Samples/s is scanned at the powers of two from 1 up
+(each timed for at least MIN_TIMED_S), and the scan stops once two sizes in a row are
+clearly slower (FALLEN) than the best so far: the largest sizes, the slowest to time, are
+timed only where the answer can be. The sizes near the best are then timed again in
+interleaved rounds, and the *knee* is the smallest size within 2 % (or the rounds' noise)
+of the best: the size chosen. The effective batch (samples per optimizer step) is kept with gradient
 accumulation; when it has to change, the learning rate follows `train.lr_scaling`.
 
 The budget is `memory.budget`, or the device's memory; on a CPU without a budget, a
@@ -57,6 +60,8 @@ from redline.telemetry.console import status
 
 KNEE_TOLERANCE = 0.02  # the least a size must be faster by to count as faster
 ROUNDS = 3  # interleaved timing rounds per size
+MIN_TIMED_S = 0.02  # a size's timing covers steps adding up to at least this
+FALLEN = 0.15  # slower than the best by this much: clearly past the knee
 MAX_SIZE = 1 << 16
 
 
@@ -356,26 +361,46 @@ def _eval_size(h: _Harness, budget: int, target: int, trials: list[Trial], say: 
 
 
 def _knee(h: _Harness, largest: int, trials: list[Trial], say: Progress) -> tuple[int, int]:
-    """The throughput knee: sizes timed in interleaved rounds, chosen by `choose_knee`."""
+    """The throughput knee (module docstring): (the size, the timing steps it took)."""
+    steps = 0
+
+    def rate(s: int) -> float:  # samples/s of steps at s adding up to MIN_TIMED_S
+        nonlocal steps
+        done, t0 = 0, time.perf_counter()
+        while True:
+            h.train_step(s)
+            done += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= MIN_TIMED_S:
+                steps += done
+                return s * done / elapsed
+
     sizes = sorted({1 << i for i in range(largest.bit_length()) if 1 << i <= largest}
                    | {largest})
-    sizes = [s for s in sizes if s >= min(8, largest)]
-    rates: dict[int, list[float]] = {s: [] for s in sizes}
+    scanned: dict[int, float] = {}
     for s in sizes:
-        say(f"warming up micro-batch {s}")
+        say(f"scanning micro-batch {s}")
         h.train_step(s)  # allocator and kernels for this shape
+        steps += 1
+        scanned[s] = rate(s)
+        trials.append(Trial(s, "scan", samples_per_s=scanned[s]))
+        best = max(scanned.values())
+        if len(scanned) >= 3 and all(v < (1 - FALLEN) * best
+                                     for v in list(scanned.values())[-2:]):
+            break  # two sizes in a row clearly slower: larger ones will not win
+    best = max(scanned.values())
+    near = [s for s, v in scanned.items() if v >= (1 - FALLEN) * best]
+    rates: dict[int, list[float]] = {s: [] for s in near}
     for r in range(ROUNDS):
         # Interleaved, and each round in the other direction: a machine that slows down or
         # speeds up mid-search shifts every size alike instead of favouring one end.
-        for s in sizes if r % 2 == 0 else reversed(sizes):
+        for s in near if r % 2 == 0 else reversed(near):
             say(f"timing micro-batch {s} (round {r + 1} of {ROUNDS})")
-            t0 = time.perf_counter()
-            h.train_step(s)
-            rates[s].append(s / (time.perf_counter() - t0))
-    for s in sizes:
+            rates[s].append(rate(s))
+    for s in near:
         trials.append(Trial(s, "throughput", samples_per_s=statistics.median(rates[s]),
                             spread=(min(rates[s]), max(rates[s]))))
-    return choose_knee(rates)[0], (ROUNDS + 1) * len(sizes)
+    return choose_knee(rates)[0], steps
 
 
 def choose_knee(rates: dict[int, list[float]]) -> tuple[int, float]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from redline.config import load_config
 from redline.events import Callback, State
@@ -116,9 +117,19 @@ def test_cli_batch_size_auto_and_tune(tmp_path: Path) -> None:
     assert "largest fitting micro-batch" in tune.stdout and "<-" in tune.stdout
     assert "spread" in tune.stdout.splitlines()[0]  # each timed size's rounds, and the rule
     assert re.search(r"chosen \d+ \(the smallest within \d+\.\d% of the best", tune.stdout)
+    # the budget sized the search; training from the tuned config is not tracked by it
+    assert yaml.safe_load((tmp_path / "tuned.yaml").read_text())["memory"]["budget"] is None
+    assert "memory.budget is left out of the tuned config" in tune.stdout
     train = run_cli(["train", "--config", "tuned.yaml", "--steps", "3", "--json"], tmp_path,
                     env=env)
     assert train.returncode == 0, train.stderr
+    assert "every tensor operation is tracked" not in train.stderr
+    kept = run_cli(["tune", relative, "--memory-budget", "2MiB", "--set",
+                    "task_args.hidden=512", "--set", "task_args.n=2048", "--keep-budget",
+                    "--output", "kept.yaml"], tmp_path, env=env)
+    assert kept.returncode == 0, kept.stderr
+    tracked = run_cli(["train", "--config", "kept.yaml", "--steps", "2"], tmp_path, env=env)
+    assert tracked.returncode == 0 and "every tensor operation is tracked" in tracked.stderr
     elsewhere = tmp_path / "elsewhere"  # the tuned config names its task file absolutely
     elsewhere.mkdir()
     again = run_cli(["train", "--config", str(tmp_path / "tuned.yaml"), "--steps", "2"],

@@ -161,3 +161,33 @@ def test_auto_with_an_lr_rule_needs_the_batch_lr_was_tuned_for() -> None:
         load_config(None, ["train.batch_size=auto", "train.lr_scaling=sqrt"])
     load_config(None, ["train.batch_size=auto", "train.lr_scaling=sqrt",
                        "train.lr_reference_batch=32"])
+
+
+class _SlowerWhenLarger:
+    """The toy task with a step cost growing with the square of the batch: fastest at a
+    handful of samples, and ever slower past it (what a test constructs to be fastest)."""
+
+    def __init__(self) -> None:
+        self.inner = resolve_task(TOY, {"n": 2048, "hidden": 64})
+        self.name = "slower-when-larger"
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def loss(self, model: torch.nn.Module, batch: object) -> torch.Tensor:
+        import time
+
+        if model.training:
+            time.sleep(4e-5 * batch[0].shape[0] ** 2)  # type: ignore[index]
+        return self.inner.loss(model, batch)
+
+
+def test_the_knee_scan_times_small_sizes_and_stops_once_larger_ones_are_slower(
+        tmp_path: Path) -> None:
+    config = load_config(None, [f"task={TOY}", "memory.budget=64MiB",
+                                "train.effective_batch_size=256"])  # its verify: 2.6 s
+    r = autobatch(_SlowerWhenLarger(), config, CPU, cache_dir=tmp_path)
+    scanned = [t.size for t in r.trials if t.kind == "scan"]
+    assert scanned[:3] == [1, 2, 4]  # the knee can lie below 8
+    assert r.max_fit == 256 and max(scanned) <= 64  # stopped long before the largest size
+    assert r.chosen <= 8  # the sleep makes 1/(c + k*n) per sample best at a few samples
