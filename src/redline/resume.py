@@ -37,6 +37,7 @@ from redline.events import (
     callback_states,
     load_callback_states,
 )
+from redline.memory.guard import OutOfMemoryAtMinimum
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.session import Telemetry
 
@@ -172,8 +173,11 @@ class Checkpoints:
     def after_failure(self, exc: BaseException) -> None:
         """The loop died of `exc` (re-raised by the caller): keep the work done. Under
         torchrun, another rank's failure becomes PeerFailed naming it."""
-        if not self.job.world.distributed or (isinstance(exc, RunStopped) and not isinstance(
-                exc, PeerFailed)):  # RunStopped under torchrun: decided alike on every rank
+        # Under torchrun a run that stops itself (RunStopped) or runs out of memory at one
+        # sample (after the ranks' agreement) does so on every rank at the same step.
+        agreed = isinstance(exc, RunStopped | OutOfMemoryAtMinimum) and not isinstance(
+            exc, PeerFailed)
+        if not self.job.world.distributed or agreed:
             self._save_after_failure(exc)
         elif not isinstance(exc, PeerFailed | KeyboardInterrupt):
             self._stop_with_peers(exc)

@@ -271,3 +271,19 @@ def test_lightning_ddp_under_torchrun_with_the_search_and_the_callback(tmp_path:
     micro = windows[0]["micro_batch"]
     assert windows[0]["effective_batch"] == 128  # the search's plan, kept by both ranks
     assert windows[0]["accumulation_steps"] * micro * 2 == 128
+
+
+def test_out_of_memory_at_one_sample_on_one_rank_ends_both_with_the_last_step_saved(
+        tmp_path: Path) -> None:
+    out = torchrun(["-m", "redline", "train", FAULTY, "--steps", "20", "--no-progress",
+                    "--no-report", "--run-dir", "run", "--set", "task_args.fail_at=5",
+                    "--set", "task_args.oom_above=0", "--set", "train.batch_size=8",
+                    "--set", "train.effective_batch_size=16", "--set", "train.eval_every=0"],
+                   tmp_path, timeout=BOUND_S + 60)
+    assert out.returncode == 1, out.stderr
+    assert "even with a micro-batch of 1 sample" in out.stderr
+    changes = [(e["old"], e["new"]) for e in read_jsonl(tmp_path / "run" / "events.jsonl")
+               if e["event"] == "micro_batch"]
+    assert changes == [(8, 4), (4, 2), (2, 1)]
+    assert _final(tmp_path / "run")["step"] == 4  # the last completed step, every rank's RNG
+    assert len(_final(tmp_path / "run")["rng_ranks"]) == 2
