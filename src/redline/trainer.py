@@ -147,8 +147,11 @@ class Trainer:
                     last_saved = self.save_checkpoint()
                 if self.job.engine.checked_peaks:
                     self.events.event("memory_checked", peaks=self.job.engine.checked_peaks)
-                if signals.received:
-                    interrupted = signals.received
+                # under torchrun a rank may stop for another rank's signal: as if it had one
+                stopped = signals.received or (self.world.distributed and self.state.step <
+                                               self.job.max_steps and "SIGTERM")
+                if stopped:
+                    interrupted = str(stopped)
                     self.events.event("interrupted", signal=interrupted, step=self.state.step)
                 elif self.job.eval_set is not None:
                     metrics = self.evaluate()
