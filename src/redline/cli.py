@@ -26,6 +26,8 @@ examples:
   redline train my_tasks.py:MyTask --config run.yaml --run-dir runs/exp1
   redline train sr3-tiny --run-dir runs/exp1 --resume     # continue where it stopped
   redline train my_tasks.py:MyTask --config run.yaml --dry-run   # check it all, write nothing
+  redline train sr3-tiny --steps 50 --nproc 2      # 2 processes, DDP (= torchrun ... -m redline)
+  redline train reportgen-tiny --batch-size 32 --set train.lr=1e-3 --steps 600
 
 Any config key can be set with --set SECTION.KEY=VALUE (values are YAML); the flags
 above are shorthands for train.steps, train.batch_size, train.seed, precision.name,
