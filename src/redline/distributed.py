@@ -37,6 +37,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import json
+import logging
 import os
 import threading
 import time
@@ -252,6 +253,9 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "--module", "redline", *argv])
+    # its agent logs each rank's exit as an error with a timestamp; the ranks have said why
+    # in a sentence, and the line below names the first that failed
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(args)
     except SignalException as e:  # Ctrl-C or SIGTERM: the launcher passed it to the ranks,
