@@ -20,6 +20,9 @@ def render(report: Report) -> str:
             f"{n} {'ok' if r == 'ok' else 'no'}" for n, r in report.info["precisions"].items()),
         "extras     " + ", ".join(
             f"{n} {'yes' if ok else 'no'}" for n, ok in report.info["extras"].items()),
+        "torchrun   " + ", ".join(f"{n} {'yes' if ok else 'no'}" for n, ok in
+                                  report.info.get("distributed", {}).items()
+                                  if n != "available"),
     ]
     lines += [f"warning    {w}" for w in report.warnings]
     lines += [f"BLOCKER    {b}" for b in report.blockers]

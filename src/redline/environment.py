@@ -26,8 +26,11 @@ from redline.telemetry.sinks import EXTRAS as TRACKER_EXTRAS
 # come from the sink registry
 EXTRAS: dict[str, list[tuple[str, str]]] = {
     "examples": [("skimage", "scikit-image"), ("sklearn", "scikit-learn"),
-                 ("torchmetrics", "torchmetrics")],
+                 ("torchmetrics", "torchmetrics"), ("xarray", "xarray"),
+                 ("iris_sample_data", "iris-sample-data"), ("pycocoevalcap", "pycocoevalcap")],
     "fp8": [("torchao", "torchao")],
+    "lightning": [("lightning", "lightning")],
+    "transformers": [("transformers", "transformers"), ("accelerate", "accelerate")],
     **{extra: [(module, module)] for module, extra in TRACKER_EXTRAS.values()},
 }
 MIN_TORCH = (2, 4)
@@ -52,6 +55,15 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _distributed() -> dict[str, bool]:
+    """What torchrun training can use here (docs/distributed.md)."""
+    import torch.distributed as dist
+
+    available = dist.is_available()
+    return {"available": available, "gloo": available and dist.is_gloo_available(),
+            "nccl": available and dist.is_nccl_available()}
 
 
 def environment_check(device: str = "auto") -> Report:
@@ -89,6 +101,11 @@ def environment_check(device: str = "auto") -> Report:
                                + ("" if torch.version.cuda else " (this torch is a CPU build)"))
     elif info.is_cuda and not info.peak_flops:
         report.warnings.append(f"no peak-FLOPs entry for {info.name}: MFU will be left empty")
+    report.info["distributed"] = _distributed()
+    if info.is_cuda and torch.cuda.device_count() > 1 and not report.info["distributed"]["nccl"]:
+        report.warnings.append(f"{torch.cuda.device_count()} GPUs but this torch has no "
+                               "NCCL: torchrun training across them cannot start; install a "
+                               "CUDA build of torch with NCCL")
     if not report.info["extras"]["examples"]:
         report.warnings.append("the built-in example tasks need: pip install 'redline[examples]'")
     return report
