@@ -236,14 +236,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    import os
-
     from redline import distributed
     from redline.config import ConfigError
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: give a number of processes >= 1")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed.World.from_env().distributed:
         raise ConfigError("--nproc inside a torchrun launch: drop --nproc (torchrun already "
                           "started the processes)")
     argv, skip = [], False

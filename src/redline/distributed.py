@@ -11,13 +11,15 @@ waits for the device (no sync), whatever the training backend.
 
 What redline sends, and when:
 
-  - every step: one `StepAgreement` (two ints, a max-reduce), between the last
-    micro-batch's forward and its backward, which is where DDP's own gradient all-reduce
-    begins. It says whether any rank ran out of memory (so all ranks redo the step with the
-    same smaller micro-batch, none left waiting in an all-reduce the failed rank never
-    joins) and whether any rank was asked to stop (SIGTERM/SIGINT: all ranks stop after
-    the same step, then save). Its wait is measured: the time a rank waits there is the
-    time it waited for the slowest rank (the straggler figure);
+  - every step, with the OOM guard on: one agreement (`Comm.agree` of two ints, a
+    max-reduce, made by the Engine), between the last micro-batch's forward and its
+    backward, which is where DDP's own gradient all-reduce begins. It says whether any
+    rank ran out of memory (so all ranks redo the step with the same smaller micro-batch,
+    none left waiting in an all-reduce the failed rank never joins) and whether any rank
+    was asked to stop (SIGTERM/SIGINT: all ranks stop after the same step, then save).
+    Its wait is measured: the time a rank waits there is the time it waited for the
+    slowest rank (the straggler figure). Without the guard there is none, and a stop is
+    agreed at the next window instead;
   - once per telemetry window: one all-gather of each rank's window figures;
   - once per run: the run directory, the FLOPs count, the batch search's answer;
   - per checkpoint: a gather of every rank's RNG state to rank 0, which writes.
@@ -82,8 +84,9 @@ class World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
             return World()
-        return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")),
-                     int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        env = os.environ
+        return World(int(env.get("RANK", "0")), size, int(env.get("LOCAL_RANK", "0")),
+                     int(env.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -96,7 +99,7 @@ class Comm:
     """redline's own messages between ranks (the module docstring lists them).
 
     A single process gets a Comm too, whose calls answer locally: code that uses it has
-    one path. `counts` tallies the messages by kind, for the overhead figures."""
+    one path. `counts` tallies the messages by kind (the tests count them)."""
 
     def __init__(self, world: World, group: Any = None, store: Any = None) -> None:
         self.world = world

@@ -77,9 +77,10 @@ def _java_quiet() -> Iterator[None]:
             os.close(saved)
 
 
-def caption_scores(references: list[str], hypotheses: list[str]) -> dict[str, float]:
+def caption_scores(references: list[str], hypotheses: list[str], *, bleu_only: bool = False
+                   ) -> dict[str, float]:
     """Corpus BLEU-1..4, METEOR (where Java runs), ROUGE-L and CIDEr of `hypotheses`
-    against one reference each."""
+    against one reference each (`bleu_only`: BLEU-1..4 alone)."""
     assert len(references) == len(hypotheses), "one reference per hypothesis"
     scorers = _scorers()
     refs = tokenized({i: [r] for i, r in enumerate(references)})
@@ -87,6 +88,8 @@ def caption_scores(references: list[str], hypotheses: list[str]) -> dict[str, fl
     hyps = {i: [h[0] or "."] for i, h in hyps.items()}  # an empty hypothesis scores 0
     bleu, _ = scorers["bleu"].compute_score(refs, hyps, verbose=0)
     scores = {f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)}
+    if bleu_only:
+        return scores
     if java():
         scores["meteor"] = float(_meteor().compute_score(refs, hyps)[0])
     scores["rouge_l"] = float(scorers["rouge_l"].compute_score(refs, hyps)[0])
