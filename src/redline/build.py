@@ -5,7 +5,8 @@ The trainer, the batch search (tune.py) and, next, the study and the integration
 cache fingerprint (`Job.fingerprint`) describes what was actually built:
 
     seed python, numpy, torch (train.seed)
-    model     = task.build_model() on the device, converted by the precision policy
+    model     = task.build_model() on the device, converted by the precision policy,
+                channels-last when precision.channels_last
     step_model = DDP(model) under torchrun, compiled if precision.compile; else model
     re-seed   rank r > 0 with distributed.rank_seed (rank 0 draws what one process would)
     optimizer = task.optimizer(model), else AdamW(lr, weight_decay) over the trainable
@@ -95,6 +96,7 @@ class Job:
         parts = [repr(self.model), repr(params),
                  repr(self.precision.describe()),
                  f"compiled={self.step_model is not self.model}",
+                 f"channels_last={self.config.precision.channels_last}",
                  type(self.optimizer).__name__, repr(self.optimizer.defaults.get("foreach")),
                  batch_tree.describe(self.train_set[0]), self.device.name,
                  str(self.device.memory_total), torch.__version__,
@@ -113,10 +115,17 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
     comm = comm or Comm(World())
     precision = get_precision(config.precision.name, device, config.precision)
     t = config.train
+    if config.precision.compile and device.kind == "cpu" and config.memory.budget:
+        raise ConfigError(
+            "precision.compile with memory.budget on a CPU: the budget tracks every tensor "
+            "operation in Python, which torch.compile cannot trace, so the model would run "
+            "uncompiled; unset memory.budget or precision.compile")
     if comm.world.distributed and not t.auto_batch:
         check_divisible(t.samples_per_step, comm.world.size)
     seed_everything(t.seed)
     model = precision.convert_module(task.build_model().to(device.torch_device))
+    if config.precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     step_model = _wrap(model, device, comm.world) if comm.world.distributed else model
     if config.precision.compile:
         step_model = torch.compile(step_model)
@@ -139,8 +148,10 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
     micro = None if t.auto_batch else min(t.micro_batch, t.samples_per_step // comm.world.size)
     guard = (OOMGuard(micro, config.memory.grow_after)
              if micro is not None and config.memory.oom_guard else False)
+    # A TorchDispatchMode active at a compiled model's first call makes dynamo skip it for
+    # good (measured: nothing compiled), so a compiled model's first steps go unchecked.
     limit = (default_budget(device, comm.world.local_size) if guard and device.kind == "cpu"
-             and config.memory.budget is None else None)
+             and config.memory.budget is None and not config.precision.compile else None)
     check = (None if limit is None
              else functools.partial(_tracked_budget, limit[0], device, model, optimizer))
     engine = Engine(step_model, optimizer, precision, scheduler=scheduler,

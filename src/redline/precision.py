@@ -318,7 +318,13 @@ class PrecisionConfig:
     name: str = "fp32"
     """A policy name from `PRECISIONS`; refused with the reason where the device cannot run it."""
     compile: bool = False
-    """torch.compile the model (FLOPs are counted before compiling)."""
+    """torch.compile the model (FLOPs are counted before compiling). On a CPU it cannot be
+    combined with memory.budget (the budget's tracker runs every op in Python, where
+    nothing is compiled), and the first step of each micro-batch size is then not
+    checked against the memory available."""
+    channels_last: bool = False
+    """Convolution weights in channels-last layout (NHWC): faster convolutions on most
+    CPUs and on tensor-core GPUs; no effect on a model without 4-D weights."""
     fp8_recipe: str = "tensorwise"
     """fp8 and fp8-emulated: tensorwise (one scale per tensor) or rowwise (per row)."""
     fp8_keep_first_last: bool = True
