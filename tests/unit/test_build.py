@@ -51,7 +51,7 @@ def test_channels_last_lays_out_convolution_weights_nhwc_and_trains() -> None:
 
 def test_compile_with_a_cpu_memory_budget_is_refused_with_the_reason() -> None:
     config = _config(compile=True).updated({"memory.budget": "1GiB"})
-    with pytest.raises(ConfigError, match="torch.compile cannot trace"):
+    with pytest.raises(ConfigError, match=r"torch\.compile cannot trace"):
         build_job(config, ConvTask(), CPU)
 
 

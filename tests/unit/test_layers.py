@@ -29,11 +29,13 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "telemetry.*"),
     4: ("config", "engine", "evaluation", "environment", "samples"),
     5: ("build", "recipe", "rundir"),
-    6: ("tune", "diagnose.*", "watch", "examples.*", "resume", "summarize"),
-    7: ("trainer", "doctor", "dryrun", "report.*", "integrations.*"),
-    8: ("study", "output"),
-    9: ("cli",),
-    10: ("__main__",),
+    6: ("trial", "batchsearch"),
+    7: ("tune", "diagnose.*", "watch", "examples.*", "resume", "summarize", "quality",
+        "loading"),
+    8: ("trainer", "doctor", "dryrun", "report.*", "integrations.*", "search"),
+    9: ("study", "output"),
+    10: ("cli",),
+    11: ("__main__",),
 }
 
 

@@ -191,3 +191,47 @@ def test_the_knee_scan_times_small_sizes_and_stops_once_larger_ones_are_slower(
     assert scanned[:3] == [1, 2, 4]  # the knee can lie below 8
     assert r.max_fit == 256 and max(scanned) <= 64  # stopped long before the largest size
     assert r.chosen <= 8  # the sleep makes 1/(c + k*n) per sample best at a few samples
+
+
+def test_the_fastest_only_search_checks_what_it_scans_and_verifies_the_choice(
+        tmp_path: Path) -> None:
+    """redline tune's search (verify_largest=False): two probes predict the largest size;
+    every size the scan reaches beyond them is checked against the budget first, and the
+    one chosen is verified with its evaluation batch, so nothing it hands training is
+    unverified, and the scan stops at the first size that does not fit."""
+    config = load_config(None, ARGS)
+    task = resolve_task(config.task, config.task_args)
+    r = autobatch(task, config, CPU, cache_dir=tmp_path, verify_largest=False)
+    assert r.max_fit_predicted and r.probe_steps == 2
+    probed = max(t.size for t in r.trials if t.kind == "probe")
+    scanned = {t.size for t in r.trials if t.kind == "scan"}
+    checked = {t.size: t for t in r.trials if t.kind == "verify"}
+    assert all(s in checked for s in scanned if s > probed)  # tracked before it was timed
+    assert all(checked[s].fits for s in scanned if s > probed)
+    last = [t for t in r.trials if t.kind == "verify"][-1]
+    assert last.size == r.chosen and last.fits  # the choice, with its evaluation batch
+    assert _peak_at(r.chosen) <= r.target_bytes
+    beyond = [t for t in r.trials if t.kind == "verify" and not t.fits]
+    assert all(s < t.size for t in beyond for s in scanned)  # the scan stopped there
+    full = autobatch(task, config, CPU, cache_dir=tmp_path)  # its own cache entry
+    assert not full.cache_hit and not full.max_fit_predicted
+
+
+def test_the_fastest_only_scan_stops_at_a_size_the_prediction_overestimated(
+        tmp_path: Path) -> None:
+    from tests.tasks.toy import ToyRegression
+
+    class Quadratic(ToyRegression):  # memory grows with the batch's square: the fit errs
+        def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+                 ) -> torch.Tensor:
+            x = batch[0]
+            pairs = (x @ x.T).unsqueeze(-1).expand(-1, -1, 16).contiguous()
+            return super().loss(model, batch) + 0 * pairs.mean()
+
+    config = load_config(None, ARGS)
+    r = autobatch(Quadratic(n=2048, hidden=512), config, CPU, cache_dir=tmp_path,
+                  verify_largest=False)
+    misfit = [t for t in r.trials if t.kind == "verify" and not t.fits]
+    assert misfit and misfit[0].size <= r.max_fit  # predicted to fit; it did not
+    assert max(t.size for t in r.trials if t.kind == "scan") < misfit[0].size
+    assert r.chosen < misfit[0].size and r.trials[-1].fits  # a size that was verified

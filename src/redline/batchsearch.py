@@ -1,0 +1,384 @@
+"""The batch search's measurements: the memory fit and the throughput knee.
+
+`tune.autobatch` is the API (the budget, the cache, the ranks); this module is what it
+measures, on a job built for trial steps through build.py, like training.
+
+Predict, then check. Peak memory of a training step is close to affine in the batch
+size: memory(b) ~ a + k*b (a: weights, gradients, optimizer state, workspace; k: the
+activations of one sample). Two or three real probe steps (forward, backward and the
+optimizer step, so optimizer state is counted) give a and k by least squares; the size
+that meets the target is (target - a) / k. One real verification step at that size,
+followed by one evaluation batch, confirms it under the budget; if it does not fit, the
+size shrinks by 10 % and is verified again.
+
+Largest is not fastest: past some size, samples/s stops growing while memory keeps
+filling, and on a CPU it often falls. Samples/s is scanned at the powers of two from 1 up
+(each timed for at least MIN_TIMED_S), and the scan stops once two sizes in a row are
+clearly slower (FALLEN) than the best so far: the largest sizes, the slowest to time, are
+timed only where the answer can be. The sizes near the best are then timed again in
+interleaved rounds, and the *knee* is the smallest size within 2 % (or the rounds' noise)
+of the best: the size chosen.
+
+`redline tune` wants the fastest size, not the largest, so it skips verifying the largest
+(`search_fastest`): two probes predict it, the scan's first step at each size beyond the
+probes runs under the budget (a size that does not fit ends the scan), and the chosen
+size is verified with its evaluation batch. On sr3-tiny that is most of the search's
+time saved: the largest size's steps are the slowest of all.
+
+Every probe and verification step runs under the budget, so the search stops at an
+out-of-memory error it raised itself, never at the kernel's OOM killer.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from redline import batch as batch_tree
+from redline.build import Job, build_job
+from redline.config import ConfigError, RunConfig
+from redline.device import DeviceInfo
+from redline.memory.probe import MemoryBudget, live_tensor_bytes, measure_peak
+from redline.recipe import Recipe
+from redline.task import Task
+
+KNEE_TOLERANCE = 0.02  # the least a size must be faster by to count as faster
+ROUNDS = 3  # interleaved timing rounds per size
+MIN_TIMED_S = 0.02  # a size's timing covers steps adding up to at least this
+FALLEN = 0.15  # slower than the best by this much: clearly past the knee
+MAX_SIZE = 1 << 16
+
+
+@dataclass
+class Trial:
+    size: int
+    kind: str  # "probe" | "verify" | "eval-probe" | "throughput"
+    peak_bytes: int | None = None
+    fits: bool = True
+    samples_per_s: float | None = None  # throughput: the median of the interleaved rounds
+    spread: tuple[float, float] | None = None  # throughput: the rounds' min and max
+
+
+@dataclass
+class AutobatchResult:
+    max_fit: int  # largest micro-batch within memory.target
+    chosen: int  # the throughput knee: the micro-batch to train with
+    accumulation_steps: int
+    effective_batch_size: int
+    lr: float
+    eval_batch_size: int | None
+    budget_bytes: int
+    target_bytes: int
+    fit: tuple[float, float]  # (a, k): memory(b) ~ a + k*b bytes
+    budget_source: str = "memory.budget"  # where budget_bytes came from, in words
+    probe_steps: int = 0
+    verify_steps: int = 0
+    throughput_steps: int = 0
+    cache_hit: bool = False
+    fingerprint: str = ""
+    trials: list[Trial] = field(default_factory=list)
+    ranks: int = 1  # torchrun: the ranks the effective batch is shared by
+    max_fit_predicted: bool = False  # max_fit from the memory fit, not a verified step
+
+    @property
+    def fastest(self) -> int:
+        return self.chosen
+
+    @property
+    def knee_tolerance(self) -> float | None:
+        """The tolerance the knee was chosen at (see choose_knee); None: nothing timed.
+        A throughput trial keeps its rounds' median and range, which for ROUNDS = 3 is
+        every round."""
+        timed = [(t.spread[0], t.samples_per_s, t.spread[1]) for t in self.trials
+                 if t.kind == "throughput" and t.spread and t.samples_per_s]
+        return max(KNEE_TOLERANCE, timing_noise(timed)) if timed else None
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.chosen, self.accumulation_steps, self.effective_batch_size,
+                      self.lr, self.eval_batch_size, self.ranks)
+
+    def apply(self, config: RunConfig) -> RunConfig:
+        """`config` with the tuned micro-batch, effective batch, lr and eval batch."""
+        return self.recipe.apply(config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AutobatchResult:
+        trials = [Trial(**{**t, "spread": tuple(t["spread"]) if t.get("spread") else None})
+                  for t in d.pop("trials", [])]
+        d["fit"] = tuple(d["fit"])
+        return cls(**d, trials=trials)
+
+
+Progress = Callable[[str], None]
+
+
+class Harness:
+    """A job built for trial steps (build.py: what training builds, each batch run whole)."""
+
+    def __init__(self, task: Task, config: RunConfig, device: DeviceInfo) -> None:
+        self.task = task
+        # A compiled model's first call under the CPU tracker would stop dynamo compiling
+        # its forward for the rest of the process (trial.py), so on a CPU the trials run
+        # the model eagerly: its memory and speed are the eager step's.
+        eager = device.kind == "cpu" and config.precision.compile
+        self.job: Job = build_job(config.updated(
+            {"train.batch_size": "auto", **({"precision.compile": False} if eager else {})}),
+            task, device)
+        self.device, self.precision = device, self.job.precision
+        self.model, self.optimizer, self.engine = (self.job.model, self.job.optimizer,
+                                                   self.job.engine)
+        self.train_set, self.eval_set = self.job.train_set, self.job.eval_set
+
+    def batch(self, dataset: Any, size: int) -> Any:
+        return batch_tree.move(batch_tree.first_samples(dataset, size), self.device.torch_device)
+
+    def train_step(self, size: int) -> None:
+        batch = self.batch(self.train_set, size)
+        with self.precision.global_context():
+            loss = self.engine.step(batch, self.task.loss)
+        float(loss.item())  # waits for the device, so timings and peaks are complete
+
+    def eval_step(self, size: int) -> None:
+        assert self.eval_set is not None
+        batch = self.batch(self.eval_set, size)
+        self.job.step_model.eval()
+        try:
+            with torch.no_grad(), self.precision.forward_context():
+                float(self.task.loss(self.job.step_model, batch).float().item())
+        finally:
+            self.job.step_model.train()
+
+    def live_bytes(self) -> int:
+        # Gradients of the previous trial would count in the baseline and, freed inside the
+        # measured step by zero_grad, never be subtracted: drop them first.
+        self.optimizer.zero_grad(set_to_none=True)
+        return live_tensor_bytes(self.model, self.optimizer)
+
+    def fits(self, fn: Callable[[], None], budget: int, target: int) -> tuple[bool, int | None]:
+        """Run `fn` under the budget: (peak within target, peak; None when it ran out)."""
+        baseline = self.live_bytes()
+        try:
+            with MemoryBudget(budget, self.device, baseline=baseline):
+                peak = measure_peak(fn, self.device, baseline=baseline).peak_bytes
+        except torch.OutOfMemoryError:
+            self.optimizer.zero_grad(set_to_none=True)
+            return False, None
+        return peak <= target, peak
+
+
+def train_and_eval(h: Harness, size: int, eval_size: int | None) -> None:
+    h.train_step(size)
+    if eval_size:
+        h.eval_step(eval_size)
+
+
+def search_largest(h: Harness, config: RunConfig, budget: int, target: int,
+            measure_throughput: bool, say: Progress) -> AutobatchResult:
+    cap = min(MAX_SIZE, len(h.train_set))  # type: ignore[arg-type]
+    if config.train.effective_batch_size:
+        cap = min(cap, config.train.effective_batch_size)
+    trials: list[Trial] = []
+    a, k = _fit_memory(h, cap, budget, target, trials, say)
+    size = max(1, min(cap, int((target - a) / k) if k > 0 else cap))
+    eval_size = _eval_size(h, budget, target, trials, say) if h.eval_set is not None else None
+    verify_steps = 0
+    while True:
+        say(f"verifying micro-batch {size}")
+        verify_steps += 1
+        ok, peak = h.fits(lambda s=size: train_and_eval(h, s, eval_size), budget, target)
+        trials.append(Trial(size, "verify", peak, ok))
+        if ok or size == 1:
+            break
+        size = max(1, int(size * 0.9))
+    if not ok:
+        raise ConfigError(f"not even a micro-batch of 1 fits memory.target "
+                          f"({config.memory.target:.0%} of {budget} bytes)")
+    chosen, tsteps = (_knee(h, size, trials, say) if measure_throughput else (size, 0))
+    effective = config.train.effective_batch_size or chosen
+    return AutobatchResult(  # the recipe fields are filled in by _with_recipe
+        max_fit=size, chosen=min(chosen, effective), accumulation_steps=1,
+        effective_batch_size=effective, lr=config.train.lr,
+        eval_batch_size=eval_size, budget_bytes=budget, target_bytes=target, fit=(a, k),
+        probe_steps=sum(t.kind == "probe" for t in trials), verify_steps=verify_steps,
+        throughput_steps=tsteps, trials=trials)
+
+
+def search_fastest(h: Harness, config: RunConfig, budget: int, target: int,
+                    measure_throughput: bool, say: Progress) -> AutobatchResult:
+    """The fastest size without verifying the largest (autobatch's verify_largest=False):
+    two probes predict the largest; the scan checks each size it reaches beyond them
+    against the budget (its warm-up step, tracked) and stops at one that does not fit."""
+    cap = min(MAX_SIZE, len(h.train_set))  # type: ignore[arg-type]
+    if config.train.effective_batch_size:
+        cap = min(cap, config.train.effective_batch_size)
+    trials: list[Trial] = []
+    a, k = _fit_memory(h, cap, budget, target, trials, say, probes=2)
+    predicted = max(1, min(cap, int((target - a) / k) if k > 0 else cap))
+    eval_size = _eval_size(h, budget, target, trials, say) if h.eval_set is not None else None
+    checked = max((t.size for t in trials if t.kind == "probe" and t.fits), default=0)
+
+    def check(size: int) -> bool:
+        if size <= checked:
+            h.train_step(size)
+            return True
+        ok, peak = h.fits(lambda: h.train_step(size), budget, target)
+        trials.append(Trial(size, "verify", peak, ok))
+        return ok
+
+    chosen, tsteps = _knee(h, predicted, trials, say, check)
+    verify_steps = sum(t.kind == "verify" for t in trials)
+    while True:  # the chosen size with its evaluation batch, as training will run them
+        say(f"verifying micro-batch {chosen} with evaluation batch {eval_size}")
+        verify_steps += 1
+        ok, peak = h.fits(lambda s=chosen: train_and_eval(h, s, eval_size), budget, target)
+        trials.append(Trial(chosen, "verify", peak, ok))
+        if ok or chosen == 1:
+            break
+        chosen = max(1, int(chosen * 0.9))
+    if not ok:
+        raise ConfigError(f"not even a micro-batch of 1 fits memory.target "
+                          f"({config.memory.target:.0%} of {budget} bytes)")
+    effective = config.train.effective_batch_size or chosen
+    return AutobatchResult(
+        max_fit=predicted, chosen=min(chosen, effective), accumulation_steps=1,
+        effective_batch_size=effective, lr=config.train.lr, eval_batch_size=eval_size,
+        budget_bytes=budget, target_bytes=target, fit=(a, k),
+        probe_steps=sum(t.kind == "probe" for t in trials), verify_steps=verify_steps,
+        throughput_steps=tsteps, trials=trials, max_fit_predicted=True)
+
+
+def _fit_memory(h: Harness, cap: int, budget: int, target: int, trials: list[Trial],
+                say: Progress, probes: int = 3) -> tuple[float, float]:
+    """(a, k) of memory(b) ~ a + k*b from at most `probes` probe steps.
+
+    Probes at s and 2s give a first prediction; the third probe lands halfway to it, and
+    the line through the two largest probes is used: per-sample cost at tiny sizes carries
+    fixed overheads, so the fit that extrapolates least is the one nearest the target.
+    """
+    s = min(8, cap)
+    points: list[tuple[int, int]] = []
+    while len(trials) < probes:
+        say(f"probing micro-batch {s}")
+        _, peak = h.fits(lambda s=s: h.train_step(s), budget, target)
+        trials.append(Trial(s, "probe", peak, peak is not None))
+        if peak is None:  # even the probe is too big: halve and keep looking
+            if s == 1:
+                break
+            s = max(1, s // 2)
+            continue
+        points.append((s, peak))
+        if len(points) == 1:
+            nxt = 2 * s
+        else:
+            a, k = _least_squares(points[-2:])
+            nxt = max(2 * s, int((target - a) / k / 2)) if k > 0 else 2 * s
+        if nxt > cap or nxt <= s:
+            break
+        s = nxt
+    if not points:
+        raise ConfigError("a training step does not fit in memory even with one sample")
+    if len(points) == 1:
+        return float(points[0][1]), float(points[0][1]) / points[0][0]
+    return _least_squares(points[-2:])
+
+
+def _eval_size(h: Harness, budget: int, target: int, trials: list[Trial], say: Progress
+               ) -> int:
+    n = len(h.eval_set)  # type: ignore[arg-type]
+    points = []
+    for s in sorted({min(n, 4), min(n, 8)}):
+        say(f"probing evaluation batch {s}")
+        _, peak = h.fits(lambda s=s: h.eval_step(s), budget, target)
+        trials.append(Trial(s, "eval-probe", peak, peak is not None))
+        if peak is not None:
+            points.append((s, peak))
+    if not points:
+        return 1
+    a, k = _least_squares(points) if len(points) > 1 else (0.0, points[0][1] / points[0][0])
+    return max(1, min(n, MAX_SIZE, int((target - a) / k) if k > 0 else n))
+
+
+def _knee(h: Harness, largest: int, trials: list[Trial], say: Progress,
+          check: Callable[[int], bool] | None = None) -> tuple[int, int]:
+    """The throughput knee (module docstring): (the size, the timing steps it took).
+    `check(size)`: runs a size's first step and says whether it fit (else: fits, untracked)."""
+    steps = 0
+
+    def rate(s: int) -> float:  # samples/s of steps at s adding up to MIN_TIMED_S
+        nonlocal steps
+        done, t0 = 0, time.perf_counter()
+        while True:
+            h.train_step(s)
+            done += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= MIN_TIMED_S:
+                steps += done
+                return s * done / elapsed
+
+    sizes = sorted({1 << i for i in range(largest.bit_length()) if 1 << i <= largest}
+                   | {largest})
+    scanned: dict[int, float] = {}
+    for s in sizes:
+        say(f"scanning micro-batch {s}")
+        steps += 1
+        if check is None:
+            h.train_step(s)  # allocator and kernels for this shape
+        elif not check(s):
+            break  # past the memory target: larger sizes do not fit either
+        scanned[s] = rate(s)
+        trials.append(Trial(s, "scan", samples_per_s=scanned[s]))
+        best = max(scanned.values())
+        if len(scanned) >= 3 and all(v < (1 - FALLEN) * best
+                                     for v in list(scanned.values())[-2:]):
+            break  # two sizes in a row clearly slower: larger ones will not win
+    best = max(scanned.values())
+    near = [s for s, v in scanned.items() if v >= (1 - FALLEN) * best]
+    rates: dict[int, list[float]] = {s: [] for s in near}
+    for r in range(ROUNDS):
+        # Interleaved, and each round in the other direction: a machine that slows down or
+        # speeds up mid-search shifts every size alike instead of favouring one end.
+        for s in near if r % 2 == 0 else reversed(near):
+            say(f"timing micro-batch {s} (round {r + 1} of {ROUNDS})")
+            rates[s].append(rate(s))
+    for s in near:
+        trials.append(Trial(s, "throughput", samples_per_s=statistics.median(rates[s]),
+                            spread=(min(rates[s]), max(rates[s]))))
+    return choose_knee(rates)[0], steps
+
+
+def choose_knee(rates: dict[int, list[float]]) -> tuple[int, float]:
+    """(the size to train with, the tolerance it was chosen at) from each size's rates.
+
+    A size is as fast as the best when its median is within the tolerance: the larger of
+    KNEE_TOLERANCE and the timing noise measured, the median relative spread of the
+    sizes' rounds. The smallest such size is chosen. Differences inside the noise decide
+    nothing, so a busy machine does not change the choice; where all sizes are within it,
+    the choice is the smallest size whatever the load.
+    """
+    median = {s: statistics.median(v) for s, v in rates.items()}
+    tolerance = max(KNEE_TOLERANCE, timing_noise(rates.values()))
+    best = max(median.values())
+    return min(s for s, m in median.items() if m >= (1 - tolerance) * best), tolerance
+
+
+def timing_noise(rates: Iterable[Sequence[float]]) -> float:
+    """The median over sizes of their rounds' range relative to their median rate."""
+    return statistics.median((max(v) - min(v)) / statistics.median(v) for v in rates)
+
+
+def _least_squares(points: list[tuple[int, int]]) -> tuple[float, float]:
+    xs, ys = [float(p[0]) for p in points], [float(p[1]) for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
+    k = max(k, 1.0)
+    return my - k * mx, k
