@@ -36,9 +36,18 @@ memory.budget, device and telemetry.trackers.
 
 EPILOG_TUNE = """\
 examples:
-  redline tune sr3-tiny --memory-budget 2GiB
-  redline tune my_task.py:MyTask --target 0.9 --output tuned.yaml --json
-  redline train my_task.py:MyTask --config tuned.yaml
+  redline tune sr3-tiny                          # precision, batch, layout, loader, compile
+  redline tune sr3-tiny --budget-s 60 --factors precision,batch
+  redline tune my_task.py:MyTask --batch-only --memory-budget 2GiB --target 0.9
+  redline train my_task.py:MyTask --config my_task-tuned.yaml
+
+The search starts from the config as given (its micro-batch, precision and loader) and
+measures: each precision the device runs passes a short quality check against fp32's
+run-to-run noise first; each setting replaces the current one only when it is faster by
+more than the timing noise. It prints every setting tried, the choice and the reason per
+factor, and the speed-up of the tuned config over the starting one, timed side by side.
+The effective batch follows the micro-batch unless train.effective_batch_size is set, and
+train.lr follows train.lr_scaling. Under torchrun only the micro-batch is searched.
 """
 
 EPILOG_STUDY = """\
@@ -133,10 +142,21 @@ def _parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser(
         "tune", parents=[job],
-        help="find the fastest micro-batch that fits memory; write a tuned config",
-        description="Probe TASK's memory, find the largest micro-batch within memory.target "
-                    "and the fastest one, and write a config that `redline train --config` "
-                    "accepts.", epilog=EPILOG_TUNE, formatter_class=raw)
+        help="measure the fastest settings (precision, micro-batch, channels_last, data "
+             "loading, compile); write a tuned config",
+        description="Measure TASK under each setting that sets its speed, within a time "
+                    "budget, and write a config that `redline train --config` accepts.",
+        epilog=EPILOG_TUNE, formatter_class=raw)
+    u.add_argument("--budget-s", type=float, default=None, metavar="S",
+                   help="time the search may take, in seconds (default 120)")
+    u.add_argument("--factors", metavar="LIST",
+                   help="comma-separated factors to search, of precision, batch, "
+                        "channels_last, loader, compile (default: all)")
+    u.add_argument("--quality-steps", type=int, metavar="N",
+                   help="optimizer steps of each precision's quality check (default 30)")
+    u.add_argument("--batch-only", action="store_true",
+                   help="only the batch search: the largest micro-batch within "
+                        "memory.target (verified) and the fastest")
     u.add_argument("--target", type=float, metavar="F",
                    help="share of the budget to fill, e.g. 0.85 (memory.target)")
     u.add_argument("--output", metavar="FILE", help="tuned config (default: TASK-tuned.yaml)")
@@ -270,31 +290,69 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from redline import distributed
     from redline.build import rank_device
-    from redline.memory.probe import format_size
+    from redline.config import ConfigError
     from redline.task import resolve_task
-    from redline.telemetry.console import status
-    from redline.tune import KNEE_TOLERANCE, autobatch_ranks
 
+    factors = _factors(args.factors)
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise ConfigError(f"--budget-s {args.budget_s:g}: give a positive number of seconds")
+    if args.quality_steps is not None and args.quality_steps < 2:
+        raise ConfigError(f"--quality-steps {args.quality_steps}: give at least 2 steps")
     config = _load(args, "tune")
     task = resolve_task(config.task, config.task_args)
     world = distributed.World.from_env()  # under torchrun every rank searches its device
     device = rank_device(config.device, world)
+    with tempfile.TemporaryDirectory() as scratch:
+        cache = scratch if args.no_cache else None
+        if args.batch_only or world.distributed:
+            if world.distributed and not args.batch_only and world.main:
+                print("redline tune under torchrun searches the micro-batch only; run it in "
+                      "one process for precision, data loading and compile", file=sys.stderr)
+            return _tune_batch(args, task, config, device, world, cache)
+        from redline.search import DEFAULT_BUDGET_S, tune
+        from redline.telemetry.console import status
+
+        with status("tune") as shown:
+            tuned, report = tune(task, config, device, cache_dir=cache, factors=factors,
+                                 budget_s=args.budget_s or DEFAULT_BUDGET_S,
+                                 quality_steps=args.quality_steps, say=shown)
+    out, dropped = _write_tuned(args, task, tuned)
+    if args.json:
+        print(json.dumps({**report.to_dict(), "config": str(out)}))
+        return 0
+    output.print_tune(report)
+    _tuned_lines(out, dropped)
+    return 0
+
+
+def _factors(text: str | None) -> tuple[str, ...]:
+    from redline.config import ConfigError
+    from redline.search import FACTORS
+
+    if not text:
+        return FACTORS
+    names = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in names if f not in FACTORS]
+    if unknown or not names:
+        raise ConfigError(f"--factors {text!r}: unknown factor {', '.join(unknown) or '(none)'}"
+                          f"; choose from {', '.join(FACTORS)}")
+    return names
+
+
+def _tune_batch(args: argparse.Namespace, task: Any, config: Any, device: Any, world: Any,
+                cache: str | None) -> int:
+    from redline import distributed
+    from redline.memory.probe import format_size
+    from redline.telemetry.console import status
+    from redline.tune import KNEE_TOLERANCE, autobatch_ranks
+
     comm = distributed.init(world, device.kind)
-    with tempfile.TemporaryDirectory() as scratch, status("tune") as shown:
-        result = autobatch_ranks(task, config, device, comm,
-                                 cache_dir=scratch if args.no_cache else None,
+    with status("tune") as shown:
+        result = autobatch_ranks(task, config, device, comm, cache_dir=cache,
                                  progress=shown if world.main else None)
     if not world.main:  # rank 0 writes the tuned config
         return 0
-    config = result.apply(config)
-    dropped = config.memory.budget is not None and not args.keep_budget
-    if dropped:  # the search needed it; training with it on a CPU is tracked, slower
-        config = config.updated({"memory.budget": None})
-    module, sep, attr = (config.task or "").rpartition(":")
-    if sep and module.endswith(".py"):  # the tuned config works from any directory
-        config = config.updated({"task": f"{Path(module).resolve()}:{attr}"})
-    out = Path(args.output or f"{task.name}-tuned.yaml")
-    out.write_text(config.to_yaml())
+    out, dropped = _write_tuned(args, task, result.apply(config))
     if args.json:
         print(json.dumps({**result.to_dict(), "config": str(out)}))
         return 0
@@ -309,12 +367,30 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"{result.eval_batch_size}; target {format_size(result.target_bytes)} "
           f"({config.memory.target:.0%} of {result.budget_source})"
           + (" (cached)" if result.cache_hit else ""))
+    _tuned_lines(out, dropped)
+    return 0
+
+
+def _write_tuned(args: argparse.Namespace, task: Any, config: Any) -> tuple[Path, bool]:
+    """Write the tuned config: without memory.budget unless --keep-budget, with a task
+    file's path made absolute. (the path, whether the budget was dropped)."""
+    dropped = config.memory.budget is not None and not args.keep_budget
+    if dropped:  # the search needed it; training with it on a CPU is tracked, slower
+        config = config.updated({"memory.budget": None})
+    module, sep, attr = (config.task or "").rpartition(":")
+    if sep and module.endswith(".py"):  # the tuned config works from any directory
+        config = config.updated({"task": f"{Path(module).resolve()}:{attr}"})
+    out = Path(args.output or f"{task.name}-tuned.yaml")
+    out.write_text(config.to_yaml())
+    return out, dropped
+
+
+def _tuned_lines(out: Path, dropped: bool) -> None:
     print(f"tuned config: {out}  (redline train --config {out})")
     if dropped:
         print("memory.budget is left out of the tuned config (the micro-batch was sized "
               "for it); --keep-budget keeps it, at the cost of tracking every tensor "
               "operation on a CPU")
-    return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ continues it on any rank.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,8 @@ class DataConfig:
     """The `data` section: how the DataLoader feeds the step."""
 
     num_workers: int | str = 0
-    """Loader worker processes, or "auto" (cores - 1, at most 4)."""
+    """Loader worker processes, or "auto": chosen by measurement when training starts
+    (loading.py: 0 unless workers make the step measurably faster)."""
     pin_memory: bool | str = "auto"
     """Page-locked host batches for fast copies; "auto": on for CUDA."""
     persistent_workers: bool | str = "auto"
@@ -92,9 +92,9 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 def loader_options(cfg: DataConfig, device_kind: str) -> dict[str, Any]:
     """DataLoader keyword arguments with the 'auto' settings resolved for this machine."""
-    workers = cfg.num_workers
-    if workers == "auto":
-        workers = max(0, min(4, (os.cpu_count() or 1) - 1))
+    # "auto" is measured when training starts (loading.py); a job built before that (the
+    # batch search's trials, a dry run) loads in the main process.
+    workers = 0 if cfg.num_workers == "auto" else cfg.num_workers
     assert isinstance(workers, int)
     pin = cfg.pin_memory if cfg.pin_memory != "auto" else device_kind == "cuda"
     persistent = cfg.persistent_workers if cfg.persistent_workers != "auto" else workers > 0

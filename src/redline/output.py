@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from redline.search import TuneReport
     from redline.tune import AutobatchResult
 
 
@@ -56,6 +57,33 @@ def print_trials(result: AutobatchResult) -> None:
                   else "scan" if speed else "-")
         print(f"{size:>11}  {peak:>12}  {pct:>11}  {sps:>10}  {spread:>7}  "
               f"{'<-' if size == result.chosen else ''}".rstrip())
+
+
+def print_tune(report: TuneReport) -> None:
+    """redline tune's table (every setting tried), each factor's choice and reason, and
+    the speed-up measured against the starting config."""
+    from redline.memory.probe import format_size
+
+    print(f"{'factor':<14} {'setting':<42} {'samples/s':>10} {'spread':>7} {'peak memory':>12}"
+          "  note")
+    for row in report.rows:
+        sps = f"{row.samples_per_s:.1f}" if row.samples_per_s else "-"
+        spread = f"{100 * row.spread:.1f}%" if row.spread is not None else "-"
+        peak = format_size(row.peak_bytes) if row.peak_bytes else "-"
+        print(f"{row.factor:<14} {row.setting:<42} {sps:>10} {spread:>7} {peak:>12}  "
+              f"{row.note}".rstrip())
+    print("\nchosen:")
+    for factor, reason in report.reasons.items():
+        print(f"  {factor}: {reason}")
+    if report.speedup is not None and report.speedup_range is not None:
+        lo, hi = report.speedup_range
+        print(f"speed-up: {report.speedup:.2f}x over the starting config (rounds "
+              f"{lo:.2f}x..{hi:.2f}x; {report.start_samples_per_s:.1f} -> "
+              f"{report.tuned_samples_per_s:.1f} samples/s, measured side by side)")
+    over = report.wall_s - report.budget_s
+    print(f"search: {report.wall_s:.0f} s (--budget-s {report.budget_s:.0f}"
+          + (f"; {over:.0f} s over: a stage cannot stop mid-measurement" if over > 1 else "")
+          + ")")
 
 
 def print_study(summary: dict[str, Any]) -> None:

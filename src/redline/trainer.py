@@ -44,6 +44,7 @@ from redline.evaluation import evaluate, evaluate_shrinking
 from redline.events import Callback, Dispatcher, Event, State
 from redline.inspector import Inspector
 from redline.lifecycle import Interrupted, Signals
+from redline.loading import resolve_auto_workers
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
 from redline.samples import read_samples, save_samples
 from redline.task import Task, resolve_task
@@ -189,6 +190,9 @@ class Trainer:
             self.config, tuned = resolve_auto_batch(self.task, self.config, self.device,
                                                     self.run_dir, self.resume, self.progress,
                                                     check, self.comm)
+        self.config, loader_auto = resolve_auto_workers(
+            self.task, self.config, self.device, main,
+            self.run_dir / "config.yaml" if self.resume else None)
         self.events = held.enter_context(EventLog(self.run_dir / "events.jsonl") if main
                                          else SilentEventLog())
         self.state = State(run_dir=str(self.run_dir))
@@ -228,6 +232,8 @@ class Trainer:
                                  {"kind": "corrupt_checkpoint", "path": path})
         if tuned is not None:
             self.events.event("autobatch", **tuned)
+        if loader_auto:
+            self.events.event("loader_auto", **loader_auto)
         if main:
             rundir.write_start_files(self.run_dir, self.config, self.task.name, {
                 "precision": self.job.precision.describe(), "device": self.device.to_dict(),

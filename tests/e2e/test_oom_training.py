@@ -111,8 +111,9 @@ def test_cli_batch_size_auto_and_tune(tmp_path: Path) -> None:
     (tmp_path / "tasks").mkdir()  # a task file given relative to where tune runs
     (tmp_path / "tasks" / "toy.py").write_text(Path(TOY.split(":")[0]).read_text())
     relative = "tasks/toy.py:ToyRegression"
-    tune = run_cli(["tune", relative, "--memory-budget", "2MiB", "--set", "task_args.hidden=512",
-                    "--set", "task_args.n=2048", "--output", "tuned.yaml"], tmp_path, env=env)
+    tune = run_cli(["tune", relative, "--batch-only", "--memory-budget", "2MiB", "--set",
+                    "task_args.hidden=512", "--set", "task_args.n=2048", "--output",
+                    "tuned.yaml"], tmp_path, env=env)
     assert tune.returncode == 0, tune.stderr
     assert "largest fitting micro-batch" in tune.stdout and "<-" in tune.stdout
     assert "spread" in tune.stdout.splitlines()[0]  # each timed size's rounds, and the rule
@@ -124,7 +125,7 @@ def test_cli_batch_size_auto_and_tune(tmp_path: Path) -> None:
                     env=env)
     assert train.returncode == 0, train.stderr
     assert "every tensor operation is tracked" not in train.stderr
-    kept = run_cli(["tune", relative, "--memory-budget", "2MiB", "--set",
+    kept = run_cli(["tune", relative, "--batch-only", "--memory-budget", "2MiB", "--set",
                     "task_args.hidden=512", "--set", "task_args.n=2048", "--keep-budget",
                     "--output", "kept.yaml"], tmp_path, env=env)
     assert kept.returncode == 0, kept.stderr

@@ -1,0 +1,146 @@
+"""The short quality check a precision passes before `redline tune` may choose it.
+
+A faster number format is only worth having if it trains as well. Before the search spends
+time on a precision it runs a few dozen optimizer steps of the starting configuration in
+it, beside fp32 with the same seed and fp32 with another seed, all in lockstep (step k of
+each in turn, so their step times are also an interleaved speed comparison at this batch):
+
+    fp32, seed s          the reference
+    fp32, seed s + 1      its run-to-run noise: another initialisation and data order
+    P,    seed s          for each candidate precision P
+
+Each run's loss is the mean over the second half of its steps. fp32's two runs give the
+band (judge.py: mean ± 2 standard deviations, and at least ± MIN_BAND of the mean, since
+two runs can agree by chance more closely than their noise). A precision whose loss is not
+finite, or is worse than the band, is excluded with the number; one within it or better is
+admitted. A precision whose first step takes SLOWER times fp32's is dropped at once, as too
+slow to be worth a quality check (fp16 convolutions on some CPUs run 50x slower than fp32).
+
+This is a screen, not a study: a few dozen steps catch a format that breaks training
+(overflow, lost precision in a sum, a loss that stops falling), not a small quality cost
+at the end of a long run; `redline study` measures that.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from redline.config import RunConfig
+from redline.device import DeviceInfo
+from redline.judge import Band, judge
+from redline.precision import PRECISIONS
+from redline.task import Task
+from redline.trial import Runner
+
+STEPS = 30  # optimizer steps per run
+MIN_STEPS = 10  # a deadline stops the runs no earlier than this
+MIN_BAND = 0.01  # the band's half-width is at least this share of fp32's loss
+SLOWER = 10.0  # a first step this many times fp32's: dropped without a quality check
+REFERENCE = "fp32"
+NOT_CANDIDATES = {"fp8-emulated": "an emulation: fp8's numerics with no speed-up"}
+
+
+@dataclass
+class PrecisionCheck:
+    """One precision's short run."""
+
+    name: str
+    admitted: bool
+    reason: str  # in words, with the numbers
+    loss: float | None = None  # mean loss of the run's second half
+    step_s: float | None = None  # median step time at the starting micro-batch
+    speed_vs_fp32: float | None = None  # fp32's step time over this one's (>1: faster)
+
+
+def candidates(device: DeviceInfo) -> tuple[list[str], dict[str, str]]:
+    """(precisions this device runs, other than fp32; {name: why not} for the rest)."""
+    runs, not_run = [], {}
+    for name, cls in PRECISIONS.items():
+        if name == REFERENCE:
+            continue
+        reason = NOT_CANDIDATES.get(name) or cls.unsupported_reason(device)
+        if reason:
+            not_run[name] = reason
+        else:
+            runs.append(name)
+    return runs, not_run
+
+
+def check_precisions(task: Task, config: RunConfig, device: DeviceInfo,
+                     names: Sequence[str], steps: int = STEPS,
+                     say: Callable[[str], None] = lambda _: None,
+                     deadline_s: float | None = None) -> list[PrecisionCheck]:
+    """The short quality check (module docstring) of `names` against fp32, at `config`'s
+    micro-batch and effective batch; fp32's own row comes first. `deadline_s`: the runs
+    stop after this many seconds once MIN_STEPS steps are done."""
+    seed = config.train.seed
+    runs = {"fp32": Runner(task, config.updated({"precision.name": REFERENCE}), device),
+            "fp32-other-seed": Runner(task, config.updated({
+                "precision.name": REFERENCE, "train.seed": seed + 1}), device)}
+    for name in names:
+        runs[name] = Runner(task, config.updated({"precision.name": name}), device)
+    dropped: dict[str, str] = {}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    t0 = time.perf_counter()
+    try:
+        for k in range(steps):
+            if (deadline_s is not None and k >= MIN_STEPS
+                    and time.perf_counter() - t0 > deadline_s):
+                break
+            say(f"quality check: step {k + 1} of {steps} in {', '.join(names) or 'fp32'}")
+            for name, runner in runs.items():
+                if name in dropped:
+                    continue
+                took = runner.step()[0]
+                if k:  # the first step is warm-up
+                    times[name].append(took)
+                else:
+                    runner.first_step_s = took
+            if k == 0:
+                dropped.update(_too_slow(runs))
+    finally:
+        for runner in runs.values():
+            runner.close()
+    return _verdicts(runs, times, dropped, names)
+
+
+def _too_slow(runs: dict[str, Runner]) -> dict[str, str]:
+    ref = runs["fp32"].first_step_s or math.inf
+    return {name: (f"its first step took {r.first_step_s:.2f} s, {r.first_step_s / ref:.0f}x "
+                   "fp32's: too slow to be worth a quality check")
+            for name, r in runs.items() if not name.startswith("fp32")
+            and (r.first_step_s or 0.0) > SLOWER * ref}
+
+
+def _second_half(losses: list[float]) -> float:
+    tail = losses[len(losses) // 2:]
+    return statistics.fmean(tail) if all(math.isfinite(v) for v in tail) else math.nan
+
+
+def _verdicts(runs: dict[str, Runner], times: dict[str, list[float]], dropped: dict[str, str],
+              names: Sequence[str]) -> list[PrecisionCheck]:
+    ref_loss = [_second_half(runs[n].losses) for n in ("fp32", "fp32-other-seed")]
+    band = Band.of(ref_loss)
+    floor = MIN_BAND * abs(band.mean) / 2  # as a std: the half-width is two of them
+    band = Band(band.mean, max(band.std or 0.0, floor), band.n)
+    ref_step = statistics.median(times["fp32"]) if times["fp32"] else math.nan
+    out = [PrecisionCheck(REFERENCE, True, f"the reference (loss {ref_loss[0]:.4g}; another "
+                          f"seed {ref_loss[1]:.4g})", ref_loss[0], ref_step, 1.0)]
+    for name in names:
+        if name in dropped:
+            out.append(PrecisionCheck(name, False, dropped[name],
+                                      step_s=runs[name].first_step_s))
+            continue
+        loss = _second_half(runs[name].losses)
+        step = statistics.median(times[name]) if times[name] else math.nan
+        verdict = judge(loss, band, higher_better=False)
+        shown = f"loss {loss:.4g} against fp32's {band.mean:.4g} ± {band.half_width:.2g}"
+        out.append(PrecisionCheck(
+            name, verdict.acceptable,
+            f"{shown}: {verdict.kind}" if math.isfinite(loss) else "its loss is not finite",
+            loss if math.isfinite(loss) else None, step, ref_step / step))
+    return out

@@ -1,0 +1,384 @@
+"""`redline tune`: every setting that sets the speed, chosen by measurement, within a budget.
+
+Researchers start from batch 4, fp32 and 0 loader workers and hand-tune the rest. This
+workflow measures instead, one factor at a time where factors are independent, and keeps
+the effective batch and the learning-rate rule throughout (recipe.py):
+
+  1. precision   every format the device runs is screened by a short quality check
+                 against fp32's own run-to-run noise (quality.py); one that leaves the band
+                 is excluded with the number. The check's lockstep steps also rank the
+                 admitted formats by speed at the starting batch;
+  2. batch       the batch search (batchsearch.search_fastest), once per precision among
+                 the TOP_PRECISIONS fastest admitted ones (successive halving: a format's
+                 memory per sample and its best batch differ, so each gets its own fit and
+                 knee), then the precisions' knees are timed against each other end to end;
+  3. channels_last  for a model with 4-D weights: timed on and off;
+  4. loader      workers, prefetch, pinning, persistence (loading.py);
+  5. compile     compile time measured, then the compiled step timed against the eager
+                 one; adopted only when the time it saves over `train.steps` exceeds the
+                 compile time.
+
+Each comparison is interleaved rounds through the job's own loader (trial.py), and a
+setting replaces the current one only when it is faster by more than the rounds' noise
+(at least KNEE_TOLERANCE): a tie keeps what is closer to the start. Last, the starting and
+the tuned configuration are timed against each other: that ratio is the speed-up printed,
+measured, never projected. Each stage checks the clock; one that no longer fits in
+`budget_s` is skipped with the reason, so the search ends near the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from redline.batchsearch import KNEE_TOLERANCE, AutobatchResult
+from redline.checkpoint import preserved_rng
+from redline.config import RunConfig
+from redline.device import DeviceInfo
+from redline.loading import choose_loader
+from redline.quality import candidates, check_precisions
+from redline.recipe import reference_batch
+from redline.task import Task
+from redline.trial import Runner, Timing, interleave, noise, runners
+from redline.tune import autobatch
+
+FACTORS = ("precision", "batch", "channels_last", "loader", "compile")
+DEFAULT_BUDGET_S = 120.0
+TOP_PRECISIONS = 2  # precisions that get a batch search of their own
+# Ties between precisions go to the first of these: fp32 master weights before none.
+SAFER = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "fp8", "bf16-true")
+ROUNDS = 3
+MIN_TIMED_S = 0.3
+COMPILE_FLOOR_S = 10.0  # the least a torch.compile of a training step took on this CPU
+MIN_COMPILE_BUDGET_S = 30.0
+MAX_GAIN = 0.5  # compile is not tried where halving the step would not repay COMPILE_FLOOR_S
+
+
+@dataclass
+class Row:
+    """One setting tried: what it was, how fast, what memory, what became of it."""
+
+    factor: str
+    setting: str
+    samples_per_s: float | None = None
+    spread: float | None = None  # the rounds' range over their median
+    peak_bytes: int | None = None
+    note: str = ""
+
+
+@dataclass
+class TuneReport:
+    start: dict[str, Any]  # the starting config (RunConfig.to_dict)
+    tuned: dict[str, Any]  # the config written
+    rows: list[Row] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)  # factor -> the choice and why
+    start_samples_per_s: float | None = None
+    tuned_samples_per_s: float | None = None
+    speedup: float | None = None  # median of the final rounds' ratios
+    speedup_range: tuple[float, float] | None = None
+    wall_s: float = 0.0
+    budget_s: float = DEFAULT_BUDGET_S
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Clock:
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s, self.t0 = budget_s, time.perf_counter()
+
+    def used(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.budget_s - self.used()
+
+
+def starting_config(config: RunConfig) -> RunConfig:
+    """What the user runs today: `config` with batch_size auto read as the default 16 and
+    num_workers auto as 0 (the settings tune replaces)."""
+    changes: dict[str, Any] = {}
+    if config.train.auto_batch:
+        changes["train.batch_size"] = 16
+    if config.data.num_workers == "auto":
+        changes["data.num_workers"] = 0
+    return config.updated(changes) if changes else config
+
+
+def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
+         budget_s: float = DEFAULT_BUDGET_S, factors: tuple[str, ...] = FACTORS,
+         quality_steps: int | None = None, cache_dir: Any = None,
+         say: Callable[[str], None] = lambda _: None) -> tuple[RunConfig, TuneReport]:
+    """The tuned config for `task` and the report of how it was chosen (module docstring)."""
+    clock = Clock(budget_s)
+    say = _on_the_clock(say, clock)
+    start = starting_config(config)
+    report = TuneReport(start=start.to_dict(), tuned={}, budget_s=budget_s)
+    ranked = _precisions(task, start, device, factors, quality_steps, clock, report, say)
+    current = _batch(task, start, device, ranked, factors, cache_dir, clock, report, say)
+    current = _channels_last(task, current, device, factors, clock, report, say)
+    current = _loader(task, current, device, factors, clock, report, say)
+    current = _compile(task, current, device, factors, clock, report, say)
+    _speedup(task, start, current, device, report, say)
+    report.tuned, report.wall_s = current.to_dict(), clock.used()
+    return current, report
+
+
+def _on_the_clock(say: Callable[[str], None], clock: Clock) -> Callable[[str], None]:
+    """Progress lines that say where the search is in its budget."""
+    return lambda msg: say(f"[{clock.used():.0f} of {clock.budget_s:.0f} s] {msg}")
+
+
+def _precisions(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple[str, ...],
+                steps: int | None, clock: Clock, report: TuneReport,
+                say: Callable[[str], None]) -> list[str]:
+    """The admitted precisions, fastest first at the starting batch (quality.py)."""
+    if "precision" not in factors:
+        report.reasons["precision"] = f"{start.precision.name}: kept (not searched)"
+        return [start.precision.name]
+    names, not_run = candidates(device)
+    for name, why in not_run.items():
+        report.rows.append(Row("precision", name, note=f"not tried: {why}"))
+    checks = check_precisions(task, start, device, names, say=say,
+                              deadline_s=0.2 * clock.budget_s,
+                              **({"steps": steps} if steps else {}))
+    for c in checks:
+        report.rows.append(Row(
+            "precision", f"{c.name}, micro-batch {start.train.micro_batch}",
+            start.train.micro_batch / c.step_s if c.step_s else None,
+            note=("admitted: " if c.admitted else "excluded: ") + c.reason))
+    admitted = [c for c in checks if c.admitted]
+    admitted.sort(key=lambda c: -(c.speed_vs_fp32 or 0.0))
+    report.reasons["precision"] = "; ".join(
+        f"{c.name} {'admitted' if c.admitted else 'excluded'}" + ("" if c.admitted else
+                                                                  f" ({c.reason})")
+        for c in checks if c.name != "fp32")
+    return [c.name for c in admitted]
+
+
+def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
+           factors: tuple[str, ...], cache_dir: Any, clock: Clock, report: TuneReport,
+           say: Callable[[str], None]) -> RunConfig:
+    """Each top precision's fastest micro-batch, then the fastest of those, end to end."""
+    if "batch" not in factors:
+        report.reasons["batch"] = f"micro-batch {start.train.micro_batch}: kept (not searched)"
+        return start.updated({"precision.name": ranked[0]})
+    options: list[RunConfig] = []
+    for i, name in enumerate(ranked[:TOP_PRECISIONS]):
+        if i and clock.left() < 0.4 * clock.budget_s:
+            report.rows.append(Row("batch", name, note="no batch search: the budget is "
+                                   "spent (raise --budget-s)"))
+            continue
+        cfg = start.updated({"precision.name": name, "train.batch_size": "auto",
+                             "train.lr_reference_batch": reference_batch(start)})
+        r = autobatch(task, cfg, device, cache_dir=cache_dir, verify_largest=False,
+                      progress=lambda m, n=name: say(f"batch search in {n}: {m}"))
+        _batch_rows(r, name, report)
+        options.append(r.apply(cfg))
+    options.sort(key=lambda c: SAFER.index(c.precision.name) if c.precision.name in SAFER
+                 else len(SAFER))  # a tie goes to the format that keeps more precision
+    if len(options) == 1:
+        chosen = options[0]
+        why = "the fastest micro-batch found (the batch search's knee)"
+    else:
+        chosen, why = _fastest(task, options, device, "batch", report, say,
+                               lambda c: f"{c.precision.name} at micro-batch "
+                                         f"{c.train.micro_batch}")
+    report.reasons["batch"] = f"{_recipe(start, chosen)}: {why}"
+    if "precision" in factors:
+        report.reasons["precision"] = (f"{chosen.precision.name} (the fastest at its own "
+                                       f"best micro-batch; {report.reasons['precision']})")
+    return chosen
+
+
+def _recipe(start: RunConfig, chosen: RunConfig) -> str:
+    """The micro-batch, and what the optimizer sees, against the start's."""
+    t, s = chosen.train, start.train
+    if s.effective_batch_size:
+        effective = f"effective batch {t.samples_per_step} kept"
+    elif t.samples_per_step != s.samples_per_step:
+        effective = (f"effective batch {s.samples_per_step} -> {t.samples_per_step} "
+                     "(train.effective_batch_size unset: it follows the micro-batch)")
+    else:
+        effective = f"effective batch {t.samples_per_step}"
+    lr = (f"lr {s.lr:.3g} -> {t.lr:.3g} (train.lr_scaling {s.lr_scaling})" if t.lr != s.lr
+          else f"lr {t.lr:.3g} (train.lr_scaling {s.lr_scaling})")
+    return f"micro-batch {t.micro_batch} x {_accumulation(chosen)}; {effective}; {lr}"
+
+
+def _batch_rows(r: AutobatchResult, name: str, report: TuneReport) -> None:
+    """One row per size the batch search timed: its rounds where it had them, else its scan."""
+    peaks = {t.size: t.peak_bytes for t in r.trials if t.kind == "verify" and t.fits}
+    timed = {t.size: t for t in r.trials if t.kind == "scan" and t.samples_per_s}
+    timed.update({t.size: t for t in r.trials if t.kind == "throughput" and t.samples_per_s})
+    for size, t in sorted(timed.items()):
+        spread = (t.spread[1] - t.spread[0]) / t.samples_per_s if t.spread else None
+        note = ("knee for " + name if size == r.chosen
+                else "scanned once" if t.kind == "scan" else "")
+        report.rows.append(Row("batch", f"{name}, micro-batch {size}", t.samples_per_s,
+                               spread, peaks.get(size), note))
+
+
+def _accumulation(config: RunConfig) -> int:
+    return -(-config.train.samples_per_step // config.train.micro_batch)
+
+
+def _fastest(task: Task, options: list[RunConfig], device: DeviceInfo, factor: str,
+             report: TuneReport, say: Callable[[str], None],
+             label: Callable[[RunConfig], str]) -> tuple[RunConfig, str]:
+    """The fastest of `options` beyond the noise; ties go to the earliest (the start's)."""
+    with runners(task, options, device) as built:
+        timings = interleave(built, ROUNDS, MIN_TIMED_S, lambda i, r: say(
+            f"{factor}: timing {label(options[i])} (round {r + 1} of {ROUNDS})"))
+    tolerance = max(KNEE_TOLERANCE, noise(timings))
+    best = max(t.samples_per_s for t in timings)
+    pick = next(i for i, t in enumerate(timings) if t.samples_per_s >= (1 - tolerance) * best)
+    for c, t in zip(options, timings, strict=True):
+        report.rows.append(Row(factor, label(c) + " (end to end)", t.samples_per_s,
+                               t.spread, note="chosen" if c is options[pick] else ""))
+    rates = ", ".join(f"{label(c)} {t.samples_per_s:.1f}"
+                      for c, t in zip(options, timings, strict=True))
+    top = max(range(len(timings)), key=lambda i: timings[i].samples_per_s)
+    if pick == top:
+        rest = [t.samples_per_s for i, t in enumerate(timings) if i != pick]
+        margin = timings[pick].samples_per_s / max(rest) - 1 if rest else 0.0
+        verdict = (f"{label(options[pick])} is {margin:.1%} faster, beyond the noise "
+                   f"({tolerance:.1%})" if pick else
+                   f"{label(options[pick])} is the fastest")
+    else:
+        verdict = (f"{label(options[top])} is within the noise ({tolerance:.1%}) of "
+                   f"{label(options[pick])}, which is kept (closer to the start)")
+    return options[pick], f"{verdict}: {rates} samples/s"
+
+
+def _has_conv(task: Task) -> bool:
+    with preserved_rng():  # building a model draws its initialisation
+        return any(p.dim() == 4 for p in task.build_model().parameters())
+
+
+def _channels_last(task: Task, config: RunConfig, device: DeviceInfo,
+                   factors: tuple[str, ...], clock: Clock, report: TuneReport,
+                   say: Callable[[str], None]) -> RunConfig:
+    if "channels_last" not in factors:
+        return config
+    if not _has_conv(task):
+        report.reasons["channels_last"] = "off: the model has no convolution weights"
+        return config
+    if clock.left() <= 0:
+        report.reasons["channels_last"] = "not tried: the budget is spent"
+        return config
+    on = config.updated({"precision.channels_last": not config.precision.channels_last})
+    chosen, why = _fastest(task, [config, on], device, "channels_last", report, say,
+                           lambda c: "channels_last " + _on(c.precision.channels_last))
+    report.reasons["channels_last"] = f"{_on(chosen.precision.channels_last)}: {why}"
+    return chosen
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _loader(task: Task, config: RunConfig, device: DeviceInfo, factors: tuple[str, ...],
+            clock: Clock, report: TuneReport, say: Callable[[str], None]) -> RunConfig:
+    if "loader" not in factors:
+        return config
+    if clock.left() <= 0:
+        report.reasons["loader"] = "not tried: the budget is spent"
+        return config
+    choice = choose_loader(task, config, device, say)
+    for row in choice.rows:
+        text = ", ".join(f"{k} {v}" for k, v in row.settings.items())
+        report.rows.append(Row("loader", text, row.samples_per_s, row.spread,
+                               note=f"data wait {row.data_wait:.1%}"))
+    report.reasons["loader"] = "; ".join(f"{k}: {v}" for k, v in choice.reasons.items())
+    return choice.apply(config)
+
+
+def _compile(task: Task, config: RunConfig, device: DeviceInfo, factors: tuple[str, ...],
+             clock: Clock, report: TuneReport, say: Callable[[str], None]) -> RunConfig:
+    if "compile" not in factors:
+        return config
+    steps = config.train.steps
+    step_s = _step_seconds(report, config)
+    if step_s is not None and MAX_GAIN * steps * step_s < COMPILE_FLOOR_S:
+        report.reasons["compile"] = (
+            f"off, not tried: even halving the {step_s * 1e3:.0f} ms step would save "
+            f"{MAX_GAIN * steps * step_s:.1f} s over train.steps {steps}, less than a "
+            f"compile takes on this machine (at least {COMPILE_FLOOR_S:.0f} s)")
+        return config
+    if clock.left() < MIN_COMPILE_BUDGET_S:
+        report.reasons["compile"] = (f"off, not tried: {max(0.0, clock.left()):.0f} s of "
+                                     "--budget-s left, too little to compile and time it "
+                                     "(raise --budget-s)")
+        return config
+    compiled = config.updated({"precision.compile": True})
+    say("compile: compiling the training step (torch.compile)")
+    try:
+        with _pair(task, config, compiled, device) as (eager, fast):
+            cold_s = fast.warm_up() - eager.warm_up()
+            timings = interleave([eager, fast], ROUNDS, MIN_TIMED_S, lambda i, r: say(
+                f"compile: timing {'compiled' if i else 'eager'} (round {r + 1})"))
+    except Exception as e:  # inductor fails in many ways; the eager step ran in every stage
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        report.reasons["compile"] = f"off: torch.compile failed here ({first})"
+        return config
+    return _compile_decision(config, compiled, timings, max(0.0, cold_s), report)
+
+
+@contextlib.contextmanager
+def _pair(task: Task, a: RunConfig, b: RunConfig, device: DeviceInfo
+          ) -> Iterator[tuple[Runner, Runner]]:
+    with runners(task, [a, b], device) as (x, y):
+        yield x, y
+
+
+def _compile_decision(config: RunConfig, compiled: RunConfig, timings: list[Timing],
+                      compile_s: float, report: TuneReport) -> RunConfig:
+    """On when the time the compiled step saves over train.steps exceeds the compile time
+    measured here, a first compile. (A later process reads torch's on-disk cache and pays
+    less: 2.2 s against 44 s on sr3-tiny, measured; the decision does not count on it.)"""
+    eager, fast = timings
+    per_step = config.train.samples_per_step
+    saved_per_step = per_step / eager.samples_per_s - per_step / fast.samples_per_s
+    steps = config.train.steps
+    tolerance = max(KNEE_TOLERANCE, noise(timings))
+    gain = fast.samples_per_s / eager.samples_per_s - 1
+    for label, t in (("eager", eager), ("compiled", fast)):
+        report.rows.append(Row("compile", label, t.samples_per_s, t.spread,
+                               note=f"compile {compile_s:.1f} s" if label == "compiled"
+                               else ""))
+    numbers = (f"compiled {gain:+.1%} samples/s, compile {compile_s:.1f} s, saving "
+               f"{saved_per_step * steps:.1f} s over train.steps {steps}")
+    if gain > tolerance and saved_per_step * steps > compile_s:
+        report.reasons["compile"] = f"on: {numbers}"
+        return compiled
+    why = ("within the noise" if gain <= tolerance
+           else "the run is too short to repay the compile")
+    report.reasons["compile"] = f"off: {numbers} ({why})"
+    return config
+
+
+def _step_seconds(report: TuneReport, config: RunConfig) -> float | None:
+    rates = [r.samples_per_s for r in report.rows if r.samples_per_s and r.factor in
+             ("batch", "channels_last", "loader")]
+    return config.train.samples_per_step / max(rates) if rates else None
+
+
+def _speedup(task: Task, start: RunConfig, tuned: RunConfig, device: DeviceInfo,
+             report: TuneReport, say: Callable[[str], None]) -> None:
+    """The tuned config against the starting one, interleaved: the speed-up printed."""
+    rounds = ROUNDS + 2
+    with runners(task, [start, tuned], device) as built:
+        for runner in built:
+            runner.warm_up()
+        a, b = interleave(built, rounds, MIN_TIMED_S, lambda i, r: say(
+            f"speed-up: timing the {'tuned' if i else 'starting'} config (round {r + 1} "
+            f"of {rounds})"))
+    ratios = [y / x for x, y in zip(a.rates, b.rates, strict=True)]
+    report.start_samples_per_s, report.tuned_samples_per_s = a.samples_per_s, b.samples_per_s
+    report.speedup = statistics.median(ratios)
+    report.speedup_range = (min(ratios), max(ratios))

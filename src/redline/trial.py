@@ -1,0 +1,161 @@
+"""Timing a configuration as training runs it: a job built for trial steps, fed by its loader.
+
+`redline tune` compares settings that the batch search's trial steps cannot see (the data
+loader's workers, pinning and prefetch; channels_last; torch.compile), so a `Runner` builds
+the whole job through build.py, exactly as training would, and times optimizer steps fed
+by the job's own exact-resume loader, data-wait included:
+
+    runner = Runner(task, config, device)       # model, optimizer, loader: training's own
+    runner.warm_up()                            # first step: kernels, workers, compile
+    rate = runner.time(0.3)                     # samples/s over steps adding up to 0.3 s
+
+`interleave` times several runners in rounds, each round in the other direction, so a
+machine that slows down mid-measurement shifts every setting alike; `noise` is the rounds'
+spread, below which no decision is made (batchsearch.choose_knee's rule).
+
+Runners train a throwaway copy of the model on random streams of their own (seeded by
+`train.seed`, kept between steps, so the run that follows draws what it would have
+drawn), with the OOM guard and memory.budget off: the memory of each size was checked by
+the batch search, and a CPU memory check at a compiled model's first call would stop
+torch.compile from compiling (a TorchDispatchMode active then makes dynamo skip that
+forward's code for the rest of the process, measured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redline import batch as batch_tree
+from redline.build import Job, build_job
+from redline.checkpoint import preserved_rng, rng_state, set_rng_state
+from redline.config import RunConfig
+from redline.data import iterate_from
+from redline.device import DeviceInfo
+from redline.task import Task
+
+
+@dataclass
+class Timing:
+    """One setting's interleaved rounds."""
+
+    rates: list[float] = field(default_factory=list)  # samples/s, one per round
+    waits: list[float] = field(default_factory=list)  # share of each round spent in the loader
+
+    @property
+    def samples_per_s(self) -> float:
+        return statistics.median(self.rates) if self.rates else math.nan
+
+    @property
+    def spread(self) -> float:
+        """The rounds' range relative to their median (0 with one round)."""
+        if len(self.rates) < 2:
+            return 0.0
+        return (max(self.rates) - min(self.rates)) / self.samples_per_s
+
+    @property
+    def data_wait(self) -> float:
+        return statistics.median(self.waits) if self.waits else math.nan
+
+
+def noise(timings: Sequence[Timing]) -> float:
+    """The timing noise of a comparison: the median of the settings' relative spreads."""
+    spreads = [t.spread for t in timings if len(t.rates) >= 2]
+    return statistics.median(spreads) if spreads else 0.0
+
+
+class Runner:
+    """`config`'s training job for `task`, stepped by its own loader (module docstring)."""
+
+    def __init__(self, task: Task, config: RunConfig, device: DeviceInfo) -> None:
+        self.task, self.config = task, config.updated({"memory.oom_guard": False,
+                                                           "memory.budget": None})
+        with preserved_rng():
+            self.job: Job = build_job(self.config, task, device)
+            self._rng = rng_state()  # the runner's own stream, seeded by train.seed
+        self._loader = self.job.train_loader()
+        self._epoch = 0
+        self._batches: Iterator[Any] = iterate_from(self._loader, 0, 0)
+        self._move = device.torch_device.type != "cpu"
+        self.per_step = self.config.train.samples_per_step
+        self.first_step_s: float | None = None  # the warm-up step: kernels, workers, compile
+        self.losses: list[float] = []
+
+    def _next(self) -> Any:
+        batch = next(self._batches, None)
+        if batch is None:  # the epoch ended: the next one, as training would
+            self._epoch += 1
+            self._batches = iterate_from(self._loader, self._epoch, 0)
+            batch = next(self._batches)
+        return batch
+
+    def step(self) -> tuple[float, float]:
+        """One optimizer step: (its seconds, the seconds of them spent waiting on data)."""
+        with preserved_rng():  # the caller's streams stay where they were
+            set_rng_state(self._rng)  # the runner's continue where its last step left them
+            t0 = time.perf_counter()
+            batch = self._next()
+            wait = time.perf_counter() - t0
+            if self._move:
+                batch = batch_tree.move(batch, self.job.device.torch_device,
+                                        bool(self.job.loader_options.get("pin_memory")))
+            with self.job.precision.global_context():
+                loss = self.job.engine.step(batch, self.task.loss)
+            self.losses.append(float(loss.item()))  # sync: the step is complete when timed
+            took = time.perf_counter() - t0
+            self._rng = rng_state()
+            return took, wait
+
+    def warm_up(self) -> float:
+        """The first step (allocator, kernels, loader workers, compilation): its seconds."""
+        if self.first_step_s is None:
+            self.first_step_s = self.step()[0]
+        return self.first_step_s
+
+    def time(self, min_s: float) -> tuple[float, float]:
+        """(samples/s, data-wait share) over whole steps adding up to at least `min_s`."""
+        self.warm_up()
+        steps, busy, waited = 0, 0.0, 0.0
+        while busy < min_s:
+            took, wait = self.step()
+            steps, busy, waited = steps + 1, busy + took, waited + wait
+        return steps * self.per_step / busy, waited / busy
+
+    def close(self) -> None:
+        """Stops the loader's workers (persistent ones live until the iterator goes)."""
+        self._batches = iter(())
+        self._loader = None  # type: ignore[assignment]
+
+
+def interleave(runners: Sequence[Runner], rounds: int, min_s: float,
+               say: Any = None) -> list[Timing]:
+    """Each runner timed `rounds` times, interleaved, alternating direction."""
+    timings = [Timing() for _ in runners]
+    for r in range(rounds):
+        order = range(len(runners)) if r % 2 == 0 else reversed(range(len(runners)))
+        for i in order:
+            if say is not None:
+                say(i, r)
+            rate, wait = runners[i].time(min_s)
+            timings[i].rates.append(rate)
+            timings[i].waits.append(wait)
+    return timings
+
+
+@contextlib.contextmanager
+def runners(task: Task, configs: Sequence[RunConfig], device: DeviceInfo
+            ) -> Iterator[list[Runner]]:
+    """Runners for `configs`, closed (workers stopped) when the block ends."""
+    built: list[Runner] = []
+    try:
+        for config in configs:
+            built.append(Runner(task, config, device))
+        yield built
+    finally:
+        for runner in built:
+            runner.close()

@@ -1,0 +1,91 @@
+"""`redline tune` over every factor, run as a user would, on tasks whose fastest settings the
+test constructs (tests/tasks/speedy.py: step and loading times are sleeps, so the answer
+does not depend on the machine's load)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from redline.loading import cores
+from redline.telemetry.jsonl import read_jsonl
+
+from ..conftest import ROOT, TOY, run_cli
+
+SPEEDY = ROOT / "tests" / "tasks" / "speedy.py"
+CONSTRUCTED = f"{SPEEDY}:Constructed"
+SLOW_DATA = f"{SPEEDY}:SlowData"
+
+pytestmark = pytest.mark.slow
+
+
+def test_tune_picks_the_constructed_fastest_setting_and_excludes_the_unstable_precision(
+        tmp_path: Path) -> None:
+    out = run_cli(["tune", CONSTRUCTED, "--factors", "precision,batch", "--budget-s", "60",
+                   "--set", "train.batch_size=8", "--output", "tuned.yaml", "--json"],
+                  tmp_path, env={"REDLINE_CACHE_DIR": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    tuned = yaml.safe_load((tmp_path / "tuned.yaml").read_text())
+    assert tuned["precision"]["name"] == "bf16-mixed"  # half the sleep under bf16 autocast
+    assert tuned["train"]["batch_size"] == 32  # samples/s peaks there by construction
+    # the effective batch followed the micro-batch (it was unset), lr_scaling none: same lr
+    assert tuned["train"]["effective_batch_size"] == 32 and tuned["train"]["lr"] == 2e-4
+    fp16 = next(r for r in report["rows"] if r["setting"].startswith("fp16-mixed"))
+    assert fp16["note"].startswith("excluded") and "not finite" in fp16["note"]
+    bf16 = next(r for r in report["rows"] if r["setting"].startswith("bf16-mixed,"))
+    assert bf16["note"].startswith("admitted") and "within noise" in bf16["note"]
+    assert "fp16-mixed excluded" in report["reasons"]["precision"]
+    assert report["speedup"] is not None and report["start"]["train"]["batch_size"] == 8
+    assert set(report["reasons"]) == {"precision", "batch"}  # only what was asked for
+    train = run_cli(["train", "--config", "tuned.yaml", "--steps", "3", "--no-report",
+                     "--run-dir", "run"], tmp_path)
+    assert train.returncode == 0, train.stderr
+    assert "trained 3 steps" in train.stdout and "bf16-mixed" in train.stdout
+
+
+def test_tune_prints_its_table_choices_and_measured_speedup(tmp_path: Path) -> None:
+    out = run_cli(["tune", TOY, "--budget-s", "30", "--factors",
+                   "batch,channels_last,loader,compile", "--output", "toy.yaml"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["factor", "setting", "samples/s"]
+    for factor in ("batch", "channels_last", "loader", "compile"):
+        assert any(line.startswith(f"  {factor}: ") for line in lines), out.stdout
+    assert "channels_last: off: the model has no convolution weights" in out.stdout
+    assert "compile: off, not tried" in out.stdout  # a 1000-step toy cannot repay a compile
+    assert "over the starting config" in out.stdout and "measured side by side" in out.stdout
+    assert "tuned config: toy.yaml" in out.stdout
+
+
+@pytest.mark.skipif(cores() < 2, reason="a loader worker needs a core beside the step")
+def test_loader_workers_are_chosen_where_loading_overlaps_the_step(tmp_path: Path) -> None:
+    out = run_cli(["tune", SLOW_DATA, "--factors", "loader", "--set", "train.batch_size=16",
+                   "--output", "tuned.yaml", "--json"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    tuned = yaml.safe_load((tmp_path / "tuned.yaml").read_text())
+    assert tuned["data"]["num_workers"] >= 1, out.stdout
+    assert tuned["data"]["persistent_workers"] is True
+    assert tuned["data"]["pin_memory"] is False  # a CPU: nothing to pin for
+    zero = next(r for r in json.loads(out.stdout)["rows"] if r["setting"] == "num_workers 0")
+    assert zero["note"].startswith("data wait")
+
+    # data.num_workers: auto makes the same measurement when training starts
+    train = run_cli(["train", SLOW_DATA, "--set", "data.num_workers=auto", "--steps", "4",
+                     "--batch-size", "16", "--no-report", "--run-dir", "run"], tmp_path)
+    assert train.returncode == 0, train.stderr
+    assert "data.num_workers: auto: 1 worker" in train.stderr
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["num_workers"] >= 1
+    events = read_jsonl(tmp_path / "run" / "events.jsonl")
+    assert any(e["event"] == "loader_auto" for e in events)
+
+
+def test_bad_factor_is_one_sentence_and_exit_2(tmp_path: Path) -> None:
+    out = run_cli(["tune", TOY, "--factors", "batch,speed"], tmp_path)
+    assert out.returncode == 2
+    assert "unknown factor speed; choose from precision, batch" in out.stderr
+    assert "Traceback" not in out.stderr

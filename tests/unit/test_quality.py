@@ -1,0 +1,72 @@
+"""The precision screen (quality.py) and the loader choice's resume path (loading.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from redline.config import RunConfig
+from redline.device import DeviceInfo
+from redline.loading import resolve_auto_workers, worker_counts
+from redline.quality import candidates, check_precisions
+from tests.tasks.speedy import Constructed
+
+CPU = DeviceInfo.detect("cpu")
+
+
+class SlowHalf(Constructed):
+    """fp16 autocast's steps sleep 40x longer: the screen drops it after one step."""
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+             ) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == \
+                torch.float16:
+            time.sleep(0.1)
+        return super().loss(model, batch)
+
+
+def _config() -> RunConfig:
+    return RunConfig(task="x").updated({"train.batch_size": 16})
+
+
+def test_a_precision_that_breaks_training_is_excluded_with_the_number() -> None:
+    checks = {c.name: c for c in check_precisions(Constructed(base_ms=0.0), _config(), CPU,
+                                                  ["fp16-mixed", "bf16-mixed"], steps=12)}
+    assert checks["fp32"].admitted and checks["fp32"].loss is not None
+    assert not checks["fp16-mixed"].admitted and checks["fp16-mixed"].loss is None
+    assert "not finite" in checks["fp16-mixed"].reason
+    assert checks["bf16-mixed"].admitted, checks["bf16-mixed"].reason
+    assert "against fp32's" in checks["bf16-mixed"].reason  # the number, and the band
+
+
+def test_a_precision_far_slower_in_its_first_step_is_dropped_unchecked() -> None:
+    checks = {c.name: c for c in check_precisions(SlowHalf(base_ms=0.0), _config(), CPU,
+                                                  ["fp16-mixed"], steps=12)}
+    assert not checks["fp16-mixed"].admitted and "too slow" in checks["fp16-mixed"].reason
+    assert checks["fp16-mixed"].loss is None  # no quality verdict was made
+
+
+def test_candidates_name_why_a_precision_is_not_tried() -> None:
+    runs, not_run = candidates(CPU)
+    assert "fp32" not in runs and "bf16-mixed" in runs
+    assert "emulation" in not_run["fp8-emulated"] and "CUDA" in not_run["fp8"]
+
+
+def test_worker_counts_leave_a_core_for_the_step() -> None:
+    assert worker_counts(0) == [0] and worker_counts(3) == [0, 1, 2]
+    assert worker_counts(8) == [0, 1, 2, 4, 8]
+
+
+def test_a_resumed_run_keeps_the_loader_its_first_start_measured(tmp_path: Path) -> None:
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump({"data": {"num_workers": 3, "prefetch_factor": 4,
+                                              "pin_memory": "auto"}}))
+    config = _config().updated({"data.num_workers": "auto"})
+    resolved, record = resolve_auto_workers(Constructed(), config, CPU, main=False,
+                                            saved=saved)
+    assert resolved.data.num_workers == 3 and resolved.data.prefetch_factor == 4
+    assert record["source"] == str(saved)
+    assert resolve_auto_workers(Constructed(), _config(), CPU)[1] == {}  # not auto: as is
