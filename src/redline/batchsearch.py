@@ -14,8 +14,9 @@ size shrinks by 10 % and is verified again.
 Largest is not fastest: past some size, samples/s stops growing while memory keeps
 filling, and on a CPU it often falls. Samples/s is scanned at the powers of two from 1 up
 (each timed for at least MIN_TIMED_S), and the scan stops once two sizes in a row are
-clearly slower (FALLEN) than the best so far: the largest sizes, the slowest to time, are
-timed only where the answer can be. The sizes near the best are then timed again in
+clearly slower (FALLEN) than the best so far, or once two doublings in a row gained less
+than the knee's tolerance (saturated): the largest sizes, the slowest to time, are timed
+only where the answer can be. The sizes near the best (NEAR) are then timed again in
 interleaved rounds, and the *knee* is the smallest size within 2 % (or the rounds' noise)
 of the best: the size chosen.
 
@@ -51,6 +52,7 @@ KNEE_TOLERANCE = 0.02  # the least a size must be faster by to count as faster
 ROUNDS = 3  # interleaved timing rounds per size
 MIN_TIMED_S = 0.02  # a size's timing covers steps adding up to at least this
 FALLEN = 0.15  # slower than the best by this much: clearly past the knee
+NEAR = 0.08  # scanned within this of the best: timed again in rounds
 MAX_SIZE = 1 << 16
 
 
@@ -137,6 +139,7 @@ class Harness:
         self.model, self.optimizer, self.engine = (self.job.model, self.job.optimizer,
                                                    self.job.engine)
         self.train_set, self.eval_set = self.job.train_set, self.job.eval_set
+        self.timing_s = MIN_TIMED_S  # each size's timing covers steps adding up to this
 
     def batch(self, dataset: Any, size: int) -> Any:
         return batch_tree.move(batch_tree.first_samples(dataset, size), self.device.torch_device)
@@ -313,14 +316,14 @@ def _knee(h: Harness, largest: int, trials: list[Trial], say: Progress,
     `check(size)`: runs a size's first step and says whether it fit (else: fits, untracked)."""
     steps = 0
 
-    def rate(s: int) -> float:  # samples/s of steps at s adding up to MIN_TIMED_S
+    def rate(s: int) -> float:  # samples/s of steps at s adding up to h.timing_s
         nonlocal steps
         done, t0 = 0, time.perf_counter()
         while True:
             h.train_step(s)
             done += 1
             elapsed = time.perf_counter() - t0
-            if elapsed >= MIN_TIMED_S:
+            if elapsed >= h.timing_s:
                 steps += done
                 return s * done / elapsed
 
@@ -340,8 +343,10 @@ def _knee(h: Harness, largest: int, trials: list[Trial], say: Progress,
         if len(scanned) >= 3 and all(v < (1 - FALLEN) * best
                                      for v in list(scanned.values())[-2:]):
             break  # two sizes in a row clearly slower: larger ones will not win
+        if _saturated(list(scanned.values())):
+            break  # two doublings in a row gained less than the knee's tolerance
     best = max(scanned.values())
-    near = [s for s, v in scanned.items() if v >= (1 - FALLEN) * best]
+    near = [s for s, v in scanned.items() if v >= (1 - NEAR) * best]
     rates: dict[int, list[float]] = {s: [] for s in near}
     for r in range(ROUNDS):
         # Interleaved, and each round in the other direction: a machine that slows down or
@@ -353,6 +358,14 @@ def _knee(h: Harness, largest: int, trials: list[Trial], say: Progress,
         trials.append(Trial(s, "throughput", samples_per_s=statistics.median(rates[s]),
                             spread=(min(rates[s]), max(rates[s]))))
     return choose_knee(rates)[0], steps
+
+
+def _saturated(rates: list[float]) -> bool:
+    """The last two sizes each gained less than KNEE_TOLERANCE over every smaller size:
+    a larger one would have to beat the trend to be chosen over them."""
+    if len(rates) < 4:
+        return False
+    return all(rates[i] < (1 + KNEE_TOLERANCE) * max(rates[:i]) for i in (-2, -1))
 
 
 def choose_knee(rates: dict[int, list[float]]) -> tuple[int, float]:

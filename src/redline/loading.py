@@ -131,12 +131,17 @@ def _time_workers(task: Task, base: RunConfig, device: DeviceInfo,
     pick = next(i for i, t in enumerate(timings) if t.samples_per_s >= (1 - tolerance) * best)
     fastest = max(range(len(timings)), key=lambda i: timings[i].samples_per_s)
     zero = timings[0]
-    why = (f"{_label(options[pick])}: {timings[pick].samples_per_s:.1f} samples/s, data "
-           f"wait {timings[pick].data_wait:.1%} (0 workers: {zero.samples_per_s:.1f}, wait "
-           f"{zero.data_wait:.1%})")
+    rates = ", ".join(f"{_label(o)} {t.samples_per_s:.1f} (data wait {t.data_wait:.0%})"
+                      for o, t in zip(options, timings, strict=True))
+    if pick == 0:
+        why = (f"0: no worker setting is faster beyond the noise ({tolerance:.1%}): {rates} "
+               "samples/s")
+    else:
+        why = (f"{_label(options[pick])}: {timings[pick].samples_per_s / zero.samples_per_s:.2f}x"
+               f" 0 workers' samples/s: {rates}")
     if fastest != pick:
-        why += (f"; {_label(options[fastest])} is within the noise ({tolerance:.1%}) of it, "
-                "and fewer workers win ties")
+        why += (f"; {_label(options[fastest])} is within the noise of it, and fewer workers "
+                "win ties")
     return dict(options[pick]), rows, why
 
 

@@ -49,10 +49,12 @@ from redline.tune import autobatch
 FACTORS = ("precision", "batch", "channels_last", "loader", "compile")
 DEFAULT_BUDGET_S = 120.0
 TOP_PRECISIONS = 2  # precisions that get a batch search of their own
+RUNNER_UP = 0.25  # the second is searched only when this close to the first at the start
 # Ties between precisions go to the first of these: fp32 master weights before none.
 SAFER = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "fp8", "bf16-true")
 ROUNDS = 3
 MIN_TIMED_S = 0.3
+BATCH_TIMING_S = 0.1  # each size in the batch search: 20 ms left sst-tiny's scan to noise
 COMPILE_FLOOR_S = 10.0  # the least a torch.compile of a training step took on this CPU
 MIN_COMPILE_BUDGET_S = 30.0
 MAX_GAIN = 0.5  # compile is not tried where halving the step would not repay COMPILE_FLOOR_S
@@ -118,8 +120,9 @@ def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
     say = _on_the_clock(say, clock)
     start = starting_config(config)
     report = TuneReport(start=start.to_dict(), tuned={}, budget_s=budget_s)
-    ranked = _precisions(task, start, device, factors, quality_steps, clock, report, say)
-    current = _batch(task, start, device, ranked, factors, cache_dir, clock, report, say)
+    speeds = _precisions(task, start, device, factors, quality_steps, clock, report, say)
+    current = _batch(task, start, device, list(speeds), factors, cache_dir, clock, report,
+                     say, speeds)
     current = _channels_last(task, current, device, factors, clock, report, say)
     current = _loader(task, current, device, factors, clock, report, say)
     current = _compile(task, current, device, factors, clock, report, say)
@@ -135,11 +138,12 @@ def _on_the_clock(say: Callable[[str], None], clock: Clock) -> Callable[[str], N
 
 def _precisions(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple[str, ...],
                 steps: int | None, clock: Clock, report: TuneReport,
-                say: Callable[[str], None]) -> list[str]:
-    """The admitted precisions, fastest first at the starting batch (quality.py)."""
+                say: Callable[[str], None]) -> dict[str, float]:
+    """The admitted precisions, fastest first, each with its speed relative to fp32 at the
+    starting batch (quality.py)."""
     if "precision" not in factors:
         report.reasons["precision"] = f"{start.precision.name}: kept (not searched)"
-        return [start.precision.name]
+        return {start.precision.name: 1.0}
     names, not_run = candidates(device)
     for name, why in not_run.items():
         report.rows.append(Row("precision", name, note=f"not tried: {why}"))
@@ -157,18 +161,24 @@ def _precisions(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple
         f"{c.name} {'admitted' if c.admitted else 'excluded'}" + ("" if c.admitted else
                                                                   f" ({c.reason})")
         for c in checks if c.name != "fp32")
-    return [c.name for c in admitted]
+    return {c.name: c.speed_vs_fp32 or 0.0 for c in admitted}
 
 
 def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
            factors: tuple[str, ...], cache_dir: Any, clock: Clock, report: TuneReport,
-           say: Callable[[str], None]) -> RunConfig:
-    """Each top precision's fastest micro-batch, then the fastest of those, end to end."""
+           say: Callable[[str], None], speeds: dict[str, float]) -> RunConfig:
+    """Each top precision's fastest micro-batch, then the fastest of those, end to end.
+    `speeds`: each precision's speed relative to fp32 at the starting batch."""
     if "batch" not in factors:
         report.reasons["batch"] = f"micro-batch {start.train.micro_batch}: kept (not searched)"
         return start.updated({"precision.name": ranked[0]})
     options: list[RunConfig] = []
     for i, name in enumerate(ranked[:TOP_PRECISIONS]):
+        if i and speeds.get(name, 1.0) < (1 - RUNNER_UP) * speeds.get(ranked[0], 1.0):
+            report.rows.append(Row("batch", name, note=(
+                f"no batch search: {speeds[ranked[0]] / speeds[name]:.1f}x slower than "
+                f"{ranked[0]} at the starting batch")))
+            continue
         if i and clock.left() < 0.4 * clock.budget_s:
             report.rows.append(Row("batch", name, note="no batch search: the budget is "
                                    "spent (raise --budget-s)"))
@@ -176,6 +186,7 @@ def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
         cfg = start.updated({"precision.name": name, "train.batch_size": "auto",
                              "train.lr_reference_batch": reference_batch(start)})
         r = autobatch(task, cfg, device, cache_dir=cache_dir, verify_largest=False,
+                      timing_s=BATCH_TIMING_S,
                       progress=lambda m, n=name: say(f"batch search in {n}: {m}"))
         _batch_rows(r, name, report)
         options.append(r.apply(cfg))

@@ -56,7 +56,8 @@ __all__ = ["KNEE_TOLERANCE", "AutobatchResult", "Trial", "autobatch", "autobatch
 def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
               cache_dir: str | Path | None = None, measure_throughput: bool = True,
               progress: Progress | None = None, sharing: int = 1,
-              verify_largest: bool = True) -> AutobatchResult:
+              verify_largest: bool = True, timing_s: float | None = None
+              ) -> AutobatchResult:
     """Find the micro-batch to train `task` with under `config.memory` (see module doc);
     `sharing`: processes training on this host (torchrun's ranks on one machine).
     `verify_largest=False` (redline tune): the largest size is predicted from two small
@@ -71,6 +72,8 @@ def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
     target = int(config.memory.target * budget)
     with preserved_rng():  # tuning must not shift training's random streams
         h = Harness(task, config, device)
+        if timing_s is not None:  # redline tune times longer: its choice is end to end
+            h.timing_s = timing_s
         fingerprint = h.job.fingerprint(f"budget={budget}", f"target={config.memory.target}",
                                         f"verify_largest={verify_largest}")
         cached = _load_cache(cache_dir, fingerprint)
