@@ -110,7 +110,31 @@ def side_by_side(task: Any, configs: list[RunConfig], device: DeviceInfo) -> lis
             r.close()
 
 
-def bench_task(name: str, budget_s: float, device: DeviceInfo) -> dict[str, Any]:
+def from_label(start: RunConfig, text: str) -> RunConfig:
+    """The config a `label` names (how a saved grid's best cells are read back)."""
+    precision, batch, *rest = text.split()
+    changes: dict[str, Any] = {"precision.name": precision,
+                               "train.batch_size": int(batch[1:]),
+                               "precision.channels_last": "cl" in rest}
+    for part in rest:
+        if part.startswith("w"):
+            changes["data.num_workers"] = int(part[1:])
+    return start.updated(changes)
+
+
+def saved_grid(path: str, name: str) -> tuple[list[str], float, int] | None:
+    """A grid an earlier run of this script measured: (its best cells' labels, its wall
+    time, its cell count), or None."""
+    saved = json.loads(Path(path).read_text())
+    for r in saved["results"]:
+        if r["task"] == name:
+            best = r.get("grid_best") or [row["config"] for row in r["rows"][2:]]
+            return best, r["grid_s"], r["grid_cells"]
+    return None
+
+
+def bench_task(name: str, budget_s: float, device: DeviceInfo,
+               grid_json: str | None = None) -> dict[str, Any]:
     task = resolve_task(name, {})
     start = start_config(name)
     print(f"{name}: tune", file=sys.stderr, flush=True)
@@ -120,10 +144,17 @@ def bench_task(name: str, budget_s: float, device: DeviceInfo) -> dict[str, Any]
                              factors=("precision", "batch", "channels_last", "loader"),
                              say=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
     tune_s = time.perf_counter() - t0
-    print(f"{name}: grid", file=sys.stderr, flush=True)
-    cells, grid_s = grid(task, start, device)
-    timed = sorted((c for c in cells if c["samples_per_s"]), key=lambda c: -c["samples_per_s"])
-    best = [c["config"] for c in timed[:3]]
+    reused = saved_grid(grid_json, name) if grid_json else None
+    if reused is not None:  # the grid's choice from an earlier run; timed afresh below
+        labels, grid_s, n_cells = reused
+        best = [from_label(start, text) for text in labels]
+    else:
+        print(f"{name}: grid", file=sys.stderr, flush=True)
+        cells, grid_s = grid(task, start, device)
+        n_cells = len(cells)
+        timed = sorted((c for c in cells if c["samples_per_s"]),
+                       key=lambda c: -c["samples_per_s"])
+        best = [c["config"] for c in timed[:3]]
     print(f"{name}: side by side", file=sys.stderr, flush=True)
     configs = [start, tuned, *best]
     timings = side_by_side(task, configs, device)
@@ -133,28 +164,43 @@ def bench_task(name: str, budget_s: float, device: DeviceInfo) -> dict[str, Any]
                                timings, strict=False)]
     grid_best = max(t.samples_per_s for t in timings[2:])
     return {"task": name, "rows": rows, "tune_s": tune_s, "grid_s": grid_s,
-            "grid_cells": len(cells),
+            "grid_cells": n_cells, "grid_best": [label(c) for c in best],
+            "grid_reused": reused is not None,
             "speedup": timings[1].samples_per_s / timings[0].samples_per_s,
             "vs_grid": timings[1].samples_per_s / grid_best - 1,
             "reasons": report.reasons, "tuned": tuned.to_dict()}
 
 
-def time_to_quality(device: DeviceInfo, tuned_yaml: dict[str, Any], steps: int) -> dict:
+def time_to_quality(device: DeviceInfo, tuned_yaml: dict[str, Any], steps: int,
+                    tuned_rate: float) -> dict:
     """sst-tiny: training seconds (evaluation excluded) until the eval RMSE first reaches
-    the best the start config reaches in `steps` (its best plus 1 %), for both configs."""
+    the best the start config reaches in `steps` (its best plus 1 %), for both configs.
+    The tuned config trains for at most twice the start's training time (at its measured
+    samples/s), so a larger batch that learns less per sample shows as not reaching it."""
     from redline.trainer import Trainer
 
-    records = {}
-    for which, cfg in (("start", start_config("sst-tiny")),
-                       ("tune", RunConfig.from_dict(tuned_yaml))):
-        cfg = cfg.updated({"train.steps": steps, "train.eval_every": 20,
-                           "telemetry.log_every": 20, "train.samples": 0})
+    records: dict[str, list[dict[str, Any]]] = {}
+    tuned = RunConfig.from_dict(tuned_yaml)
+    plans = [("start", start_config("sst-tiny"), steps), ("tune", tuned, None),
+             ("tune, lr sqrt-scaled", tuned.updated({
+                 "train.lr_scaling": "sqrt", "train.lr_reference_batch": 4,
+                 "train.lr": tuned.train.lr * (tuned.train.samples_per_step / 4) ** 0.5}),
+              None)]
+    for which, cfg, n in plans:
+        if n is None:  # twice the start's training time, at the tuned config's speed
+            start_s = crossing(records["start"], -1.0)["train_s"]
+            n = max(20, int(2 * start_s * tuned_rate / cfg.train.samples_per_step))
+        cfg = cfg.updated({"train.steps": n, "train.eval_every": max(1, min(20, n // 25)),
+                           "telemetry.log_every": max(1, min(20, n // 25)),
+                           "train.samples": 0})
         with tempfile.TemporaryDirectory() as d:
             Trainer(cfg, run_dir=Path(d) / "run", progress=False).fit()
             records[which] = [json.loads(line) for line in
                               (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
     target = 1.01 * min(r["eval/rmse"] for r in records["start"] if "eval/rmse" in r)
-    return {which: {**crossing(rs, target), "target": target} for which, rs in records.items()}
+    return {which: {**crossing(rs, target), "target": target,
+                    "steps_run": max(r.get("step", 0) for r in rs)}
+            for which, rs in records.items()}
 
 
 def crossing(records: list[dict[str, Any]], target: float) -> dict[str, Any]:
@@ -176,9 +222,14 @@ def main() -> None:
     p.add_argument("--quality-steps", type=int, default=1000,
                    help="sst-tiny's steps for the time-to-quality comparison; 0: skip it")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
+    p.add_argument("--grid-json", metavar="FILE",
+                   help="take each task's grid (its three best cells, its wall time) from "
+                        "an earlier run's --json instead of measuring it again; the cells "
+                        "are still timed side by side with the start and tune afresh")
     args = p.parse_args()
     device = DeviceInfo.detect("cpu")
-    results = [bench_task(n, args.budget_s, device) for n in args.tasks.split(",")]
+    results = [bench_task(n, args.budget_s, device, args.grid_json)
+               for n in args.tasks.split(",")]
     print("| task | setting | config | samples/s (median) | range | vs start |")
     print("|---|---|---|---|---|---|")
     for r in results:
@@ -193,18 +244,24 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['task']} | {r['speedup']:.2f}x | {100 * r['vs_grid']:+.1f} % | "
-              f"{r['tune_s']:.0f} s | {r['grid_s']:.0f} s ({r['grid_cells']}) | "
+              f"{r['tune_s']:.0f} s | {r['grid_s']:.0f} s ({r['grid_cells']})"
+              f"{' (earlier run)' if r['grid_reused'] else ''} | "
               f"{100 * r['tune_s'] / r['grid_s']:.0f} % |")
     quality = None
     sst = next((r for r in results if r["task"] == "sst-tiny"), None)
     if sst is not None and args.quality_steps:
-        quality = time_to_quality(device, sst["tuned"], args.quality_steps)
+        quality = time_to_quality(device, sst["tuned"], args.quality_steps,
+                                  sst["rows"][1]["samples_per_s"])
         target = quality["start"]["target"]
-        print(f"\n| sst-tiny, to eval RMSE <= {target:.4f} K | steps | training time |")
-        print("|---|---|---|")
-        for which, q in quality.items():
+        print(f"\n| sst-tiny, to eval RMSE <= {target:.4f} K | steps (of run) | training "
+              "time | samples seen |")
+        print("|---|---|---|---|")
+        for name, q in quality.items():
             when = f"{q['train_s']:.1f} s" if q["step"] else f"not within {q['train_s']:.0f} s"
-            print(f"| {which} | {q['step'] or '-'} | {when} |")
+            batch = 4 if name == "start" else RunConfig.from_dict(
+                sst["tuned"]).train.samples_per_step
+            seen = q["step"] * batch if q["step"] else "-"
+            print(f"| {name} | {q['step'] or '-'} ({q['steps_run']}) | {when} | {seen} |")
     for r in results:
         print(f"\n{r['task']} tune's reasons:")
         for factor, why in r["reasons"].items():

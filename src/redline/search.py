@@ -8,11 +8,14 @@ the effective batch and the learning-rate rule throughout (recipe.py):
                  against fp32's own run-to-run noise (quality.py); one that leaves the band
                  is excluded with the number. The check's lockstep steps also rank the
                  admitted formats by speed at the starting batch;
-  2. batch       the batch search (batchsearch.search_fastest), once per precision among
+  2. channels_last  for a model with 4-D weights: timed on and off at the starting batch in
+                 the fastest admitted format, before the batch search, since the layout
+                 moves the knee;
+  3. batch       the batch search (batchsearch.search_fastest), once per precision among
                  the TOP_PRECISIONS fastest admitted ones (successive halving: a format's
                  memory per sample and its best batch differ, so each gets its own fit and
-                 knee), then the precisions' knees are timed against each other end to end;
-  3. channels_last  for a model with 4-D weights: timed on and off;
+                 knee; the runner-up only when within RUNNER_UP of the first at the start),
+                 then the precisions' knees are timed against each other end to end;
   4. loader      workers, prefetch, pinning, persistence (loading.py);
   5. compile     compile time measured, then the compiled step timed against the eager
                  one; adopted only when the time it saves over `train.steps` exceeds the
@@ -50,6 +53,7 @@ FACTORS = ("precision", "batch", "channels_last", "loader", "compile")
 DEFAULT_BUDGET_S = 120.0
 TOP_PRECISIONS = 2  # precisions that get a batch search of their own
 RUNNER_UP = 0.25  # the second is searched only when this close to the first at the start
+RESERVE = 0.2  # of the budget, kept for the stages after the batch search's scan
 # Ties between precisions go to the first of these: fp32 master weights before none.
 SAFER = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "fp8", "bf16-true")
 ROUNDS = 3
@@ -121,9 +125,17 @@ def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
     start = starting_config(config)
     report = TuneReport(start=start.to_dict(), tuned={}, budget_s=budget_s)
     speeds = _precisions(task, start, device, factors, quality_steps, clock, report, say)
-    current = _batch(task, start, device, list(speeds), factors, cache_dir, clock, report,
-                     say, speeds)
-    current = _channels_last(task, current, device, factors, clock, report, say)
+    # The layout before the batch search: it moves the knee (sr3-tiny: +7 % at micro-batch
+    # 32, and micro-batch 64 best with it, 32 without; bench/speedup.py).
+    layout = _channels_last(task, start.updated({"precision.name": next(iter(speeds))}),
+                            device, factors, clock, report, say)
+    start_layout = start.updated({"precision.channels_last":
+                                  layout.precision.channels_last})
+    current = _batch(task, start_layout, device, list(speeds), factors, cache_dir, clock,
+                     report, say, speeds)
+    if _layout_again(current, start, layout, factors):  # off at a small batch: check again
+        current = _channels_last(task, current, device, factors, clock, report, say,
+                                 f" (at micro-batch {current.train.micro_batch})")
     current = _loader(task, current, device, factors, clock, report, say)
     current = _compile(task, current, device, factors, clock, report, say)
     _speedup(task, start, current, device, report, say)
@@ -176,7 +188,7 @@ def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
     for i, name in enumerate(ranked[:TOP_PRECISIONS]):
         if i and speeds.get(name, 1.0) < (1 - RUNNER_UP) * speeds.get(ranked[0], 1.0):
             report.rows.append(Row("batch", name, note=(
-                f"no batch search: {speeds[ranked[0]] / speeds[name]:.1f}x slower than "
+                f"no batch search: {speeds[ranked[0]] / max(speeds[name], 1e-9):.1f}x slower than "
                 f"{ranked[0]} at the starting batch")))
             continue
         if i and clock.left() < 0.4 * clock.budget_s:
@@ -187,6 +199,7 @@ def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
                              "train.lr_reference_batch": reference_batch(start)})
         r = autobatch(task, cfg, device, cache_dir=cache_dir, verify_largest=False,
                       timing_s=BATCH_TIMING_S,
+                      deadline=time.perf_counter() + clock.left() - RESERVE * clock.budget_s,
                       progress=lambda m, n=name: say(f"batch search in {n}: {m}"))
         _batch_rows(r, name, report)
         options.append(r.apply(cfg))
@@ -271,21 +284,36 @@ def _has_conv(task: Task) -> bool:
         return any(p.dim() == 4 for p in task.build_model().parameters())
 
 
+def _layout_again(current: RunConfig, start: RunConfig, layout: RunConfig,
+                  factors: tuple[str, ...]) -> bool:
+    """channels_last was timed, kept as it was, and the batch has grown since: its gain
+    grows with the batch (reportgen-tiny: none at 4, +3 % at 256), so time it again."""
+    return ("channels_last" in factors and "batch" in factors
+            and layout.precision.channels_last == start.precision.channels_last
+            and current.train.micro_batch > start.train.micro_batch
+            and not layout.precision.channels_last)
+
+
 def _channels_last(task: Task, config: RunConfig, device: DeviceInfo,
                    factors: tuple[str, ...], clock: Clock, report: TuneReport,
-                   say: Callable[[str], None]) -> RunConfig:
+                   say: Callable[[str], None], where: str = "") -> RunConfig:
     if "channels_last" not in factors:
         return config
     if not _has_conv(task):
         report.reasons["channels_last"] = "off: the model has no convolution weights"
         return config
+    if where and clock.left() <= 0:
+        return config  # the first decision and its reason stand
     if clock.left() <= 0:
         report.reasons["channels_last"] = "not tried: the budget is spent"
         return config
     on = config.updated({"precision.channels_last": not config.precision.channels_last})
     chosen, why = _fastest(task, [config, on], device, "channels_last", report, say,
                            lambda c: "channels_last " + _on(c.precision.channels_last))
-    report.reasons["channels_last"] = f"{_on(chosen.precision.channels_last)}: {why}"
+    earlier = report.reasons.get("channels_last")
+    report.reasons["channels_last"] = (f"{_on(chosen.precision.channels_last)}{where}: {why}"
+                                       + (f"; at the starting batch: {earlier}" if where
+                                          and earlier else ""))
     return chosen
 
 

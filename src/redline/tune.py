@@ -56,13 +56,15 @@ __all__ = ["KNEE_TOLERANCE", "AutobatchResult", "Trial", "autobatch", "autobatch
 def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
               cache_dir: str | Path | None = None, measure_throughput: bool = True,
               progress: Progress | None = None, sharing: int = 1,
-              verify_largest: bool = True, timing_s: float | None = None
-              ) -> AutobatchResult:
+              verify_largest: bool = True, timing_s: float | None = None,
+              deadline: float | None = None) -> AutobatchResult:
     """Find the micro-batch to train `task` with under `config.memory` (see module doc);
     `sharing`: processes training on this host (torchrun's ranks on one machine).
     `verify_largest=False` (redline tune): the largest size is predicted from two small
     probes, not verified, and only the sizes the scan reaches are checked against the
-    budget, then the chosen one with its evaluation batch (the module docstring)."""
+    budget, then the chosen one with its evaluation batch (batchsearch.py). `timing_s`:
+    each size's timing (default 20 ms); `deadline`: a perf_counter time after which the
+    scan times no larger size."""
     say = progress or (lambda _: None)
     if config.memory.budget_bytes is not None:
         budget, source = config.memory.budget_bytes, "memory.budget"
@@ -74,6 +76,7 @@ def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
         h = Harness(task, config, device)
         if timing_s is not None:  # redline tune times longer: its choice is end to end
             h.timing_s = timing_s
+        h.deadline = deadline  # redline tune's budget: the scan stops at the next size
         fingerprint = h.job.fingerprint(f"budget={budget}", f"target={config.memory.target}",
                                         f"verify_largest={verify_largest}")
         cached = _load_cache(cache_dir, fingerprint)

@@ -64,6 +64,12 @@ def test_the_metrics_are_pycocoevalcap_s_on_the_same_pairs() -> None:
         assert ours["meteor"] == pytest.approx(Meteor().compute_score(r, h)[0], abs=1e-4)
     same = caption_scores(refs, refs)
     assert same["bleu4"] == pytest.approx(1.0) and same["bleu4"] > ours["bleu4"]
+    # each sample's own BLEU-4, shown beside it in the report: pycocoevalcap's per-sentence
+    from redline.examples.captioning import sentence_bleu4
+
+    per = Bleu(4).compute_score(r, h, verbose=0)[1][3]
+    assert sentence_bleu4(refs, hyps) == pytest.approx(per)
+    assert sentence_bleu4(refs[:2], refs[:2]) == pytest.approx([1.0, 1.0], abs=1e-6)
 
 
 def test_clinical_efficacy_counts_labels_micro_averaged() -> None:

@@ -32,7 +32,8 @@ def input_bound(ev: Evidence) -> Finding | None:
     if wait is None or wait < INPUT_BOUND_PCT:
         return None
     workers = _get(ev.cfg, "data.num_workers")
-    fixes = [f"raise data.num_workers (now {'unknown' if workers is None else workers})"]
+    fixes = [f"raise data.num_workers (now {'unknown' if workers is None else workers}) "
+             "or set it to auto, which measures which count is fastest"]
     # pin_memory/persistent_workers "auto" already pin on CUDA and persist with workers;
     # only an explicit false needs changing.
     if ev.cuda and _get(ev.cfg, "data.pin_memory") is False:

@@ -97,6 +97,16 @@ def caption_scores(references: list[str], hypotheses: list[str], *, bleu_only: b
     return scores
 
 
+def sentence_bleu4(references: list[str], hypotheses: list[str]) -> list[float]:
+    """Each hypothesis's own BLEU-4 against its reference (pycocoevalcap's per-sentence
+    scores, as shown beside a sample)."""
+    refs = tokenized({i: [r] for i, r in enumerate(references)})
+    hyps = tokenized({i: [h] for i, h in enumerate(hypotheses)})
+    hyps = {i: [h[0] or "."] for i, h in hyps.items()}
+    _, per = _scorers()["bleu"].compute_score(refs, hyps, verbose=0)
+    return [float(b) for b in per[3]]
+
+
 def clinical_efficacy(truth: list[tuple[int, ...]], predicted: list[tuple[int, ...]]
                       ) -> dict[str, float]:
     """Micro-averaged precision, recall and F1 of predicted findings labels against the

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from redline.examples import cxr
-from redline.examples.captioning import caption_scores, clinical_efficacy
+from redline.examples.captioning import caption_scores, clinical_efficacy, sentence_bleu4
 from redline.examples.r2gen import BOS, EOS, PAD, R2GenTiny
 from redline.task import Sample, TaskBase, TaskError
 
@@ -151,12 +151,14 @@ class ReportGenTask(TaskBase):
     @torch.no_grad()
     def samples(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
                 ) -> list[Sample]:
-        """Each radiograph with its reference and generated report, and the generated
-        report's findings F1 against the reference's."""
+        """Each radiograph with its reference and generated report, the generated report's
+        BLEU-4 and its findings F1 against the reference's."""
         images, tokens = batch
+        texts = self.generate(model, images)
+        references = [self.decode(ids) for ids in tokens]
+        bleu = sentence_bleu4(references, texts)
         out = []
-        for image, ids, text in zip(images, tokens, self.generate(model, images), strict=True):
-            reference = self.decode(ids)
+        for image, reference, text, b4 in zip(images, references, texts, bleu, strict=True):
             truth, said = (cxr.read_findings(reference).labels(),
                            cxr.read_findings(text).labels())
             # a normal case reported normal is right, though no finding was there to find
@@ -165,5 +167,5 @@ class ReportGenTask(TaskBase):
             out.append(Sample(title="generated radiograph (not patient data)",
                               images={"radiograph": image[0].numpy()},
                               texts={"reference": reference, "generated": text},
-                              metrics={"ce_f1": f1}))
+                              metrics={"bleu4": b4, "ce_f1": f1}))
         return out
