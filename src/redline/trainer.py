@@ -274,9 +274,10 @@ class Trainer:
         n = min(self.config.train.micro_batch, len(self.job.train_set))  # type: ignore[arg-type]
         batch = batch_tree.move(batch_tree.first_samples(self.job.train_set, n),
                                 self.device.torch_device)
-        # counted on the bare module under DDP: its backward hooks would all-reduce
-        model = self.job.model if self.world.distributed else self.job.step_model
-        self.telemetry.count_flops(model, batch, self.task.loss, n)
+        # Counted on the bare module: under DDP its backward hooks would all-reduce, and a
+        # compiled module called under the counter's dispatch modes would never compile
+        # (dynamo skips a forward first called inside a TorchDispatchMode, for good).
+        self.telemetry.count_flops(self.job.model, batch, self.task.loss, n)
 
     def _budget(self) -> contextlib.AbstractContextManager[Any]:
         """memory.budget enforced around the loop (on CPU: every op tracked, slower)."""

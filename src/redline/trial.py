@@ -15,10 +15,9 @@ spread, below which no decision is made (batchsearch.choose_knee's rule).
 
 Runners train a throwaway copy of the model on random streams of their own (seeded by
 `train.seed`, kept between steps, so the run that follows draws what it would have
-drawn), with the OOM guard and memory.budget off: the memory of each size was checked by
-the batch search, and a CPU memory check at a compiled model's first call would stop
-torch.compile from compiling (a TorchDispatchMode active then makes dynamo skip that
-forward's code for the rest of the process, measured).
+drawn), with the OOM guard on, as training runs (its first-step memory check at a new
+size is a warm-up step, not timed), and memory.budget off: on a CPU the budget tracks
+every op in Python, which training from the tuned config does not do.
 """
 
 from __future__ import annotations
@@ -73,8 +72,9 @@ class Runner:
     """`config`'s training job for `task`, stepped by its own loader (module docstring)."""
 
     def __init__(self, task: Task, config: RunConfig, device: DeviceInfo) -> None:
-        self.task, self.config = task, config.updated({"memory.oom_guard": False,
-                                                           "memory.budget": None})
+        # memory.budget off: on a CPU it tracks every op (slower); the batch search measured
+        # memory. The OOM guard stays on: training runs with it, so timings include it.
+        self.task, self.config = task, config.updated({"memory.budget": None})
         with preserved_rng():
             self.job: Job = build_job(self.config, task, device)
             self._rng = rng_state()  # the runner's own stream, seeded by train.seed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -56,15 +58,19 @@ def test_compile_with_a_cpu_memory_budget_is_refused_with_the_reason() -> None:
 
 
 @pytest.mark.slow
-def test_a_compiled_cpu_job_compiles_with_the_oom_guard_on() -> None:
-    """The guard's first-step memory check on a CPU is a TorchDispatchMode; active at a
-    compiled model's first call it made dynamo skip the forward for good (nothing was
-    compiled, silently). A compiled job must really compile."""
+def test_a_compiled_cpu_run_compiles(tmp_path: Path) -> None:
+    """Two dispatch modes met a compiled model's first call on a CPU and made dynamo skip
+    its forward for good (nothing was compiled, silently): the OOM guard's first-step
+    memory check, and the trainer's FLOP count. A compiled run must really compile."""
     from torch._dynamo.utils import counters
+
+    from redline.trainer import Trainer
 
     counters.clear()
     job = build_job(_config(compile=True), ConvTask(), CPU)
     assert job.memory_limit is None  # no tracked first step for a compiled model
-    for batch in list(job.train_loader())[:2]:
-        job.engine.step(batch, ConvTask().loss)
+    config = _config(compile=True).updated({"train.steps": 3, "train.eval_every": 0,
+                                            "train.samples": 0})
+    result = Trainer(config, task=ConvTask(), run_dir=tmp_path / "run", progress=False).fit()
+    assert result.steps == 3
     assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
