@@ -211,7 +211,8 @@ def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
     else:
         chosen, why = _fastest(task, options, device, "batch", report, say,
                                lambda c: f"{c.precision.name} at micro-batch "
-                                         f"{c.train.micro_batch}")
+                                         f"{c.train.micro_batch}",
+                               "a tie goes to the format that keeps more precision")
     report.reasons["batch"] = f"{_recipe(start, chosen)}: {why}"
     if "precision" in factors:
         report.reasons["precision"] = (f"{chosen.precision.name} (the fastest at its own "
@@ -253,8 +254,10 @@ def _accumulation(config: RunConfig) -> int:
 
 def _fastest(task: Task, options: list[RunConfig], device: DeviceInfo, factor: str,
              report: TuneReport, say: Callable[[str], None],
-             label: Callable[[RunConfig], str]) -> tuple[RunConfig, str]:
-    """The fastest of `options` beyond the noise; ties go to the earliest (the start's)."""
+             label: Callable[[RunConfig], str], tie: str = "closer to the start"
+             ) -> tuple[RunConfig, str]:
+    """The fastest of `options` beyond the noise; ties go to the earliest (`tie` says why
+    it comes first)."""
     with runners(task, options, device) as built:
         timings = interleave(built, ROUNDS, MIN_TIMED_S, lambda i, r: say(
             f"{factor}: timing {label(options[i])} (round {r + 1} of {ROUNDS})"))
@@ -275,7 +278,7 @@ def _fastest(task: Task, options: list[RunConfig], device: DeviceInfo, factor: s
                    f"{label(options[pick])} is the fastest")
     else:
         verdict = (f"{label(options[top])} is within the noise ({tolerance:.1%}) of "
-                   f"{label(options[pick])}, which is kept (closer to the start)")
+                   f"{label(options[pick])}, which is kept ({tie})")
     return options[pick], f"{verdict}: {rates} samples/s"
 
 
