@@ -187,25 +187,12 @@ def train_and_eval(h: Harness, size: int, eval_size: int | None) -> None:
 
 def search_largest(h: Harness, config: RunConfig, budget: int, target: int,
             measure_throughput: bool, say: Progress) -> AutobatchResult:
-    cap = min(MAX_SIZE, len(h.train_set))  # type: ignore[arg-type]
-    if config.train.effective_batch_size:
-        cap = min(cap, config.train.effective_batch_size)
+    cap = _cap(h, config)
     trials: list[Trial] = []
     a, k = _fit_memory(h, cap, budget, target, trials, say)
     size = max(1, min(cap, int((target - a) / k) if k > 0 else cap))
     eval_size = _eval_size(h, budget, target, trials, say) if h.eval_set is not None else None
-    verify_steps = 0
-    while True:
-        say(f"verifying micro-batch {size}")
-        verify_steps += 1
-        ok, peak = h.fits(lambda s=size: train_and_eval(h, s, eval_size), budget, target)
-        trials.append(Trial(size, "verify", peak, ok))
-        if ok or size == 1:
-            break
-        size = max(1, int(size * 0.9))
-    if not ok:
-        raise ConfigError(f"not even a micro-batch of 1 fits memory.target "
-                          f"({config.memory.target:.0%} of {budget} bytes)")
+    size, verify_steps = _verify(h, config, size, eval_size, budget, target, trials, say)
     chosen, tsteps = (_knee(h, size, trials, say) if measure_throughput else (size, 0))
     effective = config.train.effective_batch_size or chosen
     return AutobatchResult(  # the recipe fields are filled in by _with_recipe
@@ -221,9 +208,7 @@ def search_fastest(h: Harness, config: RunConfig, budget: int, target: int,
     """The fastest size without verifying the largest (autobatch's verify_largest=False):
     two probes predict the largest; the scan checks each size it reaches beyond them
     against the budget (its warm-up step, tracked) and stops at one that does not fit."""
-    cap = min(MAX_SIZE, len(h.train_set))  # type: ignore[arg-type]
-    if config.train.effective_batch_size:
-        cap = min(cap, config.train.effective_batch_size)
+    cap = _cap(h, config)
     trials: list[Trial] = []
     a, k = _fit_memory(h, cap, budget, target, trials, say, probes=2)
     predicted = max(1, min(cap, int((target - a) / k) if k > 0 else cap))
@@ -239,18 +224,10 @@ def search_fastest(h: Harness, config: RunConfig, budget: int, target: int,
         return ok
 
     chosen, tsteps = _knee(h, predicted, trials, say, check)
-    verify_steps = sum(t.kind == "verify" for t in trials)
-    while True:  # the chosen size with its evaluation batch, as training will run them
-        say(f"verifying micro-batch {chosen} with evaluation batch {eval_size}")
-        verify_steps += 1
-        ok, peak = h.fits(lambda s=chosen: train_and_eval(h, s, eval_size), budget, target)
-        trials.append(Trial(chosen, "verify", peak, ok))
-        if ok or chosen == 1:
-            break
-        chosen = max(1, int(chosen * 0.9))
-    if not ok:
-        raise ConfigError(f"not even a micro-batch of 1 fits memory.target "
-                          f"({config.memory.target:.0%} of {budget} bytes)")
+    scan_checks = sum(t.kind == "verify" for t in trials)
+    # the chosen size with its evaluation batch, as training will run them
+    chosen, verify_steps = _verify(h, config, chosen, eval_size, budget, target, trials, say)
+    verify_steps += scan_checks
     effective = config.train.effective_batch_size or chosen
     return AutobatchResult(
         max_fit=predicted, chosen=min(chosen, effective), accumulation_steps=1,
@@ -258,6 +235,33 @@ def search_fastest(h: Harness, config: RunConfig, budget: int, target: int,
         budget_bytes=budget, target_bytes=target, fit=(a, k),
         probe_steps=sum(t.kind == "probe" for t in trials), verify_steps=verify_steps,
         throughput_steps=tsteps, trials=trials, max_fit_predicted=True)
+
+
+def _cap(h: Harness, config: RunConfig) -> int:
+    """The largest size worth trying: the training set, and the effective batch if set."""
+    cap = min(MAX_SIZE, len(h.train_set))  # type: ignore[arg-type]
+    if config.train.effective_batch_size:
+        cap = min(cap, config.train.effective_batch_size)
+    return cap
+
+
+def _verify(h: Harness, config: RunConfig, size: int, eval_size: int | None, budget: int,
+            target: int, trials: list[Trial], say: Progress) -> tuple[int, int]:
+    """`size` and its evaluation batch under the budget, shrinking by 10 % until they fit:
+    (the size that fits, the verification steps it took)."""
+    steps = 0
+    while True:
+        say(f"verifying micro-batch {size}" + (f" with evaluation batch {eval_size}"
+                                               if eval_size else ""))
+        steps += 1
+        ok, peak = h.fits(lambda s=size: train_and_eval(h, s, eval_size), budget, target)
+        trials.append(Trial(size, "verify", peak, ok))
+        if ok:
+            return size, steps
+        if size == 1:
+            raise ConfigError(f"not even a micro-batch of 1 fits memory.target "
+                              f"({config.memory.target:.0%} of {budget} bytes)")
+        size = max(1, int(size * 0.9))
 
 
 def _fit_memory(h: Harness, cap: int, budget: int, target: int, trials: list[Trial],
