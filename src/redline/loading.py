@@ -59,7 +59,7 @@ class LoaderChoice:
     rows: list[LoaderRow] = field(default_factory=list)
 
     def apply(self, config: RunConfig) -> RunConfig:
-        return config.updated({f"data.{k}": v for k, v in self.settings.items()})
+        return config.updated(_keys(self.settings))
 
 
 def cores() -> int:
