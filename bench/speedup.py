@@ -39,7 +39,7 @@ from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.loading import worker_counts
 from redline.quality import candidates
-from redline.search import tune
+from redline.search import has_conv, tune
 from redline.task import resolve_task
 from redline.trial import Runner, interleave
 
@@ -52,10 +52,6 @@ def start_config(name: str) -> RunConfig:
     return RunConfig(task=name).updated({
         "train.batch_size": 4, "precision.name": "fp32", "data.num_workers": 0,
         "precision.compile": False})
-
-
-def has_conv(task: Any) -> bool:
-    return any(p.dim() == 4 for p in task.build_model().parameters())
 
 
 def grid(task: Any, start: RunConfig, device: DeviceInfo) -> tuple[list[dict], float]:

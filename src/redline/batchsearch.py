@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,11 +44,12 @@ from redline import batch as batch_tree
 from redline.build import Job, build_job
 from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
+from redline.judge import TIMING_TOLERANCE, first_as_fast, timing_noise
 from redline.memory.probe import MemoryBudget, live_tensor_bytes, measure_peak
 from redline.recipe import Recipe
 from redline.task import Task
 
-KNEE_TOLERANCE = 0.02  # the least a size must be faster by to count as faster
+KNEE_TOLERANCE = TIMING_TOLERANCE  # the least a size must be faster by to count as faster
 ROUNDS = 3  # interleaved timing rounds per size
 MIN_TIMED_S = 0.02  # a size's timing covers steps adding up to at least this
 FALLEN = 0.15  # slower than the best by this much: clearly past the knee
@@ -90,6 +91,13 @@ class AutobatchResult:
     @property
     def fastest(self) -> int:
         return self.chosen
+
+    def timed(self) -> dict[int, Trial]:
+        """Each size's speed: its interleaved rounds where it had them, else its scan."""
+        out = {t.size: t for t in self.trials if t.kind == "scan" and t.samples_per_s}
+        out.update({t.size: t for t in self.trials
+                    if t.kind == "throughput" and t.samples_per_s})
+        return out
 
     @property
     def knee_tolerance(self) -> float | None:
@@ -386,15 +394,9 @@ def choose_knee(rates: dict[int, list[float]]) -> tuple[int, float]:
     nothing, so a busy machine does not change the choice; where all sizes are within it,
     the choice is the smallest size whatever the load.
     """
-    median = {s: statistics.median(v) for s, v in rates.items()}
-    tolerance = max(KNEE_TOLERANCE, timing_noise(rates.values()))
-    best = max(median.values())
-    return min(s for s, m in median.items() if m >= (1 - tolerance) * best), tolerance
-
-
-def timing_noise(rates: Iterable[Sequence[float]]) -> float:
-    """The median over sizes of their rounds' range relative to their median rate."""
-    return statistics.median((max(v) - min(v)) / statistics.median(v) for v in rates)
+    sizes = sorted(rates)  # the smallest is preferred: less memory, the smaller change
+    pick, tolerance = first_as_fast([rates[s] for s in sizes])
+    return sizes[pick], tolerance
 
 
 def _least_squares(points: list[tuple[int, int]]) -> tuple[float, float]:

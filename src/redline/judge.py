@@ -1,4 +1,6 @@
-"""Judging a difference against the reference's own run-to-run noise.
+"""Judging a difference against noise: a setting's quality against the reference's own
+run-to-run noise, and one setting's speed against another's timing noise (the last two
+functions, which every speed decision of redline tune goes through).
 
 A study trains the reference setting (fp32) with N seeds. For a metric, the seeds give a
 mean m and a sample standard deviation s; the reference's noise band is m ± 2s (two
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 LOWER_IS_BETTER = ("loss", "error", "mse", "rmse", "mae", "nll", "perplexity", "fid",
@@ -88,3 +90,27 @@ def judge(value: float, band: Band, higher_better: bool, diverged: bool = False,
     kind = BETTER if better else WORSE
     return Verdict(kind, diff, f"{kind} by {abs(diff):.3g}, beyond noise "
                                f"(±{band.half_width:.3g})")
+
+
+TIMING_TOLERANCE = 0.02  # the least one setting must be faster by to count as faster
+
+
+def timing_noise(rates: Iterable[Sequence[float]]) -> float:
+    """The timing noise of a comparison: the median, over the settings timed in two rounds
+    or more, of their rounds' range relative to their median rate (0 when none was)."""
+    spreads = [(max(v) - min(v)) / statistics.median(v) for v in rates if len(v) >= 2]
+    return statistics.median(spreads) if spreads else 0.0
+
+
+def first_as_fast(rates: Sequence[Sequence[float]]) -> tuple[int, float]:
+    """(the first setting as fast as the best, the tolerance it was judged at), from each
+    setting's rounds of samples/s, in order of preference.
+
+    A setting is as fast as the best when its median is within the tolerance: the larger
+    of TIMING_TOLERANCE and the rounds' noise. Differences inside it decide nothing, so a
+    busy machine does not change the choice: the preferred setting keeps its place.
+    """
+    medians = [statistics.median(v) for v in rates]
+    tolerance = max(TIMING_TOLERANCE, timing_noise(rates))
+    best = max(medians)
+    return next(i for i, m in enumerate(medians) if m >= (1 - tolerance) * best), tolerance

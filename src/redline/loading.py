@@ -11,7 +11,7 @@ own loader feeding the job's own step):
   2. otherwise 1, 2, 4 ... workers (up to the cores but one, at most MAX_WORKERS) and,
      for the most, a deeper prefetch, are timed in interleaved rounds with 0 workers;
      the fastest is chosen only when it beats the fewest workers by more than the rounds'
-     noise (batchsearch.choose_knee's rule: fewer workers win ties);
+     noise (judge.first_as_fast's rule: fewer workers win ties);
   3. `pin_memory` is timed on and off on CUDA (it speeds host-to-GPU copies, and costs
      page-locked memory); on a CPU there is no copy to speed and it stays off;
   4. `persistent_workers` is on whenever there are workers: they then start once instead
@@ -34,6 +34,7 @@ import yaml
 
 from redline.config import RunConfig
 from redline.device import DeviceInfo
+from redline.judge import TIMING_TOLERANCE, first_as_fast
 from redline.task import Task
 from redline.trial import interleave, noise, runners
 
@@ -126,9 +127,7 @@ def _time_workers(task: Task, base: RunConfig, device: DeviceInfo,
             f"data loading: timing {_label(options[i])} (round {r + 1} of {rounds})"))
     rows = [LoaderRow(o, t.samples_per_s, t.spread, t.data_wait)
             for o, t in zip(options, timings, strict=True)]
-    tolerance = max(0.02, noise(timings))
-    best = max(t.samples_per_s for t in timings)
-    pick = next(i for i, t in enumerate(timings) if t.samples_per_s >= (1 - tolerance) * best)
+    pick, tolerance = first_as_fast([t.rates for t in timings])  # fewer workers first
     fastest = max(range(len(timings)), key=lambda i: timings[i].samples_per_s)
     zero = timings[0]
     rates = ", ".join(f"{_label(o)} {t.samples_per_s:.1f} (data wait {t.data_wait:.0%})"
@@ -163,7 +162,7 @@ def _pinning(task: Task, config: RunConfig, device: DeviceInfo, rounds: int, min
         off, on = interleave(built, rounds, min_s, lambda i, r: say(
             f"data loading: timing pin_memory {'on' if i else 'off'} (round {r + 1})"))
     gain = on.samples_per_s / off.samples_per_s - 1
-    pin = gain > max(0.02, noise([off, on]))
+    pin = gain > max(TIMING_TOLERANCE, noise([off, on]))
     reasons["pin_memory"] = (f"{'on' if pin else 'off'}: pinned {gain:+.1%} samples/s "
                              f"({'beyond' if pin else 'within'} the noise)")
     return {"pin_memory": pin}

@@ -40,8 +40,7 @@ def print_trials(result: AutobatchResult) -> None:
 
     print(f"{'micro-batch':>11}  {'peak memory':>12}  {'% of target':>11}  {'samples/s':>10}  "
           f"{'spread':>7}  chosen")
-    timed = {tr.size: tr for tr in result.trials if tr.kind == "scan"}
-    timed.update({tr.size: tr for tr in result.trials if tr.kind == "throughput"})
+    timed = result.timed()
     rows = [(tr.size, tr) for tr in result.trials if tr.kind in ("probe", "verify")]
     rows += [(size, None) for size in set(timed) - {size for size, _ in rows}]
     rows.sort(key=lambda row: row[0])  # stable: a probe before its size's verification

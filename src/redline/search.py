@@ -42,6 +42,7 @@ from redline.batchsearch import KNEE_TOLERANCE, AutobatchResult
 from redline.checkpoint import preserved_rng
 from redline.config import RunConfig
 from redline.device import DeviceInfo
+from redline.judge import first_as_fast
 from redline.loading import choose_loader
 from redline.quality import candidates, check_precisions
 from redline.recipe import reference_batch
@@ -238,9 +239,7 @@ def _recipe(start: RunConfig, chosen: RunConfig) -> str:
 def _batch_rows(r: AutobatchResult, name: str, report: TuneReport) -> None:
     """One row per size the batch search timed: its rounds where it had them, else its scan."""
     peaks = {t.size: t.peak_bytes for t in r.trials if t.kind == "verify" and t.fits}
-    timed = {t.size: t for t in r.trials if t.kind == "scan" and t.samples_per_s}
-    timed.update({t.size: t for t in r.trials if t.kind == "throughput" and t.samples_per_s})
-    for size, t in sorted(timed.items()):
+    for size, t in sorted(r.timed().items()):
         spread = (t.spread[1] - t.spread[0]) / t.samples_per_s if t.spread else None
         note = ("knee for " + name if size == r.chosen
                 else "scanned once" if t.kind == "scan" else "")
@@ -261,9 +260,7 @@ def _fastest(task: Task, options: list[RunConfig], device: DeviceInfo, factor: s
     with runners(task, options, device) as built:
         timings = interleave(built, ROUNDS, MIN_TIMED_S, lambda i, r: say(
             f"{factor}: timing {label(options[i])} (round {r + 1} of {ROUNDS})"))
-    tolerance = max(KNEE_TOLERANCE, noise(timings))
-    best = max(t.samples_per_s for t in timings)
-    pick = next(i for i, t in enumerate(timings) if t.samples_per_s >= (1 - tolerance) * best)
+    pick, tolerance = first_as_fast([t.rates for t in timings])
     for c, t in zip(options, timings, strict=True):
         report.rows.append(Row(factor, label(c) + " (end to end)", t.samples_per_s,
                                t.spread, note="chosen" if c is options[pick] else ""))
@@ -282,7 +279,8 @@ def _fastest(task: Task, options: list[RunConfig], device: DeviceInfo, factor: s
     return options[pick], f"{verdict}: {rates} samples/s"
 
 
-def _has_conv(task: Task) -> bool:
+def has_conv(task: Task) -> bool:
+    """Whether the task's model has 4-D (convolution) weights: channels_last can matter."""
     with preserved_rng():  # building a model draws its initialisation
         return any(p.dim() == 4 for p in task.build_model().parameters())
 
@@ -302,7 +300,7 @@ def _channels_last(task: Task, config: RunConfig, device: DeviceInfo,
                    say: Callable[[str], None], where: str = "") -> RunConfig:
     if "channels_last" not in factors:
         return config
-    if not _has_conv(task):
+    if not has_conv(task):
         report.reasons["channels_last"] = "off: the model has no convolution weights"
         return config
     if where and clock.left() <= 0:

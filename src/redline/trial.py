@@ -11,7 +11,7 @@ by the job's own exact-resume loader, data-wait included:
 
 `interleave` times several runners in rounds, each round in the other direction, so a
 machine that slows down mid-measurement shifts every setting alike; `noise` is the rounds'
-spread, below which no decision is made (batchsearch.choose_knee's rule).
+spread, below which no decision is made (judge.first_as_fast's rule).
 
 Runners train a throwaway copy of the model on random streams of their own (seeded by
 `train.seed`, kept between steps, so the run that follows draws what it would have
@@ -36,6 +36,7 @@ from redline.checkpoint import preserved_rng, rng_state, set_rng_state
 from redline.config import RunConfig
 from redline.data import iterate_from
 from redline.device import DeviceInfo
+from redline.judge import timing_noise
 from redline.task import Task
 
 
@@ -63,9 +64,8 @@ class Timing:
 
 
 def noise(timings: Sequence[Timing]) -> float:
-    """The timing noise of a comparison: the median of the settings' relative spreads."""
-    spreads = [t.spread for t in timings if len(t.rates) >= 2]
-    return statistics.median(spreads) if spreads else 0.0
+    """The timing noise of a comparison (judge.timing_noise of the settings' rounds)."""
+    return timing_noise([t.rates for t in timings])
 
 
 class Runner:
