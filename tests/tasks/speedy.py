@@ -3,17 +3,24 @@
 Their step times are sleeps, not compute, so which setting is fastest does not depend on
 the machine or its load (a sleep leaves the cores free):
 
-- `Constructed`: a step sleeps `base * (1 + 2 * |b - 32| / 32)` ms for a micro-batch of
-  b, so samples/s peaks at b = 32; under bf16 autocast it sleeps half as long, so
-  bf16-mixed is the fastest precision; and its forward scales activations by 1e5 and subtracts
-  them from themselves, which overflows float16 (max 65504: inf - inf is NaN) but not
-  bfloat16 or float32, so fp16-mixed trains to a non-finite loss: the quality check must exclude it.
+- `Constructed`: a step of micro-batch b sleeps `b * per_sample * (1 + |log2(b / 32)|)`
+  ms, so samples/s peaks at b = 32 and halves one doubling away from it; under bf16
+  autocast it sleeps half as long, so bf16-mixed is the fastest precision. The cost is
+  per sample and steep on purpose: the real per-step work (the optimizer, the loader, the
+  OOM guard; about 1 ms here, several on a loaded CI machine) adds the same time to every
+  step and so favours larger batches, and the peak stays at 32 until that overhead
+  reaches 32 samples' sleep (16 ms under bf16). A shallower cost of 1 ms a step at 32 let
+  a loaded machine's overhead move the knee to 128. Its forward scales activations by 1e5
+  and subtracts them from themselves, which overflows float16 (max 65504: inf - inf is
+  NaN) but not bfloat16 or float32, so fp16-mixed trains to a non-finite loss: the quality
+  check must exclude it.
 - `SlowData`: each sample takes `item_ms` to load and each step `step_ms` to run, so with
   one loader worker the loading overlaps the step and samples/s nearly doubles.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -37,11 +44,11 @@ class _Scaled(nn.Module):
 class Constructed:
     name = "constructed"
 
-    def __init__(self, n: int = 4096, dim: int = 8, base_ms: float = 2.0) -> None:
+    def __init__(self, n: int = 4096, dim: int = 8, per_sample_ms: float = 1.0) -> None:
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, dim, generator=g)
         self.y = self.x @ torch.randn(dim, 1, generator=g) / dim ** 0.5
-        self.dim, self.base_s = dim, base_ms / 1e3
+        self.dim, self.per_sample_s = dim, per_sample_ms / 1e3
 
     def build_model(self) -> nn.Module:
         return _Scaled(self.dim)
@@ -58,7 +65,8 @@ class Constructed:
             b = x.shape[0]
             fast = (torch.is_autocast_enabled("cpu")
                     and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-            time.sleep(self.base_s * (1 + 2 * abs(b - PEAK) / PEAK) * (0.5 if fast else 1))
+            away = abs(math.log2(b / PEAK))  # doublings from the peak
+            time.sleep(b * self.per_sample_s * (1 + away) * (0.5 if fast else 1))
         return nn.functional.mse_loss(model(x).float(), y)
 
 

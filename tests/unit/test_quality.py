@@ -33,7 +33,7 @@ def _config() -> RunConfig:
 
 
 def test_a_precision_that_breaks_training_is_excluded_with_the_number() -> None:
-    checks = {c.name: c for c in check_precisions(Constructed(base_ms=0.0), _config(), CPU,
+    checks = {c.name: c for c in check_precisions(Constructed(per_sample_ms=0.0), _config(), CPU,
                                                   ["fp16-mixed", "bf16-mixed"], steps=12)}
     assert checks["fp32"].admitted and checks["fp32"].loss is not None
     assert not checks["fp16-mixed"].admitted and checks["fp16-mixed"].loss is None
@@ -43,7 +43,7 @@ def test_a_precision_that_breaks_training_is_excluded_with_the_number() -> None:
 
 
 def test_a_precision_far_slower_in_its_first_step_is_dropped_unchecked() -> None:
-    checks = {c.name: c for c in check_precisions(SlowHalf(base_ms=0.0), _config(), CPU,
+    checks = {c.name: c for c in check_precisions(SlowHalf(per_sample_ms=0.0), _config(), CPU,
                                                   ["fp16-mixed"], steps=12)}
     assert not checks["fp16-mixed"].admitted and "too slow" in checks["fp16-mixed"].reason
     assert checks["fp16-mixed"].loss is None  # no quality verdict was made
