@@ -232,6 +232,13 @@ def test_the_fastest_only_scan_stops_at_a_size_the_prediction_overestimated(
     class Quadratic(ToyRegression):  # memory grows with the batch's square: the fit errs
         def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
                  ) -> torch.Tensor:
+            import time
+
+            # A fixed 20 ms a step makes samples/s nearly double with each doubling, so the
+            # scan climbs to the misfit on a loaded machine too (its compute, quadratic
+            # like its memory, let timing noise end the scan before it there).
+            if model.training:
+                time.sleep(0.02)
             x = batch[0]
             pairs = (x @ x.T).unsqueeze(-1).expand(-1, -1, 16).contiguous()
             return super().loss(model, batch) + 0 * pairs.mean()
