@@ -201,6 +201,36 @@ def test_the_knee_scan_times_small_sizes_and_stops_once_larger_ones_are_slower(
     assert r.chosen <= 16  # per sample c/n + K*n: best at sqrt(c/K), a few samples
 
 
+class _FallsPast16(_SlowerWhenLarger):
+    """16 ms a step up to 16 samples (samples/s doubles with each doubling), then 20 ms a
+    sample: samples/s falls by 97 % at 32, and a step of 64 would take 1.3 s."""
+
+    def loss(self, model: torch.nn.Module, batch: object) -> torch.Tensor:
+        import time
+
+        if model.training:
+            n = batch[0].shape[0]  # type: ignore[index]
+            time.sleep(0.016 if n <= 16 else 0.02 * n)
+        return self.inner.loss(model, batch)
+
+
+def test_under_a_deadline_a_costly_size_after_a_fall_is_not_scanned(tmp_path: Path) -> None:
+    """One size clearly slower than the best, and the next would take over a quarter of the
+    time left: the scan stops there (without a deadline, two falls are needed)."""
+    import time
+
+    config = load_config(None, [f"task={TOY}", "memory.budget=64MiB"])
+    said: list[str] = []
+    r = autobatch(_FallsPast16(), config, CPU, cache_dir=tmp_path, verify_largest=False,
+                  deadline=time.perf_counter() + 8.0, progress=said.append)
+    scanned = [t.size for t in r.trials if t.kind == "scan"]
+    assert max(scanned) == 32 and r.chosen == 16, scanned
+    assert any(m.startswith("micro-batch 64 not scanned") for m in said), said
+    free = autobatch(_FallsPast16(), config, CPU, cache_dir=tmp_path / "again",
+                     verify_largest=False)
+    assert 64 in [t.size for t in free.trials if t.kind == "scan"]  # no deadline: two falls
+
+
 def test_the_fastest_only_search_checks_what_it_scans_and_verifies_the_choice(
         tmp_path: Path) -> None:
     """redline tune's search (verify_largest=False): two probes predict the largest size;
