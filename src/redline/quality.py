@@ -15,6 +15,12 @@ two runs can agree by chance more closely than their noise). A precision whose l
 finite, or is worse than the band, is excluded with the number; one within it or better is
 admitted. A precision whose first step takes SLOWER times fp32's is dropped at once, as too
 slow to be worth a quality check (fp16 convolutions on some CPUs run 50x slower than fp32).
+With `least_speed`, one whose first SPEED_STEPS timed steps run at less than that share of
+fp32's samples/s is dropped then, unchecked: fp32 is always admitted, so a format that much
+slower than it cannot be chosen (redline tune batch-searches only formats within 25 % of
+the fastest). When every candidate is dropped the check ends, fp32 alone admitted:
+reportgen-tiny's and sst-tiny's small matmuls run bf16 and fp16 at 0.3-0.7x fp32's speed
+on this CPU, and checking their quality was 10-20 s of a 30-100 s search.
 
 This is a screen, not a study: a few dozen steps catch a format that breaks training
 (overflow, lost precision in a sum, a loss that stops falling), not a small quality cost
@@ -40,6 +46,7 @@ STEPS = 30  # optimizer steps per run
 MIN_STEPS = 10  # a deadline stops the runs no earlier than this
 MIN_BAND = 0.01  # the band's half-width is at least this share of fp32's loss
 SLOWER = 10.0  # a first step this many times fp32's: dropped without a quality check
+SPEED_STEPS = 5  # timed steps (after the warm-up) that decide `least_speed`
 REFERENCE = "fp32"
 NOT_CANDIDATES = {"fp8-emulated": "an emulation: fp8's numerics with no speed-up"}
 
@@ -73,10 +80,12 @@ def candidates(device: DeviceInfo) -> tuple[list[str], dict[str, str]]:
 def check_precisions(task: Task, config: RunConfig, device: DeviceInfo,
                      names: Sequence[str], steps: int = STEPS,
                      say: Callable[[str], None] = lambda _: None,
-                     deadline_s: float | None = None) -> list[PrecisionCheck]:
+                     deadline_s: float | None = None,
+                     least_speed: float | None = None) -> list[PrecisionCheck]:
     """The short quality check (module docstring) of `names` against fp32, at `config`'s
     micro-batch and effective batch; fp32's own row comes first. `deadline_s`: the runs
-    stop after this many seconds once MIN_STEPS steps are done."""
+    stop after this many seconds once MIN_STEPS steps are done. `least_speed`: a format
+    slower than this share of fp32's samples/s in its first steps is dropped unchecked."""
     seed = config.train.seed
     runs = {"fp32": Runner(task, config.updated({"precision.name": REFERENCE}), device),
             "fp32-other-seed": Runner(task, config.updated({
@@ -102,6 +111,10 @@ def check_precisions(task: Task, config: RunConfig, device: DeviceInfo,
                     runner.first_step_s = took
             if k == 0:
                 dropped.update(_too_slow(runs))
+            if k == SPEED_STEPS and least_speed is not None:
+                dropped.update(_cannot_win(times, dropped, names, least_speed))
+            if k and all(name in dropped for name in names):
+                break  # fp32 alone is left (timed once at least): nothing to compare it with
     finally:
         for runner in runs.values():
             runner.close()
@@ -114,6 +127,21 @@ def _too_slow(runs: dict[str, Runner]) -> dict[str, str]:
                    "fp32's: too slow to be worth a quality check")
             for name, r in runs.items() if not name.startswith("fp32")
             and (r.first_step_s or 0.0) > SLOWER * ref}
+
+
+def _cannot_win(times: dict[str, list[float]], dropped: dict[str, str], names: Sequence[str],
+                least_speed: float) -> dict[str, str]:
+    ref = statistics.median(times["fp32"])
+    out = {}
+    for name in names:
+        if name in dropped or not times[name]:
+            continue
+        speed = ref / statistics.median(times[name])
+        if speed < least_speed:
+            out[name] = (f"{speed:.2f}x fp32's samples/s in its first {len(times[name])} "
+                         f"steps, under {least_speed:.2f}x: too slow to be chosen "
+                         "(no quality check)")
+    return out
 
 
 def _second_half(losses: list[float]) -> float:
@@ -132,8 +160,9 @@ def _verdicts(runs: dict[str, Runner], times: dict[str, list[float]], dropped: d
                           f"seed {ref_loss[1]:.4g})", ref_loss[0], ref_step, 1.0)]
     for name in names:
         if name in dropped:
-            out.append(PrecisionCheck(name, False, dropped[name],
-                                      step_s=runs[name].first_step_s))
+            step = statistics.median(times[name]) if times[name] else runs[name].first_step_s
+            out.append(PrecisionCheck(name, False, dropped[name], step_s=step,
+                                      speed_vs_fp32=ref_step / step if step else None))
             continue
         loss = _second_half(runs[name].losses)
         step = statistics.median(times[name]) if times[name] else math.nan

@@ -54,6 +54,9 @@ FACTORS = ("precision", "batch", "channels_last", "loader", "compile")
 DEFAULT_BUDGET_S = 120.0
 TOP_PRECISIONS = 2  # precisions that get a batch search of their own
 RUNNER_UP = 0.25  # the second is searched only when this close to the first at the start
+# A format slower than this share of fp32's speed at the start (fp32 is always admitted)
+# is never searched; 10 % below 1 - RUNNER_UP, as its first steps' timing is noisier.
+LEAST_SPEED = 0.9 * (1 - RUNNER_UP)
 RESERVE = 0.2  # of the budget, kept for the stages after the batch search's scan
 # Ties between precisions go to the first of these: fp32 master weights before none.
 SAFER = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "fp8", "bf16-true")
@@ -161,7 +164,7 @@ def _precisions(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple
     for name, why in not_run.items():
         report.rows.append(Row("precision", name, note=f"not tried: {why}"))
     checks = check_precisions(task, start, device, names, say=say,
-                              deadline_s=0.2 * clock.budget_s,
+                              deadline_s=0.2 * clock.budget_s, least_speed=LEAST_SPEED,
                               **({"steps": steps} if steps else {}))
     for c in checks:
         report.rows.append(Row(

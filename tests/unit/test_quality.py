@@ -11,7 +11,7 @@ import yaml
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.loading import resolve_auto_workers, worker_counts
-from redline.quality import candidates, check_precisions
+from redline.quality import SPEED_STEPS, candidates, check_precisions
 from tests.tasks.speedy import Constructed
 
 CPU = DeviceInfo.detect("cpu")
@@ -70,3 +70,31 @@ def test_a_resumed_run_keeps_the_loader_its_first_start_measured(tmp_path: Path)
     assert resolved.data.num_workers == 3 and resolved.data.prefetch_factor == 4
     assert record["source"] == str(saved)
     assert resolve_auto_workers(Constructed(), _config(), CPU)[1] == {}  # not auto: as is
+
+
+class SlowBf16(Constructed):
+    """bf16 autocast's steps sleep 20 ms more: 0.2-0.4x fp32's speed, yet not 10x slower."""
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+             ) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == \
+                torch.bfloat16:
+            time.sleep(0.02)
+        return super().loss(model, batch)
+
+
+def test_with_a_least_speed_a_format_too_slow_to_be_chosen_is_not_checked() -> None:
+    """fp32 is always admitted, so a format far slower than it cannot win: its first steps
+    drop it, and when it was the only candidate the check ends there."""
+    said: list[str] = []
+    checks = {c.name: c for c in check_precisions(SlowBf16(per_sample_ms=0.2), _config(), CPU,
+                                                  ["bf16-mixed"], steps=30, say=said.append,
+                                                  least_speed=0.675)}
+    assert said[-1].startswith(f"quality check: step {SPEED_STEPS + 1} of 30")  # ended there
+    bf16 = checks["bf16-mixed"]
+    assert not bf16.admitted and bf16.loss is None and "too slow to be chosen" in bf16.reason
+    assert bf16.speed_vs_fp32 is not None and bf16.speed_vs_fp32 < 0.675
+    assert checks["fp32"].admitted
+    kept = {c.name: c for c in check_precisions(SlowBf16(per_sample_ms=0.2), _config(), CPU,
+                                                ["bf16-mixed"], steps=12)}
+    assert kept["bf16-mixed"].loss is not None  # without least_speed: checked, as before

@@ -215,8 +215,8 @@ class _FallsPast16(_SlowerWhenLarger):
 
 
 def test_under_a_deadline_a_costly_size_after_a_fall_is_not_scanned(tmp_path: Path) -> None:
-    """One size clearly slower than the best, and the next would take over a quarter of the
-    time left: the scan stops there (without a deadline, two falls are needed)."""
+    """One size slower than the best, and the next would take over a quarter of the time
+    left: the scan stops there (without a deadline, two clear falls are needed)."""
     import time
 
     config = load_config(None, [f"task={TOY}", "memory.budget=64MiB"])
