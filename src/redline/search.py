@@ -6,8 +6,10 @@ the effective batch and the learning-rate rule throughout (recipe.py):
 
   1. precision   every format the device runs is screened by a short quality check
                  against fp32's own run-to-run noise (quality.py); one that leaves the band
-                 is excluded with the number. The check's lockstep steps also rank the
-                 admitted formats by speed at the starting batch;
+                 is excluded with the number, and one under LEAST_SPEED of fp32's speed
+                 in its first steps is dropped unchecked (it could never be searched).
+                 The check's lockstep steps also rank the admitted formats by speed at
+                 the starting batch;
   2. channels_last  for a model with 4-D weights: timed on and off at the starting batch in
                  the fastest admitted format, before the batch search, since the layout
                  moves the knee;
