@@ -17,14 +17,17 @@ from tests.tasks.speedy import Constructed
 CPU = DeviceInfo.detect("cpu")
 
 
-class SlowHalf(Constructed):
-    """fp16 autocast's steps sleep 40x longer: the screen drops it after one step."""
+class SlowerUnder(Constructed):
+    """The constructed task, each step under `dtype`'s CPU autocast sleeping `extra_s` more."""
+
+    def __init__(self, dtype: torch.dtype, extra_s: float, per_sample_ms: float) -> None:
+        super().__init__(per_sample_ms=per_sample_ms)
+        self.dtype, self.extra_s = dtype, extra_s
 
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
              ) -> torch.Tensor:
-        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == \
-                torch.float16:
-            time.sleep(0.1)
+        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == self.dtype:
+            time.sleep(self.extra_s)
         return super().loss(model, batch)
 
 
@@ -43,7 +46,8 @@ def test_a_precision_that_breaks_training_is_excluded_with_the_number() -> None:
 
 
 def test_a_precision_far_slower_in_its_first_step_is_dropped_unchecked() -> None:
-    checks = {c.name: c for c in check_precisions(SlowHalf(per_sample_ms=0.0), _config(), CPU,
+    slow_half = SlowerUnder(torch.float16, 0.1, per_sample_ms=0.0)  # 40x fp32's step
+    checks = {c.name: c for c in check_precisions(slow_half, _config(), CPU,
                                                   ["fp16-mixed"], steps=12)}
     assert not checks["fp16-mixed"].admitted and "too slow" in checks["fp16-mixed"].reason
     assert checks["fp16-mixed"].loss is None  # no quality verdict was made
@@ -72,22 +76,13 @@ def test_a_resumed_run_keeps_the_loader_its_first_start_measured(tmp_path: Path)
     assert resolve_auto_workers(Constructed(), _config(), CPU)[1] == {}  # not auto: as is
 
 
-class SlowBf16(Constructed):
-    """bf16 autocast's steps sleep 20 ms more: 0.2-0.4x fp32's speed, yet not 10x slower."""
-
-    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
-             ) -> torch.Tensor:
-        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == \
-                torch.bfloat16:
-            time.sleep(0.02)
-        return super().loss(model, batch)
-
-
 def test_with_a_least_speed_a_format_too_slow_to_be_chosen_is_not_checked() -> None:
     """fp32 is always admitted, so a format far slower than it cannot win: its first steps
     drop it, and when it was the only candidate the check ends there."""
     said: list[str] = []
-    checks = {c.name: c for c in check_precisions(SlowBf16(per_sample_ms=0.2), _config(), CPU,
+    # 20 ms more a bf16 step: 0.2-0.4x fp32's speed, yet not 10x slower
+    slow_bf16 = SlowerUnder(torch.bfloat16, 0.02, per_sample_ms=0.2)
+    checks = {c.name: c for c in check_precisions(slow_bf16, _config(), CPU,
                                                   ["bf16-mixed"], steps=30, say=said.append,
                                                   least_speed=0.675)}
     assert said[-1].startswith(f"quality check: step {SPEED_STEPS + 1} of 30")  # ended there
@@ -95,6 +90,6 @@ def test_with_a_least_speed_a_format_too_slow_to_be_chosen_is_not_checked() -> N
     assert not bf16.admitted and bf16.loss is None and "too slow to be chosen" in bf16.reason
     assert bf16.speed_vs_fp32 is not None and bf16.speed_vs_fp32 < 0.675
     assert checks["fp32"].admitted
-    kept = {c.name: c for c in check_precisions(SlowBf16(per_sample_ms=0.2), _config(), CPU,
+    kept = {c.name: c for c in check_precisions(slow_bf16, _config(), CPU,
                                                 ["bf16-mixed"], steps=12)}
     assert kept["bf16-mixed"].loss is not None  # without least_speed: checked, as before
