@@ -33,10 +33,9 @@ measured, never projected. Each stage checks the clock; one that no longer fits 
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,7 +48,7 @@ from redline.loading import choose_loader
 from redline.quality import candidates, check_precisions
 from redline.recipe import reference_batch
 from redline.task import Task
-from redline.trial import Runner, Timing, interleave, noise, runners
+from redline.trial import Timing, interleave, noise, runners
 from redline.tune import autobatch
 
 FACTORS = ("precision", "batch", "channels_last", "loader", "compile")
@@ -363,7 +362,7 @@ def _compile(task: Task, config: RunConfig, device: DeviceInfo, factors: tuple[s
     compiled = config.updated({"precision.compile": True})
     say("compile: compiling the training step (torch.compile)")
     try:
-        with _pair(task, config, compiled, device) as (eager, fast):
+        with runners(task, [config, compiled], device) as (eager, fast):
             cold_s = fast.warm_up() - eager.warm_up()
             timings = interleave([eager, fast], ROUNDS, MIN_TIMED_S, lambda i, r: say(
                 f"compile: timing {'compiled' if i else 'eager'} (round {r + 1})"))
@@ -372,13 +371,6 @@ def _compile(task: Task, config: RunConfig, device: DeviceInfo, factors: tuple[s
         report.reasons["compile"] = f"off: torch.compile failed here ({first})"
         return config
     return _compile_decision(config, compiled, timings, max(0.0, cold_s), report)
-
-
-@contextlib.contextmanager
-def _pair(task: Task, a: RunConfig, b: RunConfig, device: DeviceInfo
-          ) -> Iterator[tuple[Runner, Runner]]:
-    with runners(task, [a, b], device) as (x, y):
-        yield x, y
 
 
 def _compile_decision(config: RunConfig, compiled: RunConfig, timings: list[Timing],
