@@ -95,10 +95,15 @@ def judge(value: float, band: Band, higher_better: bool, diverged: bool = False,
 TIMING_TOLERANCE = 0.02  # the least one setting must be faster by to count as faster
 
 
+def relative_range(rates: Sequence[float]) -> float:
+    """One setting's rounds: their range relative to their median rate (0 with one round)."""
+    return (max(rates) - min(rates)) / statistics.median(rates) if len(rates) >= 2 else 0.0
+
+
 def timing_noise(rates: Iterable[Sequence[float]]) -> float:
     """The timing noise of a comparison: the median, over the settings timed in two rounds
     or more, of their rounds' range relative to their median rate (0 when none was)."""
-    spreads = [(max(v) - min(v)) / statistics.median(v) for v in rates if len(v) >= 2]
+    spreads = [relative_range(v) for v in rates if len(v) >= 2]
     return statistics.median(spreads) if spreads else 0.0
 
 

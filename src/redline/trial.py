@@ -36,7 +36,7 @@ from redline.checkpoint import preserved_rng, rng_state, set_rng_state
 from redline.config import RunConfig
 from redline.data import iterate_from
 from redline.device import DeviceInfo
-from redline.judge import timing_noise
+from redline.judge import relative_range, timing_noise
 from redline.task import Task
 
 
@@ -54,9 +54,7 @@ class Timing:
     @property
     def spread(self) -> float:
         """The rounds' range relative to their median (0 with one round)."""
-        if len(self.rates) < 2:
-            return 0.0
-        return (max(self.rates) - min(self.rates)) / self.samples_per_s
+        return relative_range(self.rates)
 
     @property
     def data_wait(self) -> float:
