@@ -108,7 +108,7 @@ class BenchTask:
 
 
 def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    # The optimizer redline tunes with (redline.build.build_optimizer): AdamW, foreach.
+    # The optimizer redline tunes with (redline.job.build.build_optimizer): AdamW, foreach.
     return torch.optim.AdamW(model.parameters(), lr=2e-4, foreach=True)
 
 
@@ -151,7 +151,7 @@ def search_redline(budget: int, target: float, measure_throughput: bool = True) 
     try:
         from redline.config import load_config
         from redline.task import resolve_task
-        from redline.tune import autobatch
+        from redline.tuning.autobatch import autobatch
 
         config = load_config(None, [f"task={TASK_SPEC}", f"memory.budget={budget}",
                                     f"memory.target={target}", "device=cpu"])

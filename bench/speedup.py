@@ -3,7 +3,7 @@
 For each built-in task, side by side in one run:
 
   start   batch 4, fp32, num_workers 0, no compile: where the issue found researchers begin
-  tune    `redline tune` from the start (search.tune), its wall time included
+  tune    `redline tune` from the start (tuning.tune.tune), its wall time included
   grid    every combination of the same factors, each cell timed the same way: micro-batch
           (powers of two from 1; a line of cells stops after three sizes in a row 25 %
           below its best), precision (every format the device runs but the emulation),
@@ -37,11 +37,11 @@ from typing import Any
 
 from redline.config import RunConfig
 from redline.device import DeviceInfo
-from redline.loading import worker_counts
-from redline.quality import candidates
-from redline.search import has_conv, tune
 from redline.task import resolve_task
-from redline.trial import Runner, interleave
+from redline.tuning.loader_choice import worker_counts
+from redline.tuning.precision_screen import candidates
+from redline.tuning.trial import Runner, interleave
+from redline.tuning.tune import has_conv, tune
 
 ROUNDS, MIN_S, CELL_S = 5, 0.5, 0.5
 SLOW_STEP_S = 5.0  # a cell whose warm-up step takes longer ends its line (fp16 convs here)
@@ -173,7 +173,7 @@ def time_to_quality(device: DeviceInfo, tuned_yaml: dict[str, Any], steps: int,
     the best the start config reaches in `steps` (its best plus 1 %), for both configs.
     The tuned config trains for at most twice the start's training time (at its measured
     samples/s), so a larger batch that learns less per sample shows as not reaching it."""
-    from redline.trainer import Trainer
+    from redline.run.trainer import Trainer
 
     records: dict[str, list[dict[str, Any]]] = {}
     tuned = RunConfig.from_dict(tuned_yaml)

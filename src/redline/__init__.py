@@ -16,23 +16,23 @@ _EXPORTS = {"RunConfig": "redline.config", "load_config": "redline.config",
             "Event": "redline.events", "Periodic": "redline.events", "State": "redline.events",
             "Sample": "redline.task", "Task": "redline.task", "TaskBase": "redline.task",
             "Telemetry": "redline.telemetry.session",
-            "TelemetryConfig": "redline.telemetry.config", "Trainer": "redline.trainer",
-            "build_job": "redline.build", "autobatch": "redline.tune"}
+            "TelemetryConfig": "redline.telemetry.config", "Trainer": "redline.run.trainer",
+            "build_job": "redline.job.build", "autobatch": "redline.tuning.autobatch"}
 
 __all__ = ["Callback", "Engine", "Event", "Periodic", "RunConfig", "Sample", "State", "Task",
            "TaskBase", "Telemetry", "TelemetryConfig", "Trainer", "__version__", "autobatch",
            "build_job", "load_config"]
 
 if TYPE_CHECKING:
-    from redline.build import build_job
     from redline.config import RunConfig, load_config
     from redline.engine import Engine
     from redline.events import Callback, Event, Periodic, State
+    from redline.job.build import build_job
+    from redline.run.trainer import Trainer
     from redline.task import Sample, Task, TaskBase
     from redline.telemetry.config import TelemetryConfig
     from redline.telemetry.session import Telemetry
-    from redline.trainer import Trainer
-    from redline.tune import autobatch
+    from redline.tuning.autobatch import autobatch
 
 
 def __getattr__(name: str) -> object:

@@ -221,8 +221,8 @@ def _load(args: argparse.Namespace, command: str) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from redline.config import ConfigError
-    from redline.lifecycle import latest_run_dir
-    from redline.trainer import Trainer
+    from redline.run.lifecycle import latest_run_dir
+    from redline.run.trainer import Trainer
 
     config = _load(args, "train")
     if args.dry_run:
@@ -243,7 +243,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 128 + signal.Signals[result.interrupted].value if result.interrupted else 0
     info = result.to_dict()
     if not args.no_report and result.steps:
-        from redline.report import build_report
+        from redline.study.report import build_report
 
         info["report"] = str(build_report(result.run_dir))
     if args.json:
@@ -277,7 +277,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args: argparse.Namespace, config: Any) -> int:
-    from redline.dryrun import dry_run, render
+    from redline.run.dryrun import dry_run, render
     from redline.task import resolve_task
 
     result = dry_run(config, resolve_task(config.task, config.task_args))
@@ -289,8 +289,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     import tempfile
 
     from redline import distributed
-    from redline.build import rank_device
     from redline.config import ConfigError
+    from redline.job.build import rank_device
     from redline.task import resolve_task
 
     factors = _factors(args.factors)
@@ -309,8 +309,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 print("redline tune under torchrun searches the micro-batch only; run it in "
                       "one process for precision, data loading and compile", file=sys.stderr)
             return _tune_batch(args, task, config, device, world, cache)
-        from redline.search import DEFAULT_BUDGET_S, tune
         from redline.telemetry.console import status
+        from redline.tuning.tune import DEFAULT_BUDGET_S, tune
 
         with status("tune") as shown:
             tuned, report = tune(task, config, device, cache_dir=cache, factors=factors,
@@ -327,7 +327,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def _factors(text: str | None) -> tuple[str, ...]:
     from redline.config import ConfigError
-    from redline.search import FACTORS
+    from redline.tuning.tune import FACTORS
 
     if not text:
         return FACTORS
@@ -344,7 +344,7 @@ def _tune_batch(args: argparse.Namespace, task: Any, config: Any, device: Any, w
     from redline import distributed
     from redline.memory.probe import format_size
     from redline.telemetry.console import status
-    from redline.tune import KNEE_TOLERANCE, autobatch_ranks
+    from redline.tuning.autobatch import KNEE_TOLERANCE, autobatch_ranks
 
     comm = distributed.init(world, device.kind)
     with status("tune") as shown:
@@ -394,7 +394,7 @@ def _tuned_lines(out: Path, dropped: bool) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from redline.study import Study, parse_vary, plan_settings
+    from redline.study.matrix import Study, parse_vary, plan_settings
     from redline.task import resolve_task
 
     precisions = [p.strip() for p in (args.precision or "fp32").split(",") if p.strip()]
@@ -426,7 +426,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from redline.report import build_report
+    from redline.study.report import build_report
 
     out = build_report(args.directory)
     print(json.dumps({"report": str(out)}) if args.json else f"report: {out}")
@@ -434,7 +434,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from redline.doctor import render
+    from redline.diagnose.doctor import render
     from redline.environment import environment_check
 
     if args.run_dir:

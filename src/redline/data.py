@@ -31,7 +31,7 @@ class DataConfig:
 
     num_workers: int | str = 0
     """Loader worker processes, or "auto": chosen by measurement when training starts
-    (loading.py: 0 unless workers make the step measurably faster)."""
+    (loader_choice.py: 0 unless workers make the step measurably faster)."""
     pin_memory: bool | str = "auto"
     """Page-locked host batches for fast copies; "auto": on for CUDA."""
     persistent_workers: bool | str = "auto"
@@ -92,7 +92,7 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 def loader_options(cfg: DataConfig, device_kind: str) -> dict[str, Any]:
     """DataLoader keyword arguments with the 'auto' settings resolved for this machine."""
-    # "auto" is measured when training starts (loading.py); a job built before that (the
+    # "auto" is measured when training starts (loader_choice.py); a job built before that (the
     # batch search's trials, a dry run) loads in the main process.
     workers = 0 if cfg.num_workers == "auto" else cfg.num_workers
     assert isinstance(workers, int)

@@ -2,7 +2,7 @@
 
 Versions, the device and what it can do (bf16, fp16, tf32, fp8, memory, peak FLOP/s),
 which optional extras are installed, and warnings. A *blocker* means training cannot run
-at all. `redline doctor` prints it (exit 1 on a blocker, doctor.py); every run directory
+at all. `redline doctor` prints it (exit 1 on a blocker, diagnose/doctor.py); every run directory
 keeps it as environment.json.
 """
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from redline.search import TuneReport
-    from redline.tune import AutobatchResult
+    from redline.tuning.autobatch import AutobatchResult
+    from redline.tuning.tune import TuneReport
 
 
 def print_result(r: dict[str, Any]) -> None:

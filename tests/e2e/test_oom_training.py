@@ -12,8 +12,8 @@ import yaml
 
 from redline.config import load_config
 from redline.events import Callback, State
+from redline.run.trainer import Trainer
 from redline.telemetry.jsonl import read_jsonl
-from redline.trainer import Trainer
 
 from ..conftest import TOY, run_cli
 from ..unit.test_tune import _peak_at

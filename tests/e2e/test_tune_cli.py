@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from redline.loading import cores
 from redline.telemetry.jsonl import read_jsonl
+from redline.tuning.loader_choice import cores
 
 from ..conftest import ROOT, TOY, run_cli
 

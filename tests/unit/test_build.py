@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from redline.build import build_job
 from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
+from redline.job.build import build_job
 
 CPU = DeviceInfo.detect("cpu")
 
@@ -64,7 +64,7 @@ def test_a_compiled_cpu_run_compiles(tmp_path: Path) -> None:
     memory check, and the trainer's FLOP count. A compiled run must really compile."""
     from torch._dynamo.utils import counters
 
-    from redline.trainer import Trainer
+    from redline.run.trainer import Trainer
 
     counters.clear()
     job = build_job(_config(compile=True), ConvTask(), CPU)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from redline.build import build_optimizer
 from redline.config import ConfigError, load_config
 from redline.engine import Engine
 from redline.events import Dispatcher, Event, State
 from redline.inspector import InspectConfig, Inspector, read_rows, select_layers
+from redline.job.build import build_optimizer
+from redline.run.trainer import Trainer
 from redline.stats import STAT_NAMES, fp8_stats, tensor_stats
-from redline.trainer import Trainer
 
 from ..conftest import TOY
 

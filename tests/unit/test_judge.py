@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from redline import judge
-from redline.summarize import summarize
+from redline.study.summarize import summarize
 
 
 def test_verdicts_are_judged_against_two_standard_deviations_of_the_reference() -> None:

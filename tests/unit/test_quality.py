@@ -1,4 +1,4 @@
-"""The precision screen (quality.py) and the loader choice's resume path (loading.py)."""
+"""The precision screen (precision_screen.py) and the loader choice (loader_choice.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import yaml
 
 from redline.config import RunConfig
 from redline.device import DeviceInfo
-from redline.loading import resolve_auto_workers, worker_counts
-from redline.quality import SPEED_STEPS, candidates, check_precisions
+from redline.tuning.loader_choice import resolve_auto_workers, worker_counts
+from redline.tuning.precision_screen import SPEED_STEPS, candidates, check_precisions
 from tests.tasks.speedy import Constructed
 
 CPU = DeviceInfo.detect("cpu")

@@ -9,16 +9,16 @@ from typing import Any
 import pytest
 import torch
 
-from redline.build import build_optimizer
 from redline.config import load_config
 from redline.engine import Engine
 from redline.events import Callback, State
+from redline.job.build import build_optimizer
+from redline.run.trainer import Trainer
 from redline.task import resolve_task
 from redline.telemetry.config import TelemetryConfig
 from redline.telemetry.jsonl import read_jsonl
 from redline.telemetry.metrics import WindowContext, WindowLogger
 from redline.telemetry.session import Telemetry
-from redline.trainer import Trainer
 
 from ..conftest import TOY
 from ..synccount import HostReads

@@ -7,9 +7,9 @@ import pytest
 
 from redline.config import load_config
 from redline.events import Callback, State
+from redline.run.trainer import Trainer
 from redline.telemetry.console import Progress
 from redline.telemetry.jsonl import read_jsonl
-from redline.trainer import Trainer
 
 from ..conftest import TOY
 

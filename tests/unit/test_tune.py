@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from redline import batch as batch_tree
-from redline.build import build_optimizer
 from redline.config import load_config
 from redline.device import DeviceInfo
 from redline.engine import Engine
+from redline.job.build import build_optimizer
 from redline.memory.probe import live_tensor_bytes, measure_peak
-from redline.recipe import scaled_lr
 from redline.task import resolve_task
-from redline.tune import KNEE_TOLERANCE, autobatch, choose_knee
+from redline.tuning.autobatch import KNEE_TOLERANCE, autobatch, choose_knee
+from redline.tuning.recipe import scaled_lr
 
 from ..conftest import TOY
 
@@ -110,8 +110,8 @@ def test_without_a_budget_a_cpu_search_stays_within_the_memory_available(
 def test_without_a_budget_the_guard_checks_new_sizes_against_the_memory_available(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from redline.memory import probe
+    from redline.run.trainer import Trainer
     from redline.telemetry.jsonl import read_jsonl
-    from redline.trainer import Trainer
 
     # room for a micro-batch of 32, not 64 (the tracker's count is what the check uses)
     available = int((_peak_at(32) + _peak_at(64)) / 2 / probe.AVAILABLE_SHARE)

@@ -21,7 +21,7 @@ And a batch-size search, which Lightning's own Tuner refuses under DDP:
     datamodule.batch_size = plan.micro_batch
     trainer = L.Trainer(accumulate_grad_batches=plan.accumulate_grad_batches, ...)
 
-It runs redline's autobatch (tune.py: probes, a fitted memory line, a verified size, the
+It runs redline's autobatch (autobatch.py: probes, a fitted memory line, a verified size, the
 throughput knee) on the module's own `training_step` and `configure_optimizers` and the
 datamodule's training set, and keeps the effective batch by accumulation. Under torchrun
 every rank searches its own device and they settle on the smallest size (one message),
@@ -188,9 +188,9 @@ def find_batch_size(module: Any, datamodule: Any = None, *, effective_batch_size
     memory available now); `device`: auto, cpu, cuda or cuda:N."""
     _require()
     from redline import distributed
-    from redline.build import rank_device
     from redline.config import RunConfig
-    from redline.tune import autobatch_ranks
+    from redline.job.build import rank_device
+    from redline.tuning.autobatch import autobatch_ranks
 
     world = distributed.World.from_env()
     config = RunConfig(device=device).updated({

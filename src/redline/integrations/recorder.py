@@ -40,7 +40,7 @@ import yaml
 from redline.device import DeviceInfo
 from redline.environment import environment_check
 from redline.errors import writing
-from redline.lifecycle import RunDirLock, new_run_dir
+from redline.run.lifecycle import RunDirLock, new_run_dir
 from redline.telemetry.config import TelemetryConfig
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.session import Telemetry

@@ -1,6 +1,6 @@
 """The batch search's measurements: the memory fit and the throughput knee.
 
-`tune.autobatch` is the API (the budget, the cache, the ranks); this module is what it
+`autobatch.autobatch` is the API (the budget, the cache, the ranks); this module is what it
 measures, on a job built for trial steps through build.py, like training.
 
 Predict, then check. Peak memory of a training step is close to affine in the batch
@@ -42,13 +42,13 @@ from typing import Any
 import torch
 
 from redline import batch as batch_tree
-from redline.build import Job, build_job
 from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
+from redline.job.build import Job, build_job
 from redline.judge import TIMING_TOLERANCE, first_as_fast, timing_noise
 from redline.memory.probe import MemoryBudget, live_tensor_bytes, measure_peak
-from redline.recipe import Recipe
 from redline.task import Task
+from redline.tuning.recipe import Recipe
 
 KNEE_TOLERANCE = TIMING_TOLERANCE  # the least a size must be faster by to count as faster
 ROUNDS = 3  # interleaved timing rounds per size

@@ -33,26 +33,27 @@ from pathlib import Path
 from typing import Any
 
 from redline import batch as batch_tree
-from redline import distributed, rundir
-from redline import resume as resume_state
-from redline.build import Job, build_job, rank_device
+from redline import distributed
 from redline.config import ConfigError, RunConfig
 from redline.data import LimitedLoader, eval_loader, iterate_from
 from redline.distributed import Comm, World
 from redline.errors import UserError
-from redline.evaluation import evaluate, evaluate_shrinking
 from redline.events import Callback, Dispatcher, Event, State
 from redline.inspector import Inspector
-from redline.lifecycle import Interrupted, Signals
-from redline.loading import resolve_auto_workers
+from redline.job.build import Job, build_job, rank_device
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
-from redline.samples import read_samples, save_samples
+from redline.run import resume as resume_state
+from redline.run import rundir
+from redline.run.evaluation import evaluate, evaluate_shrinking
+from redline.run.lifecycle import Interrupted, Signals
+from redline.run.samples import read_samples, save_samples
+from redline.run.watch import MemoryEvents, RunWatch, locate_nonfinite
 from redline.task import Task, resolve_task
 from redline.telemetry import schema as K
 from redline.telemetry.jsonl import EventLog, SilentEventLog, truncate_after
 from redline.telemetry.session import Telemetry
-from redline.tune import resolve_auto_batch
-from redline.watch import MemoryEvents, RunWatch, locate_nonfinite
+from redline.tuning.autobatch import resolve_auto_batch
+from redline.tuning.loader_choice import resolve_auto_workers
 
 
 @dataclass

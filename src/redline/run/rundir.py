@@ -21,8 +21,8 @@ from redline import checkpoint as ckpt
 from redline.config import ConfigError, RunConfig
 from redline.environment import environment_check
 from redline.errors import writing
-from redline.lifecycle import RunDirLock, new_run_dir
 from redline.precision import Precision
+from redline.run.lifecycle import RunDirLock, new_run_dir
 
 
 def claim(run_dir: Path | None, task_name: str, resume: bool,

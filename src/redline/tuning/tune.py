@@ -5,7 +5,7 @@ workflow measures instead, one factor at a time where factors are independent, a
 the effective batch and the learning-rate rule throughout (recipe.py):
 
   1. precision   every format the device runs is screened by a short quality check
-                 against fp32's own run-to-run noise (quality.py); one that leaves the band
+                 against fp32's own run-to-run noise (precision_screen.py); one that leaves the band
                  is excluded with the number, and one under LEAST_SPEED of fp32's speed
                  in its first steps is dropped unchecked (it could never be searched).
                  The check's lockstep steps also rank the admitted formats by speed at
@@ -18,7 +18,7 @@ the effective batch and the learning-rate rule throughout (recipe.py):
                  memory per sample and its best batch differ, so each gets its own fit and
                  knee; the runner-up only when within RUNNER_UP of the first at the start),
                  then the precisions' knees are timed against each other end to end;
-  4. loader      workers, prefetch, pinning, persistence (loading.py);
+  4. loader      workers, prefetch, pinning, persistence (loader_choice.py);
   5. compile     compile time measured, then the compiled step timed against the eager
                  one; adopted only when the time it saves over `train.steps` exceeds the
                  compile time.
@@ -39,17 +39,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from redline.batchsearch import KNEE_TOLERANCE, AutobatchResult
 from redline.checkpoint import preserved_rng
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.judge import first_as_fast
-from redline.loading import choose_loader
-from redline.quality import candidates, check_precisions
-from redline.recipe import reference_batch
 from redline.task import Task
-from redline.trial import Timing, interleave, noise, runners
-from redline.tune import autobatch
+from redline.tuning.autobatch import autobatch
+from redline.tuning.batchsearch import KNEE_TOLERANCE, AutobatchResult
+from redline.tuning.loader_choice import choose_loader
+from redline.tuning.precision_screen import candidates, check_precisions
+from redline.tuning.recipe import reference_batch
+from redline.tuning.trial import Timing, interleave, noise, runners
 
 FACTORS = ("precision", "batch", "channels_last", "loader", "compile")
 DEFAULT_BUDGET_S = 120.0
@@ -157,7 +157,7 @@ def _precisions(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple
                 steps: int | None, clock: Clock, report: TuneReport,
                 say: Callable[[str], None]) -> dict[str, float]:
     """The admitted precisions, fastest first, each with its speed relative to fp32 at the
-    starting batch (quality.py)."""
+    starting batch (precision_screen.py)."""
     if "precision" not in factors:
         report.reasons["precision"] = f"{start.precision.name}: kept (not searched)"
         return {start.precision.name: 1.0}

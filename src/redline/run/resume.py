@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from redline import checkpoint as ckpt
-from redline.build import Job, seed_everything
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.distributed import PeerFailed, rank_seed
@@ -37,6 +36,7 @@ from redline.events import (
     callback_states,
     load_callback_states,
 )
+from redline.job.build import Job, seed_everything
 from redline.memory.guard import OutOfMemoryAtMinimum
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.session import Telemetry

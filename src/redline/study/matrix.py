@@ -36,15 +36,15 @@ from typing import Any
 
 from redline import checkpoint as ckpt
 from redline import distributed
-from redline.build import rank_device
 from redline.config import ConfigError, RunConfig
 from redline.errors import MissingExtra, RunStopped, UserError, writing
 from redline.events import Callback, State
-from redline.lifecycle import new_run_dir
+from redline.job.build import rank_device
 from redline.precision import PRECISIONS, PrecisionError
-from redline.summarize import OUTCOMES, PLAN, read_outcomes, summarize
+from redline.run.lifecycle import new_run_dir
+from redline.run.trainer import Trainer
+from redline.study.summarize import OUTCOMES, PLAN, read_outcomes, summarize
 from redline.task import Task
-from redline.trainer import Trainer
 
 
 class StudyError(UserError):
@@ -210,7 +210,7 @@ class Study:
 
     def finish(self) -> dict[str, Any]:
         """Judge what has run: STUDY/summary.json and STUDY/report.html; the summary."""
-        from redline.report import build_report
+        from redline.study.report import build_report
 
         plan = json.loads((self.dir / PLAN).read_text())
         outcomes = read_outcomes(self.dir)

@@ -1,6 +1,6 @@
 """config + task -> a training job: the one path every workflow that trains builds through.
 
-The trainer, the batch search (tune.py) and, next, the study and the integrations all call
+The trainer, the batch search (autobatch.py) and, next, the study and the integrations all call
 `build_job`, so a trial step in the search runs exactly what training will run, and the
 cache fingerprint (`Job.fingerprint`) describes what was actually built:
 

@@ -32,11 +32,11 @@ from typing import Any
 from torch.utils.data import DataLoader, default_collate
 
 from redline import batch as batch_tree
-from redline.build import Job
 from redline.config import TrainConfig
 from redline.data import EpochBatchSampler
 from redline.errors import RunStopped
 from redline.events import Callback, State
+from redline.job.build import Job
 from redline.stats import first_nonfinite
 from redline.telemetry import schema as K
 from redline.telemetry.jsonl import EventLog

@@ -28,7 +28,14 @@ from typing import Any
 
 import yaml
 
-from redline.batchsearch import (
+from redline.checkpoint import list_checkpoints, preserved_rng
+from redline.config import RunConfig
+from redline.device import DeviceInfo
+from redline.distributed import Comm, World
+from redline.memory.probe import default_budget
+from redline.task import Task
+from redline.telemetry.console import status
+from redline.tuning.batchsearch import (
     KNEE_TOLERANCE,
     AutobatchResult,
     Harness,
@@ -40,14 +47,7 @@ from redline.batchsearch import (
     timing_noise,
     train_and_eval,
 )
-from redline.checkpoint import list_checkpoints, preserved_rng
-from redline.config import RunConfig
-from redline.device import DeviceInfo
-from redline.distributed import Comm, World
-from redline.memory.probe import default_budget
-from redline.recipe import recipe
-from redline.task import Task
-from redline.telemetry.console import status
+from redline.tuning.recipe import recipe
 
 __all__ = ["KNEE_TOLERANCE", "AutobatchResult", "Trial", "autobatch", "autobatch_ranks",
            "choose_knee", "resolve_auto_batch", "timing_noise"]

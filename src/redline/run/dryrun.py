@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from redline import batch as batch_tree
-from redline.build import build_job
 from redline.config import RunConfig
 from redline.data import LimitedLoader, eval_loader
 from redline.device import DeviceInfo
 from redline.environment import environment_check
-from redline.evaluation import evaluate
+from redline.job.build import build_job
 from redline.memory.probe import MemoryBudget, format_size, live_tensor_bytes, measure_peak
+from redline.run.evaluation import evaluate
 from redline.task import Task
 
 

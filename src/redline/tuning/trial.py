@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redline import batch as batch_tree
-from redline.build import Job, build_job
 from redline.checkpoint import preserved_rng, rng_state, set_rng_state
 from redline.config import RunConfig
 from redline.data import iterate_from
 from redline.device import DeviceInfo
+from redline.job.build import Job, build_job
 from redline.judge import relative_range, timing_noise
 from redline.task import Task
 

@@ -36,7 +36,7 @@ from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.judge import TIMING_TOLERANCE, first_as_fast
 from redline.task import Task
-from redline.trial import interleave, noise, runners
+from redline.tuning.trial import interleave, noise, runners
 
 NEGLIGIBLE = 0.02  # a data-wait share below this: workers cannot win enough to matter
 MAX_WORKERS = 8

@@ -40,7 +40,7 @@ from redline.device import DeviceInfo
 from redline.judge import Band, judge
 from redline.precision import PRECISIONS
 from redline.task import Task
-from redline.trial import Runner
+from redline.tuning.trial import Runner
 
 STEPS = 30  # optimizer steps per run
 MIN_STEPS = 10  # a deadline stops the runs no earlier than this

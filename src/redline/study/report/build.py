@@ -16,9 +16,9 @@ from typing import Any
 
 from redline.errors import UserError, writing
 from redline.inspector import read_rows
-from redline.report import plots
-from redline.samples import read_samples
-from redline.summarize import PLAN, read_outcomes, run_figures, summarize
+from redline.run.samples import read_samples
+from redline.study.report import plots
+from redline.study.summarize import PLAN, read_outcomes, run_figures, summarize
 from redline.telemetry import schema as K
 from redline.telemetry.jsonl import read_jsonl
 

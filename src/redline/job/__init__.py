@@ -1,0 +1,1 @@
+"""Building a training job from a config and a task, and stepping it."""

@@ -1,0 +1,1 @@
+"""Deciding by measurement: `redline tune`, the batch search, trials."""
