@@ -1,12 +1,14 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   install redline into .venv, run a short sr3-tiny training and write its
+#   make demo   install redline (with the extras and the test tools) into .venv, check the
+#               environment (redline doctor), train sr3-tiny for 200 steps and write its
 #               report (runs/sr3-tiny-TIME/report.html)
-#   make test   install redline with its test tools into .venv and run the tests
+#   make test   the same install, then the whole test suite
 #
-# TORCH is what pip installs first. The default pins the CPU build this project's
-# machines carry; on a GPU machine pass your own, e.g. `make demo TORCH=torch==2.13.0`
-# from an index with CUDA wheels, or install torch into .venv beforehand (an installed
-# torch that satisfies redline's range is kept as it is).
+# TORCH is what pip installs first, before redline (whose range, torch>=2.4, an installed
+# torch then satisfies). What `torch==2.13.0` resolves to depends on the index: this
+# project's machines carry the CPU wheel; PyPI on Linux serves the CUDA build. To choose,
+# pass your own (`make demo TORCH=...`) or install torch into .venv beforehand: an
+# installed torch is kept as it is.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -31,7 +33,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-test-fast: $(VENV)/.installed    # the quick loop: unit tests only, no CLI runs (~20 s)
+test-fast: $(VENV)/.installed    # the quick loop: tests not marked slow, no CLI runs (under a minute)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed

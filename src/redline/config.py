@@ -52,7 +52,9 @@ class TrainConfig:
     effective_batch_size: int | None = None
     """Samples per optimizer step, reached by gradient accumulation; null: batch_size."""
     eval_batch_size: int | None = None
-    """null: batch_size."""
+    """Samples per evaluation batch; null: batch_size (keep it at or below the micro-batch
+    on a CPU without a budget: evaluation batches are not checked against the memory
+    available)."""
     lr: float = 2.0e-4
     """AdamW learning rate at the effective batch (see lr_scaling)."""
     lr_scaling: str = "none"
@@ -62,7 +64,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay."""
     schedule: str = "constant"
-    """constant | cosine | linear, after warm-up."""
+    """The learning-rate schedule after warm-up: constant | cosine | linear (both decay to 0
+    at the last step)."""
     warmup_steps: int = 0
     """Steps of linear warm-up from 0."""
     grad_clip: float | None = 1.0
@@ -152,12 +155,19 @@ class RunConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The recipe: how many steps, on what batch, at what learning rate."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """The number format the run trains in, and the model's layout and compilation."""
     data: DataConfig = field(default_factory=DataConfig)
+    """How the DataLoader feeds the step."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """The memory budget, what `batch_size: auto` fills, and the OOM guard."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """How often the run saves what it needs to resume."""
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    """Windows of training metrics, hardware samples, and the trackers that receive them."""
     inspect: InspectConfig = field(default_factory=InspectConfig)
+    """Per-layer statistics of parameters, gradients and activations (RUN_DIR/stats/)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-able data (tuples become lists)."""

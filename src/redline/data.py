@@ -31,7 +31,7 @@ class DataConfig:
 
     num_workers: int | str = 0
     """Loader worker processes, or "auto": chosen by measurement when training starts
-    (loader_choice.py: 0 unless workers make the step measurably faster)."""
+    (tuning/loader_choice.py: 0 unless workers make the step measurably faster)."""
     pin_memory: bool | str = "auto"
     """Page-locked host batches for fast copies; "auto": on for CUDA."""
     persistent_workers: bool | str = "auto"

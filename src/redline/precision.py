@@ -316,7 +316,8 @@ class PrecisionConfig:
     """The `precision` section: the number format a run trains in."""
 
     name: str = "fp32"
-    """A policy name from `PRECISIONS`; refused with the reason where the device cannot run it."""
+    """fp32 | tf32 | fp16-mixed | bf16-mixed | bf16-true | fp8 | fp8-emulated (the policies in
+    `PRECISIONS`); one the device cannot run is refused with the reason, never replaced."""
     compile: bool = False
     """torch.compile the model (FLOPs are counted before compiling). On a CPU it cannot be
     combined with memory.budget (the budget's tracker runs every op in Python, where

@@ -28,7 +28,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("task", "fp8", "stats", "judge"),
     3: ("precision", "memory.*", "checkpoint", "data", "inspector", "telemetry.*"),
     4: ("config", "engine", "environment", "examples.*"),
-    5: ("job.*",),
+    5: ("job.*", "config_reference"),
     6: ("tuning.*", "diagnose.*"),
     7: ("run.*",),
     8: ("study.*", "integrations.*"),

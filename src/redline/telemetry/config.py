@@ -25,7 +25,7 @@ class TelemetryConfig:
     wandb_mode: str | None = None
     """online | offline | disabled; null: W&B's own default (WANDB_MODE, else online)."""
     wandb_project: str | None = None
-    """null: "redline"."""
+    """The W&B project; null: "redline"."""
     wandb_group: str | None = None
     """W&B run group; null: none (redline study puts each study's runs in one group)."""
 

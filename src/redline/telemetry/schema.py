@@ -2,9 +2,9 @@
 
 A key is a `str` (so a record is a plain dict and JSON writes it as its name) that also
 carries its `unit`, `meaning` and `stream`. The window logger, the sampler, the sinks, the
-console, `redline doctor RUN_DIR` and the report read keys from here, and the README's
-metric table is generated from it (`python -m redline.telemetry.schema`; a test checks
-that the README holds that table).
+console, `redline doctor RUN_DIR` and the report read keys from here, and the metric
+table of docs/telemetry.md is generated from it (`python -m redline.telemetry.schema`; a
+test checks that the guide holds that table).
 
 Streams: `metrics` (one record per telemetry window, plus `eval/*` rows and any rows a
 callback logs), `system` (hardware samples, from the writer process's sampler), `ranks`
@@ -138,7 +138,7 @@ def is_eval(key: str) -> bool:
 
 
 def markdown_table() -> str:
-    """The README's table of every key, between its begin and end markers."""
+    """docs/telemetry.md's table of every key, between its begin and end markers."""
     rows = [TABLE_BEGIN, "| key | stream | unit | meaning |", "|---|---|---|---|"]
     rows += [f"| `{k}` | {k.stream} | {k.unit or '-'} | {k.meaning} |" for k in KEYS.values()]
     return "\n".join([*rows, TABLE_END])
