@@ -74,27 +74,26 @@ def test_the_own_loop_guide_runs_under_torchrun(tmp_path: Path) -> None:
     assert sorted(r["rank"] for r in ranks) == [0] * 4 + [1] * 4
 
 
-def shell_blocks(path: Path) -> list[str]:
-    return re.findall(r"```(?:bash|console)\n(.*?)```", path.read_text(), flags=re.S)
-
-
-def redline_commands(text: str) -> list[list[str]]:
-    """Each `redline ...` command line of shell blocks (a `$ ` prompt dropped, comments and
-    backslash continuations handled)."""
+def redline_commands(path: Path) -> list[list[str]]:
+    """Each `redline ...` command of a page's shell blocks: every line of a ```bash block,
+    the `$ ` lines of a ```console block (the rest is output); comments dropped."""
     commands = []
-    for line in text.replace("\\\n", " ").splitlines():
-        line = line.strip().removeprefix("$ ")
-        if line.startswith(("redline ", ".venv/bin/redline ")):
+    for lang, block in re.findall(r"```(bash|console)\n(.*?)```", path.read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if lang == "console":
+                if not line.startswith("$ "):
+                    continue
+                line = line[2:]
             words = shlex.split(line, comments=True)
-            commands.append(words[1:])
+            if words[:1] == ["redline"]:
+                commands.append(words[1:])
     return commands
 
 
-def test_every_redline_command_in_the_readme_parses() -> None:
-    commands = [c for block in shell_blocks(README) for c in redline_commands(block)]
-    assert len(commands) >= 10, "the README's quick start shows the commands"
+def test_every_redline_command_in_the_readme_and_the_manual_parses() -> None:
+    assert len(redline_commands(README)) >= 10, "the README's quick start shows the commands"
     parser = cli_parser()
-    for argv in commands:
+    for argv in [c for page in [README, *DOCS.glob("*.md")] for c in redline_commands(page)]:
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 parser.parse_args(argv)
@@ -104,10 +103,13 @@ def test_every_redline_command_in_the_readme_parses() -> None:
                             f"redline {shlex.join(argv)}")
 
 
-def test_a_wrong_command_is_caught_by_the_check() -> None:
-    """The check above can fail: a misspelled flag does not parse."""
-    (argv,) = redline_commands("$ redline train sr3-tiny --stepz 5  # wrong\n")
-    with pytest.raises(SystemExit):
+def test_a_wrong_command_is_caught_by_the_check(tmp_path: Path) -> None:
+    """The check above can fail: a misspelled flag does not parse; output is not a command."""
+    page = tmp_path / "page.md"
+    page.write_text("```console\n$ redline train sr3-tiny --stepz 5  # wrong\n"
+                    "redline 0.1.0  python 3.11\n```\n")
+    (argv,) = redline_commands(page)
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         cli_parser().parse_args(argv)
 
 
