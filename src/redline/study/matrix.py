@@ -188,7 +188,7 @@ class Study:
 
     def run(self) -> tuple[list[Outcome], str | None]:
         """Train every setting not yet done; (outcomes, the signal that stopped it or None)."""
-        from redline.telemetry.console import Progress
+        from redline.telemetry.progress import Progress
 
         steps = self.base.train.steps
         bar = Progress(steps * len(self.settings),
