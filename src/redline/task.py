@@ -21,7 +21,8 @@ supplies every optional member's default, and `resolve_task` gives a task that l
 optional method the same default; redline's own code reads an optional member through
 `task_member`, never by guessing a name. A task member whose name is close to one of
 these (`flops_per_sampel`) is almost surely a misspelling that would silently turn
-something off, so `check_members` warns once, on stderr, naming the member it resembles.
+something off, so `check_task` (resolve_task's, and the Trainer's for a task object it is
+handed) warns once, on stderr, naming the member it resembles.
 
 `loss` must return the *mean* over the samples of the batch it is given: the Engine
 splits a batch into micro-batches and weights each micro-batch's loss by its share of
@@ -196,8 +197,7 @@ def check_members(task: Any) -> list[str]:
     """Warn, once per task class and name, about each public member of `task` whose name
     is close to a protocol member it is not (`flops_per_sampel`): redline would ignore it.
 
-    Returns the warnings given now. Called by resolve_task; whoever is handed a task
-    object (the Trainer) calls it too."""
+    Returns the warnings given now (check_task calls it)."""
     said = []
     for name in _public_names(task):
         close = difflib.get_close_matches(name, MEMBERS, n=1, cutoff=_MISSPELLING)
@@ -237,7 +237,15 @@ def resolve_task(spec: str, task_args: Mapping[str, Any] | None = None) -> Task:
     except ValueError:  # builtins without a signature: let the call decide
         pass
     task = factory(**kwargs)  # the user's code: its exceptions keep their traceback
-    _check_protocol(spec, task)
+    return check_task(task, spec)
+
+
+def check_task(task: Any, spec: str | None = None) -> Task:
+    """`task`, checked against the protocol: TaskError for a missing required method; a
+    missing optional method gets TaskBase's default, a missing name the spec's (or the
+    class name); a near-miss member name is warned about (check_members). resolve_task
+    calls it; so does whoever is handed a task object (the Trainer)."""
+    _check_protocol(spec or type(task).__name__, task)
     check_members(task)
     return task
 

@@ -186,3 +186,24 @@ def test_a_datasets_collate_fn_batches_every_loader_and_the_probe_batch() -> Non
     assert first_samples(data, 2) == {"ids": [0, 1]}
     assert next(iter(eval_loader(data, 2, {}))) == {"ids": [0, 1]}
     assert set(next(iter(train_loader(data, 2, seed=0, options={})))) == {"ids"}
+
+
+def test_a_task_object_handed_in_is_checked_like_a_resolved_one(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.tasks.toy import ToyRegression
+
+    class Handed(ToyRegression):
+        def seriess(self, model: object, batch: object) -> dict:
+            return {}
+
+    task = task_mod.check_task(Handed(n=8))
+    assert task.series(task.build_model(), None) == {}  # the default, as resolve_task's
+    assert "did you mean 'series'" in capsys.readouterr().err
+
+    class NoLoss:
+        def build_model(self) -> None: ...
+
+        def train_data(self) -> None: ...
+
+    with pytest.raises(TaskError, match="loss"):
+        task_mod.check_task(NoLoss())
