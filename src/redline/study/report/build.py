@@ -50,7 +50,7 @@ def build_report(directory: str | Path, summary: dict[str, Any] | None = None) -
 def _render(context: dict[str, Any]) -> str:
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("redline", "report"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("redline.study", "report"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]),
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _num
