@@ -123,9 +123,16 @@ def describe(batch: Any) -> str:
     return f"{spec}|{shown}"
 
 
+def collate_of(dataset: Dataset) -> Callable[[list[Any]], Any]:
+    """How `dataset`'s samples make one batch: its `collate_fn` attribute where it has one
+    (a task's dataset may carry one, task.py; the Lightning adapter's carry their loader's),
+    torch's default_collate otherwise. Every loader redline builds, and first_samples, use
+    it, so a probe batch is batched as training's are."""
+    return getattr(dataset, "collate_fn", None) or default_collate
+
+
 def first_samples(dataset: Dataset, n: int) -> Any:
     """A collated batch of the dataset's first `n` samples (wrapping round a small one),
-    by the dataset's `collate_fn` where it has one (a framework's loader's)."""
+    by `collate_of(dataset)`."""
     count = len(dataset)  # type: ignore[arg-type]
-    collate = getattr(dataset, "collate_fn", None) or default_collate
-    return collate([dataset[i % count] for i in range(n)])
+    return collate_of(dataset)([dataset[i % count] for i in range(n)])

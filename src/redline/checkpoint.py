@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from redline.errors import UserError, require, writing
+
+# A checkpoint's "rng" entry is rng.rng_state(); its callers (run/resume.py, tuning/) have
+# long imported these from here.
+from redline.rng import preserved_rng as preserved_rng
+from redline.rng import rng_state as rng_state
+from redline.rng import set_rng_state as set_rng_state
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -149,50 +153,6 @@ def load_latest(directory: str | Path, map_location: str | torch.device = "cpu",
                               f"readable (moved to {Path(directory) / UNREADABLE}); start a new "
                               "run or restore a backup")
     return None
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG that training can draw from, as plain data."""
-    np_state = np.random.get_state(legacy=False)
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": np_state["state"]["key"].tolist(),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Every generator `rng_state` covers is where it was before, once the block ends."""
-    saved = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(saved)
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state({
-        "bit_generator": n["bit_generator"],
-        "state": {"key": np.asarray(n["key"], dtype=np.uint32), "pos": n["pos"]},
-        "has_gauss": n["has_gauss"],
-        "gauss": n["gauss"],
-    })
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # Keys that may differ between a run and its resumption: they change how long the run

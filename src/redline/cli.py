@@ -309,7 +309,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 print("redline tune under torchrun searches the micro-batch only; run it in "
                       "one process for precision, data loading and compile", file=sys.stderr)
             return _tune_batch(args, task, config, device, world, cache)
-        from redline.telemetry.console import status
+        from redline.telemetry.progress import status
         from redline.tuning.tune import DEFAULT_BUDGET_S, tune
 
         with status("tune") as shown:
@@ -343,7 +343,7 @@ def _tune_batch(args: argparse.Namespace, task: Any, config: Any, device: Any, w
                 cache: str | None) -> int:
     from redline import distributed
     from redline.memory.probe import format_size
-    from redline.telemetry.console import status
+    from redline.telemetry.progress import status
     from redline.tuning.autobatch import KNEE_TOLERANCE, autobatch_ranks
 
     comm = distributed.init(world, device.kind)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from redline.batch import collate_of
 from redline.errors import ConfigError, require
 
 
@@ -117,7 +118,8 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int,
                                 rank=rank, world=world)
     # Each iter(loader) draws the workers' base seed from this generator; without one it
     # would draw from the global RNG and shift the training stream on every resume.
-    return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator(), **options)
+    return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator(),
+                      collate_fn=collate_of(dataset), **options)
 
 
 def iterate_from(loader: DataLoader, epoch: int, start_batch: int) -> Iterator[Any]:
@@ -130,7 +132,8 @@ def iterate_from(loader: DataLoader, epoch: int, start_batch: int) -> Iterator[A
 
 
 def eval_loader(dataset: Dataset, batch_size: int, options: dict[str, Any]) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **options)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                      collate_fn=collate_of(dataset), **options)
 
 
 class LimitedLoader:

@@ -7,25 +7,30 @@ studies need a fresh model per trial, so a task hands out factories rather than 
         name: str
         def build_model(self) -> nn.Module: ...
         def train_data(self) -> Dataset: ...
-        def eval_data(self) -> Dataset | None: ...
+        def eval_data(self) -> Dataset | None: ...                  # optional
         def loss(self, model, batch) -> Tensor: ...             # mean over the batch's samples
         def evaluate(self, model, loader) -> dict[str, float]: ...   # optional
         def samples(self, model, batch) -> list[Sample]: ...    # optional
         def series(self, model, batch) -> dict[str, Tensor]: ... # optional
         def optimizer(self, model) -> Optimizer | None: ...     # optional
+        def flops_per_sample(self) -> float: ...                # optional
+        metric_directions: Mapping[str, str]                    # optional
+
+Each member's docstring, on `Task` below, says what redline does with it. `TaskBase`
+supplies every optional member's default, and `resolve_task` gives a task that lacks an
+optional method the same default; redline's own code reads an optional member through
+`task_member`, never by guessing a name. A task member whose name is close to one of
+these (`flops_per_sampel`) is almost surely a misspelling that would silently turn
+something off, so `check_task` (resolve_task's, and the Trainer's for a task object it is
+handed) warns once, on stderr, naming the member it resembles.
 
 `loss` must return the *mean* over the samples of the batch it is given: the Engine
 splits a batch into micro-batches and weights each micro-batch's loss by its share of
 the samples, which gives the full-batch gradient only for a mean.
 
-`series`, if a task has it, is called on the steps that `inspect.every` inspects, under
-no_grad with the training RNG forked, and returns named values to record with the layer
-statistics: 0-d tensors are loss components, 1-d tensors series (sr3-tiny: the loss per
-diffusion-timestep bucket, and the noise schedule). `samples` turns a batch of fixed
-evaluation inputs into what a report shows (images as HxW or HxWx3 arrays, texts).
-`optimizer`, if a task has it and it returns one, is the optimizer to train `model` with
-(the Lightning adapter hands over the module's `configure_optimizers`); otherwise redline
-builds fused AdamW at train.lr (build.py).
+A dataset that `train_data` or `eval_data` returns may carry a `collate_fn` attribute:
+redline batches its samples with it rather than torch's default_collate (batch.collate_of;
+the Lightning adapter's datasets carry their loader's).
 
 A task spec is one of:
   - a built-in short name (`redline train --help` lists them),
@@ -41,7 +46,9 @@ it propagates with its traceback.
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -84,29 +91,67 @@ class Sample:
 
 @runtime_checkable
 class Task(Protocol):
+    """What redline reads from a task (module docstring); optional members say so."""
+
     name: str
+    """The task's name: run directories are named after it (default: the class name)."""
 
-    def build_model(self) -> nn.Module: ...
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model (tuning and studies build one per trial)."""
+        ...
 
-    def train_data(self) -> Dataset: ...
+    def train_data(self) -> Dataset:
+        """The training set: redline's own loader samples and batches it."""
+        ...
 
-    def eval_data(self) -> Dataset | None: ...
+    def eval_data(self) -> Dataset | None:
+        """Optional: the evaluation set, or None (no evaluation)."""
+        ...
 
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The mean loss over `batch`'s samples (module docstring says why the mean)."""
+        ...
 
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]: ...
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        """Optional: task metrics over the evaluation loader ({} by default)."""
+        ...
 
-    def samples(self, model: nn.Module, batch: Any) -> list[Sample]: ...
+    def samples(self, model: nn.Module, batch: Any) -> list[Sample]:
+        """Optional: what a report shows for a batch of fixed evaluation inputs (images as
+        HxW or HxWx3 arrays, texts), with each sample's own metrics."""
+        ...
 
-    def series(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]: ...
+    def series(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Optional: named values recorded with the layer statistics on the steps that
+        `inspect.every` inspects, under no_grad with the training RNG forked: 0-d tensors
+        are loss components, 1-d tensors series (sr3-tiny: the loss per diffusion-timestep
+        bucket, and the noise schedule)."""
+        ...
 
-    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer | None: ...
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer | None:
+        """Optional: the optimizer to train `model` with (the Lightning adapter hands over
+        the module's `configure_optimizers`); None: fused AdamW at train.lr (job/build.py)."""
+        ...
+
+    def flops_per_sample(self) -> float:
+        """Optional: the FLOPs of one sample's forward and backward, for MFU (e.g.
+        telemetry.flops.analytic_transformer_flops, for shapes that vary); without it they
+        are counted once on the first batch."""
+        ...
+
+    metric_directions: Mapping[str, str]
+    """Optional: which way each evaluation metric is better, {"psnr": "max", "fid": "min"},
+    for studies (judge.py); a metric not named here is judged by its name."""
 
 
 class TaskBase:
     """Optional base class: defaults for the optional parts of the protocol."""
 
     name: str = "task"
+    # None: not declared (FLOPs counted; directions judged by metric names). Class
+    # attributes rather than methods, so that "not declared" is visible without calling.
+    flops_per_sample: Callable[[], float] | None = None
+    metric_directions: Mapping[str, str] | None = None
 
     def eval_data(self) -> Dataset | None:
         return None
@@ -124,7 +169,8 @@ class TaskBase:
         return None
 
 
-_REQUIRED = ("build_model", "train_data", "loss")
+REQUIRED_METHODS = ("build_model", "train_data", "loss")
+# The optional methods resolve_task fills in with TaskBase's defaults where a task lacks them.
 _OPTIONAL_DEFAULTS: dict[str, Callable[..., Any]] = {
     "eval_data": TaskBase.eval_data,
     "evaluate": TaskBase.evaluate,
@@ -132,6 +178,44 @@ _OPTIONAL_DEFAULTS: dict[str, Callable[..., Any]] = {
     "series": TaskBase.series,
     "optimizer": TaskBase.optimizer,
 }
+OPTIONAL_MEMBERS = (*_OPTIONAL_DEFAULTS, "flops_per_sample", "metric_directions")
+MEMBERS = ("name", *REQUIRED_METHODS, *OPTIONAL_MEMBERS)
+# How close a name must be to a member's to be called a misspelling of it (difflib's
+# ratio): `flops_per_sampel` 0.94, `evalute` 0.93; `sample_steps` (sr3's) 0.74 is not.
+_MISSPELLING = 0.85
+_warned: set[tuple[type, str]] = set()
+
+
+def task_member(task: Any, member: str) -> Any:
+    """The task's optional `member` (a bound method or a value), or None where the task
+    does not have it. `member` must be one of the protocol's: redline reads no other."""
+    assert member in OPTIONAL_MEMBERS, f"{member!r} is not an optional Task member"
+    return getattr(task, member, None)
+
+
+def check_members(task: Any) -> list[str]:
+    """Warn, once per task class and name, about each public member of `task` whose name
+    is close to a protocol member it is not (`flops_per_sampel`): redline would ignore it.
+
+    Returns the warnings given now (check_task calls it)."""
+    said = []
+    for name in _public_names(task):
+        close = difflib.get_close_matches(name, MEMBERS, n=1, cutoff=_MISSPELLING)
+        if not close or (type(task), name) in _warned:
+            continue
+        _warned.add((type(task), name))
+        said.append(f"redline: task {type(task).__name__}: {name!r} is not a Task member "
+                    f"and is ignored; did you mean {close[0]!r}?")
+        print(said[-1], file=sys.stderr, flush=True)
+    return said
+
+
+def _public_names(task: Any) -> list[str]:
+    own = set(vars(task)) if hasattr(task, "__dict__") else set()
+    for cls in type(task).__mro__:
+        if cls not in (object, TaskBase) and cls.__module__ != "typing":
+            own |= set(vars(cls))
+    return sorted(n for n in own if not n.startswith("_") and n not in MEMBERS)
 
 
 def available_tasks() -> dict[str, str]:
@@ -153,7 +237,16 @@ def resolve_task(spec: str, task_args: Mapping[str, Any] | None = None) -> Task:
     except ValueError:  # builtins without a signature: let the call decide
         pass
     task = factory(**kwargs)  # the user's code: its exceptions keep their traceback
-    _check_protocol(spec, task)
+    return check_task(task, spec)
+
+
+def check_task(task: Any, spec: str | None = None) -> Task:
+    """`task`, checked against the protocol: TaskError for a missing required method; a
+    missing optional method gets TaskBase's default, a missing name the spec's (or the
+    class name); a near-miss member name is warned about (check_members). resolve_task
+    calls it; so does whoever is handed a task object (the Trainer)."""
+    _check_protocol(spec or type(task).__name__, task)
+    check_members(task)
     return task
 
 
@@ -171,7 +264,7 @@ def _load_factory(spec: str) -> Callable[..., Any]:
 
 
 def _check_protocol(spec: str, task: Any) -> None:
-    missing = [m for m in _REQUIRED if not callable(getattr(task, m, None))]
+    missing = [m for m in REQUIRED_METHODS if not callable(getattr(task, m, None))]
     if missing:
         raise TaskError(f"task {spec!r} is missing required method(s): {', '.join(missing)}")
     for method, default in _OPTIONAL_DEFAULTS.items():

@@ -270,3 +270,14 @@ def test_micro_batching_says_once_what_it_does_to_batchnorm() -> None:
                     micro_batch_size=8, dispatcher=Dispatcher([Spy()]))
     silent.step(_batches(1)[0], lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
     assert len(seen) == 1
+
+
+def test_the_cheap_torch_capture_sees_a_draw_and_rewinds_it() -> None:
+    from redline.rng import restore_torch_state, same_torch_state, torch_state
+
+    before = torch_state([])
+    assert same_torch_state(before, torch_state([]))
+    drawn = torch.rand(3)
+    assert not same_torch_state(before, torch_state([]))
+    restore_torch_state(before)
+    assert torch.equal(torch.rand(3), drawn) and not same_torch_state(None, before)

@@ -24,7 +24,7 @@ PACKAGE = SRC / "redline"
 # rank: the modules of that layer (a name ending in ".*" covers its package)
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("errors",),
-    1: ("plugins", "device", "events", "batch", "distributed"),
+    1: ("plugins", "device", "events", "batch", "distributed", "rng"),
     2: ("task", "fp8", "stats", "judge"),
     3: ("precision", "memory.*", "checkpoint", "data", "inspector", "telemetry.*"),
     4: ("config", "engine", "environment", "examples.*"),
@@ -112,6 +112,38 @@ def test_imports_go_downward_only(module: str) -> None:
     upward = sorted(d for d in GRAPH[module] if not allowed(module, d))
     assert not upward, (f"{module} (layer {rank(module)}) imports "
                         + ", ".join(f"{d} (layer {rank(d)})" for d in upward))
+
+
+def _private_uses(module: str, path: Path) -> list[str]:
+    """Another redline module's `_private` names that `module` imports or reads through an
+    imported module (`from redline.x import _y`, `x._y`)."""
+    tree = ast.parse(path.read_text())
+    imported: dict[str, str] = {}  # local name -> the redline module it is
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("redline"):
+            for a in node.names:
+                target = f"{node.module}.{a.name}"
+                if target in MODULES:
+                    imported[a.asname or a.name] = target
+                elif a.name.startswith("_") and not a.name.startswith("__") \
+                        and _owner(node.module or "") != module:
+                    found.append(f"from {node.module} import {a.name}")
+        elif isinstance(node, ast.Import):
+            imported |= {a.asname: a.name for a in node.names
+                         if a.asname and a.name.startswith("redline.")}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in imported and imported[node.value.id] != module
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"{imported[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    """A name another module needs is public (issue 18): `_` means "only this module"."""
+    used = {m: u for m, p in MODULES.items() if (u := _private_uses(m, p))}
+    assert not used, used
 
 
 def test_no_import_cycles() -> None:

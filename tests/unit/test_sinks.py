@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 
 from redline.errors import ConfigError
-from redline.telemetry.console import format_record
 from redline.telemetry.jsonl import read_jsonl
 from redline.telemetry.sinks import BUILTIN_SINKS, Sink, SinkContext, make_sinks
-from redline.telemetry.sinks.console import ConsoleSink
+from redline.telemetry.sinks.console import ConsoleSink, format_record
 from redline.telemetry.sinks.jsonl import JsonlSink
 from redline.telemetry.writer import serve
 

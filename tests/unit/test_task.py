@@ -111,3 +111,99 @@ def test_entry_point_group_registers_tasks(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(plugins_mod, "entry_points", fake_entry_points)
     assert available_tasks()["toy-ep"] == "tests.tasks.toy:ToyRegression"
     assert resolve_task("toy-ep", {"n": 32}).name == "toy"
+
+
+def test_every_member_redline_reads_is_declared_on_the_protocol() -> None:
+    declared = set(task_mod.Task.__annotations__) | {
+        n for n in vars(task_mod.Task) if not n.startswith("_")}
+    assert set(task_mod.MEMBERS) <= declared
+    for member in task_mod.MEMBERS:
+        if member in vars(task_mod.Task):  # methods carry their docstring
+            assert getattr(task_mod.Task, member).__doc__, member
+    # TaskBase supplies every optional member, so a subclass reads as "not declared"
+    for member in task_mod.OPTIONAL_MEMBERS:
+        assert hasattr(task_mod.TaskBase, member), member
+
+
+def test_task_member_reads_an_optional_member_or_none() -> None:
+    class Bare:
+        def flops_per_sample(self) -> float:
+            return 3.0
+
+    assert task_mod.task_member(Bare(), "flops_per_sample")() == 3.0
+    assert task_mod.task_member(Bare(), "metric_directions") is None
+    assert task_mod.task_member(task_mod.TaskBase(), "flops_per_sample") is None
+    with pytest.raises(AssertionError):
+        task_mod.task_member(Bare(), "flops_per_sampel")  # redline reads no other name
+
+
+def test_a_misspelled_member_is_named_once_with_what_it_resembles(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    class Misspelt(task_mod.TaskBase):
+        metric_direction = ("psnr", "max")
+        sample_steps = 50  # a task's own setting, not close enough to `samples`
+
+        def flops_per_sampel(self) -> float:
+            return 1.0
+
+    said = task_mod.check_members(Misspelt())
+    err = capsys.readouterr().err
+    assert len(said) == 2 and err.count("\n") == 2
+    assert "'flops_per_sampel'" in err and "did you mean 'flops_per_sample'" in err
+    assert "'metric_direction'" in err and "did you mean 'metric_directions'" in err
+    assert task_mod.check_members(Misspelt()) == []  # once per class and name
+    assert capsys.readouterr().err == ""
+
+
+def test_resolve_task_warns_about_a_misspelled_member(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "typo_task.py").write_text(
+        "from tests.tasks.toy import ToyRegression\n"
+        "class Typo(ToyRegression):\n"
+        "    def evalute(self, model, loader):\n"
+        "        return {}\n")
+    resolve_task(f"{tmp_path / 'typo_task.py'}:Typo")
+    err = capsys.readouterr().err
+    assert "'evalute'" in err and "did you mean 'evaluate'" in err
+
+
+def test_a_datasets_collate_fn_batches_every_loader_and_the_probe_batch() -> None:
+    from redline.batch import first_samples
+    from redline.data import eval_loader, train_loader
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> int:
+            return i
+
+        @staticmethod
+        def collate_fn(items: list[int]) -> dict[str, list[int]]:
+            return {"ids": list(items)}
+
+    data = Pairs()
+    assert first_samples(data, 2) == {"ids": [0, 1]}
+    assert next(iter(eval_loader(data, 2, {}))) == {"ids": [0, 1]}
+    assert set(next(iter(train_loader(data, 2, seed=0, options={})))) == {"ids"}
+
+
+def test_a_task_object_handed_in_is_checked_like_a_resolved_one(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.tasks.toy import ToyRegression
+
+    class Handed(ToyRegression):
+        def seriess(self, model: object, batch: object) -> dict:
+            return {}
+
+    task = task_mod.check_task(Handed(n=8))
+    assert task.series(task.build_model(), None) == {}  # the default, as resolve_task's
+    assert "did you mean 'series'" in capsys.readouterr().err
+
+    class NoLoss:
+        def build_model(self) -> None: ...
+
+        def train_data(self) -> None: ...
+
+    with pytest.raises(TaskError, match="loss"):
+        task_mod.check_task(NoLoss())

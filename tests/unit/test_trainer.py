@@ -8,8 +8,8 @@ import pytest
 from redline.config import load_config
 from redline.events import Callback, State
 from redline.run.trainer import Trainer
-from redline.telemetry.console import Progress
 from redline.telemetry.jsonl import read_jsonl
+from redline.telemetry.progress import Progress
 
 from ..conftest import TOY
 

@@ -44,14 +44,16 @@ class Finding:
 Rule = Callable[["Evidence"], "Finding | None"]
 
 
-def _num(x: Any) -> float | None:
+def as_number(x: Any) -> float | None:
+    """`x` as a float where it is a finite measurement, else None."""
     # bool is an int; non-finite floats are logged as strings ("NaN"): neither is a measurement.
     if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
         return None
     return float(x)
 
 
-def _get(d: dict[str, Any], dotted: str) -> Any:
+def lookup(d: dict[str, Any], dotted: str) -> Any:
+    """`d["a"]["b"]` for "a.b"; None where a part is missing."""
     cur: Any = d
     for part in dotted.split("."):
         if not isinstance(cur, dict):
@@ -60,19 +62,23 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     return cur
 
 
-def _series(rows: list[dict[str, Any]], key: str) -> list[float]:
-    return [v for v in (_num(r.get(key)) for r in rows) if v is not None]
+def series_of(rows: list[dict[str, Any]], key: str) -> list[float]:
+    """The rows' measurements of `key`, in order, without the missing and non-finite."""
+    return [v for v in (as_number(r.get(key)) for r in rows) if v is not None]
 
 
-def _median(values: list[float]) -> float | None:
+def median_of(values: list[float]) -> float | None:
+    """The median, or None for no values."""
     return statistics.median(values) if values else None
 
 
-def _pct(x: float) -> str:
+def fmt_pct(x: float) -> str:
+    """A percentage with the digits that matter (findings' text)."""
     return f"{x:.0f}" if abs(x) >= 10 else f"{x:.1f}" if abs(x) >= 1 else f"{x:.2f}"
 
 
-def _secs(s: float) -> str:
+def fmt_secs(s: float) -> str:
+    """Seconds as "1.23 s" or "4.5 ms"."""
     return f"{s:.2f} s" if s >= 1 else f"{s * 1000:.1f} ms"
 
 
@@ -117,18 +123,18 @@ class Evidence:
         if self.metrics and not self.train:
             self.notes.append("metrics.jsonl has no training windows")
         self.kept = self.train[1:] if len(self.train) >= 3 else self.train
-        self.kind = _get(self.env, "device.kind")
-        self.gpu_rows = [r for r in self.system if _num(r.get(K.GPU_UTIL)) is not None]
+        self.kind = lookup(self.env, "device.kind")
+        self.gpu_rows = [r for r in self.system if as_number(r.get(K.GPU_UTIL)) is not None]
         # NVML metrics exist only on a GPU: they identify CUDA when environment.json is gone.
         self.cuda = self.kind == "cuda" or (self.kind is None and bool(self.gpu_rows))
         self.data_wait = self.median(K.DATA_WAIT_PCT, "input-bound")
-        self.step_time = _median(_series(self.kept, K.STEP_TIME))
+        self.step_time = median_of(series_of(self.kept, K.STEP_TIME))
         # config.yaml holds the resolved micro-batch; the search's event says it was auto
         self.auto_batch = any(e.get("event") == "autobatch" for e in self.events)
 
     def median(self, key: str, check: str) -> float | None:
         """The key's median over the kept windows; a note when the windows lack it."""
-        value = _median(_series(self.kept, key))
+        value = median_of(series_of(self.kept, key))
         if value is None and self.kept:
             self.notes.append(f"metrics.jsonl has no {key}: {check} check skipped")
         return value

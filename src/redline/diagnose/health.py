@@ -9,7 +9,7 @@ kernel's OOM killer or kill -9).
 
 from __future__ import annotations
 
-from redline.diagnose.evidence import Evidence, Finding, _get, _series
+from redline.diagnose.evidence import Evidence, Finding, lookup, series_of
 from redline.telemetry import schema as K
 from redline.telemetry.trend import growth
 
@@ -52,7 +52,7 @@ def ended(ev: Evidence) -> Finding | None:
                            f"The run was stopped by {e.get('signal')} at step "
                            f"{e.get('step')} of {max_steps}; its last good checkpoint is "
                            f"{last_good}: {_go_on(ev, saved)}.", float(e.get("step", 0)))
-    steps = _series(ev.train, K.STEP)
+    steps = series_of(ev.train, K.STEP)
     last = int(max(steps)) if steps else 0
     if max_steps and last < max_steps and not any(
             e.get("event") == "checkpoint_saved" and e.get("step") == max_steps for e in after):
@@ -65,14 +65,14 @@ def ended(ev: Evidence) -> Finding | None:
 
 
 def nonfinite(ev: Evidence) -> Finding | None:
-    counts = _series(ev.train, K.NONFINITE_STEPS)
+    counts = series_of(ev.train, K.NONFINITE_STEPS)
     total = int(sum(counts))
     if not total:
         return None
     firsts = [r[K.FIRST_NONFINITE] for r in ev.train if r.get(K.FIRST_NONFINITE) is not None]
     where = next((e.get("where") for e in ev.events if e.get("event") == "nonfinite"), None)
-    skipped = int(sum(_series(ev.train, K.SKIPPED_STEPS)))
-    mode = _get(ev.cfg, "train.on_nonfinite") or "skip"
+    skipped = int(sum(series_of(ev.train, K.SKIPPED_STEPS)))
+    mode = lookup(ev.cfg, "train.on_nonfinite") or "skip"
     fate = (f"{skipped} of their updates were skipped" if skipped
             else "their updates were applied (train.on_nonfinite: warn)")
     at = f", first at step {firsts[0]}" if firsts else ""

@@ -252,7 +252,7 @@ class _ModuleTask:
 
 
 class _Collated(torch.utils.data.Dataset):
-    """A loader's dataset, batched by its collate_fn (batch.first_samples reads it)."""
+    """A loader's dataset, batched by its collate_fn (batch.collate_of reads it)."""
 
     def __init__(self, dataset: Any, collate_fn: Any) -> None:
         self.dataset, self.collate_fn = dataset, collate_fn

@@ -35,12 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from redline.device import DeviceInfo
-from redline.environment import environment_check
-from redline.errors import writing
-from redline.run.lifecycle import RunDirLock, new_run_dir
+from redline.run import rundir
 from redline.telemetry.config import TelemetryConfig
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.session import Telemetry
@@ -72,18 +69,11 @@ class RunRecorder:
               compute_dtype: str = "float32", progress: bool = False, ranks: int = 1) -> None:
         """Claim the run directory, write its start files, start telemetry; `ranks`: the
         framework's processes, which share `samples_per_step`."""
-        with writing("run directory", self.path or Path("runs")):
-            self.path = self.path or new_run_dir(self.framework)
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._held.enter_context(RunDirLock(self.path))
-        config = {"framework": self.framework, **settings}
-        with writing("config", self.path / "config.yaml"):
-            (self.path / "config.yaml").write_text(yaml.safe_dump(
-                json.loads(json.dumps(config, default=str)), sort_keys=False))
-        env = environment_check(self.device.kind).to_dict()
-        env["run"] = {"framework": self.framework, "max_steps": max_steps}
-        with writing("environment snapshot", self.path / "environment.json"):
-            (self.path / "environment.json").write_text(json.dumps(env, indent=2))
+        self.path, _ = rundir.lock(self.path, self.framework, self._held)
+        settings = {"framework": self.framework, **settings}  # a framework's objects: str
+        rundir.write_config(self.path, json.loads(json.dumps(settings, default=str)))
+        rundir.write_environment(self.path, self.device.kind,
+                                 {"framework": self.framework, "max_steps": max_steps})
         self.events = self._held.enter_context(EventLog(self.path / "events.jsonl"))
         self.telemetry = Telemetry(self.path, self.config, device=self.device,
                                    samples_per_step=samples_per_step, max_steps=max_steps,

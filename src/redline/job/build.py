@@ -53,7 +53,7 @@ from redline.events import Dispatcher, State
 from redline.memory.guard import OOMGuard
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes
 from redline.precision import Precision, get_precision
-from redline.task import Task
+from redline.task import Task, task_member
 
 
 @dataclass
@@ -131,7 +131,7 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
         step_model = torch.compile(step_model)
     if comm.world.rank:
         seed_everything(rank_seed(t.seed, comm.world.rank))
-    own = getattr(task, "optimizer", None)  # the task's own optimizer, where it has one
+    own = task_member(task, "optimizer")  # the task's own optimizer, where it has one
     try:
         optimizer = (own(model) if own else None) or build_optimizer(model, t.lr,
                                                                      t.weight_decay)

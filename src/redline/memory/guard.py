@@ -28,9 +28,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
+from redline.rng import TorchState, restore_torch_state, same_torch_state, torch_state
 
 
 class OutOfMemoryAtMinimum(RuntimeError):
@@ -103,42 +102,17 @@ class OOMGuard:
         self._wait = int(state["wait"])
 
 
-def snapshot_rng(cuda_devices: Sequence[int] | None = None) -> tuple[Any, ...]:
-    """The torch RNG states (CPU and CUDA) a step draws from: dropout, noise, sampling.
-
-    `cuda_devices` limits the CUDA generators to those the model runs on (None: all).
-    Python's and numpy's generators are not snapshotted: copying numpy's state costs
-    ~35 us, a few percent of a small step, on every step, and model code draws from
-    torch's generators. A loss function that draws from `random` or `np.random` is
-    redone exactly in everything but those draws.
-    """
-    cuda = None
-    if cuda_devices is None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda_devices = range(len(torch.cuda.default_generators))  # all, where CUDA is in use
-    if cuda_devices:  # a CPU model asks nothing of CUDA: no per-step availability check
-        gens = torch.cuda.default_generators
-        cuda = [(i, gens[i].get_state()) for i in cuda_devices]
-    return torch.default_generator.get_state(), cuda
-
-
-def restore_rng(snapshot: tuple[Any, ...]) -> None:
-    cpu, cuda = snapshot
-    torch.default_generator.set_state(cpu)
-    for i, state in cuda or ():
-        torch.cuda.default_generators[i].set_state(state)
-
-
 class StepRng:
     """The RNG state a redone step rewinds to, kept as cheaply as the model allows.
 
-    Snapshotting torch's generators costs ~3.5 us a step inside a CPU training loop (a
-    5 KB state copied into a new tensor), yet a step that draws no random numbers needs no
-    snapshot: its start state is the current one. So the first `probe_steps` steps are
-    snapshotted and compared with their end states, and with each other's; if nothing drew,
-    inside a step or between steps, snapshots stop and the last state becomes the
-    reference. Every `recheck_every` steps one end state is compared with it again, and
-    any draw turns snapshots back on for good. After an OOM in a step that was not
-    snapshotted, the current state is compared with the reference: equal, nothing drew
+    Snapshotting torch's generators (rng.torch_state) costs ~3.5 us a step inside a CPU
+    training loop (a 5 KB state copied into a new tensor), yet a step that draws no random
+    numbers needs no snapshot: its start state is the current one. So the first
+    `probe_steps` steps are snapshotted and compared with their end states, and with each
+    other's; if nothing drew, inside a step or between steps, snapshots stop and the last
+    state becomes the reference. Every `recheck_every` steps one end state is compared with
+    it again, and any draw turns snapshots back on for good. After an OOM in a step that was
+    not snapshotted, the current state is compared with the reference: equal, nothing drew
     and the redo is exact; different, the redo cannot rewind what was drawn (`rewind`
     returns False, the guard's event says so) and every step is snapshotted from then on.
     A model with dropout, or a loss that draws noise, is snapshotted every step.
@@ -151,24 +125,24 @@ class StepRng:
         self._probe, self._recheck_every = probe_steps, recheck_every
         self.snapshotting = probe_steps > 0  # whether `before` takes a snapshot
         self.countdown = recheck_every  # quiet steps left until the next recheck
-        self._reference: tuple[Any, ...] | None = None  # the state while nothing draws
+        self._reference: TorchState | None = None  # the state while nothing draws
 
-    def before(self) -> tuple[Any, ...] | None:
+    def before(self) -> TorchState | None:
         """At the step's start: a snapshot, or None where nothing draws.
 
         `snapshotting` says beforehand whether this returns a snapshot, so the engine's
         hot path can skip the call (it runs every step, at cold cache)."""
-        return snapshot_rng(self.cuda_devices) if self.snapshotting else None
+        return torch_state(self.cuda_devices) if self.snapshotting else None
 
-    def after(self, snapshot: tuple[Any, ...] | None) -> None:
+    def after(self, snapshot: TorchState | None) -> None:
         """At the end of a completed step, with what `before` returned."""
         if self.always:
             return
         if snapshot is not None:  # probing: did this step, or anything since, draw?
             self._probe -= 1
-            now = snapshot_rng(self.cuda_devices)
-            if not (_same(snapshot, now) and (self._reference is None
-                                              or _same(self._reference, snapshot))):
+            now = torch_state(self.cuda_devices)
+            if not (same_torch_state(snapshot, now) and (
+                    self._reference is None or same_torch_state(self._reference, snapshot))):
                 self.always = True
             self._reference = now
             self.snapshotting = self.always or self._probe > 0
@@ -180,23 +154,16 @@ class StepRng:
     def recheck(self) -> None:
         """Compare the state with the reference now (every `recheck_every` quiet steps)."""
         self.countdown = self._recheck_every
-        if not _same(self._reference, snapshot_rng(self.cuda_devices)):
+        if not same_torch_state(self._reference, torch_state(self.cuda_devices)):
             self.always = self.snapshotting = True
 
-    def rewind(self, snapshot: tuple[Any, ...] | None) -> bool:
+    def rewind(self, snapshot: TorchState | None) -> bool:
         """Back to the step's start; False when a draw since the last check cannot be."""
         if snapshot is not None:
-            restore_rng(snapshot)
+            restore_torch_state(snapshot)
             return True
-        if _same(self._reference, snapshot_rng(self.cuda_devices)):
+        if same_torch_state(self._reference, torch_state(self.cuda_devices)):
             return True
         self.always = self.snapshotting = True
         return False
 
-
-def _same(a: tuple[Any, ...] | None, b: tuple[Any, ...]) -> bool:
-    if a is None:
-        return False
-    (cpu_a, cuda_a), (cpu_b, cuda_b) = a, b
-    return torch.equal(cpu_a, cpu_b) and all(
-        torch.equal(x, y) for (_, x), (_, y) in zip(cuda_a or (), cuda_b or (), strict=True))

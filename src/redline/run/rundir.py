@@ -1,7 +1,10 @@
 """The run directory: claimed by one run at a time, and the files a run writes as it starts.
 
 `claim` makes (or checks) the directory and holds its lock for the run (lifecycle.py);
-`write_start_files` writes config.yaml and environment.json; `announce` says, on stderr
+`write_start_files` writes config.yaml and environment.json. A framework run (Lightning,
+the HF Trainer: integrations/recorder.py) has no checkpoints of redline's and no RunConfig:
+it locks its directory with `lock` and writes the same two files with `write_config` and
+`write_environment`. `announce` says, on stderr
 and in events.jsonl, what a user must know before the first step. A file-system fault (a
 read-only directory, a full disk, no permission) is a `StorageError`: one sentence naming
 the path and the fault, exit 1, nothing already saved touched.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +40,7 @@ def claim(run_dir: Path | None, task_name: str, resume: bool,
     if run_dir is not None and resume and not run_dir.is_dir():
         raise ConfigError(f"--resume: run directory {str(run_dir)!r} does not exist; drop "
                           "--resume to start a new run there")
-    with writing("run directory", run_dir or Path("runs")):
-        run_dir = new_run_dir(task_name) if run_dir is None else run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        held.enter_context(RunDirLock(run_dir))
+    run_dir, _ = lock(run_dir, task_name, held)
     readable = ckpt.list_checkpoints(run_dir / "checkpoints")
     if resume and not (readable or ckpt.list_checkpoints(run_dir / "checkpoints",
                                                          unreadable=True)):
@@ -51,15 +52,37 @@ def claim(run_dir: Path | None, task_name: str, resume: bool,
     return run_dir, made
 
 
+def lock(run_dir: Path | None, name: str, held: contextlib.ExitStack) -> tuple[Path, bool]:
+    """(the run directory, whether it was made), made if need be and locked until `held`
+    closes; None makes a new runs/NAME-TIME directory. What `claim` checks besides
+    (checkpoints, --resume) is not done here."""
+    made = run_dir is None or not run_dir.exists()
+    with writing("run directory", run_dir or Path("runs")):
+        run_dir = new_run_dir(name) if run_dir is None else run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(RunDirLock(run_dir))
+    return run_dir, made
+
+
 def write_start_files(run_dir: Path, config: RunConfig, task_name: str,
                       run: dict[str, Any]) -> None:
     """config.yaml (the resolved config: train again with --config) and environment.json
     (doctor's snapshot, with what this run resolved in `run`)."""
     resolved = config.to_dict()
     resolved["task"] = config.task or task_name
+    write_config(run_dir, resolved)
+    write_environment(run_dir, config.device, run)
+
+
+def write_config(run_dir: Path, settings: Mapping[str, Any]) -> None:
+    """RUN_DIR/config.yaml: `settings` (plain data) as YAML, in their order."""
     with writing("config", run_dir / "config.yaml"):
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    env = environment_check(config.device).to_dict()
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dict(settings), sort_keys=False))
+
+
+def write_environment(run_dir: Path, device: str, run: dict[str, Any]) -> None:
+    """RUN_DIR/environment.json: doctor's snapshot of `device`'s machine, with `run`."""
+    env = environment_check(device).to_dict()
     env["run"] = run
     with writing("environment snapshot", run_dir / "environment.json"):
         (run_dir / "environment.json").write_text(json.dumps(env, indent=2))

@@ -44,7 +44,7 @@ from redline.precision import PRECISIONS, PrecisionError
 from redline.run.lifecycle import new_run_dir
 from redline.run.trainer import Trainer
 from redline.study.summarize import OUTCOMES, PLAN, read_outcomes, summarize
-from redline.task import Task
+from redline.task import Task, task_member
 
 
 class StudyError(UserError):
@@ -188,7 +188,7 @@ class Study:
 
     def run(self) -> tuple[list[Outcome], str | None]:
         """Train every setting not yet done; (outcomes, the signal that stopped it or None)."""
-        from redline.telemetry.console import Progress
+        from redline.telemetry.progress import Progress
 
         steps = self.base.train.steps
         bar = Progress(steps * len(self.settings),
@@ -215,7 +215,7 @@ class Study:
         plan = json.loads((self.dir / PLAN).read_text())
         outcomes = read_outcomes(self.dir)
         summary = summarize(plan, outcomes, self.dir,
-                            getattr(self.task, "metric_directions", None))
+                            task_member(self.task, "metric_directions"))
         with writing("study summary", self.dir / "summary.json"):
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         summary["report"] = str(build_report(self.dir, summary))

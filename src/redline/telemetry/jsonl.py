@@ -1,52 +1,19 @@
-"""Append-only JSON-lines files: the run directory's source of truth."""
+"""The run directory's JSON-lines files read back (`read_jsonl`, `truncate_after`), and its
+event log, events.jsonl (`EventLog`). The metrics and system files are written by the
+`jsonl` tracker (telemetry/sinks/jsonl.py), whose `JsonlWriter` the event log is."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from redline.errors import writing
-
-
-def _clean(value: Any) -> Any:
-    # JSON has no NaN/Infinity; write them as strings so every line stays standard JSON.
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
-class JsonlWriter:
-    """One JSON object per line, flushed per write so a killed run keeps what it logged."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        with writing("log", self.path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            return
-        line = json.dumps({k: _clean(v) for k, v in record.items()}, separators=(",", ":"))
-        self._file.write(line + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> JsonlWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+from redline.telemetry.sinks.jsonl import JsonlWriter
 
 
 class EventLog(JsonlWriter):

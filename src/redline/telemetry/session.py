@@ -43,12 +43,12 @@ from redline.device import DeviceInfo
 from redline.distributed import Comm, World
 from redline.telemetry import schema as K
 from redline.telemetry.config import TelemetryConfig
-from redline.telemetry.console import Progress
 from redline.telemetry.flops import count_step_flops, peak_flops
 from redline.telemetry.hub import Hub, QuietHub, report_sink_failure
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.metrics import Record, WindowContext, WindowLogger
 from redline.telemetry.process import ProcessMemory
+from redline.telemetry.progress import Progress
 from redline.telemetry.sampler import torch_gpu_uuid
 from redline.telemetry.sinks import check_installed
 

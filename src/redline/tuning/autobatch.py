@@ -34,7 +34,7 @@ from redline.device import DeviceInfo
 from redline.distributed import Comm, World
 from redline.memory.probe import default_budget
 from redline.task import Task
-from redline.telemetry.console import status
+from redline.telemetry.progress import status
 from redline.tuning.batchsearch import (
     KNEE_TOLERANCE,
     AutobatchResult,

@@ -1,12 +1,27 @@
-"""The `console` tracker: one plain line per logging window."""
+"""The `console` tracker: one plain line per logging window (`format_record`; the progress
+display, telemetry/progress.py, prints the same line when not on a terminal)."""
 
 from __future__ import annotations
 
 import sys
 from typing import Any, TextIO
 
-from redline.telemetry.console import format_record
+from redline.telemetry import schema as K
 from redline.telemetry.sinks import SinkContext
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """A metrics record as one line: step, loss, speed, lr, evaluation metrics."""
+    parts = [f"step {record[K.STEP]}"]
+    for key, fmt in ((K.LOSS, "loss {:.4g}"), (K.SAMPLES_PER_S, "{:.1f} samples/s"),
+                     (K.STEP_TIME, "{:.3f} s/step"), (K.LR, "lr {:.3g}")):
+        if record.get(key) is not None:
+            parts.append(fmt.format(record[key]))
+    parts += [f"{k} {v:.4g}" for k, v in record.items()
+              if K.is_eval(k) and isinstance(v, float) and k != K.EVAL_TIME]
+    if record.get(K.EMULATED):
+        parts.append("emulated precision: no speed-up")
+    return " | ".join(parts)
 
 
 class ConsoleSink:

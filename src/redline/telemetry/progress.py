@@ -1,4 +1,8 @@
-"""What a person watching the run sees: a progress bar on a terminal, plain lines otherwise."""
+"""What a person watching the run sees: a progress bar on a terminal, plain lines otherwise.
+
+A plain line is the console tracker's (telemetry/sinks/console.py: format_record), with the
+ETA added.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from redline.telemetry import schema as K
-
-
-def format_record(record: dict[str, Any]) -> str:
-    parts = [f"step {record[K.STEP]}"]
-    for key, fmt in ((K.LOSS, "loss {:.4g}"), (K.SAMPLES_PER_S, "{:.1f} samples/s"),
-                     (K.STEP_TIME, "{:.3f} s/step"), (K.LR, "lr {:.3g}")):
-        if record.get(key) is not None:
-            parts.append(fmt.format(record[key]))
-    parts += [f"{k} {v:.4g}" for k, v in record.items()
-              if K.is_eval(k) and isinstance(v, float) and k != K.EVAL_TIME]
-    if record.get(K.EMULATED):
-        parts.append("emulated precision: no speed-up")
-    return " | ".join(parts)
+from redline.telemetry.sinks.console import format_record
 
 
 class Progress:
