@@ -2,33 +2,30 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import torch
+import pytest
 import yaml
 
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.tuning.loader_choice import resolve_auto_workers, worker_counts
-from redline.tuning.precision_screen import SPEED_STEPS, candidates, check_precisions
+from redline.tuning.precision_screen import (
+    SLOWER,
+    SPEED_STEPS,
+    StepTime,
+    candidates,
+    check_precisions,
+)
 from tests.tasks.speedy import Constructed
 
 CPU = DeviceInfo.detect("cpu")
 
 
-class SlowerUnder(Constructed):
-    """The constructed task, each step under `dtype`'s CPU autocast sleeping `extra_s` more."""
-
-    def __init__(self, dtype: torch.dtype, extra_s: float, per_sample_ms: float) -> None:
-        super().__init__(per_sample_ms=per_sample_ms)
-        self.dtype, self.extra_s = dtype, extra_s
-
-    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
-             ) -> torch.Tensor:
-        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == self.dtype:
-            time.sleep(self.extra_s)
-        return super().loss(model, batch)
+def _times(**seconds: float) -> StepTime:
+    """A step_time giving each run its constant step time (default 0.01 s): the speed
+    rules decide on these numbers, not on the machine's clock."""
+    return lambda run, _measured: seconds.get(run.replace("-", "_"), 0.01)
 
 
 def _config() -> RunConfig:
@@ -46,11 +43,23 @@ def test_a_precision_that_breaks_training_is_excluded_with_the_number() -> None:
 
 
 def test_a_precision_far_slower_in_its_first_step_is_dropped_unchecked() -> None:
-    slow_half = SlowerUnder(torch.float16, 0.1, per_sample_ms=0.0)  # 40x fp32's step
-    checks = {c.name: c for c in check_precisions(slow_half, _config(), CPU,
-                                                  ["fp16-mixed"], steps=12)}
-    assert not checks["fp16-mixed"].admitted and "too slow" in checks["fp16-mixed"].reason
-    assert checks["fp16-mixed"].loss is None  # no quality verdict was made
+    task = Constructed(per_sample_ms=0.0)
+    checks = {c.name: c for c in check_precisions(task, _config(), CPU, ["fp16-mixed"],
+                                                  steps=12, step_time=_times(fp16_mixed=0.4))}
+    fp16 = checks["fp16-mixed"]  # 40x fp32's step: over SLOWER
+    assert not fp16.admitted and "too slow" in fp16.reason and "40x" in fp16.reason
+    assert fp16.loss is None  # no quality verdict was made
+    assert checks["fp32"].admitted
+
+
+def test_a_precision_slower_but_within_the_first_step_rule_is_checked() -> None:
+    task = Constructed(per_sample_ms=0.0)
+    slower = 0.01 * SLOWER * 0.9  # just under SLOWER times fp32's step
+    checks = {c.name: c for c in check_precisions(task, _config(), CPU, ["bf16-mixed"],
+                                                  steps=12, step_time=_times(bf16_mixed=slower))}
+    bf16 = checks["bf16-mixed"]
+    assert bf16.loss is not None and "too slow" not in bf16.reason  # the quality check ran
+    assert bf16.speed_vs_fp32 == pytest.approx(1 / (SLOWER * 0.9))
 
 
 def test_candidates_name_why_a_precision_is_not_tried() -> None:
@@ -80,16 +89,20 @@ def test_with_a_least_speed_a_format_too_slow_to_be_chosen_is_not_checked() -> N
     """fp32 is always admitted, so a format far slower than it cannot win: its first steps
     drop it, and when it was the only candidate the check ends there."""
     said: list[str] = []
-    # 20 ms more a bf16 step: 0.2-0.4x fp32's speed, yet not 10x slower
-    slow_bf16 = SlowerUnder(torch.bfloat16, 0.02, per_sample_ms=0.2)
-    checks = {c.name: c for c in check_precisions(slow_bf16, _config(), CPU,
-                                                  ["bf16-mixed"], steps=30, say=said.append,
-                                                  least_speed=0.675)}
+    task = Constructed(per_sample_ms=0.0)
+    half = _times(bf16_mixed=0.02)  # 0.5x fp32's samples/s: slower, yet not SLOWER
+    checks = {c.name: c for c in check_precisions(task, _config(), CPU, ["bf16-mixed"],
+                                                  steps=30, say=said.append,
+                                                  least_speed=0.675, step_time=half)}
     assert said[-1].startswith(f"quality check: step {SPEED_STEPS + 1} of 30")  # ended there
     bf16 = checks["bf16-mixed"]
     assert not bf16.admitted and bf16.loss is None and "too slow to be chosen" in bf16.reason
-    assert bf16.speed_vs_fp32 is not None and bf16.speed_vs_fp32 < 0.675
+    assert bf16.speed_vs_fp32 == pytest.approx(0.5) and "0.50x" in bf16.reason
     assert checks["fp32"].admitted
-    kept = {c.name: c for c in check_precisions(slow_bf16, _config(), CPU,
-                                                ["bf16-mixed"], steps=12)}
+    kept = {c.name: c for c in check_precisions(task, _config(), CPU, ["bf16-mixed"],
+                                                steps=12, step_time=half)}
     assert kept["bf16-mixed"].loss is not None  # without least_speed: checked, as before
+    close = _times(bf16_mixed=0.01 / 0.7)  # 0.7x: above least_speed, so checked
+    near = {c.name: c for c in check_precisions(task, _config(), CPU, ["bf16-mixed"],
+                                                steps=12, least_speed=0.675, step_time=close)}
+    assert near["bf16-mixed"].loss is not None and near["bf16-mixed"].admitted
