@@ -9,7 +9,13 @@ import yaml
 
 from redline.config import RunConfig
 from redline.device import DeviceInfo
-from redline.tuning.loader_choice import resolve_auto_workers, worker_counts
+from redline.tuning.loader_choice import (
+    choose_pinning,
+    choose_workers,
+    keep_zero_workers,
+    resolve_auto_workers,
+    worker_counts,
+)
 from redline.tuning.precision_screen import (
     SLOWER,
     SPEED_STEPS,
@@ -17,6 +23,7 @@ from redline.tuning.precision_screen import (
     candidates,
     check_precisions,
 )
+from redline.tuning.trial import Timing
 from tests.tasks.speedy import Constructed
 
 CPU = DeviceInfo.detect("cpu")
@@ -106,3 +113,38 @@ def test_with_a_least_speed_a_format_too_slow_to_be_chosen_is_not_checked() -> N
     near = {c.name: c for c in check_precisions(task, _config(), CPU, ["bf16-mixed"],
                                                 steps=12, least_speed=0.675, step_time=close)}
     assert near["bf16-mixed"].loss is not None and near["bf16-mixed"].admitted
+
+
+def _timing(rate: float, spread: float = 0.0, wait: float = 0.0) -> Timing:
+    """Three rounds at `rate` samples/s, spread by `spread` of it, waiting `wait` for data."""
+    return Timing([rate * (1 - spread / 2), rate, rate * (1 + spread / 2)], [wait] * 3)
+
+
+def test_workers_are_not_timed_where_the_step_barely_waits_for_data_or_on_one_core() -> None:
+    assert "waits 1.0% of its time" in keep_zero_workers(_timing(100.0, wait=0.01), 4)
+    assert "one core" in keep_zero_workers(_timing(100.0, wait=0.5), 1)
+    assert keep_zero_workers(_timing(100.0, wait=0.5), 4) is None  # worth timing
+
+
+def test_the_fewest_workers_within_the_noise_of_the_fastest_are_chosen() -> None:
+    options = [{"num_workers": 0}, {"num_workers": 1}, {"num_workers": 2},
+               {"num_workers": 2, "prefetch_factor": 4}]
+    # 1 worker doubles samples/s; 2 are 1 % faster still: inside the 2 % tolerance
+    timings = [_timing(100.0, wait=0.5), _timing(200.0), _timing(202.0), _timing(150.0)]
+    chosen, rows, why = choose_workers(options, timings)
+    assert chosen == {"num_workers": 1} and why.startswith("1 worker: 2.00x")
+    assert "2 workers is within the noise of it" in why
+    assert [r.samples_per_s for r in rows] == [100.0, 200.0, 202.0, 150.0]
+    # rounds spread by 30 %: a 10 % gain is noise, and 0 workers is kept
+    noisy = [_timing(100.0, 0.3), _timing(110.0, 0.3), _timing(105.0, 0.3), _timing(90.0, 0.3)]
+    chosen, _, why = choose_workers(options, noisy)
+    assert chosen == {"num_workers": 0} and "no worker setting is faster" in why
+    clear = [_timing(100.0), _timing(120.0), _timing(150.0), _timing(180.0)]
+    assert choose_workers(options, clear)[0] == {"num_workers": 2, "prefetch_factor": 4}
+
+
+def test_pinning_is_on_only_beyond_the_noise() -> None:
+    assert choose_pinning(_timing(100.0), _timing(110.0)) == (
+        True, "on: pinned +10.0% samples/s (beyond the noise)")
+    assert not choose_pinning(_timing(100.0), _timing(101.0))[0]  # inside 2 %
+    assert not choose_pinning(_timing(100.0, 0.3), _timing(110.0, 0.3))[0]  # inside the noise

@@ -17,6 +17,7 @@ from redline.tuning import batchsearch, knee
 from redline.tuning.autobatch import autobatch, choose_knee
 from redline.tuning.knee import near_the_best
 from redline.tuning.recipe import scaled_lr
+from redline.tuning.trial import Timing
 
 from ..conftest import TOY
 
@@ -311,3 +312,31 @@ def test_the_fastest_only_scan_stops_at_a_size_the_prediction_overestimated(
     assert misfit and misfit[0].size <= r.max_fit  # predicted to fit; it did not
     assert max(t.size for t in r.trials if t.kind == "scan") < misfit[0].size
     assert r.chosen < misfit[0].size and r.trials[-1].fits  # a size that was verified
+
+
+def _rounds(rate: float, spread: float = 0.0) -> Timing:
+    return Timing([rate * (1 - spread / 2), rate, rate * (1 + spread / 2)])
+
+
+@pytest.mark.parametrize(("eager", "fast", "compile_s", "steps", "verdict"), [
+    # 16 samples a step: 0.16 s eager, 0.08 s compiled; 1000 steps save 80 s
+    (_rounds(100.0), _rounds(200.0), 10.0, 1000, "on: compiled +100.0% samples/s, "
+     "compile 10.0 s, saving 80.0 s over train.steps 1000"),
+    (_rounds(100.0), _rounds(200.0), 100.0, 1000, "off: compiled +100.0% samples/s, compile "
+     "100.0 s, saving 80.0 s over train.steps 1000 (the run is too short to repay the "
+     "compile)"),
+    (_rounds(100.0), _rounds(200.0), 10.0, 100, "the run is too short"),  # 8 s saved
+    (_rounds(100.0), _rounds(101.0), 0.0, 1000, "(within the noise)"),  # 1 %: under 2 %
+    (_rounds(100.0, 0.3), _rounds(110.0, 0.3), 0.0, 10**6, "(within the noise)"),
+])
+def test_compile_is_adopted_when_its_measured_saving_repays_the_compile(
+        eager: Timing, fast: Timing, compile_s: float, steps: int, verdict: str) -> None:
+    from redline.tuning.tune import TuneReport, _compile_decision
+
+    config = load_config(None, ["train.batch_size=16", f"train.steps={steps}"])
+    compiled = config.updated({"precision.compile": True})
+    report = TuneReport(start={}, tuned={})
+    chosen = _compile_decision(config, compiled, [eager, fast], compile_s, report)
+    assert (chosen is compiled) == verdict.startswith("on")
+    assert verdict in report.reasons["compile"]
+    assert [r.setting for r in report.rows] == ["eager", "compiled"]
