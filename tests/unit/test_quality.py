@@ -39,6 +39,7 @@ def _config() -> RunConfig:
     return RunConfig(task="x").updated({"train.batch_size": 16})
 
 
+@pytest.mark.slow
 def test_a_precision_that_breaks_training_is_excluded_with_the_number() -> None:
     checks = {c.name: c for c in check_precisions(Constructed(per_sample_ms=0.0), _config(), CPU,
                                                   ["fp16-mixed", "bf16-mixed"], steps=12)}
@@ -59,6 +60,7 @@ def test_a_precision_far_slower_in_its_first_step_is_dropped_unchecked() -> None
     assert checks["fp32"].admitted
 
 
+@pytest.mark.slow
 def test_a_precision_slower_but_within_the_first_step_rule_is_checked() -> None:
     task = Constructed(per_sample_ms=0.0)
     slower = 0.01 * SLOWER * 0.9  # just under SLOWER times fp32's step
@@ -92,6 +94,7 @@ def test_a_resumed_run_keeps_the_loader_its_first_start_measured(tmp_path: Path)
     assert resolve_auto_workers(Constructed(), _config(), CPU)[1] == {}  # not auto: as is
 
 
+@pytest.mark.slow
 def test_with_a_least_speed_a_format_too_slow_to_be_chosen_is_not_checked() -> None:
     """fp32 is always admitted, so a format far slower than it cannot win: its first steps
     drop it, and when it was the only candidate the check ends there."""

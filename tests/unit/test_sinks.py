@@ -127,6 +127,7 @@ def wandb_sink(run_dir: Path, **kwargs: Any) -> Any:
     return WandbSink(run_dir, mode="offline", **kwargs)
 
 
+@pytest.mark.slow
 def test_wandb_offline_history_read_back(tmp_path: Path) -> None:
     from redline.telemetry.wandb_reader import find_run_files, iter_records, read_history
 
