@@ -118,6 +118,7 @@ def test_a_sink_that_cannot_start_is_reported_and_the_others_run(
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [5]
 
 
+@pytest.mark.slow
 def test_the_writer_starts_its_own_wandb_service(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb")
