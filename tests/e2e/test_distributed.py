@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow  # several processes each: seconds
 
 FAULTY = f"{ROOT / 'tests' / 'tasks' / 'ranks.py'}:FaultyRank"
 SCRIPTS = ROOT / "tests" / "distributed"
-BOUND_S = 60  # a rank's failure must end the others' run well within this
+HUNG_S = 180  # a run still going after this is hung (a failing rank did not stop the other)
 
 
 def torchrun(args: list[str], cwd: Path, timeout: float = 240,
@@ -129,18 +129,19 @@ def test_oom_on_one_rank_is_recovered_by_both_with_the_same_micro_batch(tmp_path
 ])
 def test_a_failing_rank_stops_the_other_with_a_sentence(tmp_path: Path, how: str,
                                                         said: str) -> None:
-    t0 = time.monotonic()
+    # the timeout only tells a hung rank from a slow machine (it raises); the run ended
+    # early because the other rank stopped, which its last checkpoint shows
     out = torchrun(["-m", "redline", "train", FAULTY, "--steps", "200", "--no-progress",
                     "--no-report", "--run-dir", "run", "--set", f"task_args.how={how}",
                     "--set", "task_args.fail_at=5", "--set", "checkpoint.every=2",
-                    "--set", "train.eval_every=0"], tmp_path, timeout=BOUND_S + 60)
-    assert time.monotonic() - t0 < BOUND_S
+                    "--set", "train.eval_every=0"], tmp_path, timeout=HUNG_S)
     assert out.returncode != 0
     assert said in out.stderr, out.stderr
     assert "continue with --resume" in out.stderr
     if how == "raise":  # the failing rank's own error keeps its traceback
         assert "Traceback" in out.stderr and "ValueError" in out.stderr
     assert list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert _final(tmp_path / "run")["step"] < 200  # stopped, not run to its end
 
 
 def test_a_step_that_does_not_log_sends_one_agreement_and_nothing_else(tmp_path: Path
@@ -249,7 +250,7 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_and_saves(tmp_path: Path,
         assert time.monotonic() < deadline, "no window in time"
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)  # the launcher passes it to the ranks, as Ctrl-C would
-    _, stderr = proc.communicate(timeout=BOUND_S)
+    _, stderr = proc.communicate(timeout=HUNG_S)
     assert proc.returncode == 130, stderr
     saved = list_checkpoints(run / "checkpoints")
     assert saved, stderr
@@ -279,7 +280,7 @@ def test_out_of_memory_at_one_sample_on_one_rank_ends_both_with_the_last_step_sa
                     "--no-report", "--run-dir", "run", "--set", "task_args.fail_at=5",
                     "--set", "task_args.oom_above=0", "--set", "train.batch_size=8",
                     "--set", "train.effective_batch_size=16", "--set", "train.eval_every=0"],
-                   tmp_path, timeout=BOUND_S + 60)
+                   tmp_path, timeout=HUNG_S)
     assert out.returncode == 1, out.stderr
     assert "even with a micro-batch of 1 sample" in out.stderr
     changes = [(e["old"], e["new"]) for e in read_jsonl(tmp_path / "run" / "events.jsonl")

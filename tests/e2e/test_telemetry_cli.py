@@ -148,12 +148,19 @@ from pathlib import Path
 
 
 class SlowToConnect:
-    """Takes 3 s to start, like a tracker reaching a server; then records what it got."""
+    """Starts only once the run has saved its last step (or after 120 s), like a tracker
+    slow to reach its server; then records what it got. Waiting on the run, not on a
+    clock, makes "trained while it connected" hold on a loaded machine too, and a step
+    that waited for this sink would hold the run back past the 120 s."""
 
     name = "slow"
 
     def __init__(self, context):
-        time.sleep(3)
+        events = Path(context.run_dir) / "events.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (
+                events.is_file() and '"checkpoint_saved","step":20' in events.read_text()):
+            time.sleep(0.05)
         self.path = Path(context.run_dir) / "slow.jsonl"
         self.path.write_text(json.dumps({"ready_at": time.time()}) + "\\n")
 

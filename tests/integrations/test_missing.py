@@ -19,6 +19,7 @@ except Exception as e:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("module", "names", "extra"), [
     ("lightning", ["lightning", "lightning.pytorch", "lightning.pytorch.callbacks",
                    "pytorch_lightning", "pytorch_lightning.callbacks"], "lightning"),

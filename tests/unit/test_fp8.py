@@ -48,6 +48,7 @@ def test_the_plan_names_a_reason_for_every_layer_it_keeps() -> None:
     assert "rowwise" in next(d for d in kept if d.converted).reason
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", fp8.RECIPES)
 def test_fp8_emulated_converts_the_planned_layers_and_trains_on_cpu(recipe: str) -> None:
     policy = get_precision("fp8-emulated", CPU, PrecisionConfig(name="fp8-emulated",

@@ -209,6 +209,7 @@ def test_a_tensor_without_a_finite_range_gets_no_histogram(tmp_path: Path) -> No
     assert all(len(e["edges"]) == len(e["counts"]) + 1 for e in entries)
 
 
+@pytest.mark.slow
 def test_histograms_reach_tensorboard_and_wandb_when_they_are_on(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

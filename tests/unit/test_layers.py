@@ -189,6 +189,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_each_module_imported_alone_loads_only_what_it_may() -> None:
     names = [m for m in MODULES if m not in ("redline", "redline.__main__")]
     run = subprocess.run([sys.executable, "-c", _ALONE, json.dumps(names)],

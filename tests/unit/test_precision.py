@@ -86,6 +86,7 @@ def test_fp16_scaler_state_round_trips() -> None:
     assert b.scaler.get_scale() == 1024.0
 
 
+@pytest.mark.slow
 def test_flags_when_the_process_uses_the_new_fp32_precision_api() -> None:
     # A process that set the new per-backend flags cannot read the legacy ones; the policy
     # must then speak the new API and still pin IEEE fp32.

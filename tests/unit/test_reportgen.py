@@ -41,6 +41,7 @@ def test_the_findings_show_in_the_image() -> None:
     assert effusion[40:50, :32].mean() > normal[40:50, :32].mean() + 0.05  # patient right
 
 
+@pytest.mark.slow
 def test_the_metrics_are_pycocoevalcap_s_on_the_same_pairs() -> None:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -82,6 +83,7 @@ def test_clinical_efficacy_counts_labels_micro_averaged() -> None:
     assert ce["ce_f1"] == pytest.approx(2 / 3)
 
 
+@pytest.mark.slow
 def test_greedy_and_beam_decoding_end_at_eos_and_beam_scores_at_least_greedy() -> None:
     from redline.examples.r2gen import EOS, PAD, R2GenTiny
 

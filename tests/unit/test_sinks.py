@@ -126,6 +126,7 @@ def wandb_sink(run_dir: Path, **kwargs: Any) -> Any:
     return WandbSink(run_dir, mode="offline", **kwargs)
 
 
+@pytest.mark.slow
 def test_wandb_offline_history_read_back(tmp_path: Path) -> None:
     from redline.telemetry.wandb_reader import find_run_files, iter_records, read_history
 
@@ -155,6 +156,7 @@ def test_wandb_offline_history_read_back(tmp_path: Path) -> None:
     assert "sys/cpu_pct" not in rows[2]
 
 
+@pytest.mark.slow
 def test_wandb_second_session_continues_same_run_id(tmp_path: Path) -> None:
     from redline.telemetry.wandb_reader import find_run_files, iter_records, read_history
 

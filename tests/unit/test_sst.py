@@ -39,6 +39,7 @@ def test_land_is_out_of_the_loss(task: SSTTask) -> None:
     assert torch.equal(task.loss(model, batch), before)
 
 
+@pytest.mark.slow
 def test_an_untrained_model_is_persistence_and_the_baselines_are_the_same_points(
         task: SSTTask) -> None:
     loader = torch.utils.data.DataLoader(task.eval_data(), batch_size=16)

@@ -61,6 +61,7 @@ def test_an_import_failing_inside_the_users_module_keeps_its_traceback(tmp_path:
         resolve_task("userpkg.nothing:T")  # the spec itself names nothing: bad input
 
 
+@pytest.mark.slow
 def test_a_file_tasks_classes_reach_spawned_dataloader_workers(tmp_path: Path) -> None:
     """A Dataset class defined in the task file is pickled into workers started with
     spawn (macOS's default, Linux's from Python 3.14) and forkserver: they must be able

@@ -56,6 +56,7 @@ def _bare_reads_per_step(steps: int) -> list[int]:
     return counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inspect_every", [0, 4])
 def test_redline_adds_only_its_documented_reads_per_step(tmp_path: Path,
                                                          inspect_every: int) -> None:
@@ -219,6 +220,7 @@ class _EveryOtherWindow(Callback):
         self.windows = state["windows"]
 
 
+@pytest.mark.slow
 def test_callbacks_see_each_window_and_add_their_own_metrics(tmp_path: Path) -> None:
     config = load_config(None, [f"task={TOY}", "train.steps=40", "telemetry.log_every=10",
                                 "train.eval_every=0", "checkpoint.every=20"])
@@ -229,6 +231,7 @@ def test_callbacks_see_each_window_and_add_their_own_metrics(tmp_path: Path) -> 
     assert mine.windows == 4
 
 
+@pytest.mark.slow
 def test_callback_state_is_kept_across_a_resume(tmp_path: Path) -> None:
     args = [f"task={TOY}", "telemetry.log_every=10", "train.eval_every=0"]
     first = _EveryOtherWindow()
@@ -240,6 +243,7 @@ def test_callback_state_is_kept_across_a_resume(tmp_path: Path) -> None:
     assert (first.windows, again.windows) == (3, 5)  # 3 windows, then 2 more after resuming
 
 
+@pytest.mark.slow
 def test_telemetry_in_your_own_loop(tmp_path: Path) -> None:
     """No Trainer: an Engine, a loop, and Telemetry fed explicit values."""
     task = resolve_task(TOY)

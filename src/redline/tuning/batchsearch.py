@@ -13,13 +13,11 @@ size shrinks by 10 % and is verified again.
 
 Largest is not fastest: past some size, samples/s stops growing while memory keeps
 filling, and on a CPU it often falls. Samples/s is scanned at the powers of two from 1 up
-(each timed for at least MIN_TIMED_S), and the scan stops once two sizes in a row are
-clearly slower (FALLEN) than the best so far, or once three doublings in a row gained less
-than the knee's tolerance (saturated); under redline tune's deadline, also after any size
-slower than the best so far when the next would take over a quarter of the time left.
-The largest sizes, the slowest to time, are timed only where the answer can be. The sizes
-near the best (NEAR) are then timed again in interleaved rounds, and the *knee* is the
-smallest size within 2 % (or the rounds' noise) of the best: the size chosen.
+(each timed for at least MIN_TIMED_S) until knee.py's stop rules end the scan (sizes
+clearly slower than the best, no gain over three doublings, the deadline), so the largest
+sizes, the slowest to time, are timed only where the answer can be. The sizes near the
+best are then timed again in interleaved rounds, and the *knee* is the smallest size
+within 2 % (or the rounds' noise) of the best: the size chosen (knee.choose_knee).
 
 `redline tune` wants the fastest size, not the largest, so it skips verifying the largest
 (`search_fastest`): two probes predict it, the scan's first step at each size beyond the
@@ -45,17 +43,17 @@ from redline import batch as batch_tree
 from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
 from redline.job.build import Job, build_job
-from redline.judge import TIMING_TOLERANCE, first_as_fast, timing_noise
+from redline.judge import timing_noise
 from redline.memory.probe import MemoryBudget, live_tensor_bytes, measure_peak
 from redline.task import Task
+from redline.tuning.knee import KNEE_TOLERANCE, choose_knee, near_the_best, scan
 from redline.tuning.recipe import Recipe
 
-KNEE_TOLERANCE = TIMING_TOLERANCE  # the least a size must be faster by to count as faster
+__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "Harness", "Trial", "choose_knee",
+           "search_fastest", "search_largest"]
+
 ROUNDS = 3  # interleaved timing rounds per size
 MIN_TIMED_S = 0.02  # a size's timing covers steps adding up to at least this
-FALLEN = 0.15  # slower than the best by this much: clearly past the knee
-NEAR = 0.08  # scanned within this of the best: timed again in rounds
-PAST_KNEE_SHARE = 0.25  # of the time left, the most a size past the top may take to scan
 MAX_SIZE = 1 << 16
 
 
@@ -327,7 +325,8 @@ def _eval_size(h: Harness, budget: int, target: int, trials: list[Trial], say: P
 
 def _knee(h: Harness, largest: int, trials: list[Trial], say: Progress,
           check: Callable[[int], bool] | None = None) -> tuple[int, int]:
-    """The throughput knee (module docstring): (the size, the timing steps it took).
+    """The throughput knee (knee.py decides on the rates timed here): (the size, the timing
+    steps it took).
     `check(size)`: runs a size's first step and says whether it fit (else: fits, untracked)."""
     steps = 0
 
@@ -344,31 +343,22 @@ def _knee(h: Harness, largest: int, trials: list[Trial], say: Progress,
 
     sizes = sorted({1 << i for i in range(largest.bit_length()) if 1 << i <= largest}
                    | {largest})
-    scanned: dict[int, float] = {}
-    for s in sizes:
-        if _too_costly_past_the_knee(h, s, scanned):
-            say(f"micro-batch {s} not scanned: {max(scanned)} was already slower than the "
-                "best, and timing it would take over a quarter of the time left")
-            break
-        say(f"scanning micro-batch {s}")
+
+    def measure(s: int) -> float | None:  # samples/s at s; None: s does not fit
+        nonlocal steps
         steps += 1
         if check is None:
             h.train_step(s)  # allocator and kernels for this shape
         elif not check(s):
-            break  # past the memory target: larger sizes do not fit either
-        scanned[s] = rate(s)
-        trials.append(Trial(s, "scan", samples_per_s=scanned[s]))
-        best = max(scanned.values())
-        if len(scanned) >= 3 and all(v < (1 - FALLEN) * best
-                                     for v in list(scanned.values())[-2:]):
-            break  # two sizes in a row clearly slower: larger ones will not win
-        if _saturated(list(scanned.values())):
-            break  # three doublings in a row gained less than the knee's tolerance
-        if h.deadline is not None and time.perf_counter() > h.deadline and len(scanned) >= 3:
-            say(f"the time budget is spent: the scan stops after micro-batch {s}")
-            break
-    best = max(scanned.values())
-    near = [s for s, v in scanned.items() if v >= (1 - NEAR) * best]
+            return None
+        speed = rate(s)
+        trials.append(Trial(s, "scan", samples_per_s=speed))
+        return speed
+
+    deadline = h.deadline
+    scanned = scan(sizes, measure, say, None if deadline is None
+                   else lambda: deadline - time.perf_counter())
+    near = near_the_best(scanned)
     rates: dict[int, list[float]] = {s: [] for s in near}
     for r in range(ROUNDS):
         # Interleaved, and each round in the other direction: a machine that slows down or
@@ -380,44 +370,6 @@ def _knee(h: Harness, largest: int, trials: list[Trial], say: Progress,
         trials.append(Trial(s, "throughput", samples_per_s=statistics.median(rates[s]),
                             spread=(min(rates[s]), max(rates[s]))))
     return choose_knee(rates)[0], steps
-
-
-def _too_costly_past_the_knee(h: Harness, size: int, scanned: dict[int, float]) -> bool:
-    """Under a deadline, the size after one slower than the best so far is scanned only if
-    its two steps (warm-up and timing), at the last size's rate, take at most
-    PAST_KNEE_SHARE of the time left: past the top of the curve a size rarely wins (and to
-    be chosen it must beat the best by the knee's tolerance), while the largest sizes are
-    the slowest to time (reportgen-tiny's 2000 after 1024 fell 15-35 %: 34-39 s of a
-    100 s search, at 7 GiB)."""
-    if h.deadline is None or len(scanned) < 3:
-        return False
-    last = scanned[max(scanned)]
-    if last >= max(scanned.values()):
-        return False
-    return 2 * size / last > PAST_KNEE_SHARE * (h.deadline - time.perf_counter())
-
-
-def _saturated(rates: list[float]) -> bool:
-    """The last three sizes each gained less than KNEE_TOLERANCE over every smaller size: an
-    8x range of batch sizes with no gain. (Two in a row stopped sst-tiny's scan at 128 in
-    one of three runs, on noise, where samples/s still rose 15 % to 1024.)"""
-    if len(rates) < 5:
-        return False
-    return all(rates[i] < (1 + KNEE_TOLERANCE) * max(rates[:i]) for i in (-3, -2, -1))
-
-
-def choose_knee(rates: dict[int, list[float]]) -> tuple[int, float]:
-    """(the size to train with, the tolerance it was chosen at) from each size's rates.
-
-    A size is as fast as the best when its median is within the tolerance: the larger of
-    KNEE_TOLERANCE and the timing noise measured, the median relative spread of the
-    sizes' rounds. The smallest such size is chosen. Differences inside the noise decide
-    nothing, so a busy machine does not change the choice; where all sizes are within it,
-    the choice is the smallest size whatever the load.
-    """
-    sizes = sorted(rates)  # the smallest is preferred: less memory, the smaller change
-    pick, tolerance = first_as_fast([rates[s] for s in sizes])
-    return sizes[pick], tolerance
 
 
 def _least_squares(points: list[tuple[int, int]]) -> tuple[float, float]:

@@ -36,7 +36,7 @@ from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.judge import TIMING_TOLERANCE, first_as_fast
 from redline.task import Task
-from redline.tuning.trial import interleave, noise, runners
+from redline.tuning.trial import Timing, interleave, noise, runners
 
 NEGLIGIBLE = 0.02  # a data-wait share below this: workers cannot win enough to matter
 MAX_WORKERS = 8
@@ -92,10 +92,8 @@ def choose_loader(task: Task, config: RunConfig, device: DeviceInfo,
         say("data loading: timing 0 workers")
         alone = interleave([zero], 1, min_s)[0]
     reasons: dict[str, str] = {}
-    if alone.data_wait < NEGLIGIBLE or len(options) == 1:
-        why = (f"the step waits {alone.data_wait:.1%} of its time for data with 0 workers: "
-               "workers could win no more than that" if alone.data_wait < NEGLIGIBLE
-               else "one core: a worker would take it from the step")
+    why = keep_zero_workers(alone, len(options))
+    if why:
         rows = [LoaderRow({"num_workers": 0}, alone.samples_per_s, alone.spread,
                           alone.data_wait)]
         chosen: dict[str, Any] = {"num_workers": 0}
@@ -125,6 +123,24 @@ def _time_workers(task: Task, base: RunConfig, device: DeviceInfo,
             runner.warm_up()
         timings = interleave(built, rounds, min_s, lambda i, r: say(
             f"data loading: timing {_label(options[i])} (round {r + 1} of {rounds})"))
+    return choose_workers(options, timings)
+
+
+def keep_zero_workers(alone: Timing, counts: int) -> str | None:
+    """Why 0 workers is kept without timing more (`alone`: 0 workers' timing; `counts`: the
+    worker counts this machine may try), or None: workers are worth timing."""
+    if alone.data_wait < NEGLIGIBLE:
+        return (f"the step waits {alone.data_wait:.1%} of its time for data with 0 workers: "
+                "workers could win no more than that")
+    if counts == 1:
+        return "one core: a worker would take it from the step"
+    return None
+
+
+def choose_workers(options: list[dict[str, Any]], timings: list[Timing]
+                   ) -> tuple[dict[str, Any], list[LoaderRow], str]:
+    """(the settings chosen, a row each, why) from each option's interleaved timing,
+    `options[0]` being 0 workers: the fastest beyond the noise, fewer workers winning ties."""
     rows = [LoaderRow(o, t.samples_per_s, t.spread, t.data_wait)
             for o, t in zip(options, timings, strict=True)]
     pick, tolerance = first_as_fast([t.rates for t in timings])  # fewer workers first
@@ -161,11 +177,16 @@ def _pinning(task: Task, config: RunConfig, device: DeviceInfo, rounds: int, min
     with runners(task, configs, device) as built:
         off, on = interleave(built, rounds, min_s, lambda i, r: say(
             f"data loading: timing pin_memory {'on' if i else 'off'} (round {r + 1})"))
+    pin, reasons["pin_memory"] = choose_pinning(off, on)
+    return {"pin_memory": pin}
+
+
+def choose_pinning(off: Timing, on: Timing) -> tuple[bool, str]:
+    """(pin, why) from pin_memory's timings off and on: on only when faster beyond the noise."""
     gain = on.samples_per_s / off.samples_per_s - 1
     pin = gain > max(TIMING_TOLERANCE, noise([off, on]))
-    reasons["pin_memory"] = (f"{'on' if pin else 'off'}: pinned {gain:+.1%} samples/s "
-                             f"({'beyond' if pin else 'within'} the noise)")
-    return {"pin_memory": pin}
+    return pin, (f"{'on' if pin else 'off'}: pinned {gain:+.1%} samples/s "
+                 f"({'beyond' if pin else 'within'} the noise)")
 
 
 def _persistent(config: RunConfig, chosen: dict[str, Any], reasons: dict[str, str]) -> bool:

@@ -51,6 +51,14 @@ REFERENCE = "fp32"
 NOT_CANDIDATES = {"fp8-emulated": "an emulation: fp8's numerics with no speed-up"}
 
 
+StepTime = Callable[[str, float], float]
+
+
+def measured(run: str, seconds: float) -> float:
+    """The step time as the clock measured it (check_precisions' default `step_time`)."""
+    return seconds
+
+
 @dataclass
 class PrecisionCheck:
     """One precision's short run."""
@@ -81,11 +89,15 @@ def check_precisions(task: Task, config: RunConfig, device: DeviceInfo,
                      names: Sequence[str], steps: int = STEPS,
                      say: Callable[[str], None] = lambda _: None,
                      deadline_s: float | None = None,
-                     least_speed: float | None = None) -> list[PrecisionCheck]:
+                     least_speed: float | None = None,
+                     step_time: StepTime = measured) -> list[PrecisionCheck]:
     """The short quality check (module docstring) of `names` against fp32, at `config`'s
     micro-batch and effective batch; fp32's own row comes first. `deadline_s`: the runs
     stop after this many seconds once MIN_STEPS steps are done. `least_speed`: a format
-    slower than this share of fp32's samples/s in its first steps is dropped unchecked."""
+    slower than this share of fp32's samples/s in its first steps is dropped unchecked.
+    `step_time(run, seconds)`: the step time the speed rules see for a step of `run`
+    ("fp32", "fp32-other-seed" or a name) that took `seconds`; the clock's by default (a
+    test gives its own, so the rules' verdicts do not depend on the machine's load)."""
     seed = config.train.seed
     runs = {"fp32": Runner(task, config.updated({"precision.name": REFERENCE}), device),
             "fp32-other-seed": Runner(task, config.updated({
@@ -104,7 +116,7 @@ def check_precisions(task: Task, config: RunConfig, device: DeviceInfo,
             for name, runner in runs.items():
                 if name in dropped:
                     continue
-                took = runner.step()[0]
+                took = step_time(name, runner.step()[0])
                 if k:  # the first step is warm-up
                     times[name].append(took)
                 else:
