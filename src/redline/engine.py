@@ -76,9 +76,8 @@ class PeerOutOfMemory(torch.OutOfMemoryError):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the Engine steps: its settings, plain values checked when made. What it steps
-    (model, optimizer, scheduler) and whom it tells (dispatcher, state, comm) are the
-    Engine's own arguments."""
+    """How the Engine steps, checked when made. What it steps (model, optimizer, scheduler)
+    and whom it tells (dispatcher, state, comm) are the Engine's own arguments."""
 
     precision: Precision | str = "fp32"
     """The precision policy, or its name (resolved for the model's device)."""
@@ -125,9 +124,8 @@ class Engine:
         for batch in loader:
             loss = engine.step(batch, lambda model, b: F.cross_entropy(model(b[0]), b[1]))
 
-    The settings are an `EngineConfig`; given as keywords (or a precision in its place),
-    they build one: the line above is `Engine(model, optimizer, EngineConfig("bf16-mixed",
-    micro_batch_size=8))`.
+    Keyword settings (or a precision alone) build its `EngineConfig`: the line above is
+    `Engine(model, optimizer, EngineConfig("bf16-mixed", micro_batch_size=8))`.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -176,9 +174,7 @@ class Engine:
         # Whether the last step's update was applied: a bool, or a device bool tensor where
         # the skip was decided on the device (never read here: that would be a sync).
         self.applied: bool | torch.Tensor = True
-        # Skip a non-finite step's update: checked on the host where that is free (CPU),
-        # else through a fused optimizer's `found_inf` (the trainer's AdamW), else by a
-        # host read of the flag (on a GPU, a sync).
+        # skip_nonfinite: where the flag is decided (module docstring)
         self._skip_nonfinite = config.skip_nonfinite and not precision.scales_loss
         on_cpu = all(p.device.type == "cpu" for p in self._params)
         self._flag_on_device = supports_found_inf(optimizer) and not (
