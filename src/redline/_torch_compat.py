@@ -69,10 +69,10 @@ def fake_tensor_mode() -> Any:
 # one per tensor (the engine's per-step buffer save, the inspector's norms). Relied on:
 # torch._foreach_copy_(dst, src) copies src[i] into dst[i] in place; torch._foreach_norm
 # (tensors) returns the L2 norm of each.
-def foreach_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+def foreach_copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     """dst[i].copy_(src[i]) for every i, in one fused call (the engine's BatchNorm
     statistics, saved at each step's start and restored for a redo)."""
-    torch._foreach_copy_(list(dst), list(src))
+    torch._foreach_copy_(dst, src)
 
 
 def foreach_norm(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
