@@ -141,7 +141,7 @@ class Engine:
             param = next(model.parameters(), None)
             spec = str(param.device) if param is not None else "cpu"
             precision = get_precision(precision, DeviceInfo.detect(spec))
-        self.config = config
+        self.config = config  # as given: the guard changes micro_batch_size below
         self.model = model
         self.optimizer = optimizer
         self.precision = precision
