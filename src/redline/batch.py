@@ -21,8 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset, default_collate
+
+from redline._torch_compat import tree_flatten, tree_unflatten
 
 _PLAIN = (str, bytes, int, float, bool, complex, type(None))
 
@@ -35,7 +36,7 @@ def _is_per_sample_list(obj: Any) -> bool:
 
 
 def _flatten(batch: Any) -> tuple[list[Any], Any]:
-    return pytree.tree_flatten(batch, is_leaf=_is_per_sample_list)
+    return tree_flatten(batch, is_leaf=_is_per_sample_list)
 
 
 def _leaf_size(leaf: Any) -> int | None:
@@ -77,7 +78,7 @@ def leading_size(batch: Any) -> int | None:
 def slice(batch: Any, start: int, stop: int) -> Any:
     """Samples [start, stop) of every per-sample leaf; shared leaves unchanged."""
     leaves, spec = _flatten(batch)
-    return pytree.tree_unflatten([_slice_leaf(v, start, stop) for v in leaves], spec)
+    return tree_unflatten([_slice_leaf(v, start, stop) for v in leaves], spec)
 
 
 def _slice_leaf(leaf: Any, start: int, stop: int) -> Any:
@@ -100,7 +101,7 @@ def split(batch: Any, micro_batch_size: int) -> list[tuple[Any, int]]:
 def map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """The batch with `fn` applied to every tensor leaf."""
     leaves, spec = _flatten(batch)
-    return pytree.tree_unflatten([fn(v) if isinstance(v, torch.Tensor) else v
+    return tree_unflatten([fn(v) if isinstance(v, torch.Tensor) else v
                                   for v in leaves], spec)
 
 

@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from redline._torch_compat import default_store
 from redline.errors import RunStopped, UserError
 
 HEARTBEAT_S = 1.0
@@ -295,11 +296,7 @@ def init(world: World, device_kind: str, timeout_s: float = 600.0) -> Comm:
         dist.init_process_group(backend, timeout=timeout)
     group = (dist.new_group(backend="gloo", timeout=timeout)
              if dist.get_backend() != "gloo" else None)
-    try:
-        store = dist.distributed_c10d._get_default_store()
-    except Exception:  # no store to reach: failures are reported without naming the rank
-        store = None
-    comm = Comm(world, group, store)
+    comm = Comm(world, group, default_store())
     comm.start_heartbeat()
     _JOINED.append(comm)
     atexit.register(comm.close)

@@ -22,35 +22,45 @@ read; another optimizer needs one host read (a sync) a step. fp16's GradScaler s
 such steps itself (on the device with a fused optimizer, after a host read of its inf
 flag otherwise).
 
-Under DistributedDataParallel (a `comm` of more than one rank) every micro-batch but the
-last runs under `no_sync`, so gradients accumulate locally and DDP all-reduces once, in
-the last micro-batch's backward. Just before that backward the ranks agree, in one
-host-side message (distributed.Comm.agree), on whether any of them ran out of memory in
-this attempt and whether any was asked to stop. A rank that ran out of memory earlier in
-the step sends its flag from the guard's handler instead, so every rank makes exactly one
-agreement per attempt, and all of them redo the step together with the same smaller
-micro-batch: none is left waiting in an all-reduce the failed rank never joins. An
-out-of-memory error *inside* that last backward comes after the agreement, when the
-gradient all-reduce has begun and cannot be redone alone: it ends that rank's run with a
-sentence saying so, and the others stop naming it (distributed.py). Without the OOM guard
-there is no agreement (an OOM ends the run the same way; a stop is agreed at the next
-telemetry window instead: session.py).
+Under DistributedDataParallel (a `comm` of more than one rank) every forward, and every
+backward but the last, runs under `no_sync`, so gradients accumulate locally; the last
+backward is armed (_torch_compat.arm_all_reduce) and DDP all-reduces once, in it. A
+forward the ranks abandon thus leaves DDP expecting no backward. Just before that
+backward the ranks agree, in one host-side message (distributed.Comm.agree), on whether
+any of them ran out of memory in this attempt and whether any was asked to stop. A rank
+that ran out of memory earlier in the step sends its flag from the guard's handler
+instead, so every rank makes exactly one agreement per attempt, and all of them redo the
+step together with the same smaller micro-batch: none is left waiting in an all-reduce
+the failed rank never joins. An out-of-memory error *inside* that last backward comes
+after the agreement, when the gradient all-reduce has begun and cannot be redone alone:
+it ends that rank's run with a sentence saying so, and the others stop naming it
+(distributed.py). Without the OOM guard there is no agreement (an OOM ends the run the
+same way; a stop is agreed at the next telemetry window instead: telemetry/session.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from redline import batch as batch_tree
+from redline._torch_compat import (
+    arm_all_reduce,
+    foreach_copy_,
+    found_inf_given,
+    has_running_stats,
+    supports_found_inf,
+    uses_batch_statistics,
+)
 from redline.device import DeviceInfo
 from redline.distributed import Comm
 from redline.events import Dispatcher, Event, State
@@ -64,6 +74,47 @@ class PeerOutOfMemory(torch.OutOfMemoryError):
     """Another rank ran out of memory in this attempt: this one redoes the step too."""
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the Engine steps, checked when made. What it steps (model, optimizer, scheduler)
+    and whom it tells (dispatcher, state, comm) are the Engine's own arguments."""
+
+    precision: Precision | str = "fp32"
+    """The precision policy, or its name (resolved for the model's device)."""
+    grad_clip: float | None = None
+    """Clip the gradients' global norm to this; None: no clipping (the norm is kept)."""
+    micro_batch_size: int | None = None
+    """Samples per forward/backward; a larger batch is split and its gradients accumulated
+    exactly (module docstring). None: every batch whole."""
+    oom_guard: OOMGuard | bool = False
+    """Redo a step that runs out of memory with smaller micro-batches: True (a guard from
+    micro_batch_size), a configured OOMGuard, or False."""
+    memory_check: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+    """With the guard: a context (a tracked memory budget) that each micro-batch size's
+    first attempt runs in, where the allocator itself would not raise (job/build.py)."""
+    skip_nonfinite: bool = False
+    """Skip the update of a step whose gradient norm is not finite (module docstring)."""
+    host_reads: bool | None = None
+    """Check the gradient norm on the host: None where it is host memory (the CPU); False
+    runs the device path (a fused optimizer's `found_inf`) anywhere."""
+
+    def __post_init__(self) -> None:
+        clip, micro = self.grad_clip, self.micro_batch_size
+        if clip is not None and not clip > 0:
+            raise ValueError(f"grad_clip must be a positive number or None, got {clip!r}")
+        if micro is not None and micro < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro!r}")
+        if self.oom_guard is True and self.micro_batch_size is None:
+            raise ValueError("oom_guard needs a micro_batch_size to shrink from")
+
+    @classmethod
+    def of(cls, config: EngineConfig | Precision | str | None, **settings: Any) -> EngineConfig:
+        """`config` with `settings` replaced; a precision (or None) starts from the defaults."""
+        if isinstance(config, EngineConfig):
+            return dataclasses.replace(config, **settings) if settings else config
+        return cls(**settings) if config is None else cls(precision=config, **settings)
+
+
 class Engine:
     """Runs optimizer steps with micro-batching, a precision policy and gradient clipping.
 
@@ -72,78 +123,50 @@ class Engine:
         engine = Engine(model, optimizer, precision="bf16-mixed", micro_batch_size=8)
         for batch in loader:
             loss = engine.step(batch, lambda model, b: F.cross_entropy(model(b[0]), b[1]))
+
+    Keyword settings (or a precision alone) build its `EngineConfig`: the line above is
+    `Engine(model, optimizer, EngineConfig("bf16-mixed", micro_batch_size=8))`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        precision: Precision | str = "fp32",
-        *,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-        grad_clip: float | None = None,
-        micro_batch_size: int | None = None,
-        dispatcher: Dispatcher | None = None,
-        state: State | None = None,
-        oom_guard: OOMGuard | bool = False,
-        memory_check: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-        skip_nonfinite: bool = False,
-        host_reads: bool | None = None,
-        comm: Comm | None = None,
-    ) -> None:
-        """`host_reads`: check the gradient norm on the host (None: where it is host memory,
-        the CPU); False runs the device path (the fused optimizer's `found_inf`) anywhere.
-        `comm`: the ranks of a DDP-wrapped `model` (see the module docstring)."""
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 config: EngineConfig | Precision | str | None = None, *,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                 dispatcher: Dispatcher | None = None, state: State | None = None,
+                 comm: Comm | None = None, **settings: Any) -> None:
+        """`settings`: EngineConfig's fields, over `config`. `comm`: the ranks of a
+        DDP-wrapped `model` (see the module docstring)."""
+        config = EngineConfig.of(config, **settings)
+        precision = config.precision
         if isinstance(precision, str):
             param = next(model.parameters(), None)
             spec = str(param.device) if param is not None else "cpu"
             precision = get_precision(precision, DeviceInfo.detect(spec))
-        if grad_clip is not None and not grad_clip > 0:
-            raise ValueError(f"grad_clip must be a positive number or None, got {grad_clip!r}")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size!r}")
+        self.config = config  # as given: the guard changes micro_batch_size below
         self.model = model
         self.optimizer = optimizer
         self.precision = precision
         self.scheduler = scheduler
-        self.grad_clip = grad_clip
-        self.micro_batch_size = micro_batch_size
-        if oom_guard is True:
-            if micro_batch_size is None:
-                raise ValueError("oom_guard needs a micro_batch_size to shrink from")
-            oom_guard = OOMGuard(micro_batch_size)
-        self.guard: OOMGuard | None = oom_guard or None
-        # With the guard: a context (a tracked memory budget) that each micro-batch size's
-        # first attempt runs in, where the allocator itself would not raise (build.py).
-        self._memory_check = memory_check
-        self._checked: set[int] = set()
+        self.grad_clip = config.grad_clip
+        self.micro_batch_size = config.micro_batch_size
+        guard = config.oom_guard
+        self.guard: OOMGuard | None = (OOMGuard(config.micro_batch_size or 1)
+                                       if guard is True else guard or None)
+        self._checked: set[int] = set()  # micro-batch sizes whose first attempt was checked
         # micro-batch -> peak tensor bytes its first, tracked step counted (CPU, no budget)
         self.checked_peaks: dict[int, int] = {}
         self.dispatcher = dispatcher or Dispatcher()
         self.state = state or State(model=model, optimizer=optimizer)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
-        # Device-side counters, read by whoever logs (never in the hot path).
-        device = self._params[0].device if self._params else torch.device("cpu")
         # The last step's gradient norm, a device tensor (inf/NaN: a step fp16's scaler
-        # skipped). Telemetry records it per step; the engine keeps no history, since
-        # tensors kept alive across steps fragment the CPU allocator's heap.
-        self.grad_norm = torch.zeros((), device=device)
+        # skipped), read by whoever logs, never here; no history (tensors kept across
+        # steps fragment the CPU heap).
+        self.grad_norm = torch.zeros((), device=self._params[0].device if self._params
+                                     else torch.device("cpu"))
         # True while parameters are being updated: a failure then leaves them half-stepped,
         # and the trainer must not checkpoint them.
         self.updating = False
         self._phase = "forward"
-        # BatchNorm statistics change in forward; a redone step restores them.
-        self._buffers = [b for m in model.modules() if isinstance(m, _NormBase)
-                         for b in m.buffers(recurse=False)]
-        # Layers that normalise with the statistics of the batch they see: split into
-        # micro-batches, they see each micro-batch's (said once, Event.ANOMALY).
-        self._batch_stat_layers = [(n, m) for n, m in model.named_modules()
-                                   if isinstance(m, _BatchNorm)]
-        self._saved_buffers = [b.detach().clone() for b in self._buffers] if oom_guard else []
-        # What a redone step rewinds: torch's CPU generator and those of the parameters'
-        # CUDA devices, snapshotted only while the step draws (guard.StepRng).
-        self._rng = StepRng(sorted({p.device.index or 0 for p in self._params
-                                    if p.device.type == "cuda"}))
+        self._init_redo(model)
         # The dispatcher's handler lists, held once: callbacks added later still reach them,
         # and an event nobody listens to costs one truthiness check.
         self._on_backward = self.dispatcher.table[Event.BEFORE_BACKWARD]
@@ -151,25 +174,45 @@ class Engine:
         # Whether the last step's update was applied: a bool, or a device bool tensor where
         # the skip was decided on the device (never read here: that would be a sync).
         self.applied: bool | torch.Tensor = True
-        # Skip the update of a step whose gradients are not finite: checked on the host
-        # where that is free (CPU), else through a fused optimizer's `found_inf` (the
-        # trainer's AdamW), else by a host read of the flag (on a GPU, a sync).
-        self._skip_nonfinite = skip_nonfinite and not precision.scales_loss
-        fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        # skip_nonfinite: where the flag is decided (module docstring)
+        self._skip_nonfinite = config.skip_nonfinite and not precision.scales_loss
         on_cpu = all(p.device.type == "cpu" for p in self._params)
-        self._flag_on_device = fused and not (on_cpu if host_reads is None else host_reads)
-        # Distributed: the per-attempt agreement, and what it found out.
+        self._flag_on_device = supports_found_inf(optimizer) and not (
+            on_cpu if config.host_reads is None else config.host_reads)
+        self._init_ranks(comm)
+
+    def _init_redo(self, model: nn.Module) -> None:
+        """What a redone step restores, and the layers that make a split step inexact."""
+        # BatchNorm statistics change in forward; a redone step restores them.
+        self._buffers = [b for m in model.modules() if has_running_stats(m)
+                         for b in m.buffers(recurse=False)]
+        self._saved_buffers = ([b.detach().clone() for b in self._buffers] if self.guard
+                               else [])
+        # Layers that normalise with the statistics of the batch they see: split into
+        # micro-batches, they see each micro-batch's (said once, Event.ANOMALY).
+        self._batch_stat_layers = [(n, m) for n, m in model.named_modules()
+                                   if uses_batch_statistics(m)]
+        # torch's CPU generator and those of the parameters' CUDA devices, snapshotted
+        # only while the step draws (guard.StepRng).
+        self._rng = StepRng(sorted({p.device.index or 0 for p in self._params
+                                    if p.device.type == "cuda"}))
+
+    def _init_ranks(self, comm: Comm | None) -> None:
+        """Distributed: the per-attempt agreement, and what it found out."""
         self._comm = comm if comm is not None and comm.world.distributed else None
-        no_sync = getattr(model, "no_sync", None) if self._comm is not None else None
+        no_sync = getattr(self.model, "no_sync", None) if self._comm is not None else None
         self._no_sync: Callable[[], Any] = no_sync or contextlib.nullcontext
         self._agreed = False  # this attempt's agreement was made
-        # Whether this rank has been asked to stop (the trainer's signal flag), sent along;
-        # `stop_agreed` becomes True once any rank was, after the same step on every rank.
-        self.stop_requested: Callable[[], bool] = lambda: False
-        self.stop_agreed = False
+        self._stop_requested: Callable[[], bool] = lambda: False
+        self.stop_agreed = False  # see stop_when
         # time spent in the agreement, waiting for the slowest rank (None: no agreement)
         self.sync_wait_s: float | None = (0.0 if self._comm is not None and self.guard
                                           is not None else None)
+
+    def stop_when(self, requested: Callable[[], bool]) -> None:
+        """Send `requested()` (this rank was asked to stop) with each step's agreement;
+        `stop_agreed` turns True on every rank after the same step once any rank was."""
+        self._stop_requested = requested
 
     def step(self, batch: Any, loss_fn: LossFn) -> torch.Tensor:
         """One optimizer step on `batch`; returns the batch's mean loss as a device tensor."""
@@ -183,7 +226,7 @@ class Engine:
         keeper = self._rng
         rng = keeper.before() if keeper.snapshotting else None
         if self._buffers:
-            torch._foreach_copy_(self._saved_buffers, self._buffers)
+            foreach_copy_(self._saved_buffers, self._buffers)
         total = self._try(batch, loss_fn, guard.current)
         if total is None:  # redone outside the except block (see _redo)
             total = self._redo(batch, loss_fn, guard, rng)
@@ -195,76 +238,46 @@ class Engine:
         return total
 
     def _accumulate(self, batch: Any, loss_fn: LossFn, micro: int | None) -> torch.Tensor:
-        """Forward and backward over every micro-batch; gradients accumulate in .grad."""
-        if self._comm is not None:
-            return self._accumulate_ddp(batch, loss_fn, micro)
-        if micro is not None:  # only a micro-batch size can make a batch need splitting
-            n = batch_tree.leading_size(batch)
-            if n is None or micro < n:
-                return self._accumulate_chunks(batch_tree.split(batch, micro), loss_fn)
-        # One chunk, the common case: kept free of lists and weights (it runs every step).
+        """Forward and backward over every micro-batch; gradients accumulate in .grad,
+        and under DDP are all-reduced in the last backward (module docstring). The last
+        micro-batch, in the common case the only one, runs after the loop over the others:
+        no list or weight is built for a batch that is not split (it runs every step)."""
+        n = batch_tree.leading_size(batch) if micro is not None else None
+        m, total = n, None
         self.optimizer.zero_grad(set_to_none=True)
-        self._phase = "forward"
-        with self.precision.forward_context():
-            loss = loss_fn(self.model, batch).float()
-        for handler in self._on_backward:
-            handler(self.state, loss)
+        if n is not None and micro < n:  # type: ignore[operator]
+            *early, (batch, m) = batch_tree.split(batch, micro)  # type: ignore[arg-type]
+            if self._batch_stat_layers:
+                self._say_batch_statistics(early[0][1], n)
+            for chunk, size in early:
+                with self._no_sync():  # DDP: gradients accumulate locally
+                    loss = self._forward(chunk, size, n, loss_fn)
+                    self._phase = "backward"
+                    self.precision.backward(loss)
+                total = loss.detach() if total is None else total + loss.detach()
+        if self._comm is None:
+            loss = self._forward(batch, m, n, loss_fn)
+        else:
+            with self._no_sync():  # the ranks may yet abandon it: DDP expects no backward
+                loss = self._forward(batch, m, n, loss_fn)
+            if self.guard is not None:  # without it an OOM ends the run: nothing to agree
+                self._agree(oom=False)
+            arm_all_reduce(self.model)
         self._phase = "backward"
-        self.precision.backward(loss)
-        return loss.detach()
+        self.precision.backward(loss)  # under DDP, the gradients are all-reduced in here
+        return loss.detach() if total is None else total + loss.detach()
 
-    def _accumulate_chunks(self, chunks: list[tuple[Any, int]], loss_fn: LossFn
-                           ) -> torch.Tensor:
-        n = sum(m for _, m in chunks)
-        if self._batch_stat_layers:
-            self._say_batch_statistics(chunks[0][1], n)
-        self.optimizer.zero_grad(set_to_none=True)
-        total: torch.Tensor | None = None
-        for chunk, m in chunks:
-            weighted = self._forward(chunk, m, n, loss_fn)
-            self._phase = "backward"
-            self.precision.backward(weighted)
-            total = weighted.detach() if total is None else total + weighted.detach()
-        assert total is not None
-        return total
-
-    def _forward(self, chunk: Any, m: int, n: int, loss_fn: LossFn) -> torch.Tensor:
+    def _forward(self, chunk: Any, m: int | None, n: int | None, loss_fn: LossFn
+                 ) -> torch.Tensor:
         """A micro-batch of `m` of the batch's `n` samples: its loss, weighted by its share."""
         self._phase = "forward"
         with self.precision.forward_context():
-            loss = loss_fn(self.model, chunk)
-        weighted = loss.float() * (m / n) if m != n else loss.float()
+            loss = loss_fn(self.model, chunk).float()
+        if m != n:
+            loss = loss * (m / n)  # type: ignore[operator]
         for handler in self._on_backward:
-            handler(self.state, weighted)
-        return weighted
-
-    def _accumulate_ddp(self, batch: Any, loss_fn: LossFn, micro: int | None
-                        ) -> torch.Tensor:
-        """`_accumulate` under DDP (module docstring). Every forward runs under no_sync, so
-        a forward the ranks then abandon leaves DDP expecting no backward; after the
-        agreement the last backward is armed to all-reduce, as DDP's own forward would."""
-        n = batch_tree.leading_size(batch)
-        chunks = (batch_tree.split(batch, micro) if micro is not None and n is not None
-                  and micro < n else [(batch, n or 1)])
-        total_n = sum(m for _, m in chunks)
-        if len(chunks) > 1 and self._batch_stat_layers:
-            self._say_batch_statistics(chunks[0][1], total_n)
-        self.optimizer.zero_grad(set_to_none=True)
-        total: torch.Tensor | None = None
-        for i, (chunk, m) in enumerate(chunks):
-            with self._no_sync():  # gradients accumulate locally
-                weighted = self._forward(chunk, m, total_n, loss_fn)
-                if i < len(chunks) - 1:
-                    self._phase = "backward"
-                    self.precision.backward(weighted)
-            total = weighted.detach() if total is None else total + weighted.detach()
-        if self.guard is not None:  # without the guard an OOM ends the run: nothing to agree
-            self._agree(oom=False)
-        _arm_all_reduce(self.model)
-        self._phase = "backward"
-        self.precision.backward(weighted)  # DDP all-reduces the gradients in here
-        assert total is not None
-        return total
+            handler(self.state, loss)
+        return loss
 
     def _redo(self, batch: Any, loss_fn: LossFn, guard: OOMGuard, rng: tuple[Any, ...] | None
               ) -> torch.Tensor:
@@ -311,7 +324,7 @@ class Engine:
         t = time.perf_counter()
         # host-side message on the control group: no device sync
         failed_rank, stop = comm.agree(comm.world.rank + 1 if oom else 0,
-                                       int(self.stop_requested()))
+                                       int(self._stop_requested()))
         self.sync_wait_s = (self.sync_wait_s or 0.0) + time.perf_counter() - t
         self._agreed = True
         self.stop_agreed = self.stop_agreed or bool(stop)
@@ -328,9 +341,10 @@ class Engine:
             "memory.target (redline tune measures what fits)")
 
     def _attempt(self, batch: Any, loss_fn: LossFn, micro: int) -> torch.Tensor:
-        if self._memory_check is None or micro in self._checked:
+        check = self.config.memory_check
+        if check is None or micro in self._checked:
             return self._accumulate(batch, loss_fn, micro)
-        with self._memory_check() as budget:
+        with check() as budget:
             total = self._accumulate(batch, loss_fn, micro)
         self._checked.add(micro)
         tracker = getattr(budget, "tracker", None)
@@ -362,7 +376,7 @@ class Engine:
         exact = self._rng.rewind(rng)
         if self._buffers:
             with torch.no_grad():
-                torch._foreach_copy_(self._buffers, self._saved_buffers)
+                foreach_copy_(self._buffers, self._saved_buffers)
         gc.collect()  # reference cycles in user code can still pin activations
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
@@ -391,22 +405,16 @@ class Engine:
     def _step_unless_nonfinite(self, norm: torch.Tensor) -> bool | torch.Tensor:
         if self._flag_on_device:  # the kernel skips the update and its step count
             bad = torch.isfinite(norm).logical_not()
-            self.optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
-            try:
+            with found_inf_given(self.optimizer, bad.float()):
                 self.precision.optimizer_step(self.optimizer)
-            finally:
-                del self.optimizer.found_inf  # type: ignore[attr-defined]
             return bad.logical_not()
         if not math.isfinite(norm.item()):  # host read: free on CPU; on a GPU a sync
             return False
         return self.precision.optimizer_step(self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "precision": self.precision.state_dict(),
-            "micro_batch_size": self.micro_batch_size,
-            "guard": self.guard.state_dict() if self.guard else None,
-        }
+        return {"precision": self.precision.state_dict(), "micro_batch_size":
+                self.micro_batch_size, "guard": self.guard.state_dict() if self.guard else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.precision.load_state_dict(dict(state.get("precision", {})))
@@ -414,13 +422,3 @@ class Engine:
             self.guard.load_state_dict(state["guard"])
             self.micro_batch_size = self.guard.current
 
-
-def _arm_all_reduce(model: nn.Module) -> None:
-    """What DistributedDataParallel's forward does outside no_sync (its _pre_forward and
-    _post_forward, torch 2.x; find_unused_parameters=False, as build.py wraps), done after
-    the forward instead: the next backward all-reduces the gradients."""
-    ddp = getattr(model, "_orig_mod", model)  # torch.compile's wrapper around DDP
-    ddp.require_backward_grad_sync = True
-    ddp.require_forward_param_sync = True
-    ddp.reducer.prepare_for_forward()
-    ddp.reducer.prepare_for_backward([])

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from redline._torch_compat import PYTREE_LOGGER
 from redline.errors import MissingExtra
 
 RECIPES = ("tensorwise", "rowwise")
@@ -117,7 +118,7 @@ def torchao_float8() -> Any:
         os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     # Its import also logs about skipped extensions and deprecated pytree registrations:
     # nothing a user can act on, so quiet for the import only.
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    loggers = [logging.getLogger(n) for n in ("torchao", PYTREE_LOGGER)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

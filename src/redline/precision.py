@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from redline import batch as batch_tree
+from redline._torch_compat import supports_found_inf
 from redline.device import DeviceInfo, float32_matmul
 from redline.errors import UserError, require
 
@@ -186,7 +187,7 @@ class FP16Mixed(_Autocast):
         for it). A fused optimizer is handed the flag and skips on the device instead: no
         sync, and None (not known here).
         """
-        if getattr(optimizer, "_step_supports_amp_scaling", False):
+        if supports_found_inf(optimizer):
             self.scaler.step(optimizer)
             self.scaler.update()
             return None

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from redline._torch_compat import foreach_norm
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 STAT_NAMES = ("norm", "mean", "std", "min", "max", "absmax", "zero_frac", "nan", "inf")
@@ -49,7 +51,7 @@ def tensor_stats(tensors: list[torch.Tensor], host_reads: bool = False) -> torch
     if not tensors:
         return torch.empty(0, len(STAT_NAMES))
     flat = [t.detach().reshape(-1).float() for t in tensors]
-    norms = torch._foreach_norm(flat)
+    norms = foreach_norm(flat)
     rows, sizes = [], []
     for f, norm in zip(flat, norms, strict=True):
         n = max(f.numel(), 1)

@@ -1,13 +1,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from redline.device import DeviceInfo
-from redline.engine import Engine
+from redline.distributed import Comm, World
+from redline.engine import Engine, EngineConfig
 from redline.events import Callback, Dispatcher
 from redline.precision import get_precision
 
@@ -161,3 +167,101 @@ def test_engine_rejects_bad_arguments() -> None:
         Engine(model, opt, micro_batch_size=0)
     with pytest.raises(ValueError, match="fp32"):
         Engine(model, opt, precision="fp12")
+
+
+def test_the_settings_are_one_frozen_config_that_keywords_also_build() -> None:
+    model, _, _ = _setup("cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = EngineConfig("fp32", grad_clip=1.0, micro_batch_size=4)
+    assert Engine(model, opt, config).config == config
+    assert Engine(model, opt, "fp32", grad_clip=1.0, micro_batch_size=4).config == config
+    assert Engine(model, opt, config, micro_batch_size=2).config.micro_batch_size == 2
+    assert config.micro_batch_size == 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.grad_clip = 2.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="oom_guard needs a micro_batch_size"):
+        EngineConfig(oom_guard=True)
+    with pytest.raises(TypeError, match="gradclip"):
+        Engine(model, opt, gradclip=1.0)
+
+
+class _ScriptedComm(Comm):
+    """Two ranks as far as the engine knows, in a one-process group: records what each
+    agreement sends and answers from `replies` (then: nobody failed, nobody stops)."""
+
+    def __init__(self, replies: list[tuple[int, int]]) -> None:
+        super().__init__(World(rank=0, size=2))
+        self.sent: list[tuple[int, ...]] = []
+        self.replies = replies
+
+    def agree(self, *flags: int) -> list[int]:
+        self.sent.append(flags)
+        return list(self.replies.pop(0)) if self.replies else [0, 0]
+
+
+@pytest.fixture
+def ddp_counted(tmp_path: Path) -> Iterator[tuple[nn.Module, list[int]]]:
+    """A DDP model in a one-process gloo group, and how many times its buckets were
+    all-reduced (one bucket)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        ddp = DistributedDataParallel(_setup("cpu")[0])
+        calls: list[int] = []
+
+        # unannotated: DDP rejects annotations that are strings (from __future__)
+        def hook(state, bucket):  # type: ignore[no-untyped-def]
+            calls.append(bucket.index())
+            fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, hook)
+        yield ddp, calls
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("micro", [4, 13])
+def test_under_ddp_each_step_agrees_then_all_reduces_once(
+        ddp_counted: tuple[nn.Module, list[int]], micro: int) -> None:
+    ddp, calls = ddp_counted
+    _, x, y = _setup("cpu")
+    ref = _setup("cpu")[0]
+    _loss(ref, (x, y)).backward()
+    comm = _ScriptedComm([(0, 0), (0, 1)])
+    engine = Engine(ddp, torch.optim.SGD(ddp.parameters(), lr=0.0), "fp32",
+                    micro_batch_size=micro, oom_guard=True, comm=comm)
+    engine.stop_when(lambda: len(comm.sent) == 1)  # asked to stop in the second step
+    engine.step((x, y), _loss)
+    assert calls == [0] and comm.sent == [(0, 0)] and not engine.stop_agreed
+    for p, q in zip(ddp.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    engine.step((x, y), _loss)
+    assert calls == [0, 0] and comm.sent == [(0, 0), (0, 1)] and engine.stop_agreed
+
+
+def test_a_peer_out_of_memory_redoes_the_step_here_with_the_smaller_micro_batch(
+        ddp_counted: tuple[nn.Module, list[int]]) -> None:
+    """The abandoned attempt's forward ran under no_sync: DDP expects no backward for it,
+    and the redo all-reduces once, the full batch's gradient."""
+    changes: list[dict[str, object]] = []
+
+    class Spy(Callback):
+        def on_micro_batch_change(self, state, info):  # type: ignore[no-untyped-def]
+            changes.append(info)
+
+    ddp, calls = ddp_counted
+    _, x, y = _setup("cpu")
+    ref = _setup("cpu")[0]
+    _loss(ref, (x, y)).backward()
+    comm = _ScriptedComm([(2, 0)])  # rank 1 ran out of memory in the first attempt
+    engine = Engine(ddp, torch.optim.SGD(ddp.parameters(), lr=0.0), "fp32",
+                    micro_batch_size=8, oom_guard=True, comm=comm,
+                    dispatcher=Dispatcher([Spy()]))
+    engine.step((x, y), _loss)
+    assert [(c["old"], c["new"], c["reason"], c["phase"]) for c in changes] == [
+        (8, 4, "oom", "rank 1")]
+    assert engine.micro_batch_size == 4 and calls == [0] and comm.sent == [(0, 0), (0, 0)]
+    for p, q in zip(ddp.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)

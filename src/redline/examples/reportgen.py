@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from redline._torch_compat import unwrap_compiled
 from redline.examples import cxr
 from redline.examples.captioning import caption_scores, clinical_efficacy, sentence_bleu4
 from redline.examples.r2gen import BOS, EOS, PAD, R2GenTiny
@@ -113,7 +114,7 @@ class ReportGenTask(TaskBase):
     @torch.no_grad()
     def generate(self, model: nn.Module, images: torch.Tensor, beam: int | None = None
                  ) -> list[str]:
-        core = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+        core = unwrap_compiled(model)  # torch.compile's wrapper
         core = getattr(core, "module", core)  # DistributedDataParallel's
         device = next(core.parameters()).device
         ids = core.generate(images.to(device), beam=beam or self.beam)

@@ -48,7 +48,7 @@ from redline.config import ConfigError, RunConfig
 from redline.data import loader_options, train_loader
 from redline.device import DeviceInfo
 from redline.distributed import Comm, World, rank_seed
-from redline.engine import Engine
+from redline.engine import Engine, EngineConfig
 from redline.events import Dispatcher, State
 from redline.memory.guard import OOMGuard
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes
@@ -154,10 +154,11 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
              and config.memory.budget is None and not config.precision.compile else None)
     check = (None if limit is None
              else functools.partial(_tracked_budget, limit[0], device, model, optimizer))
-    engine = Engine(step_model, optimizer, precision, scheduler=scheduler,
-                    grad_clip=t.grad_clip, micro_batch_size=micro, dispatcher=dispatcher,
-                    state=state, oom_guard=guard, memory_check=check,
-                    skip_nonfinite=t.on_nonfinite != "warn", comm=comm)
+    settings = EngineConfig(precision, grad_clip=t.grad_clip, micro_batch_size=micro,
+                            oom_guard=guard, memory_check=check,
+                            skip_nonfinite=t.on_nonfinite != "warn")
+    engine = Engine(step_model, optimizer, settings, scheduler=scheduler,
+                    dispatcher=dispatcher, state=state, comm=comm)
     return Job(config=config, task=task, device=device, precision=precision, model=model,
                step_model=step_model, optimizer=optimizer, scheduler=scheduler, engine=engine,
                train_set=train_set, eval_set=eval_set,

@@ -34,9 +34,8 @@ from collections import deque
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from redline._torch_compat import TorchDispatchMode, op_name_and_return_aliases, tree_leaves
 from redline.memory.sizes import format_size
 
 
@@ -63,12 +62,12 @@ _UNANNOTATED_ALIASES = {
 def _op_kind(func: Any) -> int:
     kind = _OP_KIND.get(func)
     if kind is None:
-        returns = [r.alias_info for r in func._schema.returns]
-        if func._schema.name in _UNANNOTATED_ALIASES:
+        name, returns = op_name_and_return_aliases(func)
+        if name in _UNANNOTATED_ALIASES:
             kind = _MUTATING
         elif all(a is None for a in returns):
             kind = _FRESH
-        elif all(a is not None and not a.is_write for a in returns):
+        elif all(a is False for a in returns):
             kind = _VIEW
         else:
             kind = _MUTATING
@@ -230,7 +229,7 @@ class MemoryTracker(TorchDispatchMode):
         elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
             leaves = list(out)
         else:
-            leaves = pytree.tree_leaves(out)
+            leaves = tree_leaves(out)
         new: list[tuple[torch.UntypedStorage, int, int]] = []
         grown: list[tuple[_StorageRef, int]] = []
         seen: set[int] = set()

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from redline import batch as batch_tree
+from redline._torch_compat import fake_tensor_mode
 from redline.device import DeviceInfo, float32_matmul
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -71,11 +72,9 @@ def measure_step_flops(model: nn.Module, batch: Any, loss_fn: LossFn) -> StepFlo
 
 
 def _count_fake(model: nn.Module, batch: Any, loss_fn: LossFn) -> int:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    # allow_non_fake_inputs: plain tensor attributes (not registered as buffers) are turned
-    # fake on first use instead of failing the count.
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # plain tensor attributes (not registered as buffers) are turned fake on first use
+    # instead of failing the count
+    mode = fake_tensor_mode()
     # Pre-seeding deepcopy's memo with fake parameters/buffers means no real storage (and
     # no .grad) is copied: the copy costs what the module objects cost, not the weights.
     memo: dict[int, Any] = {}

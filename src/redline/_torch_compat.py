@@ -1,0 +1,157 @@
+"""torch's private APIs, behind one door: every one redline uses, and why.
+
+torch promises nothing about a name that starts with an underscore: a minor release may
+rename it, change what it does, or remove it. Each use is here, with the behaviour it
+relies on, and tests/unit/test_torch_compat.py checks that behaviour on the installed
+torch, so an upgrade that breaks one fails a unit test instead of silently changing a
+run (DDP's gradients above all). Public torch APIs stay where they are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.utils import _pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = [
+    "PYTREE_LOGGER", "TorchDispatchMode", "arm_all_reduce", "default_store", "fake_tensor_mode",
+    "foreach_copy_", "foreach_norm", "found_inf_given", "has_running_stats",
+    "op_name_and_return_aliases", "supports_found_inf", "tree_flatten", "tree_leaves",
+    "tree_unflatten", "unwrap_compiled", "uses_batch_statistics",
+]
+
+# --- pytree: a batch of any structure (batch.py) and an op's outputs (memory/tracker.py).
+# torch has no public pytree module; this one is what torch.compile, DDP and
+# `register_dataclass` use, so a class a user registers there is a batch redline can
+# split. Relied on: tree_flatten(tree, is_leaf=) -> (leaves, spec), tree_unflatten
+# (leaves, spec) rebuilds the same structure, tree_leaves(tree) the leaves in that order.
+tree_flatten = _pytree.tree_flatten
+tree_unflatten = _pytree.tree_unflatten
+tree_leaves = _pytree.tree_leaves
+# fp8.py quiets this logger while torchao imports (its deprecation notices): the module's
+# name, since it logs under `logging.getLogger(__name__)`.
+PYTREE_LOGGER = _pytree.__name__
+
+# --- TorchDispatchMode (imported above): the CPU memory tracker (memory/tracker.py) sees
+# every aten op with its outputs, below autograd, which no public hook does. Relied on: a subclass's
+# __torch_dispatch__(func, types, args, kwargs) is called for each op run while the mode
+# is entered, and returning func(*args, **kwargs) runs it.
+
+
+def op_name_and_return_aliases(func: Any) -> tuple[str, list[bool | None]]:
+    """An aten op's schema name (`aten::add_`) and, per return, None where it is fresh
+    memory, False for a read-only view of an input, True where it may be written.
+
+    The tracker (memory/tracker.py) decides from this, once per op, whether an output can
+    be a new storage. Relied on: OpOverload._schema (a FunctionSchema) with `.name` and
+    `.returns[i].alias_info` (None, or an object with `.is_write`)."""
+    schema = func._schema
+    return schema.name, [None if r.alias_info is None else bool(r.alias_info.is_write)
+                         for r in schema.returns]
+
+
+def fake_tensor_mode() -> Any:
+    """A FakeTensorMode that makes plain tensors fake on first use (telemetry/flops.py
+    counts a step's FLOPs on shapes alone, no memory). No public API builds one. Relied on:
+    FakeTensorMode(allow_non_fake_inputs=True), its `from_tensor`, and entering it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+# --- Foreach kernels: one launch for a list of tensors, where a Python loop would launch
+# one per tensor (the engine's per-step buffer save, the inspector's norms). Relied on:
+# torch._foreach_copy_(dst, src) copies src[i] into dst[i] in place; torch._foreach_norm
+# (tensors) returns the L2 norm of each.
+def foreach_copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for every i, in one fused call (the engine's BatchNorm
+    statistics, saved at each step's start and restored for a redo)."""
+    torch._foreach_copy_(dst, src)
+
+
+def foreach_norm(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The L2 norm of each tensor, in one fused call (stats.py)."""
+    return tuple(torch._foreach_norm(list(tensors)))
+
+
+# --- Normalisation layers. torch's BatchNorm classes (1d/2d/3d, Lazy*, SyncBatchNorm)
+# share the private base _BatchNorm; those and the InstanceNorms share _NormBase, which
+# holds the running statistics. Relied on: those base classes, and that a _NormBase's
+# running statistics are its own buffers.
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether `module` normalises (in training mode) with the statistics of the batch it
+    sees: split into micro-batches, it sees each one's (engine.py says so once)."""
+    return isinstance(module, _BatchNorm)
+
+
+def has_running_stats(module: nn.Module) -> bool:
+    """Whether `module` is a normalisation layer whose buffers (running statistics) its
+    forward changes: a redone step restores them (engine.py)."""
+    return isinstance(module, _NormBase)
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped (`model` itself when it is not compiled). Relied on:
+    OptimizedModule keeps the original module as `_orig_mod`."""
+    return getattr(model, "_orig_mod", model)
+
+
+# --- Optimizers that take an inf flag. GradScaler hands a "fused" optimizer (AdamW/Adam/
+# SGD with fused=True) its inf flag instead of reading it on the host, and the fused kernel
+# skips the update, step count included, on the device. The engine does the same for a
+# non-finite gradient norm (train.on_nonfinite: skip) without a host read.
+def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` honours a `found_inf` attribute. Relied on: torch marks
+    such optimizers `_step_supports_amp_scaling = True` (what GradScaler.step reads)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+@contextmanager
+def found_inf_given(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> Iterator[None]:
+    """While active, `optimizer.step()` skips its update where `flag` (a float32 scalar on
+    the parameters' device) is nonzero. Relied on: a fused optimizer's step reads
+    `self.found_inf` when present, as GradScaler.step sets it (torch/amp/grad_scaler.py)."""
+    optimizer.found_inf = flag  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        del optimizer.found_inf  # type: ignore[attr-defined]
+
+
+# --- DistributedDataParallel's reducer.
+def arm_all_reduce(model: nn.Module) -> None:
+    """Make the next backward of DDP-wrapped `model` (compiled or not) all-reduce the
+    gradients, after a forward that ran under `no_sync`.
+
+    The engine runs every forward under no_sync, so a forward the ranks then abandon (an
+    out-of-memory error elsewhere) leaves DDP expecting no backward; once the ranks agree,
+    this does what DDP's forward does outside no_sync (its _pre_forward and _post_forward,
+    torch 2.x, with find_unused_parameters=False as job/build.py wraps), after the forward
+    instead. Relied on: `require_backward_grad_sync` / `require_forward_param_sync`, and
+    `reducer.prepare_for_forward()` then `reducer.prepare_for_backward([])` arming
+    exactly one all-reduce of every bucket in the next backward."""
+    ddp = unwrap_compiled(model)
+    ddp.require_backward_grad_sync = True
+    ddp.require_forward_param_sync = True
+    ddp.reducer.prepare_for_forward()  # type: ignore[operator]
+    ddp.reducer.prepare_for_backward([])  # type: ignore[operator]
+
+
+def default_store() -> Any:
+    """The key-value store the default process group was set up with (torchrun's TCP
+    store), or None. distributed.py publishes a failing rank's name on it, where a
+    collective cannot carry it (the collective is what failed). Relied on:
+    distributed_c10d._get_default_store() returning a Store with set/get/add/check."""
+    import torch.distributed as dist
+
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no store to reach: failures are reported without naming the rank
+        return None
+
