@@ -17,7 +17,11 @@ parameter groups on mlp-groups), the same gradient clipping (clip_grad_norm_ at 
 foreach), the same constant LambdaLR stepped each step, and the same batches in the same
 order: a DataLoader over the same dataset with a sampler written here that draws redline's
 documented order (a permutation per epoch from a generator seeded with seed * 1000003 +
-epoch, data.py), so per-sample reads and collation cost both sides the same.
+epoch, data.py), as a user's loop would read a TensorDataset (redline reads it a batch
+at a time: data.py, so its loading costs less than the hand loop's). Two more sides place that:
+`Trainer.fit, inspect.every 0` (what the inspector's statistics every 200 steps cost) and
+`hand loop, batches pre-made` (the floor: the same loop with no loading at all, its
+batches made before the timed steps).
 
 How a step is timed, and why this way. Each side's per-step time is read from a clock
 stamped at the end of every optimizer step: in the trainer by a user callback on
@@ -29,23 +33,29 @@ with its window closes, the inspector's step every 200, epoch changes. Set-up (t
 directory, the writer process, W&B's init, FLOP counting, the first steps' memory check)
 and tear-down are outside, as they should be for a per-step figure: they are paid once.
 The other two ways were rejected. The difference of two fits of N and 2N steps measures
-the same thing in principle, but each fit's set-up (a writer process spawned, W&B
-started) varies by tens of milliseconds on a loaded machine, which is the size of the
-whole effect over a few hundred steps; the difference of two noisy totals is noise.
+the same thing in principle, but each fit's set-up and tear-down (a writer process
+spawned, W&B started and synced to its offline files) take seconds and vary by hundreds
+of milliseconds on a loaded machine (measured: set-up 0.2..1.1 s, tear-down 5.9..6.7 s),
+more than the whole effect over a few hundred steps; the difference of two noisy totals
+is noise.
 The step time in metrics.jsonl is the trainer's own clock: it is what is being checked
 (like `redline/overhead_pct`), so it cannot be the judge.
 
 `--steps` should be a multiple of 200 (the inspector's and the window's common period),
 so the timed span holds each periodic cost in its steady-state share. Each repeat runs
-one fit and one hand loop in a random order; a side's cost is the median over repeats of
-the paired ratio fit / hand loop (the machine's drift cancels within a repeat), with a
+every side once, in a random order; a side's cost is the median over repeats of the
+paired ratio side / hand loop (the machine's drift cancels within a repeat), with a
 distribution-free 95 % confidence interval and the spread of the repeats. The same run
 prints the run's self-reported `redline/overhead_pct` (median over the timed windows of
 each fit, then over fits), in % and in us a step, beside the measured figure.
 
-`--profile NAME` instead runs one fit of NAME under cProfile and prints the functions
-with the most time of their own, and the per-step calls (a call count that is a multiple
-of the steps) with their cost per step.
+`--clock cpu` stamps the training thread's CPU time instead of the wall clock: on a
+loaded machine wall time mostly measures the other processes (it leaves out the writer
+process, which on an idle machine runs on another core). `--profile NAME` instead runs
+one fit and one hand loop of NAME under cProfile and prints redline's functions by
+cumulative time, and the functions called at least once a step by how much more of
+their own time the fit spends than the hand loop (cProfile inflates small calls: compare
+call counts and shares, not microseconds).
 """
 
 from __future__ import annotations
@@ -78,7 +88,8 @@ from workloads import CLIP, LR, Workload, build
 
 TRACKERS = ("jsonl", "tensorboard", "wandb")
 HAND, FIT, NO_INSPECT = "hand loop", "Trainer.fit", "Trainer.fit, inspect.every 0"
-SIDES = [HAND, FIT, NO_INSPECT]
+PREMADE = "hand loop, batches pre-made"
+SIDES = [HAND, FIT, NO_INSPECT, PREMADE]
 GOAL_PCT, FACTOR = 0.5, 2.0
 CLOCK = [time.perf_counter]  # --clock cpu: time.thread_time
 SEED, WEIGHT_DECAY, EPOCH_BATCHES = 0, 0.01, 64
@@ -140,18 +151,24 @@ class Order(Sampler[list[int]]):
             yield order[b * self.batch:(b + 1) * self.batch]
 
 
-def hand_loop(w: Workload, dataset: TensorDataset, steps: int, groups: bool) -> list[float]:
-    """The same math as the trainer's step, written by hand; the stamp after each step."""
+def hand_loop(w: Workload, dataset: TensorDataset, steps: int, groups: bool,
+              premade: bool = False) -> list[float]:
+    """The same math as the trainer's step, written by hand; the stamp after each step.
+    `premade`: the epoch's batches made before it starts, out of the timed steps (the
+    floor: no loading at all)."""
     model, loss_fn = w.model, w.loss
     opt = (_optimizer(w) if groups else
            torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     sampler = Order(len(dataset), w.batch_size)
-    loader = DataLoader(dataset, batch_sampler=sampler)
+    loader: Any = DataLoader(dataset, batch_sampler=sampler)
+    if premade:
+        made = {e: list(_epoch(loader, sampler, e)) for e in range(steps // len(sampler) + 1)}
+        loader = None
     stamps: list[float] = []
     step = 0
     while step < steps:
-        for batch in loader:
+        for batch in (made[sampler.epoch] if premade else loader):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model, batch)
             loss.backward()
@@ -164,6 +181,12 @@ def hand_loop(w: Workload, dataset: TensorDataset, steps: int, groups: bool) -> 
                 break
         sampler.epoch += 1
     return stamps
+
+
+def _epoch(loader: DataLoader, sampler: Order, epoch: int) -> Iterator[Any]:
+    sampler.epoch = epoch
+    yield from loader
+    sampler.epoch = 0
 
 
 def fit(w: Workload, dataset: TensorDataset, steps: int, groups: bool, run_dir: Path,
@@ -213,8 +236,8 @@ def bench(w: Workload, key: str, reps: int, args: argparse.Namespace, tmp: Path
     for rep in range(-1, reps):  # repeat -1: warm-up of every side, not counted
         for side in order.sample(SIDES, len(SIDES)):
             torch.set_num_threads(args.threads)
-            if side == HAND:
-                stamps = hand_loop(w, dataset, total, groups)
+            if side in (HAND, PREMADE):
+                stamps = hand_loop(w, dataset, total, groups, premade=side == PREMADE)
             else:
                 stamps, rows = fit(w, dataset, total, groups, tmp / f"{key}-{side}-{rep + 1}",
                                    inspect=side == FIT)
