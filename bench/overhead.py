@@ -81,6 +81,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from pairs import median_ci
 from redline.config import RunConfig, TrainConfig
 from redline.events import Callback, State
 from redline.inspector import InspectConfig
@@ -219,15 +220,6 @@ def per_step(stamps: list[float], warmup: int, steps: int) -> float:
     return (stamps[warmup + steps - 1] - stamps[warmup - 1]) / steps
 
 
-def paired(ratios: list[float]) -> tuple[float, float, float]:
-    """Median of the per-repeat ratios, with a distribution-free 95 % confidence interval:
-    the order statistics a Binomial(n, 1/2) puts 95 % of the mass between."""
-    r, n = sorted(ratios), len(ratios)
-    half = 0.98 * math.sqrt(n)
-    lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
-    return statistics.median(r), r[lo], r[hi]
-
-
 def bench(w: Workload, key: str, reps: int, args: argparse.Namespace, tmp: Path
           ) -> dict[str, Any]:
     groups, total = key == "mlp-groups", args.warmup + args.steps + 10
@@ -242,14 +234,14 @@ def bench(w: Workload, key: str, reps: int, args: argparse.Namespace, tmp: Path
             if side in (HAND, PREMADE):
                 stamps = hand_loop(w, dataset, total, groups, premade=side == PREMADE)
             else:
-                stamps, rows = fit(w, dataset, total, groups, tmp / f"{key}-{len(pct)}-{rep}",
-                                   inspect=side == FIT)
+                run_dir = tmp / f"{key}-{sides.index(side)}-{rep}"
+                stamps, rows = fit(w, dataset, total, groups, run_dir, inspect=side == FIT)
                 if side == FIT:
                     pct.append(statistics.median(
                         r["redline/overhead_pct"] for r in rows
                         if args.warmup < r["step"] <= args.warmup + args.steps))
             times[side].append(per_step(stamps, args.warmup, args.steps))
-    return {"times": times, "pct": pct, "ratio": {side: paired(
+    return {"times": times, "pct": pct, "ratio": {side: median_ci(
         [f / h for f, h in zip(times[side], times[HAND], strict=True)]) for side in sides}}
 
 
