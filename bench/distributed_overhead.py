@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from overhead import paired
+from pairs import paired
 from redline.distributed import Comm, World, init
 from redline.engine import Engine
 from redline.telemetry.config import TelemetryConfig

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from overhead import paired
+from pairs import paired
 from redline.engine import Engine
 from redline.events import Dispatcher, Event, State
 from redline.inspector import InspectConfig, Inspector

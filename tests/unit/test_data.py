@@ -3,9 +3,17 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
+from torch.utils.data import TensorDataset
 
 from redline.config import ConfigError, DataConfig
-from redline.data import EpochBatchSampler, loader_options
+from redline.data import (
+    EpochBatchSampler,
+    TensorBatches,
+    iterate_from,
+    loader_options,
+    train_loader,
+)
 
 
 def test_order_depends_only_on_seed_and_epoch() -> None:
@@ -36,3 +44,26 @@ def test_loader_options_resolve_auto() -> None:
     cuda = loader_options(DataConfig(num_workers=2), "cuda")
     assert cuda["pin_memory"] is True and cuda["persistent_workers"] is True
     assert cuda["prefetch_factor"] == 2
+
+
+class _PerSample(TensorDataset):
+    """A TensorDataset subclass: read sample by sample, as the DataLoader does."""
+
+
+def test_a_tensor_dataset_read_a_batch_at_a_time_gives_the_per_sample_loaders_batches(
+) -> None:
+    x = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(1))
+    options = {"num_workers": 0, "pin_memory": False}
+    fast = train_loader(TensorDataset(x, y), 8, seed=5, options=options)
+    slow = train_loader(_PerSample(x, y), 8, seed=5, options=options)
+    assert isinstance(fast.dataset, TensorBatches) and not isinstance(slow.dataset,
+                                                                     TensorBatches)
+    for epoch, start in ((0, 0), (1, 3)):  # a fresh epoch, and a resume mid-epoch
+        got = list(iterate_from(fast, epoch, start))
+        want = list(iterate_from(slow, epoch, start))
+        assert len(got) == len(want) == 8 - start
+        for a, b in zip(got, want, strict=True):
+            assert type(a) is type(b) is list
+            assert all(torch.equal(p, q) and p.dtype == q.dtype for p, q in zip(a, b,
+                                                                               strict=True))

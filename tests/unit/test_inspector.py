@@ -131,6 +131,34 @@ def test_recorded_statistics_are_those_of_the_inspected_step(tmp_path: Path) -> 
     assert sorted({r["step"] for r in read_rows(tmp_path)}) == [2, 4]
 
 
+def test_inspecting_time_is_added_to_the_next_windows_overhead_share(tmp_path: Path) -> None:
+    model = _model()
+    inspector = Inspector(InspectConfig(every=3), tmp_path)
+    state = State(model=model, run_dir=str(tmp_path))
+    dispatcher = Dispatcher([inspector])
+    engine = Engine(model, build_optimizer(model, 1e-2), dispatcher=dispatcher, state=state)
+    dispatcher.fire(Event.FIT_START, state)
+    batch = (torch.randn(16, 4), torch.ones(16, 1))
+    for _ in range(2):  # steps that do not inspect take no time of the inspector's
+        dispatcher.fire(Event.BATCH_START, state, batch)
+        engine.step(batch, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+        state.step += 1
+    assert inspector.busy_s == 0.0
+    dispatcher.fire(Event.BATCH_START, state, batch)
+    engine.step(batch, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+    state.step += 1
+    spent = inspector.busy_s
+    assert spent > 0
+    # a window of the 3 steps at 0.5 s a step: the inspector's share of its 1.5 s is added
+    record = {"step": 3, "redline/overhead_pct": 1.0, "step_time_s": 0.5}
+    dispatcher.fire(Event.WINDOW, state, record)
+    assert record["redline/overhead_pct"] == pytest.approx(1.0 + 100 * spent / 1.5)
+    assert inspector.busy_s == 0.0  # charged once
+    record = {"step": 6, "redline/overhead_pct": 1.0, "step_time_s": 0.5}
+    dispatcher.fire(Event.WINDOW, state, record)
+    assert record["redline/overhead_pct"] == 1.0
+
+
 def test_pandas_reads_every_inspection_in_one_call(tmp_path: Path) -> None:
     pd = pytest.importorskip("pandas")
     _steps(tmp_path, every=1, steps=3)

@@ -23,8 +23,10 @@ business, not counted), `skipped_steps` the updates not applied (non-finite grad
 skipped by train.on_nonfinite or by the scaler), `nonfinite_run_max` the longest run of
 consecutive non-finite steps reached in the window (counting across windows), and
 `first_nonfinite_step` the first of them. Time spent here on the training
-thread is measured (the clock around each call) and reported as `redline/overhead_pct`
-of the window's wall time, with the number of host syncs redline itself made
+thread is measured (the clock around each call, a window's close with its WINDOW
+callbacks included) and reported as `redline/overhead_pct` of the window's wall time (the
+inspector adds its own time on inspecting steps in its WINDOW handler; schema.py says
+what is not counted), with the number of host syncs redline itself made
 (`redline/host_syncs`). A window's wall time runs from the moment the previous window's
 closing call began to the moment its own closing call begins, so each call, the close
 included, lies inside the wall time of the window whose overhead it counts in: the

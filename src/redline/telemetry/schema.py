@@ -88,7 +88,12 @@ MEM_RSS_PEAK = Key("mem_rss_peak_bytes", "bytes", "CPU: the most the training pr
 MEM_PCT = Key("mem_pct", "%", "peak memory as a share of memory.budget, else of the device's "
               "memory (CPU without a budget: resident memory of physical memory)")
 OVERHEAD_PCT = Key("redline/overhead_pct", "%", "redline's own time on the training thread "
-                   "(recording steps, closing the window) as a share of the window's wall time")
+                   "as a share of the window's wall time: recording steps, closing the window "
+                   "(with its WINDOW callbacks and the hand-off to the writer process) and the "
+                   "inspector's work on inspecting steps; not counted: the Engine's few "
+                   "microseconds a step beyond a bare loop's (the OOM guard's snapshot, the "
+                   "non-finite check) and the loop's bookkeeping (bench/overhead.py measures "
+                   "the whole against a hand-written loop)")
 EMULATED = Key("precision/emulated", "flag", "1 when the precision is an emulation "
                "(fp8-emulated): the format's numerics, not its speed; absent otherwise")
 HOST_SYNCS = Key("redline/host_syncs", "syncs", "times redline's telemetry made the host wait "
