@@ -8,14 +8,13 @@ Anything raised by the user's own code keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from redline import __version__, output
+from redline.run.lifecycle import exit_code
 
 EXIT_BAD_INPUT = 2
 
@@ -90,9 +89,6 @@ def _job_options() -> argparse.ArgumentParser:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from redline.task import available_tasks
-    from redline.telemetry.sinks import available_sinks
-
     p = argparse.ArgumentParser(
         prog="redline",
         description="Run PyTorch training at the limit of the hardware, safely, and show "
@@ -101,8 +97,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"redline {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     job = _job_options()
-    raw = argparse.RawDescriptionHelpFormatter
-
     d = sub.add_parser(
         "doctor", help="check the environment, or diagnose a run's step time",
         description="Without RUN_DIR: check that training can run here (exit 1 on a "
@@ -111,12 +105,26 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory to diagnose")
     d.add_argument("--device", default="auto", help="device to check (default: auto)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_train(sub, job)
+    _add_tune(sub, job)
+    _add_study(sub, job)
+    r = sub.add_parser("report", help="(re)build report.html for a run or study directory",
+                       description="Write DIR/report.html: self-contained (no network "
+                                   "needed), from what a run or a study directory holds.")
+    r.add_argument("directory", metavar="DIR", help="a run or study directory")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _add_train(sub: Any, job: argparse.ArgumentParser) -> None:
+    from redline.task import available_tasks
+    from redline.telemetry.sinks import available_sinks
 
     t = sub.add_parser(
         "train", parents=[job], help="train a task and write a run directory",
         description="Train TASK: a built-in name (" + ", ".join(available_tasks())
                     + "), package.module:Class or path/to/file.py:Class.",
-        epilog=EPILOG_TRAIN, formatter_class=raw)
+        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--steps", type=int, metavar="N", help="optimizer steps (train.steps)")
     t.add_argument("--batch-size", metavar="N|auto",
                    help="micro-batch, or auto to fill memory.target (train.batch_size)")
@@ -140,13 +148,15 @@ def _parser() -> argparse.ArgumentParser:
                         "torchrun --standalone --nproc-per-node N -m redline train ...; "
                         "several hosts: see docs/distributed.md)")
 
+
+def _add_tune(sub: Any, job: argparse.ArgumentParser) -> None:
     u = sub.add_parser(
         "tune", parents=[job],
         help="measure the fastest settings (precision, micro-batch, channels_last, data "
              "loading, compile); write a tuned config",
         description="Measure TASK under each setting that sets its speed, within a time "
                     "budget, and write a config that `redline train --config` accepts.",
-        epilog=EPILOG_TUNE, formatter_class=raw)
+        epilog=EPILOG_TUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
     u.add_argument("--budget-s", type=float, default=None, metavar="S",
                    help="time the search may take, in seconds (default 120)")
     u.add_argument("--factors", metavar="LIST",
@@ -165,6 +175,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep --memory-budget in the tuned config (on a CPU training then "
                         "tracks every tensor operation to enforce it, which is slower)")
 
+
+def _add_study(sub: Any, job: argparse.ArgumentParser) -> None:
     s = sub.add_parser(
         "study", parents=[job], help="train TASK under several settings; judge each against "
         "fp32's own noise; write report.html",
@@ -172,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
                     "the --vary values), fp32 with several seeds for its noise floor, and "
                     "judge every other setting's metrics against that noise; the fastest "
                     "setting within it is recommended.", epilog=EPILOG_STUDY,
-        formatter_class=raw)
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--steps", type=int, metavar="N", help="optimizer steps per run "
                    "(train.steps)")
     s.add_argument("--seeds", type=int, default=3, metavar="N",
@@ -190,20 +202,14 @@ def _parser() -> argparse.ArgumentParser:
                         "one continues from its checkpoint")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    r = sub.add_parser("report", help="(re)build report.html for a run or study directory",
-                       description="Write DIR/report.html: self-contained (no network "
-                                   "needed), from what a run or a study directory holds.")
-    r.add_argument("directory", metavar="DIR", help="a run or study directory")
-    r.add_argument("--json", action="store_true", help="print one JSON object")
-    return p
 
-
-def _load(args: argparse.Namespace, command: str) -> Any:
+def _load(args: argparse.Namespace, command: str,
+          shorthands: tuple[tuple[str, str], ...] = SHORTHANDS) -> Any:
     """The config the command's flags describe; ConfigError without a task."""
     from redline.config import ConfigError, load_config
 
     sets = list(args.overrides)
-    for flag, key in SHORTHANDS:
+    for flag, key in shorthands:
         value = getattr(args, flag, None)
         if value is not None:
             sets.append(f"{key}={value}")
@@ -219,8 +225,9 @@ def _load(args: argparse.Namespace, command: str) -> Any:
     return config
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from redline.config import ConfigError
+    from redline.run.launch import launch
     from redline.run.lifecycle import latest_run_dir
     from redline.run.trainer import Trainer
 
@@ -228,7 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, config)
     if args.nproc is not None:
-        return _launch(args)
+        return launch(args.nproc, argv)
     run_dir = args.run_dir
     trainer = Trainer(config, run_dir=run_dir, resume=args.resume,
                       progress=False if args.no_progress else None)
@@ -240,40 +247,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.run_dir = found
     result = trainer.fit()
     if not trainer.world.main:  # rank 0 reports the run
-        return 128 + signal.Signals[result.interrupted].value if result.interrupted else 0
+        return exit_code(result.interrupted)
     info = result.to_dict()
     if not args.no_report and result.steps:
         from redline.study.report import build_report
 
         info["report"] = str(build_report(result.run_dir))
     if args.json:
-        print(json.dumps(info))
+        output.print_json(info)
     else:
         output.print_result(info)
-    if result.interrupted:
-        return 128 + signal.Signals[result.interrupted].value
-    return 0
-
-
-def _launch(args: argparse.Namespace) -> int:
-    from redline import distributed
-    from redline.config import ConfigError
-
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc {args.nproc}: give a number of processes >= 1")
-    if distributed.World.from_env().distributed:
-        raise ConfigError("--nproc inside a torchrun launch: drop --nproc (torchrun already "
-                          "started the processes)")
-    argv, skip = [], False
-    for item in args.argv:  # every argument but --nproc N (or --nproc=N) goes to the ranks
-        if skip or item.startswith("--nproc="):
-            skip = False
-            continue
-        if item == "--nproc":
-            skip = True
-            continue
-        argv.append(item)
-    return distributed.launch(args.nproc, argv)
+    return exit_code(result.interrupted)
 
 
 def _dry_run(args: argparse.Namespace, config: Any) -> int:
@@ -281,145 +265,48 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
     from redline.task import resolve_task
 
     result = dry_run(config, resolve_task(config.task, config.task_args))
-    print(json.dumps(result.to_dict()) if args.json else render(result))
+    output.show(args.json, result.to_dict(), render(result))
     return 0 if result.ok else 1
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from redline import distributed
-    from redline.config import ConfigError
-    from redline.job.build import rank_device
     from redline.task import resolve_task
+    from redline.tuning.workflow import TuneOptions, run_tune
 
-    factors = _factors(args.factors)
-    if args.budget_s is not None and args.budget_s <= 0:
-        raise ConfigError(f"--budget-s {args.budget_s:g}: give a positive number of seconds")
-    if args.quality_steps is not None and args.quality_steps < 2:
-        raise ConfigError(f"--quality-steps {args.quality_steps}: give at least 2 steps")
+    options = TuneOptions.from_flags(
+        factors=args.factors, budget_s=args.budget_s, quality_steps=args.quality_steps,
+        batch_only=args.batch_only, no_cache=args.no_cache, output=args.output,
+        keep_budget=args.keep_budget)
     config = _load(args, "tune")
-    task = resolve_task(config.task, config.task_args)
-    world = distributed.World.from_env()  # under torchrun every rank searches its device
-    device = rank_device(config.device, world)
-    with tempfile.TemporaryDirectory() as scratch:
-        cache = scratch if args.no_cache else None
-        if args.batch_only or world.distributed:
-            if world.distributed and not args.batch_only and world.main:
-                print("redline tune under torchrun searches the micro-batch only; run it in "
-                      "one process for precision, data loading and compile", file=sys.stderr)
-            return _tune_batch(args, task, config, device, world, cache)
-        from redline.telemetry.progress import status
-        from redline.tuning.tune import DEFAULT_BUDGET_S, tune
-
-        with status("tune") as shown:
-            tuned, report = tune(task, config, device, cache_dir=cache, factors=factors,
-                                 budget_s=args.budget_s or DEFAULT_BUDGET_S,
-                                 quality_steps=args.quality_steps, say=shown)
-    out, dropped = _write_tuned(args, task, tuned)
+    tuned = run_tune(resolve_task(config.task, config.task_args), config, options,
+                     warn=output.warn)
+    if tuned.path is None:  # a rank other than 0: rank 0 reports
+        return 0
     if args.json:
-        print(json.dumps({**report.to_dict(), "config": str(out)}))
-        return 0
-    output.print_tune(report)
-    _tuned_lines(out, dropped)
+        output.print_json(tuned.to_dict())
+    else:
+        output.print_tuned(tuned, config.memory.target)
     return 0
-
-
-def _factors(text: str | None) -> tuple[str, ...]:
-    from redline.config import ConfigError
-    from redline.tuning.tune import FACTORS
-
-    if not text:
-        return FACTORS
-    names = tuple(f.strip() for f in text.split(",") if f.strip())
-    unknown = [f for f in names if f not in FACTORS]
-    if unknown or not names:
-        raise ConfigError(f"--factors {text!r}: unknown factor {', '.join(unknown) or '(none)'}"
-                          f"; choose from {', '.join(FACTORS)}")
-    return names
-
-
-def _tune_batch(args: argparse.Namespace, task: Any, config: Any, device: Any, world: Any,
-                cache: str | None) -> int:
-    from redline import distributed
-    from redline.memory.probe import format_size
-    from redline.telemetry.progress import status
-    from redline.tuning.autobatch import KNEE_TOLERANCE, autobatch_ranks
-
-    comm = distributed.init(world, device.kind)
-    with status("tune") as shown:
-        result = autobatch_ranks(task, config, device, comm, cache_dir=cache,
-                                 progress=shown if world.main else None)
-    if not world.main:  # rank 0 writes the tuned config
-        return 0
-    out, dropped = _write_tuned(args, task, result.apply(config))
-    if args.json:
-        print(json.dumps({**result.to_dict(), "config": str(out)}))
-        return 0
-    output.print_trials(result)
-    tol = result.knee_tolerance
-    knee = (f" (the smallest within {tol:.1%} of the best: {KNEE_TOLERANCE:.0%} or the "
-            "rounds' noise, whichever is larger)" if tol is not None else "")
-    print(f"largest fitting micro-batch {result.max_fit}, chosen {result.chosen}{knee}; "
-          f"effective batch {result.effective_batch_size} = {result.chosen} x "
-          f"{result.accumulation_steps}" + (f" x {world.size} ranks" if world.distributed
-                                            else "") + f"; lr {result.lr:.3g}; eval batch "
-          f"{result.eval_batch_size}; target {format_size(result.target_bytes)} "
-          f"({config.memory.target:.0%} of {result.budget_source})"
-          + (" (cached)" if result.cache_hit else ""))
-    _tuned_lines(out, dropped)
-    return 0
-
-
-def _write_tuned(args: argparse.Namespace, task: Any, config: Any) -> tuple[Path, bool]:
-    """Write the tuned config: without memory.budget unless --keep-budget, with a task
-    file's path made absolute. (the path, whether the budget was dropped)."""
-    dropped = config.memory.budget is not None and not args.keep_budget
-    if dropped:  # the search needed it; training with it on a CPU is tracked, slower
-        config = config.updated({"memory.budget": None})
-    module, sep, attr = (config.task or "").rpartition(":")
-    if sep and module.endswith(".py"):  # the tuned config works from any directory
-        config = config.updated({"task": f"{Path(module).resolve()}:{attr}"})
-    out = Path(args.output or f"{task.name}-tuned.yaml")
-    out.write_text(config.to_yaml())
-    return out, dropped
-
-
-def _tuned_lines(out: Path, dropped: bool) -> None:
-    print(f"tuned config: {out}  (redline train --config {out})")
-    if dropped:
-        print("memory.budget is left out of the tuned config (the micro-batch was sized "
-              "for it); --keep-budget keeps it, at the cost of tracking every tensor "
-              "operation on a CPU")
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from redline.study.matrix import Study, parse_vary, plan_settings
-    from redline.task import resolve_task
+    from redline.study.matrix import new_study, parse_precisions
 
-    precisions = [p.strip() for p in (args.precision or "fp32").split(",") if p.strip()]
-    args.precision = None  # the study sets precision.name per setting
-    config = _load(args, "study")
-    task = resolve_task(config.task, config.task_args)
-    settings = plan_settings(config, precisions, parse_vary(args.vary), args.seeds,
-                             args.other_seeds)
-    study = Study(task, config, settings, args.run_dir, args.resume,
-                  progress=False if args.no_progress else None)
-    if not study.main:  # under torchrun: rank 0 reports the study
-        _, stopped = study.run()
-        return 128 + signal.Signals[stopped].value if stopped else 0
-    print(f"study {study.dir}: {len(settings)} runs of {config.train.steps} steps "
-          f"({', '.join(dict.fromkeys(s.label for s in settings))})", file=sys.stderr,
-          flush=True)
+    precisions = parse_precisions(args.precision)
+    # the study sets precision.name per setting: --precision is its list, not a shorthand
+    config = _load(args, "study", tuple(s for s in SHORTHANDS if s[0] != "precision"))
+    study = new_study(config, precisions, args.vary, args.seeds, args.other_seeds,
+                      args.run_dir, args.resume, progress=False if args.no_progress else None)
+    if study.main:  # under torchrun: rank 0 reports the study
+        output.print_study_start(study)
     _, stopped = study.run()
-    if stopped:
-        print(f"study stopped by {stopped}; continue with redline study {args.task or ''} "
-              f"--precision {','.join(precisions)} --run-dir {study.dir} --resume "
-              "(and the same flags)", file=sys.stderr)
-        return 128 + signal.Signals[stopped].value
+    if stopped and study.main:
+        output.print_study_stopped(study, stopped, args.task, precisions)
+    if stopped or not study.main:
+        return exit_code(stopped)
     summary = study.finish()
     if args.json:
-        print(json.dumps(summary, default=str))
+        output.print_json(summary)
     else:
         output.print_study(summary)
     return 0
@@ -429,34 +316,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     from redline.study.report import build_report
 
     out = build_report(args.directory)
-    print(json.dumps({"report": str(out)}) if args.json else f"report: {out}")
+    output.show(args.json, {"report": str(out)}, f"report: {out}")
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from redline.diagnose.doctor import render
+    from redline.diagnose.doctor import diagnose_run, render
     from redline.environment import environment_check
 
     if args.run_dir:
-        return _diagnose(args)
+        diagnosis = diagnose_run(args.run_dir)
+        output.show(args.json, diagnosis.to_dict(), diagnosis.render())
+        return 0
     report = environment_check(args.device)
-    print(json.dumps(report.to_dict()) if args.json else render(report))
+    output.show(args.json, report.to_dict(), render(report))
     return 0 if report.ok else 1
-
-
-def _diagnose(args: argparse.Namespace) -> int:
-    from redline import diagnose
-
-    try:
-        findings, notes = diagnose.diagnose(args.run_dir)
-    except FileNotFoundError as e:
-        return _fail(args, str(e))
-    if args.json:
-        print(json.dumps({"run_dir": args.run_dir, "notes": notes,
-                          "findings": [f.__dict__ for f in findings]}))
-    else:
-        print(diagnose.render(findings, notes))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,11 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    args.argv = argv
-    handler = {"doctor": cmd_doctor, "train": cmd_train, "tune": cmd_tune, "study": cmd_study,
-               "report": cmd_report}[args.command]
+    handlers: dict[str, Callable[[], int]] = {
+        "doctor": lambda: cmd_doctor(args), "train": lambda: cmd_train(args, argv),
+        "tune": lambda: cmd_tune(args), "study": lambda: cmd_study(args),
+        "report": lambda: cmd_report(args)}
     try:
-        return handler(args)
+        return handlers[args.command]()
     except UserError as e:
         if _other_rank():  # torchrun: every rank found it; rank 0 says it, once
             return EXIT_BAD_INPUT
@@ -489,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("redline: interrupted", file=sys.stderr)
-        return 130
+        return exit_code("SIGINT")
 
 
 def _other_rank() -> bool:
@@ -508,7 +383,7 @@ def _out_of_memory() -> tuple[type[BaseException], ...]:
 def _fail(args: argparse.Namespace, message: str) -> int:
     print(f"redline: error: {message}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(json.dumps({"error": message}))
+        output.print_json({"error": message})
     return EXIT_BAD_INPUT
 
 

@@ -248,10 +248,10 @@ class Comm:
 
 def launch(nproc: int, argv: list[str]) -> int:
     """`redline ARGV` in `nproc` processes on this host, through torch's own launcher
-    (torchrun --standalone); the exit code of the first rank that failed, else 0."""
+    (torchrun --standalone); the exit code of the first rank that failed, else 0. A signal
+    that stops the launcher (it passes it to the ranks) raises its SignalException."""
     import sys
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -262,8 +262,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(args)
-    except SignalException as e:  # Ctrl-C or SIGTERM: the launcher passed it to the ranks,
-        return 128 + int(e.sigval)  # which finished their step and saved, saying so
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode

@@ -1,12 +1,38 @@
-"""What the CLI prints: result lines and tables, one function per command's output."""
+"""What the CLI prints: result lines and tables, one function per command's output.
+
+Results go to standard output (with --json, one JSON object as its last line); what the
+user should know while a command works (a notice, a study's start and stop) goes to
+standard error.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from redline.study.matrix import Study
     from redline.tuning.autobatch import AutobatchResult
     from redline.tuning.tune import TuneReport
+    from redline.tuning.workflow import Tuned
+
+
+def print_json(obj: Any) -> None:
+    """One JSON object on one line (values JSON cannot hold written as text)."""
+    print(json.dumps(obj, default=str))
+
+
+def show(as_json: bool, data: Any, text: str) -> None:
+    """`data` as one JSON line (--json), else `text`."""
+    if as_json:
+        print_json(data)
+    else:
+        print(text)
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def print_result(r: dict[str, Any]) -> None:
@@ -58,6 +84,38 @@ def print_trials(result: AutobatchResult) -> None:
               f"{'<-' if size == result.chosen else ''}".rstrip())
 
 
+def print_batch_tune(result: AutobatchResult, target: float, ranks: int) -> None:
+    """`redline tune --batch-only`'s table and its choice: the knee, the recipe it implies
+    and the memory target it was sized for (`target`: memory.target)."""
+    from redline.memory.probe import format_size
+    from redline.tuning.autobatch import KNEE_TOLERANCE
+
+    print_trials(result)
+    tol = result.knee_tolerance
+    knee = (f" (the smallest within {tol:.1%} of the best: {KNEE_TOLERANCE:.0%} or the "
+            "rounds' noise, whichever is larger)" if tol is not None else "")
+    print(f"largest fitting micro-batch {result.max_fit}, chosen {result.chosen}{knee}; "
+          f"effective batch {result.effective_batch_size} = {result.chosen} x "
+          f"{result.accumulation_steps}" + (f" x {ranks} ranks" if ranks > 1 else "")
+          + f"; lr {result.lr:.3g}; eval batch {result.eval_batch_size}; target "
+          f"{format_size(result.target_bytes)} ({target:.0%} of {result.budget_source})"
+          + (" (cached)" if result.cache_hit else ""))
+
+
+def print_tuned(tuned: Tuned, target: float) -> None:
+    """`redline tune`'s result: the search's table and choices, then the written config
+    (`target`: memory.target, which the batch search sized the micro-batch for)."""
+    if tuned.report is not None:
+        print_tune(tuned.report)
+    elif tuned.batch is not None:
+        print_batch_tune(tuned.batch, target, tuned.ranks)
+    print(f"tuned config: {tuned.path}  (redline train --config {tuned.path})")
+    if tuned.budget_dropped:
+        print("memory.budget is left out of the tuned config (the micro-batch was sized "
+              "for it); --keep-budget keeps it, at the cost of tracking every tensor "
+              "operation on a CPU")
+
+
 def print_tune(report: TuneReport) -> None:
     """redline tune's table (every setting tried), each factor's choice and reason, and
     the speed-up measured against the starting config."""
@@ -105,3 +163,17 @@ def print_study(summary: dict[str, Any]) -> None:
     else:
         print("recommendation: none (no setting finished within the reference's noise)")
     print(f"report: {summary['report']}")
+
+
+def print_study_start(study: Study) -> None:
+    labels = ", ".join(dict.fromkeys(s.label for s in study.settings))
+    print(f"study {study.dir}: {len(study.settings)} runs of {study.base.train.steps} steps "
+          f"({labels})", file=sys.stderr, flush=True)
+
+
+def print_study_stopped(study: Study, stopped: str, task: str | None,
+                        precisions: list[str]) -> None:
+    """How to continue a study a signal stopped (`task` as the user named it)."""
+    print(f"study stopped by {stopped}; continue with redline study {task or ''} "
+          f"--precision {','.join(precisions)} --run-dir {study.dir} --resume "
+          "(and the same flags)", file=sys.stderr)

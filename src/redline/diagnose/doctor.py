@@ -1,12 +1,48 @@
 """`redline doctor`: the environment check before a long job, rendered for a person.
 
 Without a run directory, doctor prints the environment snapshot (environment.py) and
-exits 1 on a blocker; with one, it diagnoses the run (diagnose.py).
+exits 1 on a blocker; with one, it diagnoses the run (`diagnose_run`: the rules of this
+package's __init__), and a directory that is not there is bad input.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from redline.diagnose import Finding, diagnose
+from redline.diagnose import render as render_findings
 from redline.environment import Report
+from redline.errors import UserError
+
+
+class RunDirMissing(UserError):
+    """`redline doctor RUN_DIR` named a directory that holds no run."""
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """A run directory's findings and the notes on evidence it lacked."""
+
+    run_dir: str
+    findings: list[Finding]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": self.run_dir, "notes": self.notes,
+                "findings": [f.__dict__ for f in self.findings]}
+
+    def render(self) -> str:
+        return render_findings(self.findings, self.notes)
+
+
+def diagnose_run(run_dir: str) -> Diagnosis:
+    """Diagnose the run in `run_dir`; RunDirMissing when it is not there."""
+    try:
+        findings, notes = diagnose(run_dir)
+    except FileNotFoundError as e:
+        raise RunDirMissing(str(e)) from None
+    return Diagnosis(run_dir, findings, notes)
 
 
 def render(report: Report) -> str:

@@ -1,5 +1,9 @@
 """Run lifecycle helpers: run directories (unique names, one run at a time), signals.
 
+A run stopped by a signal exits as a shell reports a process killed by it:
+`exit_code(name)` is 128 + the signal's number (SIGTERM 143, SIGINT 130), and 0 when
+nothing stopped it.
+
 One run writes a run directory at a time: `RunDirLock` holds an exclusive `flock` on
 RUN_DIR/.lock for as long as the run lives. The kernel drops it when the process ends, by
 any means (kill -9 included), so nothing stale is ever left to clean up; a second run on
@@ -100,6 +104,16 @@ class Signals:
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def exit_code(interrupted: str | int | None) -> int:
+    """The process's exit code after `interrupted` (a signal's name or number) stopped it,
+    as a shell reports a process that signal killed; 0 when no signal stopped it."""
+    if interrupted is None or interrupted == "":
+        return 0
+    number = (signal.Signals[interrupted] if isinstance(interrupted, str)
+              else signal.Signals(interrupted)).value
+    return 128 + number
 
 
 _STAMPED = re.compile(r"-(\d{8}-\d{6})(?:-(\d+))?$")

@@ -44,7 +44,7 @@ from redline.precision import PRECISIONS, PrecisionError
 from redline.run.lifecycle import new_run_dir
 from redline.run.trainer import Trainer
 from redline.study.summarize import OUTCOMES, PLAN, read_outcomes, summarize
-from redline.task import Task, task_member
+from redline.task import Task, resolve_task, task_member
 
 
 class StudyError(UserError):
@@ -89,6 +89,22 @@ def parse_vary(items: list[str]) -> dict[str, list[Any]]:
                               f", got {item!r}")
         axes[key.strip()] = [yaml.safe_load(v) for v in values]
     return axes
+
+
+def parse_precisions(text: str | None) -> list[str]:
+    """--precision's comma-separated list of precisions (fp32 alone when not given)."""
+    return [p.strip() for p in (text or "fp32").split(",") if p.strip()]
+
+
+def new_study(config: RunConfig, precisions: list[str], vary: list[str], seeds: int,
+              other_seeds: int, study_dir: str | Path | None = None, resume: bool = False,
+              progress: bool | None = None) -> Study:
+    """The study `redline study` describes: config's task under every precision x each
+    --vary item's values (KEY=V1,V2), the reference with `seeds` seeds, the others with
+    `other_seeds`, in `study_dir` (default: runs/study-TASK-TIME)."""
+    task = resolve_task(config.task, config.task_args)
+    settings = plan_settings(config, precisions, parse_vary(vary), seeds, other_seeds)
+    return Study(task, config, settings, study_dir, resume, progress=progress)
 
 
 def plan_settings(base: RunConfig, precisions: list[str], vary: dict[str, list[Any]],
