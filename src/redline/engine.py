@@ -414,6 +414,11 @@ class Engine:
             self.guard.load_state_dict(state["guard"])
             self.micro_batch_size = self.guard.current
 
+    def stop_when(self, requested: Callable[[], bool]) -> None:
+        """Send `requested()` (this rank was asked to stop) with each step's agreement;
+        `stop_agreed` turns True on every rank after the same step once any rank was."""
+        self.stop_requested = requested
+
 
 def _arm_all_reduce(model: nn.Module) -> None:
     """What DistributedDataParallel's forward does outside no_sync (its _pre_forward and
