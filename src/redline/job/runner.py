@@ -41,8 +41,10 @@ class JobRunner:
     """`job` stepped by `loader` (default: the job's exact-resume training loader, made
     when the first epoch begins: a job built for the batch search has no step size yet)."""
 
-    def __init__(self, job: Job, loader: DataLoader | None = None) -> None:
+    def __init__(self, job: Job, loader: DataLoader | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.job = job
+        self.clock = clock  # seconds, for the data wait and the timings (tests inject one)
         self.engine = job.engine
         self.loss_fn = job.task.loss
         self.loader = loader
@@ -71,9 +73,10 @@ class JobRunner:
         epoch is done. Each `on_batch` handler is called as handler(state, batch) with the
         batch on the device, before the step (the trainer's BATCH_START callbacks).
         `wait`: the seconds the loader took."""
-        t = time.perf_counter()
+        clock = self.clock
+        t = clock()
         batch = next(self._batches, None)
-        self.wait = time.perf_counter() - t  # the host waited on the loader
+        self.wait = clock() - t  # the host waited on the loader
         if batch is None:
             return None
         if self.move:
@@ -109,14 +112,14 @@ class JobRunner:
         loader's batches; `on_loss` gets each step's loss."""
         steps, busy, waited = 0, 0.0, 0.0
         while steps == 0 or busy < min_s:
-            t0 = time.perf_counter()
+            t0 = self.clock()
             if batch is None:
                 loss = self.next_step()
                 waited += self.wait
             else:
                 loss = self.step_on(batch)
             value = float(loss.item())  # sync: a step is timed once the device finished it
-            busy += time.perf_counter() - t0
+            busy += self.clock() - t0
             steps += 1
             if on_loss is not None:
                 on_loss(value)
