@@ -77,6 +77,7 @@ class Runner:
             self.job: Job = build_job(self.config, task, device)
             self._rng = rng_state()  # the runner's own stream, seeded by train.seed
         self.runner: JobRunner | None = JobRunner(self.job)
+        self.runner.begin_epoch(0)  # the loader's workers start here, not in a timed step
         self.per_step = self.config.train.samples_per_step
         self.first_step_s: float | None = None  # the warm-up step: kernels, workers, compile
         self.losses: list[float] = []
