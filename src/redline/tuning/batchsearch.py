@@ -1,7 +1,8 @@
 """The batch search's measurements: the memory fit and the throughput knee.
 
 `autobatch.autobatch` is the API (the budget, the cache, the ranks); this module is what it
-measures, on a job built for trial steps through build.py, like training.
+measures, on a job built for trial steps through build.py and stepped through
+job/runner.py, like training (a size's timing: whole steps on one batch, each synced).
 
 Predict, then check. Peak memory of a training step is close to affine in the batch
 size: memory(b) ~ a + k*b (a: weights, gradients, optimizer state, workspace; k: the
