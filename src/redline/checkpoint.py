@@ -25,11 +25,6 @@ import torch
 
 from redline.errors import UserError, require, writing
 
-# A checkpoint's "rng" entry is rng.rng_state(); its callers (run/resume.py, tuning/) have
-# long imported these from here.
-from redline.rng import preserved_rng as preserved_rng
-from redline.rng import rng_state as rng_state
-from redline.rng import set_rng_state as set_rng_state
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")

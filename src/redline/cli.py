@@ -226,9 +226,7 @@ def _load(args: argparse.Namespace, command: str,
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from redline.config import ConfigError
     from redline.run.launch import launch
-    from redline.run.lifecycle import latest_run_dir
     from redline.run.trainer import Trainer
 
     config = _load(args, "train")
@@ -236,15 +234,9 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         return _dry_run(args, config)
     if args.nproc is not None:
         return launch(args.nproc, argv)
-    run_dir = args.run_dir
-    trainer = Trainer(config, run_dir=run_dir, resume=args.resume,
+    # --resume without --run-dir: the Trainer continues the task's latest run
+    trainer = Trainer(config, run_dir=args.run_dir, resume=args.resume,
                       progress=False if args.no_progress else None)
-    if args.resume and run_dir is None:
-        found = latest_run_dir(trainer.task.name)
-        if found is None:
-            raise ConfigError(f"--resume found no earlier run of {trainer.task.name!r} under "
-                              "runs/; pass --run-dir DIR")
-        trainer.run_dir = found
     result = trainer.fit()
     if not trainer.world.main:  # rank 0 reports the run
         return exit_code(result.interrupted)

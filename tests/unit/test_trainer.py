@@ -93,3 +93,25 @@ def test_callback_state_dicts_are_kept_in_checkpoints(tmp_path: Path) -> None:
     Trainer(load_config(None, [*args, "train.steps=14"]), run_dir=tmp_path / "r", resume=True,
             callbacks=[resumed, resumed_other], progress=False).fit()
     assert (first.seen, resumed.seen, resumed_other.seen) == (10, 14, 14)
+
+
+def test_a_trainer_holds_its_inputs_and_fit_builds_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume without a run directory continues the task's latest run (chosen when the
+    trainer is made); the job exists once fit builds it, and says so before."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, [f"task={TOY}", "task_args.n=64", "train.steps=2"])
+    from redline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no earlier run of 'toy'"):
+        Trainer(config, resume=True)
+    for stamp in ("toy-20250101-000000", "toy-20250102-000000", "toyother-20260101-000000"):
+        (tmp_path / "runs" / stamp).mkdir(parents=True)
+    trainer = Trainer(config, resume=True, progress=False)
+    assert trainer.run_dir == Path("runs") / "toy-20250102-000000" and trainer.parts is None
+    with pytest.raises(RuntimeError, match="built by fit"):
+        trainer.engine  # noqa: B018
+    fresh = Trainer(config, run_dir=tmp_path / "r", progress=False)
+    assert fresh.fit().steps == 2 and fresh.parts is not None
+    assert fresh.engine is fresh.parts.job.engine and fresh.parts.run_dir == tmp_path / "r"
+    assert fresh.config is config  # the input; the resolved one is the parts'

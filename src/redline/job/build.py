@@ -1,8 +1,10 @@
 """config + task -> a training job: the one path every workflow that trains builds through.
 
-The trainer, the batch search (autobatch.py) and, next, the study and the integrations all call
-`build_job`, so a trial step in the search runs exactly what training will run, and the
-cache fingerprint (`Job.fingerprint`) describes what was actually built:
+Training (run/setup.py), the batch search's harness (tuning/batchsearch.py), tune's trial
+runners (tuning/trial.py) and `--dry-run` (run/dryrun.py) all call `build_job`, and step
+what it built through job/runner.py, so a trial step in the search runs exactly what
+training will run, and the cache fingerprint (`Job.fingerprint`) describes what was
+actually built:
 
     seed python, numpy, torch (train.seed)
     model     = task.build_model() on the device, converted by the precision policy,

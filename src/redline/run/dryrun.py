@@ -2,11 +2,12 @@
 
 It checks the environment (as `redline doctor` does), builds the job exactly as training
 would (build.py: task, model, precision, optimizer, data), runs two training steps on the
-first batch (the first's peak memory measured: the allocator's on CUDA, the storage
-tracker's on CPU; the second, warm, timed) and one evaluation batch, and reports what a
-real run would do: the recipe, the step's time and memory, a projection of the run's
-length (labelled as a projection: one step is not a run), where it would write. No run
-directory, cache or file is created; the model trained for two steps is thrown away.
+first batch as training steps them (job/runner.py; the first's peak memory measured: the
+allocator's on CUDA, the storage tracker's on CPU; the second, warm, timed) and one
+evaluation batch, and reports what a real run would do: the recipe, the step's time and
+memory, a projection of the run's length (labelled as a projection: one step is not a
+run), where it would write. No run directory, cache or file is created; the model trained
+for two steps is thrown away.
 
 Exit codes as `doctor`: 0 when the run can go, 1 when something blocks it (the
 environment, an out-of-memory step), 2 for bad input (the config, the task).
@@ -15,7 +16,6 @@ environment, an out-of-memory step), 2 for bad input (the config, the task).
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from redline.data import LimitedLoader, eval_loader
 from redline.device import DeviceInfo
 from redline.environment import environment_check
 from redline.job.build import build_job
+from redline.job.runner import JobRunner
 from redline.memory.probe import MemoryBudget, format_size, live_tensor_bytes, measure_peak
 from redline.run.evaluation import evaluate
 from redline.task import Task
@@ -74,9 +75,10 @@ def dry_run(config: RunConfig, task: Task) -> DryRun:
     budget = config.memory.budget_bytes
     limit = (MemoryBudget(budget, device, baseline=live_tensor_bytes(job.model, job.optimizer))
              if budget is not None else contextlib.nullcontext())
-    with job.precision.global_context(), limit:
+    runner = JobRunner(job)
+    with runner.context(), limit:
         try:
-            step_s, peak = _one_step(job, batch, device)
+            step_s, peak = _one_step(runner, batch, device)
         except torch.OutOfMemoryError as e:
             result.ok = False
             result.blockers.append(f"one training step at micro-batch {t.micro_batch} ran out "
@@ -97,17 +99,14 @@ def dry_run(config: RunConfig, task: Task) -> DryRun:
     return result
 
 
-def _one_step(job: Any, batch: Any, device: DeviceInfo) -> tuple[float, int]:
+def _one_step(runner: JobRunner, batch: Any, device: DeviceInfo) -> tuple[float, int]:
     """(seconds, peak bytes) of an optimizer step on `batch`: the first measured for memory
     (a tracked step is slower on CPU), the second, warm and untracked, for time."""
+    job = runner.job
     baseline = live_tensor_bytes(job.model, job.optimizer)
-    stats = measure_peak(lambda: job.engine.step(batch, job.task.loss), device, baseline)
-    start = time.perf_counter()
-    loss = job.engine.step(batch, job.task.loss)
-    if device.is_cuda:
-        torch.cuda.synchronize(device.torch_device)  # sync: timing the step, once
-    del loss
-    return time.perf_counter() - start, stats.peak_bytes
+    stats = measure_peak(lambda: runner.step_on(batch), device, baseline)
+    _, took, _ = runner.time(0.0, batch)  # one step, synced
+    return took, stats.peak_bytes
 
 
 def render(result: DryRun) -> str:

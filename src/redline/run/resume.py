@@ -10,7 +10,8 @@ data position and the optimizer's steps continue, but the random streams cannot 
 rank is re-seeded, and the run says it is not an exact resume).
 `load` picks the newest readable checkpoint, moving unreadable ones aside (and saying so),
 and refuses a config that changed what the run trains (checkpoint.check_resumable).
-`Checkpoints` is what the trainer calls: save, load, apply, and what to keep when the loop
+`find` is the checkpoint a resumed run starts from (rank 0 picks, every rank reads);
+`Checkpoints` is what the trainer calls: save, apply, and what to keep when the loop
 fails (a checkpoint of the last completed step; under torchrun, a sentence naming the
 rank that failed first).
 """
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from redline import checkpoint as ckpt
+from redline import rng
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.distributed import PeerFailed, rank_seed
@@ -46,7 +48,7 @@ def payload(job: Job, state: State, callbacks: list[Callback],
             tracker_run_id: str | None) -> dict[str, Any] | None:
     """Everything a resumed run needs (the module docstring's list); None on a rank other
     than 0, which only sends its RNG state."""
-    ranks = job.comm.gather_to_main(ckpt.rng_state()) if job.world.distributed else None
+    ranks = job.comm.gather_to_main(rng.rng_state()) if job.world.distributed else None
     if not job.world.main:
         return None
     return {
@@ -55,7 +57,7 @@ def payload(job: Job, state: State, callbacks: list[Callback],
         "scheduler": job.scheduler.state_dict(),
         "engine": job.engine.state_dict(),
         "callbacks": callback_states(callbacks),
-        "rng": ckpt.rng_state(),
+        "rng": rng.rng_state(),
         "epoch": state.epoch,
         "batch_in_epoch": state.batch_in_epoch,
         "samples_seen": state.samples_seen,
@@ -82,6 +84,23 @@ def load(run_dir: Path, device: DeviceInfo, config: RunConfig, events: EventLog,
     return found
 
 
+def find(job: Job, run_dir: Path, events: EventLog, skipped: list[str]
+         ) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from, as rank 0 picked it (`load`), read by every rank;
+    moved-aside unreadable ones appended to `skipped`."""
+    found: list[tuple[Path, dict[str, Any]]] = []
+
+    def pick() -> tuple[Path, list[str]]:
+        found.append(load(run_dir, job.device, job.config, events, skipped))
+        return found[0][0], skipped
+
+    path, moved = job.comm.from_main(pick)
+    skipped[:] = moved
+    if found:
+        return found[0]
+    return path, ckpt.load_checkpoint(path, job.device.torch_device)
+
+
 def apply(job: Job, state: State, callbacks: list[Callback], payload: dict[str, Any],
           events: EventLog | None = None) -> None:
     """Put a checkpoint's states back into the job, the loop's state and the callbacks."""
@@ -101,7 +120,7 @@ def _restore_rng(job: Job, payload: dict[str, Any], events: EventLog | None) -> 
     world = job.world
     ranks = payload.get("rng_ranks") or [payload["rng"]]
     if len(ranks) == world.size:
-        ckpt.set_rng_state(ranks[world.rank])
+        rng.set_rng_state(ranks[world.rank])
         return
     seed_everything(rank_seed(job.config.train.seed + int(payload["step"]), world.rank))
     if world.main:
@@ -117,18 +136,18 @@ class Checkpoints:
     """A run's checkpoints: saved at the trainer's cadence, at its end and after a failure;
     picked and taken back on --resume. Under torchrun every rank calls the same methods at
     the same steps: rank 0 picks and writes, every rank's RNG state is gathered into what
-    it writes, and each rank reads the checkpoint rank 0 picked. `telemetry` is set once
-    the run's telemetry exists (its tracker run id is kept; saving is not step time)."""
+    it writes (`find` picks the one to resume from). `telemetry`: the run's (its tracker
+    run id is kept; saving is paused, not step time)."""
 
     def __init__(self, job: Job, state: State, run_dir: Path, events: EventLog,
-                 dispatcher: Dispatcher, callbacks: list[Callback]) -> None:
+                 dispatcher: Dispatcher, callbacks: list[Callback],
+                 telemetry: Telemetry) -> None:
         self.job, self.state, self.run_dir, self.events = job, state, run_dir, events
         self.dispatcher, self.callbacks = dispatcher, callbacks
         self.directory = run_dir / "checkpoints"
-        self.telemetry: Telemetry | None = None
+        self.telemetry = telemetry
 
     def save(self) -> Path:
-        assert self.telemetry is not None, "the trainer sets telemetry before the loop"
         step = self.state.step
         with self.telemetry.paused():
             # one host read per checkpoint: non-finite weights must not displace the last
@@ -147,22 +166,6 @@ class Checkpoints:
         self.events.event("checkpoint_saved", step=step, path=str(path), finite=finite)
         self.dispatcher.fire(Event.CHECKPOINT_SAVED, self.state, str(path))
         return path
-
-    def load(self, skipped: list[str]) -> tuple[Path, dict[str, Any]]:
-        """The checkpoint to resume from; moved-aside unreadable ones appended to
-        `skipped`."""
-        found: list[tuple[Path, dict[str, Any]]] = []
-
-        def pick() -> tuple[Path, list[str]]:
-            found.append(load(self.run_dir, self.job.device, self.job.config, self.events,
-                              skipped))
-            return found[0][0], skipped
-
-        path, moved = self.job.comm.from_main(pick)
-        skipped[:] = moved
-        if found:
-            return found[0]
-        return path, ckpt.load_checkpoint(path, self.job.device.torch_device)
 
     def apply(self, path: Path, data: dict[str, Any]) -> int:
         """Take the checkpoint back; the step it resumes from."""

@@ -1,5 +1,6 @@
 """The run directory: claimed by one run at a time, and the files a run writes as it starts.
 
+`chosen` is the directory a run asks for (with --resume and none named: the task's latest);
 `claim` makes (or checks) the directory and holds its lock for the run (lifecycle.py);
 `write_start_files` writes config.yaml and environment.json. A framework run (Lightning,
 the HF Trainer: integrations/recorder.py) has no checkpoints of redline's and no RunConfig:
@@ -26,7 +27,21 @@ from redline.config import ConfigError, RunConfig
 from redline.environment import environment_check
 from redline.errors import writing
 from redline.precision import Precision
-from redline.run.lifecycle import RunDirLock, new_run_dir
+from redline.run.lifecycle import RunDirLock, latest_run_dir, new_run_dir
+
+
+def chosen(run_dir: str | Path | None, task_name: str, resume: bool) -> Path | None:
+    """The directory a run asked for: `run_dir`, else with --resume the task's latest run
+    under runs/, else None (a new runs/TASK-TIME directory, made when the run starts)."""
+    if run_dir is not None:
+        return Path(run_dir)
+    if not resume:
+        return None
+    found = latest_run_dir(task_name)
+    if found is None:
+        raise ConfigError(f"--resume found no earlier run of {task_name!r} under runs/; "
+                          "pass --run-dir DIR")
+    return found
 
 
 def claim(run_dir: Path | None, task_name: str, resume: bool,

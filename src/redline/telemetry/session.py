@@ -22,8 +22,8 @@ Under torchrun (a `comm` of several ranks) every rank keeps its own windows, and
 window's figures are exchanged in one all-gather when it closes (never on a step that
 does not log): every rank then sees the same record, the loss averaged over the ranks,
 the slowest rank named, so a callback that stops the run decides the same everywhere.
-The figures carry whether the rank was asked to stop (`stop_requested()`, set by the
-trainer): `stop_agreed` is then True on every rank after the same step.
+The figures carry whether the rank was asked to stop (the `requested()` the trainer gives
+`stop_when`): `stop_agreed` is then True on every rank after the same step.
 Rank 0 alone publishes it, with each rank's figures (the `ranks` stream, ranks.jsonl);
 the other ranks start no writer process. FLOPs are counted on rank 0 and sent once; MFU
 divides by the peak of all ranks' devices.
@@ -91,7 +91,7 @@ class Telemetry:
         self._sync_wait: Callable[[], float | None] = sync_wait or (lambda: None)
         self._sync_seen = 0.0
         quiet = not self.comm.world.main
-        self.stop_requested: Callable[[], bool] = lambda: False
+        self._stop_requested: Callable[[], bool] = lambda: False  # see stop_when
         self.stop_agreed = False
         self.labels = dict(labels or {})
         self.config, self.run_dir = cfg, Path(run_dir)
@@ -179,6 +179,11 @@ class Telemetry:
         trackers that draw them (TensorBoard, W&B); the jsonl files do not keep them."""
         self.hub.publish("histograms", {K.STEP: step, "histograms": entries})
 
+    def stop_when(self, requested: Callable[[], bool]) -> None:
+        """Send `requested()` (this rank was asked to stop) with each window's figures;
+        `stop_agreed` turns True on every rank at the same window once any rank was."""
+        self._stop_requested = requested
+
     def paused(self) -> Any:
         """A block whose time is not step time (evaluation, checkpoints)."""
         return self.window.paused()
@@ -256,7 +261,7 @@ class Telemetry:
         mine.update({k: record.get(k) for k in (K.MICRO_BATCH, K.DATA_WAIT_PCT, K.OVERHEAD_PCT,
                                                 K.MEM_PEAK, K.MEM_RSS, K.MEM_PCT)
                      if record.get(k) is not None})
-        mine["stop"] = int(self.stop_requested())
+        mine["stop"] = int(self._stop_requested())
         ranks = self.comm.all_gather(mine)
         self.stop_agreed = self.stop_agreed or any(r.pop("stop") for r in ranks)
         losses = [r[K.LOSS] for r in ranks if r.get(K.LOSS) is not None

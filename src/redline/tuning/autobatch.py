@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from redline.checkpoint import list_checkpoints, preserved_rng
+from redline.checkpoint import list_checkpoints
+from redline.rng import preserved_rng
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.distributed import Comm, World

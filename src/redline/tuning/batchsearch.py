@@ -1,7 +1,8 @@
 """The batch search's measurements: the memory fit and the throughput knee.
 
 `autobatch.autobatch` is the API (the budget, the cache, the ranks); this module is what it
-measures, on a job built for trial steps through build.py, like training.
+measures, on a job built for trial steps through build.py and stepped through
+job/runner.py, like training (a size's timing: whole steps on one batch, each synced).
 
 Predict, then check. Peak memory of a training step is close to affine in the batch
 size: memory(b) ~ a + k*b (a: weights, gradients, optimizer state, workspace; k: the
@@ -43,6 +44,7 @@ from redline import batch as batch_tree
 from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
 from redline.job.build import Job, build_job
+from redline.job.runner import JobRunner
 from redline.judge import timing_noise
 from redline.memory.probe import MemoryBudget, live_tensor_bytes, measure_peak
 from redline.task import Task
@@ -147,6 +149,7 @@ class Harness:
         self.model, self.optimizer, self.engine = (self.job.model, self.job.optimizer,
                                                    self.job.engine)
         self.train_set, self.eval_set = self.job.train_set, self.job.eval_set
+        self.runner = JobRunner(self.job)  # its loader unused: the trials pick their batches
         self.timing_s = MIN_TIMED_S  # each size's timing covers steps adding up to this
         self.deadline: float | None = None  # perf_counter time after which the scan stops
 
@@ -154,10 +157,18 @@ class Harness:
         return batch_tree.move(batch_tree.first_samples(dataset, size), self.device.torch_device)
 
     def train_step(self, size: int) -> None:
+        """One optimizer step on the first `size` training samples (job/runner.py)."""
+        with self.runner.context():
+            loss = self.runner.step_on(self.batch(self.train_set, size))
+            float(loss.item())  # sync: timings and peaks are complete
+
+    def time_size(self, size: int) -> tuple[int, float]:
+        """(steps, samples/s) of whole steps at `size` adding up to `timing_s`, each on the
+        same batch, as JobRunner.time runs them."""
         batch = self.batch(self.train_set, size)
-        with self.precision.global_context():
-            loss = self.engine.step(batch, self.task.loss)
-        float(loss.item())  # waits for the device, so timings and peaks are complete
+        with self.runner.context():
+            steps, busy, _ = self.runner.time(self.timing_s, batch)
+        return steps, size * steps / busy
 
     def eval_step(self, size: int) -> None:
         assert self.eval_set is not None
@@ -332,14 +343,9 @@ def _knee(h: Harness, largest: int, trials: list[Trial], say: Progress,
 
     def rate(s: int) -> float:  # samples/s of steps at s adding up to h.timing_s
         nonlocal steps
-        done, t0 = 0, time.perf_counter()
-        while True:
-            h.train_step(s)
-            done += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= h.timing_s:
-                steps += done
-                return s * done / elapsed
+        done, samples_per_s = h.time_size(s)
+        steps += done
+        return samples_per_s
 
     sizes = sorted({1 << i for i in range(largest.bit_length()) if 1 << i <= largest}
                    | {largest})

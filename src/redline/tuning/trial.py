@@ -3,7 +3,8 @@
 `redline tune` compares settings that the batch search's trial steps cannot see (the data
 loader's workers, pinning and prefetch; channels_last; torch.compile), so a `Runner` builds
 the whole job through build.py, exactly as training would, and times optimizer steps fed
-by the job's own exact-resume loader, data-wait included:
+by the job's own exact-resume loader, data-wait included, stepped by the code training
+steps with (job/runner.py's JobRunner):
 
     runner = Runner(task, config, device)       # model, optimizer, loader: training's own
     runner.warm_up()                            # first step: kernels, workers, compile
@@ -25,17 +26,15 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redline import batch as batch_tree
-from redline.checkpoint import preserved_rng, rng_state, set_rng_state
+from redline.rng import preserved_rng, rng_state, set_rng_state
 from redline.config import RunConfig
-from redline.data import iterate_from
 from redline.device import DeviceInfo
 from redline.job.build import Job, build_job
+from redline.job.runner import JobRunner
 from redline.judge import relative_range, timing_noise
 from redline.task import Task
 
@@ -67,7 +66,8 @@ def noise(timings: Sequence[Timing]) -> float:
 
 
 class Runner:
-    """`config`'s training job for `task`, stepped by its own loader (module docstring)."""
+    """`config`'s training job for `task`, stepped by its own loader (module docstring)
+    through job/runner.py's JobRunner, the code training steps through."""
 
     def __init__(self, task: Task, config: RunConfig, device: DeviceInfo) -> None:
         # memory.budget off: on a CPU it tracks every op (slower); the batch search measured
@@ -76,38 +76,25 @@ class Runner:
         with preserved_rng():
             self.job: Job = build_job(self.config, task, device)
             self._rng = rng_state()  # the runner's own stream, seeded by train.seed
-        self._loader = self.job.train_loader()
-        self._epoch = 0
-        self._batches: Iterator[Any] = iterate_from(self._loader, 0, 0)
-        self._move = device.torch_device.type != "cpu"
+        self.runner: JobRunner | None = JobRunner(self.job)
+        self.runner.begin_epoch(0)  # the loader's workers start here, not in a timed step
         self.per_step = self.config.train.samples_per_step
         self.first_step_s: float | None = None  # the warm-up step: kernels, workers, compile
         self.losses: list[float] = []
 
-    def _next(self) -> Any:
-        batch = next(self._batches, None)
-        if batch is None:  # the epoch ended: the next one, as training would
-            self._epoch += 1
-            self._batches = iterate_from(self._loader, self._epoch, 0)
-            batch = next(self._batches)
-        return batch
+    def _timed(self, min_s: float) -> tuple[int, float, float]:
+        """JobRunner.time on the runner's own random streams; the caller's stay put."""
+        assert self.runner is not None, "the runner was closed"
+        with preserved_rng(), self.runner.context():
+            set_rng_state(self._rng)  # the runner's continue where its last step left them
+            timed = self.runner.time(min_s, on_loss=self.losses.append)
+            self._rng = rng_state()
+        return timed
 
     def step(self) -> tuple[float, float]:
         """One optimizer step: (its seconds, the seconds of them spent waiting on data)."""
-        with preserved_rng():  # the caller's streams stay where they were
-            set_rng_state(self._rng)  # the runner's continue where its last step left them
-            t0 = time.perf_counter()
-            batch = self._next()
-            wait = time.perf_counter() - t0
-            if self._move:
-                batch = batch_tree.move(batch, self.job.device.torch_device,
-                                        bool(self.job.loader_options.get("pin_memory")))
-            with self.job.precision.global_context():
-                loss = self.job.engine.step(batch, self.task.loss)
-            self.losses.append(float(loss.item()))  # sync: the step is complete when timed
-            took = time.perf_counter() - t0
-            self._rng = rng_state()
-            return took, wait
+        _, took, wait = self._timed(0.0)
+        return took, wait
 
     def warm_up(self) -> float:
         """The first step (allocator, kernels, loader workers, compilation): its seconds."""
@@ -118,16 +105,12 @@ class Runner:
     def time(self, min_s: float) -> tuple[float, float]:
         """(samples/s, data-wait share) over whole steps adding up to at least `min_s`."""
         self.warm_up()
-        steps, busy, waited = 0, 0.0, 0.0
-        while busy < min_s:
-            took, wait = self.step()
-            steps, busy, waited = steps + 1, busy + took, waited + wait
+        steps, busy, waited = self._timed(min_s)
         return steps * self.per_step / busy, waited / busy
 
     def close(self) -> None:
         """Stops the loader's workers (persistent ones live until the iterator goes)."""
-        self._batches = iter(())
-        self._loader = None  # type: ignore[assignment]
+        self.runner = None
 
 
 def interleave(runners: Sequence[Runner], rounds: int, min_s: float,

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from redline.checkpoint import preserved_rng
+from redline.rng import preserved_rng
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.judge import first_as_fast
