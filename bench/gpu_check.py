@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from redline.checkpoint import load_latest, save_checkpoint
-from redline.rng import rng_state, set_rng_state
 from redline.device import DeviceInfo
 from redline.engine import Engine
 from redline.precision import PRECISIONS, PrecisionError, get_precision
+from redline.rng import rng_state, set_rng_state
 
 RESULTS: list[tuple[str, bool, str]] = []
 

@@ -25,7 +25,6 @@ import torch
 
 from redline.errors import UserError, require, writing
 
-
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 

@@ -11,10 +11,9 @@ from redline.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_latest,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
+from redline.rng import rng_state, set_rng_state
 
 
 def _payload(v: float) -> dict[str, object]:

@@ -29,11 +29,11 @@ from typing import Any
 import yaml
 
 from redline.checkpoint import list_checkpoints
-from redline.rng import preserved_rng
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.distributed import Comm, World
 from redline.memory.probe import default_budget
+from redline.rng import preserved_rng
 from redline.task import Task
 from redline.telemetry.progress import status
 from redline.tuning.batchsearch import (

@@ -30,12 +30,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redline.rng import preserved_rng, rng_state, set_rng_state
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.job.build import Job, build_job
 from redline.job.runner import JobRunner
 from redline.judge import relative_range, timing_noise
+from redline.rng import preserved_rng, rng_state, set_rng_state
 from redline.task import Task
 
 

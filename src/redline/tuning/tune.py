@@ -39,10 +39,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from redline.rng import preserved_rng
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.judge import first_as_fast
+from redline.rng import preserved_rng
 from redline.task import Task
 from redline.tuning.autobatch import autobatch
 from redline.tuning.batchsearch import KNEE_TOLERANCE, AutobatchResult
