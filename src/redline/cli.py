@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from redline import __version__, output
-from redline.run.lifecycle import exit_code
+from redline.run.signals import exit_code
 
 EXIT_BAD_INPUT = 2
 

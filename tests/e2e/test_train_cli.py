@@ -205,7 +205,7 @@ def test_two_runs_cannot_write_one_run_directory(tmp_path: Path) -> None:
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path) -> None:
-    from redline.run.lifecycle import latest_run_dir, new_run_dir
+    from redline.run.rundir import latest_run_dir, new_run_dir
 
     made = [new_run_dir("toy", tmp_path / "runs") for _ in range(3)]
     assert len({p.name for p in made}) == 3 and all(p.is_dir() for p in made)

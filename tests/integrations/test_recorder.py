@@ -11,7 +11,7 @@ import yaml
 
 from redline.integrations.recorder import RunRecorder
 from redline.run import rundir
-from redline.run.lifecycle import RunDirBusy
+from redline.run.rundir import RunDirBusy
 from redline.telemetry.config import TelemetryConfig
 
 

@@ -13,7 +13,7 @@ from redline.config import ConfigError, load_config
 from redline.diagnose.doctor import RunDirMissing, diagnose_run
 from redline.errors import UserError
 from redline.run.launch import launch, rank_argv
-from redline.run.lifecycle import exit_code
+from redline.run.signals import exit_code
 from redline.study.matrix import parse_precisions
 from redline.tuning.tune import DEFAULT_BUDGET_S, FACTORS
 from redline.tuning.workflow import Tuned, TuneOptions, parse_factors, write_tuned

@@ -2,7 +2,7 @@
 
 Every argument but `--nproc N` (or `--nproc=N`) goes to the ranks, so each rank runs the
 `redline train ...` the user typed, as `torchrun --standalone --nproc-per-node N -m
-redline train ...` would. A signal that stops the launch exits as `lifecycle.exit_code`
+redline train ...` would. A signal that stops the launch exits as `signals.exit_code`
 says; a rank that failed gives its own exit code (distributed.launch).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from redline import distributed
 from redline.config import ConfigError
-from redline.run.lifecycle import exit_code
+from redline.run.signals import exit_code
 
 
 def rank_argv(argv: list[str]) -> list[str]:

@@ -1,7 +1,7 @@
 """The run directory: claimed by one run at a time, and the files a run writes as it starts.
 
 `chosen` is the directory a run asks for (with --resume and none named: the task's latest);
-`claim` makes (or checks) the directory and holds its lock for the run (lifecycle.py);
+`claim` makes (or checks) the directory and holds its lock for the run (`RunDirLock`);
 `write_start_files` writes config.yaml and environment.json. A framework run (Lightning,
 the HF Trainer: integrations/recorder.py) has no checkpoints of redline's and no RunConfig:
 it locks its directory with `lock` and writes the same two files with `write_config` and
@@ -9,14 +9,24 @@ it locks its directory with `lock` and writes the same two files with `write_con
 and in events.jsonl, what a user must know before the first step. A file-system fault (a
 read-only directory, a full disk, no permission) is a `StorageError`: one sentence naming
 the path and the fault, exit 1, nothing already saved touched.
+
+One run writes a run directory at a time: `RunDirLock` holds an exclusive `flock` on
+RUN_DIR/.lock for as long as the run lives. The kernel drops it when the process ends, by
+any means (kill -9 included), so nothing stale is ever left to clean up; a second run on
+the same directory is refused with the holder's pid. Default run directories are made
+with `new_run_dir`, which creates the directory atomically and numbers it (`-2`, `-3`,
+...) when another run started in the same second.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import sys
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +35,73 @@ import yaml
 from redline import checkpoint as ckpt
 from redline.config import ConfigError, RunConfig
 from redline.environment import environment_check
-from redline.errors import writing
+from redline.errors import UserError, writing
 from redline.precision import Precision
-from redline.run.lifecycle import RunDirLock, latest_run_dir, new_run_dir
+
+LOCK_NAME = ".lock"
+
+
+class RunDirBusy(UserError):
+    """Another live process holds the run directory; the message names its pid."""
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory while this process writes it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunDirLock:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): one run per directory is on the user
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirBusy(f"run directory {str(self.path.parent)!r} is in use by another "
+                             f"redline run (pid {holder}); wait for it to end or choose "
+                             "another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:  # unlocked by close; the file stays (deleting it races)
+            os.close(self._fd)
+            self._fd = None
+
+
+_STAMPED = re.compile(r"-(\d{8}-\d{6})(?:-(\d+))?$")
+
+
+def new_run_dir(task_name: str, root: str | Path = "runs") -> Path:
+    """A run directory made now: runs/TASK-YYYYmmdd-HHMMSS, numbered if taken."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = Path(root) / (f"{task_name}-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            path.mkdir()  # atomic: of two runs starting together, one gets each name
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("10,000 runs of one task in one second")
+
+
+def latest_run_dir(task_name: str, root: str | Path = "runs") -> Path | None:
+    """The newest run directory of `task_name` under `root` (by its stamp and number)."""
+    runs = []
+    for path in Path(root).glob(f"{task_name}-*"):
+        m = _STAMPED.search(path.name)
+        if m and path.name[:m.start()] == task_name and path.is_dir():
+            runs.append((m.group(1), int(m.group(2) or 1), path))
+    return max(runs)[2] if runs else None
 
 
 def chosen(run_dir: str | Path | None, task_name: str, resume: bool) -> Path | None:

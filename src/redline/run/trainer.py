@@ -43,9 +43,9 @@ from redline.events import Callback, Event
 from redline.job.build import rank_device
 from redline.run import rundir
 from redline.run.evaluation import evaluate, evaluate_shrinking
-from redline.run.lifecycle import Interrupted, Signals
 from redline.run.samples import read_samples, save_samples
 from redline.run.setup import RunParts, prepare
+from redline.run.signals import Interrupted, Signals
 from redline.task import Task, check_task, resolve_task
 
 

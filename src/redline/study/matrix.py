@@ -41,7 +41,7 @@ from redline.errors import MissingExtra, RunStopped, UserError, writing
 from redline.events import Callback, State
 from redline.job.build import rank_device
 from redline.precision import PRECISIONS, PrecisionError
-from redline.run.lifecycle import new_run_dir
+from redline.run.rundir import new_run_dir
 from redline.run.trainer import Trainer
 from redline.study.summarize import OUTCOMES, PLAN, read_outcomes, summarize
 from redline.task import Task, resolve_task, task_member

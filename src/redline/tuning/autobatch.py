@@ -114,7 +114,7 @@ def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_di
                        ) -> tuple[RunConfig, dict[str, Any]]:
     """batch_size: auto -> the config with the tuned micro-batch, effective batch, lr and
     eval batch, and what to record of the decision. `check()` runs before each trial (it
-    may raise, e.g. lifecycle.Interrupted on SIGTERM). `comm`: the ranks, which settle on
+    may raise, e.g. signals.Interrupted on SIGTERM). `comm`: the ranks, which settle on
     the smallest micro-batch any chose (module docstring).
 
     A resumed run reuses the values its first start chose (they are in its config.yaml),
