@@ -8,12 +8,12 @@ Under torchrun rank 0 writes it, with every rank's RNG state (`rng_ranks`, gathe
 per checkpoint); each rank takes its own back. Resumed with another number of ranks, the
 data position and the optimizer's steps continue, but the random streams cannot (each
 rank is re-seeded, and the run says it is not an exact resume).
-`load` picks the newest readable checkpoint, moving unreadable ones aside (and saying so),
-and refuses a config that changed what the run trains (checkpoint.check_resumable).
-`find` is the checkpoint a resumed run starts from (rank 0 picks, every rank reads);
-`Checkpoints` is what the trainer calls: save, apply, and what to keep when the loop
-fails (a checkpoint of the last completed step; under torchrun, a sentence naming the
-rank that failed first).
+`newest_readable` picks the newest readable checkpoint, moving unreadable ones aside (and
+saying so), and refuses a config that changed what the run trains
+(checkpoint.check_resumable). `find` is the checkpoint a resumed run starts from (rank 0
+picks, every rank reads); `restore_states` puts one back into a job. `Checkpoints` is what
+the trainer calls: save, restore, and what to keep when the loop fails (a checkpoint of
+the last completed step; under torchrun, a sentence naming the rank that failed first).
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def payload(job: Job, state: State, callbacks: list[Callback],
     }
 
 
-def load(run_dir: Path, device: DeviceInfo, config: RunConfig, events: EventLog,
-         skipped: list[str]) -> tuple[Path, dict[str, Any]]:
+def newest_readable(run_dir: Path, device: DeviceInfo, config: RunConfig, events: EventLog,
+                    skipped: list[str]) -> tuple[Path, dict[str, Any]]:
     """The newest readable checkpoint; unreadable ones are moved aside, reported, and their
     new paths appended to `skipped`."""
     def skip(moved_to: Path, reason: str) -> None:
@@ -86,12 +86,12 @@ def load(run_dir: Path, device: DeviceInfo, config: RunConfig, events: EventLog,
 
 def find(job: Job, run_dir: Path, events: EventLog, skipped: list[str]
          ) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to resume from, as rank 0 picked it (`load`), read by every rank;
+    """The checkpoint to resume from, as rank 0 picked it (`newest_readable`), read by every rank;
     moved-aside unreadable ones appended to `skipped`."""
     found: list[tuple[Path, dict[str, Any]]] = []
 
     def pick() -> tuple[Path, list[str]]:
-        found.append(load(run_dir, job.device, job.config, events, skipped))
+        found.append(newest_readable(run_dir, job.device, job.config, events, skipped))
         return found[0][0], skipped
 
     path, moved = job.comm.from_main(pick)
@@ -101,8 +101,8 @@ def find(job: Job, run_dir: Path, events: EventLog, skipped: list[str]
     return path, ckpt.load_checkpoint(path, job.device.torch_device)
 
 
-def apply(job: Job, state: State, callbacks: list[Callback], payload: dict[str, Any],
-          events: EventLog | None = None) -> None:
+def restore_states(job: Job, state: State, callbacks: list[Callback],
+                   payload: dict[str, Any], events: EventLog | None = None) -> None:
     """Put a checkpoint's states back into the job, the loop's state and the callbacks."""
     job.model.load_state_dict(payload["model"])
     job.optimizer.load_state_dict(payload["optimizer"])
@@ -167,9 +167,9 @@ class Checkpoints:
         self.dispatcher.fire(Event.CHECKPOINT_SAVED, self.state, str(path))
         return path
 
-    def apply(self, path: Path, data: dict[str, Any]) -> int:
+    def restore(self, path: Path, data: dict[str, Any]) -> int:
         """Take the checkpoint back; the step it resumes from."""
-        apply(self.job, self.state, self.callbacks, data, self.events)
+        restore_states(self.job, self.state, self.callbacks, data, self.events)
         self.events.event("resumed", path=str(path), step=self.state.step)
         return self.state.step
 

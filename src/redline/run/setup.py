@@ -109,7 +109,7 @@ def prepare(config: RunConfig, task: Task, device: DeviceInfo, run_dir: Path, co
     for name, fields in found_events:
         events.event(name, **fields)
     _start(config, task, job, run_dir)
-    resumed = checkpoints.apply(*found) if found else None
+    resumed = checkpoints.restore(*found) if found else None
     _announce(config, job, events, state)
     _count_flops(config, task, job, telemetry)
     if config.memory.budget_bytes is not None:

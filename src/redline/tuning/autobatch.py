@@ -41,7 +41,7 @@ from redline.tuning.batchsearch import (
     AutobatchResult,
     Harness,
     Progress,
-    Trial,
+    SizeTrial,
     choose_knee,
     search_fastest,
     search_largest,
@@ -50,7 +50,7 @@ from redline.tuning.batchsearch import (
 )
 from redline.tuning.recipe import recipe
 
-__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "Trial", "autobatch", "autobatch_ranks",
+__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "SizeTrial", "autobatch", "autobatch_ranks",
            "choose_knee", "resolve_auto_batch", "timing_noise"]
 
 

@@ -51,7 +51,7 @@ from redline.task import Task
 from redline.tuning.knee import KNEE_TOLERANCE, choose_knee, near_the_best, scan
 from redline.tuning.recipe import Recipe
 
-__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "Harness", "Trial", "choose_knee",
+__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "Harness", "SizeTrial", "choose_knee",
            "search_fastest", "search_largest"]
 
 ROUNDS = 3  # interleaved timing rounds per size
@@ -60,7 +60,10 @@ MAX_SIZE = 1 << 16
 
 
 @dataclass
-class Trial:
+class SizeTrial:
+    """One size the batch search tried: a memory probe, a verification or a timing (not a
+    trial.Runner, which times a whole config)."""
+
     size: int
     kind: str  # "probe" | "verify" | "eval-probe" | "throughput"
     peak_bytes: int | None = None
@@ -86,7 +89,7 @@ class AutobatchResult:
     throughput_steps: int = 0
     cache_hit: bool = False
     fingerprint: str = ""
-    trials: list[Trial] = field(default_factory=list)
+    trials: list[SizeTrial] = field(default_factory=list)
     ranks: int = 1  # torchrun: the ranks the effective batch is shared by
     max_fit_predicted: bool = False  # max_fit from the memory fit, not a verified step
 
@@ -94,7 +97,7 @@ class AutobatchResult:
     def fastest(self) -> int:
         return self.chosen
 
-    def timed(self) -> dict[int, Trial]:
+    def timed(self) -> dict[int, SizeTrial]:
         """Each size's speed: its interleaved rounds where it had them, else its scan."""
         out = {t.size: t for t in self.trials if t.kind == "scan" and t.samples_per_s}
         out.update({t.size: t for t in self.trials
@@ -124,7 +127,7 @@ class AutobatchResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AutobatchResult:
-        trials = [Trial(**{**t, "spread": tuple(t["spread"]) if t.get("spread") else None})
+        trials = [SizeTrial(**{**t, "spread": tuple(t["spread"]) if t.get("spread") else None})
                   for t in d.pop("trials", [])]
         d["fit"] = tuple(d["fit"])
         return cls(**d, trials=trials)
@@ -207,7 +210,7 @@ def train_and_eval(h: Harness, size: int, eval_size: int | None) -> None:
 def search_largest(h: Harness, config: RunConfig, budget: int, target: int,
             measure_throughput: bool, say: Progress) -> AutobatchResult:
     cap = _cap(h, config)
-    trials: list[Trial] = []
+    trials: list[SizeTrial] = []
     a, k = _fit_memory(h, cap, budget, target, trials, say)
     size = max(1, min(cap, int((target - a) / k) if k > 0 else cap))
     eval_size = _eval_size(h, budget, target, trials, say) if h.eval_set is not None else None
@@ -228,7 +231,7 @@ def search_fastest(h: Harness, config: RunConfig, budget: int, target: int,
     two probes predict the largest; the scan checks each size it reaches beyond them
     against the budget (its warm-up step, tracked) and stops at one that does not fit."""
     cap = _cap(h, config)
-    trials: list[Trial] = []
+    trials: list[SizeTrial] = []
     a, k = _fit_memory(h, cap, budget, target, trials, say, probes=2)
     predicted = max(1, min(cap, int((target - a) / k) if k > 0 else cap))
     eval_size = _eval_size(h, budget, target, trials, say) if h.eval_set is not None else None
@@ -239,7 +242,7 @@ def search_fastest(h: Harness, config: RunConfig, budget: int, target: int,
             h.train_step(size)
             return True
         ok, peak = h.fits(lambda: h.train_step(size), budget, target)
-        trials.append(Trial(size, "verify", peak, ok))
+        trials.append(SizeTrial(size, "verify", peak, ok))
         return ok
 
     chosen, tsteps = _knee(h, predicted, trials, say, check)
@@ -265,7 +268,7 @@ def _cap(h: Harness, config: RunConfig) -> int:
 
 
 def _verify(h: Harness, config: RunConfig, size: int, eval_size: int | None, budget: int,
-            target: int, trials: list[Trial], say: Progress) -> tuple[int, int]:
+            target: int, trials: list[SizeTrial], say: Progress) -> tuple[int, int]:
     """`size` and its evaluation batch under the budget, shrinking by 10 % until they fit:
     (the size that fits, the verification steps it took)."""
     steps = 0
@@ -274,7 +277,7 @@ def _verify(h: Harness, config: RunConfig, size: int, eval_size: int | None, bud
                                                if eval_size else ""))
         steps += 1
         ok, peak = h.fits(lambda s=size: train_and_eval(h, s, eval_size), budget, target)
-        trials.append(Trial(size, "verify", peak, ok))
+        trials.append(SizeTrial(size, "verify", peak, ok))
         if ok:
             return size, steps
         if size == 1:
@@ -283,7 +286,7 @@ def _verify(h: Harness, config: RunConfig, size: int, eval_size: int | None, bud
         size = max(1, int(size * 0.9))
 
 
-def _fit_memory(h: Harness, cap: int, budget: int, target: int, trials: list[Trial],
+def _fit_memory(h: Harness, cap: int, budget: int, target: int, trials: list[SizeTrial],
                 say: Progress, probes: int = 3) -> tuple[float, float]:
     """(a, k) of memory(b) ~ a + k*b from at most `probes` probe steps.
 
@@ -296,7 +299,7 @@ def _fit_memory(h: Harness, cap: int, budget: int, target: int, trials: list[Tri
     while len(trials) < probes:
         say(f"probing micro-batch {s}")
         _, peak = h.fits(lambda s=s: h.train_step(s), budget, target)
-        trials.append(Trial(s, "probe", peak, peak is not None))
+        trials.append(SizeTrial(s, "probe", peak, peak is not None))
         if peak is None:  # even the probe is too big: halve and keep looking
             if s == 1:
                 break
@@ -318,14 +321,14 @@ def _fit_memory(h: Harness, cap: int, budget: int, target: int, trials: list[Tri
     return _least_squares(points[-2:])
 
 
-def _eval_size(h: Harness, budget: int, target: int, trials: list[Trial], say: Progress
+def _eval_size(h: Harness, budget: int, target: int, trials: list[SizeTrial], say: Progress
                ) -> int:
     n = len(h.eval_set)  # type: ignore[arg-type]
     points = []
     for s in sorted({min(n, 4), min(n, 8)}):
         say(f"probing evaluation batch {s}")
         _, peak = h.fits(lambda s=s: h.eval_step(s), budget, target)
-        trials.append(Trial(s, "eval-probe", peak, peak is not None))
+        trials.append(SizeTrial(s, "eval-probe", peak, peak is not None))
         if peak is not None:
             points.append((s, peak))
     if not points:
@@ -334,7 +337,7 @@ def _eval_size(h: Harness, budget: int, target: int, trials: list[Trial], say: P
     return max(1, min(n, MAX_SIZE, int((target - a) / k) if k > 0 else n))
 
 
-def _knee(h: Harness, largest: int, trials: list[Trial], say: Progress,
+def _knee(h: Harness, largest: int, trials: list[SizeTrial], say: Progress,
           check: Callable[[int], bool] | None = None) -> tuple[int, int]:
     """The throughput knee (knee.py decides on the rates timed here): (the size, the timing
     steps it took).
@@ -358,7 +361,7 @@ def _knee(h: Harness, largest: int, trials: list[Trial], say: Progress,
         elif not check(s):
             return None
         speed = rate(s)
-        trials.append(Trial(s, "scan", samples_per_s=speed))
+        trials.append(SizeTrial(s, "scan", samples_per_s=speed))
         return speed
 
     deadline = h.deadline
@@ -373,7 +376,7 @@ def _knee(h: Harness, largest: int, trials: list[Trial], say: Progress,
             say(f"timing micro-batch {s} (round {r + 1} of {ROUNDS})")
             rates[s].append(rate(s))
     for s in near:
-        trials.append(Trial(s, "throughput", samples_per_s=statistics.median(rates[s]),
+        trials.append(SizeTrial(s, "throughput", samples_per_s=statistics.median(rates[s]),
                             spread=(min(rates[s]), max(rates[s]))))
     return choose_knee(rates)[0], steps
 
