@@ -160,14 +160,7 @@ class Engine:
         # and the trainer must not checkpoint them.
         self.updating = False
         self._phase = "forward"
-        # What a redone step restores (guard.StepStart), held as the step reads it: the RNG
-        # while the step draws, the BatchNorm statistics and the copy the step keeps of them.
-        self._start = start = StepStart(model, self._params, self.guard is not None)
-        self._rng, self._buffers, self._saved_buffers = start.rng, start.buffers, start.saved
-        # Layers that normalise with the statistics of the batch they see: split into
-        # micro-batches, they see each micro-batch's (said once, Event.ANOMALY).
-        self._batch_stat_layers = [(n, m) for n, m in model.named_modules()
-                                   if uses_batch_statistics(m)]
+        self._init_redo(model)
         # The dispatcher's handler lists, held once: callbacks added later still reach them,
         # and an event nobody listens to costs one truthiness check.
         self._on_backward = self.dispatcher.table[Event.BEFORE_BACKWARD]
@@ -181,6 +174,17 @@ class Engine:
         self._flag_on_device = supports_found_inf(optimizer) and not (
             on_cpu if config.host_reads is None else config.host_reads)
         self._init_ranks(comm)
+
+    def _init_redo(self, model: nn.Module) -> None:
+        """What a redone step restores, and the layers that make a split step inexact."""
+        # guard.StepStart, held as the step reads it: the RNG while the step draws, the
+        # BatchNorm statistics and the copy the step keeps of them.
+        self._start = start = StepStart(model, self._params, self.guard is not None)
+        self._rng, self._buffers, self._saved_buffers = start.rng, start.buffers, start.saved
+        # Layers that normalise with the statistics of the batch they see: split into
+        # micro-batches, they see each micro-batch's (said once, Event.ANOMALY).
+        self._batch_stat_layers = [(n, m) for n, m in model.named_modules()
+                                   if uses_batch_statistics(m)]
 
     def _init_ranks(self, comm: Comm | None) -> None:
         """Distributed: the per-attempt agreement, and what it found out."""
