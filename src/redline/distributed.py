@@ -61,6 +61,20 @@ class PeerFailed(RunStopped):
     """Another rank failed or died; the message names it (exit 1)."""
 
 
+class PeerOutOfMemory(torch.OutOfMemoryError):
+    """Another rank ran out of memory in this attempt (the Engine's agreement): this one
+    redoes the step too."""
+
+
+def oom_after_agreement(rank: int, step: int) -> torch.OutOfMemoryError:
+    """An out-of-memory error in the last backward, after the agreement: DDP's gradient
+    all-reduce has begun there, so the step cannot be redone; the error ends the run."""
+    return torch.OutOfMemoryError(
+        f"out of memory on rank {rank} in the last micro-batch's backward at step {step}, "
+        "where DDP all-reduces the gradients: that backward cannot be redone by one rank "
+        "alone; lower train.batch_size or memory.target (redline tune measures what fits)")
+
+
 @dataclass(frozen=True)
 class World:
     """Where this process stands among the ranks (a single process: rank 0 of 1)."""

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -57,21 +56,16 @@ from redline._torch_compat import (
     arm_all_reduce,
     foreach_copy_,
     found_inf_given,
-    has_running_stats,
     supports_found_inf,
     uses_batch_statistics,
 )
 from redline.device import DeviceInfo
-from redline.distributed import Comm
+from redline.distributed import Comm, PeerOutOfMemory, oom_after_agreement
 from redline.events import Dispatcher, Event, State
-from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, StepRng
+from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, StepStart
 from redline.precision import Precision, get_precision
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-class PeerOutOfMemory(torch.OutOfMemoryError):
-    """Another rank ran out of memory in this attempt: this one redoes the step too."""
 
 
 @dataclass(frozen=True)
@@ -183,19 +177,14 @@ class Engine:
 
     def _init_redo(self, model: nn.Module) -> None:
         """What a redone step restores, and the layers that make a split step inexact."""
-        # BatchNorm statistics change in forward; a redone step restores them.
-        self._buffers = [b for m in model.modules() if has_running_stats(m)
-                         for b in m.buffers(recurse=False)]
-        self._saved_buffers = ([b.detach().clone() for b in self._buffers] if self.guard
-                               else [])
+        # guard.StepStart, held as the step reads it: the RNG while the step draws, the
+        # BatchNorm statistics and the copy the step keeps of them.
+        self._start = start = StepStart(model, self._params, self.guard is not None)
+        self._rng, self._buffers, self._saved_buffers = start.rng, start.buffers, start.saved
         # Layers that normalise with the statistics of the batch they see: split into
         # micro-batches, they see each micro-batch's (said once, Event.ANOMALY).
         self._batch_stat_layers = [(n, m) for n, m in model.named_modules()
                                    if uses_batch_statistics(m)]
-        # torch's CPU generator and those of the parameters' CUDA devices, snapshotted
-        # only while the step draws (guard.StepRng).
-        self._rng = StepRng(sorted({p.device.index or 0 for p in self._params
-                                    if p.device.type == "cuda"}))
 
     def _init_ranks(self, comm: Comm | None) -> None:
         """Distributed: the per-attempt agreement, and what it found out."""
@@ -288,7 +277,7 @@ class Engine:
         """
         while True:
             failed_in = self._phase
-            exact = self._recover(rng)
+            exact = self._start.restore(self.optimizer, rng)
             try:
                 change = guard.decide(oom=True)
             except OutOfMemoryAtMinimum:
@@ -310,7 +299,7 @@ class Engine:
             return None
         except torch.OutOfMemoryError:
             if self._comm is not None and self._agreed:
-                raise self._oom_after_agreement() from None
+                raise oom_after_agreement(self._comm.world.rank, self.state.step + 1) from None
             failed = True
         if failed and self._comm is not None:  # outside the handler: its frames are gone
             self._agree(oom=True)
@@ -331,14 +320,6 @@ class Engine:
         if failed_rank and not oom:
             self._phase = f"rank {failed_rank - 1}"
             raise PeerOutOfMemory(f"rank {failed_rank - 1} ran out of memory")
-
-    def _oom_after_agreement(self) -> torch.OutOfMemoryError:
-        assert self._comm is not None
-        return torch.OutOfMemoryError(
-            f"out of memory on rank {self._comm.world.rank} in the last micro-batch's "
-            f"backward at step {self.state.step + 1}, where DDP all-reduces the gradients: "
-            "that backward cannot be redone by one rank alone; lower train.batch_size or "
-            "memory.target (redline tune measures what fits)")
 
     def _attempt(self, batch: Any, loss_fn: LossFn, micro: int) -> torch.Tensor:
         check = self.config.memory_check
@@ -368,19 +349,6 @@ class Engine:
         if not exact:  # the redo draws other random numbers than the failed attempt did
             info["exact"] = False
         self.dispatcher.fire(Event.MICRO_BATCH_CHANGE, self.state, info)
-
-    def _recover(self, rng: tuple[Any, ...] | None) -> bool:
-        """Back to the state at the start of the step, with the failed attempt's memory freed;
-        False when the RNG could not be rewound exactly (guard.StepRng)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        exact = self._rng.rewind(rng)
-        if self._buffers:
-            with torch.no_grad():
-                foreach_copy_(self._buffers, self._saved_buffers)
-        gc.collect()  # reference cycles in user code can still pin activations
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-        return exact
 
     def _finish_step(self) -> None:
         self.precision.unscale(self.optimizer)

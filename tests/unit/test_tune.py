@@ -331,12 +331,13 @@ def _rounds(rate: float, spread: float = 0.0) -> Timing:
 ])
 def test_compile_is_adopted_when_its_measured_saving_repays_the_compile(
         eager: Timing, fast: Timing, compile_s: float, steps: int, verdict: str) -> None:
-    from redline.tuning.tune import TuneReport, _compile_decision
+    from redline.tuning.compile_choice import compile_decision
+    from redline.tuning.tune_report import TuneReport
 
     config = load_config(None, ["train.batch_size=16", f"train.steps={steps}"])
     compiled = config.updated({"precision.compile": True})
     report = TuneReport(start={}, tuned={})
-    chosen = _compile_decision(config, compiled, [eager, fast], compile_s, report)
+    chosen = compile_decision(config, compiled, [eager, fast], compile_s, report)
     assert (chosen is compiled) == verdict.startswith("on")
     assert verdict in report.reasons["compile"]
     assert [r.setting for r in report.rows] == ["eager", "compiled"]

@@ -13,10 +13,11 @@ scheduler step once, after the whole batch. No sample is skipped or reordered an
 optimizer step is lost. The GradScaler needs no snapshot: its state only changes in
 `update()`, after the optimizer step, which a failed forward/backward never reaches.
 
-This class holds only the decision. `decide(oom)` is a pure function of the current size
-and whether *any* process ran out of memory, so under torch.distributed every rank can
-reach the same decision from one all-reduce of a single flag (MAX over ranks) at a fixed
-point of the step, and no rank waits on another that has taken a different path.
+OOMGuard holds only the decision; StepStart is what a redo goes back to. `decide(oom)`
+is a pure function of the current size and whether *any* process ran out of memory, so
+under torch.distributed every rank can reach the same decision from one all-reduce of a
+single flag (MAX over ranks) at a fixed point of the step, and no rank waits on another
+that has taken a different path.
 
 Growing back: after `grow_after` consecutive clean steps below the configured size, the
 size doubles (capped at the configured size). A size that fails again after growing
@@ -26,9 +27,14 @@ every few steps.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+from torch import nn
+
+from redline._torch_compat import foreach_copy_, has_running_stats
 from redline.rng import TorchState, restore_torch_state, same_torch_state, torch_state
 
 
@@ -167,3 +173,33 @@ class StepRng:
         self.always = self.snapshotting = True
         return False
 
+
+class StepStart:
+    """What a redone step goes back to: torch's RNG (`rng`, a StepRng) and the BatchNorm
+    running statistics (`buffers`, changed by every forward).
+
+    The engine saves them itself at each step's start, on its hot path: `rng.before()`
+    while `rng.snapshotting`, and one fused copy of `buffers` into `saved` (kept only
+    with a guard). `restore` runs only after an out-of-memory error.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], guarded: bool) -> None:
+        self.buffers = [b for m in model.modules() if has_running_stats(m)
+                        for b in m.buffers(recurse=False)]
+        self.saved = [b.detach().clone() for b in self.buffers] if guarded else []
+        # torch's CPU generator and those of the parameters' CUDA devices
+        self.rng = StepRng(sorted({p.device.index or 0 for p in params
+                                   if p.device.type == "cuda"}))
+
+    def restore(self, optimizer: torch.optim.Optimizer, snapshot: TorchState | None) -> bool:
+        """Back to the state at the start of the step, with the failed attempt's memory freed;
+        False when the RNG could not be rewound exactly (StepRng.rewind)."""
+        optimizer.zero_grad(set_to_none=True)
+        exact = self.rng.rewind(snapshot)
+        if self.buffers:
+            with torch.no_grad():
+                foreach_copy_(self.buffers, self.saved)
+        gc.collect()  # reference cycles in user code can still pin activations
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        return exact

@@ -133,85 +133,128 @@ def serve(spec: dict[str, Any], inbox: IO[str], outbox: IO[str],
     """
     say = _sayer(outbox)
     items: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-    def read() -> None:
-        for line in inbox:
-            item = json.loads(line)
-            items.put(item)
-            if item is None:
-                return
-        items.put(None)  # end of input: the parent is gone; write what came and stop
-
     # reading first: the parent's pipe must never fill while sinks start
-    threading.Thread(target=read, name="redline-writer-stdin", daemon=True).start()
-    if make is not None:
-        sinks, late = make(spec, say), []
-    else:
-        context = _context(spec)
-        sinks = _make([n for n in spec["trackers"] if n in LOCAL_SINKS], context, say)
-        late = [n for n in spec["trackers"] if n not in LOCAL_SINKS]
-        if late:
-            threading.Thread(target=_make_late, args=(late, context, say, items),
-                             name="redline-writer-sinks", daemon=True).start()
+    threading.Thread(target=_read, args=(inbox, items), name="redline-writer-stdin",
+                     daemon=True).start()
+    sinks, waiting = _start_sinks(spec, say, items, make)
     say({"ready": {s.name: getattr(s, "run_id", None) for s in sinks}})
-    sampler = _sampler(spec.get("sampler"), items)
-    waiting = len(late)
-    history: list[list[Any]] | None = [] if waiting else None  # replayed to late sinks
-    notes_sent = 0
-    stopping = False
-    while not stopping or waiting:
-        try:
-            batch = [items.get(timeout=LATE_SINK_WAIT_S if stopping else None)]
-        except queue.Empty:  # stopping, and a late sink never came: give up on it
-            say({"note": f"{waiting} tracker(s) did not start in {LATE_SINK_WAIT_S:g} s "
-                         "after training ended; their records are in metrics.jsonl"})
-            break
-        while not items.empty():  # everything that is already here: one write per stream
-            batch.append(items.get())
+    loop = _Loop(say, items, sinks, waiting, _sampler(spec.get("sampler"), items))
+    loop.run()
+    loop.shutdown()
+
+
+def _read(inbox: IO[str], items: queue.SimpleQueue[Any]) -> None:
+    """Stdin into the queue as fast as the parent writes, up to `null` or end of input."""
+    for line in inbox:
+        item = json.loads(line)
+        items.put(item)
+        if item is None:
+            return
+    items.put(None)  # end of input: the parent is gone; write what came and stop
+
+
+def _start_sinks(spec: dict[str, Any], say: Say, items: queue.SimpleQueue[Any],
+                 make: Callable[[dict[str, Any], Say], list[Sink]] | None,
+                 ) -> tuple[list[Sink], int]:
+    """The sinks made now, and how many more a thread is making (each arrives as a _Late)."""
+    if make is not None:
+        return make(spec, say), 0
+    context = _context(spec)
+    sinks = _make([n for n in spec["trackers"] if n in LOCAL_SINKS], context, say)
+    late = [n for n in spec["trackers"] if n not in LOCAL_SINKS]
+    if late:
+        threading.Thread(target=_make_late, args=(late, context, say, items),
+                         name="redline-writer-sinks", daemon=True).start()
+    return sinks, len(late)
+
+
+class _Loop:
+    """The main thread's loop: the queue written to the sinks in batches until stopped.
+
+    `history` keeps every record while a late sink is still starting (it is replayed to
+    it); `notes_sent` counts the sampler's notes already passed on.
+    """
+
+    def __init__(self, say: Say, items: queue.SimpleQueue[Any], sinks: list[Sink],
+                 waiting: int, sampler: Sampler | None) -> None:
+        self.say, self.items, self.sinks, self.sampler = say, items, sinks, sampler
+        self.waiting = waiting
+        self.history: list[list[Any]] | None = [] if waiting else None
+        self.notes_sent = 0
+        self.stopping = False
+
+    def run(self) -> None:
+        """Until `null` (or end of input) and every late sink has arrived or timed out."""
+        while not self.stopping or self.waiting:
+            try:
+                first = self.items.get(timeout=LATE_SINK_WAIT_S if self.stopping else None)
+            except queue.Empty:  # stopping, and a late sink never came: give up on it
+                self.say({"note": f"{self.waiting} tracker(s) did not start in "
+                                  f"{LATE_SINK_WAIT_S:g} s after training ended; their "
+                                  "records are in metrics.jsonl"})
+                return
+            batch = [first]
+            while not self.items.empty():  # everything that is already here: one write per stream
+                batch.append(self.items.get())
+            self.handle(batch)
+            self.pass_notes()
+
+    def handle(self, batch: list[Any]) -> None:
+        """One batch: records grouped per stream, written in order before any control item."""
         pending: dict[str, list[dict[str, Any]]] = {}
         for item in batch:
             if isinstance(item, list):
                 pending.setdefault(item[0], []).append(item[1])
-                if history is not None:
-                    history.append(item)
+                if self.history is not None:
+                    self.history.append(item)
                 continue
-            for stream, records in pending.items():  # in order, before anything else
-                _write(sinks, stream, records, say)
+            self.write(pending)
             pending = {}
             if isinstance(item, _Late):
-                waiting -= 1
-                if item.sink is not None:
-                    _replay(item.sink, history or [], sinks, say)
-                    say({"started": {item.name: getattr(item.sink, "run_id", None)}})
-                if not waiting:
-                    history = None
+                self.arrived(item)
             elif item is None:
-                stopping = True
+                self.stopping = True
             else:
-                say({"flushed": item["flush"]})
+                self.say({"flushed": item["flush"]})
+        self.write(pending)
+
+    def write(self, pending: dict[str, list[dict[str, Any]]]) -> None:
         for stream, records in pending.items():
-            _write(sinks, stream, records, say)
-        if sampler is not None:
-            for note in sampler.notes[notes_sent:]:
-                say({"note": note})
-            notes_sent = len(sampler.notes)
-    if sampler is not None:
-        sampler.stop()  # its last sample is queued: write it
-        last: list[dict[str, Any]] = []
-        while not items.empty():
-            item = items.get()
-            if isinstance(item, list) and item[0] == "system":
-                last.append(item[1])
-        if last:
-            _write(sinks, "system", last, say)
-        for note in sampler.notes[notes_sent:]:
-            say({"note": note})
-    for sink in sinks:
-        try:
-            sink.close()
-        except Exception as e:
-            _failed(sink.name, e, say)
-    say({"closed": True})
+            _write(self.sinks, stream, records, self.say)
+
+    def arrived(self, late: _Late) -> None:
+        """A late sink: it gets the history and joins; the last one ends the history."""
+        self.waiting -= 1
+        if late.sink is not None:
+            _replay(late.sink, self.history or [], self.sinks, self.say)
+            self.say({"started": {late.name: getattr(late.sink, "run_id", None)}})
+        if not self.waiting:
+            self.history = None
+
+    def pass_notes(self) -> None:
+        if self.sampler is not None:
+            for note in self.sampler.notes[self.notes_sent:]:
+                self.say({"note": note})
+            self.notes_sent = len(self.sampler.notes)
+
+    def shutdown(self) -> None:
+        """Stop the sampler and write its last sample and notes; then close every sink."""
+        if self.sampler is not None:
+            self.sampler.stop()  # its last sample is queued: write it
+            last: list[dict[str, Any]] = []
+            while not self.items.empty():
+                item = self.items.get()
+                if isinstance(item, list) and item[0] == "system":
+                    last.append(item[1])
+            if last:
+                _write(self.sinks, "system", last, self.say)
+            self.pass_notes()
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as e:
+                _failed(sink.name, e, self.say)
+        self.say({"closed": True})
 
 
 def _replay(sink: Sink, history: list[list[Any]], sinks: list[Sink], say: Say) -> None:

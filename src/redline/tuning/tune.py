@@ -21,14 +21,15 @@ the effective batch and the learning-rate rule throughout (recipe.py):
   4. loader      workers, prefetch, pinning, persistence (loader_choice.py);
   5. compile     compile time measured, then the compiled step timed against the eager
                  one; adopted only when the time it saves over `train.steps` exceeds the
-                 compile time.
+                 compile time (compile_choice.py).
 
 Each comparison is interleaved rounds through the job's own loader (trial.py), and a
 setting replaces the current one only when it is faster by more than the rounds' noise
 (at least KNEE_TOLERANCE): a tie keeps what is closer to the start. Last, the starting and
 the tuned configuration are timed against each other: that ratio is the speed-up printed,
 measured, never projected. Each stage checks the clock; one that no longer fits in
-`budget_s` is skipped with the reason, so the search ends near the budget.
+`budget_s` is skipped with the reason, so the search ends near the budget. The rows and
+reasons are recorded in a TuneReport (tune_report.py).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redline.config import RunConfig
@@ -45,14 +45,15 @@ from redline.judge import first_as_fast
 from redline.rng import preserved_rng
 from redline.task import Task
 from redline.tuning.autobatch import autobatch
-from redline.tuning.batchsearch import KNEE_TOLERANCE, AutobatchResult
+from redline.tuning.batchsearch import AutobatchResult
+from redline.tuning.compile_choice import choose_compile
 from redline.tuning.loader_choice import choose_loader
 from redline.tuning.precision_screen import candidates, check_precisions
 from redline.tuning.recipe import reference_batch
-from redline.tuning.trial import Timing, interleave, noise, runners
+from redline.tuning.trial import interleave, runners
+from redline.tuning.tune_report import DEFAULT_BUDGET_S, Clock, Row, TuneReport
 
 FACTORS = ("precision", "batch", "channels_last", "loader", "compile")
-DEFAULT_BUDGET_S = 120.0
 TOP_PRECISIONS = 2  # precisions that get a batch search of their own
 RUNNER_UP = 0.25  # the second is searched only when this close to the first at the start
 # A format slower than this share of fp32's speed at the start (fp32 is always admitted)
@@ -64,49 +65,7 @@ SAFER = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "fp8", "bf16-true")
 ROUNDS = 3
 MIN_TIMED_S = 0.3
 BATCH_TIMING_S = 0.1  # each size in the batch search: 20 ms left sst-tiny's scan to noise
-COMPILE_FLOOR_S = 10.0  # the least a torch.compile of a training step took on this CPU
-MIN_COMPILE_BUDGET_S = 30.0
-MAX_GAIN = 0.5  # compile is not tried where halving the step would not repay COMPILE_FLOOR_S
 
-
-@dataclass
-class Row:
-    """One setting tried: what it was, how fast, what memory, what became of it."""
-
-    factor: str
-    setting: str
-    samples_per_s: float | None = None
-    spread: float | None = None  # the rounds' range over their median
-    peak_bytes: int | None = None
-    note: str = ""
-
-
-@dataclass
-class TuneReport:
-    start: dict[str, Any]  # the starting config (RunConfig.to_dict)
-    tuned: dict[str, Any]  # the config written
-    rows: list[Row] = field(default_factory=list)
-    reasons: dict[str, str] = field(default_factory=dict)  # factor -> the choice and why
-    start_samples_per_s: float | None = None
-    tuned_samples_per_s: float | None = None
-    speedup: float | None = None  # median of the final rounds' ratios
-    speedup_range: tuple[float, float] | None = None
-    wall_s: float = 0.0
-    budget_s: float = DEFAULT_BUDGET_S
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class Clock:
-    def __init__(self, budget_s: float) -> None:
-        self.budget_s, self.t0 = budget_s, time.perf_counter()
-
-    def used(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def left(self) -> float:
-        return self.budget_s - self.used()
 
 
 def starting_config(config: RunConfig) -> RunConfig:
@@ -142,7 +101,8 @@ def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
         current = _channels_last(task, current, device, factors, clock, report, say,
                                  f" (at micro-batch {current.train.micro_batch})")
     current = _loader(task, current, device, factors, clock, report, say)
-    current = _compile(task, current, device, factors, clock, report, say)
+    current = choose_compile(task, current, device, factors, clock, report, say,
+                             rounds=ROUNDS, min_s=MIN_TIMED_S)
     _speedup(task, start, current, device, report, say)
     report.tuned, report.wall_s = current.to_dict(), clock.used()
     return current, report
@@ -340,69 +300,6 @@ def _loader(task: Task, config: RunConfig, device: DeviceInfo, factors: tuple[st
                                note=f"data wait {row.data_wait:.1%}"))
     report.reasons["loader"] = "; ".join(f"{k}: {v}" for k, v in choice.reasons.items())
     return choice.apply(config)
-
-
-def _compile(task: Task, config: RunConfig, device: DeviceInfo, factors: tuple[str, ...],
-             clock: Clock, report: TuneReport, say: Callable[[str], None]) -> RunConfig:
-    if "compile" not in factors:
-        return config
-    steps = config.train.steps
-    step_s = _step_seconds(report, config)
-    if step_s is not None and MAX_GAIN * steps * step_s < COMPILE_FLOOR_S:
-        report.reasons["compile"] = (
-            f"off, not tried: even halving the {step_s * 1e3:.0f} ms step would save "
-            f"{MAX_GAIN * steps * step_s:.1f} s over train.steps {steps}, less than a "
-            f"compile takes on this machine (at least {COMPILE_FLOOR_S:.0f} s)")
-        return config
-    if clock.left() < MIN_COMPILE_BUDGET_S:
-        report.reasons["compile"] = (f"off, not tried: {max(0.0, clock.left()):.0f} s of "
-                                     "--budget-s left, too little to compile and time it "
-                                     "(raise --budget-s)")
-        return config
-    compiled = config.updated({"precision.compile": True})
-    say("compile: compiling the training step (torch.compile)")
-    try:
-        with runners(task, [config, compiled], device) as (eager, fast):
-            cold_s = fast.warm_up() - eager.warm_up()
-            timings = interleave([eager, fast], ROUNDS, MIN_TIMED_S, lambda i, r: say(
-                f"compile: timing {'compiled' if i else 'eager'} (round {r + 1})"))
-    except Exception as e:  # inductor fails in many ways; the eager step ran in every stage
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        report.reasons["compile"] = f"off: torch.compile failed here ({first})"
-        return config
-    return _compile_decision(config, compiled, timings, max(0.0, cold_s), report)
-
-
-def _compile_decision(config: RunConfig, compiled: RunConfig, timings: list[Timing],
-                      compile_s: float, report: TuneReport) -> RunConfig:
-    """On when the time the compiled step saves over train.steps exceeds the compile time
-    measured here, a first compile. (A later process reads torch's on-disk cache and pays
-    less: 2.2 s against 44 s on sr3-tiny, measured; the decision does not count on it.)"""
-    eager, fast = timings
-    per_step = config.train.samples_per_step
-    saved_per_step = per_step / eager.samples_per_s - per_step / fast.samples_per_s
-    steps = config.train.steps
-    tolerance = max(KNEE_TOLERANCE, noise(timings))
-    gain = fast.samples_per_s / eager.samples_per_s - 1
-    for label, t in (("eager", eager), ("compiled", fast)):
-        report.rows.append(Row("compile", label, t.samples_per_s, t.spread,
-                               note=f"compile {compile_s:.1f} s" if label == "compiled"
-                               else ""))
-    numbers = (f"compiled {gain:+.1%} samples/s, compile {compile_s:.1f} s, saving "
-               f"{saved_per_step * steps:.1f} s over train.steps {steps}")
-    if gain > tolerance and saved_per_step * steps > compile_s:
-        report.reasons["compile"] = f"on: {numbers}"
-        return compiled
-    why = ("within the noise" if gain <= tolerance
-           else "the run is too short to repay the compile")
-    report.reasons["compile"] = f"off: {numbers} ({why})"
-    return config
-
-
-def _step_seconds(report: TuneReport, config: RunConfig) -> float | None:
-    rates = [r.samples_per_s for r in report.rows if r.samples_per_s and r.factor in
-             ("batch", "channels_last", "loader")]
-    return config.train.samples_per_step / max(rates) if rates else None
 
 
 def _speedup(task: Task, start: RunConfig, tuned: RunConfig, device: DeviceInfo,

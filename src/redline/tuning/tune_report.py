@@ -1,0 +1,54 @@
+"""`redline tune`'s record and its clock: the rows of settings tried, the reasons, the speed-up.
+
+tune.py fills a TuneReport as it searches (compile_choice.py adds the compile stage's
+rows); workflow.py writes it beside the tuned config and output.py prints it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DEFAULT_BUDGET_S = 120.0
+
+
+@dataclass
+class Row:
+    """One setting tried: what it was, how fast, what memory, what became of it."""
+
+    factor: str
+    setting: str
+    samples_per_s: float | None = None
+    spread: float | None = None  # the rounds' range over their median
+    peak_bytes: int | None = None
+    note: str = ""
+
+
+@dataclass
+class TuneReport:
+    start: dict[str, Any]  # the starting config (RunConfig.to_dict)
+    tuned: dict[str, Any]  # the config written
+    rows: list[Row] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)  # factor -> the choice and why
+    start_samples_per_s: float | None = None
+    tuned_samples_per_s: float | None = None
+    speedup: float | None = None  # median of the final rounds' ratios
+    speedup_range: tuple[float, float] | None = None
+    wall_s: float = 0.0
+    budget_s: float = DEFAULT_BUDGET_S
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Clock:
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s, self.t0 = budget_s, time.perf_counter()
+
+    def used(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.budget_s - self.used()
+
