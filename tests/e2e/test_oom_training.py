@@ -161,7 +161,7 @@ def test_sigterm_during_the_batch_search_stops_at_once_and_says_so(tmp_path: Pat
         if "autobatch: probing" in line:
             break
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM before the first step: nothing was trained" in stderr
     assert "nothing to resume" in stdout and "Traceback" not in stderr

@@ -105,7 +105,7 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path: Path) ->
             and list((study / "fp32-s1" / "checkpoints").glob("step-*.pt"))):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait(timeout=180)
     first = (study / "fp32-s0" / "metrics.jsonl").read_bytes()
     assert not (study / "outcomes" / "bf16-mixed-s0.json").exists()
 

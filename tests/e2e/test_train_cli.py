@@ -197,7 +197,7 @@ def test_two_runs_cannot_write_one_run_directory(tmp_path: Path) -> None:
     assert second.returncode == 2, second.stderr
     assert "in use by another redline run" in second.stderr
     assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
-    assert first.wait(timeout=120) == 0, first.communicate()[1]
+    assert first.wait(timeout=600) == 0, first.communicate()[1]
     steps = [r["step"] for r in read_jsonl(tmp_path / "shared" / "metrics.jsonl") if "loss" in r]
     assert steps == [50, 60]  # each once: only the first run wrote
     config = yaml.safe_load((tmp_path / "shared" / "config.yaml").read_text())

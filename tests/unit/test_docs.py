@@ -63,7 +63,7 @@ def test_the_own_loop_guide_runs_under_torchrun(tmp_path: Path) -> None:
     (tmp_path / "train_ddp.py").write_text(script)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", "train_ddp.py"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=240,
+                          capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     run = tmp_path / "runs" / "own-loop-ddp"
