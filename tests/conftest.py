@@ -11,11 +11,18 @@ from pathlib import Path
 # loops (183 s against 63 s with passive waiting; 41 s against 64 s on a quiet machine, so
 # only a busy machine gets it). Set before torch loads OpenMP; subprocesses inherit it.
 # Tests assert behaviour, never speed: this only keeps them within their hang timeouts.
-if os.getloadavg()[0] >= (os.cpu_count() or 1):
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest
-import torch
+
+def busy_env() -> dict[str, str]:
+    """{"OMP_WAIT_POLICY": "PASSIVE"} while the machine is busy (see above), else {}."""
+    busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
+    return {"OMP_WAIT_POLICY": "PASSIVE"} if busy else {}
+
+
+os.environ.update({k: v for k, v in busy_env().items() if k not in os.environ})
+
+import pytest  # noqa: E402  (OpenMP reads its settings when torch loads)
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = f"{ROOT / 'tests' / 'tasks' / 'toy.py'}:ToyRegression"
@@ -43,6 +50,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 900,
     """Run `python -m redline ARGS` in `cwd` as a user would. `timeout` only catches a hang:
     the longest CLI test takes ~1-2 min on a quiet 2-core machine, several times that on
     a busy one."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # the load is read again at each run: a suite started on a quiet machine may not stay so
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **busy_env(), **(env or {})}
     return subprocess.run([sys.executable, "-m", "redline", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
