@@ -77,6 +77,11 @@ def main() -> None:
             json.dump({"unarmed_calls": [int(c[0]) for c in counts],
                        "armed_calls": [int(c[1]) for c in counts],
                        "max_diff_from_average": diff, "ranks_differed": differed}, f)
+    # Every rank done before the group goes, and DDP (whose reducer holds the group) gone
+    # before it: destroying a group a peer or a reducer still uses aborted a rank once
+    # ("terminate called without an active exception") on a busy machine.
+    del ddp, got
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -140,7 +140,9 @@ class RunRecorder:
         if self._flops is not None:
             self._flops.__exit__(None, None, None)
             self._flops = None
-        self.telemetry.finish()
+        # the writer stopped first: a note it sends while closing (a tracker that never
+        # started, the sampler's last word) is in events.jsonl before run_end, the last event
+        self.telemetry.close()  # closing again with the rest below is harmless
         self.events.event("run_end", step=step)
         self._held.close()
         self.telemetry = None
