@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from redline.device import DeviceInfo
 from redline.distributed import Comm, World
@@ -18,6 +17,7 @@ from redline.events import Callback, Dispatcher
 from redline.precision import get_precision
 
 from ..conftest import DEVICES
+from ..ddpcount import counted_ddp
 from ..synccount import HostReads
 
 
@@ -206,17 +206,7 @@ def ddp_counted(tmp_path: Path) -> Iterator[tuple[nn.Module, list[int]]]:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
     try:
-        ddp = DistributedDataParallel(_setup("cpu")[0])
-        calls: list[int] = []
-
-        # unannotated: DDP rejects annotations that are strings (from __future__)
-        def hook(state, bucket):  # type: ignore[no-untyped-def]
-            calls.append(bucket.index())
-            fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-            fut.set_result(bucket.buffer())
-            return fut
-
-        ddp.register_comm_hook(None, hook)
+        ddp, calls = counted_ddp(_setup("cpu")[0])
         yield ddp, calls
     finally:
         dist.destroy_process_group()

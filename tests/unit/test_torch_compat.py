@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from redline import _torch_compat as compat
+
+from ..ddpcount import counted_ddp
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "distributed"
 
@@ -145,22 +146,6 @@ def one_rank_group(tmp_path: Path) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _counted(model: nn.Module) -> tuple[DistributedDataParallel, list[int]]:
-    """`model` in DDP, with a comm hook that counts the buckets it all-reduces."""
-    ddp = DistributedDataParallel(model)
-    calls: list[int] = []
-
-    # unannotated: DDP rejects annotations that are strings (from __future__)
-    def hook(state, bucket):  # type: ignore[no-untyped-def]
-        calls.append(bucket.index())
-        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        fut.set_result(bucket.buffer())
-        return fut
-
-    ddp.register_comm_hook(None, hook)
-    return ddp, calls
-
-
 def test_the_default_store_is_the_groups_key_value_store(one_rank_group: None) -> None:
     store = compat.default_store()
     store.set("redline/test", "1")
@@ -175,7 +160,7 @@ def test_no_default_store_without_a_group() -> None:
 def test_an_armed_backward_after_a_no_sync_forward_all_reduces_once(one_rank_group: None
                                                                     ) -> None:
     torch.manual_seed(0)
-    ddp, calls = _counted(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)))
+    ddp, calls = counted_ddp(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)))
     x = torch.randn(6, 4)
     for _ in range(2):  # a step like the engine's: two micro-batches, then a second step
         with ddp.no_sync():
@@ -195,7 +180,7 @@ def test_an_armed_backward_after_a_no_sync_forward_all_reduces_once(one_rank_gro
 
 @pytest.mark.slow  # torch.compile's first use imports dynamo: seconds
 def test_arming_reaches_ddp_through_torch_compile(one_rank_group: None) -> None:
-    ddp, calls = _counted(nn.Linear(4, 1))
+    ddp, calls = counted_ddp(nn.Linear(4, 1))
     compiled = torch.compile(ddp)
     with ddp.no_sync():
         loss = ddp(torch.randn(2, 4)).sum()
