@@ -74,7 +74,7 @@ def test_fake_path_counts_without_touching_model_or_rng() -> None:
         p.grad = torch.full_like(p, 0.5)  # existing grads must survive untouched
     before, rng = _state(model), torch.get_rng_state()
     counted = measure_step_flops(model, BATCH, _ce)
-    assert counted == (MLP_FLOPS, "fake")
+    assert counted == (MLP_FLOPS, "fake", MLP_FLOPS)
     _assert_same(before, _state(model))  # incl. BatchNorm running stats and batch count
     assert torch.equal(rng, torch.get_rng_state())
 
@@ -100,7 +100,7 @@ def test_data_dependent_loss_falls_back_to_one_real_step_on_a_copy() -> None:
         scale = 2.0 if out.mean().item() > 0 else 1.0  # .item(): fake tensors cannot answer
         return scale * nn.functional.cross_entropy(out, batch["y"])
 
-    assert measure_step_flops(model, BATCH, data_dependent) == (MLP_FLOPS, "real")
+    assert measure_step_flops(model, BATCH, data_dependent) == (MLP_FLOPS, "real", MLP_FLOPS)
     _assert_same(before, _state(model))
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(rng, torch.get_rng_state())  # fork_rng restored the stream

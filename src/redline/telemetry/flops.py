@@ -10,6 +10,22 @@ Only when that fails (data-dependent control flow, `.item()`, boolean-mask index
 we run one real forward+backward on a deep copy, under `fork_rng` so the training run's
 random stream is the same as if nothing had been counted.
 
+What is counted: matmuls, convolutions and attention, as torch's `FlopCounterMode` counts
+them (2 FLOPs per multiply-add), plus the attention kernels it lacks (CPU flash attention
+among them: telemetry/sdpa_flops.py). Activations, norms, losses and embedding lookups
+are not counted; they are a small share of a model built on matmuls.
+
+Model FLOPs, the numerator of MFU by its usual definition (PaLM, appendix B), are the
+FLOPs the model needs, not those the device ran: recomputation is left out. Activation
+checkpointing (`torch.utils.checkpoint`) reruns forwards during backward, and fused
+attention kernels rerun QKᵀ in their backward; `StepFlopCounter` counts what ran and
+keeps the recomputed part apart. The step's FLOPs that ran, recomputation included, give
+hardware FLOPs utilisation (HFU), reported beside MFU where it differs.
+Why measure the recomputation rather than avoid it: counting with checkpointing bypassed
+would need patching the function a model imported by name (or a framework wraps), and
+"forward × 3" is wrong for frozen layers and inputs that need no gradient (their backward
+skips a matmul), which a real count gets right.
+
 MFU is left empty (None) rather than guessed whenever the denominator is not known: an
 unknown GPU, or fp8, whose runs keep some layers in bf16 so no single dense peak is right.
 A wrong peak gives a confident, wrong MFU that people then compare across runs; an empty
@@ -23,6 +39,7 @@ import copy
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,30 +48,116 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils import checkpoint as torch_checkpoint
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from redline import batch as batch_tree
 from redline._torch_compat import fake_tensor_mode
 from redline.device import DeviceInfo, float32_matmul
+from redline.telemetry import sdpa_flops
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 class StepFlops(NamedTuple):
-    """A FLOP count and how it was obtained: "fake" (nothing computed) or "real" (one step)."""
+    """A step's FLOP count and how it was obtained: "fake" (nothing computed) or "real".
+
+    `total` is model FLOPs (recomputation left out: MFU's numerator); `hardware` is what
+    the device ran, recomputation included (HFU's), equal to `total` when nothing reran.
+    """
 
     total: int
     method: Literal["fake", "real"]
+    hardware: int
+
+
+class StepFlopCounter:
+    """A `FlopCounterMode` that knows every attention kernel and keeps recomputation apart.
+
+        with StepFlopCounter() as counter:
+            loss_fn(model, batch).backward()
+        counter.model_flops, counter.hardware_flops
+
+    Recomputed are the ops that run inside the backward pass with gradients enabled from
+    `torch.utils.checkpoint`'s code (its reruns of the forward; the backward's own kernels
+    run with gradients disabled), and the QKᵀ a fused attention backward recomputes
+    (telemetry/sdpa_flops.py). A hand-written autograd.Function that recomputes on its own
+    is not recognised: its recomputation counts as model FLOPs.
+    """
+
+    def __init__(self) -> None:
+        self.recomputed = 0
+        splits = sdpa_flops.recomputing_backwards()
+        formulas = {**sdpa_flops.attention_formulas(), **flop_counter.flop_registry}
+        mapping = {op: self._tallied(f, splits.get(op)) for op, f in formulas.items()}
+        self._mode = FlopCounterMode(display=False, custom_mapping=mapping)
+
+    def _tallied(self, formula: Callable[..., int],
+                 split: tuple[int, int] | None) -> Callable[..., int]:
+        def count(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
+            flops = int(formula(*args, out_val=out_val, **kwargs))
+            if _recomputing():
+                self.recomputed += flops
+            elif split is not None:
+                part, whole = sdpa_flops.recomputed_share(split, args)
+                self.recomputed += flops * part // whole
+            return flops
+
+        count._get_raw = True  # type: ignore[attr-defined]  # called with the op's tensors
+        return count
+
+    def __enter__(self) -> StepFlopCounter:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+    @property
+    def hardware_flops(self) -> int:
+        """FLOPs the device ran, recomputation included."""
+        return int(self._mode.get_total_flops())
+
+    @property
+    def model_flops(self) -> int:
+        """FLOPs the model needs: recomputation left out."""
+        return self.hardware_flops - self.recomputed
+
+    def get_total_flops(self) -> int:
+        """`FlopCounterMode`'s name, for a drop-in: the model FLOPs."""
+        return self.model_flops
+
+
+# torch.utils.checkpoint's source, as its frames name it (the suffix: a venv can move)
+_CHECKPOINT_FILE = os.path.join("torch", "utils", Path(torch_checkpoint.__file__).name)
+
+
+def _recomputing() -> bool:
+    # The autograd engine runs backward kernels with grad mode off (create_graph=False);
+    # checkpoint reruns the forward under enable_grad. Grad mode on inside a backward
+    # alone would also match a loss that differentiates with create_graph=True (a gradient
+    # penalty), hence the check that checkpoint's code is the caller.
+    if torch._C._current_graph_task_id() == -1 or not torch.is_grad_enabled():
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
 
 
 def count_step_flops(model: nn.Module, batch: Any, loss_fn: LossFn) -> int | None:
-    """FLOPs of one forward+backward of `loss_fn(model, batch)`, or None if not countable."""
+    """Model FLOPs of one forward+backward of `loss_fn(model, batch)` (recomputation left
+    out), or None if not countable."""
     counted = measure_step_flops(model, batch, loss_fn)
     return counted.total if counted is not None else None
 
 
 def measure_step_flops(model: nn.Module, batch: Any, loss_fn: LossFn) -> StepFlops | None:
-    """Like `count_step_flops`, also saying which path counted. Never touches `model`.
+    """Like `count_step_flops`, also giving hardware FLOPs and which path counted. Never
+    touches `model`.
 
     A count of 0 is returned as None: the counter knows matmuls, convolutions and
     attention only, so 0 means "ops it cannot count" (an LSTM, an embedding-only model),
@@ -62,16 +165,18 @@ def measure_step_flops(model: nn.Module, batch: Any, loss_fn: LossFn) -> StepFlo
     """
     counted: StepFlops | None = None
     try:
-        counted = StepFlops(_count_fake(model, batch, loss_fn), "fake")
+        total, hardware = _count_fake(model, batch, loss_fn)
+        counted = StepFlops(total, "fake", hardware)
     except Exception:  # fake tensors cannot follow this model/loss: count one real step
         try:
-            counted = StepFlops(_count_real(model, batch, loss_fn), "real")
+            total, hardware = _count_real(model, batch, loss_fn)
+            counted = StepFlops(total, "real", hardware)
         except Exception:
             return None
     return counted if counted.total > 0 else None
 
 
-def _count_fake(model: nn.Module, batch: Any, loss_fn: LossFn) -> int:
+def _count_fake(model: nn.Module, batch: Any, loss_fn: LossFn) -> tuple[int, int]:
     # plain tensor attributes (not registered as buffers) are turned fake on first use
     # instead of failing the count
     mode = fake_tensor_mode()
@@ -82,17 +187,17 @@ def _count_fake(model: nn.Module, batch: Any, loss_fn: LossFn) -> int:
         memo[id(tensor)] = mode.from_tensor(tensor)
     shadow = copy.deepcopy(model, memo)
     fake_batch = batch_tree.map_tensors(batch, mode.from_tensor)
-    with _rng_preserved(model), mode, FlopCounterMode(display=False) as counter:
+    with _rng_preserved(model), mode, StepFlopCounter() as counter:
         loss_fn(shadow, fake_batch).backward()
-    return int(counter.get_total_flops())
+    return counter.model_flops, counter.hardware_flops
 
 
-def _count_real(model: nn.Module, batch: Any, loss_fn: LossFn) -> int:
+def _count_real(model: nn.Module, batch: Any, loss_fn: LossFn) -> tuple[int, int]:
     shadow = copy.deepcopy(model)  # its own parameters, grads and BatchNorm statistics
     try:
-        with _rng_preserved(model), FlopCounterMode(display=False) as counter:
+        with _rng_preserved(model), StepFlopCounter() as counter:
             loss_fn(shadow, batch).backward()
-        return int(counter.get_total_flops())
+        return counter.model_flops, counter.hardware_flops
     finally:
         shadow.zero_grad(set_to_none=True)  # free the copy's gradients at once
         del shadow

@@ -66,6 +66,7 @@ class WindowContext:
     skip_nonfinite: bool = False  # the engine skips updates with non-finite gradients
     loss_scaled: bool = False  # fp16's scaler skips overflowed gradients itself
     flops_per_step: int | None = None  # counted once at start; None: unknown
+    hardware_flops_per_step: int | None = None  # with recomputation; None: none recomputed
     peak_flops: float | None = None  # dense peak for the compute dtype; None: MFU empty
     peak_source: str = "unknown"
     ranks: int = 1  # under torchrun each rank steps samples_per_step / ranks
@@ -281,6 +282,9 @@ class WindowLogger:
                   **tally, K.STEP_TIME: step_time,
                   K.SAMPLES_PER_S: self.ctx.samples_per_step / step_time if step_time else None,
                   K.MFU: mfu(self.ctx.flops_per_step, step_time, self.ctx.peak_flops),
+                  **({K.HFU: mfu(self.ctx.hardware_flops_per_step, step_time,
+                                 self.ctx.peak_flops)}
+                     if self.ctx.hardware_flops_per_step is not None else {}),
                   K.PEAK_FLOPS: self.ctx.peak_flops, K.TIME: round(time.time(), 3)})
         r["window_steps"] = steps  # for merge; gone before the record is seen
         if self.merge is not None:

@@ -67,8 +67,13 @@ SAMPLES_PER_S = Key("samples_per_s", "samples/s", "effective batch / step_time_s
                     "together under torchrun)")
 DATA_WAIT_PCT = Key("data_wait_pct", "%", "share of the window's wall time the training "
                     "thread waited for the data loader")
-MFU = Key("mfu", "fraction", "model FLOPs utilisation: FLOPs per step / step_time_s / "
-          "peak_flops; empty where the peak is unknown (an unknown GPU, fp8)")
+MFU = Key("mfu", "fraction", "model FLOPs utilisation: model FLOPs per step (recomputation "
+          "left out) / step_time_s / peak_flops; empty where the peak is unknown (an unknown "
+          "GPU, fp8)")
+HFU = Key("hfu", "fraction", "hardware FLOPs utilisation: the FLOPs the device ran per step, "
+          "recomputation included (activation checkpointing's reruns of the forward, fused "
+          "attention's QKᵀ in its backward) / step_time_s / peak_flops; present only where "
+          "something is recomputed, else it equals mfu")
 PEAK_FLOPS = Key("peak_flops", "FLOP/s", "the dense peak MFU divides by, of all ranks' devices "
                  "together (its source, table, measured or override, is in events.jsonl's "
                  "'flops' event)")

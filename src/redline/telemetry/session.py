@@ -43,7 +43,7 @@ from redline.device import DeviceInfo
 from redline.distributed import Comm, World
 from redline.telemetry import schema as K
 from redline.telemetry.config import TelemetryConfig
-from redline.telemetry.flops import count_step_flops, peak_flops
+from redline.telemetry.flops import measure_step_flops, peak_flops
 from redline.telemetry.hub import Hub, QuietHub, report_sink_failure
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.metrics import Record, WindowContext, WindowLogger
@@ -190,21 +190,31 @@ class Telemetry:
 
     def count_flops(self, model: torch.nn.Module, batch: Any, loss_fn: LossFn,
                     samples: int) -> int | None:
-        """FLOPs of one optimizer step from a batch of `samples` (counted once, on fake
-        tensors), and the peak MFU is measured against; recorded as a 'flops' event."""
-        flops = self.comm.from_main(lambda: count_step_flops(model, batch, loss_fn))
-        return self.set_flops(int(flops * self.ctx.samples_per_step / samples)
-                              if flops else None)
+        """Model FLOPs of one optimizer step from a batch of `samples` (counted once, on
+        fake tensors; recomputation left out, and counted apart for HFU), and the peak MFU
+        is measured against; recorded as a 'flops' event."""
+        counted = self.comm.from_main(lambda: measure_step_flops(model, batch, loss_fn))
+        if counted is None:
+            return self.set_flops(None)
+        scale = self.ctx.samples_per_step / samples
+        return self.set_flops(int(counted.total * scale), int(counted.hardware * scale))
 
-    def set_flops(self, flops_per_step: int | None) -> int | None:
-        """FLOPs of one optimizer step as the task declares them (e.g. analytic)."""
+    def set_flops(self, flops_per_step: int | None,
+                  hardware_flops_per_step: int | None = None) -> int | None:
+        """FLOPs of one optimizer step as the task declares them (e.g. analytic), or as
+        counted: model FLOPs, and those the device ran with recomputation (HFU's, kept
+        only when more than the model FLOPs)."""
         peak, source = peak_flops(self.device, self.compute_dtype, self.config.peak_flops)
         ranks = self.ranks
         peak = peak * ranks if peak else peak  # every rank's device works on the step
+        hardware = (hardware_flops_per_step if flops_per_step and hardware_flops_per_step
+                    and hardware_flops_per_step > flops_per_step else None)
         self.ctx.flops_per_step, self.ctx.peak_flops, self.ctx.peak_source = (
             flops_per_step, peak, source)
+        self.ctx.hardware_flops_per_step = hardware
         self.events.event("flops", flops_per_step=flops_per_step, peak_flops=peak,
                           peak_source=source, dtype=self.compute_dtype,
+                          **({"hardware_flops_per_step": hardware} if hardware else {}),
                           **({"ranks": ranks} if ranks > 1 else {}))
         return flops_per_step
 
