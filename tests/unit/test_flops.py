@@ -1,4 +1,5 @@
-"""FLOPs per step (fake copy first, one real step as fallback), peak FLOP/s, MFU."""
+"""FLOPs per step (fake copy first, one real step as fallback), attention kernels and
+recomputation, peak FLOP/s, MFU."""
 
 from __future__ import annotations
 
@@ -9,16 +10,22 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
 
 from redline.device import DeviceInfo, lookup_peak_flops
 from redline.telemetry import flops as flops_mod
+from redline.telemetry import sdpa_flops
 from redline.telemetry.flops import (
+    StepFlopCounter,
     analytic_transformer_flops,
     count_step_flops,
     measure_step_flops,
     mfu,
     peak_flops,
 )
+
+from ..tasks import gpt_flops
 
 H100 = DeviceInfo(kind="cuda", index=0, name="NVIDIA H100 80GB HBM3", memory_total=80 * 2**30,
                   capability=(9, 0), supports_bf16=True, supports_tf32=True, supports_fp8=True,
@@ -213,3 +220,114 @@ def test_cpu_peak_cache_is_keyed_and_survives_corruption(
         path.write_text("{not json")
     assert peak_flops(CPU, "bfloat16", cache_dir=tmp_path) == (4e9, "measured")
     assert measured == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
+
+
+# ---- MFU by its definition (issue 19, observed case 5) -------------------------------------
+GPT_BATCH = 2  # sequences of gpt_flops.SEQ tokens
+
+
+def _gpt_ids() -> torch.Tensor:
+    return torch.randint(0, gpt_flops.VOCAB, (GPT_BATCH, gpt_flops.SEQ + 1),
+                         generator=torch.Generator().manual_seed(0))
+
+
+def _gpt_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return gpt_flops.GptFlops.loss(None, model, [ids])  # type: ignore[arg-type]
+
+
+def _gpt_analytic(model: nn.Module) -> int:
+    tokens = GPT_BATCH * gpt_flops.SEQ
+    return analytic_transformer_flops(gpt_flops.matmul_weights(model), tokens,
+                                      gpt_flops.LAYERS, gpt_flops.SEQ, gpt_flops.WIDTH)
+
+
+def test_a_small_gpt_counts_6NT_plus_attention_on_cpu() -> None:
+    """The count equals 6·N·tokens + 12·L·tokens·S·d exactly: CPU flash attention (which
+    torch's counter has no formula for) is counted, fake and real path alike."""
+    model = gpt_flops.TinyGPT()
+    expected = _gpt_analytic(model)
+    assert count_step_flops(model, _gpt_ids(), _gpt_loss) == expected
+    with StepFlopCounter() as counter:  # one real step: the kernels that really ran
+        _gpt_loss(model, _gpt_ids()).backward()
+    ops = {str(op) for op in counter._mode.get_flop_counts()["Global"]}
+    assert "aten._scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten._scaled_dot_product_flash_attention_for_cpu_backward" in ops
+    assert counter.model_flops == expected
+    # The fused backward recomputes QKᵀ (b·h·S·S·d_head multiply-adds per layer): hardware.
+    tokens = GPT_BATCH * gpt_flops.SEQ
+    qk = 2 * tokens * gpt_flops.SEQ * gpt_flops.WIDTH
+    assert counter.hardware_flops == expected + gpt_flops.LAYERS * qk
+
+
+def test_checkpointing_does_not_change_flops_per_step_and_hfu_counts_the_reruns() -> None:
+    plain = measure_step_flops(gpt_flops.TinyGPT(), _gpt_ids(), _gpt_loss)
+    checkpointed = measure_step_flops(gpt_flops.TinyGPT(checkpointing=True), _gpt_ids(),
+                                      _gpt_loss)
+    assert plain is not None and checkpointed is not None
+    assert checkpointed.total == plain.total == _gpt_analytic(gpt_flops.TinyGPT())
+    # Hardware FLOPs add each block's forward as far as backward reruns it: attention's
+    # forward (4·S·d per token) and the Linears but the last (8·d² of the 12·d² weights):
+    # non-reentrant checkpoint stops once the tensors backward needs are back, and no
+    # backward needs the output of `down`. What ran is counted, not a rule of thumb.
+    tokens, d, s = GPT_BATCH * gpt_flops.SEQ, gpt_flops.WIDTH, gpt_flops.SEQ
+    rerun = gpt_flops.LAYERS * (2 * 8 * d * d * tokens + 4 * tokens * s * d)
+    assert checkpointed.hardware == plain.hardware + rerun
+    assert mfu(checkpointed.hardware, 1.0, 1e9) > mfu(checkpointed.total, 1.0, 1e9)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_reentrant_and_non_reentrant_checkpoints_are_left_out_alike(reentrant: bool) -> None:
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=reentrant)
+
+    batch = {"x": BATCH["x"].clone().requires_grad_(reentrant), "y": BATCH["y"]}
+    plain = measure_step_flops(_mlp(), batch, _ce)
+    counted = measure_step_flops(Checkpointed(), batch, _ce)
+    assert plain is not None and counted is not None
+    assert counted.total == plain.total
+    # Reentrant reruns the whole forward; non-reentrant stops once the tensors backward
+    # needs are back: the last Linear's output is not one of them.
+    rerun = 2 * 8 * (64 * 128 + (128 * 10 if reentrant else 0))
+    assert counted.hardware == plain.hardware + rerun
+
+
+def test_a_loss_that_differentiates_itself_is_not_taken_for_recomputation() -> None:
+    """A gradient penalty runs a backward with gradients on (create_graph=True): model
+    FLOPs, not a rerun."""
+    layer = nn.Linear(64, 32)
+
+    def penalised(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # not a leaf: FlopCounterMode's module tracker cannot follow autograd.grad to one
+        h = x.detach().requires_grad_(True) * 2
+        out = m(h).pow(2).sum()
+        (grad,) = torch.autograd.grad(out, h, create_graph=True)
+        return out + grad.pow(2).sum()
+
+    counted = measure_step_flops(layer, torch.randn(8, 64), penalised)
+    assert counted is not None and counted.total == counted.hardware > 3 * 2 * 8 * 64 * 32
+
+
+def test_attention_formulas_are_scoped_and_torch_s_own_formula_wins(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    before = dict(flop_counter.flop_registry)
+    q = torch.randn(1, 2, 8, 4)
+    with StepFlopCounter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert counter.hardware_flops == 4 * 2 * 8 * 8 * 4  # 4·b·h·s_q·s_k·d, torch's formula
+    assert flop_counter.flop_registry == before  # nothing registered globally
+    with FlopCounterMode(display=False) as plain:  # so torch's own counter is unchanged
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert plain.get_total_flops() == 0
+    # A torch that adds its own formula for the kernel: its formula is the one used.
+    monkeypatch.setitem(flop_counter.flop_registry, cpu_flash,
+                        lambda *args, out_val=None, **kwargs: 7)
+    with StepFlopCounter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert counter.hardware_flops == 7
+    assert cpu_flash not in sdpa_flops.attention_formulas()
