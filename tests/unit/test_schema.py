@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from redline.telemetry import schema as K
@@ -22,7 +23,7 @@ def test_every_key_has_a_unit_and_a_meaning() -> None:
 def test_a_window_record_holds_only_schema_keys() -> None:
     records: list[dict] = []
     ctx = WindowContext(samples_per_step=8, device=torch.device("cpu"), flops_per_step=10**6,
-                        peak_flops=1e12)
+                        peak_flops=1e12, hardware_flops_per_step=3 * 10**6 // 2)
     memory = _memory_reader(type("D", (), {"is_cuda": False, "kind": "cpu"})(), 2**34, None)
     logger = WindowLogger(2, ctx, records.append, memory)
     logger.start()
@@ -33,6 +34,18 @@ def test_a_window_record_holds_only_schema_keys() -> None:
     assert set(record) <= set(K.KEYS), set(record) - set(K.KEYS)
     for key in (K.LOSS, K.GRAD_NORM, K.STEP_TIME, K.MEM_RSS, K.MEM_PCT, K.MFU, K.OVERHEAD_PCT):
         assert record[key] is not None, key
+    assert record[K.HFU] == pytest.approx(1.5 * record[K.MFU])  # what reran, beside MFU
+
+
+def test_hfu_is_written_only_where_something_was_recomputed() -> None:
+    records: list[dict] = []
+    ctx = WindowContext(samples_per_step=8, device=torch.device("cpu"), flops_per_step=10**6,
+                        peak_flops=1e12)
+    logger = WindowLogger(1, ctx, records.append)
+    logger.start()
+    logger.record(1, torch.tensor(1.0), torch.tensor(2.0), 4, 1e-3, 0, 8, 0.0, False)
+    (record,) = records
+    assert record[K.MFU] is not None and K.HFU not in record
 
 
 def test_hardware_samples_hold_only_schema_keys() -> None:
