@@ -331,3 +331,15 @@ def test_attention_formulas_are_scoped_and_torch_s_own_formula_wins(
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert counter.hardware_flops == 7
     assert cpu_flash not in sdpa_flops.attention_formulas()
+
+
+def test_model_flops_do_not_depend_on_the_attention_kernel() -> None:
+    """The math kernel keeps the S×S matrix (plain bmm, nothing recomputed); CPU flash
+    attention recomputes QKᵀ in its backward: the same model FLOPs either way."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fused = measure_step_flops(gpt_flops.TinyGPT(), _gpt_ids(), _gpt_loss)
+    with sdpa_kernel(SDPBackend.MATH):
+        math = measure_step_flops(gpt_flops.TinyGPT(), _gpt_ids(), _gpt_loss)
+    assert fused is not None and math is not None
+    assert math.total == math.hardware == fused.total < fused.hardware

@@ -133,12 +133,17 @@ class StepFlopCounter:
 _CHECKPOINT_FILE = os.path.join("torch", "utils", Path(torch_checkpoint.__file__).name)
 
 
+# -1 outside a backward pass (what torch.utils.checkpoint itself asks); a torch without it
+# would count recomputation as model FLOPs, which the checkpointing tests catch.
+_graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def _recomputing() -> bool:
     # The autograd engine runs backward kernels with grad mode off (create_graph=False);
     # checkpoint reruns the forward under enable_grad. Grad mode on inside a backward
     # alone would also match a loss that differentiates with create_graph=True (a gradient
     # penalty), hence the check that checkpoint's code is the caller.
-    if torch._C._current_graph_task_id() == -1 or not torch.is_grad_enabled():
+    if _graph_task_id() == -1 or not torch.is_grad_enabled():
         return False
     frame = sys._getframe(1)
     while frame is not None:
