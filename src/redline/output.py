@@ -42,6 +42,8 @@ def print_result(r: dict[str, Any]) -> None:
           f"on {r['device']}; final loss {loss}")
     if r.get("samples_per_s") is not None:
         mfu = f", MFU {100 * r['mfu']:.2f} %" if r.get("mfu") is not None else ""
+        if mfu and r.get("hfu") is not None:
+            mfu += f" (HFU {100 * r['hfu']:.2f} %, recomputation included)"
         cost = (f"; telemetry overhead {r['overhead_pct']:.3f} % of step time (measured)"
                 if r.get("overhead_pct") is not None else "")
         print(f"speed: {r['samples_per_s']:.1f} samples/s{mfu}{cost}")

@@ -38,3 +38,4 @@ def test_a_checkpointed_gpt_records_model_flops_and_hfu_beside_mfu(tmp_path: Pat
         assert row["mfu"] is not None and row["hfu"] > row["mfu"]
         ratio = counted["hardware_flops_per_step"] / counted["flops_per_step"]
         assert row["hfu"] == pytest.approx(row["mfu"] * ratio, rel=1e-9)
+    assert "recomputation included" in out.stdout  # the summary labels HFU beside MFU

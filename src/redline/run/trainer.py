@@ -63,6 +63,7 @@ class FitResult:
     checkpoint: str | None = None
     samples_per_s: float | None = None  # the last window's
     mfu: float | None = None  # the last window's; None where the peak is unknown
+    hfu: float | None = None  # the last window's, recomputation included; None: none reran
     overhead_pct: float | None = None  # redline's own time on the training thread, last window
     emulated: bool = False  # the precision is an emulation (fp8-emulated): no speed-up
     ranks: int = 1  # processes that trained together (torchrun)
@@ -172,7 +173,7 @@ class Trainer:
             final_loss=last.get("loss"), precision=job.precision.name,
             device=self.device.name, eval=metrics, resumed_from=run.resumed,
             interrupted=interrupted, checkpoint=str(last_saved) if last_saved else None,
-            samples_per_s=last.get("samples_per_s"), mfu=last.get("mfu"),
+            samples_per_s=last.get("samples_per_s"), mfu=last.get("mfu"), hfu=last.get("hfu"),
             overhead_pct=last.get("redline/overhead_pct"), emulated=job.precision.emulated,
             ranks=self.world.size)
 

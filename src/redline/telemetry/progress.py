@@ -79,6 +79,8 @@ class Progress:
                 info.append(f"{record[K.SAMPLES_PER_S]:.1f} samples/s")
             if record.get(K.MFU) is not None:
                 info.append(f"MFU {100 * record[K.MFU]:.1f}%")
+                if record.get(K.HFU) is not None:
+                    info.append(f"HFU {100 * record[K.HFU]:.1f}%")
             if record.get(K.MEM_PCT) is not None:
                 info.append(f"mem {record[K.MEM_PCT]:.0f}%")
             if record.get(K.EMULATED):
