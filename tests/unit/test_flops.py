@@ -343,3 +343,38 @@ def test_model_flops_do_not_depend_on_the_attention_kernel() -> None:
         math = measure_step_flops(gpt_flops.TinyGPT(), _gpt_ids(), _gpt_loss)
     assert fused is not None and math is not None
     assert math.total == math.hardware == fused.total < fused.hardware
+
+
+# Inference-only fused layers (nn.MultiheadAttention's fast path, which also runs the
+# projections): never taken in a training step, whose modules are in training mode.
+_NOT_IN_TRAINING = {"_native_multi_head_attention"}
+
+
+def test_every_attention_kernel_this_torch_has_is_counted() -> None:
+    """A torch that adds an attention kernel fails here until it is counted: torch's
+    registry (the CUDA flash, efficient and cudnn kernels) or telemetry/sdpa_flops.py."""
+    ours = sdpa_flops.attention_formulas()
+    names = [n for n in dir(torch.ops.aten) if "attention" in n and n not in _NOT_IN_TRAINING]
+    assert "_scaled_dot_product_flash_attention_for_cpu" in names
+    missing = [n for n in names if getattr(torch.ops.aten, n) not in flop_counter.flop_registry
+               and getattr(torch.ops.aten, n) not in ours]
+    assert not missing
+    for kernel in ("flash", "efficient", "cudnn"):  # what a CUDA device runs, torch counts
+        op = getattr(torch.ops.aten, f"_scaled_dot_product_{kernel}_attention_backward")
+        assert op in flop_counter.flop_registry and op in sdpa_flops.recomputing_backwards()
+
+
+def test_added_formulas_are_torch_s_own() -> None:
+    b, h, s_q, s_k, d = 2, 3, 5, 7, 4
+    q, k, v = torch.randn(b, h, s_q, d), torch.randn(b, h, s_k, d), torch.randn(b, h, s_k, d)
+    forward = 4 * b * h * s_q * s_k * d
+    backward = 2 * b * h * s_q * s_k * (3 * d + 2 * d)
+    aten = torch.ops.aten
+    for op, formula in sdpa_flops.attention_formulas().items():
+        if op is aten._flash_attention_forward_no_dropout_inplace:
+            continue  # takes (batch, seq, heads, dim) tensors: CUDA's flash layout
+        backward_op = str(op).endswith("_backward")
+        args = (q, q, k, v) if backward_op else (q, k, v)
+        assert formula(*args) == (backward if backward_op else forward), op
+        if backward_op:
+            assert sdpa_flops.recomputed_share((1, 3), args) == (d, 5 * d)
