@@ -11,9 +11,11 @@ we run one real forward+backward on a deep copy, under `fork_rng` so the trainin
 random stream is the same as if nothing had been counted.
 
 What is counted: matmuls, convolutions and attention, as torch's `FlopCounterMode` counts
-them (2 FLOPs per multiply-add), plus the attention kernels it lacks (CPU flash attention
-among them: telemetry/sdpa_flops.py). Activations, norms, losses and embedding lookups
-are not counted; they are a small share of a model built on matmuls.
+them (2 FLOPs per multiply-add), with formulas added for the attention kernels it lacks
+(CPU flash attention among them: telemetry/sdpa_flops.py), so every scaled-dot-product
+kernel a training step can run is counted. Not counted: activations, norms, losses and
+embedding lookups (a small share of a model built on matmuls), and inference-only fused
+layers (nn.MultiheadAttention's fast path, never taken in training mode).
 
 Model FLOPs, the numerator of MFU by its usual definition (PaLM, appendix B), are the
 FLOPs the model needs, not those the device ran: recomputation is left out. Activation
@@ -21,10 +23,14 @@ checkpointing (`torch.utils.checkpoint`) reruns forwards during backward, and fu
 attention kernels rerun QKᵀ in their backward; `StepFlopCounter` counts what ran and
 keeps the recomputed part apart. The step's FLOPs that ran, recomputation included, give
 hardware FLOPs utilisation (HFU), reported beside MFU where it differs.
-Why measure the recomputation rather than avoid it: counting with checkpointing bypassed
-would need patching the function a model imported by name (or a framework wraps), and
-"forward × 3" is wrong for frozen layers and inputs that need no gradient (their backward
-skips a matmul), which a real count gets right.
+
+Why the recomputed FLOPs are measured and subtracted, rather than avoided: bypassing
+checkpointing while counting would mean patching a function that models import by name
+and frameworks wrap; "forward × 3" is wrong wherever a backward skips a matmul (frozen
+layers, inputs that need no gradient); and what reruns is not simply "the forward" (a
+non-reentrant checkpoint stops once the tensors backward needs are back; selective
+checkpointing reruns some ops only). Counting what ran and labelling the reruns is exact
+in each case and gives HFU from the same pass.
 
 MFU is left empty (None) rather than guessed whenever the denominator is not known: an
 unknown GPU, or fp8, whose runs keep some layers in bf16 so no single dense peak is right.
