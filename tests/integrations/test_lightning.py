@@ -60,6 +60,7 @@ def test_a_lightning_run_writes_a_run_directory_doctor_and_report_read(tmp_path:
     assert [r["step"] for r in windows] == [5, 10, 15, 20, 25, 30]
     assert all(r["effective_batch"] == 32 and r["samples_per_s"] > 0 for r in windows)
     assert all(r["redline/host_syncs"] == 0 for r in windows)
+    assert all(0 <= r["data_wait_pct"] <= 100 for r in windows)  # validation is not in it
     assert windows[-1]["grad_norm"] > 0 and windows[-1]["mfu"] is not None
     evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/loss" in r]
     # every 15 batches = 7.5 optimizer steps at accumulate_grad_batches=2
