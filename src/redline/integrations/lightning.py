@@ -133,6 +133,7 @@ class RedlineCallback(_Base if _Base is not None else object):  # type: ignore[m
                             samples_per_step=micro * accumulate * ranks, ranks=ranks,
                             model=pl_module, start_step=trainer.global_step)
         self._last_step = trainer.global_step  # records start at the next optimizer step
+        self._loss, self._micro = None, 0  # a callback fitted again starts afresh
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:

@@ -17,9 +17,9 @@ RUN_DIR` and `redline report RUN_DIR` read it like any other run.
     recorder.evaluation(step, {"loss": ...}); recorder.log(step, {"lightning/x": ...})
     recorder.finish(step)
 
-The loss a callback passes is the optimizer step's loss as the framework logs it: the
-mean over the step's micro-batches, undoing the division by the accumulation the
-framework applies before backward.
+The loss a callback passes is the optimizer step's loss as the framework logs it, over
+all of the step's micro-batches, not what reached backward (lightning.py and
+transformers.py say how each framework makes it).
 
 FLOPs are counted once, on the first micro-batch of the run, with torch's FlopCounterMode
 (the framework's step cannot be re-run on fake tensors from outside; the count slows that

@@ -116,6 +116,7 @@ class RedlineCallback(_Base if _Base is not None else object):  # type: ignore[m
         self.recorder.start(settings, max_steps=int(state.max_steps),
                             samples_per_step=self._batch * self._accumulate * ranks,
                             ranks=ranks, model=model, start_step=int(state.global_step))
+        self._loss, self._micro, self._norm = None, 0, None  # a callback trained again
         self._hook = model.register_forward_hook(self._keep_loss, with_kwargs=True)
 
     def _keep_loss(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
