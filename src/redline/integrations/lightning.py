@@ -10,9 +10,23 @@
 The callback records what `redline train` records (integrations/recorder.py): windows of
 `log_every` optimizer steps with no host sync on the steps between (Lightning's own
 ThroughputMonitor synchronises every batch), the writer process with the hardware sampler,
-MFU against the device's peak (FLOPs counted on the first real step), data wait, memory,
-`redline/overhead_pct`, and validation metrics (`val*` keys of callback_metrics) as eval
-rows. The loss is the one `training_step` returned (its "loss"). Only global rank 0 writes.
+MFU against the device's peak, data wait, memory, `redline/overhead_pct`, and validation
+metrics (`val*` keys of callback_metrics) as eval rows. Under `accumulate_grad_batches`:
+
+  - the loss is the optimizer step's: the mean of its micro-batches' `training_step`
+    losses, undivided (Lightning divides the returned loss by accumulate_grad_batches
+    before backward; `self.log(..., on_step=True)` shows each micro-batch's undivided one);
+  - FLOPs are counted on the first micro-batch, per sample, times a step's samples;
+  - data wait is the time from one micro-batch's on_train_batch_end to the next one's
+    on_train_batch_start (validation excluded);
+  - the gradient norm is taken in on_before_optimizer_step: after AMP's unscale, before
+    Lightning's gradient clipping.
+
+What Lightning logs (`trainer.logged_metrics`: `self.log` values, validation's excepted)
+is recorded as `lightning/<name>` rows on the steps that close a window. config.yaml holds
+`framework` (name, accumulate, Lightning's precision flag, ...) and the redline keys
+doctor reads (`precision.name`, `train.batch_size`, `train.effective_batch_size`).
+`inspect_every` adds per-layer statistics (inspector.py). Only global rank 0 writes.
 
 And a batch-size search, which Lightning's own Tuner refuses under DDP:
 
@@ -40,8 +54,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from redline.batch import leading_size
 from redline.errors import MissingExtra
-from redline.integrations.recorder import RunRecorder, grad_norm, telemetry_config
+from redline.inspector import InspectConfig
+from redline.integrations.recorder import (
+    RunRecorder,
+    framework_settings,
+    grad_norm,
+    numbers,
+    telemetry_config,
+)
 from redline.telemetry.config import TelemetryConfig
 
 try:
@@ -63,20 +85,26 @@ class RedlineCallback(_Base if _Base is not None else object):  # type: ignore[m
 
     `run_dir`: where (default runs/lightning-TIME); `config`: the telemetry section
     (trackers, log_every, ...), or `log_every` / `trackers` alone; `peak_flops`: FLOP/s for
-    MFU where the device table has none.
+    MFU where the device table has none; `inspect_every`: per-layer statistics every so
+    many optimizer steps (0, the default: off; `inspect`: the whole section).
     """
 
     def __init__(self, run_dir: str | Path | None = None, config: TelemetryConfig | None = None,
                  *, log_every: int | None = None, trackers: tuple[str, ...] | None = None,
-                 peak_flops: float | None = None) -> None:
+                 peak_flops: float | None = None, inspect_every: int = 0,
+                 inspect: InspectConfig | None = None) -> None:
         _require()
         super().__init__()
         self.config = telemetry_config(config, log_every, trackers)
+        self.inspect = inspect or InspectConfig(every=inspect_every)
         self.run_dir, self.peak_flops = run_dir, peak_flops
         self.recorder: RunRecorder | None = None
         self._norm: torch.Tensor | None = None
-        self._wait = 0.0
+        self._loss: torch.Tensor | None = None  # the open step's micro-batch losses, summed
+        self._micro = 0  # micro-batches in the open step
+        self._samples: int | None = None
         self._last_step = -1
+        self._undo = 1  # what Lightning divided the returned loss by
 
     # ---- Lightning's hooks -------------------------------------------------------------------
 
@@ -85,50 +113,74 @@ class RedlineCallback(_Base if _Base is not None else object):  # type: ignore[m
             return
         device = "cuda" if pl_module.device.type == "cuda" else "cpu"
         self.recorder = RunRecorder(self.run_dir, self.config, "lightning", device,
-                                    self.peak_flops)
+                                    self.peak_flops, self.inspect)
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        per_step = self._batch_size(trainer) * accumulate * max(1, trainer.world_size)
+        # automatic optimization divides the loss by accumulate_grad_batches before backward
+        self._undo = accumulate if pl_module.automatic_optimization else 1
+        micro, ranks = self._batch_size(trainer), max(1, trainer.world_size)
         max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else (
             (trainer.max_epochs or 1) * max(1, trainer.num_training_batches) // accumulate)
-        self.recorder.start({"model": type(pl_module).__name__,
-                             "hparams": dict(getattr(pl_module, "hparams", {}) or {}),
-                             "trainer": {"max_steps": max_steps, "precision":
-                                         str(trainer.precision),
-                                         "accumulate_grad_batches": accumulate,
-                                         "world_size": trainer.world_size}},
-                            max_steps=max_steps, samples_per_step=per_step,
-                            compute_dtype=_dtype(str(trainer.precision)),
-                            ranks=max(1, trainer.world_size))
-        self._accumulate = accumulate
+        flag = str(trainer.precision)
+        settings = framework_settings(
+            "lightning", accumulate=accumulate, precision=flag,
+            precision_name=_precision_name(flag), micro_batch=micro,
+            log_every=self.config.log_every, world_size=trainer.world_size,
+            max_steps=max_steps, gradient_clip_val=trainer.gradient_clip_val,
+            num_workers=getattr(trainer.train_dataloader, "num_workers", None))
+        settings.update(model=type(pl_module).__name__,
+                        hparams=dict(getattr(pl_module, "hparams", {}) or {}))
+        self.recorder.start(settings, max_steps=max_steps,
+                            samples_per_step=micro * accumulate * ranks, ranks=ranks,
+                            model=pl_module, start_step=trainer.global_step)
         self._last_step = trainer.global_step  # records start at the next optimizer step
-        self.recorder.count_flops_of_next_step()
+        self._loss, self._micro = None, 0  # a callback fitted again starts afresh
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
-        if self.recorder is not None:
-            self._wait += self.recorder.batch_start()
+        if self.recorder is None:
+            return
+        self.recorder.batch_start()
+        if self._micro == 0:
+            self.recorder.inspect_step_start(trainer.global_step)
+        self._samples = leading_size(batch)
+        self.recorder.flops_begin()  # the run's first micro-batch only
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if self.recorder is not None:  # final (unscaled) gradients, as a device tensor
+        # Lightning calls this before it clips, after AMP unscaled: the pre-clip norm
+        if self.recorder is not None:
             self._norm = (grad_norm(pl_module.parameters())
                           if self.recorder.closes_window(trainer.global_step + 1) else None)
+            self.recorder.inspect_gradients(optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.recorder is None or trainer.global_step <= self._last_step:
-            return  # an accumulation micro-batch: the optimizer has not stepped
-        self._last_step = trainer.global_step
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if not isinstance(loss, torch.Tensor):
+        recorder = self.recorder
+        if recorder is None:
+            return
+        recorder.flops_end(self._samples)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):  # summed on the device: no host read
+            loss = loss.detach().float() * self._undo
+            self._loss = loss if self._loss is None else self._loss + loss
+            self._micro += 1
+        step = trainer.global_step
+        if step <= self._last_step:
+            recorder.batch_end()  # an accumulation micro-batch: the optimizer has not stepped
+            return
+        self._last_step = step
+        if self._loss is None:  # training_step returned no loss: nothing to record
+            recorder.batch_end()
+            self._micro = 0
             return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
-        step = trainer.global_step
-        self.recorder.step(step, loss, self._norm, self._batch_size(trainer), lr,
-                           trainer.current_epoch,
-                           step * self.recorder.telemetry.ctx.samples_per_step,  # type: ignore[union-attr]
-                           self._wait, self._accumulate)
-        self._wait = 0.0
+        per_step = recorder.telemetry.ctx.samples_per_step  # type: ignore[union-attr]
+        recorder.step(step, self._loss / self._micro, self._norm, self._batch_size(trainer),
+                      lr, trainer.current_epoch, step * per_step)
+        self._loss, self._micro = None, 0
+        if recorder.closes_window(step):  # Lightning's own values (self.log), read once
+            recorder.log(step, numbers(trainer.logged_metrics, "lightning/",
+                                       frozenset({"epoch", "step"}), ("val_", "val/")))
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self.recorder is not None:
@@ -273,14 +325,9 @@ def _dataset(loader: Any) -> Any:
 def _precision_name(flag: str) -> str:
     """Lightning's precision flag -> redline's precision name (a redline name passes)."""
     names = {"32": "fp32", "32-true": "fp32", "16": "fp16-mixed", "16-mixed": "fp16-mixed",
-             "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true"}
+             "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true",
+             "16-true": "fp16-true", "64": "fp64", "64-true": "fp64",
+             "transformer-engine": "fp8", "transformer-engine-float16": "fp8"}
     return names.get(str(flag), str(flag))
 
 
-def _dtype(precision: str) -> str:
-    """Lightning's precision flag -> the dtype name the peak-FLOPs table is keyed by."""
-    if "bf16" in precision:
-        return "bfloat16"
-    if "16" in precision:
-        return "float16"
-    return "float32"
