@@ -21,8 +21,9 @@ The loss a callback passes is the optimizer step's loss as the framework logs it
 all of the step's micro-batches, not what reached backward (lightning.py and
 transformers.py say how each framework makes it).
 
-FLOPs are counted once, on the first micro-batch of the run, with torch's FlopCounterMode
-(the framework's step cannot be re-run on fake tensors from outside; the count slows that
+FLOPs are counted once, on the first micro-batch of the run, with telemetry.flops'
+StepFlopCounter (every attention kernel counted, recomputation kept apart for HFU; the
+framework's step cannot be re-run on fake tensors from outside; the count slows that
 one micro-batch), divided by its samples and multiplied by the samples of an optimizer
 step: so accumulation multiplies the count exactly once.
 
@@ -59,6 +60,7 @@ from redline.events import State
 from redline.inspector import InspectConfig, Inspector
 from redline.run import rundir
 from redline.telemetry.config import TelemetryConfig
+from redline.telemetry.flops import StepFlopCounter
 from redline.telemetry.jsonl import EventLog
 from redline.telemetry.metrics import Record
 from redline.telemetry.session import Telemetry
@@ -162,9 +164,7 @@ class RunRecorder:
         """Count the FLOPs of the micro-batch about to run, if none was counted yet."""
         if self._flops_done or self._flops is not None:
             return
-        from torch.utils.flop_counter import FlopCounterMode
-
-        self._flops = FlopCounterMode(display=False)
+        self._flops = StepFlopCounter()  # attention counted, recomputation kept apart
         self._flops.__enter__()
 
     def flops_end(self, samples: int | None) -> None:
@@ -173,11 +173,12 @@ class RunRecorder:
         if self._flops is None:
             return
         self._flops.__exit__(None, None, None)
-        flops, self._flops, self._flops_done = self._flops.get_total_flops(), None, True
+        counter, self._flops, self._flops_done = self._flops, None, True
         assert self.telemetry is not None
-        per_step = self.telemetry.ctx.samples_per_step
-        self.telemetry.set_flops(int(flops * per_step / samples) if flops and samples
-                                 else None)
+        scale = self.telemetry.ctx.samples_per_step / samples if samples else 0.0
+        model, hardware = counter.model_flops, counter.hardware_flops
+        self.telemetry.set_flops(int(model * scale) if model and scale else None,
+                                 int(hardware * scale) if hardware and scale else None)
 
     # ---- data wait -------------------------------------------------------------------------
 

@@ -15,7 +15,10 @@ them (2 FLOPs per multiply-add), with formulas added for the attention kernels i
 (CPU flash attention among them: telemetry/sdpa_flops.py), so every scaled-dot-product
 kernel a training step can run is counted. Not counted: activations, norms, losses and
 embedding lookups (a small share of a model built on matmuls), and inference-only fused
-layers (nn.MultiheadAttention's fast path, never taken in training mode).
+layers (nn.MultiheadAttention's fast path, never taken in training mode), packed
+variable-length and nested-tensor attention (`torch.nn.attention.varlen`'s
+`_cudnn_attention_*`, whose FLOPs depend on the packed lengths) and torch's experimental
+Triton attention kernels.
 
 Model FLOPs, the numerator of MFU by its usual definition (PaLM, appendix B), are the
 FLOPs the model needs, not those the device ran: recomputation is left out. Activation
