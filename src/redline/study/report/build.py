@@ -9,7 +9,10 @@ the file opens anywhere with no network.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -43,8 +46,25 @@ def build_report(directory: str | Path, summary: dict[str, Any] | None = None) -
     html = _render(context)
     out = root / REPORT
     with writing("report", out):
-        out.write_text(html, encoding="utf-8")
+        write_atomic(out, html)
     return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`text` to `path` whole or not at all: a temporary file in the same directory, then
+    os.replace (a full disk or a kill leaves the previous file, never a truncated one)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _render(context: dict[str, Any]) -> str:
