@@ -122,3 +122,34 @@ def test_short_runs_log_at_least_twenty_points_unless_log_every_was_set(
     assert not set_explicitly(None, ["train.steps=40"], "telemetry.log_every")
     (tmp_path / "c.yaml").write_text("telemetry:\n  log_every: 50\n")
     assert set_explicitly(tmp_path / "c.yaml", [], "telemetry.log_every")
+
+
+def test_a_precision_whose_layers_ran_in_float32_changed_nothing(tmp_path: Path) -> None:
+    summary = _study(tmp_path, {"bf16-mixed": (0.905, 0.305, None)}, {
+        "fp32": [100, 98, 102], "bf16-mixed": [200, 201, 199]})
+    assert summary["recommendation"]["setting"] == "bf16-mixed"  # it did change something
+    timing = {"rounds": 3, "settings": {
+        "fp32": {"rates": [100, 98, 102]},
+        "bf16-mixed": {"rates": [200, 201, 199], "compute_dtype": "bfloat16",
+                       "ran": {"float32": 3}}}}  # what its layers produced when timed
+    plan = json.loads(json.dumps({"task": "t", "settings": [
+        {"precision": p, "vary": [], "seed": s, "reference": p == "fp32", "run": f"{p}-s{s}",
+         "label": p} for p, s in (("fp32", 0), ("fp32", 1), ("bf16-mixed", 0))]}))
+    outcomes = {s["run"]: {"status": "finished"} for s in plan["settings"]}
+    again = summarize(plan, outcomes, tmp_path, timing=timing)
+    bf16 = next(e for e in again["settings"] if e["setting"] == "bf16-mixed")
+    assert "not bfloat16 (the device ran bf16-mixed as fp32)" in bf16["changed_nothing"]
+    assert again["recommendation"]["change"] is False
+
+
+@pytest.mark.slow  # builds two jobs: a few seconds on a loaded machine
+def test_what_a_precisions_layers_ran_in_is_recorded_from_one_forward() -> None:
+    from redline.job.build import build_job
+    from redline.study.timing import compute_dtypes
+    from tests.tasks.studycases import Digits
+
+    base = RunConfig().updated({"device": "cpu", "memory.oom_guard": False})
+    bf16 = compute_dtypes(build_job(base.updated({"precision.name": "bf16-mixed"}),
+                                    Digits(n=160), None))
+    assert bf16["compute_dtype"] == "bfloat16" and bf16["ran"].get("bfloat16", 0) >= 3
+    assert compute_dtypes(build_job(base, Digits(n=160), None)) == {}  # fp32: nothing to check

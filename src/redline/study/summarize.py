@@ -147,8 +147,8 @@ def summarize(plan: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, Any]]
     ref_figures = {f["seed"]: f for g in groups.values() if g["reference"]
                    for f in g["figures"]}
     ref_precision = next((g["precision"] for g in groups.values() if g["reference"]), "fp32")
-    entries = [_entry(g, rounds.get(g["setting"], {}).get("rates", []), ref_figures,
-                      ref_precision) for g in groups.values()]
+    entries = [_entry(g, rounds.get(g["setting"], {}), ref_figures, ref_precision)
+               for g in groups.values()]
     reference = next((e for e in entries if e["reference"]), None)
     if reference is not None:
         _judge_all(entries, reference, directions)
@@ -161,9 +161,10 @@ def summarize(plan: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, Any]]
                                if reference is not None else None)}
 
 
-def _entry(group: dict[str, Any], rates: list[float], ref_figures: dict[int, Any],
+def _entry(group: dict[str, Any], timed: Mapping[str, Any], ref_figures: dict[int, Any],
            ref_precision: str) -> dict[str, Any]:
     figures = group.pop("figures")
+    rates = list(timed.get("rates", []))
     statuses = {r["status"] for r in group["runs"]}
     status = ("refused" if statuses == {"refused"} else "diverged" if "diverged" in statuses
               else "finished" if statuses == {"finished"} else "incomplete")
@@ -174,7 +175,8 @@ def _entry(group: dict[str, Any], rates: list[float], ref_figures: dict[int, Any
                                      if f.get("final_loss") is not None]}
     own = _mean([f.get("samples_per_s") for f in figures])
     nothing = (None if group["reference"] else
-               verdicts.changed_nothing(group["precision"], figures, ref_figures, ref_precision))
+               verdicts.changed_nothing(group["precision"], figures, ref_figures, ref_precision,
+                                        timed))
     return {**group, "status": status,
             "reason": next((r["reason"] for r in group["runs"] if r["reason"]), None),
             "seeds": len(figures),
@@ -192,7 +194,7 @@ def _entry(group: dict[str, Any], rates: list[float], ref_figures: dict[int, Any
             "emulated": any(f.get("emulated") for f in figures),
             "fp8_converted": next((f["fp8_converted"] for f in figures
                                    if f.get("fp8_converted") is not None), None),
-            "changed_nothing": nothing,
+            "changed_nothing": nothing, "ran": timed.get("ran"),
             "values": per_metric}
 
 

@@ -14,18 +14,27 @@ mid-measurement falls on every setting alike:
 
 STUDY/timing.json holds each setting's rates, one per round; summarize.py takes their
 median and their spread (the range relative to the median), and judges a speed-up only
-beyond that spread. Under torchrun, or with `batch_size: auto` (each run resolves its
-own micro-batch), the rounds are not run, and timing.json says why: the study then makes
-no speed claim.
+beyond that spread. Before the rounds, one forward of each setting whose precision
+computes in a narrower dtype than float32 (bf16-mixed, fp16-mixed, bf16-true) records the
+dtypes its Linear and convolution layers actually produced (`ran`): a device that
+silently ran them in float32 is a precision that changed nothing (verdicts.py).
+
+Under torchrun, or with `batch_size: auto` (each run resolves its own micro-batch), the
+rounds are not run, and timing.json says why: the study then makes no speed claim.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from redline import batch as batch_tree
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.precision import PrecisionError
@@ -62,6 +71,7 @@ def time_settings(task: Task, configs: dict[str, RunConfig], device: DeviceInfo,
                 built.append((label, Runner(task, config, device)))
             except PrecisionError as e:
                 refused[label] = str(e)
+        ran = {label: compute_dtypes(runner.job) for label, runner in built}
         for _, runner in built:
             runner.warm_up()
         timings = interleave([r for _, r in built], rounds, min_s, None if say is None else (
@@ -70,9 +80,48 @@ def time_settings(task: Task, configs: dict[str, RunConfig], device: DeviceInfo,
         for _, runner in built:
             runner.close()
     return {"rounds": rounds, "min_s": min_s,
-            "settings": {label: {"rates": t.rates, "waits": t.waits}
+            "settings": {label: {"rates": t.rates, "waits": t.waits, **ran[label]}
                          for (label, _), t in zip(built, timings, strict=True)},
             "refused": refused}
+
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+           nn.ConvTranspose3d)
+
+
+def compute_dtypes(job: Any) -> dict[str, Any]:
+    """{"compute_dtype": the precision's, "ran": {dtype: how many Linear / convolution
+    outputs had it}} from one forward of the loss on the first samples, under the
+    precision's contexts (eval mode, no gradient, random state untouched); {} for a
+    float32 precision, where there is nothing to check."""
+    from redline.rng import preserved_rng
+
+    precision = job.precision
+    if precision.compute_dtype == torch.float32:
+        return {}
+    seen: Counter[str] = Counter()
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            seen[str(output.dtype).removeprefix("torch.")] += 1
+
+    model = job.model
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, _LAYERS)]
+    was_training = model.training
+    try:
+        n = min(2, len(job.train_set))
+        batch = batch_tree.move(batch_tree.first_samples(job.train_set, n),
+                                job.device.torch_device)
+        model.eval()
+        with preserved_rng(), torch.no_grad(), precision.global_context(), \
+                precision.forward_context():
+            job.task.loss(model, batch)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return {"compute_dtype": str(precision.compute_dtype).removeprefix("torch."),
+            "ran": dict(seen)}
 
 
 def timed_configs(base: RunConfig, settings: Sequence[Any]) -> dict[str, RunConfig]:

@@ -9,9 +9,11 @@ nothing, and the recommendation that needs both.
                 With fewer than two rounds on either side, or no rounds at all, the speed
                 is "unjudged": a run's own wall clock is not a comparison.
     changed     a precision that changed nothing: fp8 / fp8-emulated with zero converted
-      nothing   layers (the run's fp8_layers record), or any setting whose losses and
-                metrics are bit-identical to the reference's run of the same seed (the
-                device ran it as the reference).
+      nothing   layers (the run's fp8_layers record); a narrower precision whose Linear and
+                convolution layers all produced float32 when it was timed (timing.py's
+                record of what ran: the device ran it as fp32); or any setting whose
+                losses and metrics are bit-identical to the reference's run of the same
+                seed (the device ran it as the reference).
     recommend   the fastest setting that finished, is not an emulation, changed
                 something, kept every metric within the reference's noise or better, and
                 is faster beyond the timing noise. Otherwise none: keep the reference, and
@@ -56,15 +58,21 @@ def speed_verdict(rates: Sequence[float], reference: Sequence[float]) -> dict[st
 
 def changed_nothing(precision: str, figures: Sequence[Mapping[str, Any]],
                     reference_figures: Mapping[int, Mapping[str, Any]],
-                    reference_precision: str) -> str | None:
+                    reference_precision: str,
+                    timed: Mapping[str, Any] | None = None) -> str | None:
     """Why the setting changed nothing, or None (module docstring). `figures`: the
-    setting's runs (run_figures, with "seed"); `reference_figures`: the reference's by seed."""
+    setting's runs (run_figures, with "seed"); `reference_figures`: the reference's by seed;
+    `timed`: the setting's timing record, with what its layers ran in."""
     if precision in FP8_NAMES:
         counts = [f.get("fp8_converted") for f in figures]
         if counts and all(c == 0 for c in counts):
             total = next((f.get("fp8_layers") for f in figures if f.get("fp8_layers")), 0)
             return (f"changed nothing: no layer qualified for fp8 (0 of {total} converted; "
                     "see the fp8 layer table), so it trained as fp32")
+    ran, wanted = (timed or {}).get("ran"), (timed or {}).get("compute_dtype")
+    if ran and wanted and wanted not in ran and set(ran) == {"float32"}:
+        return (f"changed nothing: every Linear and convolution output was float32, not "
+                f"{wanted} (the device ran {precision} as fp32)")
     for f in figures:
         ref = reference_figures.get(f.get("seed"))  # type: ignore[arg-type]
         if ref is not None and f.get("trace") and f.get("trace") == ref.get("trace"):
