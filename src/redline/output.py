@@ -165,6 +165,9 @@ def print_study(summary: dict[str, Any]) -> None:
     rec = summary.get("recommendation")
     if rec and rec.get("change", True):
         print(f"recommendation: {rec['setting']} — {rec['why']}")
+        if rec.get("excluded"):
+            print("not recommended: " + "; ".join(f"{k}: {v}"
+                                                  for k, v in rec["excluded"].items()))
     elif rec:
         print(f"recommendation: none, keep {rec['setting']} — {rec['why']}")
     else:

@@ -68,6 +68,7 @@ def test_a_speed_up_beyond_noise_with_quality_within_noise_is_recommended(
     rec = summary["recommendation"]
     assert rec["setting"] == "bf16-mixed" and rec["change"] is True
     assert rec["speedup"] == pytest.approx(1.8)
+    assert rec["excluded"]["fp16-mixed"] == "accuracy worse"
 
 
 def test_fp8_that_converted_no_layer_is_flagged_and_never_recommended(tmp_path: Path) -> None:
@@ -84,6 +85,7 @@ def test_fp8_that_converted_no_layer_is_flagged_and_never_recommended(tmp_path: 
     rec = summary["recommendation"]
     assert rec["setting"] == "fp32" and rec["change"] is False
     assert "fp8: changed nothing" in rec["why"]
+    assert rec["excluded"] == {"fp8-emulated": "changed nothing", "fp8": "changed nothing"}
 
 
 def test_fp8_with_converted_layers_is_not_flagged(tmp_path: Path) -> None:

@@ -84,9 +84,10 @@ def changed_nothing(precision: str, figures: Sequence[Mapping[str, Any]],
 
 def recommend(entries: Sequence[Mapping[str, Any]], reference: Mapping[str, Any]
               ) -> dict[str, Any]:
-    """The recommendation (module docstring): {"setting", "speedup", "change", "why"};
-    `change` False keeps the reference."""
-    chosen, reasons = [], []
+    """The recommendation (module docstring): {"setting", "speedup", "change", "why",
+    "excluded"}; `change` False keeps the reference; `excluded`: each other setting that
+    could not be recommended, with the reason."""
+    chosen, excluded = [], {}
     for e in entries:
         if e is reference:
             continue
@@ -94,19 +95,21 @@ def recommend(entries: Sequence[Mapping[str, Any]], reference: Mapping[str, Any]
         if why is None:
             chosen.append(e)
         else:
-            reasons.append(f"{e['setting']}: {why}")
+            excluded[e["setting"]] = why
+    reasons = [f"{name}: {why}" for name, why in excluded.items()]
     if chosen:
         best = max(chosen, key=lambda e: e["speed"]["speedup"])
         why = ("the fastest setting faster than the reference beyond the timing noise, with "
                "every metric within the reference's run-to-run noise or better")
         return {"setting": best["setting"], "speedup": best["speed"]["speedup"],
-                "change": True, "why": why}
+                "change": True, "why": why, "excluded": excluded}
     why = f"nothing beat {reference['setting']} on both quality and speed"
     if reasons:
         why += " (" + "; ".join(reasons) + ")"
     if reference.get("seeds", 0) < 2:
         why += "; one reference seed: no noise floor, quality differences are unjudged"
-    return {"setting": reference["setting"], "speedup": 1.0, "change": False, "why": why}
+    return {"setting": reference["setting"], "speedup": 1.0, "change": False, "why": why,
+            "excluded": excluded}
 
 
 def exclusion(entry: Mapping[str, Any]) -> str | None:
