@@ -180,3 +180,6 @@ def test_observed_case_3_fp8_that_changed_nothing_is_flagged_and_short_runs_get_
     html = (study / "report.html").read_text()
     row = html[html.index('data-setting="fp8-emulated"'):]
     assert 'data-flag="changed-nothing"' in row[:row.index("</tr>")]
+    dom, console = render(study / "report.html", tmp_path / "report.png")
+    assert console == [] and 'data-rendered="ok"' in dom
+    assert 'class="plots"' in dom  # the curves in a grid
