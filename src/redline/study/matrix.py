@@ -292,8 +292,13 @@ class Study:
             configs = timing.timed_configs(self.base, settings)
             print(f"study: timing {len(configs)} settings side by side in {timing.ROUNDS} "
                   "interleaved rounds", file=sys.stderr, flush=True)
-            record = timing.time_settings(self.task, configs,
-                                          rank_device(self.base.device, self.comm.world))
+            try:
+                record = timing.time_settings(self.task, configs,
+                                              rank_device(self.base.device, self.comm.world))
+            except (RuntimeError, UserError) as e:  # e.g. out of memory with every job built
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                record = timing.skipped(f"the timing rounds failed ({first}), so no speed "
+                                        "claim")
         write_atomic(path, json.dumps(record, indent=1))
 
     def finish(self) -> dict[str, Any]:
