@@ -282,13 +282,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from redline.study.matrix import new_study, parse_precisions
+    from redline.study.matrix import new_study, parse_precisions, set_explicitly
 
     precisions = parse_precisions(args.precision)
     # the study sets precision.name per setting: --precision is its list, not a shorthand
     config = _load(args, "study", tuple(s for s in SHORTHANDS if s[0] != "precision"))
     study = new_study(config, precisions, args.vary, args.seeds, args.other_seeds,
-                      args.run_dir, args.resume, progress=False if args.no_progress else None)
+                      args.run_dir, args.resume, progress=False if args.no_progress else None,
+                      log_every_given=set_explicitly(args.config, args.overrides,
+                                                     "telemetry.log_every"))
     if study.main:  # under torchrun: rank 0 reports the study
         output.print_study_start(study)
     _, stopped = study.run()

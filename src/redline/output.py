@@ -147,10 +147,10 @@ def print_tune(report: TuneReport) -> None:
 
 def print_study(summary: dict[str, Any]) -> None:
     metrics = list(next((e["metrics"] for e in summary["settings"] if e["reference"]), {}))
-    print(f"{'setting':<28} {'samples/s':>10} {'speed-up':>9}  " + "  ".join(metrics))
+    print(f"{'setting':<28} {'samples/s':>10}  {'speed':<46}  " + "  ".join(metrics))
     for e in summary["settings"]:
         speed = f"{e['samples_per_s']:.1f}" if e.get("samples_per_s") else "-"
-        up = f"{e['speedup']:.2f}x" if e.get("speedup") else "-"
+        verdict = (e.get("speed") or {}).get("text", "-")
         if e["status"] in ("refused", "incomplete"):
             cells = [f"{e['status']}: {e.get('reason') or ''}"]
         else:
@@ -158,10 +158,20 @@ def print_study(summary: dict[str, Any]) -> None:
                      if e["metrics"].get(m, {}).get("mean") is not None
                      else f"{m}: {e['metrics'].get(m, {}).get('text', '-')}" for m in metrics]
         label = e["setting"] + (" (emulated)" if e.get("emulated") else "")
-        print(f"{label:<28} {speed:>10} {up:>9}  " + "; ".join(cells))
+        print(f"{label:<28} {speed:>10}  {verdict:<46}  " + "; ".join(cells))
+        if e.get("changed_nothing"):
+            print(f"{'':<28} flagged: {e['changed_nothing']}")
+    timing = summary.get("timing") or {}
+    if timing.get("skipped"):
+        print(f"speed: {timing['skipped']}")
     rec = summary.get("recommendation")
-    if rec:
+    if rec and rec.get("change", True):
         print(f"recommendation: {rec['setting']} — {rec['why']}")
+        if rec.get("excluded"):
+            print("not recommended: " + "; ".join(f"{k}: {v}"
+                                                  for k, v in rec["excluded"].items()))
+    elif rec:
+        print(f"recommendation: none, keep {rec['setting']} — {rec['why']}")
     else:
         print("recommendation: none (no setting finished within the reference's noise)")
     print(f"report: {summary['report']}")
@@ -171,6 +181,8 @@ def print_study_start(study: Study) -> None:
     labels = ", ".join(dict.fromkeys(s.label for s in study.settings))
     print(f"study {study.dir}: {len(study.settings)} runs of {study.base.train.steps} steps "
           f"({labels})", file=sys.stderr, flush=True)
+    for note in study.notes:
+        print(f"study: {note}", file=sys.stderr, flush=True)
 
 
 def print_study_stopped(study: Study, stopped: str, task: str | None,

@@ -15,10 +15,11 @@ import pytest
 from redline.telemetry.jsonl import read_jsonl
 
 from ..browser import external_references, render
-from ..conftest import TOY, run_cli
+from ..conftest import ROOT, TOY, run_cli
 
 pytestmark = pytest.mark.slow
 
+DIGITS = f"{ROOT / 'tests' / 'tasks' / 'studycases.py'}:Digits"
 DEEP = ["--set", "task_args.depth=3", "--set", "task_args.hidden=128"]  # fp8 has layers to convert
 
 
@@ -151,3 +152,34 @@ def test_with_wandb_a_studys_runs_share_a_group_and_log_their_samples(tmp_path: 
         assert info.run_group == "s"
         rows = read_history(path)
         assert any(r.get("samples/images.count") == 5 for r in rows)
+
+
+def test_observed_case_3_fp8_that_changed_nothing_is_flagged_and_short_runs_get_curves(
+        tmp_path: Path) -> None:
+    """Issue 19, observed case 3: a BatchNorm CNN with its own SGD, no layer fp8 qualifies
+    for, 40 steps under the default log_every 50. fp8-emulated was listed at 1.71x "within
+    noise" although bit-identical to fp32, and every curve was a single dot."""
+    out = run_cli(["study", DIGITS, "--precision", "fp32,bf16-mixed,fp8-emulated", "--seeds",
+                   "2", "--steps", "40", "--run-dir", "study", "--json", "--no-progress"],
+                  tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "telemetry.log_every 50 -> 2" in out.stderr  # said so
+    summary = json.loads(out.stdout.splitlines()[-1])
+    by = {e["setting"]: e for e in summary["settings"]}
+    fp8 = by["fp8-emulated"]
+    assert fp8["fp8_converted"] == 0 and "changed nothing" in fp8["changed_nothing"]
+    assert summary["recommendation"]["setting"] != "fp8-emulated"
+    assert summary["recommendation"]["excluded"]["fp8-emulated"] == "changed nothing"
+    for e in by.values():  # timed side by side, in rounds, with a verdict on the speed
+        assert e["samples_per_s_source"] == "interleaved rounds" and len(e["rates"]) >= 3
+        assert e["speed"]["kind"] in ("reference", "faster", "slower", "within noise")
+    study = tmp_path / "study"
+    for run in ("fp32-s0", "fp32-s1", "bf16-mixed-s0", "fp8-emulated-s0"):
+        losses = [r for r in read_jsonl(study / run / "metrics.jsonl") if "loss" in r]
+        assert len(losses) >= 20, (run, len(losses))
+    html = (study / "report.html").read_text()
+    row = html[html.index('data-setting="fp8-emulated"'):]
+    assert 'data-flag="changed-nothing"' in row[:row.index("</tr>")]
+    dom, console = render(study / "report.html", tmp_path / "report.png")
+    assert console == [] and 'data-rendered="ok"' in dom
+    assert 'class="plots"' in dom  # the curves in a grid

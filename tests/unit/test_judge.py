@@ -54,7 +54,10 @@ def test_the_summary_recommends_the_fastest_setting_within_noise(tmp_path: Path)
     outcomes = {f"{p}-s{s}": {"status": "finished"} for p, s, _ in settings}
     outcomes["fp16-mixed-s0"] = {"status": "diverged", "reason": "non-finite steps"}
     outcomes["fp8-s0"] = {"status": "refused", "reason": "needs sm_89"}
-    summary = summarize(plan, outcomes, tmp_path)
+    rounds = {"fp32": [100, 99, 101], "bf16-mixed": [180, 178, 181],
+              "fp8-emulated": [400, 399, 402]}  # interleaved rounds of samples/s, injected
+    summary = summarize(plan, outcomes, tmp_path, timing={
+        "rounds": 3, "settings": {k: {"rates": v} for k, v in rounds.items()}})
     by = {e["setting"]: e for e in summary["settings"]}
     assert by["fp32"]["seeds"] == 2 and by["fp32"]["metrics"]["psnr"]["verdict"] == "reference"
     assert by["bf16-mixed"]["metrics"]["psnr"]["verdict"] == "within noise"

@@ -10,9 +10,14 @@
                    recorded with the reason; the study goes on
         diverged:  the run stopped itself (non-finite steps): recorded, the study goes on
         killed:    --resume continues that run from its last checkpoint
-    summary (summarize.py): per setting samples/s, step time, peak memory, each metric
-        against the reference's band (judge.py), the recommendation;
-        STUDY/summary.json and STUDY/report.html
+    timing (timing.py): every setting timed again, side by side, in interleaved rounds:
+        STUDY/timing.json (its speed verdict needs a speed-up beyond their spread)
+    summary (summarize.py, verdicts.py): per setting samples/s, step time, peak memory,
+        each metric against the reference's band (judge.py), a setting that changed
+        nothing flagged, the recommendation; STUDY/summary.json and STUDY/report.html
+
+A short run gets curves: unless telemetry.log_every was set (in the config file or with
+--set), it is lowered so each run logs at least MIN_POINTS windows, and the study says so.
 
 Every run trains a fresh model from the same seed and data order as the reference's first
 seed, so a difference is the setting's, not the draw's; the reference's other seeds
@@ -43,8 +48,13 @@ from redline.job.build import rank_device
 from redline.precision import PRECISIONS, PrecisionError
 from redline.run.rundir import new_run_dir
 from redline.run.trainer import Trainer
+from redline.study import timing
+from redline.study.report.build import write_atomic
 from redline.study.summarize import OUTCOMES, PLAN, read_outcomes, summarize
 from redline.task import Task, resolve_task, task_member
+from redline.telemetry.config import TelemetryConfig
+
+MIN_POINTS = 20  # windows a run logs at least, unless telemetry.log_every was set
 
 
 class StudyError(UserError):
@@ -98,13 +108,51 @@ def parse_precisions(text: str | None) -> list[str]:
 
 def new_study(config: RunConfig, precisions: list[str], vary: list[str], seeds: int,
               other_seeds: int, study_dir: str | Path | None = None, resume: bool = False,
-              progress: bool | None = None) -> Study:
+              progress: bool | None = None, log_every_given: bool | None = None) -> Study:
     """The study `redline study` describes: config's task under every precision x each
     --vary item's values (KEY=V1,V2), the reference with `seeds` seeds, the others with
-    `other_seeds`, in `study_dir` (default: runs/study-TASK-TIME)."""
+    `other_seeds`, in `study_dir` (default: runs/study-TASK-TIME). `log_every_given`:
+    whether the user set telemetry.log_every (None: it differs from the default)."""
     task = resolve_task(config.task, config.task_args)
+    if log_every_given is None:
+        log_every_given = config.telemetry.log_every != TelemetryConfig().log_every
+    config, notes = (config, []) if log_every_given else adapt_log_every(config)
     settings = plan_settings(config, precisions, parse_vary(vary), seeds, other_seeds)
-    return Study(task, config, settings, study_dir, resume, progress=progress)
+    return Study(task, config, settings, study_dir, resume, progress=progress, notes=notes)
+
+
+def adapt_log_every(config: RunConfig, points: int = MIN_POINTS
+                    ) -> tuple[RunConfig, list[str]]:
+    """`config` with telemetry.log_every lowered so a run of train.steps logs at least
+    `points` windows, and the note that says so ([] when it already does)."""
+    steps, every = config.train.steps, config.telemetry.log_every
+    if steps // every >= points:
+        return config, []
+    new = max(1, steps // points)
+    if new == every:
+        return config, []
+    note = (f"telemetry.log_every {every} -> {new} so each {steps}-step run logs "
+            f"{steps // new} points of its curves (set telemetry.log_every to choose)")
+    return config.updated({"telemetry.log_every": new}), [note]
+
+
+def set_explicitly(config_path: str | Path | None, overrides: list[str], key: str) -> bool:
+    """Whether `key` (dotted) is set by the config file at `config_path` or an override."""
+    from redline.config import load_config, parse_override
+
+    if any(parse_override(item)[0] == key for item in overrides):
+        return True
+    if not config_path:
+        return False
+    import yaml
+
+    load_config(config_path)  # a bad file: its one sentence, as every command gives it
+    node: Any = yaml.safe_load(Path(config_path).read_text()) or {}
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def plan_settings(base: RunConfig, precisions: list[str], vary: dict[str, list[Any]],
@@ -165,9 +213,10 @@ class Study:
 
     def __init__(self, task: Task, base: RunConfig, settings: list[Setting],
                  study_dir: str | Path | None = None, resume: bool = False,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, notes: list[str] | None = None) -> None:
         self.task, self.base, self.settings = task, base, settings
         self.resume, self.progress = resume, progress
+        self.notes = list(notes or [])  # what the study changed and why, for its output
         world = distributed.World.from_env()
         self.comm = distributed.init(world, rank_device(base.device, world).kind)
         self.main = world.main
@@ -176,7 +225,7 @@ class Study:
 
     def _claim(self, path: Path | None) -> Path:
         plan = {"task": self.base.task or self.task.name, "base": self.base.to_dict(),
-                "settings": [{**asdict(s), "run": s.run_name, "label": s.label}
+                "notes": self.notes, "settings": [{**asdict(s), "run": s.run_name, "label": s.label}
                              for s in self.settings]}
         plan = json.loads(json.dumps(plan))  # tuples as lists, as the file holds them
         if path is None:
@@ -222,7 +271,35 @@ class Study:
                     self._say(i, setting, outcome)
         finally:
             bar.close()
+        if self.main:
+            self._time(outcomes)
         return outcomes, None
+
+    def _time(self, outcomes: list[Outcome]) -> None:
+        """STUDY/timing.json: every setting timed in interleaved rounds (timing.py), once."""
+        path = self.dir / timing.TIMING
+        if path.is_file():
+            return
+        finished = {o.run for o in outcomes if o.status == "finished"}
+        settings = [s for s in self.settings if s.run_name in finished]
+        if self.comm.world.distributed:
+            record = timing.skipped("under torchrun the rounds are not run: each run's "
+                                    "samples/s is its own clock's, so no speed claim")
+        elif self.base.train.auto_batch:
+            record = timing.skipped("batch_size auto: each run chose its own micro-batch, "
+                                    "so the settings are not timed side by side")
+        else:
+            configs = timing.timed_configs(self.base, settings)
+            print(f"study: timing {len(configs)} settings side by side in {timing.ROUNDS} "
+                  "interleaved rounds", file=sys.stderr, flush=True)
+            try:
+                record = timing.time_settings(self.task, configs,
+                                              rank_device(self.base.device, self.comm.world))
+            except (RuntimeError, UserError) as e:  # e.g. out of memory with every job built
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                record = timing.skipped(f"the timing rounds failed ({first}), so no speed "
+                                        "claim")
+        write_atomic(path, json.dumps(record, indent=1))
 
     def finish(self) -> dict[str, Any]:
         """Judge what has run: STUDY/summary.json and STUDY/report.html; the summary."""
@@ -233,7 +310,7 @@ class Study:
         summary = summarize(plan, outcomes, self.dir,
                             task_member(self.task, "metric_directions"))
         with writing("study summary", self.dir / "summary.json"):
-            (self.dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1, default=str))
         summary["report"] = str(build_report(self.dir, summary))
         return summary
 

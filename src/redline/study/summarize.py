@@ -5,10 +5,15 @@ run's windows (the first left out when there are others: it holds start-up), the
 memory (the allocator's or the budget tracker's peak where there is one; on a CPU without a
 budget, the peak its tracked first step counted; else the process's resident high-water
 mark; and which it is), the final evaluation, and the
-skipped and non-finite steps. `summarize(plan, outcomes, study_dir)` groups a study's runs
-by setting, gives the reference's band for each metric and every other setting's verdict
-(judge.py), the speed-up against the reference, and the recommendation: the fastest
-setting whose every metric is within the reference's noise or better. An emulated
+skipped and non-finite steps, the precision that ran and, for fp8, how many layers it
+converted, and the run's trace (every window's loss and every evaluation, to tell a
+setting bit-identical to the reference's). `summarize(plan, outcomes, study_dir)` groups a
+study's runs by setting, gives the reference's band for each metric and every other
+setting's verdict (judge.py), the speed-up against the reference from the interleaved
+timing rounds (timing.py; a run's own samples/s is kept beside it, not judged), and the
+flags and recommendation of verdicts.py: the fastest setting faster beyond the timing
+noise whose every metric is within the reference's noise or better, and that changed
+something; otherwise none (keep the reference) with each setting's reason. An emulated
 precision (fp8-emulated) is judged on quality but never recommended for speed: its
 samples/s are not the format's.
 """
@@ -23,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from redline import judge
+from redline.study import verdicts
+from redline.study.timing import read_timing
 from redline.telemetry import schema as K
 from redline.telemetry.jsonl import read_jsonl
 
@@ -61,6 +68,7 @@ def run_figures(run_dir: str | Path) -> dict[str, Any]:
         if values:
             peak, source = max(values), name
             break
+    precision, fp8_layers = _precision_record(Path(run_dir) / "events.jsonl")
     final_eval = {k.removeprefix(K.EVAL_PREFIX): _number(v)
                   for k, v in (evals[-1] if evals else {}).items()
                   if K.is_eval(k) and k != K.EVAL_TIME and _number(v) is not None}
@@ -71,7 +79,26 @@ def run_figures(run_dir: str | Path) -> dict[str, Any]:
         "skipped_steps": sum(int(r.get(K.SKIPPED_STEPS) or 0) for r in windows),
         "nonfinite_steps": sum(int(r.get(K.NONFINITE_STEPS) or 0) for r in windows),
         "emulated": any(r.get(K.EMULATED) for r in windows),
+        "precision": precision,
+        "fp8_layers": len(fp8_layers) if precision in verdicts.FP8_NAMES else None,
+        "fp8_converted": (sum(bool(d.get("converted")) for d in fp8_layers)
+                          if precision in verdicts.FP8_NAMES else None),
+        "trace": [[r.get(K.STEP), r.get(K.LOSS)] for r in windows]
+                 + [sorted((k, str(v)) for k, v in r.items() if K.is_eval(k)
+                           and k != K.EVAL_TIME) for r in evals],
     }
+
+
+def _precision_record(events: Path) -> tuple[str | None, list[dict[str, Any]]]:
+    """(the precision the run started with, fp8's per-layer decisions: [] when it
+    recorded none, as a model with no Linear or convolution does), from events.jsonl."""
+    if not events.is_file():
+        return None, []
+    rows = read_jsonl(events)
+    precision = next((e.get("precision") for e in reversed(rows)
+                      if e.get("event") == "run_start"), None)
+    plan = [e for e in rows if e.get("event") == "fp8_layers"]
+    return precision, (plan[-1].get("layers") or []) if plan else []
 
 
 def _checked_peak(events: Path) -> int | None:
@@ -98,9 +125,10 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarize(plan: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, Any]],
-              study_dir: str | Path,
-              directions: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The study's summary: one entry per setting, and the recommendation (module doc)."""
+              study_dir: str | Path, directions: Mapping[str, str] | None = None,
+              timing: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The study's summary: one entry per setting, and the recommendation (module doc).
+    `timing`: the interleaved rounds (timing.py's record); default STUDY/timing.json."""
     groups: dict[str, dict[str, Any]] = {}
     for s in plan["settings"]:
         label, run = s["label"], s["run"]
@@ -112,18 +140,31 @@ def summarize(plan: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, Any]]
                               "status": outcome["status"] if outcome else "not run",
                               "reason": outcome.get("reason") if outcome else None})
         if outcome and outcome["status"] in ("finished", "diverged"):
-            group["figures"].append(run_figures(Path(study_dir) / run))
-    entries = [_entry(g) for g in groups.values()]
+            group["figures"].append({**run_figures(Path(study_dir) / run), "seed": s["seed"]})
+    if timing is None:
+        timing = read_timing(study_dir) or {}
+    rounds = timing.get("settings", {})
+    ref_figures = {f["seed"]: f for g in groups.values() if g["reference"]
+                   for f in g["figures"]}
+    ref_precision = next((g["precision"] for g in groups.values() if g["reference"]), "fp32")
+    entries = [_entry(g, rounds.get(g["setting"], {}), ref_figures, ref_precision)
+               for g in groups.values()]
     reference = next((e for e in entries if e["reference"]), None)
     if reference is not None:
         _judge_all(entries, reference, directions)
     return {"study_dir": str(study_dir), "task": plan.get("task"),
             "reference": reference["setting"] if reference else None,
-            "settings": entries, "recommendation": _recommend(entries, reference)}
+            "timing": {"rounds": timing.get("rounds", 0), "skipped": timing.get("skipped")},
+            "notes": list(plan.get("notes", [])),
+            "settings": entries,
+            "recommendation": (verdicts.recommend(entries, reference)
+                               if reference is not None else None)}
 
 
-def _entry(group: dict[str, Any]) -> dict[str, Any]:
+def _entry(group: dict[str, Any], timed: Mapping[str, Any], ref_figures: dict[int, Any],
+           ref_precision: str) -> dict[str, Any]:
     figures = group.pop("figures")
+    rates = list(timed.get("rates", []))
     statuses = {r["status"] for r in group["runs"]}
     status = ("refused" if statuses == {"refused"} else "diverged" if "diverged" in statuses
               else "finished" if statuses == {"finished"} else "incomplete")
@@ -132,10 +173,17 @@ def _entry(group: dict[str, Any]) -> dict[str, Any]:
     if not metrics and figures:  # no evaluation set: judge the final training loss
         per_metric = {"train_loss": [f["final_loss"] for f in figures
                                      if f.get("final_loss") is not None]}
+    own = _mean([f.get("samples_per_s") for f in figures])
+    nothing = (None if group["reference"] else
+               verdicts.changed_nothing(group["precision"], figures, ref_figures, ref_precision,
+                                        timed))
     return {**group, "status": status,
             "reason": next((r["reason"] for r in group["runs"] if r["reason"]), None),
             "seeds": len(figures),
-            "samples_per_s": _mean([f.get("samples_per_s") for f in figures]),
+            "samples_per_s": statistics.median(rates) if rates else own,
+            "samples_per_s_source": "interleaved rounds" if rates else "the runs' own clocks",
+            "run_samples_per_s": own, "rates": list(rates),
+            "speed_spread": judge.relative_range(rates) if rates else None,
             "step_time_s": _mean([f.get("step_time_s") for f in figures]),
             "peak_memory_bytes": max((f["peak_memory_bytes"] for f in figures
                                       if f.get("peak_memory_bytes")), default=None),
@@ -144,6 +192,9 @@ def _entry(group: dict[str, Any]) -> dict[str, Any]:
             "skipped_steps": sum(f.get("skipped_steps", 0) for f in figures),
             "nonfinite_steps": sum(f.get("nonfinite_steps", 0) for f in figures),
             "emulated": any(f.get("emulated") for f in figures),
+            "fp8_converted": next((f["fp8_converted"] for f in figures
+                                   if f.get("fp8_converted") is not None), None),
+            "changed_nothing": nothing, "ran": timed.get("ran"),
             "values": per_metric}
 
 
@@ -151,10 +202,11 @@ def _judge_all(entries: list[dict[str, Any]], reference: dict[str, Any],
                directions: Mapping[str, str] | None) -> None:
     ref_name = reference["precision"]
     bands = {m: judge.Band.of(v) for m, v in reference["values"].items()}
-    ref_speed = reference["samples_per_s"]
     for e in entries:
-        e["speedup"] = (e["samples_per_s"] / ref_speed
-                        if e["samples_per_s"] and ref_speed else None)
+        e["speed"] = ({"kind": "reference", "speedup": 1.0, "noise": e["speed_spread"],
+                       "text": "reference"} if e is reference
+                      else verdicts.speed_verdict(e["rates"], reference["rates"]))
+        e["speedup"] = e["speed"]["speedup"] if e is not reference else 1.0
         e["metrics"] = {}
         for m, band in bands.items():
             values = e["values"].get(m, [])
@@ -174,21 +226,3 @@ def _judge_all(entries: list[dict[str, Any]], reference: dict[str, Any],
                                 diverged=e["status"] == "diverged", reference=ref_name)
                 item["verdict"], item["text"] = v.kind, v.text
             e["metrics"][m] = item
-
-
-def _recommend(entries: list[dict[str, Any]], reference: dict[str, Any] | None
-               ) -> dict[str, Any] | None:
-    if reference is None:
-        return None
-    ok = [e for e in entries if e["status"] == "finished" and not e["emulated"]
-          and e["samples_per_s"] and (e is reference or all(
-              m["verdict"] in ("within noise", "better") for m in e["metrics"].values()))]
-    if not ok:
-        return None
-    best = max(ok, key=lambda e: e["samples_per_s"])
-    why = ("the fastest setting whose every metric is within the reference's run-to-run "
-           "noise or better" if best is not reference else
-           "no faster setting kept its quality within the reference's noise")
-    if reference["seeds"] < 2:
-        why += " (one reference seed: no noise floor, differences are unjudged)"
-    return {"setting": best["setting"], "speedup": best.get("speedup"), "why": why}

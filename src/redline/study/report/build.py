@@ -9,7 +9,10 @@ the file opens anywhere with no network.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -43,8 +46,25 @@ def build_report(directory: str | Path, summary: dict[str, Any] | None = None) -
     html = _render(context)
     out = root / REPORT
     with writing("report", out):
-        out.write_text(html, encoding="utf-8")
+        write_atomic(out, html)
     return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`text` to `path` whole or not at all: a temporary file in the same directory, then
+    os.replace (a full disk or a kill leaves the previous file, never a truncated one)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _render(context: dict[str, Any]) -> str:
@@ -61,8 +81,8 @@ def _render(context: dict[str, Any]) -> str:
 def _num(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
+    if isinstance(value, float):  # 15469.7 as 15470, not as 1.547e+04
+        return f"{value:.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"
     return str(value)
 
 
@@ -93,12 +113,36 @@ def _curves(runs: dict[str, Path]) -> list[dict[str, str]]:
             figures.append({"title": title, "uri": uri})
     metrics = sorted({k for rs in rows.values() for r in rs for k in r
                       if K.is_eval(k) and k != K.EVAL_TIME})
+    baselines = {b: m for b in metrics if (m := baseline_of(b, metrics))}
     for key in metrics:
+        if key in baselines:  # drawn on its metric's plot instead
+            continue
+        refs = {f"baseline: {b.removeprefix(K.EVAL_PREFIX)}": [
+                    (r[K.STEP], r.get(b)) for r in next(iter(rows.values())) if b in r]
+                for b, m in baselines.items() if m == key}
         uri = plots.lines({label: [(r[K.STEP], r.get(key)) for r in rs if key in r]
-                           for label, rs in rows.items()}, f"evaluation: {key}")
+                           for label, rs in rows.items()}, f"evaluation: {key}",
+                          references=refs)
         if uri:
             figures.append({"title": f"evaluation: {key}", "uri": uri})
     return figures
+
+
+BASELINE_WORDS = ("baseline", "bicubic", "bilinear", "nearest", "identity", "trivial")
+
+
+def baseline_of(key: str, keys: list[str]) -> str | None:
+    """The metric `key` is a task's baseline of (eval/psnr_bicubic -> eval/psnr,
+    eval/baseline_bleu4 -> eval/bleu4), or None."""
+    name = key.removeprefix(K.EVAL_PREFIX)
+    for other in keys:
+        base = other.removeprefix(K.EVAL_PREFIX)
+        if other == key or not base:
+            continue
+        if name in (f"baseline_{base}", f"{base}_baseline") or (
+                name.startswith(base + "_") and name[len(base) + 1:] in BASELINE_WORDS):
+            return other
+    return None
 
 
 def _statistics(label: str, run_dir: Path) -> list[dict[str, str]]:
@@ -141,36 +185,45 @@ def _environment(run_dir: Path) -> dict[str, Any]:
 
 
 def _samples(by_label: dict[str, Path]) -> list[dict[str, Any]]:
-    """For each fixed input: the images and texts every run shares (the input, the
-    reference), once, and each run's own output beside them with its metrics."""
+    """For each fixed input, one row of cells in the task's image order: each image every
+    run shares (the input, a baseline, the reference) once, and every run's own output
+    where the task puts its output (sr3: low-res, bicubic, each run's output, high-res),
+    with its texts and metrics; texts every run shares last."""
     per_run = {label: read_samples(path) for label, path in by_label.items()}
     per_run = {label: s for label, s in per_run.items() if s}
     if not per_run:
         return []
     count = min(len(s) for s in per_run.values())
-    rows = []
-    for i in range(count):
-        entries = {label: s[i] for label, s in per_run.items()}
-        first = next(iter(entries.values()))
-        shared_images = [name for name, path in first["images"].items()
-                         if all(e["images"].get(name) is not None and
-                                Path(e["images"][name]).read_bytes() == Path(path).read_bytes()
-                                for e in entries.values())]
-        shared_texts = [name for name, text in first["texts"].items()
-                        if all(e["texts"].get(name) == text for e in entries.values())]
-        rows.append({
-            "title": first["title"],
-            "shared": [{"name": n, "uri": plots.image_uri(first["images"][n])}
-                       for n in shared_images],
-            "shared_texts": [{"name": n, "text": first["texts"][n]} for n in shared_texts],
-            "outputs": [{"label": label,
-                         "images": [{"name": n, "uri": plots.image_uri(p)}
-                                    for n, p in e["images"].items() if n not in shared_images],
-                         "texts": [{"name": n, "text": t} for n, t in e["texts"].items()
-                                   if n not in shared_texts],
-                         "metrics": e.get("metrics", {})}
-                        for label, e in entries.items()]})
-    return rows
+    return [_sample_row({label: s[i] for label, s in per_run.items()})
+            for i in range(count)]
+
+
+def _sample_row(entries: dict[str, Any]) -> dict[str, Any]:
+    first = next(iter(entries.values()))
+    shared = {name for name, path in first["images"].items()
+              if all(e["images"].get(name) is not None and
+                     Path(e["images"][name]).read_bytes() == Path(path).read_bytes()
+                     for e in entries.values())}
+    shared_texts = [name for name, text in first["texts"].items()
+                    if all(e["texts"].get(name) == text for e in entries.values())]
+    outputs = [{"kind": "output", "label": label,
+                "images": [{"name": n, "uri": plots.image_uri(p)}
+                           for n, p in e["images"].items() if n not in shared],
+                "texts": [{"name": n, "text": t} for n, t in e["texts"].items()
+                          if n not in shared_texts],
+                "metrics": e.get("metrics", {})} for label, e in entries.items()]
+    cells: list[dict[str, Any]] = []
+    for name, path in first["images"].items():
+        if name in shared:
+            cells.append({"kind": "image", "name": name, "uri": plots.image_uri(path)})
+        elif outputs:  # the runs' outputs, once, where the first of them stands
+            cells += outputs
+            outputs = []
+    cells += outputs  # a task whose every image is shared: the outputs after them
+    if shared_texts:
+        cells.append({"kind": "texts", "texts": [{"name": n, "text": first["texts"][n]}
+                                                 for n in shared_texts]})
+    return {"title": first["title"], "cells": cells}
 
 
 # ---- a study -------------------------------------------------------------------------------
