@@ -29,6 +29,7 @@ config's `precision.name` is validated against that registry (docs/architecture.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -208,6 +209,46 @@ class FP16Mixed(_Autocast):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+
+SCALER_WINDOW = 20
+"""Optimizer steps over which fp16's loss-scaler skips are judged (ScalerWatch)."""
+SCALER_SKIP_SHARE = 0.5
+"""More than this share of the last SCALER_WINDOW steps skipped is no longer the scaler
+calibrating: from 65536 it halves once per overflowing step, so a start-up of a few skips
+stays far below it, while a gradient that is non-finite at every scale skips them all."""
+
+
+class ScalerWatch:
+    """Whether fp16's loss scaler skips most updates: a few skips at the start are it
+    finding its scale, but more than SCALER_SKIP_SHARE of a full window of SCALER_WINDOW
+    steps means the gradients overflow whatever the scale, and fp16 trains nothing.
+    `overflowing` holds while that is so; `run` counts the skipped steps in a row."""
+
+    def __init__(self, window: int = SCALER_WINDOW, share: float = SCALER_SKIP_SHARE) -> None:
+        self.recent: collections.deque[bool] = collections.deque(maxlen=window)
+        self.share = share
+        self.run = 0
+        self.overflowing = False
+        self.warned = False
+
+    def add(self, skipped: bool) -> bool:
+        """One optimizer step's outcome; True the first time the share is exceeded (the
+        moment to warn)."""
+        self.recent.append(skipped)
+        self.run = self.run + 1 if skipped else 0
+        full = len(self.recent) == self.recent.maxlen
+        self.overflowing = full and sum(self.recent) > self.share * len(self.recent)
+        first = self.overflowing and not self.warned
+        self.warned = self.warned or self.overflowing
+        return first
+
+    def sentence(self) -> str:
+        """What happened and what to do, in one sentence."""
+        return (f"fp16's loss scaler skipped {sum(self.recent)} of the last {len(self.recent)} "
+                "updates on non-finite gradients, so the model is not training: use "
+                "bf16-mixed (or fp32), lower the learning rate, or look for an inf in the "
+                "loss or the model's outputs")
 
 
 class BF16True(BF16Mixed):

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -255,3 +256,70 @@ def test_a_peer_out_of_memory_redoes_the_step_here_with_the_smaller_micro_batch(
     assert engine.micro_batch_size == 4 and calls == [0] and comm.sent == [(0, 0), (0, 0)]
     for p, q in zip(ddp.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+def _kicked(kind: str, fused: bool, patience: int = 0) -> tuple[Engine, Any]:
+    from tests.tasks.doctorcases import Calibrating, InfGradient
+
+    task = {"inf": InfGradient, "calibrating": Calibrating}[kind]()
+    torch.manual_seed(0)
+    model = task.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if fused else {}))
+    return Engine(model, opt, "fp16-mixed", scaler_patience=patience), task
+
+
+@pytest.mark.parametrize("fused", [True, False])  # the norm's host value; the hook's flag
+def test_fp16_skipping_every_update_warns_at_once_and_stops_at_patience(
+        fused: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """A gradient inf at every scale: the scaler skips every update. Once more than half
+    of a full window of 20 steps was skipped, one warning; the skipped steps in a row count
+    toward the patience, so the run stops instead of training nothing."""
+    from redline.errors import RunStopped
+    from redline.precision import SCALER_WINDOW
+
+    engine, task = _kicked("inf", fused)
+    batch = (task.x[:16], task.y[:16])
+    for step in range(1, SCALER_WINDOW):
+        engine.step(batch, task.loss)
+        engine.state.step = step
+        assert engine.applied is not True
+    assert capsys.readouterr().err == ""  # a window not yet full says nothing
+    engine.step(batch, task.loss)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "skipped 20 of the last 20 updates" in err
+    assert "bf16-mixed" in err and "learning rate" in err and "(step 20)" in err
+    for _ in range(5):  # without a patience: warned once, never stopped
+        engine.step(batch, task.loss)
+    assert capsys.readouterr().err == ""
+    stopping, task = _kicked("inf", fused, patience=10)
+    with pytest.raises(RunStopped, match=r"skipped 20 updates in a row.*patience \(10\)"):
+        for _ in range(SCALER_WINDOW):
+            stopping.step(batch, task.loss)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp16_start_up_calibration_is_not_a_warning(
+        fused: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """The scaler halving from 65536 to the scale that fits skips its first 7 updates,
+    then trains: no warning, no stop."""
+    engine, task = _kicked("calibrating", fused, patience=3)
+    batch = (task.x[:16], task.y[:16])
+    applied = []
+    for _ in range(60):
+        engine.step(batch, task.loss)
+        applied.append(bool(engine.applied) if isinstance(engine.applied, bool)
+                       else bool(torch.isfinite(engine.grad_norm)))
+    assert applied[:7] == [False] * 7 and all(applied[7:])  # the construction holds
+    assert engine.scaler_watch is not None and not engine.scaler_watch.overflowing
+    assert capsys.readouterr().err == ""
+
+
+def test_scaler_watch_judges_a_full_window_by_share() -> None:
+    from redline.precision import ScalerWatch
+
+    watch = ScalerWatch(window=4, share=0.5)
+    assert [watch.add(s) for s in (True, True, True)] == [False] * 3  # not full yet
+    assert watch.add(False) is True and watch.overflowing  # 3 of 4 > half: warn
+    assert watch.add(False) is False and not watch.overflowing  # 2 of 4: not more than half
+    assert [watch.add(True) for _ in range(3)] == [False] * 3  # over again: warned once
+    assert watch.overflowing and watch.run == 3
