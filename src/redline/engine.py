@@ -21,12 +21,12 @@ the trainer builds) is handed the flag as `found_inf` and skips on the device, n
 read; another optimizer needs one host read (a sync) a step. fp16's GradScaler skips
 such steps itself (on the device with a fused optimizer, after a host read of its inf
 flag otherwise). Where whether it skipped is known on the host for free (the hook's flag,
-or a gradient norm in host memory), the steps feed a `ScalerWatch`: once the scaler skips
-more than SCALER_SKIP_SHARE of SCALER_WINDOW steps it says so on stderr at once, and with
-`scaler_patience` the skipped steps in a row count toward it like non-finite ones (the
-trainer passes train.nonfinite_patience): fp16 cannot train nothing silently. With a fused
-optimizer on a device, knowing would cost a sync a step: there the telemetry window's
-`skipped_steps` carries the count.
+or a gradient norm in host memory), the steps feed a `ScalerWatch`: while the scaler skips
+more than SCALER_SKIP_SHARE of SCALER_WINDOW steps, each skipped step fires Event.ANOMALY
+(kind "scaler_skips", with the skipped steps in a row), on which the trainer warns at once
+and counts them toward train.nonfinite_patience (run/watch.py): fp16 cannot train nothing
+silently. With a fused optimizer on a device, knowing would cost a sync a step: there the
+telemetry window's `skipped_steps` carries the count.
 
 Under DistributedDataParallel (a `comm` of more than one rank) every forward, and every
 backward but the last, runs under `no_sync`, so gradients accumulate locally; the last
@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -68,7 +67,6 @@ from redline._torch_compat import (
 )
 from redline.device import DeviceInfo
 from redline.distributed import Comm, PeerOutOfMemory, oom_after_agreement
-from redline.errors import RunStopped
 from redline.events import Dispatcher, Event, State
 from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, StepStart
 from redline.precision import Precision, ScalerWatch, get_precision
@@ -99,9 +97,6 @@ class EngineConfig:
     host_reads: bool | None = None
     """Check the gradient norm on the host: None where it is host memory (the CPU); False
     runs the device path (a fused optimizer's `found_inf`) anywhere."""
-    scaler_patience: int = 0
-    """fp16: once its loss scaler skips most updates (module docstring), stop the run
-    (errors.RunStopped) when this many steps in a row were skipped; 0: warn only."""
 
     def __post_init__(self) -> None:
         clip, micro = self.grad_clip, self.micro_batch_size
@@ -111,8 +106,6 @@ class EngineConfig:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro!r}")
         if self.oom_guard is True and self.micro_batch_size is None:
             raise ValueError("oom_guard needs a micro_batch_size to shrink from")
-        if self.scaler_patience < 0:
-            raise ValueError(f"scaler_patience must be >= 0, got {self.scaler_patience!r}")
 
     @classmethod
     def of(cls, config: EngineConfig | Precision | str | None, **settings: Any) -> EngineConfig:
@@ -383,27 +376,10 @@ class Engine:
         if self.scheduler is not None:
             self.scheduler.step()
         self.updating = False
-        if self.scaler_watch is not None:
-            self._watch_scaler(self.scaler_watch, norm)
-
-    def _watch_scaler(self, watch: ScalerWatch, norm: torch.Tensor | None) -> None:
-        """Count fp16's skipped update where that is known on the host for free (module
-        docstring); warn once, and stop after `scaler_patience` skipped in a row."""
-        if isinstance(self.applied, bool):
-            skipped = not self.applied
-        elif norm is not None and norm.device.type == "cpu":  # host memory: no sync
-            skipped = not math.isfinite(norm.item())
-        else:
-            return
-        if watch.add(skipped) and (self._comm is None or self._comm.world.main):
-            print(f"redline: warning: {watch.sentence()} (step {self.state.step + 1})",
-                  file=sys.stderr, flush=True)
-        patience = self.config.scaler_patience
-        if watch.overflowing and patience and watch.run >= patience:
-            raise RunStopped(f"fp16's loss scaler skipped {watch.run} updates in a row (up to "
-                             f"step {self.state.step + 1}) on non-finite gradients: stopped at "
-                             f"the run's non-finite patience ({patience}); use bf16-mixed (or "
-                             "fp32), lower the learning rate, or look for an inf in the loss")
+        if self.scaler_watch is not None:  # fp16: most updates skipped? (module docstring)
+            info = self.scaler_watch.observe(self.applied, norm, self.state.step + 1)
+            if info is not None:
+                self.dispatcher.fire(Event.ANOMALY, self.state, info)
 
     def _step_unless_nonfinite(self, norm: torch.Tensor) -> bool | torch.Tensor:
         if self._flag_on_device:  # the kernel skips the update and its step count

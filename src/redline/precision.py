@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -242,6 +243,25 @@ class ScalerWatch:
         first = self.overflowing and not self.warned
         self.warned = self.warned or self.overflowing
         return first
+
+    def observe(self, applied: bool | torch.Tensor | None, norm: torch.Tensor | None,
+                step: int) -> dict[str, Any] | None:
+        """One step, from what the engine knows on the host for free: the optimizer step's
+        own flag (a bool), else a gradient norm in host memory (inf/NaN: skipped); a flag
+        or norm on a device is not read (a sync), and the step is not counted. The
+        Event.ANOMALY to fire ("scaler_skips") for a skipped step while overflowing."""
+        if isinstance(applied, bool):
+            skipped = not applied
+        elif norm is not None and norm.device.type == "cpu":
+            skipped = not math.isfinite(norm.item())
+        else:
+            return None
+        self.add(skipped)
+        if not (self.overflowing and skipped):
+            return None
+        return {"kind": "scaler_skips", "step": step, "run": self.run,
+                "skipped": sum(self.recent), "window": len(self.recent),
+                "message": self.sentence()}
 
     def sentence(self) -> str:
         """What happened and what to do, in one sentence."""

@@ -158,9 +158,7 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
              else functools.partial(_tracked_budget, limit[0], device, model, optimizer))
     settings = EngineConfig(precision, grad_clip=t.grad_clip, micro_batch_size=micro,
                             oom_guard=guard, memory_check=check,
-                            skip_nonfinite=t.on_nonfinite != "warn",
-                            scaler_patience={"skip": t.nonfinite_patience, "stop": 1}.get(
-                                t.on_nonfinite, 0))
+                            skip_nonfinite=t.on_nonfinite != "warn")
     engine = Engine(step_model, optimizer, settings, scheduler=scheduler,
                     dispatcher=dispatcher, state=state, comm=comm)
     return Job(config=config, task=task, device=device, precision=precision, model=model,
