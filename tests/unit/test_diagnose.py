@@ -583,9 +583,14 @@ def test_framework_runs_are_advised_in_the_frameworks_own_settings(
 def test_a_framework_config_written_before_its_mapping_still_names_the_framework(
         tmp_path: Path) -> None:
     """The landed callbacks wrote `framework: lightning` (a string): still a framework."""
-    cfg = {"framework": "lightning", "precision": {"name": "fp32"}}
-    f = by_kind(diagnose(healthy(tmp_path, cfg=cfg, metrics=windows(data_wait_pct=40.0)))[0])
+    cfg = {"framework": "lightning", "trainer": {"accumulate_grad_batches": 4}}
+    f = by_kind(diagnose(healthy(tmp_path, cfg=cfg, metrics=windows(data_wait_pct=40.0,
+                                                                    mem_pct=10.0)))[0])
     assert "DataLoader(num_workers=...)" in f["input-bound"].message
+    assert "accumulate_grad_batches" in f["memory-headroom"].message
+    cfg = {"framework": "transformers", "training_args": {"gradient_accumulation_steps": 1}}
+    f = by_kind(diagnose(healthy(tmp_path / "hf", cfg=cfg, metrics=windows(mem_pct=10.0)))[0])
+    assert "memory-headroom" not in f  # no accumulation: a larger batch is a recipe change
 
 
 def test_own_loop_runs_are_told_about_their_own_loader(tmp_path: Path) -> None:

@@ -84,7 +84,14 @@ def owner(cfg: dict[str, Any]) -> str:
 
 
 def framework_accumulation(cfg: dict[str, Any]) -> int | None:
-    """The framework's gradient accumulation, as its callback recorded it; None: unknown."""
+    """The framework's gradient accumulation, as its callback recorded it (`framework:
+    {accumulate}`, or where earlier callbacks kept the framework's own setting); None:
+    unknown."""
     framework = cfg.get("framework")
-    value = framework.get("accumulate") if isinstance(framework, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    trainer, args = cfg.get("trainer"), cfg.get("training_args")
+    for value in (framework.get("accumulate") if isinstance(framework, dict) else None,
+                  trainer.get("accumulate_grad_batches") if isinstance(trainer, dict) else None,
+                  args.get("gradient_accumulation_steps") if isinstance(args, dict) else None):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None

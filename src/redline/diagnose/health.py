@@ -43,7 +43,7 @@ def ended(ev: Evidence) -> Finding | None:
              and e.get("finite", True)] or [e["step"] for e in ev.events[:starts[-1]]
                                              if e.get("event") == "checkpoint_saved"]
     last_good = f"step {saved[-1]}" if saved else "none"
-    if ev.owner != A.REDLINE:  # redline saved none of its checkpoints
+    if ev.owner != A.REDLINE and not saved:  # its loop saves its own checkpoints
         last_good = "its own (redline saves none for it)"
     max_steps = start.get("max_steps")
     for e in reversed(after):
