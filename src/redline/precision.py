@@ -11,6 +11,10 @@ A policy is a small object with a fixed set of methods, chosen by name:
         policy.unscale(optimizer)                       # before clipping
         applied = policy.optimizer_step(optimizer)      # False: fp16's scaler skipped it
 
+fp16's `ScalerWatch` tells the scaler's normal start-up skips from a gradient that
+overflows at every scale (more than SCALER_SKIP_SHARE of SCALER_WINDOW steps skipped),
+which the engine reports and the trainer counts toward train.nonfinite_patience.
+
 A precision the device cannot run raises `PrecisionError` with the reason; it is never
 silently replaced by another (peers quietly run fp32 when fp16 was asked for on CPU).
 

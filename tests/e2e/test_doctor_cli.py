@@ -51,7 +51,8 @@ def test_doctor_does_not_ask_for_memory_target_after_a_search_that_chose_for_spe
     assert out.returncode == 0, out.stderr
     search = next(e for e in read_jsonl(tmp_path / "r" / "events.jsonl")
                   if e["event"] == "autobatch")
-    assert search["max_fit"] == 64  # every size up to the 64 samples fits: not memory
+    # every size up to the task's 64 samples fits in a few MiB: memory stopped nothing
+    assert search["micro_batch"] <= search["max_fit"] <= 64
     doctor = run_cli(["doctor", "r"], tmp_path)
     assert doctor.returncode == 0, doctor.stderr
     assert "memory.target" not in doctor.stdout, doctor.stdout

@@ -346,13 +346,3 @@ def test_the_trainer_warns_once_and_counts_the_skips_toward_its_patience(
     told = [e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "scaler_skips"]
     assert [(e["step"], e["skipped"]) for e in told] == [(20, 20)]
 
-
-def test_scaler_watch_judges_a_full_window_by_share() -> None:
-    from redline.precision import ScalerWatch
-
-    watch = ScalerWatch(window=4, share=0.5)
-    assert [watch.add(s) for s in (True, True, True)] == [False] * 3  # not full yet
-    assert watch.add(False) is True and watch.overflowing  # 3 of 4 > half: warn
-    assert watch.add(False) is False and not watch.overflowing  # 2 of 4: not more than half
-    assert [watch.add(True) for _ in range(3)] == [False] * 3  # over again: warned once
-    assert watch.overflowing and watch.run == 3
