@@ -39,6 +39,8 @@ def test_fp16_start_up_calibration_trains_on_silently(tmp_path: Path) -> None:
                    "40", "--run-dir", "r", "--no-progress", "--no-report"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "loss scaler" not in out.stderr
+    doctor = run_cli(["doctor", "r"], tmp_path)  # nor is it doctor's "switch to bf16"
+    assert doctor.returncode == 0 and "loss scaler" not in doctor.stdout, doctor.stdout
 
 
 def test_doctor_does_not_ask_for_memory_target_after_a_search_that_chose_for_speed(

@@ -497,6 +497,9 @@ WRONG: dict[str, list[tuple[str, dict[str, Any]]]] = {
             "cfg": config(**{"precision.name": "fp16-mixed"}),
             "metrics": [window(100 * (i + 1), skipped_steps=s) for i, s in
                         enumerate([3, 0, 0, 0])]}),
+        ("a short fp16 run whose scaler found its scale in 7 skips at the start", {
+            "cfg": config(**{"precision.name": "fp16-mixed"}),
+            "metrics": [window(20 * (i + 1), skipped_steps=s) for i, s in enumerate([7, 0])]}),
         ("fp32 on a device without bf16", {"cfg": config(**{"precision.name": "fp32"})}),
         ("bf16-mixed already", {"env": CUDA, "system": [{"gpu/util_pct": 99.0}]}),
     ],

@@ -30,6 +30,7 @@ HEADROOM_WARN_PCT = 25.0  # ... and below this much of the device is wasted
 OVERHEAD_GOAL_PCT = 0.5  # DESIGN.md: telemetry overhead goal
 SKIPPED_WARN_FRAC = 0.05  # fp16 scaler skips above this share of steps are not start-up noise
 SKIPPED_WARN_MIN = 3
+SCALER_START_SKIPS = 16  # fp16's scaler halving from 2**16 to 1: its start-up, not a fault
 MEMORY_BOUND_FRAC = 0.5  # a size the batch search stopped at for memory peaks near its target
 
 

@@ -20,6 +20,7 @@ from redline.diagnose.evidence import (
     INPUT_BOUND_PCT,
     MEMORY_BOUND_FRAC,
     OVERHEAD_GOAL_PCT,
+    SCALER_START_SKIPS,
     SKIPPED_WARN_FRAC,
     SKIPPED_WARN_MIN,
     Evidence,
@@ -251,7 +252,9 @@ def _training_span(samples: list[dict[str, Any]],
 
 
 def _skipped_steps(train: list[dict[str, Any]]) -> tuple[int | None, int | None]:
-    """(skipped steps, steps) over the whole run, warm-up included: skips are not timing.
+    """(skipped steps, steps) over the whole run, less the scaler's start-up: skips are
+    not timing, so the warm-up window counts, but up to SCALER_START_SKIPS of its skips
+    are the scaler halving from 65536 to a scale that fits, which is its normal working.
 
     `skipped_steps` counts each window's own skips (schema.py), so the run's are their sum.
     """
@@ -259,6 +262,4 @@ def _skipped_steps(train: list[dict[str, Any]]) -> tuple[int | None, int | None]
     if not counts:
         return None, None
     steps = max(series_of(train, K.STEP), default=None)
-    return int(sum(counts)), int(steps) if steps else None
-
-
+    return int(sum(counts) - min(counts[0], SCALER_START_SKIPS)), int(steps) if steps else None
