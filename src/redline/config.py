@@ -75,7 +75,8 @@ class TrainConfig:
     counted in skipped_steps), stop (the run ends, naming the step), warn (applied)."""
     nonfinite_patience: int = 10
     """With skip: this many non-finite steps in a row end the run; 0: never. (fp16's loss
-    scaler skipping overflowed gradients of a finite loss is not counted.)"""
+    scaler skipping overflowed gradients of a finite loss is not counted, unless it skips
+    more than half of the last 20 updates: then it warns, and its skips count.)"""
     eval_every: int = 200
     """Steps between evaluations; 0: only at the end."""
     eval_batches: int | None = None

@@ -20,7 +20,13 @@ of the flag path (measured in a CPU training loop). On a device, a fused optimiz
 the trainer builds) is handed the flag as `found_inf` and skips on the device, no host
 read; another optimizer needs one host read (a sync) a step. fp16's GradScaler skips
 such steps itself (on the device with a fused optimizer, after a host read of its inf
-flag otherwise).
+flag otherwise). Where whether it skipped is known on the host for free (the hook's flag,
+or a gradient norm in host memory), the steps feed a `ScalerWatch`: while the scaler skips
+more than SCALER_SKIP_SHARE of SCALER_WINDOW steps, each skipped step fires Event.ANOMALY
+(kind "scaler_skips", with the skipped steps in a row), on which the trainer warns at once
+and counts them toward train.nonfinite_patience (run/watch.py): fp16 cannot train nothing
+silently. With a fused optimizer on a device, knowing would cost a sync a step: there the
+telemetry window's `skipped_steps` carries the count.
 
 Under DistributedDataParallel (a `comm` of more than one rank) every forward, and every
 backward but the last, runs under `no_sync`, so gradients accumulate locally; the last
@@ -63,7 +69,7 @@ from redline.device import DeviceInfo
 from redline.distributed import Comm, PeerOutOfMemory, oom_after_agreement
 from redline.events import Dispatcher, Event, State
 from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, StepStart
-from redline.precision import Precision, get_precision
+from redline.precision import Precision, ScalerWatch, get_precision
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -174,6 +180,7 @@ class Engine:
         self._flag_on_device = supports_found_inf(optimizer) and not (
             on_cpu if config.host_reads is None else config.host_reads)
         self._init_ranks(comm)
+        self.scaler_watch = ScalerWatch() if precision.scales_loss else None
 
     def _init_redo(self, model: nn.Module) -> None:
         """What a redone step restores, and the layers that make a split step inexact."""
@@ -369,6 +376,10 @@ class Engine:
         if self.scheduler is not None:
             self.scheduler.step()
         self.updating = False
+        if self.scaler_watch is not None:  # fp16: most updates skipped? (module docstring)
+            info = self.scaler_watch.observe(self.applied, norm, self.state.step + 1)
+            if info is not None:
+                self.dispatcher.fire(Event.ANOMALY, self.state, info)
 
     def _step_unless_nonfinite(self, norm: torch.Tensor) -> bool | torch.Tensor:
         if self._flag_on_device:  # the kernel skips the update and its step count

@@ -11,6 +11,10 @@ A policy is a small object with a fixed set of methods, chosen by name:
         policy.unscale(optimizer)                       # before clipping
         applied = policy.optimizer_step(optimizer)      # False: fp16's scaler skipped it
 
+fp16's `ScalerWatch` tells the scaler's normal start-up skips from a gradient that
+overflows at every scale (more than SCALER_SKIP_SHARE of SCALER_WINDOW steps skipped),
+which the engine reports and the trainer counts toward train.nonfinite_patience.
+
 A precision the device cannot run raises `PrecisionError` with the reason; it is never
 silently replaced by another (peers quietly run fp32 when fp16 was asked for on CPU).
 
@@ -29,7 +33,9 @@ config's `precision.name` is validated against that registry (docs/architecture.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -208,6 +214,65 @@ class FP16Mixed(_Autocast):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+
+SCALER_WINDOW = 20
+"""Optimizer steps over which fp16's loss-scaler skips are judged (ScalerWatch)."""
+SCALER_SKIP_SHARE = 0.5
+"""More than this share of the last SCALER_WINDOW steps skipped is no longer the scaler
+calibrating: from 65536 it halves once per overflowing step, so a start-up of a few skips
+stays far below it, while a gradient that is non-finite at every scale skips them all."""
+
+
+class ScalerWatch:
+    """Whether fp16's loss scaler skips most updates: a few skips at the start are it
+    finding its scale, but more than SCALER_SKIP_SHARE of a full window of SCALER_WINDOW
+    steps means the gradients overflow whatever the scale, and fp16 trains nothing.
+    `overflowing` holds while that is so; `run` counts the skipped steps in a row."""
+
+    def __init__(self, window: int = SCALER_WINDOW, share: float = SCALER_SKIP_SHARE) -> None:
+        self.recent: collections.deque[bool] = collections.deque(maxlen=window)
+        self.share = share
+        self.run = 0
+        self.overflowing = False
+        self.warned = False
+
+    def add(self, skipped: bool) -> bool:
+        """One optimizer step's outcome; True the first time the share is exceeded (the
+        moment to warn)."""
+        self.recent.append(skipped)
+        self.run = self.run + 1 if skipped else 0
+        full = len(self.recent) == self.recent.maxlen
+        self.overflowing = full and sum(self.recent) > self.share * len(self.recent)
+        first = self.overflowing and not self.warned
+        self.warned = self.warned or self.overflowing
+        return first
+
+    def observe(self, applied: bool | torch.Tensor | None, norm: torch.Tensor | None,
+                step: int) -> dict[str, Any] | None:
+        """One step, from what the engine knows on the host for free: the optimizer step's
+        own flag (a bool), else a gradient norm in host memory (inf/NaN: skipped); a flag
+        or norm on a device is not read (a sync), and the step is not counted. The
+        Event.ANOMALY to fire ("scaler_skips") for a skipped step while overflowing."""
+        if isinstance(applied, bool):
+            skipped = not applied
+        elif norm is not None and norm.device.type == "cpu":
+            skipped = not math.isfinite(norm.item())
+        else:
+            return None
+        self.add(skipped)
+        if not (self.overflowing and skipped):
+            return None
+        return {"kind": "scaler_skips", "step": step, "run": self.run,
+                "skipped": sum(self.recent), "window": len(self.recent),
+                "message": self.sentence()}
+
+    def sentence(self) -> str:
+        """What happened and what to do, in one sentence."""
+        return (f"fp16's loss scaler skipped {sum(self.recent)} of the last {len(self.recent)} "
+                "updates on non-finite gradients, so the model is not training: use "
+                "bf16-mixed (or fp32), lower the learning rate, or look for an inf in the "
+                "loss or the model's outputs")
 
 
 class BF16True(BF16Mixed):

@@ -33,6 +33,9 @@ def config(**over: Any) -> dict[str, Any]:
     return cfg
 
 
+ACCUMULATING = config(**{"train.effective_batch_size": 32})  # 4 micro-batches of 8 a step
+
+
 def window(step: int, **over: Any) -> dict[str, Any]:
     """One healthy training window; `over` replaces keys (None removes one)."""
     row: dict[str, Any] = {"step": step, "time": 1000.0 + step, "loss": 1.0, "lr": 1e-3,
@@ -120,7 +123,7 @@ def test_host_bound(tmp_path: Path) -> None:
     system = [{"time": 1000.0 + t, "gpu/util_pct": 42.0, "cpu/util_pct": 99.0}
               for t in range(10, 51, 2)]
     run = healthy(tmp_path, env=CUDA, metrics=windows(**{"redline/host_syncs": 3}),
-                  system=system)
+                  system=system, cfg=ACCUMULATING)
     f = by_kind(diagnose(run)[0])["host-bound"]
     assert f.severity == "warning" and f.value == 42.0
     assert "42 %" in f.message and "train.batch_size: auto" in f.message
@@ -160,16 +163,16 @@ def test_cuda_inferred_from_gpu_samples_without_environment(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("pct, severity", [(17.0, "warning"), (40.0, "info"), (70.0, None)])
 def test_memory_headroom(tmp_path: Path, pct: float, severity: str | None) -> None:
-    f = by_kind(diagnose(healthy(tmp_path, metrics=windows(mem_pct=pct)))[0]).get(
-        "memory-headroom")
+    f = by_kind(diagnose(healthy(tmp_path, cfg=ACCUMULATING,
+                                 metrics=windows(mem_pct=pct)))[0]).get("memory-headroom")
     if severity is None:
         assert f is None
         return
     assert f is not None and f.severity == severity and f.value == pct
     assert f"{pct:.0f} % of physical memory" in f.message and "micro-batch 8" in f.message
-    assert "train.batch_size: auto" in f.message and "(85 %)" in f.message
+    assert "train.batch_size: auto" in f.message and "memory.target" in f.message
     on_gpu = healthy(tmp_path / "gpu", env=CUDA, metrics=windows(mem_pct=pct),
-                     system=[{"gpu/util_pct": 99.0}])
+                     system=[{"gpu/util_pct": 99.0}], cfg=ACCUMULATING)
     assert f"{pct:.0f} % of the device" in by_kind(diagnose(on_gpu)[0])[
         "memory-headroom"].message
 
@@ -181,7 +184,8 @@ def test_memory_headroom_uses_the_peak_window(tmp_path: Path) -> None:
 
 def test_memory_headroom_from_peak_bytes(tmp_path: Path) -> None:
     rows = windows(mem_pct=None, mem_peak_bytes=4 * 2**30)  # 4 of 16 GiB
-    f = by_kind(diagnose(healthy(tmp_path, metrics=rows))[0])["memory-headroom"]
+    f = by_kind(diagnose(healthy(tmp_path, metrics=rows, cfg=ACCUMULATING))[0])[
+        "memory-headroom"]
     assert f.value == 25.0
     rows = windows(mem_pct=None)
     findings, notes = diagnose(healthy(tmp_path / "b", metrics=rows))
@@ -190,10 +194,10 @@ def test_memory_headroom_from_peak_bytes(tmp_path: Path) -> None:
 
 
 def test_memory_headroom_names_the_budget(tmp_path: Path) -> None:
-    cfg = config(**{"memory.budget": "2GiB", "memory.target": 0.9})
+    cfg = config(**{"memory.budget": "2GiB", "memory.target": 0.9,
+                    "train.effective_batch_size": 32})
     f = by_kind(diagnose(healthy(tmp_path, cfg=cfg, metrics=windows(mem_pct=30.0)))[0])
     assert "of the memory budget" in f["memory-headroom"].message
-    assert "(90 %)" in f["memory-headroom"].message
 
 
 def test_precision_fp32_on_bf16_gpu(tmp_path: Path) -> None:
@@ -301,7 +305,8 @@ def test_not_a_run_directory(tmp_path: Path) -> None:
 
 
 def test_every_message_is_one_sentence_with_a_number(tmp_path: Path) -> None:
-    cfg = config(**{"precision.name": "fp32", "data.pin_memory": False})
+    cfg = config(**{"precision.name": "fp32", "data.pin_memory": False,
+                    "train.effective_batch_size": 32})
     rows = windows(data_wait_pct=30.0, mem_pct=12.0, **{"redline/overhead_pct": 0.9})
     events = [{"event": "micro_batch", "old": 16, "new": 8, "reason": "oom"}]
     findings, _ = diagnose(healthy(tmp_path, cfg=cfg, env=CUDA, metrics=rows, events=events,
@@ -416,3 +421,193 @@ def test_ranks_that_keep_pace_get_an_info_and_no_straggler(tmp_path: Path) -> No
 def test_a_single_process_run_has_no_ranks_finding(tmp_path: Path) -> None:
     kinds = by_kind(diagnose(healthy(tmp_path))[0])
     assert "ranks" not in kinds and "straggler" not in kinds
+
+
+# ---- every rule against a run where its advice would be wrong (issue 19, case 7) --------
+
+def lightning_config(accumulate: int = 1, precision: str = "fp32") -> dict[str, Any]:
+    """config.yaml as the framework callbacks write it: the framework's own settings, and
+    the redline names doctor reads."""
+    return {"framework": {"name": "lightning", "accumulate": accumulate,
+                          "precision": "32-true" if precision == "fp32" else precision},
+            "precision": {"name": precision},
+            "train": {"batch_size": 8, "effective_batch_size": 8 * accumulate}}
+
+
+def hf_config(accumulate: int = 1, precision: str = "fp32") -> dict[str, Any]:
+    cfg = lightning_config(accumulate, precision)
+    cfg["framework"] = {"name": "transformers", "accumulate": accumulate, "precision": "no"}
+    return cfg
+
+
+SEARCH = {"event": "autobatch", "micro_batch": 4, "max_fit": 1500, "accumulation_steps": 1,
+          "effective_batch_size": 4, "budget_bytes": 12 * 2**30, "budget_source": "test"}
+START = {"event": "run_start", "step": 0, "max_steps": 50}
+
+# rule -> runs in which its advice would be wrong: healthy()'s arguments over the default
+WRONG: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "ended": [
+        ("finished, its last step saved", {"events": [START, {
+            "event": "checkpoint_saved", "step": 50}]}),
+        ("a framework's loop ended it early (its own early stopping)", {
+            "cfg": lightning_config(), "events": [{**START, "max_steps": 500},
+                                                  {"event": "run_end", "step": 50}]}),
+    ],
+    "nonfinite": [
+        ("fp16's scaler skipped overflowed updates of a finite loss: its business", {
+            "cfg": config(**{"precision.name": "fp16-mixed"}),
+            "metrics": windows(skipped_steps=1, nonfinite_steps=0)}),
+    ],
+    "memory_growth": [
+        ("resident memory that wobbles but does not grow", {"metrics": [
+            window(10 * (i + 1), mem_rss_bytes=300 * 2**20 + (i % 3) * 2**20)
+            for i in range(12)]}),
+    ],
+    "input_bound": [
+        ("a framework callback timed the wait across accumulated micro-batches: 226-324 %", {
+            "cfg": lightning_config(4), "metrics": [window(10 * (i + 1), data_wait_pct=w)
+                                                    for i, w in enumerate([324, 251, 226])]}),
+        ("the loader waited less than the threshold", {"metrics": windows(data_wait_pct=4.0)}),
+    ],
+    "host_bound": [
+        ("a CPU run: no device to starve", {"system": [{"gpu/util_pct": 5.0}],
+                                           "env": CPU}),
+        ("the GPU idled only before training (model build, batch search)", {
+            "env": CUDA, "system": [{"time": 900.0 + t, "gpu/util_pct": 0.0} for t in range(60)]
+            + [{"time": 1000.0 + t, "gpu/util_pct": 95.0} for t in range(10, 51, 2)]}),
+    ],
+    "memory_headroom": [
+        ("the batch search chose below the largest fitting size, for speed", {
+            "metrics": windows(mem_pct=2.0, micro_batch=4, mem_peak_bytes=2**28),
+            "events": [SEARCH]}),
+        ("the search took the largest size, capped by the training set, far below target", {
+            "metrics": windows(mem_pct=2.0, micro_batch=1500, mem_peak_bytes=2**28),
+            "events": [{**SEARCH, "micro_batch": 1500}],
+            "cfg": config(**{"memory.target": 0.4})}),
+        ("a resumed search, whose record lacks max_fit", {
+            "metrics": windows(mem_pct=2.0), "events": [{"event": "autobatch",
+                                                         "micro_batch": 8, "source": "x"}]}),
+        ("no accumulation: a larger micro-batch would change the recipe", {
+            "metrics": windows(mem_pct=10.0)}),
+        ("a framework run without accumulation (memory.target is not its setting)", {
+            "cfg": lightning_config(1), "metrics": windows(mem_pct=10.0)}),
+    ],
+    "precision": [
+        ("fp16 start-up calibration: 3 skips in 400 steps", {
+            "cfg": config(**{"precision.name": "fp16-mixed"}),
+            "metrics": [window(100 * (i + 1), skipped_steps=s) for i, s in
+                        enumerate([3, 0, 0, 0])]}),
+        ("a short fp16 run whose scaler found its scale in 7 skips at the start", {
+            "cfg": config(**{"precision.name": "fp16-mixed"}),
+            "metrics": [window(20 * (i + 1), skipped_steps=s) for i, s in enumerate([7, 0])]}),
+        ("fp32 on a device without bf16", {"cfg": config(**{"precision.name": "fp32"})}),
+        ("bf16-mixed already", {"env": CUDA, "system": [{"gpu/util_pct": 99.0}]}),
+    ],
+    "oom_retries": [
+        ("no size fitted at all: no batch size is the fix", {"events": [
+            {"event": "micro_batch", "old": 2, "new": 1, "reason": "oom"},
+            {"event": "failed", "error": "OutOfMemoryAtMinimum", "step": 0}]}),
+        ("the guard only grew the micro-batch back", {"events": [
+            {"event": "micro_batch", "old": 8, "new": 12, "reason": "grow"}]}),
+    ],
+    "straggler": [
+        ("a single process", {}),
+    ],
+}
+
+
+def test_the_table_covers_every_rule() -> None:
+    from redline.diagnose import RULES
+
+    assert {rule.__name__ for rule in RULES} == set(WRONG)
+
+
+@pytest.mark.parametrize("rule_name, why, run", [
+    (name, why, run) for name, cases in WRONG.items() for why, run in cases],
+    ids=[f"{name}-{i}" for name, cases in WRONG.items() for i in range(len(cases))])
+def test_every_rule_stays_silent_where_its_advice_would_be_wrong(
+        tmp_path: Path, rule_name: str, why: str, run: dict[str, Any]) -> None:
+    from redline.diagnose import RULES, load_evidence
+
+    rule = next(r for r in RULES if r.__name__ == rule_name)
+    assert rule(load_evidence(healthy(tmp_path, **run))) is None, why
+
+
+def test_memory_target_advice_when_the_search_stopped_for_memory(tmp_path: Path) -> None:
+    """The search took the largest size that fits, and it peaked near its target of a
+    small memory.target: raising memory.target is what lets it try larger sizes."""
+    budget = 12 * 2**30
+    run = healthy(tmp_path, cfg=config(**{"memory.target": 0.3}),
+                  metrics=windows(mem_pct=20.0, micro_batch=96,
+                                  mem_peak_bytes=int(0.28 * budget)),
+                  events=[{**SEARCH, "micro_batch": 96, "max_fit": 96}])
+    f = by_kind(diagnose(run)[0])["memory-headroom"]
+    assert "stopped at micro-batch 96 for memory" in f.message
+    assert "raise memory.target (now 0.3)" in f.message
+
+
+REDLINE_ONLY = ("data.", "memory.target", "batch_size: auto", "precision.name", "train.",
+                "telemetry.", "redline train")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lightning_config, ["DataLoader(num_workers=...)", "accumulate_grad_batches",
+                        'Trainer(precision="bf16-mixed")', "torch.compile",
+                        "RedlineCallback(log_every=...)", "Trainer.fit(..., ckpt_path"]),
+    (hf_config, ["TrainingArguments(dataloader_num_workers=...)",
+                 "gradient_accumulation_steps", "TrainingArguments(bf16=True)",
+                 "TrainingArguments(torch_compile=True)", "RedlineCallback(log_every=...)",
+                 "resume_from_checkpoint"]),
+])
+def test_framework_runs_are_advised_in_the_frameworks_own_settings(
+        tmp_path: Path, make: Any, words: list[str]) -> None:
+    """Lightning's and HF's runs: every piece of advice names the framework's setting,
+    never a redline-only key (config.yaml as the callbacks write it)."""
+    rows = windows(data_wait_pct=40.0, mem_pct=12.0, nonfinite_steps=1,
+                   **{"redline/overhead_pct": 0.9})
+    events = [{**START, "max_steps": 500}, {"event": "failed", "step": 50, "error": "X"}]
+    loader = healthy(tmp_path / "loader", cfg=make(4), env=CUDA, metrics=rows, events=events,
+                     system=[{"gpu/util_pct": 20.0}])
+    starved = healthy(tmp_path / "host", cfg=make(4), env=CUDA, metrics=windows(mem_pct=12.0),
+                      system=[{"gpu/util_pct": 20.0}])
+    fp32 = healthy(tmp_path / "fp32", cfg=make(1), env=CUDA, metrics=windows(),
+                   system=[{"gpu/util_pct": 99.0}])
+    found = [f for run in (loader, starved, fp32) for f in diagnose(run)[0]]
+    text = " ".join(f.message for f in found)
+    kinds = {f.kind for f in found}
+    assert {"input-bound", "host-bound", "memory-headroom", "precision", "ended",
+            "nonfinite", "telemetry-overhead"} <= kinds
+    for word in words:
+        assert word in text, word
+    for key in REDLINE_ONLY:
+        assert key not in text, (key, text)
+
+
+def test_a_framework_config_written_before_its_mapping_still_names_the_framework(
+        tmp_path: Path) -> None:
+    """The landed callbacks wrote `framework: lightning` (a string): still a framework."""
+    cfg = {"framework": "lightning", "trainer": {"accumulate_grad_batches": 4}}
+    f = by_kind(diagnose(healthy(tmp_path, cfg=cfg, metrics=windows(data_wait_pct=40.0,
+                                                                    mem_pct=10.0)))[0])
+    assert "DataLoader(num_workers=...)" in f["input-bound"].message
+    assert "accumulate_grad_batches" in f["memory-headroom"].message
+    cfg = {"framework": "transformers", "training_args": {"gradient_accumulation_steps": 1}}
+    f = by_kind(diagnose(healthy(tmp_path / "hf", cfg=cfg, metrics=windows(mem_pct=10.0)))[0])
+    assert "memory-headroom" not in f  # no accumulation: a larger batch is a recipe change
+
+
+def test_own_loop_runs_are_told_about_their_own_loader(tmp_path: Path) -> None:
+    """No config.yaml (Telemetry in one's own loop): the loader is theirs, not redline's."""
+    f = by_kind(diagnose(healthy(tmp_path, cfg=None, metrics=windows(data_wait_pct=40.0)))[0])
+    assert "your DataLoader's num_workers" in f["input-bound"].message
+    assert "data.num_workers" not in f["input-bound"].message
+
+
+def test_loader_advice_follows_a_measured_worker_count(tmp_path: Path) -> None:
+    """num_workers: auto measured its count as the fastest: more workers is not the fix."""
+    events = [{"event": "loader_auto", "settings": {"num_workers": 2},
+               "reasons": {"num_workers": "2 measured fastest"}}]
+    f = by_kind(diagnose(healthy(tmp_path, cfg=config(**{"data.num_workers": 2}),
+                                 metrics=windows(data_wait_pct=40.0), events=events))[0])
+    assert "measured 2 as the fastest count" in f["input-bound"].message
+    assert "raise data.num_workers" not in f["input-bound"].message

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -255,3 +256,93 @@ def test_a_peer_out_of_memory_redoes_the_step_here_with_the_smaller_micro_batch(
     assert engine.micro_batch_size == 4 and calls == [0] and comm.sent == [(0, 0), (0, 0)]
     for p, q in zip(ddp.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+class _Anomalies(Callback):
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    def on_anomaly(self, state: Any, info: dict[str, Any]) -> None:
+        self.seen.append(info)
+
+
+def _kicked(kind: str, fused: bool, *callbacks: Callback) -> tuple[Engine, Any, _Anomalies]:
+    from tests.tasks.doctorcases import Calibrating, InfGradient
+
+    task = {"inf": InfGradient, "calibrating": Calibrating}[kind]()
+    torch.manual_seed(0)
+    model = task.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if fused else {}))
+    seen = _Anomalies()
+    engine = Engine(model, opt, "fp16-mixed", dispatcher=Dispatcher([seen, *callbacks]))
+    return engine, task, seen
+
+
+@pytest.mark.parametrize("fused", [True, False])  # the norm's host value; the hook's flag
+def test_fp16_skipping_most_updates_is_told_once_a_window_is_over_half(fused: bool) -> None:
+    """A gradient inf at every scale: the scaler skips every update. Once more than half
+    of a full window of 20 steps was skipped, each skipped step is an anomaly carrying the
+    skipped steps in a row, which the trainer counts toward its patience."""
+    from redline.precision import SCALER_WINDOW
+
+    engine, task, seen = _kicked("inf", fused)
+    batch = (task.x[:16], task.y[:16])
+    for step in range(1, SCALER_WINDOW):
+        engine.step(batch, task.loss)
+        engine.state.step = step
+        assert engine.applied is not True
+    assert seen.seen == []  # a window not yet full says nothing
+    for step in range(SCALER_WINDOW, SCALER_WINDOW + 3):
+        engine.step(batch, task.loss)
+        engine.state.step = step
+    assert [(i["kind"], i["step"], i["run"], i["skipped"]) for i in seen.seen] == [
+        ("scaler_skips", 20, 20, 20), ("scaler_skips", 21, 21, 20), ("scaler_skips", 22, 22, 20)]
+    assert "bf16-mixed" in seen.seen[0]["message"] and "learning rate" in seen.seen[0]["message"]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp16_start_up_calibration_is_not_an_anomaly(fused: bool) -> None:
+    """The scaler halving from 65536 to the scale that fits skips its first 7 updates,
+    then trains: nothing to tell."""
+    engine, task, seen = _kicked("calibrating", fused)
+    batch = (task.x[:16], task.y[:16])
+    applied = []
+    for _ in range(60):
+        engine.step(batch, task.loss)
+        applied.append(bool(engine.applied) if isinstance(engine.applied, bool)
+                       else bool(torch.isfinite(engine.grad_norm)))
+    assert applied[:7] == [False] * 7 and all(applied[7:])  # the construction holds
+    assert seen.seen == []
+
+
+@pytest.mark.parametrize("mode, patience, stops_at", [("skip", 10, 20), ("skip", 25, 25),
+                                                      ("skip", 0, None), ("warn", 10, None),
+                                                      ("stop", 10, 20)])
+def test_the_trainer_warns_once_and_counts_the_skips_toward_its_patience(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str, patience: int,
+        stops_at: int | None) -> None:
+    from redline.config import TrainConfig
+    from redline.errors import RunStopped
+    from redline.run.watch import RunWatch
+    from redline.telemetry.jsonl import EventLog, read_jsonl
+
+    train = TrainConfig(on_nonfinite=mode, nonfinite_patience=patience)
+    with EventLog(tmp_path / "events.jsonl") as events:
+        engine, task, _ = _kicked("inf", False, RunWatch(train, events, lambda step: None))
+        batch = (task.x[:16], task.y[:16])
+        stopped = None
+        for step in range(1, 31):
+            try:
+                engine.step(batch, task.loss)
+            except RunStopped as e:
+                stopped, message = step, str(e)
+                break
+            engine.state.step = step
+    assert stopped == stops_at
+    err = capsys.readouterr().err
+    assert err.count("redline: warning: fp16's loss scaler skipped 20 of the last 20") == 1
+    if stopped:
+        assert f"skipped {stops_at} updates in a row" in message and "bf16-mixed" in message
+    told = [e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "scaler_skips"]
+    assert [(e["step"], e["skipped"]) for e in told] == [(20, 20)]
+

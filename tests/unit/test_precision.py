@@ -107,3 +107,14 @@ def test_flags_when_the_process_uses_the_new_fp32_precision_api() -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_scaler_watch_judges_a_full_window_by_share() -> None:
+    from redline.precision import ScalerWatch
+
+    watch = ScalerWatch(window=4, share=0.5)
+    assert [watch.add(s) for s in (True, True, True)] == [False] * 3  # not full yet
+    assert watch.add(False) is True and watch.overflowing  # 3 of 4 > half: warn
+    assert watch.add(False) is False and not watch.overflowing  # 2 of 4: not more than half
+    assert [watch.add(True) for _ in range(3)] == [False] * 3  # over again: warned once
+    assert watch.overflowing and watch.run == 3

@@ -3,6 +3,7 @@
 Reads only the run directory (config.yaml, environment.json, metrics.jsonl, system.jsonl,
 events.jsonl, and ranks.jsonl under torchrun), so it works on a run from another machine
 and never touches a device. A file that is missing or unreadable becomes a note, never an error.
+Who owns the loop (redline, a framework, one's own: advice.py) decides the words of advice.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from redline.diagnose import advice
 from redline.telemetry import schema as K
 from redline.telemetry.jsonl import read_jsonl
 
@@ -28,6 +30,8 @@ HEADROOM_WARN_PCT = 25.0  # ... and below this much of the device is wasted
 OVERHEAD_GOAL_PCT = 0.5  # DESIGN.md: telemetry overhead goal
 SKIPPED_WARN_FRAC = 0.05  # fp16 scaler skips above this share of steps are not start-up noise
 SKIPPED_WARN_MIN = 3
+SCALER_START_SKIPS = 16  # fp16's scaler halving from 2**16 to 1: its start-up, not a fault
+MEMORY_BOUND_FRAC = 0.5  # a size the batch search stopped at for memory peaks near its target
 
 
 @dataclass
@@ -127,10 +131,47 @@ class Evidence:
         self.gpu_rows = [r for r in self.system if as_number(r.get(K.GPU_UTIL)) is not None]
         # NVML metrics exist only on a GPU: they identify CUDA when environment.json is gone.
         self.cuda = self.kind == "cuda" or (self.kind is None and bool(self.gpu_rows))
-        self.data_wait = self.median(K.DATA_WAIT_PCT, "input-bound")
+        self.data_wait = self._data_wait()
         self.step_time = median_of(series_of(self.kept, K.STEP_TIME))
         # config.yaml holds the resolved micro-batch; the search's event says it was auto
         self.auto_batch = any(e.get("event") == "autobatch" for e in self.events)
+        self.search = next((e for e in reversed(self.events) if e.get("event") == "autobatch"),
+                           None)
+        """What the batch search recorded (resolve_auto_batch): micro_batch, max_fit, ..."""
+        self.loader_auto = next((e for e in reversed(self.events)
+                                 if e.get("event") == "loader_auto"), None)
+        self.owner = advice.owner(self.cfg)
+
+    def says(self, what: str) -> str | None:
+        """The words for a setting (advice.py) in this run's terms; None: it has none."""
+        return advice.SETTINGS[self.owner].get(what)
+
+    @property
+    def framework(self) -> bool:
+        return self.owner not in (advice.REDLINE, advice.OWN)
+
+    def accumulation(self) -> int | None:
+        """Micro-batches per optimizer step; None where the run does not say."""
+        if self.framework:
+            return advice.framework_accumulation(self.cfg)
+        micro = series_of(self.kept, K.MICRO_BATCH)
+        size = int(micro[-1]) if micro else as_number(lookup(self.cfg, "train.batch_size"))
+        if not size:
+            return None
+        effective = as_number(lookup(self.cfg, "train.effective_batch_size"))
+        ranks = as_number(lookup(self.env, "run.ranks")) or 1
+        return max(1, int(effective // (size * ranks))) if effective else 1
+
+    def _data_wait(self) -> float | None:
+        """The loader's median share of the step; None (with a note) where a window
+        records more than 100 %, which no share can be (a callback that timed across
+        accumulated micro-batches), so none of them is a measurement to act on."""
+        waits = series_of(self.kept, K.DATA_WAIT_PCT)
+        if any(w > 100 for w in waits):
+            self.notes.append(f"metrics.jsonl has {K.DATA_WAIT_PCT} above 100 %, which is "
+                              "not a share of the step: input-bound check skipped")
+            return None
+        return self.median(K.DATA_WAIT_PCT, "input-bound")
 
     def median(self, key: str, check: str) -> float | None:
         """The key's median over the kept windows; a note when the windows lack it."""

@@ -9,6 +9,7 @@ kernel's OOM killer or kill -9).
 
 from __future__ import annotations
 
+from redline.diagnose import advice as A
 from redline.diagnose.evidence import Evidence, Finding, lookup, series_of
 from redline.telemetry import schema as K
 from redline.telemetry.trend import growth
@@ -21,7 +22,10 @@ _WHY = {"OutOfMemoryAtMinimum": "out of memory even at a micro-batch of 1",
 
 def _go_on(ev: Evidence, saved: list[int]) -> str:
     """The command that goes on: resume from a checkpoint, or start again from the run's
-    resolved config (config.yaml holds the task) where there is none to resume."""
+    resolved config (config.yaml holds the task) where there is none to resume; a run
+    redline did not drive goes on the way its own loop does."""
+    if ev.owner != A.REDLINE:
+        return f"go on with {ev.says(A.RESUME)}"
     config = f"redline train --config {ev.run_dir}/config.yaml"
     if not saved:
         return f"start it again with {config}"
@@ -39,6 +43,8 @@ def ended(ev: Evidence) -> Finding | None:
              and e.get("finite", True)] or [e["step"] for e in ev.events[:starts[-1]]
                                              if e.get("event") == "checkpoint_saved"]
     last_good = f"step {saved[-1]}" if saved else "none"
+    if ev.owner != A.REDLINE and not saved:  # its loop saves its own checkpoints
+        last_good = "its own (redline saves none for it)"
     max_steps = start.get("max_steps")
     for e in reversed(after):
         if e.get("event") == "failed":
@@ -52,6 +58,8 @@ def ended(ev: Evidence) -> Finding | None:
                            f"The run was stopped by {e.get('signal')} at step "
                            f"{e.get('step')} of {max_steps}; its last good checkpoint is "
                            f"{last_good}: {_go_on(ev, saved)}.", float(e.get("step", 0)))
+    if any(e.get("event") == "run_end" for e in after):
+        return None  # a framework's loop ended it (early stopping, its own limit): its call
     steps = series_of(ev.train, K.STEP)
     last = int(max(steps)) if steps else 0
     if max_steps and last < max_steps and not any(
@@ -73,14 +81,16 @@ def nonfinite(ev: Evidence) -> Finding | None:
     where = next((e.get("where") for e in ev.events if e.get("event") == "nonfinite"), None)
     skipped = int(sum(series_of(ev.train, K.SKIPPED_STEPS)))
     mode = lookup(ev.cfg, "train.on_nonfinite") or "skip"
-    fate = (f"{skipped} of their updates were skipped" if skipped
-            else "their updates were applied (train.on_nonfinite: warn)")
+    fate = (f"; {skipped} of their updates were skipped" if skipped
+            else "" if ev.owner != A.REDLINE  # what its loop did with them is unknown
+            else "; their updates were applied (train.on_nonfinite: warn)")
     at = f", first at step {firsts[0]}" if firsts else ""
     cause = f" ({where})" if where else ""
-    fix = ("lower train.lr, or look at what went non-finite first" if mode != "warn" else
-           "set train.on_nonfinite: skip so they do not poison the weights")
+    fix = ("set train.on_nonfinite: skip so they do not poison the weights"
+           if mode == "warn" and ev.owner == A.REDLINE
+           else f"lower {ev.says(A.LR)}, or look at what went non-finite first")
     return Finding("nonfinite", "warning",
-                   f"{total} steps had non-finite loss or gradients{at}{cause}; {fate}: {fix}.",
+                   f"{total} steps had non-finite loss or gradients{at}{cause}{fate}: {fix}.",
                    float(total))
 
 

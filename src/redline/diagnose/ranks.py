@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from redline.diagnose import advice as A
 from redline.diagnose.evidence import Evidence, Finding, as_number, fmt_pct, median_of, series_of
 from redline.telemetry import schema as K
 
@@ -46,7 +47,7 @@ def _cause(ev: Evidence, rank: int) -> str:
     rest = median_of(series_of([r for r in rows if r.get(K.RANK) != rank], K.DATA_WAIT_PCT))
     if own is not None and rest is not None and own - rest >= LOADER_GAP_PCT:
         return (f"Its loader held it up {fmt_pct(own)} % of the time against {fmt_pct(rest)} % on "
-                "the others: raise data.num_workers, or check its storage.")
+                f"the others: raise {ev.says(A.WORKERS)}, or check its storage.")
     return ("Its loader is not the cause: check what else runs on its device or host "
             "(nvidia-smi, top), or its interconnect.")
 

@@ -20,7 +20,10 @@ window logger tallied, so it adds nothing to a step:
 A skip default, a stop after a run: isolated non-finite steps (one bad batch, a rare
 overflow) cost one skipped update, while ten in a row mean the model has diverged and
 further steps would only burn compute on NaN. fp16's loss scaler keeps working: its own
-skips of overflowed gradients (finite loss) are not counted as non-finite.
+skips of overflowed gradients (finite loss) are not counted as non-finite, until it skips
+most of them (the engine's Event.ANOMALY "scaler_skips", precision.ScalerWatch): then the
+run warns at once, and its skipped steps in a row count toward the same patience (`stop`:
+the first ends the run), since such an fp16 run trains nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class RunWatch(Callback):
                  locate: Callable[[int], str | None]) -> None:
         self.mode, self.patience = train.on_nonfinite, train.nonfinite_patience
         self.events, self.locate = events, locate
-        self.diagnosed = self.warned_growth = False
+        self.diagnosed = self.warned_growth = self.warned_scaler = False
         self.memory: list[tuple[int, float]] = []
 
     def on_window(self, state: State, record: dict[str, Any]) -> None:
@@ -86,6 +89,24 @@ class RunWatch(Callback):
              f"window ending at step {step}, the first at {first}{where}; {fate}")
         self.events.event("nonfinite_window", step=step, steps=n, first=first, mode=self.mode)
 
+    def on_anomaly(self, state: State, info: dict[str, Any]) -> None:
+        if info.get("kind") != "scaler_skips":
+            return
+        step, run = info["step"], info["run"]
+        if not self.warned_scaler:
+            self.warned_scaler = True
+            _say(self.events, f"redline: warning: {info['message']} (step {step})")
+            self.events.event("scaler_skips", step=step, skipped=info["skipped"],
+                              window=info["window"])
+        if self.mode == "stop" or (self.mode == "skip" and self.patience
+                                   and run >= self.patience):
+            limit = ("train.on_nonfinite: stop" if self.mode == "stop"
+                     else f"train.nonfinite_patience {self.patience}")
+            raise RunStopped(f"fp16's loss scaler skipped {run} updates in a row (up to step "
+                             f"{step}) on non-finite gradients: stopped ({limit}) with the "
+                             "last finite weights saved; use bf16-mixed, lower train.lr, or "
+                             "look for an inf in the loss")
+
     def _memory(self, record: dict[str, Any]) -> None:
         key = K.MEM_ALLOCATED if record.get(K.MEM_ALLOCATED) is not None else K.MEM_RSS
         value = record.get(key)
@@ -102,11 +123,13 @@ class RunWatch(Callback):
                 r2=round(found.r2, 3))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"diagnosed": self.diagnosed, "warned_growth": self.warned_growth}
+        return {"diagnosed": self.diagnosed, "warned_growth": self.warned_growth,
+                "warned_scaler": self.warned_scaler}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.diagnosed = bool(state.get("diagnosed"))
         self.warned_growth = bool(state.get("warned_growth"))
+        self.warned_scaler = bool(state.get("warned_scaler"))
 
 
 def locate_nonfinite(job: Job, loader: DataLoader, step: int) -> str | None:
