@@ -373,10 +373,16 @@ class Engine:
             self.applied = self.precision.optimizer_step(self.optimizer)
         # once per optimizer step, applied or skipped, as torch's own GradScaler loop does:
         # the schedule follows the step count (so a resumed run continues it exactly)
-        if self.scheduler is not None and (self.scheduler_steps is None or getattr(
-                self.scheduler, "last_epoch", 0) < self.scheduler_steps):
+        if self.scheduler is not None and self._scheduling():
             self.scheduler.step()
         self.updating = False
+
+    def _scheduling(self) -> bool:
+        # Not past the run's length, nor a fixed-length schedule's (OneCycleLR raises
+        # there; a resumed run given more train.steps keeps the checkpoint's total_steps).
+        end = min(self.scheduler_steps or math.inf,
+                  getattr(self.scheduler, "total_steps", None) or math.inf)
+        return getattr(self.scheduler, "last_epoch", 0) < end
 
     def _step_unless_nonfinite(self, norm: torch.Tensor) -> bool | torch.Tensor:
         if self._flag_on_device:  # the kernel skips the update and its step count
