@@ -170,6 +170,14 @@ def test_a_task_onecycle_schedule_is_resumed_exactly(tmp_path: Path) -> None:
     out = run_cli([*CYCLE, *slow, "--resume"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert _lrs(tmp_path / "run") == _lrs(tmp_path / "ref")  # the same schedule, each step
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05, momentum=0.9)
+    cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=60)
+    expected = []
+    for _ in range(60):  # torch's own OneCycleLR, stepped once per optimizer step
+        opt.step()
+        cycle.step()
+        expected.append(cycle.get_last_lr()[0])
+    assert [lr for _, lr in _lrs(tmp_path / "run")] == pytest.approx(expected, rel=1e-9)
     a, b = _final_state(tmp_path / "ref"), _final_state(tmp_path / "run")
     assert a["step"] == b["step"] == 60
     assert a["scheduler"] == b["scheduler"]
