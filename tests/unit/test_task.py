@@ -363,3 +363,27 @@ def test_the_schedule_advances_on_a_skipped_step_as_torchs_loop_does() -> None:
         job.engine.step(job.task.collate_fn([torch.ones(2)] * 4), job.task.loss)
     assert all(torch.equal(a, b) for a, b in zip(before, job.model.parameters(), strict=True))
     assert job.scheduler.last_epoch == 1 and job.lr == pytest.approx(1e-4)
+
+
+def test_the_task_hooks_example_in_the_training_guide_runs_as_written(tmp_path: Path) -> None:
+    import re
+
+    from redline.config import RunConfig
+    from redline.device import DeviceInfo
+    from redline.job.build import build_job
+    from redline.job.runner import JobRunner
+    from redline.run.evaluation import evaluate_sets
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "train.md").read_text()
+    (source,) = [b for b in re.findall(r"```python\n(.*?)```", guide, flags=re.S)
+                 if b.startswith("# tagger_task.py")]
+    (tmp_path / "tagger_task.py").write_text(source)
+    task = resolve_task(f"{tmp_path / 'tagger_task.py'}:TaggerTask")
+    config = RunConfig(task="tagger").updated({"train.batch_size": 8, "train.steps": 4})
+    job = build_job(config, task, DeviceInfo.detect("cpu"))
+    assert type(job.scheduler).__name__ == "OneCycleLR" and job.notes
+    runner = JobRunner(job)
+    losses = [float(runner.next_step()) for _ in range(4)]
+    assert all(0 < v < 10 for v in losses)
+    assert sorted(evaluate_sets(job, 8, 1, seed=0)) == [
+        "long/accuracy", "long/loss", "short/accuracy", "short/loss"]
