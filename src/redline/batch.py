@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from redline._torch_compat import tree_flatten, tree_unflatten
+from redline.errors import UserError
 
 _PLAIN = (str, bytes, int, float, bool, complex, type(None))
 
@@ -124,12 +125,52 @@ def describe(batch: Any) -> str:
     return f"{spec}|{shown}"
 
 
+class BatchingError(UserError):
+    """torch's default_collate cannot make one batch of a dataset's samples (e.g. sequences
+    of different lengths): the task needs a collate_fn."""
+
+
 def collate_of(dataset: Dataset) -> Callable[[list[Any]], Any]:
     """How `dataset`'s samples make one batch: its `collate_fn` attribute where it has one
-    (a task's dataset may carry one, task.py; the Lightning adapter's carry their loader's),
-    torch's default_collate otherwise. Every loader redline builds, and first_samples, use
-    it, so a probe batch is batched as training's are."""
-    return getattr(dataset, "collate_fn", None) or default_collate
+    (the task's hook: build.py hands a task's datasets out as `Collated`; else the
+    dataset's own, as the Lightning adapter's carry their loader's), torch's
+    default_collate otherwise, its failure explained (BatchingError). Every loader redline
+    builds, and first_samples, use it, so a probe batch is batched as training's are."""
+    return getattr(dataset, "collate_fn", None) or _default_collate
+
+
+def _default_collate(samples: list[Any]) -> Any:
+    try:
+        return default_collate(samples)
+    except (RuntimeError, TypeError) as e:
+        # redline chose default_collate, not the user: one sentence rather than torch's
+        # collate internals (a task's own collate_fn keeps its traceback)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BatchingError(
+            f"torch's default_collate cannot batch the task's samples ({first}): give the "
+            "task a collate_fn(samples) -> batch, e.g. one that pads variable-length "
+            "sequences to the batch's longest (docs/train.md, Task hooks)") from None
+
+
+class Collated(Dataset):
+    """`dataset`, batched by `collate_fn` (collate_of reads it): how build.py hands out a
+    task's datasets when the task gives a collate hook. Everything else is the dataset's."""
+
+    def __init__(self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.dataset, self.collate_fn = dataset, collate_fn
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:
+        # the dataset's own attributes (and its batched __getitems__, which the DataLoader
+        # looks up by name); other dunders are not forwarded, so pickling (workers) works
+        if name == "dataset" or (name.startswith("__") and name != "__getitems__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def first_samples(dataset: Dataset, n: int) -> Any:

@@ -5,7 +5,8 @@ For a batch of N samples split into micro-batches of sizes m_1..m_k, the full-ba
 loss is sum_i (m_i / N) * mean_loss(micro_batch_i). Each micro-batch's loss is
 multiplied by its share m_i / N before backward, so the gradients that accumulate in
 `.grad` equal the full-batch gradient (up to floating-point summation order), for any
-split, uneven last chunk included. The optimizer and scheduler step once per batch.
+split, uneven last chunk included. The optimizer and scheduler step once per batch (the
+scheduler on a skipped step too, as torch's GradScaler loop does).
 One exception: a layer that normalises with the statistics of the batch it sees
 (BatchNorm in training mode) sees each micro-batch's statistics, not the full batch's,
 so that step is not the full-batch step; the first split says so (Event.ANOMALY, kind
@@ -131,10 +132,13 @@ class Engine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  config: EngineConfig | Precision | str | None = None, *,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                 scheduler_steps: int | None = None,
                  dispatcher: Dispatcher | None = None, state: State | None = None,
                  comm: Comm | None = None, **settings: Any) -> None:
         """`settings`: EngineConfig's fields, over `config`. `comm`: the ranks of a
-        DDP-wrapped `model` (see the module docstring)."""
+        DDP-wrapped `model` (see the module docstring). `scheduler_steps`: the scheduler
+        is stepped until its `last_epoch` reaches it (the run's length), so a timing that
+        steps past the run leaves a OneCycleLR at its end instead of raising."""
         config = EngineConfig.of(config, **settings)
         precision = config.precision
         if isinstance(precision, str):
@@ -146,6 +150,7 @@ class Engine:
         self.optimizer = optimizer
         self.precision = precision
         self.scheduler = scheduler
+        self.scheduler_steps = scheduler_steps
         self.grad_clip = config.grad_clip
         self.micro_batch_size = config.micro_batch_size
         guard = config.oom_guard
@@ -373,13 +378,22 @@ class Engine:
             self.applied = self._step_unless_nonfinite(norm)
         else:
             self.applied = self.precision.optimizer_step(self.optimizer)
-        if self.scheduler is not None:
+        # once per optimizer step, applied or skipped, as torch's own GradScaler loop does:
+        # the schedule follows the step count (so a resumed run continues it exactly)
+        if self.scheduler is not None and self._scheduling():
             self.scheduler.step()
         self.updating = False
         if self.scaler_watch is not None:  # fp16: most updates skipped? (module docstring)
             info = self.scaler_watch.observe(self.applied, norm, self.state.step + 1)
             if info is not None:
                 self.dispatcher.fire(Event.ANOMALY, self.state, info)
+
+    def _scheduling(self) -> bool:
+        # Not past the run's length, nor a fixed-length schedule's (OneCycleLR raises
+        # there; a resumed run given more train.steps keeps the checkpoint's total_steps).
+        end = min(self.scheduler_steps or math.inf,
+                  getattr(self.scheduler, "total_steps", None) or math.inf)
+        return getattr(self.scheduler, "last_epoch", 0) < end
 
     def _step_unless_nonfinite(self, norm: torch.Tensor) -> bool | torch.Tensor:
         if self._flag_on_device:  # the kernel skips the update and its step count

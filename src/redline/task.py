@@ -7,12 +7,15 @@ studies need a fresh model per trial, so a task hands out factories rather than 
         name: str
         def build_model(self) -> nn.Module: ...
         def train_data(self) -> Dataset: ...
-        def eval_data(self) -> Dataset | None: ...                  # optional
+        def eval_data(self) -> Dataset | dict[str, Dataset] | None: ...   # optional
         def loss(self, model, batch) -> Tensor: ...             # mean over the batch's samples
         def evaluate(self, model, loader) -> dict[str, float]: ...   # optional
         def samples(self, model, batch) -> list[Sample]: ...    # optional
         def series(self, model, batch) -> dict[str, Tensor]: ... # optional
         def optimizer(self, model) -> Optimizer | None: ...     # optional
+        def scheduler(self, optimizer[, total_steps]) -> LRScheduler | None: ...  # optional
+        def collate_fn(self, samples) -> batch: ...             # optional
+        def eval_collate_fn(self, samples) -> batch: ...        # optional
         def flops_per_sample(self) -> float: ...                # optional
         metric_directions: Mapping[str, str]                    # optional
 
@@ -28,9 +31,11 @@ handed) warns once, on stderr, naming the member it resembles.
 splits a batch into micro-batches and weights each micro-batch's loss by its share of
 the samples, which gives the full-batch gradient only for a mean.
 
-A dataset that `train_data` or `eval_data` returns may carry a `collate_fn` attribute:
-redline batches its samples with it rather than torch's default_collate (batch.collate_of;
-the Lightning adapter's datasets carry their loader's).
+How samples become a batch, in every loader redline builds (training, evaluation, the dry
+run, the batch search, the FLOP count): the task's `collate_fn` (`eval_collate_fn` for the
+evaluation sets, where given), else a `collate_fn` attribute of the dataset itself (the
+Lightning adapter's datasets carry their loader's), else torch's default_collate
+(batch.collate_of; build.py hands the task's datasets out wrapped with the task's hook).
 
 A task spec is one of:
   - a built-in short name (`redline train --help` lists them),
@@ -104,8 +109,9 @@ class Task(Protocol):
         """The training set: redline's own loader samples and batches it."""
         ...
 
-    def eval_data(self) -> Dataset | None:
-        """Optional: the evaluation set, or None (no evaluation)."""
+    def eval_data(self) -> Dataset | Mapping[str, Dataset] | None:
+        """Optional: the evaluation set, several named ones ({"short": ..., "long": ...}:
+        metrics recorded per set as `eval/<set>/<metric>`), or None (no evaluation)."""
         ...
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -130,7 +136,28 @@ class Task(Protocol):
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer | None:
         """Optional: the optimizer to train `model` with (the Lightning adapter hands over
-        the module's `configure_optimizers`); None: fused AdamW at train.lr (job/build.py)."""
+        the module's `configure_optimizers`); None: fused AdamW at train.lr (job/build.py).
+        Its own lr replaces train.lr (the run says so once, where they differ)."""
+        ...
+
+    def scheduler(self, optimizer: torch.optim.Optimizer
+                  ) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """Optional: a torch LR scheduler over `optimizer` (the run's optimizer: the task's
+        own or redline's), replacing train.schedule and train.warmup_steps; None: those.
+        Declared with a second parameter, `scheduler(optimizer, total_steps)`, it is also
+        given the run's optimizer steps (what OneCycleLR needs). Stepped once per optimizer
+        step, a skipped one (non-finite gradients, an fp16 overflow) included, as torch's
+        own loop does; its state is kept in every checkpoint and resumed exactly."""
+        ...
+
+    def collate_fn(self, samples: list[Any]) -> Any:
+        """Optional: how a list of samples becomes one batch (e.g. padding variable-length
+        sequences to the batch's longest), for every loader redline builds; without it, a
+        dataset's own `collate_fn` attribute, else torch's default_collate."""
+        ...
+
+    def eval_collate_fn(self, samples: list[Any]) -> Any:
+        """Optional: `collate_fn` for the evaluation sets alone (default: `collate_fn`)."""
         ...
 
     def flops_per_sample(self) -> float:
@@ -152,8 +179,11 @@ class TaskBase:
     # attributes rather than methods, so that "not declared" is visible without calling.
     flops_per_sample: Callable[[], float] | None = None
     metric_directions: Mapping[str, str] | None = None
+    scheduler: Callable[..., Any] | None = None
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    eval_collate_fn: Callable[[list[Any]], Any] | None = None
 
-    def eval_data(self) -> Dataset | None:
+    def eval_data(self) -> Dataset | Mapping[str, Dataset] | None:
         return None
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
@@ -178,11 +208,18 @@ _OPTIONAL_DEFAULTS: dict[str, Callable[..., Any]] = {
     "series": TaskBase.series,
     "optimizer": TaskBase.optimizer,
 }
-OPTIONAL_MEMBERS = (*_OPTIONAL_DEFAULTS, "flops_per_sample", "metric_directions")
+OPTIONAL_MEMBERS = (*_OPTIONAL_DEFAULTS, "scheduler", "collate_fn", "eval_collate_fn",
+                    "flops_per_sample", "metric_directions")
 MEMBERS = ("name", *REQUIRED_METHODS, *OPTIONAL_MEMBERS)
 # How close a name must be to a member's to be called a misspelling of it (difflib's
-# ratio): `flops_per_sampel` 0.94, `evalute` 0.93; `sample_steps` (sr3's) 0.74 is not.
+# ratio): `flops_per_sampel` 0.94, `evalute` 0.93, `schedular` 0.89; `sample_steps`
+# (sr3's) 0.74 is not.
 _MISSPELLING = 0.85
+# Names a user reaches for that are too far from the member's to be caught by spelling
+# (`collate` 0.82 against `collate_fn`): the name they meant.
+_NEAR_MISSES = {"collate": "collate_fn", "collator": "collate_fn", "data_collator":
+                "collate_fn", "eval_collate": "eval_collate_fn", "lr_scheduler": "scheduler",
+                "configure_scheduler": "scheduler", "schedulers": "scheduler"}
 _warned: set[tuple[type, str]] = set()
 
 
@@ -200,7 +237,8 @@ def check_members(task: Any) -> list[str]:
     Returns the warnings given now (check_task calls it)."""
     said = []
     for name in _public_names(task):
-        close = difflib.get_close_matches(name, MEMBERS, n=1, cutoff=_MISSPELLING)
+        close = ([_NEAR_MISSES[name]] if name in _NEAR_MISSES else
+                 difflib.get_close_matches(name, MEMBERS, n=1, cutoff=_MISSPELLING))
         if not close or (type(task), name) in _warned:
             continue
         _warned.add((type(task), name))

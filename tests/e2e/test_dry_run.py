@@ -42,3 +42,42 @@ def test_a_dry_run_catches_what_would_stop_the_run(tmp_path: Path) -> None:
     assert oom.returncode == 1
     assert "ran out of memory" in json.loads(oom.stdout.splitlines()[-1])["blockers"][0]
     assert _files(tmp_path) == []
+
+
+HOOKS = Path(__file__).resolve().parents[1] / "tasks" / "hookcases.py"
+
+
+def test_the_dry_run_batches_with_trainings_loader_and_fails_when_training_would(
+        tmp_path: Path) -> None:
+    good = run_cli(["train", f"{HOOKS}:GRUTagger", "--dry-run", "--json",
+                    "--set", "task_args.eval_sets=2"], tmp_path)
+    assert good.returncode == 0, good.stderr
+    plan = json.loads(good.stdout.splitlines()[-1])
+    assert plan["ok"] and plan["eval_sets"] == ["short", "long"]
+    assert "short/accuracy" in plan["eval_metrics"] and "long/loss" in plan["eval_metrics"]
+
+    # without the collate_fn, variable-length samples cannot be batched: the dry run and
+    # training stop alike, with one sentence and not redline's loader traceback
+    spec = f"{HOOKS}:GRUTaggerNoCollate"
+    dry = run_cli(["train", spec, "--dry-run"], tmp_path)
+    run = run_cli(["train", spec, "--steps", "5"], tmp_path)
+    for out in (dry, run):
+        assert out.returncode == 2, out.stderr
+        assert "give the task a collate_fn(samples) -> batch" in out.stderr
+        assert "stack expects each tensor to be equal size" in out.stderr
+        assert "Traceback" not in out.stderr
+    assert _files(tmp_path) in ([], ["runs"])  # the failed run left no run directory behind
+
+
+def test_the_dry_run_shows_the_lr_the_task_optimizer_really_has(tmp_path: Path) -> None:
+    out = run_cli(["train", f"{HOOKS}:OneCycleRegression", "--dry-run", "--json",
+                   "--steps", "50"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout.splitlines()[-1])
+    assert plan["optimizer"] == "SGD" and plan["scheduler"] == "OneCycleLR"
+    assert plan["lr"] == pytest.approx(0.05 / 25)  # where OneCycleLR starts, not train.lr
+    assert "task optimizer SGD sets lr 0.05; train.lr 0.0002 is not used" in plan["notes"]
+    human = run_cli(["train", f"{HOOKS}:OneCycleRegression", "--dry-run",
+                     "--set", "task_args.schedule=false"], tmp_path)
+    assert "lr 0.05 (SGD, LambdaLR)" in human.stdout, human.stdout
+    assert "note       task optimizer SGD sets lr 0.05" in human.stdout

@@ -139,3 +139,47 @@ def test_corrupt_newest_checkpoint_warns_and_resumes_from_the_previous(
     # moved aside, not counted toward checkpoint.keep
     assert (tmp_path / "run" / "checkpoints" / "unreadable" / newest.name).is_file()
     _assert_identical(reference, _final_state(tmp_path / "run"))
+
+
+# ---- a task's own scheduler (issue 19, observed case 6) --------------------------------------
+
+HOOKS = Path(__file__).resolve().parents[1] / "tasks" / "hookcases.py"
+CYCLE = ["train", f"{HOOKS}:OneCycleRegression", "--steps", "60", "--set",
+         "checkpoint.every=10", "--set", "telemetry.log_every=1", "--set",
+         "train.effective_batch_size=32", "--set", "train.batch_size=16", "--no-progress"]
+
+
+def _lrs(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["lr"]) for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+
+
+def test_a_task_onecycle_schedule_is_resumed_exactly(tmp_path: Path) -> None:
+    ref = run_cli([*CYCLE, "--run-dir", "ref"], tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    slow = ["--run-dir", "run", "--set", "task_args.sleep_s=0.03"]  # a stop lands midway
+    proc = subprocess.Popen([sys.executable, "-m", "redline", *CYCLE, *slow], cwd=tmp_path,
+                            env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(proc, tmp_path / "run" / "checkpoints", 20)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM
+    stopped = int(list_checkpoints(tmp_path / "run" / "checkpoints")[-1].stem.split("-")[1])
+    assert 20 <= stopped < 60
+    out = run_cli([*CYCLE, *slow, "--resume"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert _lrs(tmp_path / "run") == _lrs(tmp_path / "ref")  # the same schedule, each step
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05, momentum=0.9)
+    cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=60)
+    expected = []
+    for _ in range(60):  # torch's own OneCycleLR, stepped once per optimizer step
+        opt.step()
+        cycle.step()
+        expected.append(cycle.get_last_lr()[0])
+    assert [lr for _, lr in _lrs(tmp_path / "run")] == pytest.approx(expected, rel=1e-9)
+    a, b = _final_state(tmp_path / "ref"), _final_state(tmp_path / "run")
+    assert a["step"] == b["step"] == 60
+    assert a["scheduler"] == b["scheduler"]
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key

@@ -390,3 +390,68 @@ def test_memory_that_keeps_growing_is_reported_by_the_run_and_by_doctor(
     assert len(warned) == 1 and "MiB per 1000 steps" in warned[0]
     doctor = run_cli(["doctor", "r"], tmp_path)
     assert "memory-growth" in doctor.stdout and "appended to a list" in doctor.stdout
+
+
+# ---- Task hooks (issue 19, observed case 6) -------------------------------------------------
+
+HOOKS = Path(__file__).resolve().parents[1] / "tasks" / "hookcases.py"
+
+
+def _onecycle_lrs(steps: int, max_lr: float = 0.05) -> list[float]:
+    """torch's own OneCycleLR over `steps` optimizer steps: the lr after each step."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=max_lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    return lrs
+
+
+def test_a_variable_length_task_with_a_collate_fn_trains_and_evaluates_each_set(
+        tmp_path: Path) -> None:
+    out = run_cli(["train", f"{HOOKS}:GRUTagger", "--steps", "12", "--run-dir", "run",
+                   "--set", "task_args.eval_sets=2", "--set", "train.eval_every=6",
+                   "--set", "telemetry.log_every=4", "--no-progress"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 3 and all(v == v and v < 10 for v in losses)
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evals] == [6, 12]
+    for row in evals:  # each set's metrics under its own name; no unnamed set
+        assert {"eval/short/loss", "eval/short/accuracy", "eval/long/loss",
+                "eval/long/accuracy"} <= set(row)
+        assert "eval/loss" not in row and "eval/accuracy" not in row
+    assert "short/accuracy" in out.stdout  # the run's summary names the sets too
+
+
+def test_a_task_optimizer_and_its_onecycle_schedule_set_the_lr_shown_everywhere(
+        tmp_path: Path) -> None:
+    # accumulation 4: the schedule must advance once per optimizer step, not per micro-batch
+    out = run_cli(["train", f"{HOOKS}:OneCycleRegression", "--steps", "20", "--run-dir", "run",
+                   "--set", "train.effective_batch_size=32", "--set", "train.batch_size=8",
+                   "--set", "telemetry.log_every=1", "--set", "telemetry.trackers=[jsonl,console]",
+                   "--no-progress"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    logged = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert logged == pytest.approx(_onecycle_lrs(20), rel=1e-9)
+    said = "task optimizer SGD sets lr 0.05; train.lr 0.0002 is not used"
+    assert out.stderr.count(said) == 1
+    line = next(x for x in out.stderr.splitlines() if x.startswith("step 5 | "))
+    assert f"| lr {logged[4]:.3g}" in line  # the console line shows the schedule's lr
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"# {said}" in config and "OneCycleLR" in config
+    assert yaml.safe_load(config)["train"]["lr"] == 0.0002  # still the config, re-runnable
+    env = json.loads((tmp_path / "run" / "environment.json").read_text())["run"]
+    assert env["optimizer"] == "SGD" and env["scheduler"] == "OneCycleLR"
+    assert env["lr"] == pytest.approx(0.05 / 25)  # OneCycleLR starts at max_lr / 25
+
+    plain = run_cli(["train", f"{HOOKS}:OneCycleRegression", "--steps", "4", "--run-dir",
+                     "plain", "--set", "task_args.schedule=false",
+                     "--set", "telemetry.log_every=2", "--set",
+                     "telemetry.trackers=[jsonl,console]", "--no-progress"], tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    assert "step 2 | " in plain.stderr and "| lr 0.05" in plain.stderr
+    assert "| lr 0.0002" not in plain.stderr and plain.stderr.count(said) == 1

@@ -67,3 +67,27 @@ def test_a_tensor_dataset_read_a_batch_at_a_time_gives_the_per_sample_loaders_ba
             assert type(a) is type(b) is list
             assert all(torch.equal(p, q) and p.dtype == q.dtype for p, q in zip(a, b,
                                                                                strict=True))
+
+
+def test_a_task_collate_wraps_a_dataset_and_default_collates_failure_is_one_sentence() -> None:
+    import pickle
+
+    from redline.batch import BatchingError, Collated, collate_of, first_samples
+    from redline.data import eval_loader, train_loader
+
+    ragged = [torch.ones(n) for n in (1, 2, 3, 1)]
+    with pytest.raises(BatchingError, match="give the task a collate_fn") as raised:
+        first_samples(ragged, 2)  # type: ignore[arg-type]
+    assert raised.value.__cause__ is None and "equal size" in str(raised.value)
+    with pytest.raises(BatchingError):
+        next(iter(eval_loader(ragged, 2, {})))  # type: ignore[arg-type]
+
+    padded = Collated(TensorDataset(torch.arange(4.0)), _count)
+    assert collate_of(padded) is _count and padded.tensors[0].shape == (4,)  # forwarded
+    assert next(iter(train_loader(padded, 2, seed=0, options={}))) == 2  # no batched path
+    copy = pickle.loads(pickle.dumps(padded))  # loader workers get it pickled
+    assert len(copy) == 4 and copy.collate_fn is _count
+
+
+def _count(samples: list) -> int:
+    return len(samples)

@@ -13,8 +13,11 @@ actually built:
     re-seed   rank r > 0 with distributed.rank_seed (rank 0 draws what one process would)
     optimizer = task.optimizer(model), else AdamW(lr, weight_decay) over the trainable
                 parameters, fused
-    scheduler = LambdaLR(warm-up, then train.schedule over the run's steps)
-    data      = task.train_data(), task.eval_data(); loader options resolved for the device
+    scheduler = task.scheduler(optimizer[, total_steps]), else LambdaLR(warm-up, then
+                train.schedule over the run's steps)
+    data      = task.train_data(), task.eval_data() (one set or a dict of named ones),
+                batched by the task's collate_fn / eval_collate_fn where it gives them
+                (batch.Collated); loader options resolved for the device
     engine    = Engine(step_model, optimizer, precision, micro-batch, grad_clip, OOM guard)
 
 With `train.batch_size: auto` (the search itself) the engine runs each batch whole, with no
@@ -27,6 +30,11 @@ the kernel kill the process instead of failing an allocation), so the engine run
 micro-batch size's first step under a tracked budget of the memory available now
 (memory/probe.py): a size that would not fit raises a real OutOfMemoryError there, and
 the guard shrinks it. `Job.memory_limit` says what was used.
+
+Every loader a run uses comes from the Job (`Job.train_loader`, `Job.eval_loader`), so the
+dry run batches exactly as training does. Where the task's optimizer or scheduler replaces
+a config setting (its lr differs from train.lr; its schedule replaces train.schedule),
+`Job.notes` says so, for the run and the dry run to print once.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import hashlib
 import inspect
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +54,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from redline import batch as batch_tree
+from redline.batch import Collated
 from redline.config import ConfigError, RunConfig
-from redline.data import loader_options, train_loader
+from redline.data import eval_loader, loader_options, train_loader
 from redline.device import DeviceInfo
 from redline.distributed import Comm, World, rank_seed
 from redline.engine import Engine, EngineConfig
@@ -55,7 +64,7 @@ from redline.events import Dispatcher, State
 from redline.memory.guard import OOMGuard
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes
 from redline.precision import Precision, get_precision
-from redline.task import Task, task_member
+from redline.task import Task, TaskError, task_member
 
 
 @dataclass
@@ -72,12 +81,16 @@ class Job:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     engine: Engine
     train_set: Dataset
-    eval_set: Dataset | None
+    eval_set: Dataset | None  # the first of eval_sets (the batch search sizes on it)
     loader_options: dict[str, Any]
     max_steps: int  # train.steps, or fewer when train.epochs ends the run first
     steps_per_epoch: int | None  # None while batch_size is auto
     memory_limit: tuple[int, str] | None = None  # CPU without a budget: (bytes, source)
     comm: Comm = field(default_factory=lambda: Comm(World()))  # the ranks (one: alone)
+    # name -> evaluation set; a task's lone set is named "" (metrics eval/<metric>), a
+    # dict's by its keys (eval/<set>/<metric>)
+    eval_sets: dict[str, Dataset] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # task settings that replace config's
 
     @property
     def world(self) -> World:
@@ -89,6 +102,15 @@ class Job:
         t = self.config.train
         return train_loader(self.train_set, t.samples_per_step, t.seed, self.loader_options,
                             self.world.rank, self.world.size)
+
+    def eval_loader(self, name: str, batch_size: int) -> DataLoader:
+        """The loader over evaluation set `name` (training and the dry run both use it)."""
+        return eval_loader(self.eval_sets[name], batch_size, self.loader_options)
+
+    @property
+    def lr(self) -> float:
+        """The lr the optimizer has now (its first parameter group's)."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def fingerprint(self, *extra: str) -> str:
         """A hash of what was built (model structure and dtypes, precision, compile,
@@ -139,13 +161,15 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
                                                                      t.weight_decay)
     except ValueError as e:
         raise ConfigError(f"task {task.name!r}: {e}") from None
-    train_set, eval_set = task.train_data(), task.eval_data()
+    train_set, eval_sets = task_datasets(task)
     steps_per_epoch = (None if t.auto_batch
                        else len(train_set) // t.samples_per_step)  # type: ignore[arg-type]
     max_steps = t.steps if t.epochs is None or steps_per_epoch is None else min(
         t.steps, t.epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(t.schedule, t.warmup_steps, max_steps))
+    notes = [note] if (note := _lr_note(optimizer, t.lr)) else []
+    scheduler = task_scheduler(task, optimizer, max_steps, notes) or \
+        torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                          lr_lambda(t.schedule, t.warmup_steps, max_steps))
     # a rank's micro-batch: at most its share of the step
     micro = None if t.auto_batch else min(t.micro_batch, t.samples_per_step // comm.world.size)
     guard = (OOMGuard(micro, config.memory.grow_after)
@@ -160,12 +184,69 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
                             oom_guard=guard, memory_check=check,
                             skip_nonfinite=t.on_nonfinite != "warn")
     engine = Engine(step_model, optimizer, settings, scheduler=scheduler,
-                    dispatcher=dispatcher, state=state, comm=comm)
+                    scheduler_steps=max_steps, dispatcher=dispatcher, state=state, comm=comm)
     return Job(config=config, task=task, device=device, precision=precision, model=model,
                step_model=step_model, optimizer=optimizer, scheduler=scheduler, engine=engine,
-               train_set=train_set, eval_set=eval_set,
+               train_set=train_set, eval_set=next(iter(eval_sets.values()), None),
                loader_options=loader_options(config.data, device.kind), max_steps=max_steps,
-               steps_per_epoch=steps_per_epoch, memory_limit=limit, comm=comm)
+               steps_per_epoch=steps_per_epoch, memory_limit=limit, comm=comm,
+               eval_sets=eval_sets, notes=notes)
+
+
+def task_datasets(task: Task) -> tuple[Dataset, dict[str, Dataset]]:
+    """The task's training set and its evaluation sets by name ("" for a lone set), each
+    batched by the task's collate hook where it gives one (batch.Collated)."""
+    collate = task_member(task, "collate_fn")
+    eval_collate = task_member(task, "eval_collate_fn") or collate
+    train_set, given = task.train_data(), task.eval_data()
+    if isinstance(given, Mapping):
+        bad = [k for k, v in given.items() if not isinstance(k, str) or not k or v is None]
+        if bad:
+            raise TaskError(f"task {task.name!r}: eval_data() returned a dict whose keys must "
+                            f"be non-empty set names, each with a dataset; got {bad!r}")
+        sets = dict(given)
+    else:
+        sets = {} if given is None else {"": given}
+    if collate is not None:
+        train_set = Collated(train_set, collate)
+    if eval_collate is not None:
+        sets = {name: Collated(ds, eval_collate) for name, ds in sets.items()}
+    return train_set, sets
+
+
+def task_scheduler(task: Task, optimizer: torch.optim.Optimizer, total_steps: int,
+                   notes: list[str]) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The task's own LR scheduler over `optimizer` (given `total_steps` where its
+    `scheduler` takes a second parameter), or None; a note where it replaces config's."""
+    make = task_member(task, "scheduler")
+    if make is None:
+        return None
+    try:
+        takes_steps = len(inspect.signature(make).parameters) >= 2
+    except (TypeError, ValueError):  # no signature to read: the one-parameter form
+        takes_steps = False
+    scheduler = make(optimizer, total_steps) if takes_steps else make(optimizer)
+    if scheduler is None:
+        return None
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) or \
+            isinstance(scheduler, plateau):
+        raise TaskError(f"task {task.name!r}: scheduler() must return a torch LR scheduler "
+                        "stepped without arguments (torch.optim.lr_scheduler, not "
+                        f"ReduceLROnPlateau), got {type(scheduler).__name__}")
+    notes.append(f"task scheduler {type(scheduler).__name__} sets the lr (starting at "
+                 f"{optimizer.param_groups[0]['lr']:.3g}); train.schedule and "
+                 "train.warmup_steps are not used")
+    return scheduler
+
+
+def _lr_note(optimizer: torch.optim.Optimizer, lr: float) -> str | None:
+    """A sentence where the optimizer's lr is not train.lr (the task brought its own)."""
+    own = float(optimizer.param_groups[0]["lr"])
+    if math.isclose(own, lr, rel_tol=1e-9):
+        return None
+    return (f"task optimizer {type(optimizer).__name__} sets lr {own:.3g}; train.lr {lr:.3g} "
+            "is not used")
 
 
 def rank_device(spec: str, world: World) -> DeviceInfo:

@@ -1,10 +1,14 @@
 """`redline train --dry-run`: everything a run would do, once, and nothing written.
 
 It checks the environment (as `redline doctor` does), builds the job exactly as training
-would (build.py: task, model, precision, optimizer, data), runs two training steps on the
-first batch as training steps them (job/runner.py; the first's peak memory measured: the
+would (build.py: task, model, precision, optimizer, scheduler, data), draws the first
+batch from the loader training draws from (`Job.train_loader`: the same sampler and
+collation, so a batch that cannot be made fails here as it would in training), runs two
+training steps on it as training steps them (job/runner.py; the first's peak memory measured: the
 allocator's on CUDA, the storage tracker's on CPU; the second, warm, timed) and one
-evaluation batch, and reports what a real run would do: the recipe, the step's time and
+evaluation batch of each evaluation set (through `Job.eval_loader`, as training), and
+reports what a real run would do: the recipe (with the lr the optimizer really starts at,
+and what the task's own optimizer or scheduler replaces), the step's time and
 memory, a projection of the run's length (labelled as a projection: one step is not a
 run), where it would write. No run directory, cache or file is created; the model trained
 for two steps is thrown away.
@@ -23,13 +27,13 @@ import torch
 
 from redline import batch as batch_tree
 from redline.config import RunConfig
-from redline.data import LimitedLoader, eval_loader
+from redline.data import iterate_from
 from redline.device import DeviceInfo
 from redline.environment import environment_check
 from redline.job.build import build_job
 from redline.job.runner import JobRunner
 from redline.memory.probe import MemoryBudget, format_size, live_tensor_bytes, measure_peak
-from redline.run.evaluation import evaluate
+from redline.run.evaluation import evaluate_sets
 from redline.task import Task
 
 
@@ -58,17 +62,20 @@ def dry_run(config: RunConfig, task: Task) -> DryRun:
         config = config.updated({"train.batch_size": 1, "train.effective_batch_size": None})
     job = build_job(config, task, device)
     t = config.train
-    batch = batch_tree.move(batch_tree.first_samples(job.train_set, t.samples_per_step),
-                            device.torch_device)
+    # training's own loader: a batch it cannot make stops the dry run as it would the run
+    batch = batch_tree.move(next(iterate_from(job.train_loader(), 0, 0)), device.torch_device)
     params = sum(p.numel() for p in job.model.parameters())
+    eval_samples = sum(len(s) for s in job.eval_sets.values())  # type: ignore[arg-type]
     result.plan = {
         "task": task.name, "device": device.name, "precision": job.precision.name,
         "emulated": job.precision.emulated, "parameters": params,
         "train_samples": len(job.train_set),  # type: ignore[arg-type]
-        "eval_samples": len(job.eval_set) if job.eval_set is not None else 0,  # type: ignore[arg-type]
+        "eval_samples": eval_samples, "eval_sets": [n for n in job.eval_sets if n],
         "steps": job.max_steps, "steps_per_epoch": job.steps_per_epoch,
         "micro_batch": t.micro_batch, "effective_batch": t.samples_per_step,
-        "accumulation_steps": -(-t.samples_per_step // t.micro_batch), "lr": t.lr,
+        "accumulation_steps": -(-t.samples_per_step // t.micro_batch), "lr": job.lr,
+        "optimizer": type(job.optimizer).__name__, "scheduler": type(job.scheduler).__name__,
+        "notes": list(job.notes),
         "fp8_layers": sum(d["converted"] for d in job.precision.layer_plan),
         "checkpoint_every": config.checkpoint.every, "trackers": list(config.telemetry.trackers),
     }
@@ -91,11 +98,9 @@ def dry_run(config: RunConfig, task: Task) -> DryRun:
             result.warnings.append(f"micro-batch {t.micro_batch} ran out of memory; the OOM "
                                    f"guard went on at {job.engine.micro_batch_size} (a real "
                                    "run does the same, with accumulation)")
-        if job.eval_set is not None:
-            loader = LimitedLoader(eval_loader(job.eval_set, t.eval_batch_size or t.micro_batch,
-                                               job.loader_options), 1)
-            result.plan["eval_metrics"] = sorted(evaluate(task, job.step_model, loader,
-                                                          job.precision, device, t.seed))
+        if job.eval_sets:
+            result.plan["eval_metrics"] = sorted(evaluate_sets(
+                job, t.eval_batch_size or t.micro_batch, 1, t.seed))
     return result
 
 
@@ -121,8 +126,10 @@ def render(result: DryRun) -> str:
             f"device     {p['device']}, precision {p['precision']}{emulated}"
             + (f", {p['fp8_layers']} fp8 layer(s)" if p["fp8_layers"] else ""),
             f"recipe     {p['steps']} steps, effective batch {p['effective_batch']} = "
-            f"micro-batch {p['micro_batch']} x {p['accumulation_steps']}, lr {p['lr']:.3g}",
+            f"micro-batch {p['micro_batch']} x {p['accumulation_steps']}, lr {p['lr']:.3g} "
+            f"({p['optimizer']}, {p['scheduler']})",
         ]
+        lines += [f"note       {n}" for n in p["notes"]]
         if "step_time_s" in p:
             lines.append(f"one step   {p['step_time_s']:.3f} s (the second, warm), peak "
                          f"{format_size(p['step_peak_bytes'])} (the first, tracked); the run "

@@ -3,6 +3,11 @@
 It runs under a forked RNG re-seeded with the run's seed: training's random stream is
 left exactly where it was (exact resume depends on it), and every evaluation of a run
 draws the same noise, so its numbers are comparable from one evaluation to the next.
+
+A task's evaluation sets (`eval_data` returning a dict) are evaluated one after the other,
+each through the job's own loader (`Job.eval_loader`, as the dry run does): a lone set's
+metrics keep their names (recorded as `eval/<metric>`), a named set's are `<set>/<metric>`
+(recorded as `eval/<set>/<metric>`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import torch
 from torch import nn
 
 from redline import batch as batch_tree
+from redline.data import LimitedLoader
 from redline.device import DeviceInfo
+from redline.job.build import Job
 from redline.precision import Precision
 from redline.task import Task
 
@@ -32,6 +39,18 @@ def evaluate(task: Task, model: nn.Module, loader: Any, precision: Precision,
                 metrics.update(task.evaluate(model, loader))
     finally:
         model.train()
+    return metrics
+
+
+def evaluate_sets(job: Job, batch_size: int, limit: int | None, seed: int
+                  ) -> dict[str, float]:
+    """`evaluate` over each of the job's evaluation sets, at most `limit` batches of
+    `batch_size` each (all: None), metrics named as the module docstring says."""
+    metrics: dict[str, float] = {}
+    for name in job.eval_sets:
+        loader = LimitedLoader(job.eval_loader(name, batch_size), limit)
+        found = evaluate(job.task, job.step_model, loader, job.precision, job.device, seed)
+        metrics.update({f"{name}/{k}" if name else k: v for k, v in found.items()})
     return metrics
 
 

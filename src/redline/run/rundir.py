@@ -25,7 +25,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -154,19 +154,24 @@ def lock(run_dir: Path | None, name: str, held: contextlib.ExitStack) -> tuple[P
 
 
 def write_start_files(run_dir: Path, config: RunConfig, task_name: str,
-                      run: dict[str, Any]) -> None:
-    """config.yaml (the resolved config: train again with --config) and environment.json
+                      run: dict[str, Any], notes: Sequence[str] = ()) -> None:
+    """config.yaml (the resolved config: train again with --config; `notes`, e.g. that the
+    task's optimizer replaces train.lr, as comments above it) and environment.json
     (doctor's snapshot, with what this run resolved in `run`)."""
     resolved = config.to_dict()
     resolved["task"] = config.task or task_name
-    write_config(run_dir, resolved)
+    write_config(run_dir, resolved, notes)
     write_environment(run_dir, config.device, run)
 
 
-def write_config(run_dir: Path, settings: Mapping[str, Any]) -> None:
-    """RUN_DIR/config.yaml: `settings` (plain data) as YAML, in their order."""
+def write_config(run_dir: Path, settings: Mapping[str, Any], notes: Sequence[str] = ()
+                 ) -> None:
+    """RUN_DIR/config.yaml: `settings` (plain data) as YAML, in their order, below `notes`
+    as comments."""
+    header = "".join(f"# {note}\n" for note in notes)
     with writing("config", run_dir / "config.yaml"):
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(dict(settings), sort_keys=False))
+        (run_dir / "config.yaml").write_text(header + yaml.safe_dump(dict(settings),
+                                                                     sort_keys=False))
 
 
 def write_environment(run_dir: Path, device: str, run: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@
     resume     the checkpoint rank 0 picked (resume.find); metrics past its step dropped
     telemetry  the run's, with the tracker run id the checkpoint kept (or a new one)
     checkpoints  resume.Checkpoints, given the telemetry; the checkpoint applied
-    start      config.yaml and environment.json, run_start, what a user must know
+    start      config.yaml and environment.json (with the optimizer's real lr, and what the
+               task's optimizer or scheduler replaces), run_start, what a user must know
     flops      counted once, for MFU; the memory budget built (entered by the loop)
 
 What it opens goes on `held` (an ExitStack the trainer closes however the run ends).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -163,7 +165,8 @@ def _start(config: RunConfig, task: Task, job: Job, run_dir: Path) -> None:
         rundir.write_start_files(run_dir, config, task.name, {
             "precision": job.precision.describe(), "device": job.device.to_dict(),
             "max_steps": job.max_steps, "steps_per_epoch": job.steps_per_epoch,
-            "ranks": job.world.size})
+            "ranks": job.world.size, "optimizer": type(job.optimizer).__name__,
+            "scheduler": type(job.scheduler).__name__, "lr": job.lr}, job.notes)
 
 
 def _announce(config: RunConfig, job: Job, events: EventLog, state: State) -> None:
@@ -175,6 +178,10 @@ def _announce(config: RunConfig, job: Job, events: EventLog, state: State) -> No
     if world.main:
         rundir.announce(events, job.precision, job.memory_limit,
                         config.memory.budget_bytes if device.kind == "cpu" else None)
+        for note in job.notes:  # the task's optimizer or scheduler replaces config's
+            print(f"redline: {note}", file=sys.stderr, flush=True)
+        if job.notes:
+            events.event("task_overrides", notes=job.notes, lr=job.lr)
 
 
 def _count_flops(config: RunConfig, task: Task, job: Job, telemetry: Telemetry) -> None:

@@ -36,13 +36,12 @@ from typing import Any
 
 from redline import distributed
 from redline.config import ConfigError, RunConfig
-from redline.data import LimitedLoader, eval_loader
 from redline.distributed import World
 from redline.errors import UserError
 from redline.events import Callback, Event
 from redline.job.build import rank_device
 from redline.run import rundir
-from redline.run.evaluation import evaluate, evaluate_shrinking
+from redline.run.evaluation import evaluate_sets, evaluate_shrinking
 from redline.run.samples import read_samples, save_samples
 from redline.run.setup import RunParts, prepare
 from redline.run.signals import Interrupted, Signals
@@ -132,6 +131,7 @@ class Trainer:
                                  precision=self.config.precision.name,
                                  device=self.device.name, interrupted=stop.signal)
             except UserError:  # bad input found in set-up: leave no empty run behind
+                held.close()  # first: telemetry's sampler writes as it closes
                 _remove(run_dir, made)
                 raise
             self.parts = parts
@@ -230,7 +230,8 @@ class Trainer:
         return self.parts
 
     def evaluate(self) -> dict[str, float]:
-        """Evaluation loss and the task's metrics on the evaluation set (during fit)."""
+        """Evaluation loss and the task's metrics on each evaluation set (during fit):
+        `<set>/<metric>` for a task's named sets (run/evaluation.py)."""
         run = self._active()
         if run.job.eval_set is None:
             return {}
@@ -254,11 +255,8 @@ class Trainer:
                 run.telemetry.samples(run.state.step, read_samples(run.run_dir))
 
     def _evaluate_at(self, run: RunParts, size: int) -> dict[str, float]:
-        job, train = run.job, run.config.train
-        loader = LimitedLoader(eval_loader(job.eval_set, size, job.loader_options),  # type: ignore[arg-type]
-                               train.eval_batches)
-        return evaluate(self.task, job.step_model, loader, job.precision, self.device,
-                        train.seed)
+        train = run.config.train
+        return evaluate_sets(run.job, size, train.eval_batches, train.seed)
 
     # ---- checkpoints -----------------------------------------------------------------------
 

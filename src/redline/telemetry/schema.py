@@ -124,6 +124,8 @@ EVAL_PREFIX = "eval/"
 EVAL_LOSS = Key("eval/loss", "task's", "mean loss over the evaluation batches")
 EVAL_TIME = Key("eval/time_s", "s", "how long the evaluation took (not counted as step time)")
 EVAL_ANY = Key("eval/<metric>", "task's", "each metric the task's evaluate() returns")
+EVAL_SET_ANY = Key("eval/<set>/<metric>", "task's", "with several evaluation sets (eval_data "
+                   "returning a dict): each set's loss and metrics, under the set's name")
 
 # ---- hardware samples (system.jsonl, every telemetry.system_every_s) -----------------------
 CPU_UTIL = Key("cpu/util_pct", "%", "CPU utilisation of the whole machine", "system")
