@@ -41,17 +41,18 @@ from typing import Any
 
 from redline.config import RunConfig
 from redline.device import DeviceInfo
-from redline.judge import first_as_fast
+from redline.judge import TIMING_TOLERANCE, faster_than_start
 from redline.rng import preserved_rng
 from redline.task import Task
-from redline.tuning.autobatch import autobatch
+from redline.tuning.autobatch import autobatch, start_micro_batch
 from redline.tuning.batchsearch import AutobatchResult
 from redline.tuning.compile_choice import choose_compile
-from redline.tuning.loader_choice import choose_loader
+from redline.tuning.loader_choice import MIN_TIMED_S as LOADER_MIN_S
+from redline.tuning.loader_choice import choose_loader, worker_counts
 from redline.tuning.precision_screen import candidates, check_precisions
 from redline.tuning.recipe import reference_batch
 from redline.tuning.trial import interleave, runners
-from redline.tuning.tune_report import DEFAULT_BUDGET_S, Clock, Row, TuneReport
+from redline.tuning.tune_report import DEFAULT_BUDGET_S, Clock, Row, TuneReport, timings_s
 
 FACTORS = ("precision", "batch", "channels_last", "loader", "compile")
 TOP_PRECISIONS = 2  # precisions that get a batch search of their own
@@ -60,6 +61,7 @@ RUNNER_UP = 0.25  # the second is searched only when this close to the first at 
 # is never searched; 10 % below 1 - RUNNER_UP, as its first steps' timing is noisier.
 LEAST_SPEED = 0.9 * (1 - RUNNER_UP)
 RESERVE = 0.2  # of the budget, kept for the stages after the batch search's scan
+SCREEN_SHARE = 0.3  # of the budget, the most the precisions' quality check may take
 # Ties between precisions go to the first of these: fp32 master weights before none.
 SAFER = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "fp8", "bf16-true")
 ROUNDS = 3
@@ -69,11 +71,11 @@ BATCH_TIMING_S = 0.1  # each size in the batch search: 20 ms left sst-tiny's sca
 
 
 def starting_config(config: RunConfig) -> RunConfig:
-    """What the user runs today: `config` with batch_size auto read as the default 16 and
-    num_workers auto as 0 (the settings tune replaces)."""
+    """What the user runs today: `config` with batch_size auto read as the default 16 (at
+    most the effective batch) and num_workers auto as 0 (the settings tune replaces)."""
     changes: dict[str, Any] = {}
     if config.train.auto_batch:
-        changes["train.batch_size"] = 16
+        changes["train.batch_size"] = start_micro_batch(config)
     if config.data.num_workers == "auto":
         changes["data.num_workers"] = 0
     return config.updated(changes) if changes else config
@@ -102,10 +104,23 @@ def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
                                  f" (at micro-batch {current.train.micro_batch})")
     current = _loader(task, current, device, factors, clock, report, say)
     current = choose_compile(task, current, device, factors, clock, report, say,
-                             rounds=ROUNDS, min_s=MIN_TIMED_S)
-    _speedup(task, start, current, device, report, say)
+                             rounds=ROUNDS, min_s=MIN_TIMED_S,
+                             reserve_s=_final_s(report, current))
+    current = _speedup(task, start, current, device, report, say)
     report.tuned, report.wall_s = current.to_dict(), clock.used()
     return current, report
+
+
+def _step_s(report: TuneReport, config: RunConfig) -> float:
+    """A step of `config`, predicted from the slowest samples/s measured so far (a budget
+    is better kept by overestimating); 1 s before anything was timed."""
+    rates = [r.samples_per_s for r in report.rows if r.samples_per_s]
+    return config.train.samples_per_step / min(rates) if rates else 1.0
+
+
+def _final_s(report: TuneReport, config: RunConfig) -> float:
+    """The final side-by-side timing's predicted seconds: two warm-ups and the rounds."""
+    return timings_s(2 + 2 * (ROUNDS + 2), _step_s(report, config), MIN_TIMED_S)
 
 
 def _on_the_clock(say: Callable[[str], None], clock: Clock) -> Callable[[str], None]:
@@ -126,6 +141,7 @@ def _precisions(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple
         report.rows.append(Row("precision", name, note=f"not tried: {why}"))
     checks = check_precisions(task, start, device, names, say=say,
                               deadline_s=0.2 * clock.budget_s, least_speed=LEAST_SPEED,
+                              limit_s=SCREEN_SHARE * clock.budget_s,
                               **({"steps": steps} if steps else {}))
     for c in checks:
         report.rows.append(Row(
@@ -146,10 +162,11 @@ def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
            say: Callable[[str], None], speeds: dict[str, float]) -> RunConfig:
     """Each top precision's fastest micro-batch, then the fastest of those, end to end.
     `speeds`: each precision's speed relative to fp32 at the starting batch."""
+    options: list[RunConfig] = []
     if "batch" not in factors:
         report.reasons["batch"] = f"micro-batch {start.train.micro_batch}: kept (not searched)"
-        return start.updated({"precision.name": ranked[0]})
-    options: list[RunConfig] = []
+        options = [start.updated({"precision.name": n}) for n in ranked[:TOP_PRECISIONS]]
+        ranked = []  # no batch search: the precisions are timed at the start's batch
     for i, name in enumerate(ranked[:TOP_PRECISIONS]):
         if i and speeds.get(name, 1.0) < (1 - RUNNER_UP) * speeds.get(ranked[0], 1.0):
             report.rows.append(Row("batch", name, note=(
@@ -160,41 +177,72 @@ def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
             report.rows.append(Row("batch", name, note="no batch search: the budget is "
                                    "spent (raise --budget-s)"))
             continue
-        cfg = start.updated({"precision.name": name, "train.batch_size": "auto",
-                             "train.lr_reference_batch": reference_batch(start)})
+        cfg = _searched(start, name)
+        reserve = max(RESERVE * clock.budget_s, _final_s(report, start))
         r = autobatch(task, cfg, device, cache_dir=cache_dir, verify_largest=False,
-                      timing_s=BATCH_TIMING_S,
-                      deadline=time.perf_counter() + clock.left() - RESERVE * clock.budget_s,
+                      timing_s=BATCH_TIMING_S, start=start.train.micro_batch,
+                      deadline=time.perf_counter() + clock.left() - reserve,
                       progress=lambda m, n=name: say(f"batch search in {n}: {m}"))
         _batch_rows(r, name, report)
+        report.reasons[f"batch in {name}"] = r.why
         options.append(r.apply(cfg))
     options.sort(key=lambda c: SAFER.index(c.precision.name) if c.precision.name in SAFER
                  else len(SAFER))  # a tie goes to the format that keeps more precision
+    options = _distinct([start, *options])
+    label = lambda c: (f"{c.precision.name} at micro-batch {c.train.micro_batch}"  # noqa: E731
+                       + (" (the start)" if _same(c, start) else ""))
+    predicted = timings_s(len(options) * (ROUNDS + 1), _step_s(report, start), MIN_TIMED_S)
     if len(options) == 1:
-        chosen = options[0]
-        why = "the fastest micro-batch found (the batch search's knee)"
+        chosen, why = start, "the start: the batch search kept its micro-batch"
+    elif not clock.fits(predicted, _final_s(report, start)):
+        chosen, why = start, (f"the start: timing the choices against it would take about "
+                              f"{predicted:.0f} s, {max(0.0, clock.left()):.0f} s left")
     else:
-        chosen, why = _fastest(task, options, device, "batch", report, say,
-                               lambda c: f"{c.precision.name} at micro-batch "
-                                         f"{c.train.micro_batch}",
-                               "a tie goes to the format that keeps more precision")
-    report.reasons["batch"] = f"{_recipe(start, chosen)}: {why}"
+        chosen, why = _fastest(task, options, device, "batch", report, say, label,
+                               "the start is kept unless beaten beyond the noise; then a "
+                               "tie goes to the format that keeps more precision")
+    if "batch" in factors:
+        report.reasons["batch"] = f"{_recipe(start, chosen)}: {why}"
     if "precision" in factors:
-        report.reasons["precision"] = (f"{chosen.precision.name} (the fastest at its own "
-                                       f"best micro-batch; {report.reasons['precision']})")
+        report.reasons["precision"] = (f"{chosen.precision.name} ({why}; "
+                                       f"{report.reasons['precision']})")
     return chosen
+
+
+def _searched(start: RunConfig, name: str) -> RunConfig:
+    """The config a precision's batch search runs: batch_size auto, the start's effective
+    batch kept unless train.grow_effective_batch, lr scaled from the start's batch."""
+    changes: dict[str, Any] = {"precision.name": name, "train.batch_size": "auto",
+                               "train.lr_reference_batch": reference_batch(start)}
+    if not start.train.grow_effective_batch:
+        changes["train.effective_batch_size"] = start.train.samples_per_step
+    return start.updated(changes)
+
+
+def _same(a: RunConfig, b: RunConfig) -> bool:
+    return a.to_dict() == b.to_dict()
+
+
+def _distinct(configs: list[RunConfig]) -> list[RunConfig]:
+    """`configs` without repeats (a precision's knee may be the start itself)."""
+    out: list[RunConfig] = []
+    for c in configs:
+        if not any(_same(c, o) or (c.precision.name == o.precision.name
+                                   and c.train.micro_batch == o.train.micro_batch
+                                   and c.train.samples_per_step == o.train.samples_per_step
+                                   and c.train.lr == o.train.lr) for o in out):
+            out.append(c)
+    return out
 
 
 def _recipe(start: RunConfig, chosen: RunConfig) -> str:
     """The micro-batch, and what the optimizer sees, against the start's."""
     t, s = chosen.train, start.train
-    if s.effective_batch_size:
-        effective = f"effective batch {t.samples_per_step} kept"
-    elif t.samples_per_step != s.samples_per_step:
+    if t.samples_per_step != s.samples_per_step:
         effective = (f"effective batch {s.samples_per_step} -> {t.samples_per_step} "
-                     "(train.effective_batch_size unset: it follows the micro-batch)")
+                     "(train.grow_effective_batch)")
     else:
-        effective = f"effective batch {t.samples_per_step}"
+        effective = f"effective batch {t.samples_per_step} kept (the start's)"
     lr = (f"lr {s.lr:.3g} -> {t.lr:.3g} (train.lr_scaling {s.lr_scaling})" if t.lr != s.lr
           else f"lr {t.lr:.3g} (train.lr_scaling {s.lr_scaling})")
     return f"micro-batch {t.micro_batch} x {_accumulation(chosen)}; {effective}; {lr}"
@@ -205,10 +253,12 @@ def _batch_rows(r: AutobatchResult, name: str, report: TuneReport) -> None:
     peaks = {t.size: t.peak_bytes for t in r.trials if t.kind == "verify" and t.fits}
     for size, t in sorted(r.timed().items()):
         spread = (t.spread[1] - t.spread[0]) / t.samples_per_s if t.spread else None
-        note = ("knee for " + name if size == r.chosen
-                else "scanned once" if t.kind == "scan" else "")
+        note = ", ".join(n for n in ("the start" if size == r.start else "",
+                                     "knee for " + name if size == r.chosen else "",
+                                     "scanned once" if t.kind == "scan" else "") if n)
         report.rows.append(Row("batch", f"{name}, micro-batch {size}", t.samples_per_s,
-                               spread, peaks.get(size), note))
+                               spread, peaks.get(size), note,
+                               list(t.rounds or [t.samples_per_s or 0.0])))
 
 
 def _accumulation(config: RunConfig) -> int:
@@ -217,29 +267,30 @@ def _accumulation(config: RunConfig) -> int:
 
 def _fastest(task: Task, options: list[RunConfig], device: DeviceInfo, factor: str,
              report: TuneReport, say: Callable[[str], None],
-             label: Callable[[RunConfig], str], tie: str = "closer to the start"
-             ) -> tuple[RunConfig, str]:
-    """The fastest of `options` beyond the noise; ties go to the earliest (`tie` says why
-    it comes first)."""
+             label: Callable[[RunConfig], str], tie: str = "the start is kept unless "
+             "beaten beyond the noise") -> tuple[RunConfig, str]:
+    """`options[0]` (the start) unless another is faster beyond the noise, timed in the
+    same interleaved rounds (judge.faster_than_start; `tie` says how ties go)."""
     with runners(task, options, device) as built:
         timings = interleave(built, ROUNDS, MIN_TIMED_S, lambda i, r: say(
             f"{factor}: timing {label(options[i])} (round {r + 1} of {ROUNDS})"))
-    pick, tolerance = first_as_fast([t.rates for t in timings])
+    pick, tolerance = faster_than_start([t.rates for t in timings], 0)
     for c, t in zip(options, timings, strict=True):
         report.rows.append(Row(factor, label(c) + " (end to end)", t.samples_per_s,
-                               t.spread, note="chosen" if c is options[pick] else ""))
+                               t.spread, note="chosen" if c is options[pick] else "",
+                               rounds=list(t.rates)))
     rates = ", ".join(f"{label(c)} {t.samples_per_s:.1f}"
                       for c, t in zip(options, timings, strict=True))
     top = max(range(len(timings)), key=lambda i: timings[i].samples_per_s)
-    if pick == top:
-        rest = [t.samples_per_s for i, t in enumerate(timings) if i != pick]
-        margin = timings[pick].samples_per_s / max(rest) - 1 if rest else 0.0
-        verdict = (f"{label(options[pick])} is {margin:.1%} faster, beyond the noise "
-                   f"({tolerance:.1%})" if pick else
-                   f"{label(options[pick])} is the fastest")
+    if pick:
+        margin = timings[pick].samples_per_s / timings[0].samples_per_s - 1
+        verdict = (f"{label(options[pick])} is {margin:+.1%} over the start, beyond the "
+                   f"noise ({tolerance:.1%})")
+    elif top:
+        verdict = (f"{label(options[top])} is within the noise ({tolerance:.1%}) of the "
+                   f"start, {label(options[0])}, which is kept ({tie})")
     else:
-        verdict = (f"{label(options[top])} is within the noise ({tolerance:.1%}) of "
-                   f"{label(options[pick])}, which is kept ({tie})")
+        verdict = f"the start, {label(options[0])}, is the fastest: kept"
     return options[pick], f"{verdict}: {rates} samples/s"
 
 
@@ -267,10 +318,13 @@ def _channels_last(task: Task, config: RunConfig, device: DeviceInfo,
     if not has_conv(task):
         report.reasons["channels_last"] = "off: the model has no convolution weights"
         return config
-    if where and clock.left() <= 0:
-        return config  # the first decision and its reason stand
-    if clock.left() <= 0:
-        report.reasons["channels_last"] = "not tried: the budget is spent"
+    predicted = timings_s(2 + 2 * ROUNDS, _step_s(report, config), MIN_TIMED_S)
+    if not clock.fits(predicted, _final_s(report, config)):
+        if not where:  # a second look: the first decision and its reason stand
+            report.reasons["channels_last"] = (
+                f"{_on(config.precision.channels_last)} (the start), not tried: timing it "
+                f"would take about {predicted:.0f} s, {max(0.0, clock.left()):.0f} s of "
+                "--budget-s left (the final timing needs the rest)")
         return config
     on = config.updated({"precision.channels_last": not config.precision.channels_last})
     chosen, why = _fastest(task, [config, on], device, "channels_last", report, say,
@@ -290,21 +344,32 @@ def _loader(task: Task, config: RunConfig, device: DeviceInfo, factors: tuple[st
             clock: Clock, report: TuneReport, say: Callable[[str], None]) -> RunConfig:
     if "loader" not in factors:
         return config
-    if clock.left() <= 0:
-        report.reasons["loader"] = "not tried: the budget is spent"
+    predicted = timings_s(1 + len(worker_counts()) * (ROUNDS + 1), _step_s(report, config),
+                          LOADER_MIN_S)
+    if not clock.fits(predicted, _final_s(report, config)):
+        report.reasons["loader"] = (f"kept (the start), not tried: timing the worker counts "
+                                    f"would take about {predicted:.0f} s, "
+                                    f"{max(0.0, clock.left()):.0f} s of --budget-s left")
         return config
     choice = choose_loader(task, config, device, say)
     for row in choice.rows:
         text = ", ".join(f"{k} {v}" for k, v in row.settings.items())
         report.rows.append(Row("loader", text, row.samples_per_s, row.spread,
-                               note=f"data wait {row.data_wait:.1%}"))
+                               note=f"data wait {row.data_wait:.1%}", rounds=row.rounds))
     report.reasons["loader"] = "; ".join(f"{k}: {v}" for k, v in choice.reasons.items())
     return choice.apply(config)
 
 
 def _speedup(task: Task, start: RunConfig, tuned: RunConfig, device: DeviceInfo,
-             report: TuneReport, say: Callable[[str], None]) -> None:
-    """The tuned config against the starting one, interleaved: the speed-up printed."""
+             report: TuneReport, say: Callable[[str], None]) -> RunConfig:
+    """The tuned config against the starting one, interleaved: the speed-up printed, and
+    the config written: the tuned one only when faster beyond the rounds' noise, else the
+    start (keep_start says why)."""
+    if tuned.to_dict() == start.to_dict():
+        report.kept_start = True
+        report.reasons["result"] = ("the starting config is written: no setting measured "
+                                    "faster than it beyond the noise")
+        return start
     rounds = ROUNDS + 2
     with runners(task, [start, tuned], device) as built:
         for runner in built:
@@ -316,3 +381,25 @@ def _speedup(task: Task, start: RunConfig, tuned: RunConfig, device: DeviceInfo,
     report.start_samples_per_s, report.tuned_samples_per_s = a.samples_per_s, b.samples_per_s
     report.speedup = statistics.median(ratios)
     report.speedup_range = (min(ratios), max(ratios))
+    for label, t in (("start", a), ("tuned", b)):
+        report.rows.append(Row("speed-up", f"the {label} config (side by side)",
+                               t.samples_per_s, t.spread, rounds=list(t.rates)))
+    why = keep_start(a.rates, b.rates)
+    if why is None:
+        report.reasons["result"] = "the tuned config is written: faster than the start " \
+                                   "beyond the noise"
+        return tuned
+    report.kept_start = True
+    report.reasons["result"] = f"the starting config is written: {why}"
+    return start
+
+
+def keep_start(start: list[float], tuned: list[float]) -> str | None:
+    """Why the start is written instead of the tuned config (rounds of samples/s, timed side
+    by side), or None: the tuned one is faster beyond the noise (judge.faster_than_start)."""
+    pick, tolerance = faster_than_start([start, tuned], 0)
+    if pick == 1:
+        return None
+    ratio = statistics.median(tuned) / statistics.median(start)
+    return (f"the tuned config measured {ratio:.2f}x the start's samples/s side by side, "
+            f"not faster beyond the noise ({max(TIMING_TOLERANCE, tolerance):.1%})")
