@@ -64,7 +64,7 @@ class SizeTrial:
     trial.Runner, which times a whole config)."""
 
     size: int
-    kind: str  # "probe" | "verify" | "eval-probe" | "throughput"
+    kind: str  # "probe" | "verify" | "eval-probe" | "scan" | "confirm" | "throughput"
     peak_bytes: int | None = None
     fits: bool = True
     samples_per_s: float | None = None  # throughput: the median of the interleaved rounds
@@ -101,10 +101,12 @@ class AutobatchResult:
         return self.chosen
 
     def timed(self) -> dict[int, SizeTrial]:
-        """Each size's speed: its interleaved rounds where it had them, else its scan."""
-        out = {t.size: t for t in self.trials if t.kind == "scan" and t.samples_per_s}
-        out.update({t.size: t for t in self.trials
-                    if t.kind == "throughput" and t.samples_per_s})
+        """Each size's speed: its final rounds where it had them, else the rounds that
+        confirmed its fall, else its scan."""
+        out: dict[int, SizeTrial] = {}
+        for kind in ("scan", "confirm", "throughput"):
+            out.update({t.size: t for t in self.trials
+                        if t.kind == kind and t.samples_per_s})
         return out
 
     @property
@@ -402,9 +404,10 @@ def _knee(h: Harness, largest: int, trials: list[SizeTrial], say: Progress,
     final = to_time_in_rounds(scanned, start, None if left is None else left(), h.timing_s,
                               lambda s: s / scanned.speeds[s])
     timed = rounds(final)
-    for s, v in {**scanned.rounds, **timed}.items():
-        trials.append(SizeTrial(s, "throughput", samples_per_s=statistics.median(v),
-                                spread=(min(v), max(v)), rounds=list(v)))
+    for kind, measured in (("confirm", scanned.rounds), ("throughput", timed)):
+        for s, v in measured.items():
+            trials.append(SizeTrial(s, kind, samples_per_s=statistics.median(v),
+                                    spread=(min(v), max(v)), rounds=list(v)))
     chosen, tolerance = choose_knee(timed, start)
     return chosen, steps, _why(timed, start, chosen, tolerance, scanned.stop), tolerance
 

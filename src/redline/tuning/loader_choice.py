@@ -164,7 +164,7 @@ def choose_workers(options: list[dict[str, Any]], timings: list[Timing]
     rates = ", ".join(f"{_label(o)} {t.samples_per_s:.1f} (data wait {t.data_wait:.0%})"
                       for o, t in zip(options, timings, strict=True))
     if pick == 0:
-        why = (f"{start} (the start): no other setting is faster beyond the noise "
+        why = (f"{start} (the start): no worker setting is faster beyond the noise "
                f"({tolerance:.1%}): {rates} samples/s")
     else:
         why = (f"{_label(options[pick])}: {timings[pick].samples_per_s / first.samples_per_s:.2f}x"
@@ -204,11 +204,12 @@ def choose_pinning(off: Timing, on: Timing, start: bool = False) -> tuple[bool, 
     """(pin, why) from pin_memory's timings off and on: the start's setting (off unless
     the user pinned) unless the other is faster beyond the noise."""
     first, second = (on, off) if start else (off, on)
-    pick, tolerance = faster_than_start([first.rates, second.rates], 0)
+    pick, _ = faster_than_start([first.rates, second.rates], 0)
     pin = start if pick == 0 else not start
     gain = on.samples_per_s / off.samples_per_s - 1
     return pin, (f"{'on' if pin else 'off'}{' (the start)' if pin == start else ''}: pinned "
-                 f"{gain:+.1%} samples/s (the noise {tolerance:.1%})")
+                 f"{gain:+.1%} samples/s ({'within' if pin == start else 'beyond'} the "
+                 "noise)")
 
 
 def _persistent(config: RunConfig, chosen: dict[str, Any], reasons: dict[str, str]) -> bool:
