@@ -6,8 +6,9 @@
   16 -> 1).
 - `StartFastest`: its step times are sleeps, and the start (micro-batch 16 in fp32) is
   clearly the fastest: a step sleeps `step_ms` up to 16 samples and `per_sample_ms` a
-  sample beyond (half the samples/s at 32), and under any autocast it sleeps `slow`
-  times as long (observed case 2: tune must keep the start and say so).
+  sample beyond (a third of the samples/s at 32), and under any autocast or with weights
+  in another dtype it sleeps `slow` times as long (observed case 2: tune must keep the
+  start and say so).
 - `ManyModules`: a model of `layers` small linear layers (a large predicted compile), so
   redline tune's compile stage cannot fit in a short budget and is skipped with the
   prediction.
@@ -95,7 +96,9 @@ class StartFastest:
         if model.training:
             b = x.shape[0]
             took = self.step_s if b <= 16 else b * self.per_sample_s
-            time.sleep(took * (self.slow if torch.is_autocast_enabled("cpu") else 1.0))
+            other = (torch.is_autocast_enabled("cpu")
+                     or next(model.parameters()).dtype != torch.float32)
+            time.sleep(took * (self.slow if other else 1.0))
         return nn.functional.mse_loss(model(x).float(), y)
 
 

@@ -400,7 +400,14 @@ def _knee(h: Harness, largest: int, trials: list[SizeTrial], say: Progress,
     left = None if deadline is None else (lambda: deadline - time.perf_counter())
     scanned = scan(sizes, measure, say, left, rounds)
     if start is not None and start not in scanned.speeds:
-        start = None  # it did not fit, or the scan stopped before it
+        # the scan stopped below the start (a fall, the deadline): the start is timed all
+        # the same, the reference every choice is judged against; None: it does not fit
+        say(f"scanning micro-batch {start} (the start)")
+        speed = measure(start) if start <= largest else None
+        if speed is None:
+            start = None
+        else:
+            scanned.speeds[start] = speed
     final = to_time_in_rounds(scanned, start, None if left is None else left(), h.timing_s,
                               lambda s: s / scanned.speeds[s])
     timed = rounds(final)
