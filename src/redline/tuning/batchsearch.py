@@ -13,12 +13,14 @@ followed by one evaluation batch, confirms it under the budget; if it does not f
 size shrinks by 10 % and is verified again.
 
 Largest is not fastest: past some size, samples/s stops growing while memory keeps
-filling, and on a CPU it often falls. Samples/s is scanned at the powers of two from 1 up
-(each timed for at least MIN_TIMED_S) until knee.py's stop rules end the scan (sizes
-clearly slower than the best, no gain over three doublings, the deadline), so the largest
-sizes, the slowest to time, are timed only where the answer can be. The sizes near the
-best are then timed again in interleaved rounds, and the *knee* is the smallest size
-within 2 % (or the rounds' noise) of the best: the size chosen (knee.choose_knee).
+filling, and on a CPU it often falls. No size is tried beyond the effective batch kept
+(recipe.py; `_cap`). Samples/s is scanned at the powers of two from 1 up and at the start
+(the micro-batch the run would have had: kept unless beaten), each timed for at least
+MIN_TIMED_S, until knee.py's stop rules end the scan (a fall confirmed in interleaved
+rounds, a size that does not fit, the deadline). The start is timed even where the scan
+stopped below it. Every size scanned, but those whose fall the rounds confirmed, is then
+timed again in ROUNDS interleaved rounds with the start, and knee.choose_knee keeps the
+start unless a size beats it beyond the rounds' noise: the size chosen, with its reason.
 
 `redline tune` wants the fastest size, not the largest, so it skips verifying the largest
 (`search_fastest`): two probes predict it, the scan's first step at each size beyond the

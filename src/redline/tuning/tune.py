@@ -1,8 +1,9 @@
 """`redline tune`: every setting that sets the speed, chosen by measurement, within a budget.
 
 Researchers start from batch 4, fp32 and 0 loader workers and hand-tune the rest. This
-workflow measures instead, one factor at a time where factors are independent, and keeps
-the effective batch and the learning-rate rule throughout (recipe.py):
+workflow measures instead, one factor at a time where factors are independent, from the
+start (the config as given) and keeping the start's effective batch and lr unless
+`train.grow_effective_batch` (recipe.py):
 
   1. precision   every format the device runs is screened by a short quality check
                  against fp32's own run-to-run noise (precision_screen.py); one that leaves the band
@@ -17,19 +18,29 @@ the effective batch and the learning-rate rule throughout (recipe.py):
                  the TOP_PRECISIONS fastest admitted ones (successive halving: a format's
                  memory per sample and its best batch differ, so each gets its own fit and
                  knee; the runner-up only when within RUNNER_UP of the first at the start),
-                 then the precisions' knees are timed against each other end to end;
+                 each against the start's micro-batch, then the knees are timed end to end
+                 against the start (its precision and micro-batch);
   4. loader      workers, prefetch, pinning, persistence (loader_choice.py);
-  5. compile     compile time measured, then the compiled step timed against the eager
-                 one; adopted only when the time it saves over `train.steps` exceeds the
-                 compile time (compile_choice.py).
+  5. compile     compile time predicted from the model's size, then, where it fits,
+                 measured, and the compiled step timed against the eager one; adopted only
+                 when the time it saves over `train.steps` exceeds the compile time
+                 (compile_choice.py).
 
-Each comparison is interleaved rounds through the job's own loader (trial.py), and a
-setting replaces the current one only when it is faster by more than the rounds' noise
-(at least KNEE_TOLERANCE): a tie keeps what is closer to the start. Last, the starting and
-the tuned configuration are timed against each other: that ratio is the speed-up printed,
-measured, never projected. Each stage checks the clock; one that no longer fits in
-`budget_s` is skipped with the reason, so the search ends near the budget. The rows and
-reasons are recorded in a TuneReport (tune_report.py).
+Each comparison is interleaved rounds through the job's own loader (trial.py), with the
+start among the settings timed, and a setting replaces the start only when it is faster
+by more than the rounds' noise (at least KNEE_TOLERANCE; judge.faster_than_start): a tie
+keeps the start. Last, the starting and the tuned configuration are timed against each
+other: that ratio is the speed-up printed, measured, never projected, and the tuned
+config is returned only when it is faster beyond the noise; otherwise the start is
+(keep_start; `kept_start` in the report, and the reason under "result").
+
+The budget: before each stage its time is predicted from the step times measured so far
+(tune_report.timings_s; compile: compile_choice.predict_compile_s) and the stage starts
+only if it fits in what is left less the final timing's predicted share (Clock.fits);
+the quality check stops at SCREEN_SHARE of the budget, and the batch search's scan and
+rounds keep a deadline. A stage skipped says so, with the prediction. The rows (the
+samples/s table behind every choice, each with its rounds) and reasons are recorded in a
+TuneReport (tune_report.py).
 """
 
 from __future__ import annotations
