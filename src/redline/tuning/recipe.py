@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from redline.config import RunConfig, TrainConfig
 
@@ -110,3 +111,31 @@ def recipe(config: RunConfig, micro_batch: int, eval_batch_size: int | None,
     micro = min(micro_batch, share)
     return Recipe(micro, math.ceil(share / micro), effective, scaled_lr(config, effective),
                   eval_batch_size or t.eval_batch_size, ranks)
+
+
+def searched_config(start: RunConfig, name: str) -> RunConfig:
+    """The config a precision's batch search runs: batch_size auto, the start's effective
+    batch kept unless train.grow_effective_batch, lr scaled from the start's batch."""
+    changes: dict[str, Any] = {"precision.name": name, "train.batch_size": "auto",
+                               "train.lr_reference_batch": reference_batch(start)}
+    if not start.train.grow_effective_batch:
+        changes["train.effective_batch_size"] = start.train.samples_per_step
+    return start.updated(changes)
+
+
+def describe_change(start: RunConfig, chosen: RunConfig) -> str:
+    """The micro-batch, and what the optimizer sees, against the start's."""
+    t, s = chosen.train, start.train
+    if t.samples_per_step != s.samples_per_step:
+        effective = (f"effective batch {s.samples_per_step} -> {t.samples_per_step} "
+                     "(train.grow_effective_batch)")
+    else:
+        effective = f"effective batch {t.samples_per_step} kept (the start's)"
+    lr = (f"lr {s.lr:.3g} -> {t.lr:.3g} (train.lr_scaling {s.lr_scaling})" if t.lr != s.lr
+          else f"lr {t.lr:.3g} (train.lr_scaling {s.lr_scaling})")
+    return f"micro-batch {t.micro_batch} x {accumulation(chosen)}; {effective}; {lr}"
+
+
+def accumulation(config: RunConfig) -> int:
+    """Micro-batches per optimizer step."""
+    return -(-config.train.samples_per_step // config.train.micro_batch)

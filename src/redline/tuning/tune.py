@@ -61,7 +61,7 @@ from redline.tuning.compile_choice import choose_compile
 from redline.tuning.loader_choice import MIN_TIMED_S as LOADER_MIN_S
 from redline.tuning.loader_choice import choose_loader, worker_counts
 from redline.tuning.precision_screen import candidates, check_precisions
-from redline.tuning.recipe import reference_batch
+from redline.tuning.recipe import describe_change, searched_config
 from redline.tuning.trial import interleave, runners
 from redline.tuning.tune_report import DEFAULT_BUDGET_S, Clock, Row, TuneReport, timings_s
 
@@ -123,10 +123,18 @@ def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
 
 
 def _step_s(report: TuneReport, config: RunConfig) -> float:
-    """A step of `config`, predicted from the slowest samples/s measured so far (a budget
-    is better kept by overestimating); 1 s before anything was timed."""
-    rates = [r.samples_per_s for r in report.rows if r.samples_per_s]
-    return config.train.samples_per_step / min(rates) if rates else 1.0
+    """A step of `config`, predicted from what was measured so far: the slowest timing of
+    its precision and micro-batch (a budget is better kept by overestimating), else the
+    median of the settings still in the running; 1 s before anything was timed."""
+    valid = [r for r in report.rows if r.samples_per_s
+             and not r.note.startswith(("excluded", "not tried", "no batch"))]
+    own = f"{config.precision.name}, micro-batch {config.train.micro_batch}"
+    mine = [r.samples_per_s for r in valid if r.setting.startswith(own) or r.note == "chosen"]
+    rates = mine or [r.samples_per_s for r in valid]
+    if not rates:
+        return 1.0
+    rate = min(rates) if mine else statistics.median(rates)
+    return config.train.samples_per_step / rate  # type: ignore[operator]
 
 
 def _final_s(report: TuneReport, config: RunConfig) -> float:
@@ -188,7 +196,7 @@ def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
             report.rows.append(Row("batch", name, note="no batch search: the budget is "
                                    "spent (raise --budget-s)"))
             continue
-        cfg = _searched(start, name)
+        cfg = searched_config(start, name)
         reserve = max(RESERVE * clock.budget_s, _final_s(report, start))
         r = autobatch(task, cfg, device, cache_dir=cache_dir, verify_largest=False,
                       timing_s=BATCH_TIMING_S, start=start.train.micro_batch,
@@ -213,21 +221,11 @@ def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
                                "the start is kept unless beaten beyond the noise; then a "
                                "tie goes to the format that keeps more precision")
     if "batch" in factors:
-        report.reasons["batch"] = f"{_recipe(start, chosen)}: {why}"
+        report.reasons["batch"] = f"{describe_change(start, chosen)}: {why}"
     if "precision" in factors:
         report.reasons["precision"] = (f"{chosen.precision.name} ({why}; "
                                        f"{report.reasons['precision']})")
     return chosen
-
-
-def _searched(start: RunConfig, name: str) -> RunConfig:
-    """The config a precision's batch search runs: batch_size auto, the start's effective
-    batch kept unless train.grow_effective_batch, lr scaled from the start's batch."""
-    changes: dict[str, Any] = {"precision.name": name, "train.batch_size": "auto",
-                               "train.lr_reference_batch": reference_batch(start)}
-    if not start.train.grow_effective_batch:
-        changes["train.effective_batch_size"] = start.train.samples_per_step
-    return start.updated(changes)
 
 
 def _same(a: RunConfig, b: RunConfig) -> bool:
@@ -246,19 +244,6 @@ def _distinct(configs: list[RunConfig]) -> list[RunConfig]:
     return out
 
 
-def _recipe(start: RunConfig, chosen: RunConfig) -> str:
-    """The micro-batch, and what the optimizer sees, against the start's."""
-    t, s = chosen.train, start.train
-    if t.samples_per_step != s.samples_per_step:
-        effective = (f"effective batch {s.samples_per_step} -> {t.samples_per_step} "
-                     "(train.grow_effective_batch)")
-    else:
-        effective = f"effective batch {t.samples_per_step} kept (the start's)"
-    lr = (f"lr {s.lr:.3g} -> {t.lr:.3g} (train.lr_scaling {s.lr_scaling})" if t.lr != s.lr
-          else f"lr {t.lr:.3g} (train.lr_scaling {s.lr_scaling})")
-    return f"micro-batch {t.micro_batch} x {_accumulation(chosen)}; {effective}; {lr}"
-
-
 def _batch_rows(r: AutobatchResult, name: str, report: TuneReport) -> None:
     """One row per size the batch search timed: its rounds where it had them, else its scan."""
     peaks = {t.size: t.peak_bytes for t in r.trials if t.kind == "verify" and t.fits}
@@ -270,10 +255,6 @@ def _batch_rows(r: AutobatchResult, name: str, report: TuneReport) -> None:
         report.rows.append(Row("batch", f"{name}, micro-batch {size}", t.samples_per_s,
                                spread, peaks.get(size), note,
                                list(t.rounds or [t.samples_per_s or 0.0])))
-
-
-def _accumulation(config: RunConfig) -> int:
-    return -(-config.train.samples_per_step // config.train.micro_batch)
 
 
 def _fastest(task: Task, options: list[RunConfig], device: DeviceInfo, factor: str,
