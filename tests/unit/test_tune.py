@@ -421,6 +421,8 @@ def test_a_size_timed_once_is_timed_again_before_it_is_excluded() -> None:
                                    step_s=lambda s: 0.01)
     assert tight == [2, 4, 8]  # 3 rounds of 0.1 s each: 2 is the cheapest of the rest
     assert knee.to_time_in_rounds(scanned, 4, 0.0, 0.1, lambda s: 0.01) == [4, 8]
+    # the start is the best: listed once, and the size near it joins it
+    assert knee.to_time_in_rounds(scanned, 8, 0.0, 0.1, lambda s: 0.01) == [4, 8]
 
 
 @pytest.mark.parametrize(("extra", "micro", "effective", "accumulation", "lr"), [

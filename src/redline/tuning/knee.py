@@ -163,7 +163,7 @@ def to_time_in_rounds(scanned: Scanned, start: int | None,
     speeds = scanned.speeds
     best = max(speeds, key=speeds.__getitem__)
     near = near_the_best(speeds)
-    order = [s for s in (start, best) if s is not None and s in speeds]
+    order = list(dict.fromkeys(s for s in (start, best) if s is not None and s in speeds))
     order += [s for s in near if s not in order and s not in scanned.fallen]
     order += sorted((s for s in speeds if s not in order and s not in scanned.fallen),
                     key=lambda s: s / speeds[s])
