@@ -128,7 +128,8 @@ def faster_than_start(rates: Sequence[Sequence[float]], start: int = 0) -> tuple
     The start is kept unless some setting's median beats the start's by more than the
     tolerance (the larger of TIMING_TOLERANCE and the rounds' noise); then the first
     setting, in order, that both beats the start by that much and is within it of the
-    best is adopted. A loaded machine widens the tolerance, so its ties go to the start.
+    best (the best no more than 1 + tolerance times it) is adopted. A loaded machine
+    widens the tolerance, so its ties go to the start.
     """
     medians = [statistics.median(v) for v in rates]
     tolerance = max(TIMING_TOLERANCE, timing_noise(rates))
@@ -137,4 +138,4 @@ def faster_than_start(rates: Sequence[Sequence[float]], start: int = 0) -> tuple
     if not beats:
         return start, tolerance
     best = max(medians[i] for i in beats)
-    return next(i for i in beats if medians[i] >= (1 - tolerance) * best), tolerance
+    return next(i for i in beats if (1 + tolerance) * medians[i] >= best), tolerance

@@ -119,7 +119,7 @@ def _with_recipe(result: AutobatchResult, config: RunConfig, ranks: int = 1
                  ) -> AutobatchResult:
     """The result with the effective batch, accumulation and lr `config` implies (recipe.py):
     a cached search holds what was measured, never the lr of the run that measured it."""
-    r = recipe(config, result.chosen, result.eval_batch_size, ranks)
+    r = recipe(config, result.chosen, result.eval_batch_size, ranks, result.start)
     result.chosen, result.accumulation_steps = r.micro_batch, r.accumulation_steps
     result.effective_batch_size, result.lr = r.effective_batch_size, r.lr
     result.ranks = ranks

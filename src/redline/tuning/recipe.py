@@ -8,7 +8,8 @@ user's settings, never a cached result's or a measurement's whim:
     default, 16; redline tune sets its start's), by gradient accumulation: the search
     chooses only how it is split into micro-batches;
   - unset, with `train.grow_effective_batch` (opt-in): the effective batch is the
-    micro-batch chosen (times the ranks), printed old -> new;
+    micro-batch chosen (times the ranks) where that is larger, printed old -> new; it
+    never shrinks below the batch it would have had;
   - under torchrun the effective batch is all ranks' together: each rank accumulates its
     share;
   - the learning rate is `train.lr`, rescaled by `train.lr_scaling` (none, linear, sqrt)
@@ -102,11 +103,15 @@ def scaled_lr(config: RunConfig, effective: int) -> float:
 
 
 def recipe(config: RunConfig, micro_batch: int, eval_batch_size: int | None,
-           ranks: int = 1) -> Recipe:
-    """The recipe `config` implies for `micro_batch` per rank (see the module docstring)."""
+           ranks: int = 1, floor: int | None = None) -> Recipe:
+    """The recipe `config` implies for `micro_batch` per rank (see the module docstring).
+    `floor`: the least a grown effective batch may be (the start's micro-batch; default:
+    kept_batch)."""
     t = config.train
     grow = t.grow_effective_batch and not t.effective_batch_size
-    effective = micro_batch * ranks if grow else kept_batch(config)
+    # growing is opt-in, and it only grows: a smaller micro-batch accumulates to the start's
+    least = floor or kept_batch(config)
+    effective = max(micro_batch * ranks, least) if grow else kept_batch(config)
     share = max(1, effective // ranks)
     micro = min(micro_batch, share)
     return Recipe(micro, math.ceil(share / micro), effective, scaled_lr(config, effective),
