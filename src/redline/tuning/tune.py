@@ -95,9 +95,11 @@ def starting_config(config: RunConfig) -> RunConfig:
 def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
          budget_s: float = DEFAULT_BUDGET_S, factors: tuple[str, ...] = FACTORS,
          quality_steps: int | None = None, cache_dir: Any = None,
-         say: Callable[[str], None] = lambda _: None) -> tuple[RunConfig, TuneReport]:
-    """The tuned config for `task` and the report of how it was chosen (module docstring)."""
-    clock = Clock(budget_s)
+         say: Callable[[str], None] = lambda _: None, spent_s: float = 0.0
+         ) -> tuple[RunConfig, TuneReport]:
+    """The tuned config for `task` and the report of how it was chosen (module docstring).
+    `spent_s`: seconds of the budget already used (the command's start-up)."""
+    clock = Clock(budget_s, spent_s)
     say = _on_the_clock(say, clock)
     start = starting_config(config)
     report = TuneReport(start=start.to_dict(), tuned={}, budget_s=budget_s)

@@ -9,8 +9,10 @@ starts only if its predicted seconds fit in what is left (`Clock.fits`).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 DEFAULT_BUDGET_S = 120.0
@@ -47,9 +49,23 @@ class TuneReport:
         return asdict(self)
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere 0): the command's own
+    start-up (imports, the task's construction) counts against --budget-s too."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
 class Clock:
-    def __init__(self, budget_s: float) -> None:
-        self.budget_s, self.t0 = budget_s, time.perf_counter()
+    """The budget's clock: `spent_s` already used when it starts (the command's start-up)."""
+
+    def __init__(self, budget_s: float, spent_s: float = 0.0) -> None:
+        self.budget_s, self.t0 = budget_s, time.perf_counter() - spent_s
 
     def used(self) -> float:
         return time.perf_counter() - self.t0
