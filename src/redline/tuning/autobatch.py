@@ -154,10 +154,9 @@ def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_di
         r = autobatch_ranks(task, config, device, comm,
                             progress=lambda msg: (check(), say(msg)))
     if world.main:
-        print(f"batch_size: auto: {r.recipe.describe(config)}", file=sys.stderr, flush=True)
-        if r.why:
-            print(f"batch_size: auto: {r.why}; samples/s: {_speeds(r)}", file=sys.stderr,
-                  flush=True)
+        why = f" ({r.why}; samples/s: {_speeds(r)})" if r.why else ""
+        print(f"batch_size: auto: {r.recipe.describe(config)}{why}", file=sys.stderr,
+              flush=True)
     return r.apply(config), {
         "micro_batch": r.chosen, "max_fit": r.max_fit,
         "accumulation_steps": r.accumulation_steps,
