@@ -49,7 +49,13 @@ from redline.job.build import Job, build_job
 from redline.job.runner import JobRunner
 from redline.memory.probe import MemoryBudget, live_tensor_bytes, measure_peak
 from redline.task import Task
-from redline.tuning.knee import KNEE_TOLERANCE, choose_knee, scan, to_time_in_rounds
+from redline.tuning.knee import (
+    KNEE_TOLERANCE,
+    choose_knee,
+    knee_reason,
+    scan,
+    to_time_in_rounds,
+)
 from redline.tuning.recipe import Recipe, kept_batch
 
 __all__ = ["KNEE_TOLERANCE", "AutobatchResult", "Harness", "SizeTrial", "choose_knee",
@@ -418,25 +424,7 @@ def _knee(h: Harness, largest: int, trials: list[SizeTrial], say: Progress,
             trials.append(SizeTrial(s, kind, samples_per_s=statistics.median(v),
                                     spread=(min(v), max(v)), rounds=list(v)))
     chosen, tolerance = choose_knee(timed, start)
-    return chosen, steps, _why(timed, start, chosen, tolerance, scanned.stop), tolerance
-
-
-def _why(rates: dict[int, list[float]], start: int | None, chosen: int, tolerance: float,
-         stop: str) -> str:
-    """The knee's reason in words, with the medians it was decided on."""
-    med = {s: statistics.median(v) for s, v in rates.items()}
-    if start is None:
-        why = (f"micro-batch {chosen}: the smallest within {tolerance:.1%} of the best "
-               "(no start to compare with)")
-    elif chosen == start:
-        best = max(med, key=med.__getitem__)
-        why = (f"micro-batch {start} kept (the start): no size is faster beyond the noise "
-               f"({tolerance:.1%}); the best, {best}, is "
-               f"{med[best] / med[start] - 1:+.1%}")
-    else:
-        why = (f"micro-batch {chosen}: {med[chosen] / med[start] - 1:+.1%} over the start's "
-               f"{start}, beyond the noise ({tolerance:.1%})")
-    return why + (f"; the scan stopped: {stop}" if stop else "")
+    return chosen, steps, knee_reason(timed, start, chosen, tolerance, scanned.stop), tolerance
 
 
 def _least_squares(points: list[tuple[int, int]]) -> tuple[float, float]:

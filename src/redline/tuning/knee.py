@@ -197,3 +197,21 @@ def choose_knee(rates: dict[int, list[float]], start: int | None = None
     order = [start, *(s for s in sizes if s != start)]
     pick, tolerance = faster_than_start([rates[s] for s in order], 0)
     return order[pick], tolerance
+
+
+def knee_reason(rates: dict[int, list[float]], start: int | None, chosen: int, tolerance: float,
+         stop: str) -> str:
+    """The knee's reason in words, with the medians it was decided on."""
+    med = {s: statistics.median(v) for s, v in rates.items()}
+    if start is None:
+        why = (f"micro-batch {chosen}: the smallest within {tolerance:.1%} of the best "
+               "(no start to compare with)")
+    elif chosen == start:
+        best = max(med, key=med.__getitem__)
+        why = (f"micro-batch {start} kept (the start): no size is faster beyond the noise "
+               f"({tolerance:.1%}); the best, {best}, is "
+               f"{med[best] / med[start] - 1:+.1%}")
+    else:
+        why = (f"micro-batch {chosen}: {med[chosen] / med[start] - 1:+.1%} over the start's "
+               f"{start}, beyond the noise ({tolerance:.1%})")
+    return why + (f"; the scan stopped: {stop}" if stop else "")
