@@ -500,3 +500,17 @@ def test_loader_keeps_the_users_workers_unless_beaten_beyond_noise() -> None:
     assert [r.rounds for r in rows] == [t.rates for t in tie]
     win = [_rounds(100.0), _rounds(60.0), _rounds(150.0)]
     assert choose_workers(options, win)[0] == {"num_workers": 1}
+
+
+def test_a_tuned_config_that_trains_as_the_start_does_is_not_timed_against_it() -> None:
+    """The loader stage spells out what "auto" resolves to; timing that against the start
+    measures only noise (a loaded machine once showed it at 1.60x), so it is the start."""
+    from redline.tuning.tune import runs_alike
+
+    start = load_config(None, ["train.batch_size=16"])
+    spelled = start.updated({"data.num_workers": 0, "data.pin_memory": False,
+                             "data.persistent_workers": False,
+                             "train.effective_batch_size": 16, "train.lr_reference_batch": 16})
+    assert runs_alike(start, spelled, CPU)
+    assert not runs_alike(start, spelled.updated({"train.batch_size": 8}), CPU)
+    assert not runs_alike(start, spelled.updated({"data.num_workers": 1}), CPU)

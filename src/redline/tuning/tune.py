@@ -51,6 +51,7 @@ from collections.abc import Callable
 from typing import Any
 
 from redline.config import RunConfig
+from redline.data import loader_options
 from redline.device import DeviceInfo
 from redline.judge import TIMING_TOLERANCE, faster_than_start
 from redline.rng import preserved_rng
@@ -359,7 +360,7 @@ def _speedup(task: Task, start: RunConfig, tuned: RunConfig, device: DeviceInfo,
     """The tuned config against the starting one, interleaved: the speed-up printed, and
     the config written: the tuned one only when faster beyond the rounds' noise, else the
     start (keep_start says why)."""
-    if tuned.to_dict() == start.to_dict():
+    if runs_alike(start, tuned, device):
         report.kept_start = True
         report.reasons["result"] = ("the starting config is written: no setting measured "
                                     "faster than it beyond the noise")
@@ -386,6 +387,21 @@ def _speedup(task: Task, start: RunConfig, tuned: RunConfig, device: DeviceInfo,
     report.kept_start = True
     report.reasons["result"] = f"the starting config is written: {why}"
     return start
+
+
+def runs_alike(a: RunConfig, b: RunConfig, device: DeviceInfo) -> bool:
+    """Whether two configs train alike: equal once the loader's "auto" settings are
+    resolved for `device` and the effective batch is spelled out (timing them against
+    each other would only measure noise)."""
+    def key(c: RunConfig) -> dict[str, Any]:
+        d = c.to_dict()
+        loader = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
+        d["data"] = {**{k: v for k, v in d["data"].items() if k not in loader},
+                     **loader_options(c.data, device.kind)}
+        d["train"] = {**d["train"], "effective_batch_size": c.train.samples_per_step,
+                      "lr_reference_batch": None}
+        return d
+    return key(a) == key(b)
 
 
 def keep_start(start: list[float], tuned: list[float]) -> str | None:
