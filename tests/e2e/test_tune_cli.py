@@ -69,7 +69,9 @@ def test_tune_prints_its_table_choices_and_measured_speedup(tmp_path: Path) -> N
         assert any(line.startswith(f"  {factor}: ") for line in lines), out.stdout
     assert "channels_last: off: the model has no convolution weights" in out.stdout
     assert "compile: off, not tried" in out.stdout  # a 1000-step toy cannot repay a compile
-    assert "over the starting config" in out.stdout and "measured side by side" in out.stdout
+    # the tuned config timed against the start, or the start itself written (nothing beat it)
+    assert (("over the starting config" in out.stdout and "measured side by side" in out.stdout)
+            or "result: the starting config is written: no setting" in out.stdout), out.stdout
     assert "tuned config: toy.yaml" in out.stdout
 
 
