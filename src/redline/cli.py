@@ -45,8 +45,10 @@ measures: each precision the device runs passes a short quality check against fp
 run-to-run noise first; each setting replaces the current one only when it is faster by
 more than the timing noise. It prints every setting tried, the choice and the reason per
 factor, and the speed-up of the tuned config over the starting one, timed side by side.
-The effective batch follows the micro-batch unless train.effective_batch_size is set, and
-train.lr follows train.lr_scaling. Under torchrun only the micro-batch is searched.
+A setting is adopted only when faster than the start beyond the noise, and the start is
+written when the tuned config is not. The effective batch is the start's (kept by
+accumulation) unless --set train.grow_effective_batch=true, and then train.lr follows
+train.lr_scaling. Under torchrun only the micro-batch is searched.
 """
 
 EPILOG_STUDY = """\

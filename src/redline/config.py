@@ -61,6 +61,10 @@ class TrainConfig:
     """How lr follows a changed effective batch: none | linear | sqrt."""
     lr_reference_batch: int | None = None
     """The effective batch lr was tuned for; null: the configured one."""
+    grow_effective_batch: bool = False
+    """With batch_size auto (and in redline tune): let the effective batch grow to the
+    fastest micro-batch, lr following lr_scaling (printed old -> new); false: the effective
+    batch is kept (effective_batch_size, else the batch the run would have had)."""
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay."""
     schedule: str = "constant"
@@ -103,11 +107,12 @@ class TrainConfig:
         require(self.lr_reference_batch is None or self.lr_reference_batch >= 1,
                 "train.lr_reference_batch", self.lr_reference_batch,
                 "an integer >= 1 or null")
-        if self.batch_size == "auto" and self.lr_scaling != "none" and not (
-                self.lr_reference_batch or self.effective_batch_size):
-            raise ConfigError(f"train.lr_scaling {self.lr_scaling} with batch_size auto needs "
-                              "the batch train.lr was tuned for: set train.lr_reference_batch "
-                              "(or train.effective_batch_size, to keep the effective batch)")
+        if (self.batch_size == "auto" and self.grow_effective_batch
+                and self.lr_scaling != "none"
+                and not (self.lr_reference_batch or self.effective_batch_size)):
+            raise ConfigError(f"train.lr_scaling {self.lr_scaling} with batch_size auto and "
+                              "grow_effective_batch needs the batch train.lr was tuned for: "
+                              "set train.lr_reference_batch")
         if self.effective_batch_size is not None and isinstance(self.batch_size, int):
             require(self.effective_batch_size >= self.batch_size,
                     "train.effective_batch_size", self.effective_batch_size,

@@ -119,3 +119,23 @@ def first_as_fast(rates: Sequence[Sequence[float]]) -> tuple[int, float]:
     tolerance = max(TIMING_TOLERANCE, timing_noise(rates))
     best = max(medians)
     return next(i for i, m in enumerate(medians) if m >= (1 - tolerance) * best), tolerance
+
+
+def faster_than_start(rates: Sequence[Sequence[float]], start: int = 0) -> tuple[int, float]:
+    """(the setting to adopt, the tolerance it was judged at), from each setting's rounds of
+    samples/s in order of preference, `rates[start]` being the start (the user's setting).
+
+    The start is kept unless some setting's median beats the start's by more than the
+    tolerance (the larger of TIMING_TOLERANCE and the rounds' noise); then the first
+    setting, in order, that both beats the start by that much and is within it of the
+    best (the best no more than 1 + tolerance times it) is adopted. A loaded machine
+    widens the tolerance, so its ties go to the start.
+    """
+    medians = [statistics.median(v) for v in rates]
+    tolerance = max(TIMING_TOLERANCE, timing_noise(rates))
+    beats = [i for i, m in enumerate(medians)
+             if i != start and m > (1 + tolerance) * medians[start]]
+    if not beats:
+        return start, tolerance
+    best = max(medians[i] for i in beats)
+    return next(i for i in beats if (1 + tolerance) * medians[i] >= best), tolerance

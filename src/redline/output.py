@@ -82,20 +82,18 @@ def print_trials(result: AutobatchResult) -> None:
         spread = (f"{100 * (speed.spread[1] - speed.spread[0]) / speed.samples_per_s:.1f}%"
                   if speed and speed.spread and speed.samples_per_s
                   else "scan" if speed else "-")
-        print(f"{size:>11}  {peak:>12}  {pct:>11}  {sps:>10}  {spread:>7}  "
-              f"{'<-' if size == result.chosen else ''}".rstrip())
+        mark = " ".join(m for m in ("<-" if size == result.chosen else "",
+                                    "(start)" if size == result.start else "") if m)
+        print(f"{size:>11}  {peak:>12}  {pct:>11}  {sps:>10}  {spread:>7}  {mark}".rstrip())
 
 
 def print_batch_tune(result: AutobatchResult, target: float, ranks: int) -> None:
     """`redline tune --batch-only`'s table and its choice: the knee, the recipe it implies
     and the memory target it was sized for (`target`: memory.target)."""
     from redline.memory.probe import format_size
-    from redline.tuning.autobatch import KNEE_TOLERANCE
 
     print_trials(result)
-    tol = result.knee_tolerance
-    knee = (f" (the smallest within {tol:.1%} of the best: {KNEE_TOLERANCE:.0%} or the "
-            "rounds' noise, whichever is larger)" if tol is not None else "")
+    knee = f" ({result.why})" if result.why else ""
     print(f"largest fitting micro-batch {result.max_fit}, chosen {result.chosen}{knee}; "
           f"effective batch {result.effective_batch_size} = {result.chosen} x "
           f"{result.accumulation_steps}" + (f" x {ranks} ranks" if ranks > 1 else "")

@@ -2,8 +2,16 @@
 the fastest one. A workflow: its trials are built through build.py, like training, and
 what they measure (the memory fit, the throughput knee) is batchsearch.py's.
 
-The effective batch (samples per optimizer step) is kept with gradient accumulation; when
-it has to change, the learning rate follows `train.lr_scaling` (recipe.py).
+The effective batch (samples per optimizer step) is kept with gradient accumulation:
+`train.effective_batch_size`, else the batch the run would have had without `auto` (16,
+the default `batch_size`); the search picks the micro-batch under it. Only with
+`train.grow_effective_batch` may it grow to the micro-batch chosen, the learning rate then
+following `train.lr_scaling` (recipe.py), printed old -> new.
+
+The start is the micro-batch the run would have had without `auto` (16, at most the
+effective batch): it is timed in the same interleaved rounds as every other size and kept
+unless one is faster beyond the rounds' noise (knee.py). The line printed says what was
+kept and why, and `samples_per_s_table` in the result (and in `--json`) holds the table.
 
 The budget is `memory.budget`, or the device's memory; on a CPU without a budget, a
 share of the memory available when the search starts (memory/probe.py says why).
@@ -32,6 +40,7 @@ from redline.checkpoint import list_checkpoints
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.distributed import Comm, World
+from redline.judge import timing_noise
 from redline.memory.probe import default_budget
 from redline.rng import preserved_rng
 from redline.task import Task
@@ -45,27 +54,28 @@ from redline.tuning.batchsearch import (
     choose_knee,
     search_fastest,
     search_largest,
-    timing_noise,
     train_and_eval,
 )
-from redline.tuning.recipe import recipe
+from redline.tuning.recipe import DEFAULT_BATCH, kept_batch, recipe
 
 __all__ = ["KNEE_TOLERANCE", "AutobatchResult", "SizeTrial", "autobatch", "autobatch_ranks",
-           "choose_knee", "resolve_auto_batch", "timing_noise"]
+           "choose_knee", "resolve_auto_batch", "start_micro_batch", "timing_noise"]
 
 
 def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
               cache_dir: str | Path | None = None, measure_throughput: bool = True,
               progress: Progress | None = None, sharing: int = 1,
               verify_largest: bool = True, timing_s: float | None = None,
-              deadline: float | None = None) -> AutobatchResult:
+              deadline: float | None = None, start: int | None = None) -> AutobatchResult:
     """Find the micro-batch to train `task` with under `config.memory` (see module doc);
     `sharing`: processes training on this host (torchrun's ranks on one machine).
     `verify_largest=False` (redline tune): the largest size is predicted from two small
     probes, not verified, and only the sizes the scan reaches are checked against the
     budget, then the chosen one with its evaluation batch (batchsearch.py). `timing_s`:
     each size's timing (default 20 ms); `deadline`: a perf_counter time after which the
-    scan times no larger size."""
+    scan times no larger size. `start`: the micro-batch to keep unless beaten beyond the
+    noise (default: start_micro_batch(config))."""
+    start = start or start_micro_batch(config)
     say = progress or (lambda _: None)
     if config.memory.budget_bytes is not None:
         budget, source = config.memory.budget_bytes, "memory.budget"
@@ -78,8 +88,10 @@ def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
         if timing_s is not None:  # redline tune times longer: its choice is end to end
             h.timing_s = timing_s
         h.deadline = deadline  # redline tune's budget: the scan stops at the next size
-        fingerprint = h.job.fingerprint(f"budget={budget}", f"target={config.memory.target}",
-                                        f"verify_largest={verify_largest}")
+        fingerprint = h.job.fingerprint(
+            f"budget={budget}", f"target={config.memory.target}",
+            f"verify_largest={verify_largest}", f"start={start}",
+            f"grow={config.train.grow_effective_batch}", f"kept={kept_batch(config)}")
         cached = _load_cache(cache_dir, fingerprint)
         if cached is not None:
             say(f"cache hit: micro-batch {cached.chosen}; verifying")
@@ -91,17 +103,23 @@ def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
                 return _with_recipe(cached, config)  # the measurement; this config's recipe
             say("cached size no longer fits; searching again")
         search = search_largest if verify_largest or not measure_throughput else search_fastest
-        result = search(h, config, budget, target, measure_throughput, say)
+        result = search(h, config, budget, target, measure_throughput, say, start)
     result.fingerprint, result.budget_source = fingerprint, source
     _save_cache(cache_dir, result)
     return _with_recipe(result, config)
+
+
+def start_micro_batch(config: RunConfig) -> int:
+    """The micro-batch the run would have had without `batch_size: auto`: the default batch
+    size (16), at most the effective batch kept."""
+    return min(DEFAULT_BATCH, kept_batch(config))
 
 
 def _with_recipe(result: AutobatchResult, config: RunConfig, ranks: int = 1
                  ) -> AutobatchResult:
     """The result with the effective batch, accumulation and lr `config` implies (recipe.py):
     a cached search holds what was measured, never the lr of the run that measured it."""
-    r = recipe(config, result.chosen, result.eval_batch_size, ranks)
+    r = recipe(config, result.chosen, result.eval_batch_size, ranks, result.start)
     result.chosen, result.accumulation_steps = r.micro_batch, r.accumulation_steps
     result.effective_batch_size, result.lr = r.effective_batch_size, r.lr
     result.ranks = ranks
@@ -136,14 +154,24 @@ def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_di
         r = autobatch_ranks(task, config, device, comm,
                             progress=lambda msg: (check(), say(msg)))
     if world.main:
-        print(f"batch_size: auto: {r.recipe.describe(config)}", file=sys.stderr, flush=True)
+        why = f" ({r.why}; samples/s: {_speeds(r)})" if r.why else ""
+        print(f"batch_size: auto: {r.recipe.describe(config)}{why}", file=sys.stderr,
+              flush=True)
     return r.apply(config), {
         "micro_batch": r.chosen, "max_fit": r.max_fit,
         "accumulation_steps": r.accumulation_steps,
         "effective_batch_size": r.effective_batch_size, "lr": r.lr,
         "eval_batch_size": r.eval_batch_size, "cache_hit": r.cache_hit,
         "probe_steps": r.probe_steps, "verify_steps": r.verify_steps,
-        "budget_bytes": r.budget_bytes, "budget_source": r.budget_source}
+        "budget_bytes": r.budget_bytes, "budget_source": r.budget_source,
+        "start": r.start, "why": r.why, "samples_per_s_table": r.table()}
+
+
+def _speeds(r: AutobatchResult) -> str:
+    """The samples/s table in one line: each size's median (start and choice marked)."""
+    return ", ".join(f"{row['micro_batch']}{' (start)' if row['start'] else ''}"
+                     f"{' (chosen)' if row['chosen'] else ''} {row['samples_per_s']:.1f}"
+                     for row in r.table())
 
 
 def autobatch_ranks(task: Task, config: RunConfig, device: DeviceInfo, comm: Comm | None,

@@ -13,12 +13,14 @@ followed by one evaluation batch, confirms it under the budget; if it does not f
 size shrinks by 10 % and is verified again.
 
 Largest is not fastest: past some size, samples/s stops growing while memory keeps
-filling, and on a CPU it often falls. Samples/s is scanned at the powers of two from 1 up
-(each timed for at least MIN_TIMED_S) until knee.py's stop rules end the scan (sizes
-clearly slower than the best, no gain over three doublings, the deadline), so the largest
-sizes, the slowest to time, are timed only where the answer can be. The sizes near the
-best are then timed again in interleaved rounds, and the *knee* is the smallest size
-within 2 % (or the rounds' noise) of the best: the size chosen (knee.choose_knee).
+filling, and on a CPU it often falls. No size is tried beyond the effective batch kept
+(recipe.py; `_cap`). Samples/s is scanned at the powers of two from 1 up and at the start
+(the micro-batch the run would have had: kept unless beaten), each timed for at least
+MIN_TIMED_S, until knee.py's stop rules end the scan (a fall confirmed in interleaved
+rounds, a size that does not fit, the deadline). The start is timed even where the scan
+stopped below it. Every size scanned, but those whose fall the rounds confirmed, is then
+timed again in ROUNDS interleaved rounds with the start, and knee.choose_knee keeps the
+start unless a size beats it beyond the rounds' noise: the size chosen, with its reason.
 
 `redline tune` wants the fastest size, not the largest, so it skips verifying the largest
 (`search_fastest`): two probes predict it, the scan's first step at each size beyond the
@@ -45,11 +47,16 @@ from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
 from redline.job.build import Job, build_job
 from redline.job.runner import JobRunner
-from redline.judge import timing_noise
 from redline.memory.probe import MemoryBudget, live_tensor_bytes, measure_peak
 from redline.task import Task
-from redline.tuning.knee import KNEE_TOLERANCE, choose_knee, near_the_best, scan
-from redline.tuning.recipe import Recipe
+from redline.tuning.knee import (
+    KNEE_TOLERANCE,
+    choose_knee,
+    knee_reason,
+    scan,
+    to_time_in_rounds,
+)
+from redline.tuning.recipe import Recipe, kept_batch
 
 __all__ = ["KNEE_TOLERANCE", "AutobatchResult", "Harness", "SizeTrial", "choose_knee",
            "search_fastest", "search_largest"]
@@ -65,11 +72,12 @@ class SizeTrial:
     trial.Runner, which times a whole config)."""
 
     size: int
-    kind: str  # "probe" | "verify" | "eval-probe" | "throughput"
+    kind: str  # "probe" | "verify" | "eval-probe" | "scan" | "confirm" | "throughput"
     peak_bytes: int | None = None
     fits: bool = True
     samples_per_s: float | None = None  # throughput: the median of the interleaved rounds
     spread: tuple[float, float] | None = None  # throughput: the rounds' min and max
+    rounds: list[float] | None = None  # throughput: every round's samples/s
 
 
 @dataclass
@@ -92,26 +100,36 @@ class AutobatchResult:
     trials: list[SizeTrial] = field(default_factory=list)
     ranks: int = 1  # torchrun: the ranks the effective batch is shared by
     max_fit_predicted: bool = False  # max_fit from the memory fit, not a verified step
+    start: int | None = None  # the micro-batch the run would have had: kept unless beaten
+    why: str = ""  # the knee's reason, with the numbers
+    tolerance: float | None = None  # the knee's: KNEE_TOLERANCE or the rounds' noise
 
     @property
     def fastest(self) -> int:
         return self.chosen
 
     def timed(self) -> dict[int, SizeTrial]:
-        """Each size's speed: its interleaved rounds where it had them, else its scan."""
-        out = {t.size: t for t in self.trials if t.kind == "scan" and t.samples_per_s}
-        out.update({t.size: t for t in self.trials
-                    if t.kind == "throughput" and t.samples_per_s})
+        """Each size's speed: its final rounds where it had them, else the rounds that
+        confirmed its fall, else its scan."""
+        out: dict[int, SizeTrial] = {}
+        for kind in ("scan", "confirm", "throughput"):
+            out.update({t.size: t for t in self.trials
+                        if t.kind == kind and t.samples_per_s})
         return out
 
     @property
     def knee_tolerance(self) -> float | None:
-        """The tolerance the knee was chosen at (see choose_knee); None: nothing timed.
-        A throughput trial keeps its rounds' median and range, which for ROUNDS = 3 is
-        every round."""
-        timed = [(t.spread[0], t.samples_per_s, t.spread[1]) for t in self.trials
-                 if t.kind == "throughput" and t.spread and t.samples_per_s]
-        return max(KNEE_TOLERANCE, timing_noise(timed)) if timed else None
+        """The tolerance the knee was chosen at (see choose_knee); None: nothing timed."""
+        return self.tolerance
+
+    def table(self) -> list[dict[str, Any]]:
+        """The samples/s table behind the choice, one row per size timed (ascending):
+        `micro_batch`, `samples_per_s` (the rounds' median, else the scan's one timing),
+        `rounds` (every round's samples/s; one value: scanned once), `start`, `chosen`."""
+        return [{"micro_batch": size, "samples_per_s": t.samples_per_s,
+                 "rounds": list(t.rounds or [t.samples_per_s]),
+                 "start": size == self.start, "chosen": size == self.chosen}
+                for size, t in sorted(self.timed().items())]
 
     @property
     def recipe(self) -> Recipe:
@@ -123,10 +141,12 @@ class AutobatchResult:
         return self.recipe.apply(config)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The result with its samples/s table (`samples_per_s_table`: see table())."""
+        return {**asdict(self), "samples_per_s_table": self.table()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AutobatchResult:
+        d = {k: v for k, v in d.items() if k != "samples_per_s_table"}
         trials = [SizeTrial(**{**t, "spread": tuple(t["spread"]) if t.get("spread") else None})
                   for t in d.pop("trials", [])]
         d["fit"] = tuple(d["fit"])
@@ -208,25 +228,31 @@ def train_and_eval(h: Harness, size: int, eval_size: int | None) -> None:
 
 
 def search_largest(h: Harness, config: RunConfig, budget: int, target: int,
-            measure_throughput: bool, say: Progress) -> AutobatchResult:
+                   measure_throughput: bool, say: Progress, start: int | None = None
+                   ) -> AutobatchResult:
+    """The largest size within the target (verified), then the knee up to it, against
+    `start` (the micro-batch the run would have had)."""
     cap = _cap(h, config)
     trials: list[SizeTrial] = []
     a, k = _fit_memory(h, cap, budget, target, trials, say)
     size = max(1, min(cap, int((target - a) / k) if k > 0 else cap))
     eval_size = _eval_size(h, budget, target, trials, say) if h.eval_set is not None else None
     size, verify_steps = _verify(h, config, size, eval_size, budget, target, trials, say)
-    chosen, tsteps = (_knee(h, size, trials, say) if measure_throughput else (size, 0))
-    effective = config.train.effective_batch_size or chosen
+    chosen, tsteps, why, tolerance = (
+        _knee(h, size, trials, say, start=start) if measure_throughput
+        else (size, 0, "the largest fitting size (speed not measured)", None))
     return AutobatchResult(  # the recipe fields are filled in by _with_recipe
-        max_fit=size, chosen=min(chosen, effective), accumulation_steps=1,
-        effective_batch_size=effective, lr=config.train.lr,
+        max_fit=size, chosen=chosen, accumulation_steps=1,
+        effective_batch_size=chosen, lr=config.train.lr, start=start, why=why,
+        tolerance=tolerance,
         eval_batch_size=eval_size, budget_bytes=budget, target_bytes=target, fit=(a, k),
         probe_steps=sum(t.kind == "probe" for t in trials), verify_steps=verify_steps,
         throughput_steps=tsteps, trials=trials)
 
 
 def search_fastest(h: Harness, config: RunConfig, budget: int, target: int,
-                    measure_throughput: bool, say: Progress) -> AutobatchResult:
+                   measure_throughput: bool, say: Progress, start: int | None = None
+                   ) -> AutobatchResult:
     """The fastest size without verifying the largest (autobatch's verify_largest=False):
     two probes predict the largest; the scan checks each size it reaches beyond them
     against the budget (its warm-up step, tracked) and stops at one that does not fit."""
@@ -245,25 +271,27 @@ def search_fastest(h: Harness, config: RunConfig, budget: int, target: int,
         trials.append(SizeTrial(size, "verify", peak, ok))
         return ok
 
-    chosen, tsteps = _knee(h, predicted, trials, say, check)
+    chosen, tsteps, why, tolerance = _knee(h, predicted, trials, say, check, start)
     scan_checks = sum(t.kind == "verify" for t in trials)
     # the chosen size with its evaluation batch, as training will run them
     chosen, verify_steps = _verify(h, config, chosen, eval_size, budget, target, trials, say)
     verify_steps += scan_checks
-    effective = config.train.effective_batch_size or chosen
     return AutobatchResult(
-        max_fit=predicted, chosen=min(chosen, effective), accumulation_steps=1,
-        effective_batch_size=effective, lr=config.train.lr, eval_batch_size=eval_size,
+        max_fit=predicted, chosen=chosen, accumulation_steps=1, start=start, why=why,
+        tolerance=tolerance,
+        effective_batch_size=chosen, lr=config.train.lr, eval_batch_size=eval_size,
         budget_bytes=budget, target_bytes=target, fit=(a, k),
         probe_steps=sum(t.kind == "probe" for t in trials), verify_steps=verify_steps,
         throughput_steps=tsteps, trials=trials, max_fit_predicted=True)
 
 
 def _cap(h: Harness, config: RunConfig) -> int:
-    """The largest size worth trying: the training set, and the effective batch if set."""
+    """The largest size worth trying: the training set, and the effective batch where it is
+    kept (recipe.py: a micro-batch never exceeds it)."""
     cap = min(MAX_SIZE, len(h.train_set))  # type: ignore[arg-type]
-    if config.train.effective_batch_size:
-        cap = min(cap, config.train.effective_batch_size)
+    t = config.train
+    if t.effective_batch_size or not t.grow_effective_batch:
+        cap = min(cap, kept_batch(config))
     return cap
 
 
@@ -338,9 +366,12 @@ def _eval_size(h: Harness, budget: int, target: int, trials: list[SizeTrial], sa
 
 
 def _knee(h: Harness, largest: int, trials: list[SizeTrial], say: Progress,
-          check: Callable[[int], bool] | None = None) -> tuple[int, int]:
+          check: Callable[[int], bool] | None = None, start: int | None = None
+          ) -> tuple[int, int, str, float]:
     """The throughput knee (knee.py decides on the rates timed here): (the size, the timing
-    steps it took).
+    steps it took, why it was chosen, the tolerance it was chosen at). `start`: the
+    micro-batch the run would have had, timed in the same rounds and kept unless beaten
+    beyond the noise.
     `check(size)`: runs a size's first step and says whether it fit (else: fits, untracked)."""
     steps = 0
 
@@ -349,9 +380,6 @@ def _knee(h: Harness, largest: int, trials: list[SizeTrial], say: Progress,
         done, samples_per_s = h.time_size(s)
         steps += done
         return samples_per_s
-
-    sizes = sorted({1 << i for i in range(largest.bit_length()) if 1 << i <= largest}
-                   | {largest})
 
     def measure(s: int) -> float | None:  # samples/s at s; None: s does not fit
         nonlocal steps
@@ -364,21 +392,39 @@ def _knee(h: Harness, largest: int, trials: list[SizeTrial], say: Progress,
         trials.append(SizeTrial(s, "scan", samples_per_s=speed))
         return speed
 
+    def rounds(sizes: list[int], label: str = "timing") -> dict[int, list[float]]:
+        out: dict[int, list[float]] = {s: [] for s in sizes}
+        for r in range(ROUNDS):
+            # Interleaved, and each round in the other direction: a machine that slows down
+            # or speeds up mid-search shifts every size alike instead of favouring one end.
+            for s in sizes if r % 2 == 0 else reversed(sizes):
+                say(f"{label} micro-batch {s} (round {r + 1} of {ROUNDS})")
+                out[s].append(rate(s))
+        return out
+
+    sizes = sorted({1 << i for i in range(largest.bit_length()) if 1 << i <= largest}
+                   | {largest} | ({start} if start and start <= largest else set()))
     deadline = h.deadline
-    scanned = scan(sizes, measure, say, None if deadline is None
-                   else lambda: deadline - time.perf_counter())
-    near = near_the_best(scanned)
-    rates: dict[int, list[float]] = {s: [] for s in near}
-    for r in range(ROUNDS):
-        # Interleaved, and each round in the other direction: a machine that slows down or
-        # speeds up mid-search shifts every size alike instead of favouring one end.
-        for s in near if r % 2 == 0 else reversed(near):
-            say(f"timing micro-batch {s} (round {r + 1} of {ROUNDS})")
-            rates[s].append(rate(s))
-    for s in near:
-        trials.append(SizeTrial(s, "throughput", samples_per_s=statistics.median(rates[s]),
-                            spread=(min(rates[s]), max(rates[s]))))
-    return choose_knee(rates)[0], steps
+    left = None if deadline is None else (lambda: deadline - time.perf_counter())
+    scanned = scan(sizes, measure, say, left, rounds)
+    if start is not None and start not in scanned.speeds:
+        # the scan stopped below the start (a fall, the deadline): the start is timed all
+        # the same, the reference every choice is judged against; None: it does not fit
+        say(f"scanning micro-batch {start} (the start)")
+        speed = measure(start) if start <= largest else None
+        if speed is None:
+            start = None
+        else:
+            scanned.speeds[start] = speed
+    final = to_time_in_rounds(scanned, start, None if left is None else left(), h.timing_s,
+                              lambda s: s / scanned.speeds[s])
+    timed = rounds(final)
+    for kind, measured in (("confirm", scanned.rounds), ("throughput", timed)):
+        for s, v in measured.items():
+            trials.append(SizeTrial(s, kind, samples_per_s=statistics.median(v),
+                                    spread=(min(v), max(v)), rounds=list(v)))
+    chosen, tolerance = choose_knee(timed, start)
+    return chosen, steps, knee_reason(timed, start, chosen, tolerance, scanned.stop), tolerance
 
 
 def _least_squares(points: list[tuple[int, int]]) -> tuple[float, float]:

@@ -5,15 +5,19 @@ cores they take those cores from the step itself (on a 2-core CPU one worker mad
 sst-tiny 25 % slower). So the choice is measured on real steps (trial.Runner: the job's
 own loader feeding the job's own step):
 
-  1. the current settings with 0 workers are timed; the share of step time spent waiting
-     on the loader is what workers could at most win. Under NEGLIGIBLE of it, 0 is kept
-     without trying more (workers cost start-up time and memory for nothing);
-  2. otherwise 1, 2, 4 ... workers (up to the cores but one, at most MAX_WORKERS) and,
-     for the most, a deeper prefetch, are timed in interleaved rounds with 0 workers;
-     the fastest is chosen only when it beats the fewest workers by more than the rounds'
-     noise (judge.first_as_fast's rule: fewer workers win ties);
+  The start is the user's setting (`num_workers: auto` starts from 0): every other
+  setting is adopted only when faster than the start by more than the rounds' noise
+  (judge.faster_than_start), timed in the same interleaved rounds.
+
+  1. with a start of 0 workers, it is timed alone first; the share of step time spent
+     waiting on the loader is what workers could at most win. Under NEGLIGIBLE of it, 0
+     is kept without trying more (workers cost start-up time and memory for nothing);
+  2. otherwise the start, then 0, 1, 2, 4 ... workers (up to the cores but one, at most
+     MAX_WORKERS) and, for the most, a deeper prefetch, are timed in interleaved rounds;
+     the start is kept unless one beats it beyond the noise (then fewer workers win ties);
   3. `pin_memory` is timed on and off on CUDA (it speeds host-to-GPU copies, and costs
-     page-locked memory); on a CPU there is no copy to speed and it stays off;
+     page-locked memory), the start's setting kept unless the other beats it beyond the
+     noise; on a CPU there is no copy to speed and it stays off;
   4. `persistent_workers` is on whenever there are workers: they then start once instead
      of once an epoch, and a run of one epoch pays nothing for it.
 
@@ -34,9 +38,9 @@ import yaml
 
 from redline.config import RunConfig
 from redline.device import DeviceInfo
-from redline.judge import TIMING_TOLERANCE, first_as_fast
+from redline.judge import faster_than_start
 from redline.task import Task
-from redline.tuning.trial import Timing, interleave, noise, runners
+from redline.tuning.trial import Timing, interleave, runners
 
 NEGLIGIBLE = 0.02  # a data-wait share below this: workers cannot win enough to matter
 MAX_WORKERS = 8
@@ -51,6 +55,7 @@ class LoaderRow:
     samples_per_s: float
     spread: float
     data_wait: float  # share of step time spent waiting on the loader
+    rounds: list[float] = field(default_factory=list)  # every round's samples/s
 
 
 @dataclass
@@ -85,22 +90,27 @@ def choose_loader(task: Task, config: RunConfig, device: DeviceInfo,
                   say: Callable[[str], None] = lambda _: None,
                   rounds: int = ROUNDS, min_s: float = MIN_TIMED_S) -> LoaderChoice:
     """The loader settings for `config` (module docstring); its other settings are kept."""
-    base = config.updated({"data.num_workers": 0, "data.pin_memory": False,
+    start = config.data.num_workers if isinstance(config.data.num_workers, int) else 0
+    pinned = config.data.pin_memory is True
+    base = config.updated({"data.num_workers": 0, "data.pin_memory": pinned,
                            "data.persistent_workers": False})
-    options = [{"num_workers": n} for n in worker_counts()]
-    with runners(task, [base], device) as (zero,):
-        say("data loading: timing 0 workers")
-        alone = interleave([zero], 1, min_s)[0]
+    options = [{"num_workers": n} for n in [start, *(n for n in worker_counts() if n != start)]]
     reasons: dict[str, str] = {}
-    why = keep_zero_workers(alone, len(options))
+    why = None
+    if start == 0:
+        with runners(task, [base], device) as (zero,):
+            say("data loading: timing 0 workers")
+            alone = interleave([zero], 1, min_s)[0]
+        why = keep_zero_workers(alone, len(options))
     if why:
         rows = [LoaderRow({"num_workers": 0}, alone.samples_per_s, alone.spread,
-                          alone.data_wait)]
+                          alone.data_wait, list(alone.rates))]
         chosen: dict[str, Any] = {"num_workers": 0}
         reasons["num_workers"] = f"0: {why}"
     else:
-        most = options[-1]["num_workers"]
-        options.append({"num_workers": most, "prefetch_factor": 4})
+        most = max(o["num_workers"] for o in options)
+        if most:
+            options.append({"num_workers": most, "prefetch_factor": 4})
         chosen, rows, reasons["num_workers"] = _time_workers(task, base, device, options,
                                                              rounds, min_s, say)
     chosen.update(_pinning(task, base.updated(_keys(chosen)), device, rounds, min_s, say,
@@ -140,23 +150,29 @@ def keep_zero_workers(alone: Timing, counts: int) -> str | None:
 def choose_workers(options: list[dict[str, Any]], timings: list[Timing]
                    ) -> tuple[dict[str, Any], list[LoaderRow], str]:
     """(the settings chosen, a row each, why) from each option's interleaved timing,
-    `options[0]` being 0 workers: the fastest beyond the noise, fewer workers winning ties."""
-    rows = [LoaderRow(o, t.samples_per_s, t.spread, t.data_wait)
+    `options[0]` being the start (the user's workers): the start unless another beats it
+    beyond the noise (judge.faster_than_start), fewer workers winning ties after it."""
+    rows = [LoaderRow(o, t.samples_per_s, t.spread, t.data_wait, list(t.rates))
             for o, t in zip(options, timings, strict=True)]
-    pick, tolerance = first_as_fast([t.rates for t in timings])  # fewer workers first
+    order = [0, *sorted(range(1, len(options)), key=lambda i: (options[i]["num_workers"],
+                                                              "prefetch_factor" in options[i]))]
+    pick_at, tolerance = faster_than_start([timings[i].rates for i in order], 0)
+    pick = order[pick_at]
     fastest = max(range(len(timings)), key=lambda i: timings[i].samples_per_s)
-    zero = timings[0]
+    first = timings[0]
+    start = options[0]["num_workers"]
     rates = ", ".join(f"{_label(o)} {t.samples_per_s:.1f} (data wait {t.data_wait:.0%})"
                       for o, t in zip(options, timings, strict=True))
     if pick == 0:
-        why = (f"0: no worker setting is faster beyond the noise ({tolerance:.1%}): {rates} "
-               "samples/s")
+        why = (f"{start} (the start): no worker setting is faster beyond the noise "
+               f"({tolerance:.1%}): {rates} samples/s")
     else:
-        why = (f"{_label(options[pick])}: {timings[pick].samples_per_s / zero.samples_per_s:.2f}x"
-               f" 0 workers' samples/s: {rates}")
+        why = (f"{_label(options[pick])}: {timings[pick].samples_per_s / first.samples_per_s:.2f}x"
+               f" the start's ({start} workers) samples/s, beyond the noise "
+               f"({tolerance:.1%}): {rates}")
     if fastest != pick:
-        why += (f"; {_label(options[fastest])} is within the noise of it, and fewer workers "
-                "win ties")
+        why += (f"; {_label(options[fastest])} is within the noise of it, and the start, "
+                "then fewer workers, win ties")
     return dict(options[pick]), rows, why
 
 
@@ -173,20 +189,27 @@ def _pinning(task: Task, config: RunConfig, device: DeviceInfo, rounds: int, min
         reasons["pin_memory"] = ("off: no CUDA device (pinning only speeds host-to-GPU "
                                  "copies)")
         return {"pin_memory": False}
-    configs = [config, config.updated({"data.pin_memory": True})]
+    start = config.data.pin_memory is True
+    configs = [config, config.updated({"data.pin_memory": not start})]
     with runners(task, configs, device) as built:
-        off, on = interleave(built, rounds, min_s, lambda i, r: say(
-            f"data loading: timing pin_memory {'on' if i else 'off'} (round {r + 1})"))
-    pin, reasons["pin_memory"] = choose_pinning(off, on)
+        kept, other = interleave(built, rounds, min_s, lambda i, r: say(
+            f"data loading: timing pin_memory {'on' if (i == 0) == start else 'off'} "
+            f"(round {r + 1})"))
+    off, on = (other, kept) if start else (kept, other)
+    pin, reasons["pin_memory"] = choose_pinning(off, on, start)
     return {"pin_memory": pin}
 
 
-def choose_pinning(off: Timing, on: Timing) -> tuple[bool, str]:
-    """(pin, why) from pin_memory's timings off and on: on only when faster beyond the noise."""
+def choose_pinning(off: Timing, on: Timing, start: bool = False) -> tuple[bool, str]:
+    """(pin, why) from pin_memory's timings off and on: the start's setting (off unless
+    the user pinned) unless the other is faster beyond the noise."""
+    first, second = (on, off) if start else (off, on)
+    pick, _ = faster_than_start([first.rates, second.rates], 0)
+    pin = start if pick == 0 else not start
     gain = on.samples_per_s / off.samples_per_s - 1
-    pin = gain > max(TIMING_TOLERANCE, noise([off, on]))
-    return pin, (f"{'on' if pin else 'off'}: pinned {gain:+.1%} samples/s "
-                 f"({'beyond' if pin else 'within'} the noise)")
+    return pin, (f"{'on' if pin else 'off'}{' (the start)' if pin == start else ''}: pinned "
+                 f"{gain:+.1%} samples/s ({'within' if pin == start else 'beyond'} the "
+                 "noise)")
 
 
 def _persistent(config: RunConfig, chosen: dict[str, Any], reasons: dict[str, str]) -> bool:

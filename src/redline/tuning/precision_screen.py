@@ -90,14 +90,18 @@ def check_precisions(task: Task, config: RunConfig, device: DeviceInfo,
                      say: Callable[[str], None] = lambda _: None,
                      deadline_s: float | None = None,
                      least_speed: float | None = None,
-                     step_time: StepTime = measured) -> list[PrecisionCheck]:
+                     step_time: StepTime = measured,
+                     limit_s: float | None = None) -> list[PrecisionCheck]:
     """The short quality check (module docstring) of `names` against fp32, at `config`'s
     micro-batch and effective batch; fp32's own row comes first. `deadline_s`: the runs
     stop after this many seconds once MIN_STEPS steps are done. `least_speed`: a format
     slower than this share of fp32's samples/s in its first steps is dropped unchecked.
     `step_time(run, seconds)`: the step time the speed rules see for a step of `run`
     ("fp32", "fp32-other-seed" or a name) that took `seconds`; the clock's by default (a
-    test gives its own, so the rules' verdicts do not depend on the machine's load)."""
+    test gives its own, so the rules' verdicts do not depend on the machine's load).
+    `limit_s`: a hard limit (redline tune's budget): no round of steps starts that the last
+    round's time says would end past it, even before MIN_STEPS; a format checked for fewer
+    than MIN_STEPS steps is then dropped (not enough steps to judge its quality)."""
     seed = config.train.seed
     runs = {"fp32": Runner(task, config.updated({"precision.name": REFERENCE}), device),
             "fp32-other-seed": Runner(task, config.updated({
@@ -107,11 +111,21 @@ def check_precisions(task: Task, config: RunConfig, device: DeviceInfo,
     dropped: dict[str, str] = {}
     times: dict[str, list[float]] = {name: [] for name in runs}
     t0 = time.perf_counter()
+    last_round = 0.0
     try:
         for k in range(steps):
             if (deadline_s is not None and k >= MIN_STEPS
                     and time.perf_counter() - t0 > deadline_s):
                 break
+            if (limit_s is not None and k >= 2
+                    and time.perf_counter() - t0 + last_round > limit_s):
+                if k < MIN_STEPS:
+                    dropped.update({n: f"not checked: {k} steps fit in its share of the "
+                                       f"budget ({limit_s:.0f} s), under the {MIN_STEPS} "
+                                       "needed to judge its quality"
+                                    for n in names if n not in dropped})
+                break
+            round_t0 = time.perf_counter()
             say(f"quality check: step {k + 1} of {steps} in {', '.join(names) or 'fp32'}")
             for name, runner in runs.items():
                 if name in dropped:
@@ -125,6 +139,7 @@ def check_precisions(task: Task, config: RunConfig, device: DeviceInfo,
                 dropped.update(_too_slow(runs))
             if k == SPEED_STEPS and least_speed is not None:
                 dropped.update(_cannot_win(times, dropped, names, least_speed))
+            last_round = time.perf_counter() - round_t0
             if k and all(name in dropped for name in names):
                 break  # fp32 alone is left (timed once at least): nothing to compare it with
     finally:

@@ -12,7 +12,8 @@ steps with (job/runner.py's JobRunner):
 
 `interleave` times several runners in rounds, each round in the other direction, so a
 machine that slows down mid-measurement shifts every setting alike; `noise` is the rounds'
-spread, below which no decision is made (judge.first_as_fast's rule).
+spread, below which no decision is made (judge.faster_than_start's rule: the start is
+kept unless beaten beyond it).
 
 Runners train a throwaway copy of the model on random streams of their own (seeded by
 `train.seed`, kept between steps, so the run that follows draws what it would have

@@ -1,8 +1,9 @@
 """`redline tune`: every setting that sets the speed, chosen by measurement, within a budget.
 
 Researchers start from batch 4, fp32 and 0 loader workers and hand-tune the rest. This
-workflow measures instead, one factor at a time where factors are independent, and keeps
-the effective batch and the learning-rate rule throughout (recipe.py):
+workflow measures instead, one factor at a time where factors are independent, from the
+start (the config as given) and keeping the start's effective batch and lr unless
+`train.grow_effective_batch` (recipe.py):
 
   1. precision   every format the device runs is screened by a short quality check
                  against fp32's own run-to-run noise (precision_screen.py); one that leaves the band
@@ -17,19 +18,29 @@ the effective batch and the learning-rate rule throughout (recipe.py):
                  the TOP_PRECISIONS fastest admitted ones (successive halving: a format's
                  memory per sample and its best batch differ, so each gets its own fit and
                  knee; the runner-up only when within RUNNER_UP of the first at the start),
-                 then the precisions' knees are timed against each other end to end;
+                 each against the start's micro-batch, then the knees are timed end to end
+                 against the start (its precision and micro-batch);
   4. loader      workers, prefetch, pinning, persistence (loader_choice.py);
-  5. compile     compile time measured, then the compiled step timed against the eager
-                 one; adopted only when the time it saves over `train.steps` exceeds the
-                 compile time (compile_choice.py).
+  5. compile     compile time predicted from the model's size, then, where it fits,
+                 measured, and the compiled step timed against the eager one; adopted only
+                 when the time it saves over `train.steps` exceeds the compile time
+                 (compile_choice.py).
 
-Each comparison is interleaved rounds through the job's own loader (trial.py), and a
-setting replaces the current one only when it is faster by more than the rounds' noise
-(at least KNEE_TOLERANCE): a tie keeps what is closer to the start. Last, the starting and
-the tuned configuration are timed against each other: that ratio is the speed-up printed,
-measured, never projected. Each stage checks the clock; one that no longer fits in
-`budget_s` is skipped with the reason, so the search ends near the budget. The rows and
-reasons are recorded in a TuneReport (tune_report.py).
+Each comparison is interleaved rounds through the job's own loader (trial.py), with the
+start among the settings timed, and a setting replaces the start only when it is faster
+by more than the rounds' noise (at least KNEE_TOLERANCE; judge.faster_than_start): a tie
+keeps the start. Last, the starting and the tuned configuration are timed against each
+other: that ratio is the speed-up printed, measured, never projected, and the tuned
+config is returned only when it is faster beyond the noise; otherwise the start is
+(keep_start; `kept_start` in the report, and the reason under "result").
+
+The budget: before each stage its time is predicted from the step times measured so far
+(tune_report.timings_s; compile: compile_choice.predict_compile_s) and the stage starts
+only if it fits in what is left less the final timing's predicted share (Clock.fits);
+the quality check stops at SCREEN_SHARE of the budget, and the batch search's scan and
+rounds keep a deadline. A stage skipped says so, with the prediction. The rows (the
+samples/s table behind every choice, each with its rounds) and reasons are recorded in a
+TuneReport (tune_report.py).
 """
 
 from __future__ import annotations
@@ -40,18 +51,20 @@ from collections.abc import Callable
 from typing import Any
 
 from redline.config import RunConfig
+from redline.data import loader_options
 from redline.device import DeviceInfo
-from redline.judge import first_as_fast
+from redline.judge import TIMING_TOLERANCE, faster_than_start
 from redline.rng import preserved_rng
 from redline.task import Task
-from redline.tuning.autobatch import autobatch
+from redline.tuning.autobatch import autobatch, start_micro_batch
 from redline.tuning.batchsearch import AutobatchResult
 from redline.tuning.compile_choice import choose_compile
-from redline.tuning.loader_choice import choose_loader
+from redline.tuning.loader_choice import MIN_TIMED_S as LOADER_MIN_S
+from redline.tuning.loader_choice import choose_loader, worker_counts
 from redline.tuning.precision_screen import candidates, check_precisions
-from redline.tuning.recipe import reference_batch
+from redline.tuning.recipe import describe_change, searched_config
 from redline.tuning.trial import interleave, runners
-from redline.tuning.tune_report import DEFAULT_BUDGET_S, Clock, Row, TuneReport
+from redline.tuning.tune_report import DEFAULT_BUDGET_S, Clock, Row, TuneReport, timings_s
 
 FACTORS = ("precision", "batch", "channels_last", "loader", "compile")
 TOP_PRECISIONS = 2  # precisions that get a batch search of their own
@@ -60,6 +73,7 @@ RUNNER_UP = 0.25  # the second is searched only when this close to the first at 
 # is never searched; 10 % below 1 - RUNNER_UP, as its first steps' timing is noisier.
 LEAST_SPEED = 0.9 * (1 - RUNNER_UP)
 RESERVE = 0.2  # of the budget, kept for the stages after the batch search's scan
+SCREEN_SHARE = 0.3  # of the budget, the most the precisions' quality check may take
 # Ties between precisions go to the first of these: fp32 master weights before none.
 SAFER = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "fp8", "bf16-true")
 ROUNDS = 3
@@ -69,11 +83,11 @@ BATCH_TIMING_S = 0.1  # each size in the batch search: 20 ms left sst-tiny's sca
 
 
 def starting_config(config: RunConfig) -> RunConfig:
-    """What the user runs today: `config` with batch_size auto read as the default 16 and
-    num_workers auto as 0 (the settings tune replaces)."""
+    """What the user runs today: `config` with batch_size auto read as the default 16 (at
+    most the effective batch) and num_workers auto as 0 (the settings tune replaces)."""
     changes: dict[str, Any] = {}
     if config.train.auto_batch:
-        changes["train.batch_size"] = 16
+        changes["train.batch_size"] = start_micro_batch(config)
     if config.data.num_workers == "auto":
         changes["data.num_workers"] = 0
     return config.updated(changes) if changes else config
@@ -82,9 +96,11 @@ def starting_config(config: RunConfig) -> RunConfig:
 def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
          budget_s: float = DEFAULT_BUDGET_S, factors: tuple[str, ...] = FACTORS,
          quality_steps: int | None = None, cache_dir: Any = None,
-         say: Callable[[str], None] = lambda _: None) -> tuple[RunConfig, TuneReport]:
-    """The tuned config for `task` and the report of how it was chosen (module docstring)."""
-    clock = Clock(budget_s)
+         say: Callable[[str], None] = lambda _: None, spent_s: float = 0.0
+         ) -> tuple[RunConfig, TuneReport]:
+    """The tuned config for `task` and the report of how it was chosen (module docstring).
+    `spent_s`: seconds of the budget already used (the command's start-up)."""
+    clock = Clock(budget_s, spent_s)
     say = _on_the_clock(say, clock)
     start = starting_config(config)
     report = TuneReport(start=start.to_dict(), tuned={}, budget_s=budget_s)
@@ -102,10 +118,31 @@ def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
                                  f" (at micro-batch {current.train.micro_batch})")
     current = _loader(task, current, device, factors, clock, report, say)
     current = choose_compile(task, current, device, factors, clock, report, say,
-                             rounds=ROUNDS, min_s=MIN_TIMED_S)
-    _speedup(task, start, current, device, report, say)
+                             rounds=ROUNDS, min_s=MIN_TIMED_S,
+                             reserve_s=_final_s(report, current))
+    current = _speedup(task, start, current, device, report, say)
     report.tuned, report.wall_s = current.to_dict(), clock.used()
     return current, report
+
+
+def _step_s(report: TuneReport, config: RunConfig) -> float:
+    """A step of `config`, predicted from what was measured so far: the slowest timing of
+    its precision and micro-batch (a budget is better kept by overestimating), else the
+    median of the settings still in the running; 1 s before anything was timed."""
+    valid = [r for r in report.rows if r.samples_per_s
+             and not r.note.startswith(("excluded", "not tried", "no batch"))]
+    own = f"{config.precision.name}, micro-batch {config.train.micro_batch}"
+    mine = [r.samples_per_s for r in valid if r.setting.startswith(own) or r.note == "chosen"]
+    rates = mine or [r.samples_per_s for r in valid]
+    if not rates:
+        return 1.0
+    rate = min(rates) if mine else statistics.median(rates)
+    return config.train.samples_per_step / rate  # type: ignore[operator]
+
+
+def _final_s(report: TuneReport, config: RunConfig) -> float:
+    """The final side-by-side timing's predicted seconds: two warm-ups and the rounds."""
+    return timings_s(2 + 2 * (ROUNDS + 2), _step_s(report, config), MIN_TIMED_S)
 
 
 def _on_the_clock(say: Callable[[str], None], clock: Clock) -> Callable[[str], None]:
@@ -126,6 +163,7 @@ def _precisions(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple
         report.rows.append(Row("precision", name, note=f"not tried: {why}"))
     checks = check_precisions(task, start, device, names, say=say,
                               deadline_s=0.2 * clock.budget_s, least_speed=LEAST_SPEED,
+                              limit_s=SCREEN_SHARE * clock.budget_s,
                               **({"steps": steps} if steps else {}))
     for c in checks:
         report.rows.append(Row(
@@ -146,10 +184,11 @@ def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
            say: Callable[[str], None], speeds: dict[str, float]) -> RunConfig:
     """Each top precision's fastest micro-batch, then the fastest of those, end to end.
     `speeds`: each precision's speed relative to fp32 at the starting batch."""
+    options: list[RunConfig] = []
     if "batch" not in factors:
         report.reasons["batch"] = f"micro-batch {start.train.micro_batch}: kept (not searched)"
-        return start.updated({"precision.name": ranked[0]})
-    options: list[RunConfig] = []
+        options = [start.updated({"precision.name": n}) for n in ranked[:TOP_PRECISIONS]]
+        ranked = []  # no batch search: the precisions are timed at the start's batch
     for i, name in enumerate(ranked[:TOP_PRECISIONS]):
         if i and speeds.get(name, 1.0) < (1 - RUNNER_UP) * speeds.get(ranked[0], 1.0):
             report.rows.append(Row("batch", name, note=(
@@ -160,44 +199,52 @@ def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
             report.rows.append(Row("batch", name, note="no batch search: the budget is "
                                    "spent (raise --budget-s)"))
             continue
-        cfg = start.updated({"precision.name": name, "train.batch_size": "auto",
-                             "train.lr_reference_batch": reference_batch(start)})
+        cfg = searched_config(start, name)
+        reserve = max(RESERVE * clock.budget_s, _final_s(report, start))
         r = autobatch(task, cfg, device, cache_dir=cache_dir, verify_largest=False,
-                      timing_s=BATCH_TIMING_S,
-                      deadline=time.perf_counter() + clock.left() - RESERVE * clock.budget_s,
+                      timing_s=BATCH_TIMING_S, start=start.train.micro_batch,
+                      deadline=time.perf_counter() + clock.left() - reserve,
                       progress=lambda m, n=name: say(f"batch search in {n}: {m}"))
         _batch_rows(r, name, report)
+        report.reasons[f"batch in {name}"] = r.why
         options.append(r.apply(cfg))
     options.sort(key=lambda c: SAFER.index(c.precision.name) if c.precision.name in SAFER
                  else len(SAFER))  # a tie goes to the format that keeps more precision
+    options = _distinct([start, *options])
+    label = lambda c: (f"{c.precision.name} at micro-batch {c.train.micro_batch}"  # noqa: E731
+                       + (" (the start)" if _same(c, start) else ""))
+    predicted = timings_s(len(options) * (ROUNDS + 1), _step_s(report, start), MIN_TIMED_S)
     if len(options) == 1:
-        chosen = options[0]
-        why = "the fastest micro-batch found (the batch search's knee)"
+        chosen, why = start, "the start: the batch search kept its micro-batch"
+    elif not clock.fits(predicted, _final_s(report, start)):
+        chosen, why = start, (f"the start: timing the choices against it would take about "
+                              f"{predicted:.0f} s, {max(0.0, clock.left()):.0f} s left")
     else:
-        chosen, why = _fastest(task, options, device, "batch", report, say,
-                               lambda c: f"{c.precision.name} at micro-batch "
-                                         f"{c.train.micro_batch}",
-                               "a tie goes to the format that keeps more precision")
-    report.reasons["batch"] = f"{_recipe(start, chosen)}: {why}"
+        chosen, why = _fastest(task, options, device, "batch", report, say, label,
+                               "the start is kept unless beaten beyond the noise; then a "
+                               "tie goes to the format that keeps more precision")
+    if "batch" in factors:
+        report.reasons["batch"] = f"{describe_change(start, chosen)}: {why}"
     if "precision" in factors:
-        report.reasons["precision"] = (f"{chosen.precision.name} (the fastest at its own "
-                                       f"best micro-batch; {report.reasons['precision']})")
+        report.reasons["precision"] = (f"{chosen.precision.name} ({why}; "
+                                       f"{report.reasons['precision']})")
     return chosen
 
 
-def _recipe(start: RunConfig, chosen: RunConfig) -> str:
-    """The micro-batch, and what the optimizer sees, against the start's."""
-    t, s = chosen.train, start.train
-    if s.effective_batch_size:
-        effective = f"effective batch {t.samples_per_step} kept"
-    elif t.samples_per_step != s.samples_per_step:
-        effective = (f"effective batch {s.samples_per_step} -> {t.samples_per_step} "
-                     "(train.effective_batch_size unset: it follows the micro-batch)")
-    else:
-        effective = f"effective batch {t.samples_per_step}"
-    lr = (f"lr {s.lr:.3g} -> {t.lr:.3g} (train.lr_scaling {s.lr_scaling})" if t.lr != s.lr
-          else f"lr {t.lr:.3g} (train.lr_scaling {s.lr_scaling})")
-    return f"micro-batch {t.micro_batch} x {_accumulation(chosen)}; {effective}; {lr}"
+def _same(a: RunConfig, b: RunConfig) -> bool:
+    return a.to_dict() == b.to_dict()
+
+
+def _distinct(configs: list[RunConfig]) -> list[RunConfig]:
+    """`configs` without repeats (a precision's knee may be the start itself)."""
+    out: list[RunConfig] = []
+    for c in configs:
+        if not any(_same(c, o) or (c.precision.name == o.precision.name
+                                   and c.train.micro_batch == o.train.micro_batch
+                                   and c.train.samples_per_step == o.train.samples_per_step
+                                   and c.train.lr == o.train.lr) for o in out):
+            out.append(c)
+    return out
 
 
 def _batch_rows(r: AutobatchResult, name: str, report: TuneReport) -> None:
@@ -205,41 +252,40 @@ def _batch_rows(r: AutobatchResult, name: str, report: TuneReport) -> None:
     peaks = {t.size: t.peak_bytes for t in r.trials if t.kind == "verify" and t.fits}
     for size, t in sorted(r.timed().items()):
         spread = (t.spread[1] - t.spread[0]) / t.samples_per_s if t.spread else None
-        note = ("knee for " + name if size == r.chosen
-                else "scanned once" if t.kind == "scan" else "")
+        note = ", ".join(n for n in ("the start" if size == r.start else "",
+                                     "knee for " + name if size == r.chosen else "",
+                                     "scanned once" if t.kind == "scan" else "") if n)
         report.rows.append(Row("batch", f"{name}, micro-batch {size}", t.samples_per_s,
-                               spread, peaks.get(size), note))
-
-
-def _accumulation(config: RunConfig) -> int:
-    return -(-config.train.samples_per_step // config.train.micro_batch)
+                               spread, peaks.get(size), note,
+                               list(t.rounds or [t.samples_per_s or 0.0])))
 
 
 def _fastest(task: Task, options: list[RunConfig], device: DeviceInfo, factor: str,
              report: TuneReport, say: Callable[[str], None],
-             label: Callable[[RunConfig], str], tie: str = "closer to the start"
-             ) -> tuple[RunConfig, str]:
-    """The fastest of `options` beyond the noise; ties go to the earliest (`tie` says why
-    it comes first)."""
+             label: Callable[[RunConfig], str], tie: str = "the start is kept unless "
+             "beaten beyond the noise") -> tuple[RunConfig, str]:
+    """`options[0]` (the start) unless another is faster beyond the noise, timed in the
+    same interleaved rounds (judge.faster_than_start; `tie` says how ties go)."""
     with runners(task, options, device) as built:
         timings = interleave(built, ROUNDS, MIN_TIMED_S, lambda i, r: say(
             f"{factor}: timing {label(options[i])} (round {r + 1} of {ROUNDS})"))
-    pick, tolerance = first_as_fast([t.rates for t in timings])
+    pick, tolerance = faster_than_start([t.rates for t in timings], 0)
     for c, t in zip(options, timings, strict=True):
         report.rows.append(Row(factor, label(c) + " (end to end)", t.samples_per_s,
-                               t.spread, note="chosen" if c is options[pick] else ""))
+                               t.spread, note="chosen" if c is options[pick] else "",
+                               rounds=list(t.rates)))
     rates = ", ".join(f"{label(c)} {t.samples_per_s:.1f}"
                       for c, t in zip(options, timings, strict=True))
     top = max(range(len(timings)), key=lambda i: timings[i].samples_per_s)
-    if pick == top:
-        rest = [t.samples_per_s for i, t in enumerate(timings) if i != pick]
-        margin = timings[pick].samples_per_s / max(rest) - 1 if rest else 0.0
-        verdict = (f"{label(options[pick])} is {margin:.1%} faster, beyond the noise "
-                   f"({tolerance:.1%})" if pick else
-                   f"{label(options[pick])} is the fastest")
+    if pick:
+        margin = timings[pick].samples_per_s / timings[0].samples_per_s - 1
+        verdict = (f"{label(options[pick])} is {margin:+.1%} over the start, beyond the "
+                   f"noise ({tolerance:.1%})")
+    elif top:
+        verdict = (f"{label(options[top])} is within the noise ({tolerance:.1%}) of the "
+                   f"start, {label(options[0])}, which is kept ({tie})")
     else:
-        verdict = (f"{label(options[top])} is within the noise ({tolerance:.1%}) of "
-                   f"{label(options[pick])}, which is kept ({tie})")
+        verdict = f"the start, {label(options[0])}, is the fastest: kept"
     return options[pick], f"{verdict}: {rates} samples/s"
 
 
@@ -267,10 +313,13 @@ def _channels_last(task: Task, config: RunConfig, device: DeviceInfo,
     if not has_conv(task):
         report.reasons["channels_last"] = "off: the model has no convolution weights"
         return config
-    if where and clock.left() <= 0:
-        return config  # the first decision and its reason stand
-    if clock.left() <= 0:
-        report.reasons["channels_last"] = "not tried: the budget is spent"
+    predicted = timings_s(2 + 2 * ROUNDS, _step_s(report, config), MIN_TIMED_S)
+    if not clock.fits(predicted, _final_s(report, config)):
+        if not where:  # a second look: the first decision and its reason stand
+            report.reasons["channels_last"] = (
+                f"{_on(config.precision.channels_last)} (the start), not tried: timing it "
+                f"would take about {predicted:.0f} s, {max(0.0, clock.left()):.0f} s of "
+                "--budget-s left (the final timing needs the rest)")
         return config
     on = config.updated({"precision.channels_last": not config.precision.channels_last})
     chosen, why = _fastest(task, [config, on], device, "channels_last", report, say,
@@ -290,21 +339,32 @@ def _loader(task: Task, config: RunConfig, device: DeviceInfo, factors: tuple[st
             clock: Clock, report: TuneReport, say: Callable[[str], None]) -> RunConfig:
     if "loader" not in factors:
         return config
-    if clock.left() <= 0:
-        report.reasons["loader"] = "not tried: the budget is spent"
+    predicted = timings_s(1 + len(worker_counts()) * (ROUNDS + 1), _step_s(report, config),
+                          LOADER_MIN_S)
+    if not clock.fits(predicted, _final_s(report, config)):
+        report.reasons["loader"] = (f"kept (the start), not tried: timing the worker counts "
+                                    f"would take about {predicted:.0f} s, "
+                                    f"{max(0.0, clock.left()):.0f} s of --budget-s left")
         return config
     choice = choose_loader(task, config, device, say)
     for row in choice.rows:
         text = ", ".join(f"{k} {v}" for k, v in row.settings.items())
         report.rows.append(Row("loader", text, row.samples_per_s, row.spread,
-                               note=f"data wait {row.data_wait:.1%}"))
+                               note=f"data wait {row.data_wait:.1%}", rounds=row.rounds))
     report.reasons["loader"] = "; ".join(f"{k}: {v}" for k, v in choice.reasons.items())
     return choice.apply(config)
 
 
 def _speedup(task: Task, start: RunConfig, tuned: RunConfig, device: DeviceInfo,
-             report: TuneReport, say: Callable[[str], None]) -> None:
-    """The tuned config against the starting one, interleaved: the speed-up printed."""
+             report: TuneReport, say: Callable[[str], None]) -> RunConfig:
+    """The tuned config against the starting one, interleaved: the speed-up printed, and
+    the config written: the tuned one only when faster beyond the rounds' noise, else the
+    start (keep_start says why)."""
+    if runs_alike(start, tuned, device):
+        report.kept_start = True
+        report.reasons["result"] = ("the starting config is written: no setting measured "
+                                    "faster than it beyond the noise")
+        return start
     rounds = ROUNDS + 2
     with runners(task, [start, tuned], device) as built:
         for runner in built:
@@ -316,3 +376,40 @@ def _speedup(task: Task, start: RunConfig, tuned: RunConfig, device: DeviceInfo,
     report.start_samples_per_s, report.tuned_samples_per_s = a.samples_per_s, b.samples_per_s
     report.speedup = statistics.median(ratios)
     report.speedup_range = (min(ratios), max(ratios))
+    for label, t in (("start", a), ("tuned", b)):
+        report.rows.append(Row("speed-up", f"the {label} config (side by side)",
+                               t.samples_per_s, t.spread, rounds=list(t.rates)))
+    why = keep_start(a.rates, b.rates)
+    if why is None:
+        report.reasons["result"] = "the tuned config is written: faster than the start " \
+                                   "beyond the noise"
+        return tuned
+    report.kept_start = True
+    report.reasons["result"] = f"the starting config is written: {why}"
+    return start
+
+
+def runs_alike(a: RunConfig, b: RunConfig, device: DeviceInfo) -> bool:
+    """Whether two configs train alike: equal once the loader's "auto" settings are
+    resolved for `device` and the effective batch is spelled out (timing them against
+    each other would only measure noise)."""
+    def key(c: RunConfig) -> dict[str, Any]:
+        d = c.to_dict()
+        loader = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
+        d["data"] = {**{k: v for k, v in d["data"].items() if k not in loader},
+                     **loader_options(c.data, device.kind)}
+        d["train"] = {**d["train"], "effective_batch_size": c.train.samples_per_step,
+                      "lr_reference_batch": None}
+        return d
+    return key(a) == key(b)
+
+
+def keep_start(start: list[float], tuned: list[float]) -> str | None:
+    """Why the start is written instead of the tuned config (rounds of samples/s, timed side
+    by side), or None: the tuned one is faster beyond the noise (judge.faster_than_start)."""
+    pick, tolerance = faster_than_start([start, tuned], 0)
+    if pick == 1:
+        return None
+    ratio = statistics.median(tuned) / statistics.median(start)
+    return (f"the tuned config measured {ratio:.2f}x the start's samples/s side by side, "
+            f"not faster beyond the noise ({max(TIMING_TOLERANCE, tolerance):.1%})")

@@ -4,6 +4,8 @@
     which one   the full search (tune.py), or the batch search only (autobatch.py) when
                 --batch-only asks or under torchrun, where every rank searches its own
                 device and the ranks agree on one micro-batch
+    budget      --budget-s counts from the command's start (process_age_s: its imports and
+                the task's construction are part of what the user waits for)
     cache       the batch search's cache, or a scratch directory with --no-cache
     written     rank 0 writes the tuned config (write_tuned): memory.budget left out
                 unless --keep-budget, a task file's path made absolute
@@ -27,6 +29,7 @@ from redline.task import Task
 from redline.telemetry.progress import status
 from redline.tuning.autobatch import AutobatchResult, autobatch_ranks
 from redline.tuning.tune import DEFAULT_BUDGET_S, FACTORS, TuneReport, tune
+from redline.tuning.tune_report import process_age_s
 
 TORCHRUN_NOTICE = ("redline tune under torchrun searches the micro-batch only; run it in one "
                    "process for precision, data loading and compile")
@@ -119,7 +122,8 @@ def run_tune(task: Task, config: RunConfig, options: TuneOptions,
         with status("tune") as shown:
             tuned, report = tune(task, config, device, cache_dir=cache,
                                  factors=options.factors, budget_s=options.budget_s,
-                                 quality_steps=options.quality_steps, say=shown)
+                                 quality_steps=options.quality_steps, say=shown,
+                                 spent_s=process_age_s())
     path, dropped = write_tuned(tuned, task.name, options.output, options.keep_budget)
     return Tuned(path, dropped, report=report)
 
