@@ -226,6 +226,22 @@ def test_the_knee_scan_goes_on_over_sizes_within_noise_and_stops_at_a_misfit() -
     assert list(knee.scan(sorted(rising), fits, lambda _: None).speeds) == [1, 2, 4]
 
 
+def test_a_size_the_model_cannot_train_at_is_skipped_and_the_scan_goes_on() -> None:
+    """BatchNorm refuses one value per channel: micro-batch 1 fails where larger ran."""
+    rising = {1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0}
+
+    def measure(s: int) -> float:
+        if s == 1:
+            raise knee.SizeFails("ValueError: Expected more than 1 value per channel")
+        return rising[s]
+
+    said: list[str] = []
+    scanned = knee.scan(sorted(rising), measure, said.append)
+    assert list(scanned.speeds) == [2, 4, 8]
+    assert list(scanned.failed) == [1]
+    assert any("micro-batch 1 skipped: the model cannot train at it" in m for m in said)
+
+
 # 16 ms a step up to 16 samples, then 20 ms a sample: samples/s falls by 97 % at 32
 FALLS_PAST_16 = {s: s / (0.016 if s <= 16 else 0.02 * s) for s in (1, 2, 4, 8, 16, 32, 64)}
 

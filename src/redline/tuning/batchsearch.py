@@ -51,6 +51,7 @@ from redline.memory.probe import MemoryBudget, live_tensor_bytes, measure_peak
 from redline.task import Task
 from redline.tuning.knee import (
     KNEE_TOLERANCE,
+    SizeFails,
     choose_knee,
     knee_reason,
     scan,
@@ -384,10 +385,17 @@ def _knee(h: Harness, largest: int, trials: list[SizeTrial], say: Progress,
     def measure(s: int) -> float | None:  # samples/s at s; None: s does not fit
         nonlocal steps
         steps += 1
-        if check is None:
-            h.train_step(s)  # allocator and kernels for this shape
-        elif not check(s):
-            return None
+        try:
+            if check is None:
+                h.train_step(s)  # allocator and kernels for this shape
+            elif not check(s):
+                return None
+        except (ValueError, RuntimeError) as e:
+            if start is None or s >= start or isinstance(e, torch.OutOfMemoryError):
+                raise  # the size the user asked for fails: the user's error, with its trace
+            # Below the start, which ran: the size itself is the cause (BatchNorm refuses
+            # one value per channel; a model may reshape with a fixed batch).
+            raise SizeFails(f"{type(e).__name__}: {str(e).splitlines()[0][:120]}") from e
         speed = rate(s)
         trials.append(SizeTrial(s, "scan", samples_per_s=speed))
         return speed

@@ -43,6 +43,11 @@ Measure = Callable[[int], "float | None"]
 Rounds = Callable[[list[int]], dict[int, list[float]]]  # interleaved rounds of these sizes
 
 
+class SizeFails(Exception):
+    """`measure(size)` found the model cannot train at this size at all (e.g. BatchNorm
+    with one sample per channel), though larger sizes ran: the size is skipped."""
+
+
 @dataclass
 class Scanned:
     """What the scan measured: each size's speed (its rounds' median where it had rounds),
@@ -52,13 +57,15 @@ class Scanned:
     rounds: dict[int, list[float]] = field(default_factory=dict)
     fallen: list[int] = field(default_factory=list)
     stop: str = ""  # why the scan ended before the largest size, in words
+    failed: dict[int, str] = field(default_factory=dict)  # sizes the model cannot run: why
 
 
 def scan(sizes: list[int], measure: Measure, say: Progress,
          time_left: Callable[[], float] | None = None,
          rounds: Rounds | None = None) -> Scanned:
     """The knee scan (the module docstring's rules). `measure(size)` times a size once
-    (None: it does not fit, and larger ones will not either); `rounds(sizes)` times sizes
+    (None: it does not fit, and larger ones will not either; SizeFails: the model cannot
+    train at this size, which is skipped); `rounds(sizes)` times sizes
     in interleaved rounds (None: single timings are trusted, as a test may want);
     `time_left()` is the seconds left under redline tune's deadline (None: no deadline).
     The rules decide on what these return, so a test can give them numbers and a clock."""
@@ -70,7 +77,12 @@ def scan(sizes: list[int], measure: Measure, say: Progress,
             out.stop = why
             break
         say(f"scanning micro-batch {s}")
-        speed = measure(s)
+        try:
+            speed = measure(s)
+        except SizeFails as e:
+            out.failed[s] = str(e)
+            say(f"micro-batch {s} skipped: the model cannot train at it ({e})")
+            continue
         if speed is None:
             out.stop = f"micro-batch {s} does not fit the memory target"
             break
