@@ -467,7 +467,7 @@ def test_auto_keeps_the_effective_batch_unless_growing_is_asked(
     assert r.lr == pytest.approx(lr)
     line = r.describe(config)
     if extra and "grow" in extra[0] and micro > 16:
-        assert "16 -> 64" in line and "lr 0.001 -> 0.004" in line
+        assert "16 -> 64" in line and "train.lr 0.001 -> 0.004" in line
     else:
         assert f"effective batch {effective} kept" in line
 

@@ -70,12 +70,14 @@ class Recipe:
                       if old != self.effective_batch_size else f"{old} kept")
             effective = (f"effective batch {change} (train.grow_effective_batch) = {split}")
         reference = reference_batch(config)
+        # Unchanged, the value is not repeated: a task's own optimizer sets its own lr,
+        # which train.lr may not be (run/setup.py says so once).
         if self.lr != t.lr:
-            lr = (f"lr {t.lr:.3g} -> {self.lr:.3g} (train.lr_scaling {t.lr_scaling} from "
-                  f"batch {reference})")
+            lr = (f"train.lr {t.lr:.3g} -> {self.lr:.3g} (train.lr_scaling {t.lr_scaling} "
+                  f"from batch {reference})")
         else:
-            lr = f"lr {self.lr:.3g} (" + ("train.lr_scaling none" if t.lr_scaling == "none"
-                                          else "the batch it was tuned for") + ")"
+            lr = "train.lr unchanged (" + ("train.lr_scaling none" if t.lr_scaling == "none"
+                                           else "the batch it was tuned for") + ")"
         return f"micro-batch {self.micro_batch}; {effective}; {lr}"
 
 
@@ -136,8 +138,8 @@ def describe_change(start: RunConfig, chosen: RunConfig) -> str:
                      "(train.grow_effective_batch)")
     else:
         effective = f"effective batch {t.samples_per_step} kept (the start's)"
-    lr = (f"lr {s.lr:.3g} -> {t.lr:.3g} (train.lr_scaling {s.lr_scaling})" if t.lr != s.lr
-          else f"lr {t.lr:.3g} (train.lr_scaling {s.lr_scaling})")
+    lr = (f"train.lr {s.lr:.3g} -> {t.lr:.3g} (train.lr_scaling {s.lr_scaling})"
+          if t.lr != s.lr else "train.lr unchanged")
     return f"micro-batch {t.micro_batch} x {accumulation(chosen)}; {effective}; {lr}"
 
 
