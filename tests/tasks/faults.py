@@ -1,5 +1,4 @@
-"""Tasks for the fault tests (tests/e2e/test_faults.py): the toy regression, with the
-import of a third-party package that brings torchao (whose import logs warnings)."""
+"""Tasks for the fault tests (tests/e2e/test_faults.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +7,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torchao  # noqa: F401  (what Lightning, transformers or a user's task may import)
 from toy import ToyRegression
 
 
-class ImportsTorchao(ToyRegression):
-    """The toy task, in a module that imports torchao (as a user's task may)."""
+class GoesNaN(ToyRegression):
+    """The toy task whose training loss turns NaN from step 23 on (call 1 counts FLOPs at
+    start, so training call 24 is step 23): a step no window boundary falls on."""
 
-    name = "imports-torchao"
+    name = "goes-nan"
+    calls = 0
+
+    def loss(self, model, batch):  # type: ignore[no-untyped-def]
+        loss = super().loss(model, batch)
+        if model.training:
+            GoesNaN.calls += 1
+            if GoesNaN.calls > 23:
+                return loss * float("nan")
+        return loss
