@@ -126,6 +126,8 @@ def test_a_kill_9_during_a_save_leaves_no_temporary_file_after_the_next_start(
     proc = _start(tmp_path)
     ckpts = tmp_path / "run" / "checkpoints"
     try:
+        _wait(proc, lambda: (ckpts / "step-00000003.pt").exists() and not _temp_files(ckpts),
+              "first checkpoint")
         orphan = None
         while orphan is None:  # until the kill lands inside a save
             orphan = _stopped_in_a_save(proc, ckpts)
@@ -140,8 +142,9 @@ def test_a_kill_9_during_a_save_leaves_no_temporary_file_after_the_next_start(
     for path in foreign:
         path.write_text("kept")
 
-    out = run_cli(["train", TOY, "--run-dir", "run", "--steps", "1", "--resume", *BIG, *QUICK],
-                  tmp_path)
+    resume_at = int(list_checkpoints(ckpts)[-1].stem.split("-")[1])
+    out = run_cli(["train", TOY, "--run-dir", "run", "--steps", str(resume_at + 1), "--resume",
+                   *BIG, *QUICK], tmp_path)
     assert out.returncode == 0, out.stderr
     assert not orphan.exists()
     assert f"removed 1 temporary file(s) an interrupted save left in run ({orphan.name})" \

@@ -43,6 +43,9 @@ from redline.memory.sizes import format_size
 from redline.precision import Precision
 
 LOCK_NAME = ".lock"
+# where redline writes files whole, so a killed process may leave a temporary file
+ORPHAN_DIRS = (".", "checkpoints", f"checkpoints/{ckpt.NONFINITE}", "samples", "stats/layers",
+               "stats/series", "stats/snapshots")
 
 
 class RunDirBusy(UserError):
@@ -163,8 +166,8 @@ def remove_orphans(run_dir: Path) -> list[Path]:
     its checkpoints (files.remove_orphans: redline's own `.NAME.tmp-PID` names, of a pid no
     longer alive); called holding the directory's lock, so no other run writes there."""
     removed = []
-    for d in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / ckpt.NONFINITE):
-        removed += files.remove_orphans(d)
+    for sub in ORPHAN_DIRS:
+        removed += files.remove_orphans(run_dir / sub)
     if removed:
         print(f"redline: removed {len(removed)} temporary file(s) an interrupted save left "
               f"in {run_dir} ({', '.join(p.name for p in removed)})", file=sys.stderr,
