@@ -83,8 +83,9 @@ def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any],
     `finite` False (the weights hold NaN or inf): written to `directory/nonfinite/`
     instead, outside the rotation, so it never displaces the last finite checkpoint and a
     resume never starts from it. A file-system fault (read-only, disk full) is a
-    StorageError naming the file; the checkpoints written before are untouched (the new
-    one is written aside, then renamed).
+    StorageError naming the file; a KeyboardInterrupt (a second Ctrl-C) raised while it
+    writes propagates as itself. Either way the temporary file is removed and the
+    checkpoints written before are untouched (the new one is written aside, then renamed).
     """
     if not finite:
         return save_checkpoint(Path(directory) / NONFINITE, step, payload, keep=10**9)
