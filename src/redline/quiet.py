@@ -18,9 +18,10 @@ import warnings
 # loggers whose import-time warnings are noise: torchao's own, and torch.utils._pytree's
 # (torchao registers Enums there; the module logs under logging.getLogger(__name__))
 NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
-# Python warnings issued on import by third-party packages about torch's pytree API
+# Python warnings third-party packages issue about torch's pytree API
 NOISY_WARNINGS = (r".*_register_pytree_node.* is deprecated",
-                  r".*register_constant\(\) on Enum subclasses is deprecated")
+                  r".*register_constant\(\) on Enum subclasses is deprecated",
+                  r".*isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning's
 
 
 def quiet_third_party() -> bool:
