@@ -1,11 +1,15 @@
-"""Checkpoints that resume exactly: atomic writes, RNG states, and a fallback past bad files.
+"""Checkpoints that resume exactly: atomic writes, verified reads, a fallback past bad files.
 
 A checkpoint is one `torch.save` dict; its `"model"` entry is the model's `state_dict`, so
-plain PyTorch can read it. Writes go to a temporary file in the same directory, are
-fsynced, then renamed over the final name (rename is atomic on POSIX), and the directory
-is fsynced too: a crash mid-write leaves the previous checkpoints intact. On load, the
-newest file that reads back completely wins; a truncated or corrupt one is reported and
-skipped.
+plain PyTorch can read it. Writes go through files.atomic_file: a temporary file in the
+same directory, fsynced, renamed over the final name (atomic on POSIX), the directory
+fsynced too: a crash mid-write leaves the previous checkpoints intact, and a temporary
+file a killed process left behind is removed when the next run claims the directory. A
+second Ctrl-C during a save stops it: the temporary file is removed, nothing else is
+touched. On load, every record of the file's zip container is checked against its CRC-32
+(`verify`; torch.load does not check it), so a truncated file and one with flipped bytes
+are both found; the newest file that verifies and reads back completely wins, the others
+are reported and moved aside.
 
 Every value is a tensor, a number, a string or a container of them, so checkpoints load
 with `weights_only=True` (no arbitrary code runs when a checkpoint is opened).
@@ -13,9 +17,8 @@ with `weights_only=True` (no arbitrary code runs when a checkpoint is opened).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,8 @@ from typing import Any
 
 import torch
 
-from redline.errors import UserError, require, writing
+from redline.errors import UserError, require
+from redline.files import atomic_file
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -79,39 +83,37 @@ def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any],
     `finite` False (the weights hold NaN or inf): written to `directory/nonfinite/`
     instead, outside the rotation, so it never displaces the last finite checkpoint and a
     resume never starts from it. A file-system fault (read-only, disk full) is a
-    StorageError naming the file; the checkpoints written before are untouched (the new
-    one is written aside, then renamed).
+    StorageError naming the file; a KeyboardInterrupt (a second Ctrl-C) raised while it
+    writes propagates as itself. Either way the temporary file is removed and the
+    checkpoints written before are untouched (the new one is written aside, then renamed).
     """
     if not finite:
         return save_checkpoint(Path(directory) / NONFINITE, step, payload, keep=10**9)
     d = Path(directory)
     final = d / checkpoint_name(step)
-    tmp = d / f".{final.name}.tmp-{os.getpid()}"
     payload = {"format": FORMAT_VERSION, "step": step, **payload}
-    try:
-        with writing("checkpoint", final):
-            d.mkdir(parents=True, exist_ok=True)
-            try:
-                with open(tmp, "wb") as f:
-                    torch.save(payload, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except RuntimeError as e:  # torch's zip writer hides the disk's OSError
-                if isinstance(e.__context__, OSError):
-                    raise e.__context__ from None
-                raise
-            os.replace(tmp, final)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    _fsync_dir(d)
+    with atomic_file(final, "checkpoint") as f:
+        try:
+            torch.save(payload, f)
+        except RuntimeError as e:
+            # torch's zip writer turns what its write raised into a RuntimeError: the
+            # disk's OSError (a StorageError), or a second Ctrl-C's KeyboardInterrupt (stop
+            # now: the temporary file goes, the previous checkpoints stay)
+            if isinstance(e.__context__, OSError | KeyboardInterrupt):
+                raise e.__context__ from None
+            raise
     for old in list_checkpoints(d)[:-keep]:
         old.unlink(missing_ok=True)
     return final
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read one checkpoint; raises CheckpointError if it is unreadable or incomplete."""
+    """Read one checkpoint; raises CheckpointError if it is unreadable, corrupt or incomplete.
+
+    `verify` checks every record's CRC first (torch.load does not), so a flipped bit in a
+    tensor's data is found here, not in the trained model.
+    """
+    verify(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch.load raises many types for a damaged file
@@ -121,6 +123,34 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"{path} is not a redline checkpoint (missing {missing})")
     return payload
+
+
+_CHUNK = 1 << 20
+
+
+def verify(path: str | Path) -> None:
+    """CheckpointError unless every record of the checkpoint's zip container matches the
+    CRC-32 stored for it at save.
+
+    Cost: one sequential read of the whole file in 1 MiB chunks (memory stays flat), CRC-32
+    at several GB/s (zlib), so about the time of reading the file once more; torch.load
+    then reads it again, mostly from the page cache.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as record:  # raises BadZipFile at a CRC mismatch
+                    while record.read(_CHUNK):
+                        pass
+    except zipfile.BadZipFile as e:
+        crc = re.match(r"Bad CRC-32 for file '(.+)'", str(e))
+        why = (f"record {crc.group(1)!r} fails its CRC-32 check" if crc else
+               f"not a complete zip archive: {e}")
+        raise CheckpointError(f"{path} is unreadable ({why}); it is truncated or corrupt"
+                              ) from None
+    except (OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}); "
+                              "it is truncated or corrupt") from None
 
 
 def load_latest(directory: str | Path, map_location: str | torch.device = "cpu",
@@ -177,14 +207,3 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
             raise CheckpointError(
                 f"cannot resume: {path.name} was written with {key}={old.get(key)!r} but this "
                 f"run asks for {key}={new.get(key)!r}; use the same setting or a new --run-dir")
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # not supported on some platforms (Windows)
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

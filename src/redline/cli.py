@@ -331,7 +331,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from redline.errors import RunStopped, StorageError, UserError
+    from redline.quiet import quiet_third_party
 
+    quiet_third_party()  # before a task, a tracker or fp8 imports torchao
     parser = _parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)

@@ -235,10 +235,23 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    """The mapping a YAML config file holds; ConfigError (one sentence: the problem and the
+    fix) for a missing path, a directory, an unreadable file or one not in UTF-8."""
+    if path.is_dir():
+        inside = path / "config.yaml"
+        fix = (f"pass {str(inside)!r} (the run's config)" if inside.is_file() else
+               "pass the YAML file itself")
+        raise ConfigError(f"--config {str(path)!r} is a directory, not a file; {fix}")
+    if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start} "
+                          f"is 0x{e.object[e.start]:02x}); save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read "
+                          f"({e.strerror or type(e).__name__}); check its permissions") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -48,8 +48,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from redline.errors import MissingExtra, require, writing
+from redline.errors import MissingExtra, require
 from redline.events import Callback, State
+from redline.files import atomic_write_bytes
 from redline.stats import FP8_STAT_NAMES, STAT_NAMES, fp8_stats, histograms, tensor_stats
 
 SeriesFn = Callable[[nn.Module, Any], dict[str, Any]]
@@ -265,7 +266,7 @@ class Inspector(Callback):
         return every > 0 and step % every == 0
 
     def _save_snapshot(self, step: int) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {}
         for layer, module in self.layers.items():
@@ -277,9 +278,7 @@ class Inspector(Callback):
             if full is not None:
                 tensors[f"activation/{layer}"] = full.contiguous()
         path = self.dir / "snapshots" / f"step-{step:08d}.safetensors"
-        with writing("statistics snapshot", path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(path))
+        atomic_write_bytes(path, save(tensors), "statistics snapshot")
 
     # ---- storage -----------------------------------------------------------------------------
 
@@ -379,11 +378,9 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]], columns: dict[str, st
     schema = _schema(columns)
     table = pa.table({name: [row.get(name) for row in rows] for name in columns},
                      schema=schema)
-    tmp = path.with_suffix(".tmp")
-    with writing("statistics", path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pa.parquet.write_table(table, tmp)
-        tmp.replace(path)
+    buffer = pa.BufferOutputStream()
+    pa.parquet.write_table(table, buffer)
+    atomic_write_bytes(path, buffer.getvalue().to_pybytes(), "statistics")
 
 
 def read_rows(run_dir: str | Path, part: str = "layers") -> list[dict[str, Any]]:

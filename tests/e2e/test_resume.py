@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -122,14 +124,35 @@ def test_sigterm_saves_a_checkpoint_then_resume_is_bit_identical(tmp_path: Path,
     _assert_identical(reference, _final_state(tmp_path / "run"))
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_bytes_in_a_tensor(path: Path) -> None:
+    """8 bytes inverted in the largest tensor's data: torch.load reads it without a word
+    (the zip records' CRC-32 is not checked), the weights are silently wrong."""
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename),
+                     key=lambda i: i.file_size)
+        with archive.open(record) as f:
+            payload = f.read()
+    data = bytearray(path.read_bytes())
+    at = data.index(payload) + len(payload) // 2
+    data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["step"]  # loads, corrupt
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_bytes_in_a_tensor],
+                         ids=["truncated", "flipped-bytes"])
 def test_corrupt_newest_checkpoint_warns_and_resumes_from_the_previous(
-        tmp_path: Path, reference: dict) -> None:
+        tmp_path: Path, reference: dict, damage: Callable[[Path], None]) -> None:
     proc = _start(tmp_path)
     _wait_for_checkpoint(proc, tmp_path / "run" / "checkpoints", 50)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=180)
     newest = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    damage(newest)
 
     out = run_cli([*ARGS, "--run-dir", "run", "--resume"], tmp_path)
     assert out.returncode == 0, out.stderr

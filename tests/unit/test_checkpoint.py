@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from redline.checkpoint import (
     list_checkpoints,
     load_latest,
     save_checkpoint,
+    verify,
 )
 from redline.rng import rng_state, set_rng_state
 
@@ -59,3 +61,42 @@ def test_rng_states_round_trip() -> None:
 def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path, 3, {**_payload(3), "rng": rng_state()}, keep=1)
     torch.load(path, weights_only=True)  # would raise on any non-plain object
+
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_a_tensor_fail_verification_and_fall_back(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 1, _payload(1), keep=3)
+    newest = save_checkpoint(tmp_path, 2, {"model": {"w": torch.arange(4096.0)}}, keep=3)
+    raw = newest.read_bytes()
+    _flip(newest, raw.index(torch.arange(4096.0)[1000:1002].numpy().tobytes()))
+    assert torch.load(newest, weights_only=True)["step"] == 2  # torch does not notice
+    with pytest.raises(CheckpointError, match=r"record '.*/data/0' fails its CRC-32 check"):
+        verify(newest)
+    skipped: list[str] = []
+    _, payload = load_latest(tmp_path, on_skip=lambda p, why: skipped.append(why))  # type: ignore[misc]
+    assert payload["step"] == 1 and "CRC-32" in skipped[0]
+    assert list_checkpoints(tmp_path, unreadable=True)[0].name == newest.name
+
+
+def test_an_interrupted_save_leaves_no_temporary_file_and_the_previous_intact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = save_checkpoint(tmp_path, 1, _payload(1), keep=3)
+
+    def interrupted(obj: object, f: BinaryIO) -> None:
+        f.write(b"PK partial")
+        try:  # as torch's zip writer reports a KeyboardInterrupt raised inside its write
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from None
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, _payload(2), keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [before.name]
+    monkeypatch.undo()
+    assert load_latest(tmp_path)[1]["step"] == 1  # type: ignore[index]

@@ -86,6 +86,19 @@ def test_config_file_errors(tmp_path: Path) -> None:
         load_config(lst)
 
 
+def test_a_config_file_not_in_utf8_or_a_directory_says_so_and_how_to_fix_it(
+        tmp_path: Path) -> None:
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("train:\n  steps: 5  # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 24 is 0xe9\); save it"):
+        load_config(latin)
+    with pytest.raises(ConfigError, match="is a directory, not a file; pass the YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "config.yaml").write_text("train:\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"pass '.*config\.yaml' \(the run's config\)"):
+        load_config(tmp_path)
+
+
 def test_a_validated_config_is_immutable_and_updates_revalidate() -> None:
     c = load_config(None, ["train.steps=7"])
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -23,8 +23,8 @@ PACKAGE = SRC / "redline"
 
 # rank: the modules of that layer (a name ending in ".*" covers its package)
 LAYERS: dict[int, tuple[str, ...]] = {
-    0: ("errors", "_torch_compat"),
-    1: ("plugins", "device", "events", "batch", "distributed", "rng"),
+    0: ("errors", "_torch_compat", "quiet"),
+    1: ("plugins", "device", "events", "batch", "distributed", "rng", "files"),
     2: ("task", "fp8", "stats", "judge"),
     3: ("precision", "memory.*", "checkpoint", "data", "inspector", "telemetry.*"),
     4: ("config", "engine", "environment", "examples.*"),

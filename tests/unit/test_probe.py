@@ -70,8 +70,10 @@ def test_parse_size_names_the_field() -> None:
 
 
 @pytest.mark.parametrize(("n", "text"), [
-    (0, "0 B"), (512, "512 B"), (1536, "1.5 KiB"), (256 * 2**20, "256.00 MiB"),
-    (2 * 2**30, "2.00 GiB"), (3 * 2**40, "3.00 TiB"), (-1536, "-1.5 KiB"),
+    (0, "0 B"), (512, "512 B"), (1536, "1.50 KiB"), (256 * 2**20, "256 MiB"),
+    (2 * 2**30, "2.00 GiB"), (3 * 2**40, "3.00 TiB"), (-1536, "-1.50 KiB"),
+    (300 * 2**20, "300 MiB"), (int(12.5 * 2**20), "12.5 MiB"), (2**30 - 1, "1.00 GiB"),
+    (1023 * 2**20, "1023 MiB"),
 ])
 def test_format_size(n: int, text: str) -> None:
     assert format_size(n) == text

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from redline.errors import StorageError
+from redline.files import atomic_write_text
 from redline.study.report import build, plots
 
 
@@ -67,14 +69,14 @@ def test_a_single_point_is_drawn_on_sane_axes_and_log_ticks_read_as_numbers() ->
 def test_the_report_is_written_whole_or_not_at_all(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "report.html"
-    build.write_atomic(out, "first")
+    atomic_write_text(out, "first")
     assert out.read_text() == "first"
 
     def full_disk(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", full_disk)
-    with pytest.raises(OSError):
-        build.write_atomic(out, "second")
+    with pytest.raises(StorageError):
+        atomic_write_text(out, "second")
     assert out.read_text() == "first"  # the previous report, not a truncated one
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary left

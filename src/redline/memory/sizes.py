@@ -46,16 +46,27 @@ def parse_size(value: str | int | None, *, name: str = "memory.budget") -> int |
 
 
 def format_size(n: int) -> str:
-    """Human-readable binary size: 512 -> "512 B", 1536 -> "1.5 KiB", 2**31 -> "2.00 GiB"."""
+    """A size in the largest binary unit it reaches, to 3 significant digits: 512 -> "512 B",
+    1536 -> "1.50 KiB", 300 * 2**20 -> "300 MiB", 2**31 -> "2.00 GiB".
+
+    Every size redline prints (budgets, peaks, limits) goes through here, so a budget given
+    as 300MiB prints as "300 MiB", not as a fraction of a GiB rounded to "0.29 GiB".
+    """
     sign, a = ("-" if n < 0 else ""), abs(int(n))
     if a < 2**10:
         return f"{sign}{a} B"
-    if a < 2**20:
-        return f"{sign}{a / 2**10:.1f} KiB"
-    for unit, scale in (("MiB", 2**20), ("GiB", 2**30)):
-        if a < scale * 2**10:
-            return f"{sign}{a / scale:.2f} {unit}"
-    return f"{sign}{a / 2**40:.2f} TiB"
+    unit, scale = "TiB", 2**40
+    for name, size in (("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30)):
+        if round(a / size, _decimals(a / size)) < 2**10:
+            unit, scale = name, size
+            break
+    value = a / scale
+    return f"{sign}{value:.{_decimals(value)}f} {unit}"
+
+
+def _decimals(value: float) -> int:
+    """Decimals that show `value` (>= 1) to 3 significant digits."""
+    return 2 if value < 9.995 else 1 if value < 99.95 else 0
 
 
 def _iter_tensors(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:

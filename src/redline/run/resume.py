@@ -13,7 +13,8 @@ saying so), and refuses a config that changed what the run trains
 (checkpoint.check_resumable). `find` is the checkpoint a resumed run starts from (rank 0
 picks, every rank reads); `restore_states` puts one back into a job. `Checkpoints` is what
 the trainer calls: save, restore, and what to keep when the loop fails (a checkpoint of
-the last completed step; under torchrun, a sentence naming the rank that failed first).
+the last completed step, except after a second Ctrl-C; under torchrun, a sentence naming
+the rank that failed first).
 """
 
 from __future__ import annotations
@@ -188,10 +189,13 @@ class Checkpoints:
     def _save_after_failure(self, exc: BaseException) -> None:
         """A checkpoint of the last completed step, unless the failure struck while the
         optimizer was updating the parameters; the RNG has moved on by part of a step, so
-        resuming from it is not bit-exact."""
+        resuming from it is not bit-exact. Not after a second Ctrl-C (KeyboardInterrupt: the
+        first one's flag is already set): that asks to stop now, so the checkpoints already
+        written stand."""
         step = self.state.step
         saved = ckpt.list_checkpoints(self.directory)
-        if step == 0 or self.job.engine.updating or isinstance(exc, StorageError) or (
+        if step == 0 or self.job.engine.updating or isinstance(
+                exc, StorageError | KeyboardInterrupt) or (
                 saved and saved[-1].name == ckpt.checkpoint_name(step)):
             self.events.event("failed", step=step, error=type(exc).__name__)
             return

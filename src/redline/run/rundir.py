@@ -13,7 +13,9 @@ the path and the fault, exit 1, nothing already saved touched.
 One run writes a run directory at a time: `RunDirLock` holds an exclusive `flock` on
 RUN_DIR/.lock for as long as the run lives. The kernel drops it when the process ends, by
 any means (kill -9 included), so nothing stale is ever left to clean up; a second run on
-the same directory is refused with the holder's pid. Default run directories are made
+the same directory is refused with the holder's pid. Holding it, the run removes the temporary
+files a killed process left mid-write (`remove_orphans`). config.yaml and environment.json
+are written atomically (files.py). Default run directories are made
 with `new_run_dir`, which creates the directory atomically and numbers it (`-2`, `-3`,
 ...) when another run started in the same second.
 """
@@ -33,12 +35,17 @@ from typing import Any
 import yaml
 
 from redline import checkpoint as ckpt
+from redline import files
 from redline.config import ConfigError, RunConfig
 from redline.environment import environment_check
 from redline.errors import UserError, writing
+from redline.memory.sizes import format_size
 from redline.precision import Precision
 
 LOCK_NAME = ".lock"
+# where redline writes files whole, so a killed process may leave a temporary file
+ORPHAN_DIRS = (".", "checkpoints", f"checkpoints/{ckpt.NONFINITE}", "samples", "stats/layers",
+               "stats/series", "stats/snapshots")
 
 
 class RunDirBusy(UserError):
@@ -150,7 +157,22 @@ def lock(run_dir: Path | None, name: str, held: contextlib.ExitStack) -> tuple[P
         run_dir = new_run_dir(name) if run_dir is None else run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         held.enter_context(RunDirLock(run_dir))
+    remove_orphans(run_dir)
     return run_dir, made
+
+
+def remove_orphans(run_dir: Path) -> list[Path]:
+    """Delete the temporary files a killed process left mid-write in the run directory and
+    its checkpoints (files.remove_orphans: redline's own `.NAME.tmp-PID` names, of a pid no
+    longer alive); called holding the directory's lock, so no other run writes there."""
+    removed = []
+    for sub in ORPHAN_DIRS:
+        removed += files.remove_orphans(run_dir / sub)
+    if removed:
+        print(f"redline: removed {len(removed)} temporary file(s) an interrupted save left "
+              f"in {run_dir} ({', '.join(p.name for p in removed)})", file=sys.stderr,
+              flush=True)
+    return removed
 
 
 def write_start_files(run_dir: Path, config: RunConfig, task_name: str,
@@ -169,17 +191,16 @@ def write_config(run_dir: Path, settings: Mapping[str, Any], notes: Sequence[str
     """RUN_DIR/config.yaml: `settings` (plain data) as YAML, in their order, below `notes`
     as comments."""
     header = "".join(f"# {note}\n" for note in notes)
-    with writing("config", run_dir / "config.yaml"):
-        (run_dir / "config.yaml").write_text(header + yaml.safe_dump(dict(settings),
-                                                                     sort_keys=False))
+    files.atomic_write_text(run_dir / "config.yaml",
+                            header + yaml.safe_dump(dict(settings), sort_keys=False), "config")
 
 
 def write_environment(run_dir: Path, device: str, run: dict[str, Any]) -> None:
     """RUN_DIR/environment.json: doctor's snapshot of `device`'s machine, with `run`."""
     env = environment_check(device).to_dict()
     env["run"] = run
-    with writing("environment snapshot", run_dir / "environment.json"):
-        (run_dir / "environment.json").write_text(json.dumps(env, indent=2))
+    files.atomic_write_text(run_dir / "environment.json", json.dumps(env, indent=2),
+                            "environment snapshot")
 
 
 def announce(events: Any, precision: Precision, memory_limit: tuple[int, str] | None,
@@ -194,7 +215,7 @@ def announce(events: Any, precision: Precision, memory_limit: tuple[int, str] | 
               "its speed is not (no speed-up)", file=sys.stderr, flush=True)
     if tracked_budget is not None:  # a CPU budget is enforced by tracking every tensor op
         events.event("memory_budget_tracked", bytes=tracked_budget)
-        print(f"redline: memory.budget {tracked_budget / 2**30:.2f} GiB on a CPU: every tensor "
+        print(f"redline: memory.budget {format_size(tracked_budget)} on a CPU: every tensor "
               "operation is tracked to enforce it, which slows steps (8-10 % on sr3-tiny, "
               "more on small models); leave memory.budget unset to train untracked",
               file=sys.stderr, flush=True)

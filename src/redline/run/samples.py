@@ -10,6 +10,7 @@ that directory; nothing here is needed to train.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset
 from redline import batch as batch_tree
 from redline.device import DeviceInfo
 from redline.errors import writing
+from redline.files import atomic_write_bytes, atomic_write_text
 from redline.precision import Precision
 from redline.task import Sample, Task
 
@@ -60,7 +62,7 @@ def write_samples(samples: list[Sample], out_dir: str | Path) -> None:
                             "images": images, "texts": dict(getattr(sample, "texts", {})),
                             "metrics": {k: float(v) for k, v in
                                         getattr(sample, "metrics", {}).items()}})
-        (out / INDEX).write_text(json.dumps(entries, indent=1))
+        atomic_write_text(out / INDEX, json.dumps(entries, indent=1), "samples")
 
 
 def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -84,7 +86,9 @@ def _write_png(image: Any, path: Path) -> None:
         array = np.moveaxis(array, 0, -1)  # CHW -> HWC
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    Image.fromarray(array).save(path)
+    png = io.BytesIO()
+    Image.fromarray(array).save(png, format="PNG")
+    atomic_write_bytes(path, png.getvalue(), "sample image")
 
 
 def _slug(name: str) -> str:

@@ -28,7 +28,11 @@ class Signals:
     Before the loop, set-up calls `check()` at safe points (the batch search between its
     trials: it can take minutes, and a scheduler that sends SIGTERM kills what has not
     stopped soon after), which raises `Interrupted`. The handler itself never raises: it
-    may run inside a finalizer or a torch dispatch hook, where an exception is lost.
+    may run inside a finalizer or a torch dispatch hook, where an exception is lost. The
+    exception: a second SIGINT (Ctrl-C pressed again while the run saves and stops) raises
+    KeyboardInterrupt at once, and the run stops without another save (a checkpoint being
+    written is abandoned, its temporary file removed; checkpoint.save_checkpoint); the CLI
+    exits 130.
     """
 
     def __init__(self) -> None:

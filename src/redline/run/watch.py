@@ -35,6 +35,7 @@ from typing import Any
 from torch.utils.data import DataLoader, default_collate
 
 from redline import batch as batch_tree
+from redline.checkpoint import checkpoint_name
 from redline.config import TrainConfig
 from redline.data import EpochBatchSampler
 from redline.errors import RunStopped
@@ -60,10 +61,13 @@ class RunWatch(Callback):
 
     def on_window(self, state: State, record: dict[str, Any]) -> None:
         if record.get(K.NONFINITE_STEPS):
-            self._nonfinite(record)
+            self._nonfinite(record, state.step)
         self._memory(record)
 
-    def _nonfinite(self, record: dict[str, Any]) -> None:
+    def _nonfinite(self, record: dict[str, Any], now: int) -> None:
+        """`now`: the step the run has reached, which a stop saves (the window is read a
+        step or more after its non-finite step: naming `now` keeps the sentence and the
+        checkpoint in agreement)."""
         n, first, step = record[K.NONFINITE_STEPS], record[K.FIRST_NONFINITE], record[K.STEP]
         where = ""
         if not self.diagnosed:
@@ -75,14 +79,16 @@ class RunWatch(Callback):
             self.events.event("nonfinite", step=first, where=found, mode=self.mode)
         if self.mode == "stop":
             raise RunStopped(f"the loss or gradients were not finite at step {first}{where}; "
-                             "stopped (train.on_nonfinite: stop) with the last finite "
-                             "weights saved")
+                             f"stopped at step {now} (train.on_nonfinite: stop; the "
+                             "non-finite updates were skipped) with its finite weights saved "
+                             "as " + checkpoint_name(now))
         run = record.get(K.NONFINITE_RUN, 0)
         if self.mode == "skip" and self.patience and run >= self.patience:
             raise RunStopped(f"{run} steps in a row had non-finite loss or gradients (up to "
-                             f"step {step}){where}: the run has diverged, stopped "
-                             f"(train.nonfinite_patience {self.patience}) with the last "
-                             "finite weights saved; lower train.lr or fix what went non-finite")
+                             f"step {step}){where}: the run has diverged, stopped at step "
+                             f"{now} (train.nonfinite_patience {self.patience}) with its finite "
+                             f"weights saved as {checkpoint_name(now)}; lower train.lr or fix "
+                             "what went non-finite")
         fate = ("their updates were skipped" if self.mode == "skip"
                 else "their updates were applied (train.on_nonfinite: warn)")
         _say(self.events, f"redline: {n} step(s) with non-finite loss or gradients in the "

@@ -44,12 +44,12 @@ from redline import distributed
 from redline.config import ConfigError, RunConfig
 from redline.errors import MissingExtra, RunStopped, UserError, writing
 from redline.events import Callback, State
+from redline.files import atomic_write_text
 from redline.job.build import rank_device
 from redline.precision import PRECISIONS, PrecisionError
 from redline.run.rundir import new_run_dir
 from redline.run.trainer import Trainer
 from redline.study import timing
-from redline.study.report.build import write_atomic
 from redline.study.summarize import OUTCOMES, PLAN, read_outcomes, summarize
 from redline.task import Task, resolve_task, task_member
 from redline.telemetry.config import TelemetryConfig
@@ -248,7 +248,7 @@ class Study:
                              "--resume to start one there")
         with writing("study directory", path):
             (path / OUTCOMES).mkdir(parents=True, exist_ok=True)
-            (path / PLAN).write_text(json.dumps(plan, indent=1))
+            atomic_write_text(path / PLAN, json.dumps(plan, indent=1), "study plan")
         return path
 
     def run(self) -> tuple[list[Outcome], str | None]:
@@ -299,7 +299,7 @@ class Study:
                 first = (str(e).splitlines() or [type(e).__name__])[0]
                 record = timing.skipped(f"the timing rounds failed ({first}), so no speed "
                                         "claim")
-        write_atomic(path, json.dumps(record, indent=1))
+        atomic_write_text(path, json.dumps(record, indent=1), "study timing")
 
     def finish(self) -> dict[str, Any]:
         """Judge what has run: STUDY/summary.json and STUDY/report.html; the summary."""
@@ -310,7 +310,8 @@ class Study:
         summary = summarize(plan, outcomes, self.dir,
                             task_member(self.task, "metric_directions"))
         with writing("study summary", self.dir / "summary.json"):
-            write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1, default=str))
+            atomic_write_text(self.dir / "summary.json",
+                              json.dumps(summary, indent=1, default=str), "study summary")
         summary["report"] = str(build_report(self.dir, summary))
         return summary
 
@@ -340,7 +341,8 @@ class Study:
         outcome.wall_s = time.perf_counter() - start
         if self.main:
             with writing("study outcome", record):
-                record.write_text(json.dumps(asdict(outcome), default=str))
+                atomic_write_text(record, json.dumps(asdict(outcome), default=str),
+                                  "study outcome")
         return outcome, None
 
     def _say(self, i: int, setting: Setting, outcome: Outcome) -> None:

@@ -44,6 +44,7 @@ measured matmul rate in the compute dtype, labelled "measured" wherever it is lo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -64,6 +65,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from redline import batch as batch_tree
 from redline._torch_compat import fake_tensor_mode
 from redline.device import DeviceInfo, float32_matmul
+from redline.errors import StorageError
+from redline.files import atomic_write_text
 from redline.telemetry import sdpa_flops
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -286,13 +289,9 @@ def _cached_cpu_peak(device: DeviceInfo, dtype: torch.dtype, cache_dir: Path | N
     except (OSError, ValueError, AttributeError):
         pass  # no cache yet, or unreadable: measure
     flops = measure_cpu_matmul_flops(device, dtype)
-    try:  # an unwritable cache only costs a re-measurement next time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "flops": flops, "measured_at": time.time()}))
-        tmp.replace(path)
-    except OSError:
-        pass
+    with contextlib.suppress(StorageError):  # unwritable: a re-measurement next time
+        atomic_write_text(path, json.dumps({"key": key, "flops": flops,
+                                            "measured_at": time.time()}), "FLOP/s cache")
     return flops
 
 

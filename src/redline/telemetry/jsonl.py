@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from redline.errors import writing
+from redline.files import atomic_write_text
 from redline.telemetry.sinks.jsonl import JsonlWriter
 
 
@@ -86,8 +86,5 @@ def truncate_after(path: str | Path, step: int) -> int:
                 continue
             kept.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with writing("metrics", path):
-            tmp.write_text("".join(kept), encoding="utf-8")
-            tmp.replace(path)
+        atomic_write_text(path, "".join(kept), "metrics")
     return dropped

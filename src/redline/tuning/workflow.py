@@ -24,6 +24,7 @@ from typing import Any
 from redline import distributed
 from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
+from redline.files import atomic_write_text
 from redline.job.build import rank_device
 from redline.task import Task
 from redline.telemetry.progress import status
@@ -103,7 +104,7 @@ def write_tuned(config: RunConfig, task_name: str, output: str | None = None,
     if sep and module.endswith(".py"):  # the tuned config works from any directory
         config = config.updated({"task": f"{Path(module).resolve()}:{attr}"})
     out = Path(output or f"{task_name}-tuned.yaml")
-    out.write_text(config.to_yaml())
+    atomic_write_text(out, config.to_yaml(), "tuned config")
     return out, dropped
 
 

@@ -9,15 +9,13 @@ the file opens anywhere with no network.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from redline.errors import UserError, writing
+from redline.errors import UserError
+from redline.files import atomic_write_text
 from redline.inspector import read_rows
 from redline.run.samples import read_samples
 from redline.study.report import plots
@@ -45,26 +43,8 @@ def build_report(directory: str | Path, summary: dict[str, Any] | None = None) -
                           "redline study wrote")
     html = _render(context)
     out = root / REPORT
-    with writing("report", out):
-        write_atomic(out, html)
+    atomic_write_text(out, html, "report")  # a full disk leaves the previous report
     return out
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """`text` to `path` whole or not at all: a temporary file in the same directory, then
-    os.replace (a full disk or a kill leaves the previous file, never a truncated one)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _render(context: dict[str, Any]) -> str:
