@@ -48,10 +48,13 @@ SLOW_STEP_S = 5.0  # a cell whose warm-up step takes longer ends its line (fp16 
 TASKS = ("sr3-tiny", "reportgen-tiny", "sst-tiny")
 
 
+GROW = {"train.grow_effective_batch": False}  # --grow-effective-batch sets it
+
+
 def start_config(name: str) -> RunConfig:
     return RunConfig(task=name).updated({
         "train.batch_size": 4, "precision.name": "fp32", "data.num_workers": 0,
-        "precision.compile": False})
+        "precision.compile": False, **GROW})
 
 
 def grid(task: Any, start: RunConfig, device: DeviceInfo) -> tuple[list[dict], float]:
@@ -222,7 +225,11 @@ def main() -> None:
                    help="take each task's grid (its three best cells, its wall time) from "
                         "an earlier run's --json instead of measuring it again; the cells "
                         "are still timed side by side with the start and tune afresh")
+    p.add_argument("--grow-effective-batch", action="store_true",
+                   help="let tune grow the effective batch past the start's 4 "
+                        "(train.grow_effective_batch; the grid always does)")
     args = p.parse_args()
+    GROW["train.grow_effective_batch"] = args.grow_effective_batch
     device = DeviceInfo.detect("cpu")
     results = [bench_task(n, args.budget_s, device, args.grid_json)
                for n in args.tasks.split(",")]
