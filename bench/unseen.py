@@ -73,7 +73,8 @@ def tune_row(spec: str, budget: float, scratch: Path, grow: bool) -> dict:
     return {"start": shape(start["train"], start["precision"]["name"]),
             "choice": shape(tuned["train"], tuned["precision"]["name"]),
             "speedup": result.get("speedup"), "range": (low, high), "wall_s": wall,
-            "written": out.is_file()}
+            "written": ("start (kept)" if result.get("kept_start") else "tuned")
+            if out.is_file() else "nothing"}
 
 
 def auto_row(spec: str, scratch: Path) -> str:
@@ -100,7 +101,7 @@ def main() -> None:
     VERBOSE = a.verbose
     os.environ.setdefault("REDLINE_CACHE_DIR", tempfile.mkdtemp(prefix="redline-cache-"))
     print("| task | machine | start | tune's choice | speed-up (range) | wall / budget | "
-          "written | batch auto (micro -> effective) |\n|---|---|---|---|---|---|---|---|")
+          "config written | batch auto (micro -> effective) |\n|---|---|---|---|---|---|---|---|")
     for condition in a.conditions.split(","):
         busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in
                 range(2 if condition == "loaded" else 0)]
