@@ -86,6 +86,8 @@ def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any],
     StorageError naming the file; a KeyboardInterrupt (a second Ctrl-C) raised while it
     writes propagates as itself. Either way the temporary file is removed and the
     checkpoints written before are untouched (the new one is written aside, then renamed).
+    torch.save and fsync are C calls, and Python runs a signal's handler only after them: a
+    Ctrl-C that arrives once the data is written leaves the new checkpoint complete.
     """
     if not finite:
         return save_checkpoint(Path(directory) / NONFINITE, step, payload, keep=10**9)

@@ -146,10 +146,16 @@ class Checkpoints:
         self.job, self.state, self.run_dir, self.events = job, state, run_dir, events
         self.dispatcher, self.callbacks = dispatcher, callbacks
         self.directory = run_dir / "checkpoints"
+        self._saved: tuple[int, Path] | None = None  # the step this process last saved
         self.telemetry = telemetry
 
     def save(self) -> Path:
         step = self.state.step
+        if self._saved is not None and self._saved[0] == step:
+            # this step is on disk already (a periodic save, then a stop at the same step):
+            # writing the same weights again would only make a stop slower. In-process, so
+            # every rank decides alike.
+            return self._saved[1]
         with self.telemetry.paused():
             # one host read per checkpoint: non-finite weights must not displace the last
             # finite checkpoint (train.on_nonfinite: warn applies such updates)
@@ -164,6 +170,7 @@ class Checkpoints:
             print(f"redline: warning: the weights at step {step} are not finite: checkpoint "
                   f"kept aside in {path.parent}; --resume starts from the last finite one",
                   file=sys.stderr, flush=True)
+        self._saved = (step, path)
         self.events.event("checkpoint_saved", step=step, path=str(path), finite=finite)
         self.dispatcher.fire(Event.CHECKPOINT_SAVED, self.state, str(path))
         return path
