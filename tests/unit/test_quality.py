@@ -42,7 +42,8 @@ def _config() -> RunConfig:
 @pytest.mark.slow
 def test_a_precision_that_breaks_training_is_excluded_with_the_number() -> None:
     checks = {c.name: c for c in check_precisions(Constructed(per_sample_ms=0.0), _config(), CPU,
-                                                  ["fp16-mixed", "bf16-mixed"], steps=12)}
+                                                  ["fp16-mixed", "bf16-mixed"], steps=12,
+                                                  step_time=_times())}
     assert checks["fp32"].admitted and checks["fp32"].loss is not None
     assert not checks["fp16-mixed"].admitted and checks["fp16-mixed"].loss is None
     assert "not finite" in checks["fp16-mixed"].reason

@@ -136,7 +136,7 @@ def check_precisions(task: Task, config: RunConfig, device: DeviceInfo,
                 else:
                     runner.first_step_s = took
             if k == 0:
-                dropped.update(_too_slow(runs))
+                dropped.update(_too_slow(runs, step_time))
             if k == SPEED_STEPS and least_speed is not None:
                 dropped.update(_cannot_win(times, dropped, names, least_speed))
             last_round = time.perf_counter() - round_t0
@@ -148,12 +148,15 @@ def check_precisions(task: Task, config: RunConfig, device: DeviceInfo,
     return _verdicts(runs, times, dropped, names)
 
 
-def _too_slow(runs: dict[str, Runner]) -> dict[str, str]:
-    ref = runs["fp32"].first_step_s or math.inf
-    return {name: (f"its first step took {r.first_step_s:.2f} s, {r.first_step_s / ref:.0f}x "
+def _too_slow(runs: dict[str, Runner], step_time: StepTime) -> dict[str, str]:
+    """The formats whose first step took over SLOWER times fp32's (as `step_time` sees it:
+    a test's own times, so a loaded machine's slow first step does not decide)."""
+    first = {name: step_time(name, r.first_step_s) for name, r in runs.items()
+             if r.first_step_s is not None}
+    ref = first.get("fp32") or math.inf
+    return {name: (f"its first step took {s:.2f} s, {s / ref:.0f}x "
                    "fp32's: too slow to be worth a quality check")
-            for name, r in runs.items() if not name.startswith("fp32")
-            and (r.first_step_s or 0.0) > SLOWER * ref}
+            for name, s in first.items() if not name.startswith("fp32") and s > SLOWER * ref}
 
 
 def _cannot_win(times: dict[str, list[float]], dropped: dict[str, str], names: Sequence[str],
