@@ -236,6 +236,7 @@ class ScalerWatch:
         self.run = 0
         self.overflowing = False
         self.warned = False
+        self.blind_steps = 0  # steps `observe` could not read for free (a flag on a device)
 
     def add(self, skipped: bool) -> bool:
         """One optimizer step's outcome; True the first time the share is exceeded (the
@@ -259,8 +260,25 @@ class ScalerWatch:
         elif norm is not None and norm.device.type == "cpu":
             skipped = not math.isfinite(norm.item())
         else:
+            self.blind_steps += 1  # the window's count will tell (RunWatch.on_window)
             return None
         self.add(skipped)
+        if not (self.overflowing and skipped):
+            return None
+        return {"kind": "scaler_skips", "step": step, "run": self.run,
+                "skipped": sum(self.recent), "window": len(self.recent),
+                "message": self.sentence()}
+
+    def add_window(self, steps: int, skipped: int, step: int) -> dict[str, Any] | None:
+        """A telemetry window's counts, for steps `observe` could not read: `skipped` of its
+        `steps` were skipped by the scaler, in an order the counts do not say, so a run of
+        skips continues only through a window skipped whole. The Event.ANOMALY info to act
+        on (as `observe`'s) when the share is exceeded, else None."""
+        skipped = min(skipped, steps)
+        run = self.run + steps if skipped == steps else 0
+        for i in range(steps):
+            self.add(i < skipped)
+        self.run = run
         if not (self.overflowing and skipped):
             return None
         return {"kind": "scaler_skips", "step": step, "run": self.run,

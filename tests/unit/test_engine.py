@@ -346,3 +346,40 @@ def test_the_trainer_warns_once_and_counts_the_skips_toward_its_patience(
     told = [e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "scaler_skips"]
     assert [(e["step"], e["skipped"]) for e in told] == [(20, 20)]
 
+
+
+def test_a_scaler_the_engine_cannot_read_per_step_is_watched_from_the_windows(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fused optimizer's skip flag on a GPU is not read per step (a sync): the windows'
+    counts feed the watch, a window late; only windows skipped whole make a run."""
+    from redline.config import TrainConfig
+    from redline.errors import RunStopped
+    from redline.events import State
+    from redline.precision import ScalerWatch
+    from redline.run.watch import RunWatch
+    from redline.telemetry import schema as K
+    from redline.telemetry.jsonl import EventLog
+
+    scaler = ScalerWatch()
+    assert scaler.observe(torch.tensor(True, device="meta"), None, 1) is None
+    assert scaler.blind_steps == 1  # a flag on a device: not read
+    train = TrainConfig(on_nonfinite="skip", nonfinite_patience=30)
+    state = State()
+    with EventLog(tmp_path / "events.jsonl") as events:
+        watch = RunWatch(train, events, lambda step: None, scaler)
+        watch.on_fit_start(state)
+
+        def window(end: int, skipped: int, nonfinite: int = 0) -> None:
+            state.step = end
+            watch.on_window(state, {K.STEP: end, K.SKIPPED_STEPS: skipped,
+                                    K.NONFINITE_STEPS: nonfinite, K.NONFINITE_RUN: nonfinite,
+                                    K.FIRST_NONFINITE: end - 1 if nonfinite else None})
+
+        window(10, 7)  # the scaler finding its scale: 7 of 10, the watch not yet full
+        window(20, 2, nonfinite=2)  # two bad losses: non-finite steps, not the scaler's
+        assert "loss scaler" not in capsys.readouterr().err
+        window(30, 10)
+        window(40, 10)  # 20 of the last 20: a warning, a run of 20 skips
+        assert capsys.readouterr().err.count("fp16's loss scaler skipped 20 of the last 20") == 1
+        with pytest.raises(RunStopped, match="skipped 30 updates in a row"):
+            window(50, 10)  # 30 in a row: the patience

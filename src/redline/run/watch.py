@@ -23,7 +23,10 @@ further steps would only burn compute on NaN. fp16's loss scaler keeps working: 
 skips of overflowed gradients (finite loss) are not counted as non-finite, until it skips
 most of them (the engine's Event.ANOMALY "scaler_skips", precision.ScalerWatch): then the
 run warns at once, and its skipped steps in a row count toward the same patience (`stop`:
-the first ends the run), since such an fp16 run trains nothing.
+the first ends the run), since such an fp16 run trains nothing. Where the engine cannot
+read a step's skip without a sync (a fused optimizer's flag on a GPU), the telemetry
+window's counts feed the same watch a window late, and only a window skipped whole
+continues a run of skips.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from redline.data import EpochBatchSampler
 from redline.errors import RunStopped
 from redline.events import Callback, State
 from redline.job.build import Job
+from redline.precision import ScalerWatch
 from redline.stats import first_nonfinite
 from redline.telemetry import schema as K
 from redline.telemetry.jsonl import EventLog
@@ -53,16 +57,37 @@ class RunWatch(Callback):
     """See the module docstring. `locate(step)` names where that step went non-finite."""
 
     def __init__(self, train: TrainConfig, events: EventLog,
-                 locate: Callable[[int], str | None]) -> None:
+                 locate: Callable[[int], str | None], scaler: ScalerWatch | None = None
+                 ) -> None:
         self.mode, self.patience = train.on_nonfinite, train.nonfinite_patience
-        self.events, self.locate = events, locate
+        self.events, self.locate, self.scaler = events, locate, scaler
         self.diagnosed = self.warned_growth = self.warned_scaler = False
         self.memory: list[tuple[int, float]] = []
+        self.window_start: int | None = None  # the step the next window's count starts at
+
+    def on_fit_start(self, state: State) -> None:
+        self.window_start = state.step
 
     def on_window(self, state: State, record: dict[str, Any]) -> None:
         if record.get(K.NONFINITE_STEPS):
             self._nonfinite(record, state.step)
+        self._scaler_window(state, record)
         self._memory(record)
+
+    def _scaler_window(self, state: State, record: dict[str, Any]) -> None:
+        """fp16 steps whose skip the engine could not read for free (a fused optimizer's
+        flag on a GPU: precision.ScalerWatch.blind_steps): the window's counts, read a
+        window late with no sync of their own, feed the same watch. The scaler's skips are
+        the window's skipped updates less its non-finite steps (those of a finite loss)."""
+        end, start = record.get(K.STEP), self.window_start
+        if end is not None:
+            self.window_start = end
+        if self.scaler is None or not self.scaler.blind_steps or end is None or start is None:
+            return
+        skipped = (record.get(K.SKIPPED_STEPS) or 0) - (record.get(K.NONFINITE_STEPS) or 0)
+        info = self.scaler.add_window(end - start, max(0, skipped), end)
+        if info is not None:
+            self.on_anomaly(state, info)
 
     def _nonfinite(self, record: dict[str, Any], now: int) -> None:
         """`now`: the step the run has reached, which a stop saves (the window is read a
