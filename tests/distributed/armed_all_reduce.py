@@ -10,6 +10,7 @@ both ranks' local gradients."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -77,12 +78,15 @@ def main() -> None:
             json.dump({"unarmed_calls": [int(c[0]) for c in counts],
                        "armed_calls": [int(c[1]) for c in counts],
                        "max_diff_from_average": diff, "ranks_differed": differed}, f)
-    # Every rank done before the group goes, and DDP (whose reducer holds the group) gone
-    # before it: destroying a group a peer or a reducer still uses aborted a rank once
-    # ("terminate called without an active exception") on a busy machine.
-    del ddp, got
+    # Every rank done (the result written and closed), then out without tearing down: on a
+    # busy machine a rank aborted in the teardown ("terminate called without an active
+    # exception": a gloo or reducer thread still joinable when its owner was destroyed),
+    # even with DDP deleted and a barrier before destroy_process_group. What this script
+    # checks is done by then; the teardown is not what it tests.
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
