@@ -263,11 +263,7 @@ class ScalerWatch:
             self.blind_steps += 1  # the window's count will tell (RunWatch.on_window)
             return None
         self.add(skipped)
-        if not (self.overflowing and skipped):
-            return None
-        return {"kind": "scaler_skips", "step": step, "run": self.run,
-                "skipped": sum(self.recent), "window": len(self.recent),
-                "message": self.sentence()}
+        return self._anomaly(step) if self.overflowing and skipped else None
 
     def add_window(self, steps: int, skipped: int, step: int) -> dict[str, Any] | None:
         """A telemetry window's counts, for steps `observe` could not read: `skipped` of its
@@ -279,8 +275,10 @@ class ScalerWatch:
         for i in range(steps):
             self.add(i < skipped)
         self.run = run
-        if not (self.overflowing and skipped):
-            return None
+        return self._anomaly(step) if self.overflowing and skipped else None
+
+    def _anomaly(self, step: int) -> dict[str, Any]:
+        """The Event.ANOMALY info for a skip at `step` while overflowing."""
         return {"kind": "scaler_skips", "step": step, "run": self.run,
                 "skipped": sum(self.recent), "window": len(self.recent),
                 "message": self.sentence()}

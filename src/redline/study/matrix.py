@@ -309,9 +309,8 @@ class Study:
         outcomes = read_outcomes(self.dir)
         summary = summarize(plan, outcomes, self.dir,
                             task_member(self.task, "metric_directions"))
-        with writing("study summary", self.dir / "summary.json"):
-            atomic_write_text(self.dir / "summary.json",
-                              json.dumps(summary, indent=1, default=str), "study summary")
+        atomic_write_text(self.dir / "summary.json",
+                          json.dumps(summary, indent=1, default=str), "study summary")
         summary["report"] = str(build_report(self.dir, summary))
         return summary
 
@@ -340,9 +339,8 @@ class Study:
             outcome = Outcome(setting.run_name, "finished", fit=fit.to_dict())
         outcome.wall_s = time.perf_counter() - start
         if self.main:
-            with writing("study outcome", record):
-                atomic_write_text(record, json.dumps(asdict(outcome), default=str),
-                                  "study outcome")
+            atomic_write_text(record, json.dumps(asdict(outcome), default=str),
+                              "study outcome")
         return outcome, None
 
     def _say(self, i: int, setting: Setting, outcome: Outcome) -> None:

@@ -27,6 +27,7 @@ torch version) and the budget and target: a cache hit costs one verification ste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -40,6 +41,8 @@ from redline.checkpoint import list_checkpoints
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.distributed import Comm, World
+from redline.errors import StorageError
+from redline.files import atomic_write_text
 from redline.judge import timing_noise
 from redline.memory.probe import default_budget
 from redline.rng import preserved_rng
@@ -206,10 +209,7 @@ def _load_cache(cache_dir: str | Path | None, fingerprint: str) -> AutobatchResu
 
 def _save_cache(cache_dir: str | Path | None, result: AutobatchResult) -> None:
     path = _cache_path(cache_dir, result.fingerprint)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")  # ranks may write it at once
-        tmp.write_text(json.dumps(result.to_dict()))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home must not stop training; the next run searches again
+    # a read-only home must not stop training (the next run searches again); a temporary
+    # file per process, so ranks may write it at once
+    with contextlib.suppress(StorageError, OSError):
+        atomic_write_text(path, json.dumps(result.to_dict()), "batch-search cache")
