@@ -1,0 +1,66 @@
+"""A combination of memory levers: what the memory plan chooses and the breakdown predicts.
+
+`Levers` is the part of the `memory` config section the plan decides (activation
+checkpointing, how many blocks, the optimizer's state), as one value the plan can
+enumerate, predict (memory/breakdown.py), build (`updates()` into a config) and print.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redline.memory.config import MemoryConfig
+
+# Bytes of AdamW state per trainable parameter element, on the device, for each
+# memory.optimizer_state (two moments; the quantized kinds add one scale per block of
+# 256 (8bit) or 128 (4bit) values, and 4bit's second moment is quantized the same).
+STATE_BYTES_PER_PARAM = {
+    "fp32": 8.0,
+    "bf16": 4.0,
+    "8bit": 2.0 + 2 * 4 / 256,
+    "4bit": 1.0 + 2 * 4 / 128,
+    "cpu-offload": 0.0,
+}
+
+
+@dataclass(frozen=True)
+class Levers:
+    """One combination: `checkpointing` none | selective | full, on the first
+    `checkpointed_blocks` blocks (None: all), and the optimizer's `optimizer_state`."""
+
+    checkpointing: str = "none"
+    checkpointed_blocks: int | None = None
+    optimizer_state: str = "fp32"
+
+    @classmethod
+    def of(cls, memory: MemoryConfig) -> Levers:
+        """The levers `memory` sets (auto is the plan's to resolve: read as none)."""
+        mode = memory.activation_checkpointing
+        return cls("none" if mode == "auto" else mode,
+                   memory.checkpointed_blocks, memory.optimizer_state)
+
+    @property
+    def none(self) -> bool:
+        """No lever on: the step as the model is."""
+        return (self.checkpointing == "none" or self.checkpointed_blocks == 0) and \
+            self.optimizer_state == "fp32"
+
+    def updates(self) -> dict[str, Any]:
+        """These levers as `RunConfig.updated` keys."""
+        return {"memory.activation_checkpointing": self.checkpointing,
+                "memory.checkpointed_blocks": (None if self.checkpointing == "none"
+                                               else self.checkpointed_blocks),
+                "memory.optimizer_state": self.optimizer_state}
+
+    def describe(self, blocks: int | None = None) -> str:
+        """In words, e.g. "full checkpointing of 4 of 12 blocks, 8bit optimizer state"."""
+        parts = []
+        if self.checkpointing != "none" and self.checkpointed_blocks != 0:
+            n = self.checkpointed_blocks
+            of = (f"{n} of {blocks} blocks" if n is not None and blocks is not None
+                  else f"{n} blocks" if n is not None else "every block")
+            parts.append(f"{self.checkpointing} checkpointing of {of}")
+        if self.optimizer_state != "fp32":
+            parts.append(f"{self.optimizer_state} optimizer state")
+        return ", ".join(parts) or "no lever"
