@@ -2,14 +2,14 @@
 breakdown measures activations per, and FSDP shards one by one.
 
 Found once, shared by all of them. Automatically, a block is a child of an
-`nn.ModuleList` or `nn.Sequential` whose class repeats there (at least two children of
-the same class), searched from the root down and stopping at the first container that
-has such children on each path: a transformer's `layers`, a UNet's resolution blocks, a
-ResNet's stages (each `Sequential` of BasicBlocks). A container of single layers (an MLP
-written as `Sequential(Linear, ReLU, Linear)`) repeats `Linear`, and its Linears are its
-blocks. Or the user names them: `memory.checkpoint_blocks` is a glob over the names
-`model.named_modules()` gives ("layers.*", "encoder.blocks.*"); the outermost matches are
-the blocks.
+`nn.ModuleList` or `nn.Sequential` whose class repeats there most often (at least twice;
+children without parameters, such as activations, do not count), searched from the root
+down and stopping at the first container that has such children on each path: a
+transformer's `layers`, a UNet's resolution blocks, a ResNet stage's BasicBlocks. A
+container of single layers (an MLP written as `Sequential(Linear, ReLU, Linear)`)
+repeats `Linear`, and its Linears are its blocks. Or the user names them:
+`memory.checkpoint_blocks` is a glob over the names `model.named_modules()` gives
+("layers.*", "encoder.blocks.*"); the outermost matches are the blocks.
 
 Blocks never nest (a match inside another block is dropped) and are returned in the
 order `named_modules()` visits them, the order forward usually runs them.
@@ -55,9 +55,9 @@ def find_blocks(model: nn.Module, pattern: str | None = None) -> list[Block]:
 def _search(module: nn.Module, prefix: str, out: list[Block]) -> None:
     if isinstance(module, _CONTAINERS):
         children = list(module.named_children())
-        counts = Counter(type(c) for _, c in children)
-        repeated = [(n, c) for n, c in children if counts[type(c)] >= 2
-                    and any(True for _ in c.parameters())]
+        counts = Counter(type(c) for _, c in children if any(True for _ in c.parameters()))
+        most = max(counts.values(), default=0)
+        repeated = [(n, c) for n, c in children if most >= 2 and counts[type(c)] == most]
         if repeated:
             out.extend(Block(_join(prefix, n), c) for n, c in repeated)
             return
