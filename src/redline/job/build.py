@@ -61,7 +61,10 @@ from redline.device import DeviceInfo
 from redline.distributed import Comm, World, rank_seed
 from redline.engine import Engine, EngineConfig
 from redline.events import Dispatcher, State
+from redline.memory.blocks import find_blocks
+from redline.memory.checkpointing import Checkpointing
 from redline.memory.guard import OOMGuard
+from redline.memory.levers import Levers
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes
 from redline.precision import Precision, get_precision
 from redline.task import Task, TaskError, task_member
@@ -91,6 +94,9 @@ class Job:
     # dict's by its keys (eval/<set>/<metric>)
     eval_sets: dict[str, Dataset] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # task settings that replace config's
+    # activation checkpointing installed on the model's blocks (memory.activation_
+    # checkpointing; None: not installed), switchable in place (the breakdown, the plan)
+    checkpointing: Checkpointing | None = None
 
     @property
     def world(self) -> World:
@@ -150,6 +156,7 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
     model = precision.convert_module(task.build_model().to(device.torch_device))
     if config.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    checkpointing = install_checkpointing(model, config)
     step_model = _wrap(model, device, comm.world) if comm.world.distributed else model
     if config.precision.compile:
         step_model = torch.compile(step_model)
@@ -190,7 +197,25 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
                train_set=train_set, eval_set=next(iter(eval_sets.values()), None),
                loader_options=loader_options(config.data, device.kind), max_steps=max_steps,
                steps_per_epoch=steps_per_epoch, memory_limit=limit, comm=comm,
-               eval_sets=eval_sets, notes=notes)
+               eval_sets=eval_sets, notes=notes, checkpointing=checkpointing)
+
+
+def install_checkpointing(model: nn.Module, config: RunConfig) -> Checkpointing | None:
+    """Activation checkpointing on the model's blocks as memory.activation_checkpointing
+    says, before DDP or compile wrap the model; "auto" installs it switched off (the plan
+    resolves it before training builds: tuning/). None when it is none and unset."""
+    memory = config.memory
+    levers = Levers.of(memory)
+    if memory.activation_checkpointing == "none" and memory.checkpoint_blocks is None:
+        return None
+    blocks = find_blocks(model, memory.checkpoint_blocks)
+    if not blocks:
+        raise ConfigError(
+            f"memory.activation_checkpointing {memory.activation_checkpointing}: found no "
+            f"repeated blocks in {type(model).__name__} (children of a ModuleList or "
+            "Sequential that repeat); name them with memory.checkpoint_blocks, e.g. "
+            '"layers.*", or set memory.activation_checkpointing: none')
+    return Checkpointing(blocks, levers.checkpointing, levers.checkpointed_blocks)
 
 
 def task_datasets(task: Task) -> tuple[Dataset, dict[str, Dataset]]:
