@@ -62,6 +62,8 @@ from typing import Any
 
 import torch
 
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # no CUDA kernels here
+
 from redline import batch as batch_tree
 from redline.config import RunConfig
 from redline.device import DeviceInfo
@@ -285,10 +287,24 @@ def accelerate_estimate(task: Any) -> int | None:
     return int(max(estimate_training_usage(total, "float32").values()))
 
 
+def saved_cells(path: str | None, model: Model) -> dict[tuple[Levers, int], Cell]:
+    """The peaks (and their measuring seconds) an earlier run's --json measured for this
+    model at this shape, so a rerun spends its time on the plans and the timing."""
+    if path is None:
+        return {}
+    for r in json.loads(Path(path).read_text()):
+        if r["model"] == model.key and r["args"] == model.args and \
+                r["effective"] == model.effective:
+            cells = [Cell(Levers(c["checkpointing"], c["blocks"], c["state"]), c["micro"],
+                          c["peak"], c["cost_s"]) for c in r["cells"]]
+            return {(c.levers, c.micro): c for c in cells}
+    return {}
+
+
 def bench_model(model: Model, names: list[str], rounds: int, min_s: float,
-                plan_timeout: float) -> Result:
+                plan_timeout: float, peaks_json: str | None = None) -> Result:
     task = resolve_task(model.spec, model.args)
-    result = Result(model)
+    result = Result(model, cells=saved_cells(peaks_json, model))
 
     def peak(levers: Levers, micro: int) -> Cell:
         if (levers, micro) not in result.cells:
@@ -298,6 +314,8 @@ def bench_model(model: Model, names: list[str], rounds: int, min_s: float,
         return result.cells[(levers, micro)]
 
     say(f"{model.key}: no-lever peaks, breakdown")
+    peak(Levers(), model.effective)
+    peak(Levers(), 1)  # the x budgets' reference, and the accelerate comparison's
     result.breakdown = measure_breakdown(model, task)
     result.accelerate = accelerate_estimate(task)
     wanted: list[tuple[Levers, int]] = [(c, model.effective) for c in COMBOS]
@@ -306,7 +324,8 @@ def bench_model(model: Model, names: list[str], rounds: int, min_s: float,
         say(f"{model.key}: budget {name} = {format_size(budget)}: grid")
         found, spent, measured = grid(model, budget, peak)
         say(f"{model.key}: budget {name}: plan")
-        plan = run_plan(model, budget, plan_timeout)
+        plan = run_plan(model, budget, plan_timeout) if plan_timeout > 0 else \
+            {"error": "not run (--no-plan)"}
         fitting = [(lv, m) for lv, m in found.items() if m is not None]
         if "error" not in plan:
             key = (Levers(plan["checkpointing"], plan["blocks"], plan["state"]),
@@ -341,6 +360,7 @@ def main_table(results: list[Result]) -> list[str]:
     out = ["| model | budget | fitting combos | grid's best (levers, micro-batch) | samples/s "
            "(range) | plan's choice | samples/s (range) | plan vs grid | plan wall | grid "
            "wall | plan / grid time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    errors: list[str] = []
     for res in results:
         for b in res.budgets:
             fitting = [(lv, m) for lv, m in b["found"].items() if m is not None]
@@ -354,7 +374,8 @@ def main_table(results: list[Result]) -> list[str]:
                 best_text = f"{label(*best)} | {_rate_text(res, best)}"
             plan = b["plan"]
             if "error" in plan:
-                plan_text = f"{plan['error']} | - | - | - "
+                errors.append(f"{res.model.key} {b['name']}: plan: {plan['error']}")
+                plan_text = f"no plan ({len(errors)}) | - | - | - "
             else:
                 key = plan["key"]
                 vs = (f"{100 * (rate(res, key)[0] / rate(res, best)[0] - 1):+.1f} %"
@@ -366,6 +387,7 @@ def main_table(results: list[Result]) -> list[str]:
             if best is None:
                 best_text += " | -"
             out.append(f"{head}{best_text} | {plan_text} | {grid_s:.0f} s | {share} |")
+    out += [""] + [f"({i}) {e}" for i, e in enumerate(errors, 1)] if errors else []
     return out
 
 
@@ -463,6 +485,11 @@ def main() -> None:
                         '256, "layers": 6, "seq": 512}\':4 (the issue\'s shape; slow here)')
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", metavar="FILE", help="also write the results here")
+    p.add_argument("--peaks-json", metavar="FILE",
+                   help="reuse the peaks an earlier run's --json measured (and their "
+                        "seconds, for the grids' wall time); the plans and the side-by-side "
+                        "timing run afresh")
+    p.add_argument("--no-plan", action="store_true", help="the grid alone")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     COMBOS[:] = [Levers(mode, None, state) for state in a.states.split(",") for mode in MODES]
@@ -481,7 +508,10 @@ def main() -> None:
     print("machine: " + machine_line(a.threads))
     print("budgets: CPU memory budgets, an emulation of a smaller device (module docstring)")
     t0 = time.perf_counter()
-    results = [bench_model(MODELS[k], names, rounds, a.min_s, a.plan_timeout)
+    if a.peaks_json:
+        print(f"peaks and their measuring seconds: from {a.peaks_json} (an earlier run)")
+    timeout = 0.0 if a.no_plan else a.plan_timeout
+    results = [bench_model(MODELS[k], names, rounds, a.min_s, timeout, a.peaks_json)
                for k in a.models.split(",")]
     print()
     print("\n".join(main_table(results)))
@@ -500,8 +530,10 @@ def main() -> None:
     if a.json:
         Path(a.json).write_text(json.dumps([{
             "model": r.model.key, "args": r.model.args, "effective": r.model.effective,
-            "cells": [{"levers": label(c.levers, c.micro), "peak": c.peak,
-                       "predicted": c.predicted, "cost_s": c.cost_s}
+            "cells": [{"checkpointing": c.levers.checkpointing,
+                       "blocks": c.levers.checkpointed_blocks,
+                       "state": c.levers.optimizer_state, "micro": c.micro,
+                       "peak": c.peak, "predicted": c.predicted, "cost_s": c.cost_s}
                       for c in r.cells.values()],
             "rates": {label(*k): v for k, v in r.rates.items()},
             "timing_s": {label(*k): v for k, v in r.timing_s.items()},
