@@ -83,7 +83,8 @@ MODES = ("none", "selective", "full")
 STATES = tuple(s for s in OPTIMIZER_STATES if s != "cpu-offload")  # cpu-offload: CUDA only
 COMBOS = [Levers(mode, None, state) for state in STATES for mode in MODES]
 BUDGETS = "fit@E,fit@2,x1,x0.5,x0.25"
-QUICK_BUDGETS = "fit@E,x1,x0.5"
+QUICK_BUDGETS = "fit@E,x1"
+QUICK_STATES = "fp32,8bit"
 CPU = DeviceInfo.detect("cpu")
 # fit@N budgets leave 2 % over the no-lever peak: a lever's own few KiB (the checkpoint
 # wrappers' bookkeeping) must not decide whether a cell fits a budget set to the byte.
@@ -361,6 +362,8 @@ def main_table(results: list[Result]) -> list[str]:
            "(range) | plan's choice | samples/s (range) | plan vs grid | plan wall | grid "
            "wall | plan / grid time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     errors: list[str] = []
+    speed: list[bool] = []  # per budget where both ran: the plan within 5 % of the best
+    quick: list[bool] = []  # ... in under 15 % of the grid's wall time
     for res in results:
         for b in res.budgets:
             fitting = [(lv, m) for lv, m in b["found"].items() if m is not None]
@@ -382,12 +385,18 @@ def main_table(results: list[Result]) -> list[str]:
                       if best else "-")
                 plan_text = (f"{label(*key)} | {_rate_text(res, key)} | {vs} | "
                              f"{plan['wall_s']:.0f} s")
-                b["plan_vs_grid"] = vs
+                if best:
+                    speed.append(rate(res, key)[0] >= 0.95 * rate(res, best)[0])
             share = (f"{100 * plan['wall_s'] / grid_s:.0f} %" if "wall_s" in plan else "-")
+            if "wall_s" in plan:
+                quick.append(plan["wall_s"] < 0.15 * grid_s)
             if best is None:
                 best_text += " | -"
             out.append(f"{head}{best_text} | {plan_text} | {grid_s:.0f} s | {share} |")
     out += [""] + [f"({i}) {e}" for i, e in enumerate(errors, 1)] if errors else []
+    out.append(f"\ngoal, the plan within 5 % of the grid's best samples/s: {sum(speed)} of "
+               f"{len(speed)} budgets where both ran; in under 15 % of the grid's wall "
+               f"time: {sum(quick)} of {len(quick)}")
     return out
 
 
@@ -459,13 +468,7 @@ def machine_line(threads: int) -> str:
             f"{load[0]:.1f} at the start")
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--plan-worker":
-        _, _, key, budget, args, effective = sys.argv
-        torch.set_num_threads(int(os.environ.get("LEVERS_THREADS", "0")) or
-                              torch.get_num_threads())
-        plan_worker(key, int(budget), json.loads(args), int(effective))
-        return
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="of: " + ", ".join(MODELS))
@@ -473,13 +476,15 @@ def main() -> None:
                    help=f"fit@N / fit@E / xF, comma-separated (default {BUDGETS}; "
                         f"--quick: {QUICK_BUDGETS})")
     p.add_argument("--quick", action="store_true",
-                   help="three budgets, three timing rounds (about 2 minutes)")
+                   help=f"budgets {QUICK_BUDGETS}, states {QUICK_STATES}, three timing "
+                        "rounds (about 2 minutes on 2 idle cores)")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 5, "
                    "--quick 3)")
     p.add_argument("--min-s", type=float, default=0.3, help="seconds per cell per round")
     p.add_argument("--plan-timeout", type=float, default=300.0)
-    p.add_argument("--states", default=",".join(STATES),
-                   help="optimizer states the grid tries (default: every one but cpu-offload)")
+    p.add_argument("--states", default=None,
+                   help="optimizer states the grid tries (default: every one but cpu-offload: "
+                        + ",".join(STATES) + ")")
     p.add_argument("--model", action="append", default=[], metavar="KEY:JSON[:E]",
                    help='a model\'s task_args (and effective batch), e.g. memgpt:\'{"width": '
                         '256, "layers": 6, "seq": 512}\':4 (the issue\'s shape; slow here)')
@@ -490,29 +495,21 @@ def main() -> None:
                         "seconds, for the grids' wall time); the plans and the side-by-side "
                         "timing run afresh")
     p.add_argument("--no-plan", action="store_true", help="the grid alone")
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    COMBOS[:] = [Levers(mode, None, state) for state in a.states.split(",") for mode in MODES]
-    os.environ["LEVERS_THREADS"] = str(a.threads)
-    for text in a.model:
-        key, _, rest = text.partition(":")
-        spec, eff = rest, ""
-        if not rest.rstrip().endswith("}"):  # a trailing :E
-            spec, _, eff = rest.rpartition(":")
-        m = MODELS[key]
-        MODELS[key] = Model(key, m.cls, {**m.args, **json.loads(spec)},
-                            int(eff) if eff else m.effective, m.what)
-    names = (a.budgets or (QUICK_BUDGETS if a.quick else BUDGETS)).split(",")
-    rounds = a.rounds or (3 if a.quick else 5)
-    print("command: " + " ".join(["python", *sys.argv]))
-    print("machine: " + machine_line(a.threads))
-    print("budgets: CPU memory budgets, an emulation of a smaller device (module docstring)")
-    t0 = time.perf_counter()
-    if a.peaks_json:
-        print(f"peaks and their measuring seconds: from {a.peaks_json} (an earlier run)")
-    timeout = 0.0 if a.no_plan else a.plan_timeout
-    results = [bench_model(MODELS[k], names, rounds, a.min_s, timeout, a.peaks_json)
-               for k in a.models.split(",")]
+    return p
+
+
+def override(text: str) -> None:
+    """--model KEY:JSON[:E]: other task_args (and effective batch) for a model."""
+    key, _, rest = text.partition(":")
+    spec, eff = rest, ""
+    if not rest.rstrip().endswith("}"):  # a trailing :E
+        spec, _, eff = rest.rpartition(":")
+    m = MODELS[key]
+    MODELS[key] = Model(key, m.cls, {**m.args, **json.loads(spec)},
+                        int(eff) if eff else m.effective, m.what)
+
+
+def print_tables(results: list[Result]) -> None:
     print()
     print("\n".join(main_table(results)))
     for res in results:
@@ -526,21 +523,53 @@ def main() -> None:
         for b in res.budgets:
             if "summary" in b["plan"]:
                 print(f"\n{res.model.key} {b['name']}: plan: {b['plan']['summary']}")
+
+
+def write_json(path: str, results: list[Result]) -> None:
+    Path(path).write_text(json.dumps([{
+        "model": r.model.key, "args": r.model.args, "effective": r.model.effective,
+        "cells": [{"checkpointing": c.levers.checkpointing,
+                   "blocks": c.levers.checkpointed_blocks,
+                   "state": c.levers.optimizer_state, "micro": c.micro,
+                   "peak": c.peak, "predicted": c.predicted, "cost_s": c.cost_s}
+                  for c in r.cells.values()],
+        "rates": {label(*k): v for k, v in r.rates.items()},
+        "timing_s": {label(*k): v for k, v in r.timing_s.items()},
+        "budgets": [{**{k: v for k, v in b.items() if k not in ("found", "measured")},
+                     "found": {label(lv, m or 0): m for lv, m in b["found"].items()}}
+                    for b in r.budgets],
+        "accelerate": r.accelerate} for r in results], default=str, indent=1))
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--plan-worker":
+        _, _, key, budget, args, effective = sys.argv
+        torch.set_num_threads(int(os.environ.get("LEVERS_THREADS", "0")) or
+                              torch.get_num_threads())
+        plan_worker(key, int(budget), json.loads(args), int(effective))
+        return
+    a = parser().parse_args()
+    torch.set_num_threads(a.threads)
+    os.environ["LEVERS_THREADS"] = str(a.threads)
+    states = a.states or (QUICK_STATES if a.quick else ",".join(STATES))
+    COMBOS[:] = [Levers(mode, None, state) for state in states.split(",") for mode in MODES]
+    for text in a.model:
+        override(text)
+    names = (a.budgets or (QUICK_BUDGETS if a.quick else BUDGETS)).split(",")
+    rounds = a.rounds or (3 if a.quick else 5)
+    print("command: " + " ".join(["python", *sys.argv]))
+    print("machine: " + machine_line(a.threads))
+    print("budgets: CPU memory budgets, an emulation of a smaller device (module docstring)")
+    if a.peaks_json:
+        print(f"peaks and their measuring seconds: from {a.peaks_json} (an earlier run)")
+    t0 = time.perf_counter()
+    timeout = 0.0 if a.no_plan else a.plan_timeout
+    results = [bench_model(MODELS[k], names, rounds, a.min_s, timeout, a.peaks_json)
+               for k in a.models.split(",")]
+    print_tables(results)
     print(f"\nwhole bench: {time.perf_counter() - t0:.0f} s")
     if a.json:
-        Path(a.json).write_text(json.dumps([{
-            "model": r.model.key, "args": r.model.args, "effective": r.model.effective,
-            "cells": [{"checkpointing": c.levers.checkpointing,
-                       "blocks": c.levers.checkpointed_blocks,
-                       "state": c.levers.optimizer_state, "micro": c.micro,
-                       "peak": c.peak, "predicted": c.predicted, "cost_s": c.cost_s}
-                      for c in r.cells.values()],
-            "rates": {label(*k): v for k, v in r.rates.items()},
-            "timing_s": {label(*k): v for k, v in r.timing_s.items()},
-            "budgets": [{**{k: v for k, v in b.items() if k not in ("found", "measured")},
-                         "found": {label(lv, m or 0): m for lv, m in b["found"].items()}}
-                        for b in r.budgets],
-            "accelerate": r.accelerate} for r in results], default=str, indent=1))
+        write_json(a.json, results)
 
 
 if __name__ == "__main__":
