@@ -51,12 +51,11 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +63,7 @@ import torch
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # no CUDA kernels here
 
+from levers_report import Cell, Result, label, print_tables, write_json
 from redline import batch as batch_tree
 from redline.config import RunConfig
 from redline.device import DeviceInfo
@@ -128,34 +128,8 @@ MODELS = {
 }
 
 
-@dataclass
-class Cell:
-    levers: Levers
-    micro: int
-    peak: int = 0
-    cost_s: float = 0.0  # seconds to build the job and measure its steady-state peak
-    predicted: int | None = None
-
-
-@dataclass
-class Result:
-    model: Model
-    cells: dict[tuple[Levers, int], Cell] = field(default_factory=dict)
-    budgets: list[dict[str, Any]] = field(default_factory=list)
-    rates: dict[tuple[Levers, int], list[float]] = field(default_factory=dict)
-    timing_s: dict[tuple[Levers, int], float] = field(default_factory=dict)
-    breakdown: Any = None
-    accelerate: int | None = None
-
-
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def label(levers: Levers, micro: int) -> str:
-    ck = levers.checkpointing if levers.checkpointed_blocks is None else \
-        f"{levers.checkpointing}[{levers.checkpointed_blocks}]"
-    return f"{ck}/{levers.optimizer_state} b{micro}"
 
 
 def _batch(model: Model, job: Any, size: int) -> Any:
@@ -305,7 +279,8 @@ def saved_cells(path: str | None, model: Model) -> dict[tuple[Levers, int], Cell
 def bench_model(model: Model, names: list[str], rounds: int, min_s: float,
                 plan_timeout: float, peaks_json: str | None = None) -> Result:
     task = resolve_task(model.spec, model.args)
-    result = Result(model, cells=saved_cells(peaks_json, model))
+    n = sum(p.numel() for p in task.build_model().parameters())
+    result = Result(model, list(COMBOS), n, cells=saved_cells(peaks_json, model))
 
     def peak(levers: Levers, micro: int) -> Cell:
         if (levers, micro) not in result.cells:
@@ -344,120 +319,6 @@ def bench_model(model: Model, names: list[str], rounds: int, min_s: float,
         for cell in result.cells.values():
             cell.predicted = result.breakdown.predict(cell.levers, cell.micro)
     return result
-
-
-def rate(result: Result, key: tuple[Levers, int]) -> tuple[float, float, float]:
-    """(median samples/s, lowest, highest) of a cell's rounds."""
-    r = result.rates[key]
-    return statistics.median(r), min(r), max(r)
-
-
-def _rate_text(result: Result, key: tuple[Levers, int]) -> str:
-    med, lo, hi = rate(result, key)
-    return f"{med:.1f} ({lo:.1f}-{hi:.1f})"
-
-
-def main_table(results: list[Result]) -> list[str]:
-    out = ["| model | budget | fitting combos | grid's best (levers, micro-batch) | samples/s "
-           "(range) | plan's choice | samples/s (range) | plan vs grid | plan wall | grid "
-           "wall | plan / grid time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    errors: list[str] = []
-    speed: list[bool] = []  # per budget where both ran: the plan within 5 % of the best
-    quick: list[bool] = []  # ... in under 15 % of the grid's wall time
-    for res in results:
-        for b in res.budgets:
-            fitting = [(lv, m) for lv, m in b["found"].items() if m is not None]
-            grid_s = b["measure_s"] + sum(res.timing_s[k] for k in fitting)
-            head = f"| {res.model.key} | {b['name']} = {format_size(b['budget'])} | " \
-                   f"{len(fitting)} of {len(COMBOS)} | "
-            if not fitting:
-                best_text, best = "nothing fits", None
-            else:
-                best = max(fitting, key=lambda k: rate(res, k)[0])
-                best_text = f"{label(*best)} | {_rate_text(res, best)}"
-            plan = b["plan"]
-            if "error" in plan:
-                errors.append(f"{res.model.key} {b['name']}: plan: {plan['error']}")
-                plan_text = f"no plan ({len(errors)}) | - | - | - "
-            else:
-                key = plan["key"]
-                vs = (f"{100 * (rate(res, key)[0] / rate(res, best)[0] - 1):+.1f} %"
-                      if best else "-")
-                plan_text = (f"{label(*key)} | {_rate_text(res, key)} | {vs} | "
-                             f"{plan['wall_s']:.0f} s")
-                if best:
-                    speed.append(rate(res, key)[0] >= 0.95 * rate(res, best)[0])
-            share = (f"{100 * plan['wall_s'] / grid_s:.0f} %" if "wall_s" in plan else "-")
-            if "wall_s" in plan:
-                quick.append(plan["wall_s"] < 0.15 * grid_s)
-            if best is None:
-                best_text += " | -"
-            out.append(f"{head}{best_text} | {plan_text} | {grid_s:.0f} s | {share} |")
-    out += [""] + [f"({i}) {e}" for i, e in enumerate(errors, 1)] if errors else []
-    out.append(f"\ngoal, the plan within 5 % of the grid's best samples/s: {sum(speed)} of "
-               f"{len(speed)} budgets where both ran; in under 15 % of the grid's wall "
-               f"time: {sum(quick)} of {len(quick)}")
-    return out
-
-
-def prediction_table(res: Result) -> list[str]:
-    sizes = sorted({m for _, m in res.cells}, reverse=True)
-    out = [f"| {res.model.key} levers | " + " | ".join(f"micro-batch {m}" for m in sizes)
-           + " |", "|---|" + "---|" * len(sizes)]
-    for levers in COMBOS:
-        row = []
-        for m in sizes:
-            cell = res.cells.get((levers, m))
-            if cell is None:
-                row.append("")
-            elif cell.predicted is None:
-                row.append(format_size(cell.peak))
-            else:
-                err = 100 * (cell.predicted / cell.peak - 1)
-                row.append(f"{format_size(cell.peak)} / {format_size(cell.predicted)} "
-                           f"({err:+.0f} %)")
-        out.append(f"| {label(levers, 0)[:-3]} | " + " | ".join(row) + " |")
-    errors = [abs(c.predicted / c.peak - 1) for c in res.cells.values()
-              if c.predicted is not None]
-    if errors:
-        out.append(f"\n{res.model.key}: prediction error over {len(errors)} cells: median "
-                   f"{100 * statistics.median(errors):.1f} %, largest "
-                   f"{100 * max(errors):.1f} %; within 10 %: "
-                   f"{sum(e <= 0.10 for e in errors)} of {len(errors)}")
-    return out
-
-
-def accelerate_table(results: list[Result]) -> list[str]:
-    out = ["| model | parameters | accelerate estimate-memory (fp32, Adam) | measured peak, "
-           "micro-batch 1 | measured peak, micro-batch E | breakdown's prediction at E |",
-           "|---|---|---|---|---|---|"]
-    for res in results:
-        e = res.model.effective
-        none1, noneE = res.cells[(Levers(), 1)], res.cells[(Levers(), e)]
-        n = sum(p.numel() for p in resolve_task(res.model.spec, res.model.args)
-                .build_model().parameters())
-        acc = format_size(res.accelerate) if res.accelerate else "not installed"
-        pred = format_size(noneE.predicted) if noneE.predicted else "-"
-        out.append(f"| {res.model.key} | {n / 1e6:.2f} M | {acc} | "
-                   f"{format_size(none1.peak)} | {format_size(noneE.peak)} (E={e}) | {pred} |")
-    return out
-
-
-def cost_table(results: list[Result]) -> list[str]:
-    out = ["| model | levers (micro-batch E) | samples/s vs no lever | steady-state peak | "
-           "memory freed |", "|---|---|---|---|---|"]
-    for res in results:
-        e = res.model.effective
-        base_rate = rate(res, (Levers(), e))[0]
-        base_peak = res.cells[(Levers(), e)].peak
-        for levers in COMBOS:
-            key = (levers, e)
-            peak = res.cells[key].peak
-            out.append(f"| {res.model.key} | {levers.describe()} | "
-                       f"{rate(res, key)[0] / base_rate:.2f}x | {format_size(peak)} | "
-                       f"{format_size(base_peak - peak)} "
-                       f"({100 * (1 - peak / base_peak):.0f} %) |")
-    return out
 
 
 def machine_line(threads: int) -> str:
@@ -507,38 +368,6 @@ def override(text: str) -> None:
     m = MODELS[key]
     MODELS[key] = Model(key, m.cls, {**m.args, **json.loads(spec)},
                         int(eff) if eff else m.effective, m.what)
-
-
-def print_tables(results: list[Result]) -> None:
-    print()
-    print("\n".join(main_table(results)))
-    for res in results:
-        print()
-        print("\n".join(prediction_table(res)))
-    print()
-    print("\n".join(accelerate_table(results)))
-    print()
-    print("\n".join(cost_table(results)))
-    for res in results:
-        for b in res.budgets:
-            if "summary" in b["plan"]:
-                print(f"\n{res.model.key} {b['name']}: plan: {b['plan']['summary']}")
-
-
-def write_json(path: str, results: list[Result]) -> None:
-    Path(path).write_text(json.dumps([{
-        "model": r.model.key, "args": r.model.args, "effective": r.model.effective,
-        "cells": [{"checkpointing": c.levers.checkpointing,
-                   "blocks": c.levers.checkpointed_blocks,
-                   "state": c.levers.optimizer_state, "micro": c.micro,
-                   "peak": c.peak, "predicted": c.predicted, "cost_s": c.cost_s}
-                  for c in r.cells.values()],
-        "rates": {label(*k): v for k, v in r.rates.items()},
-        "timing_s": {label(*k): v for k, v in r.timing_s.items()},
-        "budgets": [{**{k: v for k, v in b.items() if k not in ("found", "measured")},
-                     "found": {label(lv, m or 0): m for lv, m in b["found"].items()}}
-                    for b in r.budgets],
-        "accelerate": r.accelerate} for r in results], default=str, indent=1))
 
 
 def main() -> None:
