@@ -1,6 +1,6 @@
 """The memory plan against an exhaustive grid of levers, under shrinking CPU memory budgets.
 
-    PYTHONPATH=src python bench/levers.py                 # both models, five budgets each
+    PYTHONPATH=src python bench/levers.py                 # both models, 4-5 budgets each
     PYTHONPATH=src python bench/levers.py --quick         # about 2 minutes
     PYTHONPATH=src python bench/levers.py --models memgpt --budgets fit@E,x1,x0.5
 
@@ -82,7 +82,6 @@ TARGET = 0.85  # memory.target's default
 MODES = ("none", "selective", "full")
 STATES = tuple(s for s in OPTIMIZER_STATES if s != "cpu-offload")  # cpu-offload: CUDA only
 COMBOS = [Levers(mode, None, state) for state in STATES for mode in MODES]
-BUDGETS = "fit@E,fit@2,x1,x0.5,x0.25"
 QUICK_BUDGETS = "fit@E,x1"
 QUICK_STATES = "fp32,8bit"
 CPU = DeviceInfo.detect("cpu")
@@ -98,6 +97,7 @@ class Model:
     args: dict[str, Any]
     effective: int  # the tuned batch: samples per step, kept by every cell
     what: str
+    budgets: str  # the default ladder (module docstring)
 
     @property
     def spec(self) -> str:
@@ -121,10 +121,10 @@ class Model:
 MODELS = {
     "memgpt": Model("memgpt", "MemGPT", {"n": 64, "vocab": 128, "seq": 256, "width": 64,
                                          "layers": 4, "heads": 4}, 8,
-                    "GPT, activations dominate"),
+                    "GPT, activations dominate", "fit@E,fit@2,x1,x0.5,x0.25"),
     "widemlp": Model("widemlp", "WideMLP", {"n": 256, "dim": 64, "width": 256,
                                             "hidden": 1024, "layers": 4}, 16,
-                     "residual MLP, states dominate"),
+                     "residual MLP, states dominate", "fit@E,x1,x0.75,x0.25"),
 }
 
 
@@ -198,7 +198,7 @@ def run_plan(model: Model, budget: int, timeout: float) -> dict[str, Any]:
 def plan_worker(key: str, budget: int, args: dict[str, Any], effective: int) -> None:
     from redline.tuning.memory_plan_run import plan_memory
 
-    model = Model(key, MODELS[key].cls, args, effective, MODELS[key].what)
+    model = Model(key, MODELS[key].cls, args, effective, MODELS[key].what, "")
     config = model.config(Levers(), effective, budget)
     t0 = time.perf_counter()
     plan = plan_memory(resolve_task(model.spec, model.args), config, CPU, say=say)
@@ -334,8 +334,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="of: " + ", ".join(MODELS))
     p.add_argument("--budgets", default=None,
-                   help=f"fit@N / fit@E / xF, comma-separated (default {BUDGETS}; "
-                        f"--quick: {QUICK_BUDGETS})")
+                   help="fit@N / fit@E / xF, comma-separated (default: " + "; ".join(
+                       f"{m.key} {m.budgets}" for m in MODELS.values())
+                   + f"; --quick: {QUICK_BUDGETS})")
     p.add_argument("--quick", action="store_true",
                    help=f"budgets {QUICK_BUDGETS}, states {QUICK_STATES}, three timing "
                         "rounds (about 2 minutes on 2 idle cores)")
@@ -367,7 +368,7 @@ def override(text: str) -> None:
         spec, _, eff = rest.rpartition(":")
     m = MODELS[key]
     MODELS[key] = Model(key, m.cls, {**m.args, **json.loads(spec)},
-                        int(eff) if eff else m.effective, m.what)
+                        int(eff) if eff else m.effective, m.what, m.budgets)
 
 
 def main() -> None:
@@ -384,7 +385,7 @@ def main() -> None:
     COMBOS[:] = [Levers(mode, None, state) for state in states.split(",") for mode in MODES]
     for text in a.model:
         override(text)
-    names = (a.budgets or (QUICK_BUDGETS if a.quick else BUDGETS)).split(",")
+    names = a.budgets or (QUICK_BUDGETS if a.quick else None)
     rounds = a.rounds or (3 if a.quick else 5)
     print("command: " + " ".join(["python", *sys.argv]))
     print("machine: " + machine_line(a.threads))
@@ -393,8 +394,8 @@ def main() -> None:
         print(f"peaks and their measuring seconds: from {a.peaks_json} (an earlier run)")
     t0 = time.perf_counter()
     timeout = 0.0 if a.no_plan else a.plan_timeout
-    results = [bench_model(MODELS[k], names, rounds, a.min_s, timeout, a.peaks_json)
-               for k in a.models.split(",")]
+    results = [bench_model(MODELS[k], (names or MODELS[k].budgets).split(","), rounds,
+                           a.min_s, timeout, a.peaks_json) for k in a.models.split(",")]
     print_tables(results)
     print(f"\nwhole bench: {time.perf_counter() - t0:.0f} s")
     if a.json:
