@@ -182,9 +182,13 @@ def load_latest(directory: str | Path, map_location: str | torch.device = "cpu",
 
 
 # Keys that may differ between a run and its resumption: they change how long the run
-# goes and what it records, not the math of the steps already taken.
+# goes and what it records, not the math of the steps already taken. Activation
+# checkpointing recomputes the same ops on the same inputs (the gradient is the one without
+# it; memory/checkpointing.py), so a run saved with one mode resumes with another.
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batches",
-                     "train.eval_batch_size", "data.", "checkpoint.", "telemetry.")
+                     "train.eval_batch_size", "data.", "checkpoint.", "telemetry.",
+                     "memory.activation_checkpointing", "memory.checkpoint_blocks",
+                     "memory.checkpointed_blocks")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
