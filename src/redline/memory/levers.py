@@ -15,9 +15,10 @@ from redline.memory.config import MemoryConfig
 # Bytes of AdamW state per trainable parameter element, on the device, for each
 # memory.optimizer_state (two moments; the quantized kinds add one scale per block of
 # 256 (8bit) or 128 (4bit) values, and 4bit's second moment is quantized the same).
+# Tensors under 4096 elements keep fp32 states (torchao's rule), so a model of many small
+# tensors needs more than this.
 STATE_BYTES_PER_PARAM = {
     "fp32": 8.0,
-    "bf16": 4.0,
     "8bit": 2.0 + 2 * 4 / 256,
     "4bit": 1.0 + 2 * 4 / 128,
     "cpu-offload": 0.0,
