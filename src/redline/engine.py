@@ -63,6 +63,7 @@ from redline._torch_compat import (
     arm_all_reduce,
     foreach_copy_,
     found_inf_given,
+    record_memory_history,
     supports_found_inf,
     uses_batch_statistics,
 )
@@ -287,6 +288,9 @@ class Engine:
         Called outside the except block, so the exception's traceback, which pins the
         failed micro-batch's activations, is gone before anything is redone.
         """
+        cuda = bool(self._params) and self._params[0].is_cuda
+        if cuda:  # the retries' allocations, for a snapshot should even 1 sample fail
+            record_memory_history(True)
         while True:
             failed_in = self._phase
             exact = self._start.restore(self.optimizer, rng)
@@ -299,6 +303,8 @@ class Engine:
             self._change_micro_batch(change.old, change.new, "oom", failed_in, exact)
             total = self._try(batch, loss_fn, guard.current)
             if total is not None:
+                if cuda:
+                    record_memory_history(False)
                 return total
 
     def _try(self, batch: Any, loss_fn: LossFn, micro: int) -> torch.Tensor | None:

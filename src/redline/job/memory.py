@@ -23,7 +23,9 @@ from typing import Any
 import torch
 
 from redline import batch as batch_tree
-from redline.job.build import Job
+from redline.config import RunConfig
+from redline.device import DeviceInfo
+from redline.job.build import Job, build_job
 from redline.job.runner import JobRunner
 from redline.memory.blocks import find_blocks
 from redline.memory.breakdown import (
@@ -36,6 +38,7 @@ from redline.memory.breakdown import (
 from redline.memory.checkpointing import Checkpointing
 from redline.memory.levers import STATE_BYTES_PER_PARAM, Levers
 from redline.memory.tracker import MemoryTracker
+from redline.task import Task, task_member
 
 
 def measure_job_breakdown(job: Job, batch: Any) -> Breakdown:
@@ -195,3 +198,39 @@ def eager() -> contextlib.AbstractContextManager[Any]:
     untracked calls still compile."""
     set_stance: Callable[..., Any] | None = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def state_kinds(job: Job) -> tuple[str, ...]:
+    """The optimizer states a lever may choose for `job`: a task's own optimizer is kept
+    (only the kind it has), redline's AdamW may be low-bit."""
+    if task_member(job.task, "optimizer") is not None:
+        return (job.config.memory.optimizer_state,)
+    return ("fp32", "8bit", "4bit")
+
+
+def measuring_config(config: RunConfig, micro_batch: int) -> RunConfig:
+    """`config` for a job built only to be measured at `micro_batch`: one micro-batch a
+    step, no OOM guard, no budget (the measurement is unbudgeted), no compile (a
+    TorchDispatchMode cannot see inside a compiled frame)."""
+    return config.updated({"train.batch_size": micro_batch,
+                           "train.effective_batch_size": None, "memory.budget": None,
+                           "memory.oom_guard": False, "precision.compile": False})
+
+
+def measure_config_breakdown(config: RunConfig, task: Task, device: DeviceInfo,
+                             micro_batch: int) -> Breakdown:
+    """The breakdown of the job `config` builds, at `micro_batch`, on a job built for the
+    measurement and thrown away (the first `micro_batch` samples of the training set). On
+    CUDA, a step that runs out of memory leaves a prediction from the tensors' sizes."""
+    job = build_job(measuring_config(config, micro_batch), task, device)
+    batch = batch_tree.move(batch_tree.first_samples(job.train_set, micro_batch),
+                            device.torch_device)
+    if not device.is_cuda:
+        return measure_job_breakdown(job, batch)
+    try:
+        return measure_job_breakdown(job, batch)
+    except torch.OutOfMemoryError:
+        pass  # outside the handler: the failed step's tensors are gone
+    job.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return predict_from_sizes(job, micro_batch, "a step does not fit the device")

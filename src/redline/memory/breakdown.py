@@ -157,7 +157,7 @@ class Breakdown:
                                             and r[0] != "activations, other")]
             rows.insert(3, (f"activations, {len(self.blocks)} blocks", acts))
         width = max(len(name) for name, _ in rows)
-        lines = [f"memory at micro-batch {self.micro_batch}, steady state ({self.source}); "
+        lines = [f"at micro-batch {self.micro_batch}, steady state ({self.source}); "
                  f"levers: {self.levers.describe(len(self.blocks))}"]
         for name, size in rows:
             lines.append(f"  {name:<{width}}  {format_size(size):>10}  {size / peak:6.1%}")
@@ -249,3 +249,63 @@ def measure_activations(forward: Callable[[], Any], blocks: Sequence[Block],
             h.remove()
     del out
     return ForwardActivations(kept, total - sum(kept))
+
+
+# The levers tried for "would fit with", cheapest in step time first (docs/memory.md:
+# low-bit state costs a few percent, selective checkpointing less than full).
+_CANDIDATES = (("none", "8bit"), ("selective", "fp32"), ("selective", "8bit"),
+               ("full", "fp32"), ("full", "8bit"), ("full", "4bit"))
+
+
+def fitting_levers(b: Breakdown, micro_batch: int, limit: int,
+                   state_kinds: Sequence[str] = ("fp32", "8bit", "4bit")
+                   ) -> list[tuple[Levers, int]]:
+    """Lever combinations predicted to fit `limit` at `micro_batch`, cheapest first, with
+    their predicted peaks: the fewest checkpointed blocks for each mode. `state_kinds`: the
+    optimizer states that can be used (a task's own optimizer: only what it has)."""
+    found = []
+    for mode, kind in _CANDIDATES:
+        if kind not in state_kinds or (mode != "none" and not b.blocks):
+            continue
+        levers = Levers(mode, None, kind)
+        if mode != "none":
+            count = b.fewest_blocks(levers, micro_batch, limit)
+            if count is None:
+                continue
+            levers = Levers(mode, count if count < len(b.blocks) else None, kind)
+        peak = b.predict(levers, micro_batch)
+        if peak <= limit:
+            found.append((levers, peak))
+    return found
+
+
+def set_flags(levers: Levers) -> str:
+    """The `--set` flags that configure `levers`, e.g.
+    "--set memory.activation_checkpointing=full --set memory.checkpointed_blocks=3"."""
+    flags = []
+    if levers.checkpointing != "none":
+        flags.append(f"--set memory.activation_checkpointing={levers.checkpointing}")
+        if levers.checkpointed_blocks is not None:
+            flags.append(f"--set memory.checkpointed_blocks={levers.checkpointed_blocks}")
+    if levers.optimizer_state != "fp32":
+        flags.append(f"--set memory.optimizer_state={levers.optimizer_state}")
+    return " ".join(flags)
+
+
+def fit_sentence(b: Breakdown, limit: int, micro_batch: int | None = None,
+                 state_kinds: Sequence[str] = ("fp32", "8bit", "4bit")) -> tuple[bool, str]:
+    """(fits, in words) for the step at `micro_batch` (default: the measured) against
+    `limit`: "fits: yes (72 % of the budget)", or what it needs and which levers would fit,
+    with the `--set` flags of the first."""
+    m = micro_batch or b.micro_batch
+    peak = b.predict(b.levers, m) if m != b.micro_batch else b.peak
+    if peak <= limit:
+        return True, f"fits: yes ({peak / limit:.0%} of the budget of {format_size(limit)})"
+    words = f"does not fit: {format_size(peak)} of {format_size(limit)}"
+    options = fitting_levers(b, m, limit, state_kinds)
+    if not options:
+        unknown = "" if b.measured_activations else " (activations not measured)"
+        return False, f"{words}; no lever combination is predicted to fit{unknown}"
+    n = len(b.blocks)
+    alts = " or ".join(f"{lv.describe(n)} ({format_size(p)})" for lv, p in options[:3])
+    return False, f"{words}; would fit with {alts}; e.g. {set_flags(options[0][0])}"
