@@ -41,6 +41,7 @@ from redline.memory.levers import STATE_BYTES_PER_PARAM, Levers
 from redline.memory.sizes import format_size
 
 MODES = ("none", "selective", "full")
+MEMORY_FILE = "memory.json"  # RUN_DIR/memory.json: the breakdown at an OOM (run/oom.py)
 
 
 @dataclass
