@@ -33,13 +33,13 @@ from redline.data import iterate_from
 from redline.device import DeviceInfo
 from redline.environment import environment_check
 from redline.job.build import build_job
-from redline.job.memory import measure_config_breakdown
+from redline.job.memory import measure_config_breakdown, state_kinds
 from redline.job.runner import JobRunner
 from redline.memory.breakdown import Breakdown, fit_sentence
 from redline.memory.guard import OutOfMemoryAtMinimum
 from redline.memory.probe import MemoryBudget, default_budget, format_size, live_tensor_bytes
 from redline.run.evaluation import evaluate_sets
-from redline.task import Task, task_member
+from redline.task import Task
 
 
 @dataclass
@@ -127,8 +127,7 @@ def _breakdown(result: DryRun, config: RunConfig, task: Task, device: DeviceInfo
     micro = config.train.micro_batch
     b = measure_config_breakdown(config, task, device, micro)
     limit, source = _budget(config, device)
-    job_kinds = ("fp32",) if task_member(task, "optimizer") else ("fp32", "8bit", "4bit")
-    fits, sentence = fit_sentence(b, limit, micro, job_kinds)
+    fits, sentence = fit_sentence(b, limit, micro, state_kinds(task, config))
     result.plan.update(step_peak_bytes=b.peak, memory=b.to_dict(),
                        memory_fit={"fits": fits and failed is None, "budget": limit,
                                    "budget_source": source, "sentence": sentence})
