@@ -170,3 +170,25 @@ def test_the_cpu_default_budget_check_sees_the_steady_state() -> None:
     engine.step(batch, loss)  # parameters + gradients: fits
     with pytest.raises(OutOfMemoryAtMinimum):  # + AdamW's two moments: does not
         engine.step(batch, loss)
+
+
+@pytest.mark.slow
+def test_low_bit_states_are_counted_by_their_inner_tensors() -> None:
+    """torchao's 8-bit AdamW state is a tensor subclass whose own storage is not memory: the
+    sizes count its inner tensors (about 2 bytes per element), where reading the subclass's
+    storage raised."""
+    optim = pytest.importorskip("torchao.optim")
+    import torch
+    from torch import nn
+
+    from redline.memory.breakdown import tensor_bytes
+    from redline.memory.probe import live_tensor_bytes
+
+    model = nn.Linear(512, 512)
+    optimizer = optim.AdamW8bit(model.parameters())
+    model(torch.randn(2, 512)).sum().backward()
+    optimizer.step()
+    n = sum(p.numel() for p in model.parameters())
+    state = tensor_bytes(list(optimizer.state.values()))
+    assert 1.9 * n < state < 2.2 * n
+    assert live_tensor_bytes(optimizer) == state
