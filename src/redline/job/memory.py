@@ -62,7 +62,7 @@ def measure_job_breakdown(job: Job, batch: Any) -> Breakdown:
     b = Breakdown(micro_batch=batch_tree.leading_size(batch), gradients=grads,
                   temporaries=0, peak=peak, source=source, levers=levers,
                   **_states(job), **activations)
-    b.temporaries = peak - b.predict(levers, b.micro_batch)
+    b.temporaries = peak - b.backward_peak(levers, b.micro_batch)
     return b
 
 
@@ -102,7 +102,8 @@ def _states(job: Job) -> dict[str, Any]:
     return {"parameters": tensor_bytes(params),
             "optimizer_state": tensor_bytes(list(job.optimizer.state.values())),
             "optimizer_state_kind": job.config.memory.optimizer_state,
-            "trainable_elements": sum(p.numel() for p in trainable)}
+            "trainable_elements": sum(p.numel() for p in trainable),
+            "largest_parameter": max((p.numel() for p in trainable), default=0)}
 
 
 def _measured_step(runner: JobRunner, batch: Any) -> int:

@@ -16,6 +16,10 @@ so a first step's peak misses it) a step's peak is
 - recompute: a checkpointed block's backward runs its forward again, so for a moment it
   holds its unchecked activations, while the blocks after it have freed theirs (the
   worst such moment counts, beyond what the forward kept).
+- the optimizer step: a low-bit optimizer's step dequantizes one parameter's two moments
+  at a time into float32 temporaries (STEP_BYTES_PER_ELEMENT of the largest parameter),
+  with every gradient alive: for a model whose states dominate, that moment is the peak,
+  so `predict` takes the larger of it and the forward/backward's.
 - temporaries: the measured peak minus all of the above. Positive: scratch of the backward
   (gradients of the logits, attention's backward). Negative: what does not coexist at the
   peak (the gradients grow while the activations are freed). Scaled with the micro-batch
@@ -35,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redline.memory.blocks import Block
-from redline.memory.levers import STATE_BYTES_PER_PARAM, Levers
+from redline.memory.levers import STATE_BYTES_PER_PARAM, STEP_BYTES_PER_ELEMENT, Levers
 from redline.memory.sizes import format_size, live_tensor_bytes
 
 MODES = ("none", "selective", "full")
@@ -74,6 +78,7 @@ class Breakdown:
     levers: Levers = field(default_factory=Levers)  # what the measured step ran with
     measured_activations: bool = True  # False: predicted from sizes, activations unknown
     notes: list[str] = field(default_factory=list)
+    largest_parameter: int = 0  # elements of the largest trainable tensor (step_peak)
 
     # ---- prediction ----------------------------------------------------------------------
 
@@ -103,10 +108,23 @@ class Breakdown:
         return self._scale(max(0, worst), micro_batch)
 
     def predict(self, levers: Levers, micro_batch: int) -> int:
-        """The steady-state peak predicted with `levers` at `micro_batch` (module docstring)."""
+        """The steady-state peak predicted with `levers` at `micro_batch` (module docstring):
+        the larger of the forward/backward's and the optimizer step's."""
+        return max(self.backward_peak(levers, micro_batch),
+                   self.step_peak(levers.optimizer_state))
+
+    def backward_peak(self, levers: Levers, micro_batch: int) -> int:
+        """The forward/backward's peak: every category, activations at `micro_batch`."""
         return (self.parameters + self.gradients + self.state_bytes(levers.optimizer_state)
                 + self.activations(levers, micro_batch) + self.recompute(levers, micro_batch)
                 + self._scale(self.temporaries, micro_batch))
+
+    def step_peak(self, kind: str) -> int:
+        """The optimizer step's peak: the model states, and the step's own temporaries for
+        state `kind` (a low-bit step dequantizes one parameter's moments at a time:
+        STEP_BYTES_PER_ELEMENT of its largest parameter)."""
+        return (self.parameters + self.gradients + self.state_bytes(kind)
+                + int(STEP_BYTES_PER_ELEMENT.get(kind, 0.0) * self.largest_parameter))
 
     def fewest_blocks(self, levers: Levers, micro_batch: int, limit: int) -> int | None:
         """The fewest first blocks to checkpoint in `levers.checkpointing` for predict() to be
