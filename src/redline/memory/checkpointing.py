@@ -91,9 +91,10 @@ def _statistics(norm: nn.modules.batchnorm._BatchNorm) -> list[torch.Tensor]:
             if b is not None]
 
 
-def _frozen_context(norms: Sequence[nn.modules.batchnorm._BatchNorm],
-                    selective: bool) -> tuple[Any, Any]:
-    """Checkpoint contexts whose recompute leaves `norms`' statistics alone (docstring)."""
+def _contexts_keeping_statistics(norms: Sequence[nn.modules.batchnorm._BatchNorm],
+                                 selective: bool) -> tuple[Any, Any]:
+    """Checkpoint contexts (selective or not) whose recompute leaves `norms`' statistics
+    as the forward left them."""
     forward, recompute = (_selective_context() if selective
                           else (contextlib.nullcontext(), contextlib.nullcontext()))
 
@@ -160,7 +161,7 @@ class Checkpointing:
         norms = self._norms[index]
         if norms and not torch.compiler.is_compiling():
             context: Callable[[], tuple[Any, Any]] = functools.partial(
-                _frozen_context, norms, mode == "selective")
+                _contexts_keeping_statistics, norms, mode == "selective")
             return checkpoint(forward, *args, use_reentrant=False, context_fn=context,
                               **kwargs)
         if mode == "full":
