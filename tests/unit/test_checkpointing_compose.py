@@ -10,6 +10,7 @@ rtol=1e-5, atol=1e-6 (test_checkpointing.py says why), bf16's and fp8's their ro
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import pytest
@@ -168,3 +169,16 @@ def test_a_compiled_selectively_checkpointed_model_gives_the_eager_gradient() ->
     for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
         # inductor fuses and reorders fp32 reductions: compiled-vs-eager tolerance
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_torchs_compile_notice_about_context_fn_is_dropped_and_others_kept() -> None:
+    # torch logs it once, on a cold compile only (a warm cache skips it), so the filter on
+    # its logger is checked directly: noise here (memory/checkpointing.py says why)
+    logger = logging.getLogger("torch._higher_order_ops.wrap")
+
+    def record(message: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, (), None)
+
+    assert not logger.filter(record("\nDetected that context_fn is passed to "
+                                    "torch.utils.checkpoint under torch.compile.\n"))
+    assert logger.filter(record("something else torch says"))
