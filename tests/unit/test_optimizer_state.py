@@ -122,6 +122,7 @@ def test_build_job_builds_the_low_bit_optimizer_and_its_schedule_sets_the_lr() -
     job = build_job(_config(optimizer_state="4bit").updated({"train.warmup_steps": 2}),
                     MemGPT(), CPU)
     assert type(job.optimizer).__name__ == "AdamW4bit"
+    assert not job.notes  # its float32 lr tensor is train.lr: no "task optimizer" note
     assert job.fingerprint() != build_job(_config(), MemGPT(), CPU).fingerprint()
     with compiled_runs_eagerly():
         loss = job.engine.step(next(iter(job.train_loader())), MemGPT().loss)
