@@ -23,6 +23,7 @@ from redline.errors import MissingExtra
 from redline.job.build import build_job
 from redline.memory.levers import STATE_BYTES_PER_PARAM
 from redline.memory.optimizer_state import make_optimizer
+from redline.memory.probe import MemoryBudget
 from redline.memory.sizes import live_tensor_bytes
 from redline.memory.tracker import MemoryTracker
 from tests.tasks.memgpt import MemGPT, OwnOptimizer, WideMLP
@@ -121,6 +122,7 @@ def test_build_job_builds_the_low_bit_optimizer_and_its_schedule_sets_the_lr() -
     job = build_job(_config(optimizer_state="4bit").updated({"train.warmup_steps": 2}),
                     MemGPT(), CPU)
     assert type(job.optimizer).__name__ == "AdamW4bit"
+    assert not job.notes  # its float32 lr tensor is train.lr: no "task optimizer" note
     assert job.fingerprint() != build_job(_config(), MemGPT(), CPU).fingerprint()
     with compiled_runs_eagerly():
         loss = job.engine.step(next(iter(job.train_loader())), MemGPT().loss)
@@ -151,3 +153,31 @@ def test_a_missing_torchao_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
     model = WideMLP().build_model()
     with pytest.raises(MissingExtra, match=r"optimizer_state=8bit needs torchao.*\[fp8\]"):
         make_optimizer(list(model.parameters()), 1e-3, 0.0, "8bit")
+
+
+def _peak(micro: int) -> int:
+    job = build_job(_config(optimizer_state="8bit").updated(
+        {"train.batch_size": micro, "train.effective_batch_size": 32}), MemGPT(), CPU)
+    tracker = MemoryTracker(baseline=live_tensor_bytes(job.model, job.optimizer))
+    with tracker:
+        job.engine.step(next(iter(job.train_loader())), MemGPT().loss)
+    return tracker.peak
+
+
+@pytest.mark.slow
+def test_the_oom_guard_redoes_a_low_bit_step_and_makes_its_state_once() -> None:
+    """An OOM in the forward pass is redone with smaller micro-batches before the optimizer
+    step: torchao's state is made once, by the step that went through."""
+    budget = int(_peak(8) * 1.05)
+    assert _peak(32) > budget  # the whole batch does not fit: the guard must split it
+    job = build_job(_config(optimizer_state="8bit").updated({"train.batch_size": 32}),
+                    MemGPT(), CPU)
+    batch = next(iter(job.train_loader()))
+    with MemoryBudget(budget, CPU, baseline=live_tensor_bytes(job.model, job.optimizer)):
+        for _ in range(2):
+            assert torch.isfinite(job.engine.step(batch, MemGPT().loss))
+    assert job.engine.micro_batch_size < 32
+    states = list(job.optimizer.state.values())
+    assert len(states) == sum(1 for p in job.model.parameters() if p.requires_grad)
+    assert {float(s["step"]) for s in states} == {2.0}
+    assert all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in states)

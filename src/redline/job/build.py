@@ -268,7 +268,8 @@ def task_scheduler(task: Task, optimizer: torch.optim.Optimizer, total_steps: in
 def _lr_note(optimizer: torch.optim.Optimizer, lr: float) -> str | None:
     """A sentence where the optimizer's lr is not train.lr (the task brought its own)."""
     own = float(optimizer.param_groups[0]["lr"])
-    if math.isclose(own, lr, rel_tol=1e-9):
+    # torchao's optimizers (memory.optimizer_state) hold train.lr as a float32 tensor
+    if math.isclose(own, lr, rel_tol=1e-6):
         return None
     return (f"task optimizer {type(optimizer).__name__} sets lr {own:.3g}; train.lr {lr:.3g} "
             "is not used")
