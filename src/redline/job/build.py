@@ -181,8 +181,9 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
     micro = None if t.auto_batch else min(t.micro_batch, t.samples_per_step // comm.world.size)
     guard = (OOMGuard(micro, config.memory.grow_after)
              if micro is not None and config.memory.oom_guard else False)
-    # A TorchDispatchMode active at a compiled model's first call makes dynamo skip it for
-    # good (measured: nothing compiled), so a compiled model's first steps go unchecked.
+    # A compiled model's tracked steps would run eagerly (the tracker forces it, since a
+    # TorchDispatchMode at a compiled frame's first call made dynamo skip it for good) and
+    # measure the eager model's memory, not the compiled one's: its steps go unchecked.
     limit = (default_budget(device, comm.world.local_size) if guard and device.kind == "cpu"
              and config.memory.budget is None and not config.precision.compile else None)
     check = (None if limit is None

@@ -1,6 +1,7 @@
 """What a checkpoint holds for an exact resume, and how a run takes it back.
 
-A checkpoint is plain PyTorch (`torch.load(..., weights_only=True)` reads it): the model,
+A checkpoint is plain PyTorch (`torch.load(..., weights_only=True)` reads it; one with
+low-bit optimizer states after `import torchao.optim`, which registers their classes): the model,
 optimizer, scheduler and engine (loss scaler, micro-batch) states, every callback's
 `state_dict()`, the RNG states (python, numpy, torch, cuda), the position in the data
 (epoch, batches consumed, samples seen), the resolved config and the tracker's run id.
