@@ -17,13 +17,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.utils import _pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 __all__ = [
-    "PYTREE_LOGGER", "TorchDispatchMode", "arm_all_reduce", "default_store", "fake_tensor_mode",
-    "foreach_copy_", "foreach_norm", "found_inf_given", "has_running_stats",
-    "op_name_and_return_aliases", "supports_found_inf", "tree_flatten", "tree_leaves",
-    "tree_unflatten", "unwrap_compiled", "uses_batch_statistics",
+    "PYTREE_LOGGER", "TorchDispatchMode", "arm_all_reduce", "compiled_runs_eagerly",
+    "default_store", "dump_memory_snapshot", "fake_tensor_mode", "foreach_copy_",
+    "foreach_norm", "found_inf_given", "has_running_stats", "op_name_and_return_aliases",
+    "plain_tensors", "record_memory_history", "supports_found_inf", "tree_flatten",
+    "tree_leaves", "tree_unflatten", "unwrap_compiled", "uses_batch_statistics",
 ]
 
 # --- pytree: a batch of any structure (batch.py) and an op's outputs (memory/tracker.py).
@@ -54,6 +55,34 @@ def op_name_and_return_aliases(func: Any) -> tuple[str, list[bool | None]]:
     schema = func._schema
     return schema.name, [None if r.alias_info is None else bool(r.alias_info.is_write)
                          for r in schema.returns]
+
+
+@contextmanager
+def compiled_runs_eagerly() -> Iterator[None]:
+    """While active, a function torch.compile wrapped runs its Python eagerly instead of
+    compiling (or running what it compiled before). The CPU memory tracker enters it: a
+    TorchDispatchMode active while dynamo traces makes it skip the frame, and a frame
+    compiled with fullgraph=True (torchao's low-bit AdamW step) then raises "found no
+    compiled frames"; eagerly, every op reaches the tracker, and later untracked calls
+    still compile. Relied on: torch.compiler.set_stance("force_eager") as a context
+    manager, nestable, restoring the previous stance on exit (public, but the interplay
+    with a dispatch mode is not promised: tests/unit/test_torch_compat.py checks it)."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+def plain_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors that hold `tensor`'s data: itself, or for a tensor subclass that
+    wraps others (torchao's quantized optimizer states: codes, scales, a lookup table)
+    the tensors it wraps, recursively, since a wrapper's own storage holds no bytes.
+    Relied on: is_traceable_wrapper_subclass, and `__tensor_flatten__()` returning the
+    names of the wrapped tensor attributes first."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from plain_tensors(getattr(tensor, name))
+    else:
+        yield tensor
 
 
 def fake_tensor_mode() -> Any:
@@ -155,3 +184,17 @@ def default_store() -> Any:
     except Exception:  # no store to reach: failures are reported without naming the rank
         return None
 
+
+
+# --- The CUDA allocator's history: an out-of-memory error at a micro-batch of 1 leaves a
+# snapshot for https://pytorch.org/memory_viz (run/oom.py). Relied on:
+# torch.cuda.memory._record_memory_history(enabled="all" | None) and
+# torch.cuda.memory._dump_snapshot(path) writing the pickle memory_viz reads. CUDA only.
+def record_memory_history(on: bool) -> None:
+    """Start (or stop) recording the CUDA allocator's events and their stacks."""
+    torch.cuda.memory._record_memory_history(enabled="all" if on else None)
+
+
+def dump_memory_snapshot(path: str) -> None:
+    """Write the recorded history and the allocator's state to `path` (a pickle)."""
+    torch.cuda.memory._dump_snapshot(path)

@@ -17,6 +17,7 @@ with `weights_only=True` (no arbitrary code runs when a checkpoint is opened).
 
 from __future__ import annotations
 
+import pickle
 import re
 import zipfile
 from collections.abc import Callable
@@ -26,8 +27,9 @@ from typing import Any
 
 import torch
 
-from redline.errors import UserError, require
+from redline.errors import MissingExtra, UserError, require
 from redline.files import atomic_file
+from redline.fp8 import torchao_import
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -117,7 +119,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     verify(path)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = _load(path, map_location)
+    except MissingExtra:  # a sound file this install cannot read: not corrupt
+        raise
     except Exception as e:  # torch.load raises many types for a damaged file
         raise CheckpointError(f"{path} is unreadable ({type(e).__name__}); "
                               "it is truncated or corrupt") from None
@@ -125,6 +129,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"{path} is not a redline checkpoint (missing {missing})")
     return payload
+
+
+# torchao's quantized optimizer states (memory.optimizer_state 8bit / 4bit) are tensor
+# subclasses, which weights_only loads once their module is imported: a run that resumes
+# or reads such a checkpoint without having built the optimizer first imports them here.
+_STATE_MODULES = ("torchao.optim.subclass_8bit", "torchao.optim.subclass_4bit")
+
+
+def _load(path: str | Path, map_location: str | torch.device) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        needed = [m for m in _STATE_MODULES if f"GLOBAL {m}." in str(e)]
+        if not needed:
+            raise
+    for module in needed:
+        torchao_import(module, f"reading {Path(path).name} (low-bit optimizer state)")
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 _CHUNK = 1 << 20
@@ -182,9 +204,13 @@ def load_latest(directory: str | Path, map_location: str | torch.device = "cpu",
 
 
 # Keys that may differ between a run and its resumption: they change how long the run
-# goes and what it records, not the math of the steps already taken.
+# goes and what it records, not the math of the steps already taken. Activation
+# checkpointing recomputes the same ops on the same inputs (the gradient is the one without
+# it; memory/checkpointing.py), so a run saved with one mode resumes with another.
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batches",
-                     "train.eval_batch_size", "data.", "checkpoint.", "telemetry.")
+                     "train.eval_batch_size", "data.", "checkpoint.", "telemetry.",
+                     "memory.activation_checkpointing", "memory.checkpoint_blocks",
+                     "memory.checkpointed_blocks")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -25,6 +25,7 @@ report shows as its fp8 layer table.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -112,8 +113,14 @@ def convert(model: nn.Module, decisions: list[LayerDecision], recipe: str,
 
 def torchao_float8() -> Any:
     """`torchao.float8`, or MissingExtra naming the extra that installs it."""
-    # torchao's compiled CUDA extensions are of no use to float8 training on a CPU build of
-    # torch, and loading them prints warnings on every import: skip them there.
+    return torchao_import("torchao.float8", "fp8 training")
+
+
+def torchao_import(module: str, feature: str) -> Any:
+    """A torchao module (`torchao.float8`, `torchao.optim`), imported quietly, or
+    MissingExtra naming the extra that installs torchao, for `feature`."""
+    # torchao's compiled CUDA extensions are of no use on a CPU build of torch, and
+    # loading them prints warnings on every import: skip them there.
     if torch.version.cuda is None:
         os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     # Its import also logs about skipped extensions and deprecated pytree registrations:
@@ -123,10 +130,9 @@ def torchao_float8() -> Any:
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        import torchao.float8 as float8
+        return importlib.import_module(module)
     except ImportError:
-        raise MissingExtra("fp8 training", "torchao", "fp8") from None
+        raise MissingExtra(feature, "torchao", "fp8") from None
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
-    return float8

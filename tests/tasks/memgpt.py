@@ -21,9 +21,10 @@ from torch.utils.data import TensorDataset
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
+    def __init__(self, d: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
+        self.drop = nn.Dropout(dropout)  # p=0 (the default) draws no random numbers
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
@@ -35,15 +36,16 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).split(d, dim=-1)
         q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, s, d))
-        return x + self.down(F.gelu(self.up(self.norm2(x))))
+        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, s, d)))
+        return x + self.drop(self.down(F.gelu(self.up(self.norm2(x)))))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab: int, seq: int, width: int, layers: int, heads: int) -> None:
+    def __init__(self, vocab: int, seq: int, width: int, layers: int, heads: int,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(seq, width)
-        self.layers = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.layers = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab)
 
@@ -59,7 +61,7 @@ class MemGPT:
 
     def __init__(self, n: int = 64, vocab: int = 128, seq: int = 128, width: int = 64,
                  layers: int = 4, heads: int = 4, dropout: float = 0.0) -> None:
-        self.shape = (vocab, seq, width, layers, heads)
+        self.shape = (vocab, seq, width, layers, heads, dropout)
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, vocab, (n, seq + 1), generator=g)
         self.eval_ids = torch.randint(0, vocab, (max(4, n // 8), seq + 1), generator=g)

@@ -201,3 +201,47 @@ def test_two_ranks_armed_backward_all_reduces_once_to_the_average(tmp_path: Path
     assert result["armed_calls"] == [1, 1]  # each rank all-reduced its one bucket once
     assert result["max_diff_from_average"] < 1e-6
     assert result["ranks_differed"] > 1e-3  # the average is not what either rank had
+
+
+class _Seen(compat.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_compiled_code_runs_eagerly_under_a_dispatch_mode_and_compiles_later() -> None:
+    compiles = []
+
+    def backend(gm: Any, example: Any) -> Any:
+        compiles.append(gm)
+        return gm.forward
+
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+
+    step = torch.compile(twice, fullgraph=True, backend=backend)
+    x = torch.ones(3)
+    mode = _Seen()
+    with compat.compiled_runs_eagerly(), mode:  # as the memory tracker enters them
+        assert torch.equal(step(x), twice(x))
+    assert mode.ops >= 2 and not compiles  # eager: every op seen, nothing compiled
+    assert torch.equal(step(x), twice(x))
+    assert len(compiles) == 1  # the frame was not skipped for good: it compiles now
+    # what the eager stance avoids
+    with pytest.raises(Exception, match="fullgraph"), _Seen():
+        torch.compile(lambda x: x - 1, fullgraph=True, backend=backend)(x)
+
+
+def test_plain_tensors_opens_a_wrapper_subclass_to_the_tensors_holding_its_bytes() -> None:
+    subclass_8bit = pytest.importorskip("torchao.optim.subclass_8bit")
+    state = subclass_8bit.OptimState8bit.zeros((4096,), signed=True, block_size=256)
+    inner = list(compat.plain_tensors(state))
+    assert [t.dtype for t in inner] == [torch.uint8, torch.float32, torch.float32]
+    assert sum(t.untyped_storage().nbytes() for t in inner) == 4096 + 16 * 4 + 256 * 4
+    plain = torch.ones(2)
+    assert list(compat.plain_tensors(plain)) == [plain]

@@ -11,8 +11,9 @@ actually built:
                 channels-last when precision.channels_last
     step_model = DDP(model) under torchrun, compiled if precision.compile; else model
     re-seed   rank r > 0 with distributed.rank_seed (rank 0 draws what one process would)
-    optimizer = task.optimizer(model), else AdamW(lr, weight_decay) over the trainable
-                parameters, fused
+    optimizer = task.optimizer(model) (memory.optimizer_state must be fp32), else
+                AdamW(lr, weight_decay) over the trainable parameters, fused, its state
+                kept as memory.optimizer_state says (memory/optimizer_state.py)
     scheduler = task.scheduler(optimizer[, total_steps]), else LambdaLR(warm-up, then
                 train.schedule over the run's steps)
     data      = task.train_data(), task.eval_data() (one set or a dict of named ones),
@@ -27,9 +28,10 @@ is the whole step's, over all ranks: each rank steps its share, so a 2-rank run 
 same optimizer steps as one process would, and `batch_size` is the micro-batch per rank.
 On a CPU without `memory.budget` the guard cannot see the machine's limit (Linux lets
 the kernel kill the process instead of failing an allocation), so the engine runs each
-micro-batch size's first step under a tracked budget of the memory available now
-(memory/probe.py): a size that would not fit raises a real OutOfMemoryError there, and
-the guard shrinks it. `Job.memory_limit` says what was used.
+micro-batch size's first two steps under a tracked budget of the memory available now
+(memory/probe.py; the second holds the optimizer's state, the steady state): a size that
+would not fit raises a real OutOfMemoryError there, and the guard shrinks it.
+`Job.memory_limit` says what was used.
 
 Every loader a run uses comes from the Job (`Job.train_loader`, `Job.eval_loader`), so the
 dry run batches exactly as training does. Where the task's optimizer or scheduler replaces
@@ -60,11 +62,13 @@ from redline.data import eval_loader, loader_options, train_loader
 from redline.device import DeviceInfo
 from redline.distributed import Comm, World, rank_seed
 from redline.engine import Engine, EngineConfig
+from redline.errors import UserError
 from redline.events import Dispatcher, State
 from redline.memory.blocks import find_blocks
 from redline.memory.checkpointing import Checkpointing
 from redline.memory.guard import OOMGuard
 from redline.memory.levers import Levers
+from redline.memory.optimizer_state import check_task_optimizer, make_optimizer
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes
 from redline.precision import Precision, get_precision
 from redline.task import Task, TaskError, task_member
@@ -127,7 +131,8 @@ class Job:
                  repr(self.precision.describe()),
                  f"compiled={self.step_model is not self.model}",
                  f"channels_last={self.config.precision.channels_last}",
-                 type(self.optimizer).__name__, repr(self.optimizer.defaults.get("foreach")),
+                 type(self.optimizer).__name__,
+                 repr(getattr(self.optimizer, "defaults", {}).get("foreach")),
                  batch_tree.describe(self.train_set[0]), self.device.name,
                  str(self.device.memory_total), torch.__version__,
                  f"world_size={self.world.size}",
@@ -162,12 +167,7 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
         step_model = torch.compile(step_model)
     if comm.world.rank:
         seed_everything(rank_seed(t.seed, comm.world.rank))
-    own = task_member(task, "optimizer")  # the task's own optimizer, where it has one
-    try:
-        optimizer = (own(model) if own else None) or build_optimizer(model, t.lr,
-                                                                     t.weight_decay)
-    except ValueError as e:
-        raise ConfigError(f"task {task.name!r}: {e}") from None
+    optimizer = _optimizer(task, model, config)
     train_set, eval_sets = task_datasets(task)
     steps_per_epoch = (None if t.auto_batch
                        else len(train_set) // t.samples_per_step)  # type: ignore[arg-type]
@@ -181,8 +181,9 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
     micro = None if t.auto_batch else min(t.micro_batch, t.samples_per_step // comm.world.size)
     guard = (OOMGuard(micro, config.memory.grow_after)
              if micro is not None and config.memory.oom_guard else False)
-    # A TorchDispatchMode active at a compiled model's first call makes dynamo skip it for
-    # good (measured: nothing compiled), so a compiled model's first steps go unchecked.
+    # A compiled model's tracked steps would run eagerly (the tracker forces it, since a
+    # TorchDispatchMode at a compiled frame's first call made dynamo skip it for good) and
+    # measure the eager model's memory, not the compiled one's: its steps go unchecked.
     limit = (default_budget(device, comm.world.local_size) if guard and device.kind == "cpu"
              and config.memory.budget is None and not config.precision.compile else None)
     check = (None if limit is None
@@ -268,7 +269,8 @@ def task_scheduler(task: Task, optimizer: torch.optim.Optimizer, total_steps: in
 def _lr_note(optimizer: torch.optim.Optimizer, lr: float) -> str | None:
     """A sentence where the optimizer's lr is not train.lr (the task brought its own)."""
     own = float(optimizer.param_groups[0]["lr"])
-    if math.isclose(own, lr, rel_tol=1e-9):
+    # torchao's optimizers (memory.optimizer_state) hold train.lr as a float32 tensor
+    if math.isclose(own, lr, rel_tol=1e-6):
         return None
     return (f"task optimizer {type(optimizer).__name__} sets lr {own:.3g}; train.lr {lr:.3g} "
             "is not used")
@@ -320,17 +322,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
-                    ) -> torch.optim.Optimizer:
-    """The optimizer redline trains with: AdamW over the trainable parameters, fused on CPU
-    and CUDA (3x faster than foreach on CPU here, and it skips a step with non-finite
-    gradients on the device, with no host sync)."""
+def _optimizer(task: Task, model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """The task's own optimizer where it has one (memory.optimizer_state must then be
+    fp32), else redline's AdamW keeping its state as memory.optimizer_state says."""
+    t, kind = config.train, config.memory.optimizer_state
+    own = task_member(task, "optimizer")
+    try:
+        optimizer = own(model) if own else None
+        if optimizer is not None:
+            check_task_optimizer(optimizer, task.name, kind)
+            return optimizer
+        return build_optimizer(model, t.lr, t.weight_decay, kind)
+    except UserError:  # the lever's refusal, a missing extra: already one sentence
+        raise
+    except ValueError as e:
+        raise ConfigError(f"task {task.name!r}: {e}") from None
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
+                    state: str = "fp32") -> torch.optim.Optimizer:
+    """The optimizer redline trains with: AdamW over the trainable parameters, its state
+    kept as `state` (a memory.optimizer_state, memory/optimizer_state.py). In fp32 it is
+    fused on CPU and CUDA (3x faster than foreach on CPU here, and it skips a step with
+    non-finite gradients on the device, with no host sync)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
-                             **({"fused": True} if fused else {"foreach": True}))
+    return make_optimizer(params, lr, weight_decay, state)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -18,6 +18,15 @@ skip, fp8's converted Linears, and `torch.compile`. RNG: the recompute replays t
 forward's random draws (`preserve_rng_state`), so dropout masks match and the gradient is
 the one without checkpointing.
 
+State a forward changes is the exception: a BatchNorm in training mode updates its running
+mean, variance and batch count on every forward, so the recompute would count each batch
+twice (measured: running_mean moved by twice the momentum, num_batches_tracked 2 per step).
+The recompute therefore puts the block's BatchNorm statistics back as the forward left
+them (a copy of two vectors and a count per BatchNorm; the recompute's output is the
+forward's, since training normalises by the batch's own statistics): updated once. Under
+`torch.compile` the compiler recomputes from its traced graph, whose buffer updates happen
+once, and takes only dispatch-mode contexts, so there the recompute runs as traced.
+
 `Checkpointing` installs itself once on the blocks (an instance-level `forward` that
 dispatches on the current mode) and can be switched in place: the memory breakdown
 measures each mode on one built model, and the plan's `checkpointed_blocks` checkpoints
@@ -26,11 +35,15 @@ only the first N blocks. Without grad (evaluation, `torch.no_grad`) a block runs
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
@@ -58,8 +71,56 @@ def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
             else CheckpointPolicy.PREFER_RECOMPUTE)
 
 
+class _CompileNotice(logging.Filter):
+    """torch logs, once per process, that a checkpoint under torch.compile was given a
+    context_fn and should hold no in-place ops. Said of this module's selective policy it is
+    noise a user cannot act on: with in-place ops in a block (relu_ on a saved matmul output,
+    add_) the compiled gradient equals the eager one (checked on torch 2.13), and the
+    checkpointing tests compare compiled against eager. REDLINE_VERBOSE=1 keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
+
+
+if os.environ.get("REDLINE_VERBOSE", "").strip() in ("", "0"):
+    logging.getLogger("torch._higher_order_ops.wrap").addFilter(_CompileNotice())
+
+
 def _selective_context() -> tuple[Any, Any]:
     return create_selective_checkpoint_contexts(_policy)
+
+
+@contextlib.contextmanager
+def _statistics_kept(norms: Sequence[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+    """Whatever `norms` do to their running statistics inside is undone on the way out."""
+    kept = [[b.clone() for b in _statistics(norm)] for norm in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for norm, saved in zip(norms, kept, strict=True):
+                for buffer, value in zip(_statistics(norm), saved, strict=True):
+                    buffer.copy_(value)
+
+
+def _statistics(norm: nn.modules.batchnorm._BatchNorm) -> list[torch.Tensor]:
+    return [b for b in (norm.running_mean, norm.running_var, norm.num_batches_tracked)
+            if b is not None]
+
+
+def _contexts_keeping_statistics(norms: Sequence[nn.modules.batchnorm._BatchNorm],
+                                 selective: bool) -> tuple[Any, Any]:
+    """Checkpoint contexts (selective or not) whose recompute leaves `norms`' statistics
+    as the forward left them."""
+    forward, recompute = (_selective_context() if selective
+                          else (contextlib.nullcontext(), contextlib.nullcontext()))
+
+    @contextlib.contextmanager
+    def both() -> Iterator[None]:
+        with _statistics_kept(norms), recompute:
+            yield
+
+    return forward, both()
 
 
 class Checkpointing:
@@ -71,6 +132,10 @@ class Checkpointing:
         self.blocks = list(blocks)
         self.mode, self.count = "none", None
         self._installed: list[Block] = []
+        # per block: the BatchNorms whose running statistics the recompute must not update
+        self._norms = [[m for m in block.module.modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        and m.track_running_stats] for block in self.blocks]
         for index, block in enumerate(self.blocks):
             module = block.module
             assert "forward" not in vars(module), f"block {block.name} already wrapped"
@@ -110,6 +175,12 @@ class Checkpointing:
         mode = self.mode_of(index)
         if mode == "none" or not torch.is_grad_enabled():
             return forward(*args, **kwargs)
+        norms = self._norms[index]
+        if norms and not torch.compiler.is_compiling():
+            context: Callable[[], tuple[Any, Any]] = functools.partial(
+                _contexts_keeping_statistics, norms, mode == "selective")
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=context,
+                              **kwargs)
         if mode == "full":
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False,

@@ -9,7 +9,7 @@ from redline.errors import ConfigError, require
 from redline.memory.sizes import parse_size
 
 CHECKPOINTING = ("none", "selective", "full", "auto")
-OPTIMIZER_STATES = ("fp32", "bf16", "8bit", "4bit", "cpu-offload")
+OPTIMIZER_STATES = ("fp32", "8bit", "4bit", "cpu-offload")
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,12 @@ class MemoryConfig:
     """How many of the blocks are checkpointed, the first ones in order (the plan writes
     this); null: all of them."""
     optimizer_state: str = "fp32"
-    """How the optimizer keeps its state (redline's AdamW only): fp32; bf16 (torchao AdamW
-    with bf16 states); 8bit / 4bit (torchao AdamW8bit / AdamW4bit, block-quantized states,
-    2 / 1 byte per parameter instead of 8); cpu-offload (torchao CPUOffloadOptimizer: the
-    state and the update on the host; CUDA only). A task's own optimizer is kept, and any
-    value but fp32 is then refused."""
+    """How redline's AdamW keeps its state (memory/optimizer_state.py): fp32 (8 bytes
+    per parameter); 8bit / 4bit (torchao AdamW8bit / AdamW4bit, block-quantized, about 2 /
+    1 byte per parameter; the parameters drift slightly from fp32 AdamW's, see
+    docs/memory.md); cpu-offload (torchao CPUOffloadOptimizer: the state and the update on
+    the host; CUDA only). A task's own optimizer is kept, and any value but fp32 is then
+    refused. No bf16: bf16 moments rounded to nearest stall (memory/optimizer_state.py)."""
 
     def __post_init__(self) -> None:
         try:

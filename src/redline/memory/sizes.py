@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from redline._torch_compat import plain_tensors
+
 _UNITS: dict[str, int] = {
     "": 1, "b": 1,
     "k": 2**10, "ki": 2**10, "kib": 2**10, "kb": 10**3,
@@ -71,7 +73,7 @@ def _decimals(value: float) -> int:
 
 def _iter_tensors(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
-        yield obj
+        yield from plain_tensors(obj)  # a quantized state: its codes and scales
         return
     if id(obj) in seen:  # containers (optimizer state, module trees) may be shared or cyclic
         return

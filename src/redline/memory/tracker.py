@@ -20,6 +20,12 @@ tracker (part of the baseline), so never new. In-place and `out=` ops may grow a
 (`resize_`): for those the inputs' storage sizes are read before the op and only the growth
 counts. Bytes a kernel allocates and frees internally (scratch space) are not seen.
 
+Code that torch.compile wrapped runs eagerly while the tracker is entered: dynamo skips
+a frame it meets under a dispatch mode (and stays skipped), and one compiled with
+fullgraph=True, like torchao's low-bit AdamW step, raises instead. Run eagerly, its ops
+are seen and counted; untracked calls later compile as before. The same holds for a
+torch.compile'd model's forward.
+
 Finalizers may run at any point: inside an op, during garbage collection in the middle of
 our own bookkeeping, or on another thread. So a callback never touches a counter; it
 only unlinks its key and appends its ref to a deque (one atomic C call each), and the
@@ -35,7 +41,12 @@ from typing import Any
 
 import torch
 
-from redline._torch_compat import TorchDispatchMode, op_name_and_return_aliases, tree_leaves
+from redline._torch_compat import (
+    TorchDispatchMode,
+    compiled_runs_eagerly,
+    op_name_and_return_aliases,
+    tree_leaves,
+)
 from redline.memory.sizes import format_size
 
 
@@ -175,14 +186,26 @@ class MemoryTracker(TorchDispatchMode):
     def __enter__(self) -> MemoryTracker:
         depth = getattr(self._local, "depth", 0)
         if depth == 0:
-            super().__enter__()
+            # compiled code runs eagerly while tracked (module docstring)
+            eager = compiled_runs_eagerly()
+            eager.__enter__()
+            try:
+                super().__enter__()
+            except BaseException:
+                eager.__exit__(None, None, None)
+                raise
+            self._local.eager = eager
         self._local.depth = depth + 1
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self._local.depth -= 1
         if self._local.depth == 0:
-            super().__exit__(*exc_info)
+            try:
+                super().__exit__(*exc_info)
+            finally:
+                self._local.eager.__exit__(None, None, None)
+                del self._local.eager
 
     # ---- the op hook ----------------------------------------------------------------------
 
