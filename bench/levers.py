@@ -121,10 +121,10 @@ class Model:
 MODELS = {
     "memgpt": Model("memgpt", "MemGPT", {"n": 64, "vocab": 128, "seq": 256, "width": 64,
                                          "layers": 4, "heads": 4}, 8,
-                    "GPT, activations dominate", "fit@E,fit@2,x1,x0.5,x0.25"),
+                    "GPT, activations dominate", "fit@E,fit@2,x1,x0.6,x0.25"),
     "widemlp": Model("widemlp", "WideMLP", {"n": 256, "dim": 64, "width": 256,
                                             "hidden": 1024, "layers": 4}, 16,
-                     "residual MLP, states dominate", "fit@E,x1,x0.75,x0.25"),
+                     "residual MLP, states dominate", "fit@E,x1,x0.9,x0.25"),
 }
 
 
@@ -350,7 +350,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="KEY:JSON[:E]",
                    help='a model\'s task_args (and effective batch), e.g. memgpt:\'{"width": '
                         '256, "layers": 6, "seq": 512}\':4 (the issue\'s shape; slow here)')
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: with another process busy on a core, "
+                        "2-thread steps of these small models swing up to 30-fold, OpenMP "
+                        "threads waiting on each other; one thread only time-slices)")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
     p.add_argument("--peaks-json", metavar="FILE",
                    help="reuse the peaks an earlier run's --json measured (and their "
