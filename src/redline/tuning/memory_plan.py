@@ -278,21 +278,39 @@ class MemoryPlan:
                 "breakdown": self.breakdown, "notes": list(self.notes),
                 "wall_s": self.wall_s}
 
+    def summary_of_start(self) -> str:
+        """Where the start stands: its predicted peak against the target."""
+        return (f"no lever at micro-batch {self.start_micro_batch} is predicted at "
+                f"{format_size(self.start_peak)}, "
+                + ("within" if self.start_fits else "over") +
+                f" the target {format_size(self.target)}")
+
     def render(self) -> str:
-        """The table: each combination, its predicted and measured peak, samples/s, why."""
-        head = (f"{'combination':<46} {'micro-batch':>11} {'predicted':>10} "
-                f"{'measured':>10} {'samples/s':>10} {'spread':>7}  why")
-        lines = [f"memory plan: target {format_size(self.target)} (memory.target of "
-                 f"{format_size(self.budget)})", head]
-        for r in self.rows:
-            sps = f"{r.samples_per_s:.1f}" if r.samples_per_s else "-"
-            spread = f"{100 * r.spread:.1f}%" if r.spread is not None else "-"
-            measured = format_size(r.measured_peak) if r.measured_peak else "-"
-            lines.append(f"{r.levers.describe(self.blocks):<46} {r.micro_batch:>11} "
-                         f"{format_size(r.predicted):>10} {measured:>10} {sps:>10} "
-                         f"{spread:>7}  {r.note}".rstrip())
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        return render_plan(self.to_dict())
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    """The plan's table (from MemoryPlan.to_dict, as --json and the tune report hold it):
+    each combination, its predicted and measured peak, samples/s and spread, why."""
+    lines = [f"memory plan: target {format_size(plan['target_bytes'])} (memory.target of "
+             f"{format_size(plan['budget_bytes'])}); {_start_line(plan)}",
+             f"  {'combination':<44} {'micro-batch':>11} {'predicted':>10} "
+             f"{'measured':>10} {'samples/s':>10} {'spread':>7}  why"]
+    for r in plan["rows"]:
+        sps = f"{r['samples_per_s']:.1f}" if r["samples_per_s"] else "-"
+        spread = f"{100 * r['spread']:.1f}%" if r["spread"] is not None else "-"
+        measured = format_size(r["measured_peak"]) if r["measured_peak"] else "-"
+        lines.append(f"  {r['combination']:<44} {r['micro_batch']:>11} "
+                     f"{format_size(r['predicted_peak']):>10} {measured:>10} {sps:>10} "
+                     f"{spread:>7}  {r['note']}".rstrip())
+    lines += [f"  note: {n}" for n in plan["notes"]]
+    return "\n".join(lines)
+
+
+def _start_line(plan: dict[str, Any]) -> str:
+    fits = "fits" if plan["start_fits"] else "does not fit"
+    return (f"without levers at micro-batch {plan['start_micro_batch']} the step is "
+            f"predicted at {format_size(plan['start_peak'])}: it {fits}")
 
 
 def planned_config(config: RunConfig, levers: Levers, micro_batch: int) -> RunConfig:

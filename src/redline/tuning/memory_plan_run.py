@@ -13,9 +13,12 @@ model, in four steps:
              through trial.py's runners (JobRunner, warm-up excluded: torchao's low-bit
              step compiles on its first step), then one tracked steady-state step each
              for the measured peak in the table.
-  verify     the choice, built afresh without the OOM guard, steps three times under the
-             budget (memory/probe.py's MemoryBudget: on a CPU a real OutOfMemoryError);
-             on an OOM the next is taken, and the table says so.
+  verify     the choice, built afresh without the OOM guard, steps twice under the budget
+             (memory/probe.py's MemoryBudget: on a CPU a real OutOfMemoryError; the
+             second step has the optimizer's state), each step two micro-batches where
+             the recipe accumulates (the gradients held while the next micro-batch runs
+             are the accumulation's peak; more would only repeat it); on an OOM the next
+             is taken, and the table says so.
   budget     `fits(seconds)` (tune's Clock) is asked before the timing; where it does
              not fit, the candidate with the fewest levers is taken untimed and verified.
 
@@ -64,17 +67,17 @@ from redline.tuning.trial import interleave, runners
 MEASURE_AT = 2  # the breakdown's micro-batch (at most the start's): small, still per-sample
 ROUNDS = 3
 MIN_TIMED_S = 0.3
-VERIFY_STEPS = 3  # the first creates the optimizer's state; two at the steady state
+VERIFY_STEPS = 2  # the first creates the optimizer's state; the second is the steady state
 # First-step compile of torchao's low-bit step, seconds (measured on a 2-core CPU).
 COMPILE_S = {"8bit": 3.0, "4bit": 12.0}
 
 Say = Callable[[str], None]
 
 
-def state_kinds(task: Task, device: DeviceInfo) -> tuple[tuple[str, ...], list[str]]:
+def state_kinds(own_optimizer: bool) -> tuple[tuple[str, ...], list[str]]:
     """(the optimizer-state kinds the plan may try, why the others are left out)."""
     notes: list[str] = []
-    if task_member(task, "optimizer") is not None:
+    if own_optimizer:
         return ("fp32",), ["optimizer state: the task's own optimizer is kept (no state "
                            "lever)"]
     if importlib.util.find_spec("redline.memory.optimizer_state") is None:
@@ -102,10 +105,12 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
     start = micro_batch or (config.train.micro_batch if not config.train.auto_batch
                             else start_micro_batch(config))
     notes: list[str] = []
-    if states is None:
-        states, notes = state_kinds(task, device)
     say(f"memory plan: measuring the breakdown at micro-batch {min(start, MEASURE_AT)}")
-    bd, step_s, modes = _breakdown(task, config, device, min(start, MEASURE_AT), modes, notes)
+    bd, step_s, modes, own_optimizer = _breakdown(task, config, device,
+                                                  min(start, MEASURE_AT), modes, notes)
+    if states is None:
+        states, more = state_kinds(own_optimizer)
+        notes += more
     blocks = len(bd.blocks)
     start_peak = bd.predict(Levers(), start)
     own = Levers.of(config.memory)
@@ -135,9 +140,11 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
 
 
 def _breakdown(task: Task, config: RunConfig, device: DeviceInfo, size: int,
-               modes: tuple[str, ...], notes: list[str]) -> tuple[Any, float, tuple[str, ...]]:
+               modes: tuple[str, ...], notes: list[str]
+               ) -> tuple[Any, float, tuple[str, ...], bool]:
     """(the breakdown of a measuring job at `size`, a step's seconds at `size` (rough: the
-    measurement's wall over its steps), the checkpointing modes the model allows)."""
+    measurement's wall over its steps), the checkpointing modes the model allows, whether
+    the task brings its own optimizer)."""
     from redline.job.memory import measure_job_breakdown  # the breakdown's measurement
 
     t0 = time.perf_counter()
@@ -147,8 +154,10 @@ def _breakdown(task: Task, config: RunConfig, device: DeviceInfo, size: int,
                                 device.torch_device)
         with job.precision.global_context():
             bd = measure_job_breakdown(job, batch)
+        own = task_member(task, "optimizer")
+        own_optimizer = own is not None and own(job.model) is not None
     # two tracked steps (~2x slower) and a forward per mode: about six steps' time
-    return bd, (time.perf_counter() - t0) / 6, modes
+    return bd, (time.perf_counter() - t0) / 6, modes, own_optimizer
 
 
 def _measuring_job(task: Task, config: RunConfig, device: DeviceInfo,
@@ -241,10 +250,13 @@ def steady_peak(job: Job, step: Callable[[], Any]) -> int:
 
 def verify(task: Task, config: RunConfig, device: DeviceInfo, budget: int) -> int | None:
     """The peak of VERIFY_STEPS real steps of `config` under `budget` (no OOM guard, so an
-    OOM is seen), or None where they ran out of memory."""
+    OOM is seen; at most two micro-batches a step: module docstring), or None where they
+    ran out of memory."""
+    t = config.train
+    steps = min(t.samples_per_step, 2 * t.micro_batch)
     with preserved_rng():
-        job = build_job(config.updated({"memory.budget": None, "memory.oom_guard": False}),
-                        task, device)
+        job = build_job(config.updated({"memory.budget": None, "memory.oom_guard": False,
+                                        "train.effective_batch_size": steps}), task, device)
         runner = JobRunner(job)
         baseline = live_tensor_bytes(job.model, job.optimizer)
         try:
