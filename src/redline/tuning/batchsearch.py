@@ -59,8 +59,8 @@ from redline.tuning.knee import (
 )
 from redline.tuning.recipe import Recipe, kept_batch
 
-__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "Harness", "SizeTrial", "choose_knee",
-           "search_fastest", "search_largest"]
+__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "DoesNotFit", "Harness", "SizeTrial",
+           "choose_knee", "search_fastest", "search_largest"]
 
 ROUNDS = 3  # interleaved timing rounds per size
 MIN_TIMED_S = 0.02  # a size's timing covers steps adding up to at least this
@@ -155,6 +155,11 @@ class AutobatchResult:
 
 
 Progress = Callable[[str], None]
+
+
+class DoesNotFit(ConfigError):
+    """Not even a micro-batch of one sample fits memory.target: the model needs memory
+    levers (the memory plan, tuning/memory_plan.py), or a larger budget."""
 
 
 class Harness:
@@ -318,7 +323,7 @@ def _verify(h: Harness, config: RunConfig, size: int, eval_size: int | None, bud
             eval_size = eval_size // 2
             continue
         if size == 1:
-            raise ConfigError(f"not even a micro-batch of 1 fits memory.target "
+            raise DoesNotFit(f"not even a micro-batch of 1 fits memory.target "
                               f"({config.memory.target:.0%} of {budget} bytes)")
         size = max(1, int(size * 0.9))
 
@@ -356,7 +361,7 @@ def _fit_memory(h: Harness, cap: int, budget: int, target: int, trials: list[Siz
             break
         s = nxt
     if not points:
-        raise ConfigError("a training step does not fit in memory even with one sample")
+        raise DoesNotFit("a training step does not fit in memory even with one sample")
     if len(points) == 1:
         return float(points[0][1]), float(points[0][1]) / points[0][0]
     return _least_squares(points[-2:])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -47,7 +48,6 @@ from redline.memory.levers import Levers
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes, measure_peak
 from redline.rng import preserved_rng
 from redline.task import Task, task_member
-from redline.tuning.autobatch import start_micro_batch
 from redline.tuning.memory_plan import (
     MODES,
     Candidate,
@@ -61,7 +61,7 @@ from redline.tuning.memory_plan import (
     planned_config,
     split_timed,
 )
-from redline.tuning.recipe import kept_batch
+from redline.tuning.recipe import DEFAULT_BATCH, kept_batch
 from redline.tuning.trial import interleave, runners
 
 MEASURE_AT = 2  # the breakdown's micro-batch (at most the start's): small, still per-sample
@@ -102,8 +102,9 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
     t0 = time.perf_counter()
     budget = config.memory.budget_bytes or default_budget(device)[0]
     target = int(config.memory.target * budget)
+    # with batch_size auto: the micro-batch the run would have had (autobatch's start)
     start = micro_batch or (config.train.micro_batch if not config.train.auto_batch
-                            else start_micro_batch(config))
+                            else min(DEFAULT_BATCH, kept_batch(config)))
     notes: list[str] = []
     say(f"memory plan: measuring the breakdown at micro-batch {min(start, MEASURE_AT)}")
     bd, step_s, modes, own_optimizer = _breakdown(task, config, device,
@@ -276,8 +277,6 @@ def resolve_auto_levers(task: Task, config: RunConfig, device: DeviceInfo,
     """memory.activation_checkpointing auto with a fixed batch size -> the config with the
     checkpointing the plan chose at that micro-batch (none where it fits), and what to record.
     `saved`: a resumed run's memory section (its config.yaml), reused as chosen then."""
-    import sys
-
     if saved is not None:
         levers = Levers(saved.get("activation_checkpointing", "none"),
                         saved.get("checkpointed_blocks"), config.memory.optimizer_state)
