@@ -20,9 +20,10 @@ from torch.utils import _pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
-    "PYTREE_LOGGER", "TorchDispatchMode", "arm_all_reduce", "default_store", "fake_tensor_mode",
-    "foreach_copy_", "foreach_norm", "found_inf_given", "has_running_stats",
-    "op_name_and_return_aliases", "supports_found_inf", "tree_flatten", "tree_leaves",
+    "PYTREE_LOGGER", "TorchDispatchMode", "arm_all_reduce", "default_store",
+    "dump_memory_snapshot", "fake_tensor_mode", "foreach_copy_", "foreach_norm",
+    "found_inf_given", "has_running_stats", "op_name_and_return_aliases",
+    "record_memory_history", "supports_found_inf", "tree_flatten", "tree_leaves",
     "tree_unflatten", "unwrap_compiled", "uses_batch_statistics",
 ]
 
@@ -155,3 +156,17 @@ def default_store() -> Any:
     except Exception:  # no store to reach: failures are reported without naming the rank
         return None
 
+
+
+# --- The CUDA allocator's history: an out-of-memory error at a micro-batch of 1 leaves a
+# snapshot for https://pytorch.org/memory_viz (run/oom.py). Relied on:
+# torch.cuda.memory._record_memory_history(enabled="all" | None) and
+# torch.cuda.memory._dump_snapshot(path) writing the pickle memory_viz reads. CUDA only.
+def record_memory_history(on: bool) -> None:
+    """Start (or stop) recording the CUDA allocator's events and their stacks."""
+    torch.cuda.memory._record_memory_history(enabled="all" if on else None)
+
+
+def dump_memory_snapshot(path: str) -> None:
+    """Write the recorded history and the allocator's state to `path` (a pickle)."""
+    torch.cuda.memory._dump_snapshot(path)

@@ -357,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
             _fail(args, str(e))
         return 1
     except _out_of_memory() as e:
-        print(f"redline: error: {str(e).splitlines()[0]}; lower memory use (bf16-mixed, a "
-              "smaller model) or raise memory.budget", file=sys.stderr)
+        first, *rest = str(e).splitlines() or [""]
+        if "would fit with" not in first:
+            first += "; lower memory use (a memory lever, bf16-mixed, a smaller model) or " \
+                     "raise memory.budget"
+        print("\n".join([f"redline: error: {first}", *rest]), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("redline: interrupted", file=sys.stderr)

@@ -63,6 +63,7 @@ from redline._torch_compat import (
     arm_all_reduce,
     foreach_copy_,
     found_inf_given,
+    record_memory_history,
     supports_found_inf,
     uses_batch_statistics,
 )
@@ -73,6 +74,9 @@ from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, StepStart
 from redline.precision import Precision, ScalerWatch, get_precision
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+# Attempts of each micro-batch size run under `memory_check`: the first allocates the
+# optimizer's state (AdamW's, at its first step), the second is the steady state.
+CHECKED_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,8 @@ class EngineConfig:
     micro_batch_size), a configured OOMGuard, or False."""
     memory_check: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
     """With the guard: a context (a tracked memory budget) that each micro-batch size's
-    first attempt runs in, where the allocator itself would not raise (job/build.py)."""
+    first two attempts run in (the second holds the optimizer's state: the steady state),
+    where the allocator itself would not raise (job/build.py)."""
     skip_nonfinite: bool = False
     """Skip the update of a step whose gradient norm is not finite (module docstring)."""
     host_reads: bool | None = None
@@ -156,8 +161,8 @@ class Engine:
         guard = config.oom_guard
         self.guard: OOMGuard | None = (OOMGuard(config.micro_batch_size or 1)
                                        if guard is True else guard or None)
-        self._checked: set[int] = set()  # micro-batch sizes whose first attempt was checked
-        # micro-batch -> peak tensor bytes its first, tracked step counted (CPU, no budget)
+        self._checked: dict[int, int] = {}  # micro-batch size -> its attempts checked
+        # micro-batch -> peak tensor bytes its first two, tracked steps counted (CPU, no budget)
         self.checked_peaks: dict[int, int] = {}
         self.dispatcher = dispatcher or Dispatcher()
         self.state = state or State(model=model, optimizer=optimizer)
@@ -287,6 +292,9 @@ class Engine:
         Called outside the except block, so the exception's traceback, which pins the
         failed micro-batch's activations, is gone before anything is redone.
         """
+        cuda = bool(self._params) and self._params[0].is_cuda
+        if cuda:  # the retries' allocations, for a snapshot should even 1 sample fail
+            record_memory_history(True)
         while True:
             failed_in = self._phase
             exact = self._start.restore(self.optimizer, rng)
@@ -299,6 +307,8 @@ class Engine:
             self._change_micro_batch(change.old, change.new, "oom", failed_in, exact)
             total = self._try(batch, loss_fn, guard.current)
             if total is not None:
+                if cuda:
+                    record_memory_history(False)
                 return total
 
     def _try(self, batch: Any, loss_fn: LossFn, micro: int) -> torch.Tensor | None:
@@ -335,14 +345,16 @@ class Engine:
 
     def _attempt(self, batch: Any, loss_fn: LossFn, micro: int) -> torch.Tensor:
         check = self.config.memory_check
-        if check is None or micro in self._checked:
+        if check is None or self._checked.get(micro, 0) >= CHECKED_STEPS:
             return self._accumulate(batch, loss_fn, micro)
+        # the last step's gradients, freed inside unseen by the tracker: not in its baseline
+        self.optimizer.zero_grad(set_to_none=True)
         with check() as budget:
             total = self._accumulate(batch, loss_fn, micro)
-        self._checked.add(micro)
+        self._checked[micro] = self._checked.get(micro, 0) + 1
         tracker = getattr(budget, "tracker", None)
-        if tracker is not None:  # what the tracked step counted: the run's CPU peak figure
-            self.checked_peaks[micro] = tracker.peak
+        if tracker is not None:  # what the tracked steps counted: the run's CPU peak figure
+            self.checked_peaks[micro] = max(tracker.peak, self.checked_peaks.get(micro, 0))
         return total
 
     def _say_batch_statistics(self, micro: int, n: int) -> None:

@@ -27,9 +27,10 @@ is the whole step's, over all ranks: each rank steps its share, so a 2-rank run 
 same optimizer steps as one process would, and `batch_size` is the micro-batch per rank.
 On a CPU without `memory.budget` the guard cannot see the machine's limit (Linux lets
 the kernel kill the process instead of failing an allocation), so the engine runs each
-micro-batch size's first step under a tracked budget of the memory available now
-(memory/probe.py): a size that would not fit raises a real OutOfMemoryError there, and
-the guard shrinks it. `Job.memory_limit` says what was used.
+micro-batch size's first two steps under a tracked budget of the memory available now
+(memory/probe.py; the second holds the optimizer's state, the steady state): a size that
+would not fit raises a real OutOfMemoryError there, and the guard shrinks it.
+`Job.memory_limit` says what was used.
 
 Every loader a run uses comes from the Job (`Job.train_loader`, `Job.eval_loader`), so the
 dry run batches exactly as training does. Where the task's optimizer or scheduler replaces

@@ -4,14 +4,16 @@ It checks the environment (as `redline doctor` does), builds the job exactly as 
 would (build.py: task, model, precision, optimizer, scheduler, data), draws the first
 batch from the loader training draws from (`Job.train_loader`: the same sampler and
 collation, so a batch that cannot be made fails here as it would in training), runs two
-training steps on it as training steps them (job/runner.py; the first's peak memory measured: the
-allocator's on CUDA, the storage tracker's on CPU; the second, warm, timed) and one
-evaluation batch of each evaluation set (through `Job.eval_loader`, as training), and
-reports what a real run would do: the recipe (with the lr the optimizer really starts at,
-and what the task's own optimizer or scheduler replaces), the step's time and
-memory, a projection of the run's length (labelled as a projection: one step is not a
-run), where it would write. No run directory, cache or file is created; the model trained
-for two steps is thrown away.
+training steps on it as training steps them (job/runner.py; the first's peak memory
+measured: the allocator's on CUDA, the storage tracker's on CPU; the second, warm, timed)
+and one evaluation batch of each evaluation set (through `Job.eval_loader`, as training),
+and reports what a real run would do: the recipe (with the lr the optimizer really starts
+at, and what the task's own optimizer or scheduler replaces), the step's time, where its
+memory goes at the steady state (job/memory.py: measured on a job built for it,
+unbudgeted, at the micro-batch) against the budget (memory.budget, else the device's or
+the CPU default) and which memory levers would make it fit, a projection of the run's
+length (labelled as a projection: one step is not a run), where it would write. No run
+directory, cache or file is created; the model trained for two steps is thrown away.
 
 Exit codes as `doctor`: 0 when the run can go, 1 when something blocks it (the
 environment, an out-of-memory step), 2 for bad input (the config, the task).
@@ -31,10 +33,13 @@ from redline.data import iterate_from
 from redline.device import DeviceInfo
 from redline.environment import environment_check
 from redline.job.build import build_job
+from redline.job.memory import measure_config_breakdown
 from redline.job.runner import JobRunner
-from redline.memory.probe import MemoryBudget, format_size, live_tensor_bytes, measure_peak
+from redline.memory.breakdown import Breakdown, fit_sentence
+from redline.memory.guard import OutOfMemoryAtMinimum
+from redline.memory.probe import MemoryBudget, default_budget, format_size, live_tensor_bytes
 from redline.run.evaluation import evaluate_sets
-from redline.task import Task
+from redline.task import Task, task_member
 
 
 @dataclass
@@ -83,35 +88,64 @@ def dry_run(config: RunConfig, task: Task) -> DryRun:
     limit = (MemoryBudget(budget, device, baseline=live_tensor_bytes(job.model, job.optimizer))
              if budget is not None else contextlib.nullcontext())
     runner = JobRunner(job)
+    failed: str | None = None  # the step that ran out of memory
+    done: list[int] = []
     with runner.context(), limit:
         try:
-            step_s, peak = _one_step(runner, batch, device)
-        except torch.OutOfMemoryError as e:
-            result.ok = False
-            result.blockers.append(f"one training step at micro-batch {t.micro_batch} ran out "
-                                   f"of memory ({str(e).splitlines()[0]}); lower "
-                                   "train.batch_size or use --batch-size auto")
-            return result
-        result.plan.update(step_time_s=step_s, step_peak_bytes=peak,
-                           projected_run_s=step_s * job.max_steps)
+            step_s = _two_steps(runner, batch, done)
+        except (torch.OutOfMemoryError, OutOfMemoryAtMinimum):
+            failed = f"step {len(done) + 1}"
+    if failed is None:
+        result.plan.update(step_time_s=step_s, projected_run_s=step_s * job.max_steps)
         if job.engine.micro_batch_size != t.micro_batch:
             result.warnings.append(f"micro-batch {t.micro_batch} ran out of memory; the OOM "
                                    f"guard went on at {job.engine.micro_batch_size} (a real "
                                    "run does the same, with accumulation)")
         if job.eval_sets:
-            result.plan["eval_metrics"] = sorted(evaluate_sets(
-                job, t.eval_batch_size or t.micro_batch, 1, t.seed))
+            with runner.context():
+                result.plan["eval_metrics"] = sorted(evaluate_sets(
+                    job, t.eval_batch_size or t.micro_batch, 1, t.seed))
+    del job, runner, batch  # the breakdown builds its own, unbudgeted
+    _breakdown(result, config, task, device, failed)
     return result
 
 
-def _one_step(runner: JobRunner, batch: Any, device: DeviceInfo) -> tuple[float, int]:
-    """(seconds, peak bytes) of an optimizer step on `batch`: the first measured for memory
-    (a tracked step is slower on CPU), the second, warm and untracked, for time."""
-    job = runner.job
-    baseline = live_tensor_bytes(job.model, job.optimizer)
-    stats = measure_peak(lambda: runner.step_on(batch), device, baseline)
+def _two_steps(runner: JobRunner, batch: Any, done: list[int]) -> float:
+    """The seconds of the second of two optimizer steps on `batch` (the first allocates the
+    optimizer's state: under memory.budget both run under it, as training's would)."""
+    runner.step_on(batch)
+    done.append(1)
     _, took, _ = runner.time(0.0, batch)  # one step, synced
-    return took, stats.peak_bytes
+    return took
+
+
+def _breakdown(result: DryRun, config: RunConfig, task: Task, device: DeviceInfo,
+               failed: str | None) -> None:
+    """The steady-state breakdown at the micro-batch, measured unbudgeted on a job of its
+    own, against the budget; a step that ran out of memory is a blocker naming the levers
+    that would fit."""
+    micro = config.train.micro_batch
+    b = measure_config_breakdown(config, task, device, micro)
+    limit, source = _budget(config, device)
+    job_kinds = ("fp32",) if task_member(task, "optimizer") else ("fp32", "8bit", "4bit")
+    fits, sentence = fit_sentence(b, limit, micro, job_kinds)
+    result.plan.update(step_peak_bytes=b.peak, memory=b.to_dict(),
+                       memory_fit={"fits": fits and failed is None, "budget": limit,
+                                   "budget_source": source, "sentence": sentence})
+    if failed is not None:
+        result.ok = False
+        why = sentence if not fits else f"{sentence} by the measurement, yet a step failed"
+        result.blockers.append(f"{failed} at micro-batch {micro} ran out of memory under the "
+                               f"budget (from step 2 the optimizer's state is held); {why}")
+    elif not fits:
+        result.warnings.append(sentence)
+
+
+def _budget(config: RunConfig, device: DeviceInfo) -> tuple[int, str]:
+    """(bytes, in words): memory.budget, else the device's memory or the CPU default."""
+    if config.memory.budget_bytes is not None:
+        return config.memory.budget_bytes, "memory.budget"
+    return default_budget(device)
 
 
 def render(result: DryRun) -> str:
@@ -132,9 +166,16 @@ def render(result: DryRun) -> str:
         lines += [f"note       {n}" for n in p["notes"]]
         if "step_time_s" in p:
             lines.append(f"one step   {p['step_time_s']:.3f} s (the second, warm), peak "
-                         f"{format_size(p['step_peak_bytes'])} (the first, tracked); the run "
-                         f"would take about {p['projected_run_s'] / 60:.1f} min of steps (a "
-                         "projection from one step, evaluation not included)")
+                         f"{format_size(p['step_peak_bytes'])} (the steady state: step 2, "
+                         f"the optimizer's state present); the run would take about "
+                         f"{p['projected_run_s'] / 60:.1f} min of steps (a projection from "
+                         "one step, evaluation not included)")
+        if "memory" in p:
+            fit = p["memory_fit"]
+            lines.append("memory     " + Breakdown.from_dict(p["memory"]).render(
+                fit["budget"]).replace("\n", "\n           "))
+            lines.append(f"budget     {format_size(fit['budget'])} ({fit['budget_source']}): "
+                         + fit["sentence"])
         if "eval_metrics" in p:
             lines.append("evaluation " + ", ".join(p["eval_metrics"]))
         lines.append(f"writes     checkpoints every {p['checkpoint_every']} steps; trackers "

@@ -175,6 +175,11 @@ class Checkpoints:
         self.dispatcher.fire(Event.CHECKPOINT_SAVED, self.state, str(path))
         return path
 
+    @property
+    def last_saved(self) -> Path | None:
+        """The checkpoint this process saved last (None: none yet)."""
+        return self._saved[1] if self._saved is not None else None
+
     def restore(self, path: Path, data: dict[str, Any]) -> int:
         """Take the checkpoint back; the step it resumes from."""
         restore_states(self.job, self.state, self.callbacks, data, self.events)
@@ -214,7 +219,8 @@ class Checkpoints:
             return
         self.events.event("failed", step=step, error=type(exc).__name__,
                           checkpoint=str(path), exact_resume=False)
-        if not isinstance(exc, RunStopped) and self.events.announces:  # its sentence says it
+        # RunStopped's sentence says it; an OOM at one sample's says it with the breakdown
+        if not isinstance(exc, RunStopped | OutOfMemoryAtMinimum) and self.events.announces:
             print(f"redline: {type(exc).__name__} after step {step}; saved {path}; continue "
                   "with --resume once fixed", file=sys.stderr)
 

@@ -40,8 +40,10 @@ from redline.distributed import World
 from redline.errors import UserError
 from redline.events import Callback, Event
 from redline.job.build import rank_device
+from redline.memory.guard import OutOfMemoryAtMinimum
 from redline.run import rundir
 from redline.run.evaluation import evaluate_sets, evaluate_shrinking
+from redline.run.oom import explain_oom
 from redline.run.samples import read_samples, save_samples
 from redline.run.setup import RunParts, prepare
 from redline.run.signals import Interrupted, Signals
@@ -164,6 +166,8 @@ class Trainer:
                 run.dispatcher.fire(Event.FIT_END, state)
         except BaseException as exc:
             run.checkpoints.after_failure(exc)
+            if isinstance(exc, OutOfMemoryAtMinimum) and not self.world.distributed:
+                raise explain_oom(exc, job, run.run_dir, run.checkpoints.last_saved) from None
             raise
         finally:
             run.telemetry.close()  # flushes the sinks, stops the sampler and progress bar

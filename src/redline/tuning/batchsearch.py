@@ -181,6 +181,7 @@ class Harness:
         self.runner = JobRunner(self.job)  # its loader unused: the trials pick their batches
         self.timing_s = MIN_TIMED_S  # each size's timing covers steps adding up to this
         self.deadline: float | None = None  # perf_counter time after which the scan stops
+        self._warm = False  # the optimizer's state exists (fits: the steady state)
 
     def batch(self, dataset: Any, size: int) -> Any:
         return batch_tree.move(batch_tree.first_samples(dataset, size), self.device.torch_device)
@@ -216,7 +217,13 @@ class Harness:
         return live_tensor_bytes(self.model, self.optimizer)
 
     def fits(self, fn: Callable[[], None], budget: int, target: int) -> tuple[bool, int | None]:
-        """Run `fn` under the budget: (peak within target, peak; None when it ran out)."""
+        """Run `fn` under the budget: (peak within target, peak; None when it ran out).
+        Measured at the steady state: before the first, one untracked step of one sample
+        allocates the optimizer's state (AdamW's appears at its first step, so a first
+        step's peak would miss it)."""
+        if not self._warm:
+            self.train_step(1)
+            self._warm = True
         baseline = self.live_bytes()
         try:
             with MemoryBudget(budget, self.device, baseline=baseline):
