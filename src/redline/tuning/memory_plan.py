@@ -264,9 +264,13 @@ class MemoryPlan:
     def summary(self) -> str:
         """One line: what was chosen and why."""
         chosen = next((r for r in self.rows if r.chosen), None)
-        peak = chosen.measured_peak or chosen.predicted if chosen else self.start_peak
-        return (f"{self.combination} at micro-batch {self.micro_batch} (peak "
-                f"{format_size(peak)} of target {format_size(self.target)}): {self.why}")
+        if chosen is not None and chosen.measured_peak:
+            peak = (f"measured peak {format_size(chosen.measured_peak)} within the "
+                    f"{format_size(self.budget)} budget")
+        else:
+            peak = (f"predicted peak {format_size(chosen.predicted if chosen else self.start_peak)}"
+                    f" of target {format_size(self.target)}")
+        return f"{self.combination} at micro-batch {self.micro_batch} ({peak}): {self.why}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"levers": asdict(self.levers), "combination": self.combination,
