@@ -19,7 +19,7 @@ TASK = f"{Path(__file__).parents[1] / 'tasks' / 'memgpt.py'}:MemGPT"
 # checkpointing of 3 of its 4 blocks ~7 MiB: a 10 MiB budget (target 8.5) needs a lever.
 BUDGET = "10MiB"
 GPT = [TASK, "--set", "task_args.seq=512", "--set", "task_args.n=32",
-       "--set", "train.effective_batch_size=4", "--memory-budget", BUDGET]
+       "--memory-budget", BUDGET]
 
 
 def _events(run_dir: Path) -> list[dict]:
@@ -34,8 +34,8 @@ def _no_oom_retry(run_dir: Path) -> None:
 @pytest.mark.slow
 def test_tune_writes_the_levers_and_training_with_them_never_runs_out(tmp_path: Path
                                                                       ) -> None:
-    tune = run_cli(["tune", *GPT, "--factors", "memory,batch", "--budget-s", "120",
-                    "--output", "tuned.yaml"], tmp_path)
+    tune = run_cli(["tune", *GPT, "--set", "train.batch_size=4", "--factors",
+                    "memory,batch", "--budget-s", "120", "--output", "tuned.yaml"], tmp_path)
     assert tune.returncode == 0, tune.stderr
     assert "memory plan: target 8.50 MiB" in tune.stdout
     assert "does not fit (predicted" in tune.stdout  # no lever, at one sample
@@ -54,7 +54,8 @@ def test_tune_writes_the_levers_and_training_with_them_never_runs_out(tmp_path: 
 @pytest.mark.slow
 def test_batch_size_auto_plans_the_levers_where_one_sample_does_not_fit(tmp_path: Path
                                                                         ) -> None:
-    run = run_cli(["train", *GPT, "--batch-size", "auto", "--steps", "2", "--run-dir",
+    run = run_cli(["train", *GPT, "--batch-size", "auto", "--set",
+                   "train.effective_batch_size=4", "--steps", "2", "--run-dir",
                    "run", "--no-progress", "--no-report"], tmp_path)
     assert run.returncode == 0, run.stderr
     assert "memory plan: " in run.stderr
@@ -69,6 +70,7 @@ def test_batch_size_auto_plans_the_levers_where_one_sample_does_not_fit(tmp_path
 def test_activation_checkpointing_auto_is_resolved_at_the_configured_batch(tmp_path: Path
                                                                           ) -> None:
     run = run_cli(["train", *GPT, "--batch-size", "1", "--set",
+                   "train.effective_batch_size=2", "--set",
                    "memory.activation_checkpointing=auto", "--steps", "2", "--run-dir", "run",
                    "--no-progress", "--no-report"], tmp_path)
     assert run.returncode == 0, run.stderr
@@ -86,7 +88,7 @@ def test_a_wide_mlp_whose_states_dominate_gets_an_optimizer_state_lever(tmp_path
     if importlib.util.find_spec("torchao") is None:
         pytest.skip("torchao is not installed")
     wide = [f"{Path(__file__).parents[1] / 'tasks' / 'memgpt.py'}:WideMLP",
-            "--set", "train.effective_batch_size=8", "--memory-budget", "14MiB"]
+            "--set", "train.batch_size=8", "--memory-budget", "14MiB"]
     tune = run_cli(["tune", *wide, "--factors", "memory", "--budget-s", "120", "--json",
                     "--output", "tuned.yaml"], tmp_path)
     assert tune.returncode == 0, tune.stderr
