@@ -77,7 +77,8 @@ from redline.tuning.recipe import describe_change, searched_config
 from redline.tuning.trial import interleave, runners
 from redline.tuning.tune_report import DEFAULT_BUDGET_S, Clock, Row, TuneReport, timings_s
 
-FACTORS = ("memory", "precision", "batch", "channels_last", "loader", "compile")
+# the order --factors lists them in; the memory stage runs first (module docstring)
+FACTORS = ("precision", "batch", "channels_last", "loader", "compile", "memory")
 TOP_PRECISIONS = 2  # precisions that get a batch search of their own
 RUNNER_UP = 0.25  # the second is searched only when this close to the first at the start
 # A format slower than this share of fp32's speed at the start (fp32 is always admitted)
@@ -149,7 +150,6 @@ def _memory(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple[str
     chose, and the plan (None: not searched). Its timing starts only if it fits the budget
     less what the later stages need (RESERVE, the final timing)."""
     if "memory" not in factors:
-        report.reasons["memory"] = "kept (not searched)"
         return start, None
     reserve = max(RESERVE * clock.budget_s, _final_s(report, start))
     plan = plan_memory(task, start, device, fits=lambda s: clock.fits(s, reserve), say=say)
