@@ -3,17 +3,31 @@ no timing, no model."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+import pytest
+
+from redline.config import load_config
+from redline.device import DeviceInfo
+from redline.errors import ConfigError
 from redline.memory.levers import Levers
+from redline.tuning import memory_plan_run
 from redline.tuning.memory_plan import (
+    MODES,
     Candidate,
+    MemoryPlan,
     choose,
     enumerate_candidates,
     judged_notes,
     micro_batches,
     split_timed,
 )
+from redline.tuning.memory_plan_run import plan_memory
+
+from ..conftest import TOY
+
+CPU = DeviceInfo.detect("cpu")
 
 MiB = 1 << 20
 STATE = {"fp32": 8.0, "bf16": 4.0, "8bit": 2.0, "4bit": 1.0}
@@ -133,3 +147,44 @@ def test_at_most_the_cap_is_timed_and_the_rest_say_why() -> None:
     cands = [Candidate(Levers(), i + 1, 0) for i in range(8)]
     assert split_timed(cands, 6) == cands[:6]
     assert all(c.note.startswith("not timed: at most 6") for c in cands[6:])
+
+
+class MeasuredFake(FakeBreakdown):
+    def to_dict(self) -> dict:
+        return {"fake": True}
+
+
+def _plan(monkeypatch: pytest.MonkeyPatch, budget: str, **sets: object) -> MemoryPlan:
+    """plan_memory on the injected breakdown: nothing is built, stepped or timed."""
+    monkeypatch.setattr(memory_plan_run, "_breakdown",
+                        lambda *a, **k: (MeasuredFake(), 0.01, MODES, False))
+    config = load_config(None, [f"task={TOY}", f"memory.budget={budget}",
+                                "train.batch_size=4",
+                                *(f"{k}={v}" for k, v in sets.items())])
+    return plan_memory(object(), config, CPU, states=("fp32",))  # type: ignore[arg-type]
+
+
+def test_a_start_that_fits_already_gets_no_lever_and_nothing_is_timed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # no lever at micro-batch 4: 16 + 64 = 80 MiB; target 85 % of 100 MiB
+    plan = _plan(monkeypatch, "100MiB")
+    assert plan.levers.none and plan.start_fits and plan.micro_batch == 4
+    assert [r.note for r in plan.rows] == [
+        "chosen: fits already (predicted 80.0 MiB <= target 85.0 MiB): no lever needed"]
+    assert plan.apply(load_config(None, [f"task={TOY}", "train.batch_size=4"])
+                      ).memory.activation_checkpointing == "none"
+
+
+def test_auto_checkpointing_that_fits_already_resolves_to_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = _plan(monkeypatch, "100MiB", **{"memory.activation_checkpointing": "auto"})
+    assert plan.levers.updates()["memory.activation_checkpointing"] == "none"
+
+
+def test_nothing_fits_is_one_sentence_with_the_least_any_would_need(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=re.escape(
+            "no combination of memory levers fits memory.target: the least, full "
+            "checkpointing of every block at micro-batch 1, is predicted at 20.0 MiB > "
+            "17.0 MiB")):
+        _plan(monkeypatch, "20MiB")
