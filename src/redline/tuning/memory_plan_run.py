@@ -126,7 +126,7 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
     if not found.survivors:
         raise ConfigError(nothing_fits(found.rejected, target, blocks))
     timed = split_timed(found.survivors)
-    predicted = _timing_s(timed, step_s, bd.micro_batch)
+    predicted = _timing_s(timed, step_s, bd.micro_batch, kept_batch(config))
     untimed = len(timed) > 1 and fits is not None and not fits(predicted)
     if untimed:
         notes.append(f"not timed: timing {len(timed)} candidates would take about "
@@ -183,15 +183,15 @@ def _measuring_job(task: Task, config: RunConfig, device: DeviceInfo,
         ("none",)
 
 
-def _timing_s(timed: list[Candidate], step_s: float, measured_at: int) -> float:
-    """The timing's predicted seconds: each candidate's warm-up (a compile for the low-bit
-    states), its tracked step (~2x) and the rounds."""
-    total = 0.0
-    for c in timed:
-        step = step_s * max(1.0, c.micro_batch / max(1, measured_at))
-        total += COMPILE_S.get(c.levers.optimizer_state, 0.0) + 3 * step
-        total += ROUNDS * (MIN_TIMED_S + step)
-    return total
+def _timing_s(timed: list[Candidate], step_s: float, measured_at: int,
+              samples_per_step: int) -> float:
+    """The timing's predicted seconds: each candidate's warm-up step (and compile, for the
+    low-bit states), its tracked step (~2x), the rounds. A step's seconds follow its
+    samples (every micro-batch of it runs), from the breakdown's seconds per step at
+    `measured_at` samples."""
+    step = step_s * samples_per_step / max(1, measured_at)
+    return sum(COMPILE_S.get(c.levers.optimizer_state, 0.0) + 3 * step
+               + ROUNDS * (MIN_TIMED_S + step) for c in timed)
 
 
 def _measure_and_choose(task: Task, config: RunConfig, device: DeviceInfo, budget: int,
