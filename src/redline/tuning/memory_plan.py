@@ -296,15 +296,16 @@ class MemoryPlan:
 def render_plan(plan: dict[str, Any]) -> str:
     """The plan's table (from MemoryPlan.to_dict, as --json and the tune report hold it):
     each combination, its predicted and measured peak, samples/s and spread, why."""
+    w = max([len("combination"), *(len(r["combination"]) for r in plan["rows"])])
     lines = [f"memory plan: target {format_size(plan['target_bytes'])} (memory.target of "
              f"{format_size(plan['budget_bytes'])}); {_start_line(plan)}",
-             f"  {'combination':<44} {'micro-batch':>11} {'predicted':>10} "
+             f"  {'combination':<{w}} {'micro-batch':>11} {'predicted':>10} "
              f"{'measured':>10} {'samples/s':>10} {'spread':>7}  why"]
     for r in plan["rows"]:
         sps = f"{r['samples_per_s']:.1f}" if r["samples_per_s"] else "-"
         spread = f"{100 * r['spread']:.1f}%" if r["spread"] is not None else "-"
         measured = format_size(r["measured_peak"]) if r["measured_peak"] else "-"
-        lines.append(f"  {r['combination']:<44} {r['micro_batch']:>11} "
+        lines.append(f"  {r['combination']:<{w}} {r['micro_batch']:>11} "
                      f"{format_size(r['predicted_peak']):>10} {measured:>10} {sps:>10} "
                      f"{spread:>7}  {r['note']}".rstrip())
     lines += [f"  note: {n}" for n in plan["notes"]]
