@@ -150,6 +150,8 @@ def test_at_most_the_cap_is_timed_and_the_rest_say_why() -> None:
 
 
 class MeasuredFake(FakeBreakdown):
+    micro_batch = 2  # the micro-batch it was "measured" at
+
     def to_dict(self) -> dict:
         return {"fake": True}
 
@@ -188,3 +190,26 @@ def test_nothing_fits_is_one_sentence_with_the_least_any_would_need(
             "checkpointing of every block at micro-batch 1, is predicted at 20.0 MiB > "
             "17.0 MiB")):
         _plan(monkeypatch, "20MiB")
+
+
+def test_untimed_choice_verified_under_the_budget_and_an_oom_takes_the_next(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def verify(task: object, config: object, device: object, budget: int) -> int | None:
+        return None if config.memory.activation_checkpointing == "none" else 50 * MiB  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(memory_plan_run, "verify", verify)
+    monkeypatch.setattr(memory_plan_run, "_breakdown",
+                        lambda *a, **k: (MeasuredFake(), 0.01, MODES, False))
+    config = load_config(None, [f"task={TOY}", "memory.budget=60MiB", "train.batch_size=4"])
+    plan = plan_memory(object(), config, CPU, states=("fp32",),  # type: ignore[arg-type]
+                       fits=lambda seconds: False)  # the budget leaves no time to time them
+    assert not plan.start_fits  # 80 MiB at micro-batch 4 > 51
+    rows = {r.levers.checkpointing: r for r in plan.rows}
+    assert rows["none"].micro_batch == 2 and rows["none"].note.startswith(
+        "out of memory under the budget when verified")
+    chosen = next(r for r in plan.rows if r.chosen)
+    assert chosen is rows["selective"] and chosen.measured_peak == 50 * MiB
+    assert any(n.startswith("not timed: timing 3 candidates") for n in plan.notes)
+    tuned = plan.apply(config)
+    assert tuned.memory.activation_checkpointing == "selective"
+    assert (tuned.train.batch_size, tuned.train.samples_per_step) == (plan.micro_batch, 4)

@@ -52,6 +52,7 @@ class Predictor(Protocol):
     """What the plan needs of a memory breakdown (memory/breakdown.py's Breakdown)."""
 
     blocks: Sequence[Any]
+    micro_batch: int  # the micro-batch it was measured at
 
     def predict(self, levers: Levers, micro_batch: int) -> int: ...
 
