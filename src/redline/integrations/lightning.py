@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from redline.batch import leading_size
+from redline.batch import Collated, leading_size
 from redline.errors import MissingExtra
 from redline.inspector import InspectConfig
 from redline.integrations.recorder import (
@@ -303,23 +303,12 @@ class _ModuleTask:
         return chosen if isinstance(chosen, torch.optim.Optimizer) else None
 
 
-class _Collated(torch.utils.data.Dataset):
-    """A loader's dataset, batched by its collate_fn (batch.collate_of reads it)."""
-
-    def __init__(self, dataset: Any, collate_fn: Any) -> None:
-        self.dataset, self.collate_fn = dataset, collate_fn
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.dataset[i]
-
-
 def _dataset(loader: Any) -> Any:
     if isinstance(loader, list | tuple):  # several loaders: the first is searched on
         loader = loader[0]
-    return _Collated(loader.dataset, getattr(loader, "collate_fn", None))
+    collate = getattr(loader, "collate_fn", None)
+    # the loader's batching goes with its dataset (batch.collate_of reads it)
+    return loader.dataset if collate is None else Collated(loader.dataset, collate)
 
 
 def _precision_name(flag: str) -> str:
