@@ -139,3 +139,56 @@ def test_round_trips_through_a_dict() -> None:
     b = _made()
     assert Breakdown.from_dict(b.to_dict()) == b
     assert "layers.3" in b.render(1000) and "peak" in b.render()
+
+
+def test_the_cpu_default_budget_check_sees_the_steady_state() -> None:
+    """The engine's memory check (the CPU default budget) tracks a size's second step too:
+    the first has no optimizer state yet, so a step that only the second overflows would
+    otherwise run unchecked into the machine's limit."""
+    import torch
+    from torch import nn
+
+    from redline.device import DeviceInfo
+    from redline.engine import Engine
+    from redline.memory.guard import OutOfMemoryAtMinimum
+    from redline.memory.probe import MemoryBudget, live_tensor_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 1))
+    optimizer = torch.optim.AdamW(model.parameters())
+    params = live_tensor_bytes(model)
+    device = DeviceInfo.detect("cpu")
+    engine = Engine(model, optimizer, micro_batch_size=1, oom_guard=True,
+                    memory_check=lambda: MemoryBudget(int(3.5 * params), device,
+                                                      baseline=live_tensor_bytes(model,
+                                                                                 optimizer)))
+    batch = (torch.randn(1, 256), torch.randn(1, 1))
+
+    def loss(m: nn.Module, b: Any) -> Any:
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    engine.step(batch, loss)  # parameters + gradients: fits
+    with pytest.raises(OutOfMemoryAtMinimum):  # + AdamW's two moments: does not
+        engine.step(batch, loss)
+
+
+@pytest.mark.slow
+def test_low_bit_states_are_counted_by_their_inner_tensors() -> None:
+    """torchao's 8-bit AdamW state is a tensor subclass whose own storage is not memory: the
+    sizes count its inner tensors (about 2 bytes per element), where reading the subclass's
+    storage raised."""
+    optim = pytest.importorskip("torchao.optim")
+    import torch
+    from torch import nn
+
+    from redline.memory.breakdown import tensor_bytes
+    from redline.memory.probe import live_tensor_bytes
+
+    model = nn.Linear(512, 512)
+    optimizer = optim.AdamW8bit(model.parameters())
+    model(torch.randn(2, 512)).sum().backward()
+    optimizer.step()
+    n = sum(p.numel() for p in model.parameters())
+    state = tensor_bytes(list(optimizer.state.values()))
+    assert 1.9 * n < state < 2.2 * n
+    assert live_tensor_bytes(optimizer) == state

@@ -17,6 +17,7 @@ activations were not measured. A fake-tensor measurement of the activations is n
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -200,11 +201,12 @@ def eager() -> contextlib.AbstractContextManager[Any]:
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
-def state_kinds(job: Job) -> tuple[str, ...]:
-    """The optimizer states a lever may choose for `job`: a task's own optimizer is kept
-    (only the kind it has), redline's AdamW may be low-bit."""
-    if task_member(job.task, "optimizer") is not None:
-        return (job.config.memory.optimizer_state,)
+def state_kinds(task: Task, config: RunConfig) -> tuple[str, ...]:
+    """The optimizer states a lever may choose: a task's own optimizer is kept (only the
+    kind configured), redline's AdamW may be low-bit where torchao is installed."""
+    if task_member(task, "optimizer") is not None or importlib.util.find_spec("torchao") \
+            is None:
+        return (config.memory.optimizer_state,)
     return ("fp32", "8bit", "4bit")
 
 

@@ -34,11 +34,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
 from redline.memory.blocks import Block
 from redline.memory.levers import STATE_BYTES_PER_PARAM, Levers
-from redline.memory.sizes import format_size
+from redline.memory.sizes import format_size, live_tensor_bytes
 
 MODES = ("none", "selective", "full")
 MEMORY_FILE = "memory.json"  # RUN_DIR/memory.json: the breakdown at an OOM (run/oom.py)
@@ -184,36 +182,8 @@ class Breakdown:
 def tensor_bytes(tensors: Sequence[Any]) -> int:
     """Bytes of the unique storages behind `tensors` (nested lists/dicts allowed); a tensor
     subclass that flattens (`__tensor_flatten__`, e.g. torchao's low-bit optimizer states)
-    is counted by its inner tensors."""
-    seen: set[tuple[str, int]] = set()
-    total = 0
-    for t in _leaves(tensors):
-        if t.is_meta:
-            continue
-        try:
-            s = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            continue
-        key = (str(s.device), s.data_ptr())
-        if s.nbytes() and key not in seen:
-            seen.add(key)
-            total += s.nbytes()
-    return total
-
-
-def _leaves(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        flatten = getattr(type(obj), "__tensor_flatten__", None)
-        if flatten is not None and type(obj) is not torch.Tensor \
-                and not isinstance(obj, torch.nn.Parameter):
-            names, _ = obj.__tensor_flatten__()
-            return [leaf for n in names for leaf in _leaves(getattr(obj, n))]
-        return [obj]
-    if isinstance(obj, dict):
-        return [leaf for v in obj.values() for leaf in _leaves(v)]
-    if isinstance(obj, (list, tuple)):
-        return [leaf for v in obj for leaf in _leaves(v)]
-    return []
+    is counted by its inner tensors (sizes.live_tensor_bytes)."""
+    return live_tensor_bytes(list(tensors))
 
 
 @dataclass

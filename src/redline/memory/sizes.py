@@ -71,6 +71,14 @@ def _decimals(value: float) -> int:
 
 def _iter_tensors(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and not isinstance(obj, nn.Parameter) and \
+                hasattr(obj, "__tensor_flatten__"):
+            # a tensor subclass (torchao's low-bit optimizer states): its storage is not
+            # real memory, its inner tensors are
+            names, _ = obj.__tensor_flatten__()
+            for name in names:
+                yield from _iter_tensors(getattr(obj, name), seen)
+            return
         yield obj
         return
     if id(obj) in seen:  # containers (optimizer state, module trees) may be shared or cyclic

@@ -4,16 +4,17 @@ It checks the environment (as `redline doctor` does), builds the job exactly as 
 would (build.py: task, model, precision, optimizer, scheduler, data), draws the first
 batch from the loader training draws from (`Job.train_loader`: the same sampler and
 collation, so a batch that cannot be made fails here as it would in training), runs two
-training steps on it as training steps them (job/runner.py; the first's peak memory
-measured: the allocator's on CUDA, the storage tracker's on CPU; the second, warm, timed)
-and one evaluation batch of each evaluation set (through `Job.eval_loader`, as training),
-and reports what a real run would do: the recipe (with the lr the optimizer really starts
-at, and what the task's own optimizer or scheduler replaces), the step's time, where its
-memory goes at the steady state (job/memory.py: measured on a job built for it,
-unbudgeted, at the micro-batch) against the budget (memory.budget, else the device's or
-the CPU default) and which memory levers would make it fit, a projection of the run's
-length (labelled as a projection: one step is not a run), where it would write. No run
-directory, cache or file is created; the model trained for two steps is thrown away.
+training steps on it as training steps them (job/runner.py; under memory.budget both run
+under it, so a step that runs out of memory once the optimizer's state exists is found
+here as training would find it; the second, warm, timed) and one evaluation batch of each
+evaluation set (through `Job.eval_loader`, as training), and reports what a real run would
+do: the recipe (with the lr the optimizer really starts at, and what the task's own
+optimizer or scheduler replaces), the step's time, where its memory goes at the steady
+state (job/memory.py: measured on a job built for it, unbudgeted, at the micro-batch)
+against the budget (memory.budget, else the device's or the CPU default) and which memory
+levers would make it fit, a projection of the run's length (labelled as a projection: one
+step is not a run), where it would write. No run directory, cache or file is created; the
+model trained for two steps is thrown away.
 
 Exit codes as `doctor`: 0 when the run can go, 1 when something blocks it (the
 environment, an out-of-memory step), 2 for bad input (the config, the task).
@@ -28,18 +29,18 @@ from typing import Any
 import torch
 
 from redline import batch as batch_tree
-from redline.config import RunConfig
+from redline.config import ConfigError, RunConfig
 from redline.data import iterate_from
 from redline.device import DeviceInfo
 from redline.environment import environment_check
 from redline.job.build import build_job
-from redline.job.memory import measure_config_breakdown
+from redline.job.memory import measure_config_breakdown, state_kinds
 from redline.job.runner import JobRunner
 from redline.memory.breakdown import Breakdown, fit_sentence
 from redline.memory.guard import OutOfMemoryAtMinimum
 from redline.memory.probe import MemoryBudget, default_budget, format_size, live_tensor_bytes
 from redline.run.evaluation import evaluate_sets
-from redline.task import Task, task_member
+from redline.task import Task
 
 
 @dataclass
@@ -125,27 +126,41 @@ def _breakdown(result: DryRun, config: RunConfig, task: Task, device: DeviceInfo
     own, against the budget; a step that ran out of memory is a blocker naming the levers
     that would fit."""
     micro = config.train.micro_batch
-    b = measure_config_breakdown(config, task, device, micro)
+    smaller = " or lower train.batch_size" if micro > 1 else ""
+    failure = (f"{failed} at micro-batch {micro} ran out of memory under the budget (from "
+               "step 2 the optimizer's state is held)")
+    try:
+        b = measure_config_breakdown(config, task, device, micro)
+    except Exception as e:  # a diagnostic: it must not hide the dry run's other findings
+        result.warnings.append(f"the memory breakdown could not be measured "
+                               f"({type(e).__name__}: {str(e).splitlines()[0]})")
+        if failed is not None:
+            result.ok = False
+            result.blockers.append(f"{failure}; use a memory lever{smaller}")
+        return
     limit, source = _budget(config, device)
-    job_kinds = ("fp32",) if task_member(task, "optimizer") else ("fp32", "8bit", "4bit")
-    fits, sentence = fit_sentence(b, limit, micro, job_kinds)
+    fits, sentence = (fit_sentence(b, limit, micro, state_kinds(task, config))
+                      if limit is not None else (True, "the budget is unknown"))
     result.plan.update(step_peak_bytes=b.peak, memory=b.to_dict(),
                        memory_fit={"fits": fits and failed is None, "budget": limit,
                                    "budget_source": source, "sentence": sentence})
     if failed is not None:
         result.ok = False
         why = sentence if not fits else f"{sentence} by the measurement, yet a step failed"
-        result.blockers.append(f"{failed} at micro-batch {micro} ran out of memory under the "
-                               f"budget (from step 2 the optimizer's state is held); {why}")
+        result.blockers.append(f"{failure}; {why}{smaller}")
     elif not fits:
-        result.warnings.append(sentence)
+        result.warnings.append(sentence + smaller)
 
 
-def _budget(config: RunConfig, device: DeviceInfo) -> tuple[int, str]:
-    """(bytes, in words): memory.budget, else the device's memory or the CPU default."""
+def _budget(config: RunConfig, device: DeviceInfo) -> tuple[int | None, str]:
+    """(bytes, in words): memory.budget, else the device's memory or the CPU default; None
+    where neither is known (the device does not say)."""
     if config.memory.budget_bytes is not None:
         return config.memory.budget_bytes, "memory.budget"
-    return default_budget(device)
+    try:
+        return default_budget(device)
+    except ConfigError as e:
+        return None, str(e)
 
 
 def render(result: DryRun) -> str:
@@ -174,8 +189,9 @@ def render(result: DryRun) -> str:
             fit = p["memory_fit"]
             lines.append("memory     " + Breakdown.from_dict(p["memory"]).render(
                 fit["budget"]).replace("\n", "\n           "))
-            lines.append(f"budget     {format_size(fit['budget'])} ({fit['budget_source']}): "
-                         + fit["sentence"])
+            if fit["budget"] is not None:
+                lines.append(f"budget     {format_size(fit['budget'])} "
+                             f"({fit['budget_source']}): {fit['sentence']}")
         if "eval_metrics" in p:
             lines.append("evaluation " + ", ".join(p["eval_metrics"]))
         lines.append(f"writes     checkpoints every {p['checkpoint_every']} steps; trackers "

@@ -41,7 +41,7 @@ def explain_oom(exc: OutOfMemoryAtMinimum, job: Job, run_dir: Path,
                                     f"({type(e).__name__}: {e}){resume}")
     lines, sentence = [first], None
     if limit is not None:
-        fits, sentence = fit_sentence(breakdown, limit, 1, state_kinds(job))
+        fits, sentence = fit_sentence(breakdown, limit, 1, state_kinds(job.task, job.config))
         sentence = _would_fit(sentence) if not fits else sentence
         lines[0] += f"; {sentence}{resume}"
     lines.append(breakdown.render(limit))
