@@ -42,7 +42,9 @@ from redline import batch as batch_tree
 from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
 from redline.job.build import Job, build_job
+from redline.job.memory import measure_job_breakdown
 from redline.job.runner import JobRunner
+from redline.memory.breakdown import Breakdown
 from redline.memory.config import OPTIMIZER_STATES
 from redline.memory.levers import Levers
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes, measure_peak
@@ -84,7 +86,7 @@ def state_kinds(own_optimizer: bool) -> tuple[tuple[str, ...], list[str]]:
         return ("fp32",), ["optimizer state: the low-bit states are not in this build"]
     if importlib.util.find_spec("torchao") is None:
         return ("fp32",), ["optimizer state: torchao is not installed (pip install "
-                           "'redline[levers]')"]
+                           "'redline[fp8]')"]
     kinds = tuple(k for k in ("fp32", "bf16", "8bit", "4bit") if k in OPTIMIZER_STATES)
     if "cpu-offload" in OPTIMIZER_STATES:
         notes.append("optimizer state: cpu-offload is not planned (it moves the update to "
@@ -142,12 +144,10 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
 
 def _breakdown(task: Task, config: RunConfig, device: DeviceInfo, size: int,
                modes: tuple[str, ...], notes: list[str]
-               ) -> tuple[Any, float, tuple[str, ...], bool]:
+               ) -> tuple[Breakdown, float, tuple[str, ...], bool]:
     """(the breakdown of a measuring job at `size`, a step's seconds at `size` (rough: the
     measurement's wall over its steps), the checkpointing modes the model allows, whether
     the task brings its own optimizer)."""
-    from redline.job.memory import measure_job_breakdown  # the breakdown's measurement
-
     t0 = time.perf_counter()
     with preserved_rng():
         job, modes = _measuring_job(task, config, device, modes, notes)
