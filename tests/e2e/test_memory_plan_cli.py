@@ -64,6 +64,13 @@ def test_batch_size_auto_plans_the_levers_where_one_sample_does_not_fit(tmp_path
     assert memory["activation_checkpointing"] in ("selective", "full")  # --resume reuses
     autobatch = next(e for e in _events(tmp_path / "run") if e["event"] == "autobatch")
     assert autobatch["memory_plan"]["rows"]
+    # --resume reuses the first start's micro-batch and levers (config.yaml), plans nothing
+    again = run_cli(["train", *GPT, "--batch-size", "auto", "--set",
+                     "train.effective_batch_size=4", "--steps", "3", "--run-dir", "run",
+                     "--resume", "--no-progress", "--no-report"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "memory plan" not in again.stderr and "config.yaml)" in again.stderr
+    _no_oom_retry(tmp_path / "run")
 
 
 @pytest.mark.slow
