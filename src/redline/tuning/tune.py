@@ -151,6 +151,10 @@ def _memory(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple[str
     less what the later stages need (RESERVE, the final timing)."""
     if "memory" not in factors:
         return start, None
+    if device.kind not in ("cpu", "cuda"):  # the memory probes measure these two
+        report.reasons["memory"] = (f"not planned: a step's memory is measured on cpu and "
+                                    f"cuda, not {device.kind}")
+        return start, None
     reserve = max(RESERVE * clock.budget_s, _final_s(report, start))
     plan = plan_memory(task, start, device, fits=lambda s: clock.fits(s, reserve), say=say)
     for c in plan.rows:
