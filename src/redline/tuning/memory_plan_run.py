@@ -13,12 +13,13 @@ model, in four steps:
              through trial.py's runners (JobRunner, warm-up excluded: torchao's low-bit
              step compiles on its first step), then one tracked steady-state step each
              for the measured peak in the table.
-  verify     the choice, built afresh without the OOM guard, steps twice under the budget
-             (memory/probe.py's MemoryBudget: on a CPU a real OutOfMemoryError; the
-             second step has the optimizer's state), each step two micro-batches where
-             the recipe accumulates (the gradients held while the next micro-batch runs
-             are the accumulation's peak; more would only repeat it); on an OOM the next
-             is taken, and the table says so.
+  verify     a candidate whose measured peak is over the budget is dropped (the
+             prediction missed it). The choice, built afresh without the OOM guard,
+             steps twice under the budget (memory/probe.py's MemoryBudget: on a CPU a
+             real OutOfMemoryError; the second step has the optimizer's state), each
+             step two micro-batches where the recipe accumulates (the gradients held
+             while the next micro-batch runs are the accumulation's peak; more would
+             only repeat it); on an OOM the next is taken, and the table says so.
   budget     `fits(seconds)` (tune's Clock) is asked before the timing; where it does
              not fit, the candidate with the fewest levers is taken untimed and verified.
 
@@ -30,6 +31,7 @@ TorchDispatchMode); eagerly they run and are tracked, and later untracked steps 
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import sys
 import time
@@ -47,7 +49,13 @@ from redline.job.runner import JobRunner
 from redline.memory.breakdown import Breakdown
 from redline.memory.config import OPTIMIZER_STATES
 from redline.memory.levers import Levers
-from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes, measure_peak
+from redline.memory.probe import (
+    MemoryBudget,
+    default_budget,
+    format_size,
+    live_tensor_bytes,
+    measure_peak,
+)
 from redline.rng import preserved_rng
 from redline.task import Task, task_member
 from redline.tuning.memory_plan import (
@@ -134,7 +142,7 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
         notes.append(f"not timed: timing {len(timed)} candidates would take about "
                      f"{predicted:.0f} s, more than the budget left (raise --budget-s)")
     chosen, why = _measure_and_choose(task, config, device, budget, timed, found.start,
-                                      blocks, untimed, say)
+                                      blocks, untimed, notes, say)
     plan = MemoryPlan(chosen.levers, chosen.micro_batch, budget, target, blocks, start_peak,
                       start, why, found.survivors + found.rejected, bd.to_dict(), notes)
     plan.rows.sort(key=lambda r: (not r.chosen, r in found.rejected))
@@ -196,22 +204,23 @@ def _timing_s(timed: list[Candidate], step_s: float, measured_at: int,
 
 def _measure_and_choose(task: Task, config: RunConfig, device: DeviceInfo, budget: int,
                         timed: list[Candidate], start: Candidate | None, blocks: int,
-                        untimed: bool, say: Say) -> tuple[Candidate, str]:
+                        untimed: bool, notes: list[str], say: Say) -> tuple[Candidate, str]:
     """Time `timed` side by side (unless `untimed` or alone), pick, verify under the budget;
     on an OOM the next pick."""
     if len(timed) > 1 and not untimed:
-        configs = [planned_config(config, c.levers, c.micro_batch) for c in timed]
-        with runners(task, configs, device) as built:
-            for c, runner in zip(timed, built, strict=True):
-                say(f"memory plan: warming up {c.describe(blocks)}")
-                runner.warm_up()
-                c.measured_peak = steady_peak(runner.job, runner.step)
-            timings = interleave(built, ROUNDS, MIN_TIMED_S, lambda i, r: say(
-                f"memory plan: timing {timed[i].describe(blocks)} (round {r + 1} of "
-                f"{ROUNDS})"))
-        for c, timing in zip(timed, timings, strict=True):
-            c.rates = list(timing.rates)
-    left = list(timed)
+        try:
+            _time_side_by_side(task, config, device, timed, blocks, say)
+        except torch.OutOfMemoryError:  # CUDA: every candidate's job at once is too much
+            for c in timed:
+                c.rates, c.measured_peak = [], None
+            notes.append("not timed: the candidates' jobs together ran out of the device's "
+                         "memory; the one with the fewest levers was taken")
+        _release(device)  # the verification measures the device: nothing else on it
+    left = [c for c in timed if not (c.measured_peak and c.measured_peak > budget)]
+    for c in timed:
+        if c not in left:  # its own steady-state step says it could not pass verification
+            c.note = (f"does not fit: measured {format_size(c.measured_peak or 0)} > budget "
+                      f"{format_size(budget)} (predicted {format_size(c.predicted)})")
     while left:
         pick, why = choose(left, start if start in left else None, blocks)
         chosen = left[pick]
@@ -230,6 +239,28 @@ def _measure_and_choose(task: Task, config: RunConfig, device: DeviceInfo, budge
                       "memory.target")
 
 
+def _time_side_by_side(task: Task, config: RunConfig, device: DeviceInfo,
+                       timed: list[Candidate], blocks: int, say: Say) -> None:
+    """Each candidate's rates (interleaved rounds) and measured steady-state peak."""
+    configs = [planned_config(config, c.levers, c.micro_batch) for c in timed]
+    with runners(task, configs, device) as built:
+        for c, runner in zip(timed, built, strict=True):
+            say(f"memory plan: warming up {c.describe(blocks)}")
+            runner.warm_up()
+            c.measured_peak = steady_peak(runner.job, runner.step)
+        timings = interleave(built, ROUNDS, MIN_TIMED_S, lambda i, r: say(
+            f"memory plan: timing {timed[i].describe(blocks)} (round {r + 1} of {ROUNDS})"))
+    for c, timing in zip(timed, timings, strict=True):
+        c.rates = list(timing.rates)
+
+
+def _release(device: DeviceInfo) -> None:
+    """The timing's jobs freed (CUDA: their blocks back from the caching allocator)."""
+    gc.collect()
+    if device.is_cuda:
+        torch.cuda.empty_cache()
+
+
 @contextlib.contextmanager
 def _eager(device: DeviceInfo) -> Iterator[None]:
     """Tracked steps on a CPU run eagerly (module docstring)."""
@@ -242,11 +273,13 @@ def _eager(device: DeviceInfo) -> Iterator[None]:
 
 def steady_peak(job: Job, step: Callable[[], Any]) -> int:
     """The peak of one more `step()` of a job already stepped (its optimizer's state
-    present): tracked on a CPU (unbudgeted), the allocator's on CUDA."""
+    present): tracked on a CPU (unbudgeted), the allocator's on CUDA, where what else the
+    device holds (the other candidates' jobs) is taken out."""
     job.optimizer.zero_grad(set_to_none=True)  # freed inside the step: not in the baseline
     baseline = live_tensor_bytes(job.model, job.optimizer)
     with preserved_rng(), _eager(job.device):
-        return measure_peak(step, job.device, baseline=baseline).peak_bytes
+        stats = measure_peak(step, job.device, baseline=baseline)
+    return stats.peak_bytes - stats.baseline_bytes + baseline
 
 
 def verify(task: Task, config: RunConfig, device: DeviceInfo, budget: int) -> int | None:
