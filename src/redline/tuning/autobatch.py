@@ -63,8 +63,9 @@ from redline.tuning.batchsearch import (
 from redline.tuning.memory_plan_run import plan_memory
 from redline.tuning.recipe import DEFAULT_BATCH, kept_batch, recipe
 
-__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "SizeTrial", "autobatch", "autobatch_ranks",
-           "choose_knee", "resolve_auto_batch", "start_micro_batch", "timing_noise"]
+__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "DoesNotFit", "SizeTrial", "autobatch",
+           "autobatch_ranks", "choose_knee", "resolve_auto_batch", "start_micro_batch",
+           "timing_noise", "with_planned_levers"]
 
 
 def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
@@ -172,7 +173,7 @@ def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_di
         except DoesNotFit as e:
             if world.distributed:
                 raise
-            config, planned = _with_levers(task, config, device, str(e), say)
+            config, planned = with_planned_levers(task, config, device, str(e), say)
             r = autobatch_ranks(task, config, device, comm,
                                 progress=lambda msg: (check(), say(msg)))
     if config.memory.activation_checkpointing == "auto":  # fits without: none, recorded
@@ -199,7 +200,7 @@ def saved_levers(memory: dict[str, Any], config: RunConfig) -> dict[str, Any]:
     return {f"memory.{k}": memory.get(k, getattr(config.memory, k)) for k in keys}
 
 
-def _with_levers(task: Task, config: RunConfig, device: DeviceInfo, why: str,
+def with_planned_levers(task: Task, config: RunConfig, device: DeviceInfo, why: str,
                  say: Callable[[str], None]) -> tuple[RunConfig, dict[str, Any]]:
     """`config` with the levers the memory plan chose (not even one sample fit without:
     `why`), printed; and the plan, for the run's events."""
