@@ -120,10 +120,15 @@ def print_tune(report: TuneReport) -> None:
     """redline tune's table (every setting tried), each factor's choice and reason, and
     the speed-up measured against the starting config."""
     from redline.memory.probe import format_size
+    from redline.tuning.memory_plan import render_plan
 
+    if report.memory_plan is not None:  # its own table: predicted and measured peaks
+        print(render_plan(report.memory_plan) + "\n")
     print(f"{'factor':<14} {'setting':<42} {'samples/s':>10} {'spread':>7} {'peak memory':>12}"
           "  note")
     for row in report.rows:
+        if row.factor == "memory" and report.memory_plan is not None:
+            continue
         sps = f"{row.samples_per_s:.1f}" if row.samples_per_s else "-"
         spread = f"{100 * row.spread:.1f}%" if row.spread is not None else "-"
         peak = format_size(row.peak_bytes) if row.peak_bytes else "-"

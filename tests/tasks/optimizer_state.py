@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import nn
 
-from tests.tasks.memgpt import MemGPT
+# loaded by path (redline.plugins.import_file puts this folder on sys.path), run from
+# anywhere: memgpt is imported as its neighbour, not through the tests package
+from memgpt import MemGPT
+from torch import nn
 
 
 class SlowGPT(MemGPT):

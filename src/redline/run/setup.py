@@ -2,8 +2,9 @@
 
 `prepare` takes the claimed run directory and returns `RunParts`, in this order:
 
-    config     train.batch_size auto and data.num_workers auto resolved (the batch search
-               and the loader choice, tuning/), the resolved config used from here on
+    config     train.batch_size auto, memory.activation_checkpointing auto and
+               data.num_workers auto resolved (the batch search, the memory plan and the
+               loader choice, tuning/), the resolved config used from here on
     events     events.jsonl (rank 0; the others keep none)
     job        build.py's, with the run's dispatcher and state; a JobRunner over its
                exact-resume loader (job/runner.py)
@@ -28,7 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from redline import batch as batch_tree
+from redline.checkpoint import list_checkpoints
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.distributed import Comm
@@ -46,6 +50,7 @@ from redline.telemetry.jsonl import EventLog, SilentEventLog, truncate_after
 from redline.telemetry.session import Telemetry
 from redline.tuning.autobatch import resolve_auto_batch
 from redline.tuning.loader_choice import resolve_auto_workers
+from redline.tuning.memory_plan_run import resolve_auto_levers
 
 
 @dataclass
@@ -133,11 +138,25 @@ def _resolve(config: RunConfig, task: Task, device: DeviceInfo, run_dir: Path, c
                                            check, comm)
         if tuned is not None:
             chosen.append(("autobatch", tuned))
+    elif config.memory.activation_checkpointing == "auto":  # at the configured micro-batch
+        config, planned = resolve_auto_levers(task, config, device,
+                                              _first_memory(run_dir) if resume else None,
+                                              comm.world.main)
+        chosen.append(("memory_plan", planned))
     config, loader_auto = resolve_auto_workers(task, config, device, comm.world.main,
                                                run_dir / "config.yaml" if resume else None)
     if loader_auto:
         chosen.append(("loader_auto", loader_auto))
     return config, chosen
+
+
+def _first_memory(run_dir: Path) -> dict[str, Any] | None:
+    """A resumed run's memory section as its first start wrote it (config.yaml), where a
+    checkpoint exists to resume from; else None (the plan runs)."""
+    saved = run_dir / "config.yaml"
+    if not (saved.is_file() and list_checkpoints(run_dir / "checkpoints")):
+        return None
+    return dict(yaml.safe_load(saved.read_text()).get("memory") or {})
 
 
 def _telemetry(config: RunConfig, job: Job, run_dir: Path, events: EventLog,

@@ -51,6 +51,7 @@ from redline.telemetry.progress import status
 from redline.tuning.batchsearch import (
     KNEE_TOLERANCE,
     AutobatchResult,
+    DoesNotFit,
     Harness,
     Progress,
     SizeTrial,
@@ -59,10 +60,12 @@ from redline.tuning.batchsearch import (
     search_largest,
     train_and_eval,
 )
+from redline.tuning.memory_plan_run import plan_memory
 from redline.tuning.recipe import DEFAULT_BATCH, kept_batch, recipe
 
-__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "SizeTrial", "autobatch", "autobatch_ranks",
-           "choose_knee", "resolve_auto_batch", "start_micro_batch", "timing_noise"]
+__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "DoesNotFit", "SizeTrial", "autobatch",
+           "autobatch_ranks", "choose_knee", "resolve_auto_batch", "start_micro_batch",
+           "timing_noise", "with_planned_levers"]
 
 
 def autobatch(task: Task, config: RunConfig, device: DeviceInfo, *,
@@ -138,24 +141,43 @@ def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_di
     may raise, e.g. signals.Interrupted on SIGTERM). `comm`: the ranks, which settle on
     the smallest micro-batch any chose (module docstring).
 
-    A resumed run reuses the values its first start chose (they are in its config.yaml),
-    so the math of the steps already taken does not change.
+    Where not even one sample fits memory.target (one process), the memory plan chooses
+    the memory levers (memory_plan_run.py; printed, recorded under "memory_plan") and the
+    search runs again with them; `memory.activation_checkpointing: auto` is resolved here
+    too (none where the search fits without it).
+
+    A resumed run reuses the values its first start chose (they are in its config.yaml:
+    the micro-batch, the evaluation batch and the levers), so the math of the steps
+    already taken does not change.
     """
     world = comm.world if comm is not None else World()
     saved = run_dir / "config.yaml"
     if resume and saved.is_file() and list_checkpoints(run_dir / "checkpoints"):
-        # What the first start measured (micro-batch, eval batch); the rest follows this
-        # config, and the checkpoint's config is compared with the result like any resume.
-        old = yaml.safe_load(saved.read_text())["train"]
+        # What the first start measured (micro-batch, eval batch, levers); the rest follows
+        # this config, and the checkpoint's config is compared with the result like any
+        # resume.
+        first = yaml.safe_load(saved.read_text())
+        old = first["train"]
+        config = config.updated(saved_levers(first.get("memory") or {}, config))
         plan = recipe(config, old["batch_size"], old["eval_batch_size"], world.size)
         if world.main:
             print(f"batch_size: auto: {plan.describe(config)} (from {saved})",
                   file=sys.stderr, flush=True)
         return plan.apply(config), {"source": str(saved), "micro_batch": plan.micro_batch}
+    planned: dict[str, Any] = {}
     with status("autobatch", interactive=interactive) as shown:
         say = shown if world.main else (lambda msg: None)  # rank 0 shows its search
-        r = autobatch_ranks(task, config, device, comm,
-                            progress=lambda msg: (check(), say(msg)))
+        try:
+            r = autobatch_ranks(task, config, device, comm,
+                                progress=lambda msg: (check(), say(msg)))
+        except DoesNotFit as e:
+            if world.distributed:
+                raise
+            config, planned = with_planned_levers(task, config, device, str(e), say)
+            r = autobatch_ranks(task, config, device, comm,
+                                progress=lambda msg: (check(), say(msg)))
+    if config.memory.activation_checkpointing == "auto":  # fits without: none, recorded
+        config = config.updated({"memory.activation_checkpointing": "none"})
     if world.main:
         why = f" ({r.why}; samples/s: {_speeds(r)})" if r.why else ""
         print(f"batch_size: auto: {r.recipe.describe(config)}{why}", file=sys.stderr,
@@ -167,7 +189,25 @@ def resolve_auto_batch(task: Task, config: RunConfig, device: DeviceInfo, run_di
         "eval_batch_size": r.eval_batch_size, "cache_hit": r.cache_hit,
         "probe_steps": r.probe_steps, "verify_steps": r.verify_steps,
         "budget_bytes": r.budget_bytes, "budget_source": r.budget_source,
-        "start": r.start, "why": r.why, "samples_per_s_table": r.table()}
+        "start": r.start, "why": r.why, "samples_per_s_table": r.table(),
+        **({"memory_plan": planned} if planned else {})}
+
+
+def saved_levers(memory: dict[str, Any], config: RunConfig) -> dict[str, Any]:
+    """The levers a run's first start trained with (its config.yaml's memory section), as
+    RunConfig.updated keys; the config's own where the file has none."""
+    keys = ("activation_checkpointing", "checkpointed_blocks", "optimizer_state")
+    return {f"memory.{k}": memory.get(k, getattr(config.memory, k)) for k in keys}
+
+
+def with_planned_levers(task: Task, config: RunConfig, device: DeviceInfo, why: str,
+                 say: Callable[[str], None]) -> tuple[RunConfig, dict[str, Any]]:
+    """`config` with the levers the memory plan chose (not even one sample fit without:
+    `why`), printed; and the plan, for the run's events."""
+    say(f"{why}: planning the memory levers")
+    plan = plan_memory(task, config, device, say=say)
+    print(f"memory plan: {plan.summary()}", file=sys.stderr, flush=True)
+    return plan.apply(config), plan.to_dict()
 
 
 def _speeds(r: AutobatchResult) -> str:

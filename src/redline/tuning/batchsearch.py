@@ -59,8 +59,8 @@ from redline.tuning.knee import (
 )
 from redline.tuning.recipe import Recipe, kept_batch
 
-__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "Harness", "SizeTrial", "choose_knee",
-           "search_fastest", "search_largest"]
+__all__ = ["KNEE_TOLERANCE", "AutobatchResult", "DoesNotFit", "Harness", "SizeTrial",
+           "choose_knee", "search_fastest", "search_largest"]
 
 ROUNDS = 3  # interleaved timing rounds per size
 MIN_TIMED_S = 0.02  # a size's timing covers steps adding up to at least this
@@ -157,6 +157,11 @@ class AutobatchResult:
 Progress = Callable[[str], None]
 
 
+class DoesNotFit(ConfigError):
+    """Not even a micro-batch of one sample fits memory.target: the model needs memory
+    levers (the memory plan, tuning/memory_plan.py), or a larger budget."""
+
+
 class Harness:
     """A job built for trial steps (build.py: what training builds, each batch run whole)."""
 
@@ -245,7 +250,8 @@ def search_largest(h: Harness, config: RunConfig, budget: int, target: int,
     a, k = _fit_memory(h, cap, budget, target, trials, say)
     size = max(1, min(cap, int((target - a) / k) if k > 0 else cap))
     eval_size = _eval_size(h, budget, target, trials, say) if h.eval_set is not None else None
-    size, verify_steps = _verify(h, config, size, eval_size, budget, target, trials, say)
+    size, eval_size, verify_steps = _verify(h, config, size, eval_size, budget, target,
+                                            trials, say)
     chosen, tsteps, why, tolerance = (
         _knee(h, size, trials, say, start=start) if measure_throughput
         else (size, 0, "the largest fitting size (speed not measured)", None))
@@ -282,7 +288,8 @@ def search_fastest(h: Harness, config: RunConfig, budget: int, target: int,
     chosen, tsteps, why, tolerance = _knee(h, predicted, trials, say, check, start)
     scan_checks = sum(t.kind == "verify" for t in trials)
     # the chosen size with its evaluation batch, as training will run them
-    chosen, verify_steps = _verify(h, config, chosen, eval_size, budget, target, trials, say)
+    chosen, eval_size, verify_steps = _verify(h, config, chosen, eval_size, budget, target,
+                                              trials, say)
     verify_steps += scan_checks
     return AutobatchResult(
         max_fit=predicted, chosen=chosen, accumulation_steps=1, start=start, why=why,
@@ -304,20 +311,26 @@ def _cap(h: Harness, config: RunConfig) -> int:
 
 
 def _verify(h: Harness, config: RunConfig, size: int, eval_size: int | None, budget: int,
-            target: int, trials: list[SizeTrial], say: Progress) -> tuple[int, int]:
-    """`size` and its evaluation batch under the budget, shrinking by 10 % until they fit:
-    (the size that fits, the verification steps it took)."""
+            target: int, trials: list[SizeTrial], say: Progress
+            ) -> tuple[int, int | None, int]:
+    """`size` and its evaluation batch under the budget, shrinking by 10 % until they fit,
+    then the evaluation batch by half (it runs with the step's gradients still held, which
+    its own probe did not have): (the size and evaluation batch that fit, the
+    verification steps it took)."""
     steps = 0
     while True:
         say(f"verifying micro-batch {size}" + (f" with evaluation batch {eval_size}"
                                                if eval_size else ""))
         steps += 1
-        ok, peak = h.fits(lambda s=size: train_and_eval(h, s, eval_size), budget, target)
+        ok, peak = h.fits(lambda s=size, e=eval_size: train_and_eval(h, s, e), budget, target)
         trials.append(SizeTrial(size, "verify", peak, ok))
         if ok:
-            return size, steps
+            return size, eval_size, steps
+        if size == 1 and eval_size and eval_size > 1:
+            eval_size = eval_size // 2
+            continue
         if size == 1:
-            raise ConfigError(f"not even a micro-batch of 1 fits memory.target "
+            raise DoesNotFit(f"not even a micro-batch of 1 fits memory.target "
                               f"({config.memory.target:.0%} of {budget} bytes)")
         size = max(1, int(size * 0.9))
 
@@ -332,14 +345,17 @@ def _fit_memory(h: Harness, cap: int, budget: int, target: int, trials: list[Siz
     """
     s = min(8, cap)
     points: list[tuple[int, int]] = []
-    while len(trials) < probes:
+    too_big = cap + 1  # the smallest size that ran out of memory
+    # Probes that ran out do not count: a model that needs its memory levers (the memory
+    # plan) may fit only far below the first probe.
+    while len(points) < probes:
         say(f"probing micro-batch {s}")
         _, peak = h.fits(lambda s=s: h.train_step(s), budget, target)
         trials.append(SizeTrial(s, "probe", peak, peak is not None))
         if peak is None:  # even the probe is too big: halve and keep looking
             if s == 1:
                 break
-            s = max(1, s // 2)
+            too_big, s = s, max(1, s // 2)
             continue
         points.append((s, peak))
         if len(points) == 1:
@@ -347,11 +363,12 @@ def _fit_memory(h: Harness, cap: int, budget: int, target: int, trials: list[Siz
         else:
             a, k = _least_squares(points[-2:])
             nxt = max(2 * s, int((target - a) / k / 2)) if k > 0 else 2 * s
+        nxt = min(nxt, too_big - 1)
         if nxt > cap or nxt <= s:
             break
         s = nxt
     if not points:
-        raise ConfigError("a training step does not fit in memory even with one sample")
+        raise DoesNotFit("a training step does not fit in memory even with one sample")
     if len(points) == 1:
         return float(points[0][1]), float(points[0][1]) / points[0][0]
     return _least_squares(points[-2:])

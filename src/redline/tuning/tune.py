@@ -5,6 +5,13 @@ workflow measures instead, one factor at a time where factors are independent, f
 start (the config as given) and keeping the start's effective batch and lr unless
 `train.grow_effective_batch` (recipe.py):
 
+  0. memory      the memory plan (memory_plan.py): the step's memory breakdown predicts
+                 each combination of memory levers (activation checkpointing, low-bit
+                 optimizer states) and micro-batch; where the start fits memory.target as
+                 it is, nothing more (no lever); else the fitting ones are timed side by
+                 side and the fastest verified under the budget. The stages below run with
+                 the levers set (the batch search chooses the micro-batch with them fixed).
+                 It runs first: on a GPU a start that does not fit could not be timed;
   1. precision   every format the device runs is screened by a short quality check
                  against fp32's own run-to-run noise (precision_screen.py); one that leaves the band
                  is excluded with the number, and one under LEAST_SPEED of fp32's speed
@@ -32,7 +39,9 @@ by more than the rounds' noise (at least KNEE_TOLERANCE; judge.faster_than_start
 keeps the start. Last, the starting and the tuned configuration are timed against each
 other: that ratio is the speed-up printed, measured, never projected, and the tuned
 config is returned only when it is faster beyond the noise; otherwise the start is
-(keep_start; `kept_start` in the report, and the reason under "result").
+(keep_start; `kept_start` in the report, and the reason under "result"). Where the start
+does not fit the memory budget (the plan's prediction), there is nothing to time it
+against: the tuned config is written, and the result says so.
 
 The budget: before each stage its time is predicted from the step times measured so far
 (tune_report.timings_s; compile: compile_choice.predict_compile_s) and the stage starts
@@ -61,12 +70,15 @@ from redline.tuning.batchsearch import AutobatchResult
 from redline.tuning.compile_choice import choose_compile
 from redline.tuning.loader_choice import MIN_TIMED_S as LOADER_MIN_S
 from redline.tuning.loader_choice import choose_loader, worker_counts
+from redline.tuning.memory_plan import MemoryPlan
+from redline.tuning.memory_plan_run import plan_memory
 from redline.tuning.precision_screen import candidates, check_precisions
 from redline.tuning.recipe import describe_change, searched_config
 from redline.tuning.trial import interleave, runners
 from redline.tuning.tune_report import DEFAULT_BUDGET_S, Clock, Row, TuneReport, timings_s
 
-FACTORS = ("precision", "batch", "channels_last", "loader", "compile")
+# the order --factors lists them in; the memory stage runs first (module docstring)
+FACTORS = ("precision", "batch", "channels_last", "loader", "compile", "memory")
 TOP_PRECISIONS = 2  # precisions that get a batch search of their own
 RUNNER_UP = 0.25  # the second is searched only when this close to the first at the start
 # A format slower than this share of fp32's speed at the start (fp32 is always admitted)
@@ -104,13 +116,14 @@ def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
     say = _on_the_clock(say, clock)
     start = starting_config(config)
     report = TuneReport(start=start.to_dict(), tuned={}, budget_s=budget_s)
-    speeds = _precisions(task, start, device, factors, quality_steps, clock, report, say)
+    planned, plan = _memory(task, start, device, factors, clock, report, say)
+    speeds = _precisions(task, planned, device, factors, quality_steps, clock, report, say)
     # The layout before the batch search: it moves the knee (sr3-tiny: +7 % at micro-batch
     # 32, and micro-batch 64 best with it, 32 without; bench/speedup.py).
-    layout = _channels_last(task, start.updated({"precision.name": next(iter(speeds))}),
+    layout = _channels_last(task, planned.updated({"precision.name": next(iter(speeds))}),
                             device, factors, clock, report, say)
-    start_layout = start.updated({"precision.channels_last":
-                                  layout.precision.channels_last})
+    start_layout = planned.updated({"precision.channels_last":
+                                    layout.precision.channels_last})
     current = _batch(task, start_layout, device, list(speeds), factors, cache_dir, clock,
                      report, say, speeds)
     if _layout_again(current, start, layout, factors):  # off at a small batch: check again
@@ -120,9 +133,37 @@ def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
     current = choose_compile(task, current, device, factors, clock, report, say,
                              rounds=ROUNDS, min_s=MIN_TIMED_S,
                              reserve_s=_final_s(report, current))
-    current = _speedup(task, start, current, device, report, say)
+    if plan is not None and not plan.start_fits:
+        report.reasons["result"] = (
+            "the tuned config is written: the start does not fit the memory budget "
+            f"({plan.summary_of_start()}), so there is no speed-up to measure")
+    else:
+        current = _speedup(task, start, current, device, report, say)
     report.tuned, report.wall_s = current.to_dict(), clock.used()
     return current, report
+
+
+def _memory(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple[str, ...],
+            clock: Clock, report: TuneReport, say: Callable[[str], None]
+            ) -> tuple[RunConfig, MemoryPlan | None]:
+    """The memory plan (memory_plan_run.py): the start with the levers and micro-batch it
+    chose, and the plan (None: not searched). Its timing starts only if it fits the budget
+    less what the later stages need (RESERVE, the final timing)."""
+    if "memory" not in factors:
+        return start, None
+    if device.kind not in ("cpu", "cuda"):  # the memory probes measure these two
+        report.reasons["memory"] = (f"not planned: a step's memory is measured on cpu and "
+                                    f"cuda, not {device.kind}")
+        return start, None
+    reserve = max(RESERVE * clock.budget_s, _final_s(report, start))
+    plan = plan_memory(task, start, device, fits=lambda s: clock.fits(s, reserve), say=say)
+    for c in plan.rows:
+        report.rows.append(Row("memory", c.describe(plan.blocks), c.samples_per_s, c.spread,
+                               c.measured_peak, c.note, list(c.rates) or None,
+                               predicted_bytes=c.predicted))
+    report.reasons["memory"] = plan.summary()
+    report.memory_plan = plan.to_dict()
+    return plan.apply(start), plan
 
 
 def _step_s(report: TuneReport, config: RunConfig) -> float:

@@ -29,6 +29,7 @@ class Row:
     peak_bytes: int | None = None
     note: str = ""
     rounds: list[float] | None = None  # every round's samples/s (one: timed once)
+    predicted_bytes: int | None = None  # the memory plan's predicted peak (memory rows)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TuneReport:
     wall_s: float = 0.0
     budget_s: float = DEFAULT_BUDGET_S
     kept_start: bool = False  # the starting config was written: nothing beat it (why: reasons)
+    memory_plan: dict[str, Any] | None = None  # MemoryPlan.to_dict (memory_plan.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,8 @@
     options     --factors, --budget-s, --quality-steps checked (TuneOptions.from_flags)
     which one   the full search (tune.py), or the batch search only (autobatch.py) when
                 --batch-only asks or under torchrun, where every rank searches its own
-                device and the ranks agree on one micro-batch
+                device and the ranks agree on one micro-batch (alone, where not even one
+                sample fits, the memory plan's levers first, as batch_size: auto does)
     budget      --budget-s counts from the command's start (process_age_s: its imports and
                 the task's construction are part of what the user waits for)
     cache       the batch search's cache, or a scratch directory with --no-cache
@@ -28,7 +29,12 @@ from redline.files import atomic_write_text
 from redline.job.build import rank_device
 from redline.task import Task
 from redline.telemetry.progress import status
-from redline.tuning.autobatch import AutobatchResult, autobatch_ranks
+from redline.tuning.autobatch import (
+    AutobatchResult,
+    DoesNotFit,
+    autobatch_ranks,
+    with_planned_levers,
+)
 from redline.tuning.tune import DEFAULT_BUDGET_S, FACTORS, TuneReport, tune
 from redline.tuning.tune_report import process_age_s
 
@@ -133,8 +139,15 @@ def _batch_only(task: Task, config: RunConfig, options: TuneOptions,
                 world: distributed.World, device: DeviceInfo, cache: str | None) -> Tuned:
     comm = distributed.init(world, device.kind)
     with status("tune") as shown:
-        result = autobatch_ranks(task, config, device, comm, cache_dir=cache,
-                                 progress=shown if world.main else None)
+        try:
+            result = autobatch_ranks(task, config, device, comm, cache_dir=cache,
+                                     progress=shown if world.main else None)
+        except DoesNotFit as e:  # one process: the memory levers first, then the search
+            if world.distributed:
+                raise
+            config, _ = with_planned_levers(task, config, device, str(e), shown)
+            result = autobatch_ranks(task, config, device, comm, cache_dir=cache,
+                                     progress=shown)
     if not world.main:  # rank 0 writes the tuned config
         return Tuned(None, False, batch=result, ranks=world.size)
     path, dropped = write_tuned(result.apply(config), task.name, options.output,

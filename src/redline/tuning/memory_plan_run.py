@@ -1,0 +1,328 @@
+"""The memory plan measured: the breakdown, the candidates' real steps, the verification.
+
+memory_plan.py decides from numbers; this module gets them, on the user's machine and
+model, in four steps:
+
+  breakdown  one measuring job (checkpointing installed switched off, fp32 AdamW state,
+             each batch run whole) steps a small micro-batch at the steady state
+             (job/memory.py's measure_job_breakdown: the optimizer's state present, per
+             block activations in each checkpointing mode); every combination is
+             predicted from it. Where the start fits already the plan ends here.
+  timing     the surviving candidates, each as the config training would run (its levers,
+             its micro-batch, the effective batch kept by the recipe), timed side by side
+             through trial.py's runners (JobRunner, warm-up excluded: torchao's low-bit
+             step compiles on its first step), then one tracked steady-state step each
+             for the measured peak in the table.
+  verify     a candidate whose measured peak is over the budget is dropped (the
+             prediction missed it). The choice, built afresh without the OOM guard,
+             steps twice under the budget (memory/probe.py's MemoryBudget: on a CPU a
+             real OutOfMemoryError; the second step has the optimizer's state), each
+             step two micro-batches where the recipe accumulates (the gradients held
+             while the next micro-batch runs are the accumulation's peak; more would
+             only repeat it); on an OOM the next is taken, and the table says so.
+  budget     `fits(seconds)` (tune's Clock) is asked before the timing; where it does
+             not fit, the candidate with the fewest levers is taken untimed and verified.
+
+Tracked steps run under `torch.compiler.set_stance("force_eager")`: torchao's AdamW8bit /
+AdamW4bit compile their step with fullgraph=True, which fails inside the CPU tracker (a
+TorchDispatchMode); eagerly they run and are tracked, and later untracked steps compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.util
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from redline import batch as batch_tree
+from redline.config import ConfigError, RunConfig
+from redline.device import DeviceInfo
+from redline.job.build import Job, build_job
+from redline.job.memory import measure_job_breakdown
+from redline.job.runner import JobRunner
+from redline.memory.breakdown import Breakdown
+from redline.memory.config import OPTIMIZER_STATES
+from redline.memory.levers import Levers
+from redline.memory.probe import (
+    MemoryBudget,
+    default_budget,
+    format_size,
+    live_tensor_bytes,
+    measure_peak,
+)
+from redline.rng import preserved_rng
+from redline.task import Task, task_member
+from redline.tuning.memory_plan import (
+    MODES,
+    Candidate,
+    MemoryPlan,
+    choose,
+    enumerate_candidates,
+    fits_already,
+    judged_notes,
+    micro_batches,
+    nothing_fits,
+    planned_config,
+    split_timed,
+)
+from redline.tuning.recipe import DEFAULT_BATCH, kept_batch
+from redline.tuning.trial import interleave, runners
+
+MEASURE_AT = 2  # the breakdown's micro-batch (at most the start's): small, still per-sample
+ROUNDS = 3
+MIN_TIMED_S = 0.3
+VERIFY_STEPS = 2  # the first creates the optimizer's state; the second is the steady state
+# First-step compile of torchao's low-bit step, seconds (measured on a 2-core CPU).
+COMPILE_S = {"8bit": 3.0, "4bit": 12.0}
+
+Say = Callable[[str], None]
+
+
+def state_kinds(own_optimizer: bool) -> tuple[tuple[str, ...], list[str]]:
+    """(the optimizer-state kinds the plan may try, why the others are left out)."""
+    notes: list[str] = []
+    if own_optimizer:
+        return ("fp32",), ["optimizer state: the task's own optimizer is kept (no state "
+                           "lever)"]
+    if importlib.util.find_spec("redline.memory.optimizer_state") is None:
+        return ("fp32",), ["optimizer state: the low-bit states are not in this build"]
+    if importlib.util.find_spec("torchao") is None:
+        return ("fp32",), ["optimizer state: torchao is not installed (pip install "
+                           "'redline[fp8]')"]
+    kinds = tuple(k for k in ("fp32", "bf16", "8bit", "4bit") if k in OPTIMIZER_STATES)
+    if "cpu-offload" in OPTIMIZER_STATES:
+        notes.append("optimizer state: cpu-offload is not planned (it moves the update to "
+                     "the host; set it yourself)")
+    return kinds, notes
+
+
+def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
+                modes: tuple[str, ...] = MODES, states: tuple[str, ...] | None = None,
+                micro_batch: int | None = None, fits: Callable[[float], bool] | None = None,
+                say: Say = lambda _: None) -> MemoryPlan:
+    """The levers and micro-batch for `task` under `config.memory` (module docstring).
+    `micro_batch`: fixed (only the levers are chosen), else the powers of two up to the
+    effective batch kept and the start. `fits(seconds)`: whether timing may take that long."""
+    t0 = time.perf_counter()
+    budget = config.memory.budget_bytes or default_budget(device)[0]
+    target = int(config.memory.target * budget)
+    # with batch_size auto: the micro-batch the run would have had (autobatch's start)
+    start = micro_batch or (config.train.micro_batch if not config.train.auto_batch
+                            else min(DEFAULT_BATCH, kept_batch(config)))
+    notes: list[str] = []
+    say(f"memory plan: measuring the breakdown at micro-batch {min(start, MEASURE_AT)}")
+    bd, step_s, modes, own_optimizer = _breakdown(task, config, device,
+                                                  min(start, MEASURE_AT), modes, notes)
+    if states is None:
+        states, more = state_kinds(own_optimizer)
+        notes += more
+    blocks = len(bd.blocks)
+    start_peak = bd.predict(Levers(), start)
+    own = Levers.of(config.memory)
+    if bd.predict(own, start) <= target:
+        plan = fits_already(start_peak if own.none else bd.predict(own, start), target, own,
+                            start, budget, blocks, bd.to_dict())
+        plan.start_peak, plan.notes = start_peak, notes
+        plan.wall_s = time.perf_counter() - t0
+        return plan
+    sizes = [start] if micro_batch else micro_batches(kept_batch(config), start)
+    found = enumerate_candidates(bd, target, sizes, modes, states)
+    if not found.survivors:
+        raise ConfigError(nothing_fits(found.rejected, target, blocks))
+    timed = split_timed(found.survivors)
+    predicted = _timing_s(timed, step_s, bd.micro_batch, kept_batch(config))
+    untimed = len(timed) > 1 and fits is not None and not fits(predicted)
+    if untimed:
+        notes.append(f"not timed: timing {len(timed)} candidates would take about "
+                     f"{predicted:.0f} s, more than the budget left (raise --budget-s)")
+    chosen, why = _measure_and_choose(task, config, device, budget, timed, found.start,
+                                      blocks, untimed, notes, say)
+    plan = MemoryPlan(chosen.levers, chosen.micro_batch, budget, target, blocks, start_peak,
+                      start, why, found.survivors + found.rejected, bd.to_dict(), notes)
+    plan.rows.sort(key=lambda r: (not r.chosen, r in found.rejected))
+    plan.wall_s = time.perf_counter() - t0
+    return plan
+
+
+def _breakdown(task: Task, config: RunConfig, device: DeviceInfo, size: int,
+               modes: tuple[str, ...], notes: list[str]
+               ) -> tuple[Breakdown, float, tuple[str, ...], bool]:
+    """(the breakdown of a measuring job at `size`, a step's seconds at `size` (rough: the
+    measurement's wall over its steps), the checkpointing modes the model allows, whether
+    the task brings its own optimizer)."""
+    t0 = time.perf_counter()
+    with preserved_rng():
+        job, modes = _measuring_job(task, config, device, modes, notes)
+        batch = batch_tree.move(batch_tree.first_samples(job.train_set, size),
+                                device.torch_device)
+        with job.precision.global_context():
+            bd = measure_job_breakdown(job, batch)
+        own = task_member(task, "optimizer")
+        own_optimizer = own is not None and own(job.model) is not None
+    # two tracked steps (~2x slower) and a forward per mode: about six steps' time
+    return bd, (time.perf_counter() - t0) / 6, modes, own_optimizer
+
+
+def _measuring_job(task: Task, config: RunConfig, device: DeviceInfo,
+                   modes: tuple[str, ...], notes: list[str]) -> tuple[Job, tuple[str, ...]]:
+    """A job built for measuring: each batch whole, checkpointing installed switched off
+    (the breakdown switches it), fp32 AdamW state (the others are predicted by size),
+    eager on a CPU (a compiled first call under the tracker would never compile)."""
+    changes: dict[str, Any] = {"train.batch_size": "auto", "memory.budget": None,
+                               "memory.optimizer_state": "fp32",
+                               "memory.checkpointed_blocks": None}
+    if device.kind == "cpu":
+        changes["precision.compile"] = False
+    measuring = config.updated(changes)
+    if modes != ("none",):
+        try:
+            return build_job(measuring.updated(
+                {"memory.activation_checkpointing": "auto"}), task, device), modes
+        except ConfigError as e:  # no blocks found: the state levers alone
+            notes.append(f"activation checkpointing: not planned ({e})")
+    return build_job(measuring.updated({"memory.activation_checkpointing": "none",
+                                        "memory.checkpoint_blocks": None}), task, device), \
+        ("none",)
+
+
+def _timing_s(timed: list[Candidate], step_s: float, measured_at: int,
+              samples_per_step: int) -> float:
+    """The timing's predicted seconds: each candidate's warm-up step (and compile, for the
+    low-bit states), its tracked step (~2x), the rounds. A step's seconds follow its
+    samples (every micro-batch of it runs), from the breakdown's seconds per step at
+    `measured_at` samples."""
+    step = step_s * samples_per_step / max(1, measured_at)
+    return sum(COMPILE_S.get(c.levers.optimizer_state, 0.0) + 3 * step
+               + ROUNDS * (MIN_TIMED_S + step) for c in timed)
+
+
+def _measure_and_choose(task: Task, config: RunConfig, device: DeviceInfo, budget: int,
+                        timed: list[Candidate], start: Candidate | None, blocks: int,
+                        untimed: bool, notes: list[str], say: Say) -> tuple[Candidate, str]:
+    """Time `timed` side by side (unless `untimed` or alone), pick, verify under the budget;
+    on an OOM the next pick."""
+    if len(timed) > 1 and not untimed:
+        try:
+            _time_side_by_side(task, config, device, timed, blocks, say)
+        except torch.OutOfMemoryError:  # CUDA: every candidate's job at once is too much
+            for c in timed:
+                c.rates, c.measured_peak = [], None
+            notes.append("not timed: the candidates' jobs together ran out of the device's "
+                         "memory; the one with the fewest levers was taken")
+        _release(device)  # the verification measures the device: nothing else on it
+    left = [c for c in timed if not (c.measured_peak and c.measured_peak > budget)]
+    for c in timed:
+        if c not in left:  # its own steady-state step says it could not pass verification
+            c.note = (f"does not fit: measured {format_size(c.measured_peak or 0)} > budget "
+                      f"{format_size(budget)} (predicted {format_size(c.predicted)})")
+    while left:
+        pick, why = choose(left, start if start in left else None, blocks)
+        chosen = left[pick]
+        say(f"memory plan: verifying {chosen.describe(blocks)} under the budget")
+        peak = verify(task, planned_config(config, chosen.levers, chosen.micro_batch),
+                      device, budget)
+        if peak is not None:
+            chosen.measured_peak = chosen.measured_peak or peak
+            chosen.chosen, chosen.note = True, "chosen: " + why
+            judged_notes(left, pick, blocks)
+            return chosen, why
+        chosen.note = "out of memory under the budget when verified: the next was taken"
+        left.remove(chosen)
+    raise ConfigError("no candidate of the memory plan ran under the budget when verified "
+                      "(every one ran out of memory); raise memory.budget or lower "
+                      "memory.target")
+
+
+def _time_side_by_side(task: Task, config: RunConfig, device: DeviceInfo,
+                       timed: list[Candidate], blocks: int, say: Say) -> None:
+    """Each candidate's rates (interleaved rounds) and measured steady-state peak."""
+    configs = [planned_config(config, c.levers, c.micro_batch) for c in timed]
+    with runners(task, configs, device) as built:
+        for c, runner in zip(timed, built, strict=True):
+            say(f"memory plan: warming up {c.describe(blocks)}")
+            runner.warm_up()
+            c.measured_peak = steady_peak(runner.job, runner.step)
+        timings = interleave(built, ROUNDS, MIN_TIMED_S, lambda i, r: say(
+            f"memory plan: timing {timed[i].describe(blocks)} (round {r + 1} of {ROUNDS})"))
+    for c, timing in zip(timed, timings, strict=True):
+        c.rates = list(timing.rates)
+
+
+def _release(device: DeviceInfo) -> None:
+    """The timing's jobs freed (CUDA: their blocks back from the caching allocator)."""
+    gc.collect()
+    if device.is_cuda:
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _eager(device: DeviceInfo) -> Iterator[None]:
+    """Tracked steps on a CPU run eagerly (module docstring)."""
+    if device.kind != "cpu":
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+def steady_peak(job: Job, step: Callable[[], Any]) -> int:
+    """The peak of one more `step()` of a job already stepped (its optimizer's state
+    present): tracked on a CPU (unbudgeted), the allocator's on CUDA, where what else the
+    device holds (the other candidates' jobs) is taken out."""
+    job.optimizer.zero_grad(set_to_none=True)  # freed inside the step: not in the baseline
+    baseline = live_tensor_bytes(job.model, job.optimizer)
+    with preserved_rng(), _eager(job.device):
+        stats = measure_peak(step, job.device, baseline=baseline)
+    return stats.peak_bytes - stats.baseline_bytes + baseline
+
+
+def verify(task: Task, config: RunConfig, device: DeviceInfo, budget: int) -> int | None:
+    """The peak of VERIFY_STEPS real steps of `config` under `budget` (no OOM guard, so an
+    OOM is seen; at most two micro-batches a step: module docstring), or None where they
+    ran out of memory."""
+    t = config.train
+    steps = min(t.samples_per_step, 2 * t.micro_batch)
+    with preserved_rng():
+        job = build_job(config.updated({"memory.budget": None, "memory.oom_guard": False,
+                                        "train.effective_batch_size": steps}), task, device)
+        runner = JobRunner(job)
+        baseline = live_tensor_bytes(job.model, job.optimizer)
+        try:
+            with runner.context(), _eager(device), \
+                    MemoryBudget(budget, device, baseline=baseline):
+                stats = measure_peak(lambda: [float(runner.next_step().item())
+                                              for _ in range(VERIFY_STEPS)],
+                                     device, baseline=baseline)
+        except torch.OutOfMemoryError:
+            return None
+    return stats.peak_bytes
+
+
+def resolve_auto_levers(task: Task, config: RunConfig, device: DeviceInfo,
+                        saved: dict[str, Any] | None = None, main: bool = True,
+                        say: Say = lambda _: None) -> tuple[RunConfig, dict[str, Any]]:
+    """memory.activation_checkpointing auto with a fixed batch size -> the config with the
+    checkpointing the plan chose at that micro-batch (none where it fits), and what to record.
+    `saved`: a resumed run's memory section (its config.yaml), reused as chosen then."""
+    if saved is not None:
+        levers = Levers(saved.get("activation_checkpointing", "none"),
+                        saved.get("checkpointed_blocks"), config.memory.optimizer_state)
+        if main:
+            print(f"activation_checkpointing: auto: {levers.describe()} (from the run's "
+                  "config.yaml)", file=sys.stderr, flush=True)
+        return config.updated(levers.updates()), {"source": "config.yaml",
+                                                  "levers": levers.updates()}
+    plan = plan_memory(task, config, device, micro_batch=config.train.micro_batch,
+                       states=(config.memory.optimizer_state,), say=say)
+    if main:
+        print(f"activation_checkpointing: auto: {plan.summary()}", file=sys.stderr,
+              flush=True)
+    chosen = Levers(plan.levers.checkpointing, plan.levers.checkpointed_blocks,
+                    config.memory.optimizer_state)
+    return config.updated(chosen.updates()), plan.to_dict()
