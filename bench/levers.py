@@ -54,6 +54,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,6 +376,7 @@ def override(text: str) -> None:
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching")  # torchao's
     if len(sys.argv) > 1 and sys.argv[1] == "--plan-worker":
         _, _, key, budget, args, effective = sys.argv
         torch.set_num_threads(int(os.environ.get("LEVERS_THREADS", "0")) or
