@@ -1,7 +1,7 @@
 """The memory plan against an exhaustive grid of levers, under shrinking CPU memory budgets.
 
-    PYTHONPATH=src python bench/levers.py                 # both models, 4-5 budgets each
-    PYTHONPATH=src python bench/levers.py --quick         # about 2 minutes
+    PYTHONPATH=src python bench/levers.py                 # both models, 4-5 budgets: ~3 min
+    PYTHONPATH=src python bench/levers.py --quick         # about 1 minute
     PYTHONPATH=src python bench/levers.py --models memgpt --budgets fit@E,x1,x0.5
 
 Two models from tests/tasks/memgpt.py, fp32, effective batch E kept (MODELS below):
@@ -340,7 +340,7 @@ def parser() -> argparse.ArgumentParser:
                    + f"; --quick: {QUICK_BUDGETS})")
     p.add_argument("--quick", action="store_true",
                    help=f"budgets {QUICK_BUDGETS}, states {QUICK_STATES}, three timing "
-                        "rounds (about 2 minutes on 2 idle cores)")
+                        "rounds (about 1 minute on 2 idle cores)")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 5, "
                    "--quick 3)")
     p.add_argument("--min-s", type=float, default=0.3, help="seconds per cell per round")
