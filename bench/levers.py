@@ -14,8 +14,8 @@ tracker counts every tensor byte). A cell fits when its tracked steady-state pea
 the optimizer's state present) is at most memory.target (0.85) of the budget. Budgets are
 named by how they are made, from the no-lever peaks measured first:
 
-  fit@N    the no-lever peak at micro-batch N over the target (fit@E: fits at the tuned
-           batch without levers)
+  fit@N    the no-lever peak at micro-batch N over the target, 2 % over (fit@E: fits at
+           the tuned batch without levers)
   xF       F times the no-lever micro-batch-1 peak (x1: micro-batch 1 no longer fits the
            target; x0.25: the issue's "a quarter of the micro-batch-1 peak")
 
@@ -29,9 +29,10 @@ For each model and budget, side by side:
          it was measured here (so it is what a grid for that budget alone would spend).
   plan   redline.tuning.memory_plan_run.plan_memory on the same config and budget, in a
          fresh process each (its compile and warm-ups cold, as a user's first run); its
-         wall time as it reports it.
+         wall time measured in that process.
 
-Every cell any grid or plan picked is then timed in one set of interleaved rounds through
+Every cell any grid or plan picked, and every combination at micro-batch E, is then timed
+in one set of interleaved rounds (one torch thread by default: --threads) through
 redline's job runner (tuning/trial.py's Runner and interleave; unbudgeted, OOM guard on, as
 training runs): the grid's best and the plan's choice are compared there. Goals: the plan
 within 5 % of the grid's best samples/s, in under 15 % of the grid's wall time. Also: the
