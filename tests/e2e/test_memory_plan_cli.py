@@ -95,7 +95,8 @@ def test_a_wide_mlp_whose_states_dominate_gets_an_optimizer_state_lever(tmp_path
     if importlib.util.find_spec("torchao") is None:
         pytest.skip("torchao is not installed")
     # 2.1 M parameters: fp32 AdamW's step is ~32 MiB (states 16 of it), whatever the
-    # checkpointing; 8bit states bring it to ~21 (measured ~26: the step's own transients)
+    # checkpointing; 4bit states bring it to ~24 with the low-bit step's own transients
+    # (8bit is not planned unless configured: docs/memory.md)
     wide = [f"{Path(__file__).parents[1] / 'tasks' / 'memgpt.py'}:WideMLP",
             "--set", "train.batch_size=8", "--memory-budget", "32MiB"]
     tune = run_cli(["tune", *wide, "--factors", "memory", "--budget-s", "120", "--json",
@@ -103,7 +104,8 @@ def test_a_wide_mlp_whose_states_dominate_gets_an_optimizer_state_lever(tmp_path
     assert tune.returncode == 0, tune.stderr
     plan = json.loads(tune.stdout.strip().splitlines()[-1])["memory_plan"]
     assert not plan["start_fits"]
-    assert plan["levers"]["optimizer_state"] in ("bf16", "8bit", "4bit"), plan["rows"]
+    assert plan["levers"]["optimizer_state"] == "4bit", plan["rows"]
+    assert any("8bit is not planned" in n for n in plan["notes"]), plan["notes"]
     assert plan["levers"]["checkpointing"] == "none"  # it would not help: states dominate
     memory = yaml.safe_load((tmp_path / "tuned.yaml").read_text())["memory"]
     assert memory["optimizer_state"] == plan["levers"]["optimizer_state"]

@@ -203,12 +203,34 @@ def eager() -> contextlib.AbstractContextManager[Any]:
 
 
 def state_kinds(task: Task, config: RunConfig) -> tuple[str, ...]:
-    """The optimizer states a lever may choose: a task's own optimizer is kept (only the
-    kind configured), redline's AdamW may be low-bit where torchao is installed."""
-    if task_member(task, "optimizer") is not None or importlib.util.find_spec("torchao") \
-            is None:
-        return (config.memory.optimizer_state,)
-    return ("fp32", "8bit", "4bit")
+    """The optimizer states a suggestion may choose for `task` (planned_states)."""
+    own = task_member(task, "optimizer") is not None
+    return planned_states(own, config.memory.optimizer_state)[0]
+
+
+def planned_states(own_optimizer: bool, configured: str = "fp32"
+                   ) -> tuple[tuple[str, ...], list[str]]:
+    """(the optimizer-state kinds a plan or a suggestion may choose, why others are left
+    out). A task's own optimizer is kept; the low-bit kinds need torchao. 8bit only where
+    the config asks for it: where a gradient turns exactly zero after a small one (a dead
+    ReLU unit, an embedding row seen once) its second moment quantizes to 0 and the update
+    divides by eps (docs/memory.md: a weight moved 1.9 in 10 steps where fp32 AdamW moved
+    none by 0.01), a risk to the run's quality redline does not take for the user; 4bit's
+    second moment has no zero code. cpu-offload moves the update to the host: set it
+    yourself."""
+    if own_optimizer:
+        return (configured,), ["optimizer state: the task's own optimizer is kept (no "
+                               "state lever)"]
+    if importlib.util.find_spec("torchao") is None:
+        return (configured,), ["optimizer state: torchao is not installed (pip install "
+                               "'redline[fp8]')"]
+    kinds = ("fp32", "8bit", "4bit") if configured == "8bit" else ("fp32", "4bit")
+    notes = ["optimizer state: cpu-offload is not planned (it moves the update to the "
+             "host; set it yourself)"]
+    if configured != "8bit":
+        notes.append("optimizer state: 8bit is not planned (an element whose gradient "
+                     "turns exactly zero can jump; docs/memory.md); set it yourself")
+    return kinds, notes
 
 
 def measuring_config(config: RunConfig, micro_batch: int) -> RunConfig:

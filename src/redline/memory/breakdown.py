@@ -247,7 +247,7 @@ _CANDIDATES = (("none", "8bit"), ("selective", "fp32"), ("selective", "8bit"),
 
 
 def fitting_levers(b: Breakdown, micro_batch: int, limit: int,
-                   state_kinds: Sequence[str] = ("fp32", "8bit", "4bit")
+                   state_kinds: Sequence[str] = ("fp32", "4bit")
                    ) -> list[tuple[Levers, int]]:
     """Lever combinations predicted to fit `limit` at `micro_batch`, cheapest first, with
     their predicted peaks: the fewest checkpointed blocks for each mode. `state_kinds`: the
@@ -282,7 +282,7 @@ def set_flags(levers: Levers) -> str:
 
 
 def fit_sentence(b: Breakdown, limit: int, micro_batch: int | None = None,
-                 state_kinds: Sequence[str] = ("fp32", "8bit", "4bit")) -> tuple[bool, str]:
+                 state_kinds: Sequence[str] = ("fp32", "4bit")) -> tuple[bool, str]:
     """(fits, in words) for the step at `micro_batch` (default: the measured) against
     `limit`: "fits: yes (72 % of the budget)", or what it needs and which levers would fit,
     with the `--set` flags of the first."""

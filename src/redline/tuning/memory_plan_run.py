@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.util
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -44,10 +43,9 @@ from redline import batch as batch_tree
 from redline.config import ConfigError, RunConfig
 from redline.device import DeviceInfo
 from redline.job.build import Job, build_job
-from redline.job.memory import measure_job_breakdown
+from redline.job.memory import measure_job_breakdown, planned_states
 from redline.job.runner import JobRunner
 from redline.memory.breakdown import Breakdown
-from redline.memory.config import OPTIMIZER_STATES
 from redline.memory.levers import Levers
 from redline.memory.probe import (
     MemoryBudget,
@@ -84,24 +82,6 @@ COMPILE_S = {"8bit": 3.0, "4bit": 12.0}
 Say = Callable[[str], None]
 
 
-def state_kinds(own_optimizer: bool) -> tuple[tuple[str, ...], list[str]]:
-    """(the optimizer-state kinds the plan may try, why the others are left out)."""
-    notes: list[str] = []
-    if own_optimizer:
-        return ("fp32",), ["optimizer state: the task's own optimizer is kept (no state "
-                           "lever)"]
-    if importlib.util.find_spec("redline.memory.optimizer_state") is None:
-        return ("fp32",), ["optimizer state: the low-bit states are not in this build"]
-    if importlib.util.find_spec("torchao") is None:
-        return ("fp32",), ["optimizer state: torchao is not installed (pip install "
-                           "'redline[fp8]')"]
-    kinds = tuple(k for k in ("fp32", "bf16", "8bit", "4bit") if k in OPTIMIZER_STATES)
-    if "cpu-offload" in OPTIMIZER_STATES:
-        notes.append("optimizer state: cpu-offload is not planned (it moves the update to "
-                     "the host; set it yourself)")
-    return kinds, notes
-
-
 def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
                 modes: tuple[str, ...] = MODES, states: tuple[str, ...] | None = None,
                 micro_batch: int | None = None, fits: Callable[[float], bool] | None = None,
@@ -120,7 +100,7 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
     bd, step_s, modes, own_optimizer = _breakdown(task, config, device,
                                                   min(start, MEASURE_AT), modes, notes)
     if states is None:
-        states, more = state_kinds(own_optimizer)
+        states, more = planned_states(own_optimizer, config.memory.optimizer_state)
         notes += more
     blocks = len(bd.blocks)
     start_peak = bd.predict(Levers(), start)

@@ -242,6 +242,11 @@ def _batch(task: Task, start: RunConfig, device: DeviceInfo, ranked: list[str],
             continue
         cfg = searched_config(start, name)
         reserve = max(RESERVE * clock.budget_s, _final_s(report, start))
+        if clock.left() <= reserve:  # the search's probes would run past the budget
+            report.rows.append(Row("batch", name, note=(
+                f"no batch search: {max(0.0, clock.left()):.0f} s of --budget-s left, "
+                f"{reserve:.0f} s of them kept for the stages after it (raise --budget-s)")))
+            continue
         r = autobatch(task, cfg, device, cache_dir=cache_dir, verify_largest=False,
                       timing_s=BATCH_TIMING_S, start=start.train.micro_batch,
                       deadline=time.perf_counter() + clock.left() - reserve,
