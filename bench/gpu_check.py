@@ -365,13 +365,15 @@ def _train(run_root: str, *args: str) -> subprocess.CompletedProcess:
 def snapshot_check(info: DeviceInfo) -> None:
     @check("OOM at micro-batch 1 leaves the allocator's memory snapshot")
     def _() -> str:
-        # The GPT: ~19 MiB of parameters, ~110 MiB at the steady state at one
-        # sample; 64 MiB holds the parameters but not a step, so the guard retries 4 -> 2
-        # -> 1 (the allocator recording) and the run ends with the snapshot written.
+        # A GPT of ~100 MiB of parameters whose one-sample step needs ~400 MiB beyond them
+        # (gradients, AdamW's state, ~290 MiB of activations at sequence 1024): 256 MiB
+        # holds the parameters even in the allocator's 20 MiB segments, but no step, so the
+        # guard retries 4 -> 2 -> 1 (the allocator recording) and the run ends with the
+        # snapshot written.
         with tempfile.TemporaryDirectory() as d:
-            done = _train(d, "--batch-size", "4", "--steps", "3", "--memory-budget", "64MiB",
-                          "--set", "task_args.width=256", "--set", "task_args.layers=6",
-                          "--set", "task_args.seq=512")
+            done = _train(d, "--batch-size", "4", "--steps", "3", "--memory-budget", "256MiB",
+                          "--set", "task_args.width=512", "--set", "task_args.layers=8",
+                          "--set", "task_args.seq=1024")
             assert done.returncode != 0, "the run did not run out of memory"
             snap = Path(f"{d}/run/memory_snapshot.pickle")
             assert snap.is_file(), f"no snapshot; stderr: {done.stderr[-1500:]}"
