@@ -70,7 +70,9 @@ from redline import batch as batch_tree
 from redline.config import RunConfig
 from redline.device import DeviceInfo
 from redline.job.build import build_job
+from redline.job.memory import measure_job_breakdown, planned_states
 from redline.job.runner import JobRunner
+from redline.memory.breakdown import Breakdown
 from redline.memory.config import OPTIMIZER_STATES
 from redline.memory.levers import Levers
 from redline.memory.probe import live_tensor_bytes, measure_peak
@@ -85,7 +87,7 @@ MODES = ("none", "selective", "full")
 STATES = tuple(s for s in OPTIMIZER_STATES if s != "cpu-offload")  # cpu-offload: CUDA only
 COMBOS = [Levers(mode, None, state) for state in STATES for mode in MODES]
 QUICK_BUDGETS = "fit@E,x1"
-QUICK_STATES = "fp32,8bit"
+QUICK_STATES = "fp32,4bit"
 CPU = DeviceInfo.detect("cpu")
 # fit@N budgets leave 2 % over the no-lever peak: a lever's own few KiB (the checkpoint
 # wrappers' bookkeeping) must not decide whether a cell fits a budget set to the byte.
@@ -237,12 +239,8 @@ def time_cells(model: Model, task: Any, keys: list[tuple[Levers, int]], rounds: 
             runner.close()
 
 
-def measure_breakdown(model: Model, task: Any) -> Any:
-    """The breakdown at micro-batch 2 (as the plan measures it), or None before it exists."""
-    try:
-        from redline.job.memory import measure_job_breakdown
-    except ImportError:
-        return None
+def measure_breakdown(model: Model, task: Any) -> Breakdown:
+    """The breakdown at micro-batch 2 (as the plan measures it)."""
     size = min(2, model.effective)
     config = model.config(Levers(), "auto").updated({
         "memory.activation_checkpointing": "auto", "memory.checkpointed_blocks": None})
@@ -282,7 +280,8 @@ def bench_model(model: Model, names: list[str], rounds: int, min_s: float,
                 plan_timeout: float, peaks_json: str | None = None) -> Result:
     task = resolve_task(model.spec, model.args)
     n = sum(p.numel() for p in task.build_model().parameters())
-    result = Result(model, list(COMBOS), n, cells=saved_cells(peaks_json, model))
+    offered = planned_states(False)[0]
+    result = Result(model, list(COMBOS), n, offered, cells=saved_cells(peaks_json, model))
 
     def peak(levers: Levers, micro: int) -> Cell:
         if (levers, micro) not in result.cells:
