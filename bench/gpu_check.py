@@ -261,6 +261,23 @@ def _steps(optimizer: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return first, last
 
 
+def _step_ms(optimizer: Any, info: DeviceInfo, n: int = 10) -> float:
+    """Milliseconds of one optimizer step on the gradients present (median of `n`)."""
+    import statistics
+    import time
+
+    times = []
+    for _ in range(n):
+        if info.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        optimizer.step()
+        if info.is_cuda:
+            torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 def lever_checks(info: DeviceInfo) -> None:
     """The memory levers of issue 20 on `info`'s device (the module docstring)."""
 
@@ -269,11 +286,12 @@ def lever_checks(info: DeviceInfo) -> None:
 
         return make_optimizer(list(model.parameters()), 1e-3, 0.0, kind)
 
-    def fp32_state() -> int:
+    def fp32_state() -> tuple[int, float]:
+        """fp32 AdamW's state bytes and its optimizer step's milliseconds."""
         model, x, y = toy()
         fp32 = make_optimizer(model, "fp32")
-        _steps(fp32, model, x, y, 1)
-        return _state_bytes(fp32)
+        _steps(fp32, model, x, y, 2)
+        return _state_bytes(fp32), _step_ms(fp32, info)
 
     def toy() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         torch.manual_seed(0)
@@ -289,22 +307,24 @@ def lever_checks(info: DeviceInfo) -> None:
             model, x, y = toy()
             optimizer = make_optimizer(model, kind)
             first, last = _steps(optimizer, model, x, y)
-            fp32_bytes = fp32_state()
+            fp32_bytes, fp32_ms = fp32_state()
             state = _state_bytes(optimizer)
             assert last < first, f"loss did not fall: {first:.4f} -> {last:.4f}"
             assert state <= most * fp32_bytes, (state, fp32_bytes)
             on = {v.device.type for s in optimizer.state.values() for v in s.values()
                   if isinstance(v, torch.Tensor)}
             assert on == {info.kind}, f"state on {on}"
+            ms = _step_ms(optimizer, info)
             return (f"ok, loss {first:.3f} -> {last:.3f}, state {state / 2**20:.2f} MiB = "
-                    f"{state / fp32_bytes:.2f} of fp32 AdamW's {fp32_bytes / 2**20:.2f} MiB")
+                    f"{state / fp32_bytes:.2f} of fp32 AdamW's {fp32_bytes / 2**20:.2f} MiB; "
+                    f"optimizer step {ms:.2f} ms (fp32 AdamW: {fp32_ms:.2f} ms)")
 
     if info.is_cuda:
         @check("optimizer state cpu-offload on cuda")
         def _() -> str:
             model, x, y = toy()
             optimizer = make_optimizer(model, "cpu-offload")
-            fp32_bytes = fp32_state()
+            fp32_bytes = fp32_state()[0]
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
             first, last = _steps(optimizer, model, x, y)
