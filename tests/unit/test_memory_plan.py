@@ -204,7 +204,7 @@ def test_untimed_choice_verified_under_the_budget_and_an_oom_takes_the_next(
     plan = plan_memory(object(), config, CPU, states=("fp32",),  # type: ignore[arg-type]
                        fits=lambda seconds: False)  # the budget leaves no time to time them
     assert not plan.start_fits  # 80 MiB at micro-batch 4 > 51
-    rows = {r.levers.checkpointing: r for r in plan.rows}
+    rows = {r.levers.checkpointing: r for r in reversed(plan.rows)}  # the first of each
     assert rows["none"].micro_batch == 2 and rows["none"].note.startswith(
         "out of memory under the budget when verified")
     chosen = next(r for r in plan.rows if r.chosen)
@@ -213,3 +213,28 @@ def test_untimed_choice_verified_under_the_budget_and_an_oom_takes_the_next(
     tuned = plan.apply(config)
     assert tuned.memory.activation_checkpointing == "selective"
     assert (tuned.train.batch_size, tuned.train.samples_per_step) == (plan.micro_batch, 4)
+
+
+def test_a_choice_that_does_not_fit_when_verified_is_tried_at_half_the_micro_batch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The prediction was short (bench/levers.py: a GPT's full checkpointing at micro-batch
+    # 2 measured 24 % over it): every candidate runs out of memory above micro-batch 1, so
+    # the plan must not refuse while the same levers fit at half the micro-batch.
+    def verify(task: object, config: object, device: object, budget: int) -> int | None:
+        return 40 * MiB if config.train.batch_size == 1 else None  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(memory_plan_run, "verify", verify)
+    monkeypatch.setattr(memory_plan_run, "_breakdown",
+                        lambda *a, **k: (MeasuredFake(), 0.01, MODES, False))
+    config = load_config(None, [f"task={TOY}", "memory.budget=60MiB", "train.batch_size=4"])
+    plan = plan_memory(object(), config, CPU, states=("fp32",),  # type: ignore[arg-type]
+                       fits=lambda seconds: False)
+    chosen = next(r for r in plan.rows if r.chosen)
+    assert (chosen.levers.none, chosen.micro_batch, chosen.measured_peak) == (True, 1,
+                                                                              40 * MiB)
+    failed = [(r.levers.checkpointing, r.micro_batch) for r in plan.rows
+              if r.note.startswith("out of memory under the budget when verified")]
+    assert ("none", 2) in failed  # its half, micro-batch 1, was then verified and chosen
+    assert [r.micro_batch for r in plan.rows if "half the micro-batch" in r.note] == [2, 2]
+    tuned = plan.apply(config)
+    assert (tuned.train.batch_size, tuned.train.samples_per_step) == (1, 4)  # kept

@@ -63,7 +63,29 @@ def measure_job_breakdown(job: Job, batch: Any) -> Breakdown:
                   temporaries=0, peak=peak, source=source, levers=levers,
                   **_states(job), **activations)
     b.temporaries = peak - b.backward_peak(levers, b.micro_batch)
+    _fit_temporaries(b, runner, job)
     return b
+
+
+def _fit_temporaries(b: Breakdown, runner: JobRunner, job: Job) -> None:
+    """`b.temporaries_per_sample` from one more measured step at twice the micro-batch
+    (where the training set has the samples and, on CUDA, the step fits)."""
+    m, engine = b.micro_batch, job.engine
+    if 2 * m > len(job.train_set) or engine.guard is not None:  # type: ignore[arg-type]
+        return  # (a guard would split the larger batch: no larger step to measure)
+    bigger = batch_tree.move(batch_tree.first_samples(job.train_set, 2 * m),
+                             job.device.torch_device)
+    split, engine.micro_batch_size = engine.micro_batch_size, None  # the batch whole
+    try:
+        with runner.context():
+            peak = _measured_step(runner, bigger)
+    except torch.OutOfMemoryError:  # CUDA: the larger step does not fit the device
+        job.optimizer.zero_grad(set_to_none=True)
+        return
+    finally:
+        engine.micro_batch_size = split
+    categories = b.backward_peak(b.levers, 2 * m) - b.temporaries_at(2 * m)
+    b.temporaries_per_sample = (peak - categories - b.temporaries) / m
 
 
 def predict_from_sizes(job: Job, micro_batch: int, why: str) -> Breakdown:

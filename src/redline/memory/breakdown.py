@@ -22,8 +22,11 @@ so a first step's peak misses it) a step's peak is
   so `predict` takes the larger of it and the forward/backward's.
 - temporaries: the measured peak minus all of the above. Positive: scratch of the backward
   (gradients of the logits, attention's backward). Negative: what does not coexist at the
-  peak (the gradients grow while the activations are freed). Scaled with the micro-batch
-  like the activations.
+  peak (the gradients grow while the activations are freed). They are partly per sample
+  and partly not, so a second step at twice the micro-batch is measured where the data
+  allows, and they follow the line through the two (`temporaries_per_sample`); scaling
+  them like the activations under-predicted a GPT's full-checkpointing step at
+  micro-batch 8 by 26 % (bench/levers.py), where negative temporaries grew with it.
 
 `Breakdown.predict` adds these up for any levers (memory/levers.py) at any micro-batch; a
 state kind other than the measured one is predicted from the trainable elements
@@ -79,6 +82,9 @@ class Breakdown:
     measured_activations: bool = True  # False: predicted from sizes, activations unknown
     notes: list[str] = field(default_factory=list)
     largest_parameter: int = 0  # elements of the largest trainable tensor (step_peak)
+    # bytes of temporaries per sample, from a second step at twice the micro-batch (None:
+    # not measured, the temporaries scale with the micro-batch like the activations)
+    temporaries_per_sample: float | None = None
 
     # ---- prediction ----------------------------------------------------------------------
 
@@ -117,7 +123,15 @@ class Breakdown:
         """The forward/backward's peak: every category, activations at `micro_batch`."""
         return (self.parameters + self.gradients + self.state_bytes(levers.optimizer_state)
                 + self.activations(levers, micro_batch) + self.recompute(levers, micro_batch)
-                + self._scale(self.temporaries, micro_batch))
+                + self.temporaries_at(micro_batch))
+
+    def temporaries_at(self, micro_batch: int) -> int:
+        """The temporaries at `micro_batch`: on the line through the two micro-batches
+        measured where a second was (`temporaries_per_sample`), else scaled with it."""
+        if self.temporaries_per_sample is None:
+            return self._scale(self.temporaries, micro_batch)
+        return int(self.temporaries
+                   + self.temporaries_per_sample * (micro_batch - self.micro_batch))
 
     def step_peak(self, kind: str) -> int:
         """The optimizer step's peak: the model states, and the step's own temporaries for

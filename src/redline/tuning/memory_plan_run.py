@@ -123,8 +123,10 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
                      f"{predicted:.0f} s, more than the budget left (raise --budget-s)")
     chosen, why = _measure_and_choose(task, config, device, budget, timed, found.start,
                                       blocks, untimed, notes, say)
+    halved = [c for c in timed if c not in found.survivors]  # added when one did not fit
     plan = MemoryPlan(chosen.levers, chosen.micro_batch, budget, target, blocks, start_peak,
-                      start, why, found.survivors + found.rejected, bd.to_dict(), notes)
+                      start, why, found.survivors + halved + found.rejected, bd.to_dict(),
+                      notes)
     plan.rows.sort(key=lambda r: (not r.chosen, r in found.rejected))
     plan.wall_s = time.perf_counter() - t0
     return plan
@@ -201,22 +203,41 @@ def _measure_and_choose(task: Task, config: RunConfig, device: DeviceInfo, budge
         if c not in left:  # its own steady-state step says it could not pass verification
             c.note = (f"does not fit: measured {format_size(c.measured_peak or 0)} > budget "
                       f"{format_size(budget)} (predicted {format_size(c.predicted)})")
+            _halved(c, left, timed)
     while left:
-        pick, why = choose(left, start if start in left else None, blocks)
-        chosen = left[pick]
+        # the timed ones by their rounds; a halved one (untimed) once none of them is left
+        pool = [c for c in left if c.rates] or left
+        pick, why = choose(pool, start if start in pool else None, blocks)
+        chosen = pool[pick]
         say(f"memory plan: verifying {chosen.describe(blocks)} under the budget")
         peak = verify(task, planned_config(config, chosen.levers, chosen.micro_batch),
                       device, budget)
         if peak is not None:
             chosen.measured_peak = chosen.measured_peak or peak
             chosen.chosen, chosen.note = True, "chosen: " + why
-            judged_notes(left, pick, blocks)
+            judged_notes(pool, pick, blocks)
             return chosen, why
         chosen.note = "out of memory under the budget when verified: the next was taken"
         left.remove(chosen)
+        _halved(chosen, left, timed)
     raise ConfigError("no candidate of the memory plan ran under the budget when verified "
                       "(every one ran out of memory); raise memory.budget or lower "
                       "memory.target")
+
+
+def _halved(failed: Candidate, left: list[Candidate], rows: list[Candidate]) -> None:
+    """The same levers at half the micro-batch, where `failed` did not fit its budget in a
+    real step: the prediction was short, and a smaller micro-batch (the effective batch
+    kept by accumulation) may still fit. Untimed; added last, so timed ones go first."""
+    if failed.micro_batch == 1 or any(c.levers == failed.levers and c.micro_batch <
+                                      failed.micro_batch for c in left):
+        return
+    smaller = Candidate(failed.levers, failed.micro_batch // 2,
+                        failed.predicted * (failed.micro_batch // 2) // failed.micro_batch,
+                        note="the same levers at half the micro-batch: the larger did "
+                             "not fit (untimed)")
+    left.append(smaller)
+    rows.append(smaller)
 
 
 def _time_side_by_side(task: Task, config: RunConfig, device: DeviceInfo,
