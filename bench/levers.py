@@ -65,7 +65,7 @@ import torch
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # no CUDA kernels here
 
-from levers_report import Cell, Result, label, print_tables, write_json
+from levers_report import TARGET, Cell, Result, label, print_tables, write_json
 from redline import batch as batch_tree
 from redline.config import RunConfig
 from redline.device import DeviceInfo
@@ -82,7 +82,6 @@ from redline.task import resolve_task
 from redline.tuning.trial import Runner, interleave
 
 TASKS = Path(__file__).resolve().parent.parent / "tests" / "tasks" / "memgpt.py"
-TARGET = 0.85  # memory.target's default
 MODES = ("none", "selective", "full")
 STATES = tuple(s for s in OPTIMIZER_STATES if s != "cpu-offload")  # cpu-offload: CUDA only
 COMBOS = [Levers(mode, None, state) for state in STATES for mode in MODES]
@@ -308,6 +307,7 @@ def bench_model(model: Model, names: list[str], rounds: int, min_s: float,
             key = (Levers(plan["checkpointing"], plan["blocks"], plan["state"]),
                    plan["micro"])
             plan["key"] = key
+            plan["peak"] = peak(*key).peak  # measured as the grid's cells are
             fitting_plan = [key]
         else:
             fitting_plan = []

@@ -12,6 +12,8 @@ from typing import Any
 from redline.memory.levers import Levers
 from redline.memory.sizes import format_size
 
+TARGET = 0.85  # memory.target of every budget (bench/levers.py)
+
 
 @dataclass
 class Cell:
@@ -85,7 +87,14 @@ def main_table(results: list[Result]) -> list[str]:
                 mine = max(ours, key=lambda k: rate(res, k)[0]) if ours else None
                 vs2 = (f"{100 * (rate(res, key)[0] / rate(res, mine)[0] - 1):+.1f} %"
                        if mine else "-")
-                plan_text = (f"{label(*key)} | {_rate_text(res, key)} | {vs} | {vs2} | "
+                over = plan.get("peak", 0) > TARGET * b["budget"]
+                if over:
+                    errors.append(f"{res.model.key} {b['name']}: the plan's choice peaks at "
+                                  f"{format_size(plan['peak'])}, over memory.target "
+                                  f"({format_size(int(TARGET * b['budget']))}), which the "
+                                  "grid's cells must fit")
+                flag = f" (over target, {len(errors)})" if over else ""
+                plan_text = (f"{label(*key)}{flag} | {_rate_text(res, key)} | {vs} | {vs2} | "
                              f"{plan['wall_s']:.0f} s")
                 if best:
                     speed.append(rate(res, key)[0] >= 0.95 * rate(res, best)[0])
