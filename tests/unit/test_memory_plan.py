@@ -238,3 +238,22 @@ def test_a_choice_that_does_not_fit_when_verified_is_tried_at_half_the_micro_bat
     assert [r.micro_batch for r in plan.rows if "half the micro-batch" in r.note] == [2, 2]
     tuned = plan.apply(config)
     assert (tuned.train.batch_size, tuned.train.samples_per_step) == (1, 4)  # kept
+
+
+def test_a_choice_over_memory_target_when_verified_is_not_taken(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # under the budget (60 MiB) but over its target (51): the headroom is the user's
+    peaks = {"none": None, "selective": 55 * MiB, "full": 45 * MiB}
+
+    def verify(task: object, config: object, device: object, budget: int) -> int | None:
+        return peaks[config.memory.activation_checkpointing]  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(memory_plan_run, "verify", verify)
+    monkeypatch.setattr(memory_plan_run, "_breakdown",
+                        lambda *a, **k: (MeasuredFake(), 0.01, MODES, False))
+    config = load_config(None, [f"task={TOY}", "memory.budget=60MiB", "train.batch_size=4"])
+    plan = plan_memory(object(), config, CPU, states=("fp32",),  # type: ignore[arg-type]
+                       fits=lambda seconds: False)
+    assert plan.levers.checkpointing == "full"
+    over = [r for r in plan.rows if r.note.startswith("over memory.target when verified")]
+    assert [r.levers.checkpointing for r in over] == ["selective"]

@@ -268,7 +268,16 @@ def measure_config_breakdown(config: RunConfig, task: Task, device: DeviceInfo,
                              micro_batch: int) -> Breakdown:
     """The breakdown of the job `config` builds, at `micro_batch`, on a job built for the
     measurement and thrown away (the first `micro_batch` samples of the training set). On
-    CUDA, a step that runs out of memory leaves a prediction from the tensors' sizes."""
+    CUDA, a step that runs out of memory leaves a prediction from the tensors' sizes.
+    Predictions are for `config`'s steps (`samples_per_step`: accumulated where the
+    micro-batch is smaller)."""
+    b = _measure_config(config, task, device, micro_batch)
+    b.samples_per_step = None if config.train.auto_batch else config.train.samples_per_step
+    return b
+
+
+def _measure_config(config: RunConfig, task: Task, device: DeviceInfo,
+                    micro_batch: int) -> Breakdown:
     job = build_job(measuring_config(config, micro_batch), task, device)
     batch = batch_tree.move(batch_tree.first_samples(job.train_set, micro_batch),
                             device.torch_device)

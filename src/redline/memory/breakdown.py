@@ -85,6 +85,9 @@ class Breakdown:
     # bytes of temporaries per sample, from a second step at twice the micro-batch (None:
     # not measured, the temporaries scale with the micro-batch like the activations)
     temporaries_per_sample: float | None = None
+    # the samples of one optimizer step the prediction is for: a micro-batch below it
+    # accumulates (None: each step one micro-batch, as measured)
+    samples_per_step: int | None = None
 
     # ---- prediction ----------------------------------------------------------------------
 
@@ -123,7 +126,17 @@ class Breakdown:
         """The forward/backward's peak: every category, activations at `micro_batch`."""
         return (self.parameters + self.gradients + self.state_bytes(levers.optimizer_state)
                 + self.activations(levers, micro_batch) + self.recompute(levers, micro_batch)
-                + self.temporaries_at(micro_batch))
+                + self._accumulated(self.temporaries_at(micro_batch), micro_batch))
+
+    def _accumulated(self, temporaries: int, micro_batch: int) -> int:
+        """Negative temporaries are what does not coexist at a whole batch's peak (the
+        gradients, made while backward frees the activations); under accumulation the
+        earlier micro-batches' gradients are alive through the next forward, so they all
+        coexist (bench/levers.py: predictions at micro-batch 1 of 8 were short by exactly
+        the gradients)."""
+        if self.samples_per_step is not None and micro_batch < self.samples_per_step:
+            return max(0, temporaries)
+        return temporaries
 
     def temporaries_at(self, micro_batch: int) -> int:
         """The temporaries at `micro_batch`: on the line through the two micro-batches

@@ -99,6 +99,7 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
     say(f"memory plan: measuring the breakdown at micro-batch {min(start, MEASURE_AT)}")
     bd, step_s, modes, own_optimizer = _breakdown(task, config, device,
                                                   min(start, MEASURE_AT), modes, notes)
+    bd.samples_per_step = kept_batch(config)  # a smaller micro-batch accumulates
     if states is None:
         states, more = planned_states(own_optimizer, config.memory.optimizer_state)
         notes += more
@@ -198,11 +199,13 @@ def _measure_and_choose(task: Task, config: RunConfig, device: DeviceInfo, budge
             notes.append("not timed: the candidates' jobs together ran out of the device's "
                          "memory; the one with the fewest levers was taken")
         _release(device)  # the verification measures the device: nothing else on it
-    left = [c for c in timed if not (c.measured_peak and c.measured_peak > budget)]
+    # memory.target, not the budget: the headroom the user keeps is not the plan's to fill
+    target = int(config.memory.target * budget)
+    left = [c for c in timed if not (c.measured_peak and c.measured_peak > target)]
     for c in timed:
         if c not in left:  # its own steady-state step says it could not pass verification
-            c.note = (f"does not fit: measured {format_size(c.measured_peak or 0)} > budget "
-                      f"{format_size(budget)} (predicted {format_size(c.predicted)})")
+            c.note = (f"does not fit: measured {format_size(c.measured_peak or 0)} > target "
+                      f"{format_size(target)} (predicted {format_size(c.predicted)})")
             _halved(c, left, timed)
     while left:
         # the timed ones by their rounds; a halved one (untimed) once none of them is left
@@ -212,12 +215,15 @@ def _measure_and_choose(task: Task, config: RunConfig, device: DeviceInfo, budge
         say(f"memory plan: verifying {chosen.describe(blocks)} under the budget")
         peak = verify(task, planned_config(config, chosen.levers, chosen.micro_batch),
                       device, budget)
-        if peak is not None:
+        if peak is not None and peak <= target:
             chosen.measured_peak = chosen.measured_peak or peak
             chosen.chosen, chosen.note = True, "chosen: " + why
             judged_notes(pool, pick, blocks)
             return chosen, why
-        chosen.note = "out of memory under the budget when verified: the next was taken"
+        chosen.note = ("out of memory under the budget when verified: the next was taken"
+                       if peak is None else
+                       f"over memory.target when verified ({format_size(peak)} > "
+                       f"{format_size(target)}): the next was taken")
         left.remove(chosen)
         _halved(chosen, left, timed)
     raise ConfigError("no candidate of the memory plan ran under the budget when verified "
