@@ -246,7 +246,9 @@ def measure_breakdown(model: Model, task: Any) -> Breakdown:
     with preserved_rng():
         job = build_job(config, task, CPU)
         with job.precision.global_context():
-            return measure_job_breakdown(job, _batch(model, job, size))
+            b = measure_job_breakdown(job, _batch(model, job, size))
+    b.samples_per_step = model.effective  # every cell accumulates to it, as the plan's do
+    return b
 
 
 def accelerate_estimate(task: Any) -> int | None:
