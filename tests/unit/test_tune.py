@@ -530,3 +530,32 @@ def test_a_tuned_config_that_trains_as_the_start_does_is_not_timed_against_it() 
     assert runs_alike(start, spelled, CPU)
     assert not runs_alike(start, spelled.updated({"train.batch_size": 8}), CPU)
     assert not runs_alike(start, spelled.updated({"data.num_workers": 1}), CPU)
+
+
+def test_a_quality_check_whose_first_step_would_overrun_its_share_is_not_started(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under a tracked CPU budget a model the memory plan had to fit steps slowly: one
+    # lockstep step of the check (fp32 twice, each format once) cannot stop midway, and
+    # one took 159 s of a 90 s tune. The plan's measured seconds per sample predict it.
+    from redline.memory.levers import Levers
+    from redline.tuning import tune as tune_module
+    from redline.tuning.memory_plan import MemoryPlan
+
+    def plan_memory(task: object, config: object, device: object, **kwargs: object
+                    ) -> MemoryPlan:
+        return MemoryPlan(Levers(), 16, 2**30, 2**29, 0, 0, 16, "given", [], {}, [],
+                          sample_s=0.5)  # 16 samples a step: 8 s a run
+
+    def check_precisions(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the quality check must not start")
+
+    monkeypatch.setattr(tune_module, "plan_memory", plan_memory)
+    monkeypatch.setattr(tune_module, "check_precisions", check_precisions)
+    config = load_config(None, [f"task={TOY}", "train.batch_size=16"])
+    _, report = tune_module.tune(None, config, CPU, budget_s=60.0,  # type: ignore[arg-type]
+                                 factors=("memory", "precision"))
+    excluded = [r for r in report.rows if r.factor == "precision" and r.note.startswith(
+        "excluded: not checked: one step of its")]
+    assert excluded and all("more than the check's share of --budget-s (18 s)" in r.note
+                            for r in excluded)
+    assert report.tuned["precision"]["name"] == "fp32"

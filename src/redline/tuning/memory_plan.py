@@ -245,6 +245,9 @@ class MemoryPlan:
     breakdown: dict[str, Any] | None = None  # Breakdown.to_dict of the measuring step
     notes: list[str] = field(default_factory=list)  # what was left out, and why
     wall_s: float = 0.0
+    # seconds per sample of a step, from the breakdown's measurement (rough: tracked),
+    # for the later stages' predictions of their own time; None: not measured
+    sample_s: float | None = None
 
     @property
     def start_fits(self) -> bool:

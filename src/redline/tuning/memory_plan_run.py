@@ -110,7 +110,7 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
         plan = fits_already(start_peak if own.none else bd.predict(own, start), target, own,
                             start, budget, blocks, bd.to_dict())
         plan.start_peak, plan.notes = start_peak, notes
-        plan.wall_s = time.perf_counter() - t0
+        plan.wall_s, plan.sample_s = time.perf_counter() - t0, step_s / bd.micro_batch
         return plan
     sizes = [start] if micro_batch else micro_batches(kept_batch(config), start)
     found = enumerate_candidates(bd, target, sizes, modes, states)
@@ -129,7 +129,7 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
                       start, why, found.survivors + halved + found.rejected, bd.to_dict(),
                       notes)
     plan.rows.sort(key=lambda r: (not r.chosen, r in found.rejected))
-    plan.wall_s = time.perf_counter() - t0
+    plan.wall_s, plan.sample_s = time.perf_counter() - t0, step_s / bd.micro_batch
     return plan
 
 

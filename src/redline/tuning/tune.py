@@ -117,7 +117,8 @@ def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
     start = starting_config(config)
     report = TuneReport(start=start.to_dict(), tuned={}, budget_s=budget_s)
     planned, plan = _memory(task, start, device, factors, clock, report, say)
-    speeds = _precisions(task, planned, device, factors, quality_steps, clock, report, say)
+    speeds = _precisions(task, planned, device, factors, quality_steps, clock, report, say,
+                         plan.sample_s if plan is not None else None)
     # The layout before the batch search: it moves the knee (sr3-tiny: +7 % at micro-batch
     # 32, and micro-batch 64 best with it, 32 without; bench/speedup.py).
     layout = _channels_last(task, planned.updated({"precision.name": next(iter(speeds))}),
@@ -193,15 +194,28 @@ def _on_the_clock(say: Callable[[str], None], clock: Clock) -> Callable[[str], N
 
 def _precisions(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple[str, ...],
                 steps: int | None, clock: Clock, report: TuneReport,
-                say: Callable[[str], None]) -> dict[str, float]:
+                say: Callable[[str], None], sample_s: float | None = None
+                ) -> dict[str, float]:
     """The admitted precisions, fastest first, each with its speed relative to fp32 at the
-    starting batch (precision_screen.py)."""
+    starting batch (precision_screen.py). `sample_s`: seconds per sample measured before
+    (the memory plan's), to skip a check whose first step alone would overrun its share
+    (a step cannot stop midway)."""
     if "precision" not in factors:
         report.reasons["precision"] = f"{start.precision.name}: kept (not searched)"
         return {start.precision.name: 1.0}
     names, not_run = candidates(device)
     for name, why in not_run.items():
         report.rows.append(Row("precision", name, note=f"not tried: {why}"))
+    runs = len(names) + 2  # fp32 twice (two seeds), each other format once, in lockstep
+    first_s = (sample_s or 0.0) * start.train.samples_per_step * runs
+    if first_s > SCREEN_SHARE * clock.budget_s:
+        why = (f"not checked: one step of its {runs} runs is predicted at "
+               f"{first_s:.0f} s, more than the check's share of --budget-s "
+               f"({SCREEN_SHARE * clock.budget_s:.0f} s)")
+        report.rows += [Row("precision", n, note=f"excluded: {why}")
+                        for n in names if n != start.precision.name]
+        report.reasons["precision"] = f"{start.precision.name}: kept ({why})"
+        return {start.precision.name: 1.0}
     checks = check_precisions(task, start, device, names, say=say,
                               deadline_s=0.2 * clock.budget_s, least_speed=LEAST_SPEED,
                               limit_s=SCREEN_SHARE * clock.budget_s,
