@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -140,7 +140,7 @@ def _measured_step(runner: JobRunner, batch: Any) -> int:
         torch.cuda.synchronize(dev)
         return int(torch.cuda.max_memory_allocated(dev))
     tracker = MemoryTracker(baseline=_live(job))
-    with eager(), tracker:
+    with tracker:  # compiled code runs eagerly inside (memory/tracker.py)
         runner.step_on(batch)
     return tracker.peak
 
@@ -210,18 +210,10 @@ def _forward_pass(job: Job, batch: Any, blocks: list[Any]) -> Any:
             return measure_activations(forward, blocks,
                                        lambda: int(torch.cuda.memory_allocated(dev)))
         tracker = MemoryTracker()
-        with eager(), tracker:
+        with tracker:  # compiled code runs eagerly inside (memory/tracker.py)
             return measure_activations(forward, blocks, lambda: tracker.current)
     finally:
         model.train(was_training)
-
-
-def eager() -> contextlib.AbstractContextManager[Any]:
-    """torch.compile runs eagerly inside (a frame compiled with fullgraph=True, such as
-    torchao's low-bit optimizer step, fails under a TorchDispatchMode otherwise); later
-    untracked calls still compile."""
-    set_stance: Callable[..., Any] | None = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def state_kinds(task: Task, config: RunConfig) -> tuple[str, ...]:

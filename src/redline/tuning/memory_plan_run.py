@@ -23,18 +23,18 @@ model, in four steps:
   budget     `fits(seconds)` (tune's Clock) is asked before the timing; where it does
              not fit, the candidate with the fewest levers is taken untimed and verified.
 
-Tracked steps run under `torch.compiler.set_stance("force_eager")`: torchao's AdamW8bit /
-AdamW4bit compile their step with fullgraph=True, which fails inside the CPU tracker (a
-TorchDispatchMode); eagerly they run and are tracked, and later untracked steps compile.
+Tracked steps run their compiled code eagerly (the CPU tracker sees to it:
+`_torch_compat.compiled_runs_eagerly`): torchao's AdamW8bit / AdamW4bit compile their step
+with fullgraph=True, which fails inside a TorchDispatchMode; eagerly they run and are
+tracked, and later untracked steps compile.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -268,23 +268,13 @@ def _release(device: DeviceInfo) -> None:
         torch.cuda.empty_cache()
 
 
-@contextlib.contextmanager
-def _eager(device: DeviceInfo) -> Iterator[None]:
-    """Tracked steps on a CPU run eagerly (module docstring)."""
-    if device.kind != "cpu":
-        yield
-        return
-    with torch.compiler.set_stance("force_eager"):
-        yield
-
-
 def steady_peak(job: Job, step: Callable[[], Any]) -> int:
     """The peak of one more `step()` of a job already stepped (its optimizer's state
     present): tracked on a CPU (unbudgeted), the allocator's on CUDA, where what else the
     device holds (the other candidates' jobs) is taken out."""
     job.optimizer.zero_grad(set_to_none=True)  # freed inside the step: not in the baseline
     baseline = live_tensor_bytes(job.model, job.optimizer)
-    with preserved_rng(), _eager(job.device):
+    with preserved_rng():
         stats = measure_peak(step, job.device, baseline=baseline)
     return stats.peak_bytes - stats.baseline_bytes + baseline
 
@@ -301,8 +291,7 @@ def verify(task: Task, config: RunConfig, device: DeviceInfo, budget: int) -> in
         runner = JobRunner(job)
         baseline = live_tensor_bytes(job.model, job.optimizer)
         try:
-            with runner.context(), _eager(device), \
-                    MemoryBudget(budget, device, baseline=baseline):
+            with runner.context(), MemoryBudget(budget, device, baseline=baseline):
                 stats = measure_peak(lambda: [float(runner.next_step().item())
                                               for _ in range(VERIFY_STEPS)],
                                      device, baseline=baseline)
