@@ -41,7 +41,10 @@ examples:
   redline train my_task.py:MyTask --config my_task-tuned.yaml
 
 The search starts from the config as given (its micro-batch, precision and loader) and
-measures: each precision the device runs passes a short quality check against fp32's
+measures: where the start does not fit memory.target of the budget, the memory plan
+chooses the levers that make it fit (activation checkpointing, 4bit optimizer state, a
+smaller micro-batch), printed in a table with each combination's predicted and measured
+peak; each precision the device runs passes a short quality check against fp32's
 run-to-run noise first; each setting replaces the current one only when it is faster by
 more than the timing noise. It prints every setting tried, the choice and the reason per
 factor, and the speed-up of the tuned config over the starting one, timed side by side.
@@ -162,8 +165,8 @@ def _add_tune(sub: Any, job: argparse.ArgumentParser) -> None:
     u.add_argument("--budget-s", type=float, default=None, metavar="S",
                    help="time the search may take, in seconds (default 120)")
     u.add_argument("--factors", metavar="LIST",
-                   help="comma-separated factors to search, of precision, batch, "
-                        "channels_last, loader, compile (default: all)")
+                   help="comma-separated factors to search, of memory, precision, "
+                        "batch, channels_last, loader, compile (default: all)")
     u.add_argument("--quality-steps", type=int, metavar="N",
                    help="optimizer steps of each precision's quality check (default 30)")
     u.add_argument("--batch-only", action="store_true",
