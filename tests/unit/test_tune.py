@@ -559,3 +559,21 @@ def test_a_quality_check_whose_first_step_would_overrun_its_share_is_not_started
     assert excluded and all("more than the check's share of --budget-s (18 s)" in r.note
                             for r in excluded)
     assert report.tuned["precision"]["name"] == "fp32"
+
+
+def test_no_batch_search_starts_once_the_budget_left_is_what_later_stages_need(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the search's probes cannot stop mid-step: under a tracked CPU budget they ran a
+    # 120 s tune to 415 s once the budget was already spent
+    from redline.tuning import tune as tune_module
+
+    def autobatch(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the batch search must not start")
+
+    monkeypatch.setattr(tune_module, "autobatch", autobatch)
+    config = load_config(None, [f"task={TOY}", "train.batch_size=16"])
+    _, report = tune_module.tune(None, config, CPU, budget_s=60.0,  # type: ignore[arg-type]
+                                 factors=("batch",), spent_s=55.0)
+    rows = [r for r in report.rows if r.factor == "batch"]
+    assert rows and rows[0].note.startswith("no batch search: 5 s of --budget-s left")
+    assert report.tuned["train"]["batch_size"] == 16  # the start
