@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # On a machine already busy (load at or above its cores: other jobs, the busy-loop processes
@@ -54,3 +56,25 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 900,
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **busy_env(), **(env or {})}
     return subprocess.run([sys.executable, "-m", "redline", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def kill_at_checkpoint(args: list[str], cwd: Path, step: int, steps: int,
+                       timeout: float = 300) -> None:
+    """Run `python -m redline ARGS --run-dir run` in `cwd`, SIGKILL it once its checkpoint
+    of `step` exists, and check it stopped before `steps` (a run to resume midway)."""
+    from redline.checkpoint import list_checkpoints
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "redline", *args, "--run-dir", "run"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    target = cwd / "run" / "checkpoints" / f"step-{step:08d}.pt"
+    deadline = time.monotonic() + timeout
+    while not target.exists():
+        assert proc.poll() is None, f"run ended early: {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=180)
+    killed_at = list_checkpoints(cwd / "run" / "checkpoints")[-1]
+    assert int(killed_at.stem.split("-")[1]) < steps  # it really stopped midway

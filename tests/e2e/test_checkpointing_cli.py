@@ -4,11 +4,6 @@ and --resume bit-identically, resumes in another mode, and refuses what it canno
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +12,7 @@ import torch
 from redline.checkpoint import list_checkpoints
 from redline.telemetry.jsonl import read_jsonl
 
-from ..conftest import ROOT, run_cli
+from ..conftest import ROOT, kill_at_checkpoint, run_cli
 
 pytestmark = pytest.mark.slow  # CLI runs in subprocesses: seconds each
 
@@ -81,20 +76,7 @@ def test_kill_9_then_resume_is_bit_identical_with_selective_checkpointing(
         tmp_path: Path) -> None:
     ref = run_cli([*RESUMED, "--run-dir", "ref"], tmp_path)
     assert ref.returncode == 0, ref.stderr
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "redline", *RESUMED, "--run-dir", "run"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    target = tmp_path / "run" / "checkpoints" / "step-00000004.pt"
-    deadline = time.monotonic() + 300
-    while not target.exists():
-        assert proc.poll() is None, f"run ended early: {proc.communicate()[1]}"
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=180)
-    killed_at = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
-    assert int(killed_at.stem.split("-")[1]) < STEPS  # it really stopped midway
+    kill_at_checkpoint(RESUMED, tmp_path, 4, STEPS)
     out = run_cli([*RESUMED, "--run-dir", "run", "--resume"], tmp_path)
     assert out.returncode == 0, out.stderr
     _assert_identical(_final_state(tmp_path / "ref"), _final_state(tmp_path / "run"))

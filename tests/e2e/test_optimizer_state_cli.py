@@ -3,11 +3,7 @@ bit, and what cannot run is refused with one sentence, exit 2."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +12,7 @@ import torch
 from redline._torch_compat import plain_tensors
 from redline.checkpoint import list_checkpoints
 
-from ..conftest import ROOT, run_cli
+from ..conftest import ROOT, kill_at_checkpoint, run_cli
 
 pytest.importorskip("torchao")
 
@@ -51,23 +47,6 @@ def _assert_identical(a: dict, b: dict) -> None:
     assert quantized  # the low-bit states themselves were checkpointed and compared
 
 
-def _kill_midway(cwd: Path, args: list[str]) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "redline", *args, "--run-dir", "run"],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    target = cwd / "run" / "checkpoints" / f"step-{20:08d}.pt"
-    deadline = time.monotonic() + 300  # the first untracked step compiles torchao's step
-    while not target.exists():
-        assert proc.poll() is None, f"run ended early: {proc.communicate()[1]}"
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=180)
-    killed_at = list_checkpoints(cwd / "run" / "checkpoints")[-1]
-    assert int(killed_at.stem.split("-")[1]) < STEPS  # it really stopped midway
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["8bit"])  # 4bit passes too (~150 s here: its compile)
 def test_a_low_bit_run_killed_with_sigkill_resumes_bit_identical(tmp_path: Path, kind: str
@@ -75,7 +54,8 @@ def test_a_low_bit_run_killed_with_sigkill_resumes_bit_identical(tmp_path: Path,
     args = [*ARGS, "--set", f"memory.optimizer_state={kind}"]
     ref = run_cli([*args, "--run-dir", "ref", "--set", "task_args.sleep_s=0"], tmp_path)
     assert ref.returncode == 0, ref.stderr
-    _kill_midway(tmp_path, args)
+    # the first untracked step compiles torchao's step: the default timeout allows it
+    kill_at_checkpoint(args, tmp_path, 20, STEPS)
     out = run_cli([*args, "--run-dir", "run", "--resume"], tmp_path)
     assert out.returncode == 0, out.stderr
     _assert_identical(_final(tmp_path / "ref"), _final(tmp_path / "run"))
