@@ -28,6 +28,7 @@ import yaml
 
 from redline.checkpoint import CheckpointConfig
 from redline.data import DataConfig
+from redline.distributed import DistributedConfig
 from redline.errors import ConfigError, require
 from redline.inspector import InspectConfig
 from redline.memory.config import MemoryConfig
@@ -170,6 +171,8 @@ class RunConfig:
     """The memory budget, what `batch_size: auto` fills, and the OOM guard."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """How often the run saves what it needs to resume."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Under torchrun: DDP or FSDP2 sharding over the ranks."""
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     """Windows of training metrics, hardware samples, and the trackers that receive them."""
     inspect: InspectConfig = field(default_factory=InspectConfig)

@@ -51,10 +51,36 @@ import torch
 import torch.distributed as dist
 
 from redline._torch_compat import default_store
-from redline.errors import RunStopped, UserError
+from redline.errors import RunStopped, UserError, require
 
 HEARTBEAT_S = 1.0
 T = TypeVar("T")
+STRATEGIES = ("ddp", "fsdp", "auto")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """The `distributed` section: how the model is spread over the ranks under torchrun
+    (`--nproc N`); a single process trains the whole model whatever it says."""
+
+    strategy: str = "ddp"
+    """ddp: every rank holds the whole model, its gradients and optimizer state
+    (DistributedDataParallel); fsdp: each block, then the root, is sharded over the ranks
+    with FSDP2's fully_shard, so a rank holds 1/N of the parameters, gradients and
+    optimizer state and gathers one block's parameters at a time; auto: ddp when the
+    model's states fit one rank's memory with room for the micro-batch, else fsdp (the
+    run says why)."""
+    reshard_after_forward: bool = True
+    """fsdp: free each block's gathered parameters after its forward and gather them again
+    for backward (less memory, one more all-gather per block); false keeps them from
+    forward to backward."""
+
+    def __post_init__(self) -> None:
+        require(self.strategy in STRATEGIES, "distributed.strategy", self.strategy,
+                " | ".join(STRATEGIES))
+        require(isinstance(self.reshard_after_forward, bool),
+                "distributed.reshard_after_forward", self.reshard_after_forward,
+                "true or false (an integer would make a process group per module)")
 
 
 class PeerFailed(RunStopped):

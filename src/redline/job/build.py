@@ -9,9 +9,12 @@ actually built:
     seed python, numpy, torch (train.seed)
     model     = task.build_model() on the device, converted by the precision policy,
                 channels-last when precision.channels_last
-    step_model = DDP(model) under torchrun, compiled if precision.compile; else model
+    step_model = under torchrun, DDP(model), or with distributed.strategy fsdp the model
+                sharded in place (each block, then the root: memory/sharding.py);
+                compiled if precision.compile; else model
     re-seed   rank r > 0 with distributed.rank_seed (rank 0 draws what one process would)
-    optimizer = task.optimizer(model) (memory.optimizer_state must be fp32), else
+    optimizer = (built after sharding, over the shards)
+                task.optimizer(model) (memory.optimizer_state must be fp32), else
                 AdamW(lr, weight_decay) over the trainable parameters, fused, its state
                 kept as memory.optimizer_state says (memory/optimizer_state.py)
     scheduler = task.scheduler(optimizer[, total_steps]), else LambdaLR(warm-up, then
@@ -70,6 +73,7 @@ from redline.memory.guard import OOMGuard
 from redline.memory.levers import Levers
 from redline.memory.optimizer_state import check_task_optimizer, make_optimizer
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes
+from redline.memory.sharding import shard_model
 from redline.precision import Precision, get_precision
 from redline.task import Task, TaskError, task_member
 
@@ -97,7 +101,7 @@ class Job:
     # name -> evaluation set; a task's lone set is named "" (metrics eval/<metric>), a
     # dict's by its keys (eval/<set>/<metric>)
     eval_sets: dict[str, Dataset] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # task settings that replace config's
+    notes: list[str] = field(default_factory=list)  # said once: task settings that replace config's, sharding
     # activation checkpointing installed on the model's blocks (memory.activation_
     # checkpointing; None: not installed), switchable in place (the breakdown, the plan)
     checkpointing: Checkpointing | None = None
@@ -162,18 +166,20 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
     if config.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     checkpointing = install_checkpointing(model, config)
-    step_model = _wrap(model, device, comm.world) if comm.world.distributed else model
+    notes: list[str] = []
+    step_model = _distribute(model, config, precision, device, comm.world, notes)
     if config.precision.compile:
         step_model = torch.compile(step_model)
     if comm.world.rank:
         seed_everything(rank_seed(t.seed, comm.world.rank))
-    optimizer = _optimizer(task, model, config)
+    optimizer = _optimizer(task, model, config)  # after sharding: over the shards
     train_set, eval_sets = task_datasets(task)
     steps_per_epoch = (None if t.auto_batch
                        else len(train_set) // t.samples_per_step)  # type: ignore[arg-type]
     max_steps = t.steps if t.epochs is None or steps_per_epoch is None else min(
         t.steps, t.epochs * steps_per_epoch)
-    notes = [note] if (note := _lr_note(optimizer, t.lr)) else []
+    if note := _lr_note(optimizer, t.lr):
+        notes.append(note)
     scheduler = task_scheduler(task, optimizer, max_steps, notes) or \
         torch.optim.lr_scheduler.LambdaLR(optimizer,
                                           lr_lambda(t.schedule, t.warmup_steps, max_steps))
@@ -292,6 +298,26 @@ def check_divisible(samples_per_step: int, ranks: int) -> None:
             f"the batch of {samples_per_step} samples per step does not divide among "
             f"{ranks} ranks: set train.effective_batch_size (or train.batch_size) to a "
             f"multiple of {ranks}")
+
+
+def _distribute(model: nn.Module, config: RunConfig, precision: Precision, device: DeviceInfo,
+                world: World, notes: list[str]) -> nn.Module:
+    """What the engine steps under torchrun: the model sharded with FSDP2
+    (distributed.strategy fsdp; memory/sharding.py), or wrapped in DDP. A single process
+    steps the model itself, whatever the strategy."""
+    if not world.distributed:
+        return model
+    strategy = config.distributed.strategy
+    assert strategy != "auto", "distributed.strategy auto is resolved before the job is built"
+    if strategy == "ddp":
+        return _wrap(model, device, world)
+    blocks = find_blocks(model, config.memory.checkpoint_blocks)
+    if not blocks:
+        notes.append(f"distributed.strategy fsdp: {type(model).__name__} has no repeated "
+                     "blocks, so the whole model is one FSDP unit (all its parameters are "
+                     "gathered for the whole step; name blocks with memory.checkpoint_blocks)")
+    return shard_model(model, blocks, precision.name,
+                       reshard_after_forward=config.distributed.reshard_after_forward)
 
 
 def _wrap(model: nn.Module, device: DeviceInfo, world: World) -> nn.Module:

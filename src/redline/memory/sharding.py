@@ -1,0 +1,64 @@
+"""FSDP2 sharding: each block, then the root, split over the ranks with `fully_shard`.
+
+A sharded rank holds 1/N of every parameter (a `DTensor`), its gradient and its optimizer
+state. Before a block's forward FSDP all-gathers the block's parameters, and frees them
+after it (`reshard_after_forward`, the default) or keeps them until its backward; after
+the block's backward it reduce-scatters the gradients. Sharding the blocks one by one is
+what bounds the gathered memory to about one block at a time: the root's own parameters
+(embeddings, a head) are gathered for the whole step.
+
+The order is fixed, because the other order breaks silently: activation checkpointing is
+installed on the blocks first (memory/checkpointing.py), then the blocks are sharded,
+then the root, and only then is the optimizer built, over the sharded parameters (an
+optimizer built before `fully_shard` holds the replaced, unsharded tensors and updates
+nothing the model uses; accelerate #3394). job/build.py follows it; `is_sharded` tells a
+model the user sharded in their own loop.
+
+Mixed precision is FSDP's `MixedPrecisionPolicy`: for bf16-mixed and fp16-mixed the
+gathered parameters are cast to the low-precision type for compute and the gradients are
+reduced in fp32 (`reduce_dtype`), so the sharded fp32 master weights are what the
+optimizer steps. `reshard_after_forward` is a bool only: an integer makes FSDP build a
+process group per module (pytorch #147179).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from redline.memory.blocks import Block
+
+# precision name -> the dtype FSDP casts gathered parameters to for compute
+_PARAM_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` was sharded with FSDP2 (`fully_shard` on it or on any submodule)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(m, FSDPModule) for m in model.modules()) or any(
+        isinstance(p, DTensor) for p in model.parameters())
+
+
+def shard_model(model: nn.Module, blocks: Sequence[Block], precision: str, *,
+                reshard_after_forward: bool = True, mesh: object = None) -> nn.Module:
+    """`fully_shard` every block, then the root (module docstring); `precision`: the
+    precision policy's name (bf16-mixed and fp16-mixed set FSDP's MixedPrecisionPolicy).
+    `mesh`: a 1-D DeviceMesh over the ranks (None: all of them, on the model's device).
+    Returns the root, which FSDP changed in place (its class is now FSDP's subclass)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    assert isinstance(reshard_after_forward, bool), "an int would make a group per module"
+    low = _PARAM_DTYPES.get(precision)
+    policy = (MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+              if low is not None else MixedPrecisionPolicy())
+    settings = {"mp_policy": policy, **({"mesh": mesh} if mesh is not None else {})}
+    for block in blocks:
+        fully_shard(block.module, reshard_after_forward=reshard_after_forward, **settings)
+    # FSDP keeps the root's parameters gathered from forward to backward whatever this
+    # says (they would be gathered again at once): the root's own layers are small
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **settings)
+    return model
