@@ -74,13 +74,16 @@ def compiled_runs_eagerly() -> Iterator[None]:
 def plain_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
     """The plain tensors that hold `tensor`'s data: itself, or for a tensor subclass that
     wraps others (torchao's quantized optimizer states: codes, scales, a lookup table)
-    the tensors it wraps, recursively, since a wrapper's own storage holds no bytes.
+    the tensors it wraps, recursively, since a wrapper's own storage holds no bytes (an
+    FSDP parameter, a DTensor: this rank's shard).
     Relied on: is_traceable_wrapper_subclass, and `__tensor_flatten__()` returning the
     names of the wrapped tensor attributes first."""
     if is_traceable_wrapper_subclass(tensor):
         names, _ = tensor.__tensor_flatten__()
         for name in names:
-            yield from plain_tensors(getattr(tensor, name))
+            inner = getattr(tensor, name)
+            if isinstance(inner, torch.Tensor):  # DTensor also names its device mesh
+                yield from plain_tensors(inner)
     else:
         yield tensor
 

@@ -79,11 +79,12 @@ def _iter_tensors(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
         return
     seen.add(id(obj))
     if isinstance(obj, nn.Module):
-        for p in obj.parameters():
-            yield p
+        for p in obj.parameters():  # an FSDP shard (a DTensor): its local tensor
+            yield from plain_tensors(p)
             if p.grad is not None:
-                yield p.grad
-        yield from obj.buffers()
+                yield from plain_tensors(p.grad)
+        for b in obj.buffers():
+            yield from plain_tensors(b)
     elif isinstance(obj, torch.optim.Optimizer):
         for state in obj.state.values():
             yield from _iter_tensors(state, seen)
