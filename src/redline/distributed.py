@@ -5,8 +5,8 @@ redline never launches or schedules processes itself: `torchrun` (or `redline tr
 --nproc N`, which calls torch's own launcher, torch.distributed.run) starts one process
 per device and sets RANK, WORLD_SIZE and LOCAL_RANK; `World.from_env` reads them and
 `init` joins the process group (NCCL on CUDA, gloo otherwise). Training is
-DistributedDataParallel (build.py); what redline adds rides on a second, gloo-only
-*control group*, so its messages are host-side Python ints and objects: none of them
+DistributedDataParallel or FSDP2 (job/build.py); what redline adds rides on a second,
+gloo-only *control group*, so its messages are host-side Python ints and objects: none of them
 waits for the device (no sync), whatever the training backend.
 
 What redline sends, and when:
@@ -332,8 +332,9 @@ def init(world: World, device_kind: str, timeout_s: float = 600.0) -> Comm:
         if device_kind == "cuda":
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group(backend, timeout=timeout)
-    group = (dist.new_group(backend="gloo", timeout=timeout)
-             if dist.get_backend() != "gloo" else None)
+    # its own group even when training uses gloo too: FSDP issues asynchronous collectives
+    # on the default group, and a message of redline's must never queue among them
+    group = dist.new_group(backend="gloo", timeout=timeout)
     comm = Comm(world, group, default_store())
     comm.start_heartbeat()
     _JOINED.append(comm)

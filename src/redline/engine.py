@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -65,12 +66,14 @@ from redline._torch_compat import (
     found_inf_given,
     record_memory_history,
     supports_found_inf,
+    unwrap_compiled,
     uses_batch_statistics,
 )
 from redline.device import DeviceInfo
 from redline.distributed import Comm, PeerOutOfMemory, oom_after_agreement
 from redline.events import Dispatcher, Event, State
 from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, StepStart
+from redline.memory.sharding import is_sharded
 from redline.precision import Precision, ScalerWatch, get_precision
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -206,7 +209,14 @@ class Engine:
     def _init_ranks(self, comm: Comm | None) -> None:
         """Distributed: the per-attempt agreement, and what it found out."""
         self._comm = comm if comm is not None and comm.world.distributed else None
-        no_sync = getattr(self.model, "no_sync", None) if self._comm is not None else None
+        bare = unwrap_compiled(self.model)
+        # FSDP2 (memory/sharding.py): gradients stay unreduced on each rank until
+        # set_requires_gradient_sync(True) before the last backward, as DDP's no_sync does
+        self._sharded = self._comm is not None and is_sharded(bare)
+        if self._sharded:
+            no_sync: Callable[[], Any] | None = functools.partial(_gradient_sync_off, bare)
+        else:
+            no_sync = getattr(self.model, "no_sync", None) if self._comm is not None else None
         self._no_sync: Callable[[], Any] = no_sync or contextlib.nullcontext
         self._agreed = False  # this attempt's agreement was made
         self._stop_requested: Callable[[], bool] = lambda: False
@@ -268,7 +278,10 @@ class Engine:
                 loss = self._forward(batch, m, n, loss_fn)
             if self.guard is not None:  # without it an OOM ends the run: nothing to agree
                 self._agree(oom=False)
-            arm_all_reduce(self.model)
+            if self._sharded:  # FSDP reduce-scatters in this backward
+                unwrap_compiled(self.model).set_requires_gradient_sync(True)
+            else:
+                arm_all_reduce(self.model)
         self._phase = "backward"
         self.precision.backward(loss)  # under DDP, the gradients are all-reduced in here
         return loss.detach() if total is None else total + loss.detach()
@@ -427,3 +440,10 @@ class Engine:
             self.guard.load_state_dict(state["guard"])
             self.micro_batch_size = self.guard.current
 
+
+@contextlib.contextmanager
+def _gradient_sync_off(model: Any) -> Any:
+    """FSDP's no_sync: this micro-batch's backward accumulates unsharded gradients locally
+    (the last one, armed with set_requires_gradient_sync(True), reduce-scatters them)."""
+    model.set_requires_gradient_sync(False)
+    yield
