@@ -19,7 +19,8 @@ micro-batch 1 under --memory-budget leaves memory_snapshot.pickle and memory.jso
 run directory).
 It prints one line per check and exits 1 if any failed. Without a GPU it says so and exits
 0 (nothing to validate); `--device cpu` runs the lever checks that have a CPU path (the
-low-bit states and checkpointing) on the CPU, to test this script where no GPU is.
+low-bit states and checkpointing) and the FSDP check over gloo (2 CPU ranks) on the CPU,
+to test this script where no GPU is.
 """
 
 from __future__ import annotations
@@ -76,10 +77,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cpu: only the memory-lever checks that have a CPU path")
+                   help="cpu: only the memory-lever checks that have a CPU path and the "
+                        "FSDP check over gloo")
     args = p.parse_args()
     if args.device == "cpu":
         lever_checks(DeviceInfo.detect("cpu"))
+        fsdp_checks(DeviceInfo.detect("cpu"))
         return report()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to validate here (run this on a GPU machine)")
@@ -220,6 +223,7 @@ def main() -> int:
                 f"{rows[-1]['samples_per_s']:.0f} samples/s, slowest rank "
                 f"{rows[-1]['dist/slowest_rank']}")
 
+    fsdp_checks(info)
     lever_checks(info)
     snapshot_check(info)
     return report()
@@ -405,6 +409,40 @@ def snapshot_check(info: DeviceInfo) -> None:
         said = done.stderr.strip().splitlines()[-1][:120] if done.stderr.strip() else ""
         return (f"ok, {snap.stat().st_size / 2**10:.0f} KiB snapshot, {traces} trace "
                 f"events; memory.json has {sorted(memory)[:4]}; said: {said}")
+
+
+def fsdp_checks(info: DeviceInfo) -> None:
+    """The FSDP2 run (module docstring): one rank per GPU up to 2 over NCCL; on a CPU 2
+    ranks over gloo."""
+    gpus = torch.cuda.device_count() if info.is_cuda else 0
+    nproc = min(gpus, 2) if info.is_cuda else 2
+    backend = "NCCL" if info.is_cuda else "gloo"
+
+    @check(f"FSDP, {nproc} rank(s) over {backend}: sharded step = one process, DCP round trip")
+    def _() -> str:
+        script = Path(__file__).resolve().parent / "fsdp_check.py"
+        with tempfile.TemporaryDirectory() as d:
+            done = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", str(nproc), str(script), info.kind, f"{d}/ckpt",
+                 f"{d}/out.json"],
+                env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            r = json.loads(Path(f"{d}/out.json").read_text())
+        assert r["backend"] == backend.lower() and r["world"] == nproc, r
+        return (f"ok, loss {r['loss']:.6f} (one process {r['alone_loss']:.6f}), largest "
+                f"difference: gradient {r['grad_diff']:.1e}, parameter {r['param_diff']:.1e}; "
+                f"{r['tensors_round_tripped']} parameter and state shards equal after "
+                f"dcp.save/load, next-step loss {r['next_loss']:.6f} replayed "
+                f"{r['replayed_loss']:.6f}")
+
+    if info.is_cuda and nproc < 2:
+        @check("FSDP, 2 ranks over NCCL")
+        def _() -> str:
+            return ("skipped: one GPU (NCCL refuses two ranks on one device); the 1-rank "
+                    "NCCL run above shards and checkpoints, and --device cpu runs 2 ranks "
+                    "over gloo")
 
 
 def report() -> int:
