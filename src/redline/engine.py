@@ -73,7 +73,7 @@ from redline.device import DeviceInfo
 from redline.distributed import Comm, PeerOutOfMemory, oom_after_agreement
 from redline.events import Dispatcher, Event, State
 from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, StepStart
-from redline.memory.sharding import is_sharded
+from redline.memory.sharding import ViewWatch, is_sharded
 from redline.precision import Precision, ScalerWatch, get_precision
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -213,6 +213,8 @@ class Engine:
         # FSDP2 (memory/sharding.py): gradients stay unreduced on each rank until
         # set_requires_gradient_sync(True) before the last backward, as DDP's no_sync does
         self._sharded = self._comm is not None and is_sharded(bare)
+        # FSDP's view-output warning, replaced by a check of what it warns about
+        self._views = ViewWatch(bare) if self._sharded else None
         if self._sharded:
             no_sync: Callable[[], Any] | None = functools.partial(_gradient_sync_off, bare)
         else:
@@ -292,6 +294,8 @@ class Engine:
         self._phase = "forward"
         with self.precision.forward_context():
             loss = loss_fn(self.model, chunk).float()
+        if self._views is not None:
+            self._views.check()
         if m != n:
             loss = loss * (m / n)  # type: ignore[operator]
         for handler in self._on_backward:
