@@ -44,6 +44,31 @@ def is_sharded(model: nn.Module) -> bool:
         isinstance(p, DTensor) for p in model.parameters())
 
 
+def plain_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's value as a plain tensor (a replicated one, like the global gradient
+    norm `clip_grad_norm_` returns over sharded gradients, is already whole on every rank:
+    its local tensor, no collective); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if all(isinstance(p, Replicate) for p in tensor.placements):
+        return tensor.to_local()
+    return tensor.full_tensor()  # a collective on the model's group, every rank calls it
+
+
+def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise where `optimizer` holds tensors that are not `model`'s parameters: an
+    optimizer built before `fully_shard` holds the unsharded tensors the model no longer
+    uses, and would step them while the model trains nothing (accelerate #3394)."""
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(
+            "the optimizer holds tensors that are not the sharded model's parameters: "
+            "build it after fully_shard (which replaces each parameter by its shard), "
+            "e.g. torch.optim.AdamW(model.parameters()) once the model is sharded")
+
+
 def shard_model(model: nn.Module, blocks: Sequence[Block], precision: str, *,
                 reshard_after_forward: bool = True, mesh: object = None) -> nn.Module:
     """`fully_shard` every block, then the root (module docstring); `precision`: the
