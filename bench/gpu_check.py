@@ -438,11 +438,36 @@ def fsdp_checks(info: DeviceInfo) -> None:
                 f"{r['replayed_loss']:.6f}")
 
     if info.is_cuda and nproc < 2:
-        @check("FSDP, 2 ranks over NCCL")
+        @check("FSDP, 2 ranks over NCCL, and redline train with distributed.strategy=fsdp")
         def _() -> str:
             return ("skipped: one GPU (NCCL refuses two ranks on one device); the 1-rank "
                     "NCCL run above shards and checkpoints, and --device cpu runs 2 ranks "
                     "over gloo")
+        return
+
+    @check(f"redline train --nproc 2, distributed.strategy=fsdp, over {backend}")
+    def _() -> str:
+        with tempfile.TemporaryDirectory() as d:
+            done = subprocess.run(
+                [sys.executable, "-m", "redline", "train", f"{MEMGPT}:MemGPT", "--nproc", "2",
+                 "--steps", "20", "--device", info.kind, "--no-progress", "--no-report",
+                 "--run-dir", f"{d}/run", "--set", "distributed.strategy=fsdp",
+                 "--set", "telemetry.log_every=5", "--set", "train.batch_size=4",
+                 "--set", "train.effective_batch_size=8"],
+                env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            rows = [json.loads(line) for line in
+                    Path(f"{d}/run/metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+            ranks = {json.loads(line)["rank"]
+                     for line in Path(f"{d}/run/ranks.jsonl").read_text().splitlines()}
+        assert [r["step"] for r in rows] == [5, 10, 15, 20] and ranks == {0, 1}, rows
+        assert rows[-1]["loss"] < rows[0]["loss"], "loss did not fall"
+        if info.is_cuda:
+            assert all(r["redline/host_syncs"] == 0 for r in rows[:-1]), rows
+        return (f"ok, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
+                f"{rows[-1]['samples_per_s']:.0f} samples/s"
+                + (", no telemetry host sync" if info.is_cuda else ""))
 
 
 def report() -> int:
