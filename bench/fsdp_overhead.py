@@ -53,7 +53,6 @@ import contextlib
 import itertools
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -311,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(args: argparse.Namespace, results: dict[str, list[list[dict[str, Any]]]]) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"machine: {CPU.name}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, load average {load:.1f} at the end; 2 ranks (gloo, "
           f"1 thread each), {args.steps}-step blocks, {args.repeats} repeats x "
           f"{args.launches} launch(es)")
