@@ -26,17 +26,18 @@ distribution-free 95 % interval (pairs.median_ci).
 
 Memory, each rank's, by redline's CPU storage tracker for every variant alike (the method
 of bench/levers.py): after the timed blocks, `zero_grad(set_to_none=True)`, the baseline
-is `live_tensor_bytes(model, optimizer)` (a DTensor counts its local shard: the states this
-rank holds), and the peak is the tracker's over one more step. Two things the tracker
-cannot see are added, for the rows they concern:
+is `live_tensor_bytes(model, optimizer)` (a DTensor counts its local shard: what this rank
+holds between steps, `held`), and the peak is the tracker's over one more step. Two
+things the tracker cannot see are added, for the rows they concern:
 
 - DDP keeps its gradients in buckets it allocated when it wrapped the model
   (gradient_as_bucket_view=True, in both the bare loop and redline's), before the tracker
   was entered: the DDP rows add one gradient-sized buffer to the baseline.
 - FSDP2 allocates and frees its gathered parameters by resizing their storages
   (`UntypedStorage.resize_` in torch/distributed/fsdp/_fully_shard/_fsdp_param.py
-  alloc_storage / free_storage), which reaches no dispatch mode: while a step is measured
-  those two functions are wrapped to add and subtract the bytes they resize (`gathers`),
+  alloc_storage / free_storage, module functions FSDP looks up at each call: relied on,
+  torch 2.13), which reaches no dispatch mode: while a step is measured those two
+  functions are wrapped to add and subtract the bytes they resize (`gathers`),
   and the `unseen` column says by how much the tracker alone would have missed the peak.
 
 Scratch space inside kernels and gloo's own buffers are not seen by any row.
@@ -97,7 +98,7 @@ class Variant:
         self.step, self.model, self.optimizer, self.ddp = step, model, optimizer, ddp
 
     def peak(self) -> tuple[int, int, int]:
-        """(states, peak, the tracker's peak alone) bytes of one step on this rank, each
+        """(held, peak, the tracker's peak alone) bytes of one step on this rank, each
         measured over its own step (module docstring)."""
         def baseline() -> int:
             self.optimizer.zero_grad(set_to_none=True)
@@ -323,7 +324,7 @@ def report(args: argparse.Namespace, results: dict[str, list[list[dict[str, Any]
             for name, values in ranks[0]["times"].items():
                 times.setdefault(name, []).extend(v / args.steps for v in values)
         print(f"{'variant':<16} {'ms/step':>8} {'[min, max]':>16} {'vs':>11} {'ratio':>6} "
-              f"{'95% interval':>14} {'states r0/r1 MiB':>17} {'peak r0/r1 MiB':>15} "
+              f"{'95% interval':>14} {'held r0/r1 MiB':>17} {'peak r0/r1 MiB':>15} "
               f"{'unseen r0':>9}")
         for name, values in times.items():
             ms = [1e3 * v for v in values]
@@ -335,11 +336,11 @@ def report(args: argparse.Namespace, results: dict[str, list[list[dict[str, Any]
             else:
                 cost = f"{'-':>11} {'-':>6} {'-':>14}"
             mem = [ranks[r]["memory"][name] for ranks in launches[-1:] for r in range(2)]
-            states = "/".join(f"{m[0] / mib:.1f}" for m in mem)
+            held = "/".join(f"{m[0] / mib:.1f}" for m in mem)
             peaks = "/".join(f"{m[1] / mib:.1f}" for m in mem)
             unseen = (mem[0][1] - mem[0][2]) / mib
             print(f"{name:<16} {statistics.median(ms):8.1f} "
-                  f"{f'[{min(ms):.1f}, {max(ms):.1f}]':>16} {cost} {states:>17} {peaks:>15} "
+                  f"{f'[{min(ms):.1f}, {max(ms):.1f}]':>16} {cost} {held:>17} {peaks:>15} "
                   f"{unseen:9.1f}")
 
 
