@@ -19,13 +19,19 @@ allowed: NCCL refuses two ranks on one device). On every rank:
    loaded state must give the next step's loss again.
 
 Rank 0 writes the figures to OUT_JSON; any rank raises on a mismatch (exit status 1).
+`checks` runs it (and `redline train --nproc 2 --set distributed.strategy=fsdp`) for
+gpu_check.py.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
+import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +145,67 @@ def main(device_kind: str, ckpt: str, out: str) -> None:
         comm.close()
     else:
         dist.destroy_process_group()
+
+
+def checks(check: Callable[[str], Callable[[Callable[[], str]], Any]], info: Any) -> None:
+    """gpu_check.py's FSDP lines, each registered with its `check` decorator, on `info`'s
+    device (a redline DeviceInfo): this script under torchrun, one rank per GPU up to 2
+    over NCCL (2 over gloo on a CPU), then `redline train --nproc 2` with
+    distributed.strategy=fsdp (skipped on one GPU)."""
+    gpus = torch.cuda.device_count() if info.is_cuda else 0
+    nproc = min(gpus, 2) if info.is_cuda else 2
+    backend = "NCCL" if info.is_cuda else "gloo"
+
+    @check(f"FSDP, {nproc} rank(s) over {backend}: sharded step = one process, DCP round trip")
+    def _() -> str:
+        script = Path(__file__).resolve()
+        with tempfile.TemporaryDirectory() as d:
+            done = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", str(nproc), str(script), info.kind, f"{d}/ckpt",
+                 f"{d}/out.json"],
+                env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            r = json.loads(Path(f"{d}/out.json").read_text())
+        assert r["backend"] == backend.lower() and r["world"] == nproc, r
+        return (f"ok, loss {r['loss']:.6f} (one process {r['alone_loss']:.6f}), largest "
+                f"difference: gradient {r['grad_diff']:.1e}, parameter {r['param_diff']:.1e}; "
+                f"{r['tensors_round_tripped']} parameter and state shards equal after "
+                f"dcp.save/load, next-step loss {r['next_loss']:.6f} replayed "
+                f"{r['replayed_loss']:.6f}")
+
+    if info.is_cuda and nproc < 2:
+        @check("FSDP, 2 ranks over NCCL, and redline train with distributed.strategy=fsdp")
+        def _() -> str:
+            return ("skipped: one GPU (NCCL refuses two ranks on one device); the 1-rank "
+                    "NCCL run above shards and checkpoints, and --device cpu runs 2 ranks "
+                    "over gloo")
+        return
+
+    @check(f"redline train --nproc 2, distributed.strategy=fsdp, over {backend}")
+    def _() -> str:
+        with tempfile.TemporaryDirectory() as d:
+            done = subprocess.run(
+                [sys.executable, "-m", "redline", "train", f"{MEMGPT}:MemGPT", "--nproc", "2",
+                 "--steps", "20", "--device", info.kind, "--no-progress", "--no-report",
+                 "--run-dir", f"{d}/run", "--set", "distributed.strategy=fsdp",
+                 "--set", "telemetry.log_every=5", "--set", "train.batch_size=4",
+                 "--set", "train.effective_batch_size=8"],
+                env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            rows = [json.loads(line) for line in
+                    Path(f"{d}/run/metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+            ranks = {json.loads(line)["rank"]
+                     for line in Path(f"{d}/run/ranks.jsonl").read_text().splitlines()}
+        assert [r["step"] for r in rows] == [5, 10, 15, 20] and ranks == {0, 1}, rows
+        assert rows[-1]["loss"] < rows[0]["loss"], "loss did not fall"
+        if info.is_cuda:
+            assert all(r["redline/host_syncs"] == 0 for r in rows[:-1]), rows
+        return (f"ok, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
+                f"{rows[-1]['samples_per_s']:.0f} samples/s"
+                + (", no telemetry host sync" if info.is_cuda else ""))
 
 
 if __name__ == "__main__":

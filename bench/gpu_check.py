@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fsdp_check import checks as fsdp_checks
 from redline.checkpoint import load_latest, save_checkpoint
 from redline.device import DeviceInfo
 from redline.engine import Engine
@@ -82,7 +83,7 @@ def main() -> int:
     args = p.parse_args()
     if args.device == "cpu":
         lever_checks(DeviceInfo.detect("cpu"))
-        fsdp_checks(DeviceInfo.detect("cpu"))
+        fsdp_checks(check, DeviceInfo.detect("cpu"))
         return report()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to validate here (run this on a GPU machine)")
@@ -223,7 +224,7 @@ def main() -> int:
                 f"{rows[-1]['samples_per_s']:.0f} samples/s, slowest rank "
                 f"{rows[-1]['dist/slowest_rank']}")
 
-    fsdp_checks(info)
+    fsdp_checks(check, info)
     lever_checks(info)
     snapshot_check(info)
     return report()
@@ -409,65 +410,6 @@ def snapshot_check(info: DeviceInfo) -> None:
         said = done.stderr.strip().splitlines()[-1][:120] if done.stderr.strip() else ""
         return (f"ok, {snap.stat().st_size / 2**10:.0f} KiB snapshot, {traces} trace "
                 f"events; memory.json has {sorted(memory)[:4]}; said: {said}")
-
-
-def fsdp_checks(info: DeviceInfo) -> None:
-    """The FSDP2 run (module docstring): one rank per GPU up to 2 over NCCL; on a CPU 2
-    ranks over gloo."""
-    gpus = torch.cuda.device_count() if info.is_cuda else 0
-    nproc = min(gpus, 2) if info.is_cuda else 2
-    backend = "NCCL" if info.is_cuda else "gloo"
-
-    @check(f"FSDP, {nproc} rank(s) over {backend}: sharded step = one process, DCP round trip")
-    def _() -> str:
-        script = Path(__file__).resolve().parent / "fsdp_check.py"
-        with tempfile.TemporaryDirectory() as d:
-            done = subprocess.run(
-                [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 "--nproc-per-node", str(nproc), str(script), info.kind, f"{d}/ckpt",
-                 f"{d}/out.json"],
-                env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                timeout=300)
-            assert done.returncode == 0, done.stderr[-2000:]
-            r = json.loads(Path(f"{d}/out.json").read_text())
-        assert r["backend"] == backend.lower() and r["world"] == nproc, r
-        return (f"ok, loss {r['loss']:.6f} (one process {r['alone_loss']:.6f}), largest "
-                f"difference: gradient {r['grad_diff']:.1e}, parameter {r['param_diff']:.1e}; "
-                f"{r['tensors_round_tripped']} parameter and state shards equal after "
-                f"dcp.save/load, next-step loss {r['next_loss']:.6f} replayed "
-                f"{r['replayed_loss']:.6f}")
-
-    if info.is_cuda and nproc < 2:
-        @check("FSDP, 2 ranks over NCCL, and redline train with distributed.strategy=fsdp")
-        def _() -> str:
-            return ("skipped: one GPU (NCCL refuses two ranks on one device); the 1-rank "
-                    "NCCL run above shards and checkpoints, and --device cpu runs 2 ranks "
-                    "over gloo")
-        return
-
-    @check(f"redline train --nproc 2, distributed.strategy=fsdp, over {backend}")
-    def _() -> str:
-        with tempfile.TemporaryDirectory() as d:
-            done = subprocess.run(
-                [sys.executable, "-m", "redline", "train", f"{MEMGPT}:MemGPT", "--nproc", "2",
-                 "--steps", "20", "--device", info.kind, "--no-progress", "--no-report",
-                 "--run-dir", f"{d}/run", "--set", "distributed.strategy=fsdp",
-                 "--set", "telemetry.log_every=5", "--set", "train.batch_size=4",
-                 "--set", "train.effective_batch_size=8"],
-                env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                timeout=300)
-            assert done.returncode == 0, done.stderr[-2000:]
-            rows = [json.loads(line) for line in
-                    Path(f"{d}/run/metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-            ranks = {json.loads(line)["rank"]
-                     for line in Path(f"{d}/run/ranks.jsonl").read_text().splitlines()}
-        assert [r["step"] for r in rows] == [5, 10, 15, 20] and ranks == {0, 1}, rows
-        assert rows[-1]["loss"] < rows[0]["loss"], "loss did not fall"
-        if info.is_cuda:
-            assert all(r["redline/host_syncs"] == 0 for r in rows[:-1]), rows
-        return (f"ok, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
-                f"{rows[-1]['samples_per_s']:.0f} samples/s"
-                + (", no telemetry host sync" if info.is_cuda else ""))
 
 
 def report() -> int:
