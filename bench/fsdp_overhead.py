@@ -27,19 +27,12 @@ distribution-free 95 % interval (pairs.median_ci).
 Memory, each rank's, by redline's CPU storage tracker for every variant alike (the method
 of bench/levers.py): after the timed blocks, `zero_grad(set_to_none=True)`, the baseline
 is `live_tensor_bytes(model, optimizer)` (a DTensor counts its local shard: what this rank
-holds between steps, `held`), and the peak is the tracker's over one more step. Two
-things the tracker cannot see are added, for the rows they concern:
-
-- DDP keeps its gradients in buckets it allocated when it wrapped the model
-  (gradient_as_bucket_view=True, in both the bare loop and redline's), before the tracker
-  was entered: the DDP rows add one gradient-sized buffer to the baseline.
-- FSDP2 allocates and frees its gathered parameters by resizing their storages
-  (`UntypedStorage.resize_` in torch/distributed/fsdp/_fully_shard/_fsdp_param.py
-  alloc_storage / free_storage, module functions FSDP looks up at each call: relied on,
-  torch 2.13), which reaches no dispatch mode: while a step is measured those two
-  functions are wrapped to add and subtract the bytes they resize (`gathers`),
-  and the `unseen` column says by how much the tracker alone would have missed the peak.
-
+holds between steps, `held`), and the peak is the tracker's over one more step. The
+tracker hears FSDP2's gathered parameters, which FSDP allocates by resizing storages in
+place (`_torch_compat.fsdp_storage_resizes`). What it cannot see is added for the rows it
+concerns: DDP keeps its gradients in buckets it allocated when it wrapped the model
+(gradient_as_bucket_view=True, in both the bare loop and redline's), before the tracker
+was entered, so the DDP rows add one gradient-sized buffer to the baseline.
 Scratch space inside kernels and gloo's own buffers are not seen by any row.
 
 Two models from tests/tasks/memgpt.py (MODELS): `states`, a residual MLP whose parameters
@@ -50,7 +43,6 @@ where the saved activations are.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -60,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +61,7 @@ from torch import nn
 
 from pairs import median_ci
 from redline.device import DeviceInfo
-from redline.memory.probe import MemoryTracker, live_tensor_bytes, measure_peak
+from redline.memory.probe import live_tensor_bytes, measure_peak
 from workloads import CLIP, LR
 
 TASKS = Path(__file__).resolve().parent.parent / "tests" / "tasks" / "memgpt.py"
@@ -97,64 +89,14 @@ class Variant:
                  optimizer: torch.optim.Optimizer, ddp: bool) -> None:
         self.step, self.model, self.optimizer, self.ddp = step, model, optimizer, ddp
 
-    def peak(self) -> tuple[int, int, int]:
-        """(held, peak, the tracker's peak alone) bytes of one step on this rank, each
-        measured over its own step (module docstring)."""
-        def baseline() -> int:
-            self.optimizer.zero_grad(set_to_none=True)
-            base = live_tensor_bytes(self.model, self.optimizer)
-            if self.ddp:  # its buckets: the gradients' bytes, allocated before the tracker
-                base += sum(p.numel() * p.element_size() for p in self.model.parameters()
-                            if p.requires_grad)
-            return base
-
-        alone = measure_peak(self.step, CPU, baseline()).peak_bytes
-        base = baseline()
-        tracker = _Tracker(baseline=base)
-        with tracker, gathers(tracker):
-            self.step()
-        return base, tracker.peak, alone
-
-
-class _Tracker(MemoryTracker):
-    """The storage tracker, told of bytes no dispatch mode sees (FSDP2's storage resizes)."""
-
-    def add(self, nbytes: int) -> None:
-        with self._lock:  # the tracker's own bookkeeping (tracker.py: counters)
-            self._drain()
-            self._live += nbytes
-            self._peak = max(self._peak, self._baseline + self._live)
-
-
-@contextlib.contextmanager
-def gathers(tracker: _Tracker) -> Iterator[None]:
-    """FSDP2's alloc_storage / free_storage wrapped to tell `tracker` what they resize
-    (module docstring); a storage freed that was allocated outside counts nothing."""
-    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
-
-    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
-    held: dict[int, int] = {}  # id(storage) -> bytes it grew by while measured
-
-    def counted_alloc(tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()  # the same object while it lives (tracker.py)
-        before = storage.nbytes()
-        alloc(tensor)
-        if grown := storage.nbytes() - before:
-            held[id(storage)] = held.get(id(storage), 0) + grown
-            tracker.add(grown)
-
-    def counted_free(tensor: torch.Tensor) -> None:
-        n = held.pop(id(tensor.untyped_storage()), 0)
-        free(tensor)
-        tracker.add(-n)
-
-    _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = counted_alloc
-    _fsdp_param.free_storage = counted_free
-    try:
-        yield
-    finally:
-        _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = alloc
-        _fsdp_param.free_storage = free
+    def peak(self) -> tuple[int, int]:
+        """(held, peak) bytes of one step on this rank (module docstring)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        base = live_tensor_bytes(self.model, self.optimizer)
+        if self.ddp:  # its buckets: the gradients' bytes, allocated before the tracker
+            base += sum(p.numel() * p.element_size() for p in self.model.parameters()
+                        if p.requires_grad)
+        return base, measure_peak(self.step, CPU, base).peak_bytes
 
 
 def _task(key: str) -> Any:
@@ -324,8 +266,7 @@ def report(args: argparse.Namespace, results: dict[str, list[list[dict[str, Any]
             for name, values in ranks[0]["times"].items():
                 times.setdefault(name, []).extend(v / args.steps for v in values)
         print(f"{'variant':<16} {'ms/step':>8} {'[min, max]':>16} {'vs':>11} {'ratio':>6} "
-              f"{'95% interval':>14} {'held r0/r1 MiB':>17} {'peak r0/r1 MiB':>15} "
-              f"{'unseen r0':>9}")
+              f"{'95% interval':>14} {'held r0/r1 MiB':>17} {'peak r0/r1 MiB':>15}")
         for name, values in times.items():
             ms = [1e3 * v for v in values]
             floor = FLOOR_OF.get(name)
@@ -338,10 +279,8 @@ def report(args: argparse.Namespace, results: dict[str, list[list[dict[str, Any]
             mem = [ranks[r]["memory"][name] for ranks in launches[-1:] for r in range(2)]
             held = "/".join(f"{m[0] / mib:.1f}" for m in mem)
             peaks = "/".join(f"{m[1] / mib:.1f}" for m in mem)
-            unseen = (mem[0][1] - mem[0][2]) / mib
             print(f"{name:<16} {statistics.median(ms):8.1f} "
-                  f"{f'[{min(ms):.1f}, {max(ms):.1f}]':>16} {cost} {held:>17} {peaks:>15} "
-                  f"{unseen:9.1f}")
+                  f"{f'[{min(ms):.1f}, {max(ms):.1f}]':>16} {cost} {held:>17} {peaks:>15}")
 
 
 if __name__ == "__main__":
