@@ -35,6 +35,10 @@ concerns: DDP keeps its gradients in buckets it allocated when it wrapped the mo
 was entered, so the DDP rows add one gradient-sized buffer to the baseline.
 Scratch space inside kernels and gloo's own buffers are not seen by any row.
 
+Last, the collectives FSDP and DDP issue for a block, timed alone on one block's fp32
+parameters (`collectives`): FSDP issues an all-gather in the forward, another in the
+backward (reshard_after_forward) and a reduce-scatter; DDP one all-reduce.
+
 Two models from tests/tasks/memgpt.py (MODELS): `states`, a residual MLP whose parameters
 and AdamW state are most of a step's memory, and `activations`, a GPT at a sequence length
 where the saved activations are.
@@ -196,8 +200,33 @@ def rank_part(args: argparse.Namespace) -> None:
                 variants[name].step()
             times[name].append(time.perf_counter() - t)
     memory = {name: v.peak() for name, v in variants.items()}
-    out = {"times": times, "steps": args.steps, "memory": memory, "rank": world.rank}
+    block = max(sum(p.numel() for p in b.parameters()) for b in _blocks(task.build_model()))
+    out = {"times": times, "steps": args.steps, "memory": memory, "rank": world.rank,
+           "collectives": collectives(block, world.size, args.repeats), "block": block}
     Path(f"{args.out}.rank{world.rank}").write_text(json.dumps(out))
+
+
+def collectives(numel: int, ranks: int, repeats: int) -> dict[str, float]:
+    """Seconds (median of `repeats`) of each collective FSDP and DDP issue per block, on
+    one block's fp32 parameters, over the default (gloo) group, in an order drawn alike."""
+    import torch.distributed as dist
+
+    numel -= numel % ranks
+    whole, shard = torch.randn(numel), torch.randn(numel // ranks)
+    ops = {"all-gather": lambda: dist.all_gather_into_tensor(torch.empty(numel), shard),
+           "reduce-scatter": lambda: dist.reduce_scatter_tensor(shard, whole),
+           "all-reduce": lambda: dist.all_reduce(whole)}
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    order = random.Random(1)
+    for _ in range(repeats):
+        names = list(ops)
+        order.shuffle(names)
+        for name in names:
+            dist.barrier()
+            t = time.perf_counter()
+            ops[name]()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def launch(args: argparse.Namespace, key: str, out: str) -> list[dict[str, Any]]:
@@ -281,6 +310,9 @@ def report(args: argparse.Namespace, results: dict[str, list[list[dict[str, Any]
             peaks = "/".join(f"{m[1] / mib:.1f}" for m in mem)
             print(f"{name:<16} {statistics.median(ms):8.1f} "
                   f"{f'[{min(ms):.1f}, {max(ms):.1f}]':>16} {cost} {held:>17} {peaks:>15}")
+        ops = launches[-1][0]["collectives"]
+        print(f"one block's {launches[-1][0]['block'] * 4 / mib:.1f} MiB over gloo, median of "
+              f"{args.repeats}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in ops.items()))
 
 
 if __name__ == "__main__":
