@@ -25,6 +25,14 @@ Part 2, separate launches alternated (single, torchrun, single, ...; not interle
 within one process, so the spread is launch to launch): samples/s of one process with 2
 threads stepping the whole batch (the floor loop and redline's Engine + Telemetry)
 against part 1's 2-rank figures on the same 2 cores.
+
+FSDP against DDP (`--fsdp`, bench/fsdp_overhead.py, whose options follow it): the
+hand-written DDP and FSDP2 loops and redline's ddp and fsdp strategies, interleaved in one
+torchrun job per model (one whose states dominate, one whose activations do): step time
+and each rank's peak memory from redline's CPU storage tracker.
+
+    PYTHONPATH=src:bench python bench/distributed_overhead.py --fsdp [--steps 10]
+        [--repeats 7] [--launches 1] [--models states,activations]
 """
 
 from __future__ import annotations
@@ -168,12 +176,18 @@ def _run(cmd: list[str]) -> None:
 
 
 def main() -> None:
+    if "--fsdp" in sys.argv[1:]:
+        import fsdp_overhead
+
+        return fsdp_overhead.main([a for a in sys.argv[1:] if a != "--fsdp"])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--batch", type=int, default=176, help="the whole step's batch")
     p.add_argument("--steps", type=int, default=50, help="steps per block")
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--launches", type=int, default=3, help="part 2: launches of each kind")
+    p.add_argument("--fsdp", action="store_true",  # handled above: its own options
+                   help="FSDP against DDP instead (bench/fsdp_overhead.py; --fsdp --help)")
     p.add_argument("--part", choices=("ranks", "single"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -19,7 +19,8 @@ micro-batch 1 under --memory-budget leaves memory_snapshot.pickle and memory.jso
 run directory).
 It prints one line per check and exits 1 if any failed. Without a GPU it says so and exits
 0 (nothing to validate); `--device cpu` runs the lever checks that have a CPU path (the
-low-bit states and checkpointing) on the CPU, to test this script where no GPU is.
+low-bit states and checkpointing) and the FSDP check over gloo (2 CPU ranks) on the CPU,
+to test this script where no GPU is.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fsdp_check import checks as fsdp_checks
 from redline.checkpoint import load_latest, save_checkpoint
 from redline.device import DeviceInfo
 from redline.engine import Engine
@@ -76,10 +78,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cpu: only the memory-lever checks that have a CPU path")
+                   help="cpu: only the memory-lever checks that have a CPU path and the "
+                        "FSDP check over gloo")
     args = p.parse_args()
     if args.device == "cpu":
         lever_checks(DeviceInfo.detect("cpu"))
+        fsdp_checks(check, DeviceInfo.detect("cpu"))
         return report()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to validate here (run this on a GPU machine)")
@@ -220,6 +224,7 @@ def main() -> int:
                 f"{rows[-1]['samples_per_s']:.0f} samples/s, slowest rank "
                 f"{rows[-1]['dist/slowest_rank']}")
 
+    fsdp_checks(check, info)
     lever_checks(info)
     snapshot_check(info)
     return report()
