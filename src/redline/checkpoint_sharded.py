@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
@@ -60,6 +61,10 @@ from redline._torch_compat import dcp_metadata_globals, weights_only_unpickle
 from redline.checkpoint import CheckpointError
 from redline.errors import StorageError, writing
 from redline.files import fsync_dir, temp_path
+
+__all__ = ["STATE", "CheckpointException", "SafePlanner", "SafeReader", "SafeWriter",
+           "load_into", "load_state", "model_state_dict", "read_metadata", "save_sharded",
+           "verify"]
 
 STATE = "state.pt"  # rank 0's file: all but the model and optimizer
 _METADATA = ".metadata"
@@ -156,7 +161,7 @@ def save_sharded(directory: Path, step: int, model: nn.Module, optimizer: Any,
     model_sd, optim_sd = get_state_dict(model, optimizer)
     try:
         alone = not dist.is_initialized()
-        with writing("checkpoint", final), _one_process(alone):
+        with writing("checkpoint", final), _one_process(alone), _unwrapped():
             dcp.save({"model": model_sd, "optimizer": optim_sd},
                      storage_writer=SafeWriter(tmp), no_dist=alone)
         failed = from_main(lambda: _finish(tmp, final, step, state, keep))
@@ -166,6 +171,20 @@ def save_sharded(directory: Path, step: int, model: nn.Module, optimizer: Any,
     if failed:
         raise StorageError(failed)
     return final
+
+
+@contextmanager
+def _unwrapped() -> Iterator[None]:
+    """DCP wraps what any rank's write raised in one CheckpointException (a BaseException):
+    a disk fault (OSError, a StorageError by `writing`) or a second Ctrl-C
+    (KeyboardInterrupt) is raised as itself, so they stop the run as a single file's do."""
+    try:
+        yield
+    except CheckpointException as e:
+        for error, _ in e.failures.values():
+            if isinstance(error, OSError | KeyboardInterrupt):
+                raise error from None
+        raise
 
 
 def _make_temp(final: Path) -> str:

@@ -68,7 +68,7 @@ def read_model(path: Path) -> dict[str, torch.Tensor]:
             return sharded_ckpt.model_state_dict(path)
         except ckpt.CheckpointError:
             raise
-        except Exception as e:  # DCP raises many types for damaged files
+        except (Exception, sharded_ckpt.CheckpointException) as e:  # DCP: many types
             raise ckpt.CheckpointError(f"{path} is unreadable ({type(e).__name__}); it is "
                                        "truncated or corrupt") from None
     return _bare(ckpt.load_checkpoint(path, "cpu")["model"])
