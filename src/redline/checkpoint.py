@@ -13,6 +13,10 @@ are reported and moved aside.
 
 Every value is a tensor, a number, a string or a container of them, so checkpoints load
 with `weights_only=True` (no arbitrary code runs when a checkpoint is opened).
+
+A run with distributed.strategy fsdp writes directories instead (checkpoint_sharded.py,
+one layer up, builds on this module): `list_checkpoints`, the rotation and `load_latest`
+(given that module's reader) treat a directory like a file.
 """
 
 from __future__ import annotations
