@@ -165,11 +165,11 @@ def save_sharded(directory: Path, step: int, model: nn.Module, optimizer: Any,
             dcp.save({"model": model_sd, "optimizer": optim_sd},
                      storage_writer=SafeWriter(tmp), no_dist=alone)
         failed = from_main(lambda: _finish(tmp, final, step, state, keep))
+        if failed:
+            raise StorageError(failed)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay
         raise
-    if failed:
-        raise StorageError(failed)
     return final
 
 
@@ -205,20 +205,33 @@ def _finish(tmp: Path, final: Path, step: int, state: dict[str, Any] | None,
             files = {p.name: list(_size_crc(p)) for p in sorted(tmp.iterdir())}
             payload = {"format": ckpt.FORMAT_VERSION, "step": step, "sharded": True,
                        **state, "files": files}
-            with open(tmp / STATE, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_state(tmp / STATE, payload)
             fsync_dir(tmp)
-            if final.exists():  # the same step saved before (a resumed run's first save)
-                shutil.rmtree(final)
+            # the same step written before (nonfinite/ of an earlier attempt): set aside
+            # under a temporary name first, so a crash leaves one of the two complete
+            old = temp_path(final.with_name(final.name + ".old"))
+            if final.exists():
+                os.replace(final, old)
             os.replace(tmp, final)
             fsync_dir(final.parent)
+            shutil.rmtree(old, ignore_errors=True)
     except StorageError as e:
         return str(e)
     for old in ckpt.list_checkpoints(final.parent)[:-keep]:
         ckpt.remove_checkpoint(old)
     return None
+
+
+def _write_state(path: Path, payload: dict[str, Any]) -> None:
+    with open(path, "wb") as f:
+        try:
+            torch.save(payload, f)
+        except RuntimeError as e:  # torch's zip writer wraps the disk's OSError
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _size_crc(path: Path) -> tuple[int, int]:

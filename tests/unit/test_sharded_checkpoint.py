@@ -5,6 +5,7 @@ tests/e2e/test_fsdp_checkpoint_cli.py."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 from pathlib import Path
@@ -26,6 +27,7 @@ from redline.checkpoint import (
 )
 from redline.cli import main as cli
 from redline.config import ConfigError
+from redline.errors import StorageError
 from redline.run import resume
 from redline.run.export import export
 from redline.run.rundir import remove_orphans
@@ -117,6 +119,24 @@ def test_an_interrupted_write_leaves_no_directory_and_the_previous_intact(
     monkeypatch.setattr(sharded.SafeWriter, "finish", stop)
     with pytest.raises(KeyboardInterrupt):
         _save(tmp_path, 2, model, optimizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
+
+
+def test_a_full_disk_is_a_storage_error_and_leaves_the_previous_intact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, optimizer = _trained()
+    _save(tmp_path, 1, model, optimizer)
+
+    def full(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sharded, "_write_state", full)
+    with pytest.raises(StorageError, match=r"cannot write checkpoint .*step-00000002.*space"):
+        _save(tmp_path, 2, model, optimizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
+    monkeypatch.undo()
+    _save(tmp_path, 1, model, optimizer)  # the same step again replaces it whole
+    assert resume.read(tmp_path / "step-00000001")["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
 
 
