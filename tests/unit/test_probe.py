@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -345,3 +346,27 @@ def test_unsupported_devices_and_budgets_are_refused() -> None:
         MemoryBudget(0, CPU)
     with pytest.raises(ValueError, match="positive"):
         MemoryTracker(budget=-1)
+
+
+def test_the_tracker_hears_fsdp_gather_and_free_its_parameters_in_place(
+        tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
+        for layer in model:
+            fully_shard(layer)  # a 1-rank shard is the whole layer
+        fully_shard(model)
+        layer = (256 * 256 + 256) * 4
+        with MemoryTracker() as tracker:
+            model(torch.randn(1, 256)).sum().backward()
+        gc.collect()
+        # what is left is the two layers' gradients: the gathered copies were freed in
+        # place (unheard, they stayed counted: 4 layers' worth)
+        assert tracker.current == 2 * layer
+        assert tracker.peak >= 3 * layer  # a gathered layer beside the gradients
+    finally:
+        dist.destroy_process_group()

@@ -19,6 +19,11 @@ storages. A view op returns an input's storage: known (tracked already) or older
 tracker (part of the baseline), so never new. In-place and `out=` ops may grow a storage
 (`resize_`): for those the inputs' storage sizes are read before the op and only the growth
 counts. Bytes a kernel allocates and frees internally (scratch space) are not seen.
+FSDP2 gathers a block's parameters into storages it grows and frees in place, outside
+any op (`_torch_compat.fsdp_storage_resizes` reports them): those bytes count while the
+block is gathered. A resize never raises the budget's OOM itself (it happens inside
+FSDP's all-gather, where one rank failing alone would leave the others waiting in the
+collective); the next op's allocation sees them and raises there.
 
 Code that torch.compile wrapped runs eagerly while the tracker is entered: dynamo skips
 a frame it meets under a dispatch mode (and stays skipped), and one compiled with
@@ -34,6 +39,7 @@ counters are settled under a lock by whoever next reads them.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections import deque
@@ -44,6 +50,7 @@ import torch
 from redline._torch_compat import (
     TorchDispatchMode,
     compiled_runs_eagerly,
+    fsdp_storage_resizes,
     op_name_and_return_aliases,
     tree_leaves,
 )
@@ -186,15 +193,17 @@ class MemoryTracker(TorchDispatchMode):
     def __enter__(self) -> MemoryTracker:
         depth = getattr(self._local, "depth", 0)
         if depth == 0:
-            # compiled code runs eagerly while tracked (module docstring)
-            eager = compiled_runs_eagerly()
-            eager.__enter__()
+            # compiled code runs eagerly while tracked, and FSDP's resizes are heard
+            # (module docstring)
+            held = contextlib.ExitStack()
+            held.enter_context(compiled_runs_eagerly())
+            held.enter_context(fsdp_storage_resizes(self._on_resize))
             try:
                 super().__enter__()
             except BaseException:
-                eager.__exit__(None, None, None)
+                held.close()
                 raise
-            self._local.eager = eager
+            self._local.eager = held
         self._local.depth = depth + 1
         return self
 
@@ -204,8 +213,26 @@ class MemoryTracker(TorchDispatchMode):
             try:
                 super().__exit__(*exc_info)
             finally:
-                self._local.eager.__exit__(None, None, None)
+                self._local.eager.close()
                 del self._local.eager
+
+    def _on_resize(self, storage: torch.UntypedStorage, old: int, new: int) -> None:
+        """FSDP grew or freed `storage` in place (module docstring). A storage that was
+        gathered before the tracker started and is freed now was never counted: ignored."""
+        with self._lock:
+            self._drain()
+            ref = self._refs.get(id(storage))
+            if ref is None:
+                if new <= old:
+                    return
+                ref = _StorageRef(storage, self._callback)
+                ref.key, ref.nbytes, ref.size = id(storage), 0, old
+                self._refs[ref.key] = ref
+            grown = max(new - ref.size, -ref.nbytes)  # never below what was counted
+            ref.nbytes += grown
+            ref.size = new
+            self._live += grown
+            self._peak = max(self._peak, self._baseline + self._live)
 
     # ---- the op hook ----------------------------------------------------------------------
 
