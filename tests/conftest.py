@@ -70,7 +70,8 @@ def kill_at_checkpoint(args: list[str], cwd: Path, step: int, steps: int,
                             text=True)
     target = cwd / "run" / "checkpoints" / f"step-{step:08d}.pt"
     deadline = time.monotonic() + timeout
-    while not target.exists():
+    # a file, or a sharded checkpoint's directory (distributed.strategy fsdp)
+    while not (target.exists() or target.with_suffix("").exists()):
         assert proc.poll() is None, f"run ended early: {proc.communicate()[1]}"
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.01)

@@ -21,11 +21,12 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 
 __all__ = [
     "PYTREE_LOGGER", "TorchDispatchMode", "arm_all_reduce", "compiled_runs_eagerly",
-    "default_store", "dump_memory_snapshot", "fake_tensor_mode", "foreach_copy_",
-    "foreach_norm", "found_inf_given", "has_running_stats", "op_name_and_return_aliases",
+    "dcp_metadata_globals", "default_store", "dump_memory_snapshot", "fake_tensor_mode",
+    "foreach_copy_", "foreach_norm", "found_inf_given", "has_running_stats",
+    "op_name_and_return_aliases",
     "plain_tensors", "record_memory_history", "supports_found_inf", "tree_flatten",
     "tree_leaves", "tree_unflatten", "unwrap_compiled", "uses_batch_statistics",
-    "view_version",
+    "view_version", "weights_only_unpickle",
 ]
 
 # --- pytree: a batch of any structure (batch.py) and an op's outputs (memory/tracker.py).
@@ -209,6 +210,35 @@ def record_memory_history(on: bool) -> None:
 def dump_memory_snapshot(path: str) -> None:
     """Write the recorded history and the allocator's state to `path` (a pickle)."""
     torch.cuda.memory._dump_snapshot(path)
+
+
+# --- Sharded checkpoints' metadata (checkpoint_sharded.py): DCP pickles its `.metadata`
+# file with plain pickle and reads it with pickle.load, which runs any global it names.
+# redline reads it with torch's weights-only unpickler instead, allowing only the classes
+# DCP's metadata is made of. Relied on: torch._weights_only_unpickler.load(file) honouring
+# torch.serialization.safe_globals, raising pickle.UnpicklingError for any other global;
+# the private names DCP pickles: filesystem._StorageInfo, metadata._MEM_FORMAT_ENCODING,
+# serialization._get_layout.
+def dcp_metadata_globals() -> list[Any]:
+    """The globals a DCP `.metadata` pickle may name (torch 2.13's FileSystemWriter)."""
+    import pathlib
+
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    return [metadata.Metadata, metadata.MetadataIndex, metadata.StorageMeta,
+            metadata.TensorProperties, metadata.TensorStorageMetadata,
+            metadata.BytesStorageMetadata, metadata.ChunkStorageMetadata,
+            metadata._MEM_FORMAT_ENCODING, filesystem._StorageInfo,
+            torch.serialization._get_layout, torch.Size, pathlib.PosixPath,
+            pathlib.WindowsPath]
+
+
+def weights_only_unpickle(file: Any, allowed: list[Any]) -> Any:
+    """Unpickle `file` with torch's weights-only unpickler, `allowed` added to its globals."""
+    from torch import _weights_only_unpickler
+
+    with torch.serialization.safe_globals(allowed):
+        return _weights_only_unpickler.load(file)
 
 
 # --- FSDP2's gathered parameters.

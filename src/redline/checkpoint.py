@@ -13,12 +13,17 @@ are reported and moved aside.
 
 Every value is a tensor, a number, a string or a container of them, so checkpoints load
 with `weights_only=True` (no arbitrary code runs when a checkpoint is opened).
+
+A run with distributed.strategy fsdp writes directories instead (checkpoint_sharded.py,
+one layer up, builds on this module): `list_checkpoints`, the rotation and `load_latest`
+(given that module's reader) treat a directory like a file.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +37,7 @@ from redline.files import atomic_file
 from redline.fp8 import torchao_import
 
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^step-(\d+)\.pt$")
+_NAME = re.compile(r"^step-(\d+)(\.pt)?$")  # a file, or a sharded checkpoint's directory
 
 
 @dataclass(frozen=True)
@@ -53,15 +58,33 @@ class CheckpointError(UserError):
     """No usable checkpoint where one was required; the message says where and why."""
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}.pt"
+def checkpoint_name(step: int, sharded: bool = False) -> str:
+    """step-XXXXXXXX.pt, or step-XXXXXXXX for a sharded checkpoint's directory
+    (checkpoint_sharded.py)."""
+    return f"step-{step:08d}" + ("" if sharded else ".pt")
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint `list_checkpoints` found."""
+    m = _NAME.match(path.name)
+    assert m is not None, f"{path} is no checkpoint's name"
+    return int(m.group(1))
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint, a file or a sharded checkpoint's directory (rotation)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 UNREADABLE = "unreadable"  # where checkpoints that do not read back are moved
 
 
 def list_checkpoints(directory: str | Path, unreadable: bool = False) -> list[Path]:
-    """Checkpoint files in `directory` (or those moved aside as unreadable), oldest first."""
+    """Checkpoints in `directory` (or those moved aside as unreadable), oldest first: files
+    and sharded checkpoints' directories (a temporary one, `.NAME.tmp-PID`, is not one)."""
     d = Path(directory) / UNREADABLE if unreadable else Path(directory)
     if not d.is_dir():
         return []
@@ -107,16 +130,20 @@ def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any],
                 raise e.__context__ from None
             raise
     for old in list_checkpoints(d)[:-keep]:
-        old.unlink(missing_ok=True)
+        remove_checkpoint(old)
     return final
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read one checkpoint; raises CheckpointError if it is unreadable, corrupt or incomplete.
+    """Read one checkpoint file; raises CheckpointError if it is unreadable, corrupt or
+    incomplete (a sharded checkpoint's directory: checkpoint_sharded.load_state).
 
     `verify` checks every record's CRC first (torch.load does not), so a flipped bit in a
     tensor's data is found here, not in the trained model.
     """
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path} is a sharded checkpoint's directory; read it with "
+                              "redline.checkpoint_sharded")
     verify(path)
     try:
         payload = _load(path, map_location)
@@ -125,7 +152,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # torch.load raises many types for a damaged file
         raise CheckpointError(f"{path} is unreadable ({type(e).__name__}); "
                               "it is truncated or corrupt") from None
-    missing = [k for k in ("format", "step", "model") if k not in payload]
+    missing = [k for k in ("format", "step") if k not in payload]
+    if "model" not in payload and not payload.get("sharded"):
+        missing.append("model")
     if missing:
         raise CheckpointError(f"{path} is not a redline checkpoint (missing {missing})")
     return payload
@@ -178,21 +207,26 @@ def verify(path: str | Path) -> None:
 
 
 def load_latest(directory: str | Path, map_location: str | torch.device = "cpu",
-                on_skip: Callable[[Path, str], None] | None = None
+                on_skip: Callable[[Path, str], None] | None = None,
+                load: Callable[[Path, str | torch.device], dict[str, Any]] | None = None
                 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest readable checkpoint in `directory`, or None if there is none at all.
 
     An unreadable one is moved aside to `directory/unreadable/` (kept for inspection, no
     longer counted toward `keep`), passed to `on_skip(moved_to, reason)`, and the previous
-    one tried; if none reads back, CheckpointError says so.
+    one tried; if none reads back, CheckpointError says so. `load(path, map_location)`
+    reads one (default `load_checkpoint`; run/resume.py passes one that also reads
+    sharded checkpoints' directories).
     """
     files = list_checkpoints(directory)
     for path in reversed(files):
         try:
-            return path, load_checkpoint(path, map_location)
+            return path, (load or load_checkpoint)(path, map_location)
         except CheckpointError as e:
             aside = Path(directory) / UNREADABLE / path.name
             aside.parent.mkdir(exist_ok=True)
+            if aside.is_dir():  # an older copy of the same step, moved aside before
+                shutil.rmtree(aside, ignore_errors=True)
             path.replace(aside)
             if on_skip:
                 on_skip(aside, str(e))
@@ -206,11 +240,16 @@ def load_latest(directory: str | Path, map_location: str | torch.device = "cpu",
 # Keys that may differ between a run and its resumption: they change how long the run
 # goes and what it records, not the math of the steps already taken. Activation
 # checkpointing recomputes the same ops on the same inputs (the gradient is the one without
-# it; memory/checkpointing.py), so a run saved with one mode resumes with another.
+# it; memory/checkpointing.py), so a run saved with one mode resumes with another; FSDP's
+# reshard_after_forward only chooses when a block's parameters are gathered again.
+# distributed.strategy may not change: an fsdp run writes sharded checkpoints
+# (checkpoint_sharded.py), ddp and single-process runs single files, and a run resumes
+# the format its strategy writes. The number of ranks is no config key: an fsdp run
+# resumes at any world size by resharding.
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batches",
                      "train.eval_batch_size", "data.", "checkpoint.", "telemetry.",
                      "memory.activation_checkpointing", "memory.checkpoint_blocks",
-                     "memory.checkpointed_blocks")
+                     "memory.checkpointed_blocks", "distributed.reshard_after_forward")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -118,7 +118,38 @@ def _parser() -> argparse.ArgumentParser:
                                    "needed), from what a run or a study directory holds.")
     r.add_argument("directory", metavar="DIR", help="a run or study directory")
     r.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_export(sub)
     return p
+
+
+EPILOG_EXPORT = """\
+examples:
+  redline export runs/exp1 --to model.pt              # the newest readable checkpoint
+  redline export runs/exp1 --to model.pt --step 2000
+
+  state = torch.load("model.pt", weights_only=True)   # anywhere, no redline needed
+  model.load_state_dict(state)
+
+The file is the model's plain state_dict: full tensors on the CPU, keyed as the bare
+model's (no DDP/FSDP/compile prefixes), whether the run wrote single-file checkpoints
+or sharded ones (distributed.strategy fsdp: the shards are put together here, in one
+process, without building the model). Nothing else of the checkpoint (optimizer, RNG,
+data position) is written: to continue training, use train --resume.
+"""
+
+
+def _add_export(sub: Any) -> None:
+    e = sub.add_parser(
+        "export", help="write a run's model as one plain state_dict file (--to model.pt)",
+        description="Write the model of RUN_DIR's checkpoint as a single-file state_dict "
+                    "that torch.load(path, weights_only=True) reads and the bare model's "
+                    "load_state_dict accepts.",
+        epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with checkpoints")
+    e.add_argument("--to", required=True, metavar="FILE", help="the file to write")
+    e.add_argument("--step", type=int, metavar="N",
+                   help="the checkpoint of step N (default: the newest readable one)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _add_train(sub: Any, job: argparse.ArgumentParser) -> None:
@@ -319,6 +350,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from redline.run.export import export
+
+    source, written = export(args.run_dir, args.to, args.step)
+    output.show(args.json, {"checkpoint": str(source), "model": str(written)},
+                f"exported {source} -> {written} (a plain state_dict)")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from redline.diagnose.doctor import diagnose_run, render
     from redline.environment import environment_check
@@ -343,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers: dict[str, Callable[[], int]] = {
         "doctor": lambda: cmd_doctor(args), "train": lambda: cmd_train(args, argv),
         "tune": lambda: cmd_tune(args), "study": lambda: cmd_study(args),
-        "report": lambda: cmd_report(args)}
+        "report": lambda: cmd_report(args), "export": lambda: cmd_export(args)}
     try:
         return handlers[args.command]()
     except UserError as e:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -74,17 +75,22 @@ def atomic_write_text(path: str | Path, text: str, what: str = "file",
 
 def remove_orphans(directory: str | Path) -> list[Path]:
     """Delete the temporary files (`temp_path` names) in `directory` whose writing process
-    is gone; the paths removed. Files of a live process, and every other name, are kept."""
+    is gone, and temporary directories (a sharded checkpoint written under a `temp_path`
+    name, checkpoint_sharded.py); the paths removed. Those of a live process, and every
+    other name, are kept."""
     d = Path(directory)
     if not d.is_dir():
         return []
     removed = []
     for path in d.iterdir():
         m = _TEMP.match(path.name)
-        if m is None or not path.is_file() or _alive(int(m.group("pid"))):
+        if m is None or _alive(int(m.group("pid"))):
             continue
         with contextlib.suppress(OSError):
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path)
     return removed
 

@@ -258,6 +258,25 @@ def test_view_version_is_none_for_a_fresh_tensor_and_bumped_by_an_in_place_chang
     assert compat.view_version(out) == before + 1
 
 
+def test_dcp_metadata_reads_weights_only_and_another_global_is_refused(tmp_path: Path
+                                                                        ) -> None:
+    import io
+    import os
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from redline._torch_compat import dcp_metadata_globals, weights_only_unpickle
+
+    dcp.save({"w": torch.ones(2, 3), "lr": 0.1}, checkpoint_id=tmp_path, no_dist=True)
+    metadata = pickle.loads((tmp_path / ".metadata").read_bytes())  # torch's own, trusted
+    again = io.BytesIO(pickle.dumps(metadata, protocol=2))  # the protocol redline writes
+    assert weights_only_unpickle(again, dcp_metadata_globals()) == metadata
+    evil = io.BytesIO(pickle.dumps(os.getcwd, protocol=2))
+    with pytest.raises(pickle.UnpicklingError):
+        weights_only_unpickle(evil, dcp_metadata_globals())
+
+
 def test_fsdp_resizes_its_gathered_storages_through_the_two_functions_wrapped(
         one_rank_group: None) -> None:
     from torch.distributed.fsdp import fully_shard

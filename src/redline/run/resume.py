@@ -9,6 +9,10 @@ Under torchrun rank 0 writes it, with every rank's RNG state (`rng_ranks`, gathe
 per checkpoint); each rank takes its own back. Resumed with another number of ranks, the
 data position and the optimizer's steps continue, but the random streams cannot (each
 rank is re-seeded, and the run says it is not an exact resume).
+With distributed.strategy fsdp (any number of ranks, one included) a checkpoint is a
+directory (checkpoint_sharded.py): every rank writes its shards of the model and the
+optimizer with torch.distributed.checkpoint, rank 0 the rest (this payload less those
+two); a run at another world size reshards them on load and says so.
 `newest_readable` picks the newest readable checkpoint, moving unreadable ones aside (and
 saying so), and refuses a config that changed what the run trains
 (checkpoint.check_resumable). `find` is the checkpoint a resumed run starts from (rank 0
@@ -25,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from redline import checkpoint as ckpt
+from redline import checkpoint_sharded as sharded_ckpt
 from redline import rng
 from redline.config import RunConfig
 from redline.device import DeviceInfo
@@ -46,16 +52,25 @@ from redline.telemetry.jsonl import EventLog
 from redline.telemetry.session import Telemetry
 
 
+def writes_sharded(job: Job) -> bool:
+    """Whether this run's checkpoints are sharded directories (distributed.strategy fsdp,
+    whatever the number of ranks, so 1 -> 2 ranks resumes too)."""
+    return job.config.distributed.strategy == "fsdp"
+
+
 def payload(job: Job, state: State, callbacks: list[Callback],
             tracker_run_id: str | None) -> dict[str, Any] | None:
     """Everything a resumed run needs (the module docstring's list); None on a rank other
-    than 0, which only sends its RNG state."""
+    than 0, which only sends its RNG state. A sharded checkpoint's model and optimizer are
+    written by every rank (checkpoint_sharded.save_sharded), not held here."""
     ranks = job.comm.gather_to_main(rng.rng_state()) if job.world.distributed else None
     if not job.world.main:
         return None
+    sharded = writes_sharded(job)
     return {
-        "model": job.model.state_dict(),
-        "optimizer": job.optimizer.state_dict(),
+        **({} if sharded else {"model": job.model.state_dict(),
+                               "optimizer": job.optimizer.state_dict()}),
+        "world_size": job.world.size,
         "scheduler": job.scheduler.state_dict(),
         "engine": job.engine.state_dict(),
         "callbacks": callback_states(callbacks),
@@ -80,10 +95,21 @@ def newest_readable(run_dir: Path, device: DeviceInfo, config: RunConfig, events
         events.event("checkpoint_skipped", path=str(moved_to), reason=reason)
         skipped.append(str(moved_to))
 
-    found = ckpt.load_latest(run_dir / "checkpoints", device.torch_device, on_skip=skip)
+    found = ckpt.load_latest(run_dir / "checkpoints", device.torch_device, on_skip=skip,
+                             load=read)
     assert found is not None, "rundir.claim checked that a checkpoint exists"
     ckpt.check_resumable(found[1].get("config", {}), config.to_dict(), found[0])
     return found
+
+
+def read(path: Path, map_location: str | torch.device = "cpu", full_check: bool = True
+         ) -> dict[str, Any]:
+    """One checkpoint, verified: a file (checkpoint.load_checkpoint), or a sharded
+    checkpoint's directory, whose rank-0 state this reads (the shards are checked against
+    its manifest with `full_check`, loaded by `restore_states`)."""
+    if path.is_dir():
+        return sharded_ckpt.load_state(path, full_check)
+    return ckpt.load_checkpoint(path, map_location)
 
 
 def find(job: Job, run_dir: Path, events: EventLog, skipped: list[str]
@@ -100,14 +126,20 @@ def find(job: Job, run_dir: Path, events: EventLog, skipped: list[str]
     skipped[:] = moved
     if found:
         return found[0]
-    return path, ckpt.load_checkpoint(path, job.device.torch_device)
+    return path, read(path, job.device.torch_device, full_check=False)
 
 
 def restore_states(job: Job, state: State, callbacks: list[Callback],
-                   payload: dict[str, Any], events: EventLog | None = None) -> None:
-    """Put a checkpoint's states back into the job, the loop's state and the callbacks."""
-    job.model.load_state_dict(payload["model"])
-    job.optimizer.load_state_dict(payload["optimizer"])
+                   payload: dict[str, Any], events: EventLog | None = None,
+                   path: Path | None = None) -> None:
+    """Put a checkpoint's states back into the job, the loop's state and the callbacks;
+    `path`: where it was read (a sharded checkpoint's model and optimizer load from it)."""
+    if payload.get("sharded"):
+        assert path is not None, "a sharded checkpoint loads from its directory"
+        _restore_sharded(job, path, payload, events)
+    else:
+        job.model.load_state_dict(payload["model"])
+        job.optimizer.load_state_dict(payload["optimizer"])
     job.scheduler.load_state_dict(payload["scheduler"])
     job.engine.load_state_dict(payload["engine"])
     load_callback_states(callbacks, payload.get("callbacks", {}))
@@ -116,6 +148,22 @@ def restore_states(job: Job, state: State, callbacks: list[Callback],
     state.epoch = int(payload["epoch"])
     state.batch_in_epoch = int(payload["batch_in_epoch"])
     state.samples_seen = int(payload["samples_seen"])
+
+
+def _restore_sharded(job: Job, path: Path, payload: dict[str, Any],
+                     events: EventLog | None) -> None:
+    """Every rank loads its part of the model and optimizer from the directory; at another
+    world size DCP reshards them (said once)."""
+    sharded_ckpt.load_into(path, job.model, job.optimizer)
+    saved = int(payload.get("world_size", 1))
+    if saved == job.world.size:
+        return
+    if job.world.main:
+        print(f"redline: resharded {path.name}'s parameters and optimizer state from "
+              f"{saved} rank(s) to {job.world.size}", file=sys.stderr, flush=True)
+    if events is not None:
+        events.event("resharded", path=str(path), checkpoint_ranks=saved,
+                     ranks=job.world.size)
 
 
 def _restore_rng(job: Job, payload: dict[str, Any], events: EventLog | None) -> None:
@@ -160,11 +208,14 @@ class Checkpoints:
         with self.telemetry.paused():
             # one host read per checkpoint: non-finite weights must not displace the last
             # finite checkpoint (train.on_nonfinite: warn applies such updates)
-            finite = bool(torch.stack([p.isfinite().all() for p in self.job.model.parameters()]
-                                      ).all())
+            finite = self._finite()
             data = payload(self.job, self.state, self.callbacks, self.telemetry.tracker_run_id)
             path = ckpt.checkpoint_path(self.directory, step, finite)
-            if data is not None:  # rank 0 writes
+            if writes_sharded(self.job):  # every rank writes its shards
+                path = sharded_ckpt.save_sharded(
+                    self.directory, step, self.job.model, self.job.optimizer, data,
+                    self.job.config.checkpoint.keep, self.job.comm.from_main, finite=finite)
+            elif data is not None:  # rank 0 writes
                 path = ckpt.save_checkpoint(self.directory, step, data,
                                             self.job.config.checkpoint.keep, finite=finite)
         if not finite and self.events.announces:
@@ -176,6 +227,16 @@ class Checkpoints:
         self.dispatcher.fire(Event.CHECKPOINT_SAVED, self.state, str(path))
         return path
 
+    def _finite(self) -> bool:
+        """Whether every parameter is finite. Sharded: each rank checks its own shards
+        (touching a DTensor's values whole would gather it) and the ranks agree."""
+        params = [p.to_local() if isinstance(p, DTensor) else p
+                  for p in self.job.model.parameters()]
+        finite = bool(torch.stack([p.isfinite().all() for p in params]).all())
+        if writes_sharded(self.job) and self.job.world.distributed:
+            finite = not self.job.comm.agree(int(not finite))[0]
+        return finite
+
     @property
     def last_saved(self) -> Path | None:
         """The checkpoint this process saved last (None: none yet)."""
@@ -183,7 +244,7 @@ class Checkpoints:
 
     def restore(self, path: Path, data: dict[str, Any]) -> int:
         """Take the checkpoint back; the step it resumes from."""
-        restore_states(self.job, self.state, self.callbacks, data, self.events)
+        restore_states(self.job, self.state, self.callbacks, data, self.events, path)
         self.events.event("resumed", path=str(path), step=self.state.step)
         return self.state.step
 
@@ -209,7 +270,8 @@ class Checkpoints:
         saved = ckpt.list_checkpoints(self.directory)
         if step == 0 or self.job.engine.updating or isinstance(
                 exc, StorageError | KeyboardInterrupt) or (
-                saved and saved[-1].name == ckpt.checkpoint_name(step)):
+                saved and saved[-1].name == ckpt.checkpoint_name(
+                    step, writes_sharded(self.job))):
             self.events.event("failed", step=step, error=type(exc).__name__)
             return
         try:

@@ -14,7 +14,8 @@ One run writes a run directory at a time: `RunDirLock` holds an exclusive `flock
 RUN_DIR/.lock for as long as the run lives. The kernel drops it when the process ends, by
 any means (kill -9 included), so nothing stale is ever left to clean up; a second run on
 the same directory is refused with the holder's pid. Holding it, the run removes the temporary
-files a killed process left mid-write (`remove_orphans`). config.yaml and environment.json
+files (and a sharded checkpoint's temporary directories) a killed process left mid-write
+(`remove_orphans`). config.yaml and environment.json
 are written atomically (files.py). Default run directories are made
 with `new_run_dir`, which creates the directory atomically and numbers it (`-2`, `-3`,
 ...) when another run started in the same second.
