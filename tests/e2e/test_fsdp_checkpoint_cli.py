@@ -31,10 +31,7 @@ TRAIN = ["train", TOY, "--steps", "20", "--no-progress", "--no-report",
          "--set", "checkpoint.every=8", "--set", "telemetry.log_every=7",
          "--set", "train.batch_size=8", "--set", "train.effective_batch_size=16",
          "--set", "train.eval_every=0", "--set", "train.schedule=cosine",
-         "--set", "distributed.strategy=fsdp", "--set", "task_args.sleep_s=0.03",
-         # rank 0 alone draws the samples at the end: a sharded forward would wait for
-         # the ranks that have finished (the trainer's to fix, not the checkpoints')
-         "--set", "train.samples=0"]
+         "--set", "distributed.strategy=fsdp", "--set", "task_args.sleep_s=0.03"]
 
 
 def _tensors(checkpoint: Path) -> dict[str, torch.Tensor]:

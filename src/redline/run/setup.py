@@ -88,7 +88,8 @@ def prepare(config: RunConfig, task: Task, device: DeviceInfo, run_dir: Path, co
     state.model, state.optimizer, state.max_steps = job.model, job.optimizer, job.max_steps
     runner = JobRunner(job, job.train_loader())
     dispatcher.add(RunWatch(config.train, events, functools.partial(
-        locate_nonfinite, job, runner.loader), job.engine.scaler_watch))
+        locate_nonfinite, job, runner.loader), job.engine.scaler_watch,
+        sharded=resume_state.writes_sharded(job)))
     skipped: list[str] = []
     found = resume_state.find(job, run_dir, events, skipped) if resume else None
     start = int(found[1]["step"]) if found else 0

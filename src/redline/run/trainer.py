@@ -41,6 +41,7 @@ from redline.errors import UserError
 from redline.events import Callback, Event
 from redline.job.build import rank_device
 from redline.memory.guard import OutOfMemoryAtMinimum
+from redline.memory.sharding import is_sharded
 from redline.run import rundir
 from redline.run.evaluation import evaluate_sets, evaluate_shrinking
 from redline.run.oom import explain_oom
@@ -251,11 +252,15 @@ class Trainer:
 
     def _save_samples(self, run: RunParts) -> None:
         train, job = run.config.train, run.job
-        if train.samples and job.eval_set is not None and self.world.main:
+        # A sharded model's forward gathers each block from every rank: all of them draw
+        # the samples (the same inputs and seed), rank 0 writes them
+        sharded = self.world.distributed and is_sharded(job.model)
+        if train.samples and job.eval_set is not None and (self.world.main or sharded):
             with run.telemetry.paused():
                 save_samples(self.task, job.step_model, job.eval_set, job.precision,
-                             self.device, run.run_dir / "samples", train.samples, train.seed)
-            if "wandb" in run.config.telemetry.trackers:
+                             self.device, run.run_dir / "samples", train.samples, train.seed,
+                             write=self.world.main)
+            if "wandb" in run.config.telemetry.trackers and self.world.main:
                 run.telemetry.samples(run.state.step, read_samples(run.run_dir))
 
     def _evaluate_at(self, run: RunParts, size: int) -> dict[str, float]:

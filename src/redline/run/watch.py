@@ -44,6 +44,7 @@ from redline.data import EpochBatchSampler
 from redline.errors import RunStopped
 from redline.events import Callback, State
 from redline.job.build import Job
+from redline.memory.sharding import is_sharded
 from redline.precision import ScalerWatch
 from redline.stats import first_nonfinite
 from redline.telemetry import schema as K
@@ -57,8 +58,11 @@ class RunWatch(Callback):
     """See the module docstring. `locate(step)` names where that step went non-finite."""
 
     def __init__(self, train: TrainConfig, events: EventLog,
-                 locate: Callable[[int], str | None], scaler: ScalerWatch | None = None
-                 ) -> None:
+                 locate: Callable[[int], str | None], scaler: ScalerWatch | None = None,
+                 sharded: bool = False) -> None:
+        """`locate(step)`: where that step went non-finite, None if not reproduced, ""
+        if not tried; `sharded`: checkpoints are directories (their names said)."""
+        self.sharded = sharded
         self.mode, self.patience = train.on_nonfinite, train.nonfinite_patience
         self.events, self.locate, self.scaler = events, locate, scaler
         self.diagnosed = self.warned_growth = self.warned_scaler = False
@@ -99,6 +103,7 @@ class RunWatch(Callback):
             self.diagnosed = True
             found = self.locate(first)
             where = (f" (re-run with the weights at step {step}: {found})" if found
+                     else " (not re-run: the model is sharded over the ranks)" if found == ""
                      else f" (not reproduced re-running step {first} with the weights at "
                           f"step {step})")
             self.events.event("nonfinite", step=first, where=found, mode=self.mode)
@@ -106,14 +111,14 @@ class RunWatch(Callback):
             raise RunStopped(f"the loss or gradients were not finite at step {first}{where}; "
                              f"stopped at step {now} (train.on_nonfinite: stop; the "
                              "non-finite updates were skipped) with its finite weights saved "
-                             "as " + checkpoint_name(now))
+                             "as " + checkpoint_name(now, self.sharded))
         run = record.get(K.NONFINITE_RUN, 0)
         if self.mode == "skip" and self.patience and run >= self.patience:
             raise RunStopped(f"{run} steps in a row had non-finite loss or gradients (up to "
                              f"step {step}){where}: the run has diverged, stopped at step "
                              f"{now} (train.nonfinite_patience {self.patience}) with its finite "
-                             f"weights saved as {checkpoint_name(now)}; lower train.lr or fix "
-                             "what went non-finite")
+                             f"weights saved as {checkpoint_name(now, self.sharded)}; lower "
+                             "train.lr or fix what went non-finite")
         fate = ("their updates were skipped" if self.mode == "skip"
                 else "their updates were applied (train.on_nonfinite: warn)")
         _say(self.events, f"redline: {n} step(s) with non-finite loss or gradients in the "
@@ -165,7 +170,10 @@ class RunWatch(Callback):
 
 def locate_nonfinite(job: Job, loader: DataLoader, step: int) -> str | None:
     """Where `step` (1-based) went non-finite: its batch rebuilt from the data order (the
-    loader's sampler), re-run with hooks on a copy of the current model."""
+    loader's sampler), re-run with hooks on a copy of the current model. "" where it cannot
+    be re-run on one rank: a sharded model's forward needs every rank."""
+    if is_sharded(job.model):
+        return ""
     sampler = loader.batch_sampler
     assert isinstance(sampler, EpochBatchSampler) and job.steps_per_epoch
     epoch, index = divmod(step - 1, job.steps_per_epoch)
