@@ -73,7 +73,14 @@ from redline.device import DeviceInfo
 from redline.distributed import Comm, PeerOutOfMemory, oom_after_agreement
 from redline.events import Dispatcher, Event, State
 from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, StepStart
-from redline.memory.sharding import ViewWatch, check_optimizer, is_sharded, plain_value
+from redline.memory.sharding import (
+    UnitBoundaries,
+    ViewWatch,
+    check_optimizer,
+    is_sharded,
+    plain_value,
+    reset_after_abort,
+)
 from redline.precision import Precision, ScalerWatch, get_precision
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -226,6 +233,11 @@ class Engine:
             no_sync = getattr(self.model, "no_sync", None) if self._comm is not None else None
         self._no_sync: Callable[[], Any] = no_sync or contextlib.nullcontext
         self._agreed = False  # this attempt's agreement was made
+        self._in_attempt = False  # inside _try: FSDP's unit boundaries agree
+        # sharded, with the guard: an agreement at every FSDP unit boundary of the attempt
+        # before its last backward (module docstring)
+        self._boundaries = (UnitBoundaries(bare, self._at_boundary)
+                            if self._sharded and self.guard is not None else None)
         self._stop_requested: Callable[[], bool] = lambda: False
         self.stop_agreed = False  # see stop_when
         # time spent in the agreement, waiting for the slowest rank (None: no agreement)
@@ -337,21 +349,35 @@ class Engine:
         """One attempt at the step; None when this rank, or any other, ran out of memory."""
         self._agreed = False
         failed = False
+        self._in_attempt = True
         try:
             return self._attempt(batch, loss_fn, micro)
         except PeerOutOfMemory:
-            return None
+            pass
         except torch.OutOfMemoryError:
             if self._comm is not None and self._agreed:
-                raise oom_after_agreement(self._comm.world.rank, self.state.step + 1) from None
+                raise oom_after_agreement(self._comm.world.rank, self.state.step + 1,
+                                          self._sharded) from None
             failed = True
+        finally:
+            self._in_attempt = False
         if failed and self._comm is not None:  # outside the handler: its frames are gone
             self._agree(oom=True)
+        if self._sharded:  # gathered units resharded, accumulated shards dropped
+            reset_after_abort(unwrap_compiled(self.model))
         return None
 
-    def _agree(self, oom: bool) -> None:
-        """The attempt's one agreement (module docstring): raises PeerOutOfMemory when
-        another rank ran out of memory; sets `stop_agreed` when any rank is stopping."""
+    def _at_boundary(self) -> None:
+        """An FSDP unit's forward or backward starts (sharding.UnitBoundaries): agree
+        before its all-gather, up to the attempt's own agreement (before the last
+        backward, whose reduce-scatters cannot be redone by one rank)."""
+        if self._in_attempt and not self._agreed:
+            self._agree(oom=False, final=False)
+
+    def _agree(self, oom: bool, final: bool = True) -> None:
+        """The attempt's agreement (module docstring; `final`: the one before the last
+        backward, else an FSDP unit boundary's): raises PeerOutOfMemory when another rank
+        ran out of memory; sets `stop_agreed` when any rank is stopping."""
         comm = self._comm
         assert comm is not None
         t = time.perf_counter()
@@ -359,7 +385,7 @@ class Engine:
         failed_rank, stop = comm.agree(comm.world.rank + 1 if oom else 0,
                                        int(self._stop_requested()))
         self.sync_wait_s = (self.sync_wait_s or 0.0) + time.perf_counter() - t
-        self._agreed = True
+        self._agreed = self._agreed or final
         self.stop_agreed = self.stop_agreed or bool(stop)
         if failed_rank and not oom:
             self._phase = f"rank {failed_rank - 1}"

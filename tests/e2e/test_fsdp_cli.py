@@ -12,7 +12,7 @@ import pytest
 from redline.telemetry.jsonl import read_jsonl
 
 from ..conftest import ROOT, run_cli
-from .test_distributed import SCRIPTS, torchrun
+from .test_distributed import FAULTY, SCRIPTS, torchrun
 
 pytestmark = pytest.mark.slow  # several processes each: seconds
 
@@ -57,3 +57,22 @@ def test_cli_trains_a_sharded_gpt_to_the_end_and_counts_its_flops_once(tmp_path:
         return event["flops_per_step"]
 
     assert flops("fsdp") == flops("alone") > 0  # the model once, not once per shard
+
+
+def test_oom_on_one_rank_is_redone_by_both_when_sharded(tmp_path: Path) -> None:
+    # rank 1 fails before its forward: rank 0 hears of it at its first unit's boundary,
+    # instead of waiting in an all-gather rank 1 never joins
+    out = torchrun(["-m", "redline", "train", FAULTY, "--steps", "6", "--no-progress",
+                    "--no-report", "--run-dir", "run", "--set", "task_args.fail_at=3",
+                    "--set", "task_args.oom_above=4", "--set", "train.batch_size=16",
+                    "--set", "train.effective_batch_size=32", "--set", "train.eval_every=0",
+                    "--set", "memory.grow_after=1000", "--set", "distributed.strategy=fsdp"],
+                   tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    changes = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl")
+               if e["event"] == "micro_batch"]
+    assert [(c["old"], c["new"], c["phase"]) for c in changes] == [
+        (16, 8, "rank 1"), (8, 4, "rank 1")]
+    last = [r for r in read_jsonl(tmp_path / "run" / "ranks.jsonl") if r["step"] == 6]
+    assert sorted(r["rank"] for r in last) == [0, 1]
+    assert {r["micro_batch"] for r in last} == {4}

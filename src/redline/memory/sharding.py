@@ -23,7 +23,7 @@ process group per module (pytorch #147179).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -135,3 +135,58 @@ class ViewWatch:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class UnitBoundaries:
+    """Calls `at_boundary()` at each FSDP unit's forward and backward start, before FSDP's
+    own hooks there issue the unit's all-gather (and, in backward, the prefetch of the
+    next unit's): the OOM guard's agreement point under sharding (engine.py).
+
+    Forward: a forward pre-hook registered with prepend=True after fully_shard's own
+    (which is prepended too) runs first. Backward: FSDP's pre-backward is a tensor hook it
+    puts on each unit's outputs in its forward hook; a forward hook of ours prepended to
+    it puts our tensor hook there first, and a tensor's hooks run in the order they were
+    registered. Activation checkpointing's recomputed forward passes the forward
+    boundaries again, on every rank alike. Every rank thus passes the same boundaries in
+    the same order, and between two of them runs no collective but the unit's own
+    (issued after the boundary), so a rank that failed in between is heard from, by the
+    others, at their next boundary.
+    """
+
+    def __init__(self, model: nn.Module, at_boundary: Callable[[], None]) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        self._at = at_boundary
+        self._handles = []
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                self._handles += [m.register_forward_pre_hook(self._pre, prepend=True),
+                                  m.register_forward_hook(self._post, prepend=True)]
+
+    def _pre(self, module: nn.Module, args: object) -> None:
+        self._at()
+
+    def _post(self, module: nn.Module, args: object, output: object) -> None:
+        if not torch.is_grad_enabled():
+            return
+        for t in tree_leaves(output):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._pre_backward)
+
+    def _pre_backward(self, grad: torch.Tensor) -> None:
+        self._at()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def reset_after_abort(model: nn.Module) -> None:
+    """FSDP's state after a forward or backward that raised (an out-of-memory error, or a
+    peer's): every unit resharded, no collective pending, the accumulated unsharded
+    gradients dropped (FSDPModule.reset_iter_state on the root), so the step can be redone."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
+    if root is not None:
+        root.reset_iter_state()

@@ -41,6 +41,7 @@ from redline.inspector import Inspector
 from redline.job.build import Job, build_job, counting_model
 from redline.job.runner import JobRunner
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
+from redline.memory.sharding import is_sharded
 from redline.run import resume as resume_state
 from redline.run import rundir
 from redline.run.watch import MemoryEvents, RunWatch, locate_nonfinite
@@ -106,7 +107,9 @@ def prepare(config: RunConfig, task: Task, device: DeviceInfo, run_dir: Path, co
     held.callback(telemetry.close)  # closing twice is harmless
     if config.inspect.enabled and main:  # rank 0's layers stand for all
         drawn = {"tensorboard", "wandb"} & set(config.telemetry.trackers)
-        dispatcher.add(Inspector(config.inspect, run_dir, task_member(task, "series"),
+        # the task's series run a forward, which a sharded model's ranks would all join
+        series = None if is_sharded(job.model) else task_member(task, "series")
+        dispatcher.add(Inspector(config.inspect, run_dir, series,
                                  job.precision.forward_context,
                                  publish=telemetry.histograms if drawn else None))
     checkpoints = resume_state.Checkpoints(job, state, run_dir, events, dispatcher, user,

@@ -41,6 +41,7 @@ from redline.errors import UserError
 from redline.events import Callback, Event
 from redline.job.build import rank_device
 from redline.memory.guard import OutOfMemoryAtMinimum
+from redline.memory.sharding import is_sharded
 from redline.run import rundir
 from redline.run.evaluation import evaluate_sets, evaluate_shrinking
 from redline.run.oom import explain_oom
@@ -251,10 +252,13 @@ class Trainer:
 
     def _save_samples(self, run: RunParts) -> None:
         train, job = run.config.train, run.job
-        if train.samples and job.eval_set is not None and self.world.main:
+        # rank 0 writes them; a sharded model's forward all-gathers, so every rank runs it
+        runs = self.world.main or is_sharded(job.model)
+        if train.samples and job.eval_set is not None and runs:
             with run.telemetry.paused():
                 save_samples(self.task, job.step_model, job.eval_set, job.precision,
-                             self.device, run.run_dir / "samples", train.samples, train.seed)
+                             self.device, run.run_dir / "samples" if self.world.main
+                             else None, train.samples, train.seed)
             if "wandb" in run.config.telemetry.trackers:
                 run.telemetry.samples(run.state.step, read_samples(run.run_dir))
 
