@@ -76,3 +76,13 @@ def test_oom_on_one_rank_is_redone_by_both_when_sharded(tmp_path: Path) -> None:
     last = [r for r in read_jsonl(tmp_path / "run" / "ranks.jsonl") if r["step"] == 6]
     assert sorted(r["rank"] for r in last) == [0, 1]
     assert {r["micro_batch"] for r in last} == {4}
+
+
+def test_an_oom_mid_forward_or_mid_backward_is_redone_exactly(tmp_path: Path) -> None:
+    out = torchrun([str(SCRIPTS / "fsdp_oom.py"), str(tmp_path / "o.json")], tmp_path,
+                   timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads((tmp_path / "o.json").read_text())
+    for where in ("forward", "backward"):  # in a block, on rank 1, first micro-batch
+        assert r[where]["micro"] == 2, where  # shrunk from 4 on both ranks
+        assert r[where]["diff"] < 1e-6, where  # and the step is the whole batch's

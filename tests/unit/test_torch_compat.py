@@ -256,3 +256,24 @@ def test_view_version_is_none_for_a_fresh_tensor_and_bumped_by_an_in_place_chang
     assert before is not None
     out += 1
     assert compat.view_version(out) == before + 1
+
+
+def test_an_fsdp_reset_drops_what_an_aborted_no_sync_backward_accumulated(
+        one_rank_group: None) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    fully_shard(net[0])
+    fully_shard(net)
+    x = torch.randn(3, 4)
+    net.set_requires_gradient_sync(False)  # type: ignore[operator]
+    net(x * 5).sum().backward()  # an aborted attempt's micro-batch: kept unsharded
+    compat.reset_fsdp_step(net)
+    net.set_requires_gradient_sync(True)  # type: ignore[operator]
+    net(x).sum().backward()
+    got = [p.grad.full_tensor().clone() for p in net.parameters()]
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    plain(x).sum().backward()
+    assert all(torch.allclose(g, p.grad) for g, p in zip(got, plain.parameters(), strict=True))

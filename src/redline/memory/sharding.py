@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from redline._torch_compat import tree_leaves, view_version
+from redline._torch_compat import reset_fsdp_step, tree_leaves, view_version
 from redline.memory.blocks import Block
 
 # precision name -> the dtype FSDP casts gathered parameters to for compute
@@ -184,9 +184,9 @@ class UnitBoundaries:
 def reset_after_abort(model: nn.Module) -> None:
     """FSDP's state after a forward or backward that raised (an out-of-memory error, or a
     peer's): every unit resharded, no collective pending, the accumulated unsharded
-    gradients dropped (FSDPModule.reset_iter_state on the root), so the step can be redone."""
+    gradients dropped (_torch_compat.reset_fsdp_step), so the step can be redone."""
     from torch.distributed.fsdp import FSDPModule
 
     root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
     if root is not None:
-        root.reset_iter_state()
+        reset_fsdp_step(root)
