@@ -38,11 +38,15 @@ def test_a_sharded_step_equals_one_process_step_and_keeps_every_guarantee(tmp_pa
     assert r["agreements"] >= 1  # the guarded case agreed
 
 
+TINY = ["train", MEMGPT, "--steps", "3", "--no-progress", "--no-report", "--set",
+        "train.batch_size=2", "--set", "train.effective_batch_size=8", "--set",
+        "task_args.n=16", "--set", "task_args.seq=16", "--set", "task_args.layers=2"]
+
+
 def test_cli_trains_a_sharded_gpt_to_the_end_and_counts_its_flops_once(tmp_path: Path
                                                                        ) -> None:
-    args = ["train", MEMGPT, "--steps", "3", "--no-progress", "--no-report", "--set",
-            "train.batch_size=2", "--set", "train.effective_batch_size=8", "--set",
-            "task_args.n=16", "--set", "task_args.seq=16", "--set", "task_args.layers=2"]
+    # activation checkpointing installed on the blocks before they are sharded
+    args = [*TINY, "--set", "memory.activation_checkpointing=full"]
     out = run_cli([*args, "--nproc", "2", "--run-dir", "fsdp", "--set",
                    "distributed.strategy=fsdp"], tmp_path, timeout=300,
                   env={"OMP_NUM_THREADS": "1"})
@@ -57,6 +61,14 @@ def test_cli_trains_a_sharded_gpt_to_the_end_and_counts_its_flops_once(tmp_path:
         return event["flops_per_step"]
 
     assert flops("fsdp") == flops("alone") > 0  # the model once, not once per shard
+
+
+def test_4bit_optimizer_state_is_refused_when_sharded(tmp_path: Path) -> None:
+    out = run_cli([*TINY, "--nproc", "2", "--run-dir", "r", "--set",
+                   "distributed.strategy=fsdp", "--set", "memory.optimizer_state=4bit"],
+                  tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2, out.stderr
+    assert "use memory.optimizer_state=8bit" in out.stderr
 
 
 def test_oom_on_one_rank_is_redone_by_both_when_sharded(tmp_path: Path) -> None:

@@ -326,6 +326,11 @@ def _distribute(model: nn.Module, config: RunConfig, precision: Precision, devic
     assert strategy != "auto", "distributed.strategy auto is resolved before the job is built"
     if strategy == "ddp":
         return _wrap(model, device, world)
+    if config.memory.optimizer_state == "4bit":  # checked on torch 2.13, torchao 0.18
+        raise ConfigError(
+            "memory.optimizer_state=4bit with distributed.strategy=fsdp: torchao's 4-bit "
+            "AdamW fails on FSDP's sharded parameters (its compiled step rejects their local "
+            "shards); use memory.optimizer_state=8bit, which works sharded, or strategy ddp")
     blocks = find_blocks(model, config.memory.checkpoint_blocks)
     if not blocks:
         notes.append(f"distributed.strategy fsdp: {type(model).__name__} has no repeated "
