@@ -43,6 +43,29 @@ after the agreement, when the gradient all-reduce has begun and cannot be redone
 it ends that rank's run with a sentence saying so, and the others stop naming it
 (distributed.py). Without the OOM guard there is no agreement (an OOM ends the run the
 same way; a stop is agreed at the next telemetry window instead: telemetry/session.py).
+
+Under FSDP2 (a model sharded with `fully_shard`: by job/build.py, or in your own loop,
+where the Engine finds the ranks from the process group when no `comm` is given) the
+early micro-batches run with set_requires_gradient_sync(False) and the last backward
+reduce-scatters. The gradient norm clip_grad_norm_ returns over sharded gradients is a
+replicated DTensor holding the norm over all shards; `grad_norm` is its local value, a
+plain tensor (no collective). fp16's GradScaler agrees on a non-finite gradient across
+shards by itself (checked on torch 2.13: an inf in one rank's shard makes every rank
+skip). An optimizer built before sharding, over tensors the model no longer uses, is
+refused (ValueError). With the OOM guard, a sharded step also all-gathers inside forward
+and backward, so one agreement before the last backward is not enough: a rank out of
+memory mid-forward would leave the others waiting in the next all-gather. So each FSDP
+unit's forward and backward start makes the agreement too (sharding.UnitBoundaries,
+ordered before FSDP's all-gather there), until the attempt's own agreement; the failed
+rank sends its flag from the guard's handler as under DDP, the others hear it at their
+next unit boundary, and after the abort FSDP's state is reset (units resharded, the
+unsharded gradients of the aborted micro-batches dropped) before all redo the step.
+Cost: one host-side agreement per unit per forward and per early backward (29 a step for
+4 units and 4 micro-batches; ~1-2 ms each measured on a loaded 2-core CPU machine with
+gloo, where each also lines the ranks up). Not covered: an out-of-memory error inside
+FSDP's own all-gather (its buffer allocation, after the boundary) leaves the failed rank
+waiting in its agreement and the others in that all-gather until the process group's
+timeout (distributed.init) ends the run; one in the last backward ends it as under DDP.
 """
 
 from __future__ import annotations

@@ -17,8 +17,12 @@ model the user sharded in their own loop.
 Mixed precision is FSDP's `MixedPrecisionPolicy`: for bf16-mixed and fp16-mixed the
 gathered parameters are cast to the low-precision type for compute and the gradients are
 reduced in fp32 (`reduce_dtype`), so the sharded fp32 master weights are what the
-optimizer steps. `reshard_after_forward` is a bool only: an integer makes FSDP build a
-process group per module (pytorch #147179).
+optimizer steps. Autocast stays on with the policy (the precision's forward_context):
+the policy sets the dtype the gathered weights arrive in, autocast which ops run in it,
+and it keeps the ops on its fp32 list (norms, softmax, the loss) in fp32, so a sharded
+bf16-mixed step computes each op in the dtype an unsharded one does; its casts of
+weights already in bf16 are no-ops. `reshard_after_forward` is a bool only: an integer
+makes FSDP build a process group per module (pytorch #147179).
 """
 
 from __future__ import annotations
