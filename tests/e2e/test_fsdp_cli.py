@@ -5,9 +5,11 @@ once hung, and an OOM on one rank redone by both."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from redline.telemetry.jsonl import read_jsonl
 
@@ -98,3 +100,18 @@ def test_an_oom_mid_forward_or_mid_backward_is_redone_exactly(tmp_path: Path) ->
     for where in ("forward", "backward"):  # in a block, on rank 1, first micro-batch
         assert r[where]["micro"] == 2, where  # shrunk from 4 on both ranks
         assert r[where]["diff"] < 1e-6, where  # and the step is the whole batch's
+
+
+def test_the_own_loop_guides_fsdp_block_runs_under_torchrun(tmp_path: Path) -> None:
+    (script,) = re.findall(r"```python torchrun-fsdp\n(.*?)```",
+                           (ROOT / "docs" / "own-loop.md").read_text(), flags=re.S)
+    (tmp_path / "train_fsdp.py").write_text(script)
+    out = torchrun(["train_fsdp.py"], tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "runs" / "own-loop-fsdp"
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert all(r["dist/world_size"] == 2 and r["accumulation_steps"] == 2 for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it trains
+    weights = torch.load(run / "model.pt", weights_only=True)
+    assert weights["0.weight"].shape == (128, 32)  # whole, not a shard
