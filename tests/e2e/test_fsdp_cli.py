@@ -64,6 +64,8 @@ def test_cli_trains_a_sharded_gpt_to_the_end_and_counts_its_flops_once(tmp_path:
         return event["flops_per_step"]
 
     assert flops("fsdp") == flops("alone") > 0  # the model once, not once per shard
+    ranks = read_jsonl(tmp_path / "fsdp" / "ranks.jsonl")  # FSDP's collectives, per rank
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["comm_pct"] > 0 for r in ranks)
 
 
 def test_4bit_optimizer_state_is_refused_when_sharded(tmp_path: Path) -> None:

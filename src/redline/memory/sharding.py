@@ -27,7 +27,9 @@ makes FSDP build a process group per module (pytorch #147179).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -194,3 +196,53 @@ def reset_after_abort(model: nn.Module) -> None:
     root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
     if root is not None:
         reset_fsdp_step(root)
+
+
+class CollectiveClock:
+    """Seconds this rank spent in FSDP's all-gathers and reduce-scatters, so far: the
+    step's communication, as telemetry shows it per rank (`comm_pct`, ranks.jsonl).
+
+    Measured around each collective, with FSDP's public custom-comm hooks
+    (`set_custom_all_gather`, `set_custom_reduce_scatter`) running the same calls its
+    defaults run. On a CPU (gloo) FSDP issues them synchronously, so the time around the
+    call is the collective's; on a GPU they run on FSDP's own streams and the host only
+    launches them, so the clock is installed on CPU meshes only (job/build.py).
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def install(self, model: nn.Module) -> CollectiveClock:
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_custom_all_gather(_TimedComm(self, "all_gather"))  # type: ignore[arg-type]
+                m.set_custom_reduce_scatter(_TimedComm(self, "reduce_scatter"))  # type: ignore[arg-type]
+        return self
+
+
+class _TimedComm:
+    """FSDP's default all-gather or reduce-scatter (torch 2.13's DefaultAllGather and
+    DefaultReduceScatter: a plain buffer, then the `*_single` collective), timed."""
+
+    def __init__(self, clock: CollectiveClock, kind: str) -> None:
+        self.clock, self.kind = clock, kind
+
+    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device
+                 ) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any,
+                 op: Any = None, async_op: bool = False) -> Any:
+        import torch.distributed as dist
+
+        t = time.perf_counter()
+        try:
+            if self.kind == "all_gather":
+                return dist.all_gather_single(output_tensor, input_tensor, group=group,
+                                              async_op=async_op)
+            return dist.reduce_scatter_single(output=output_tensor, input=input_tensor,
+                                              group=group, op=op, async_op=async_op)
+        finally:
+            self.clock.seconds += time.perf_counter() - t

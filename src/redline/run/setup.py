@@ -178,7 +178,8 @@ def _telemetry(config: RunConfig, job: Job, run_dir: Path, events: EventLog,
         skip_nonfinite=t.on_nonfinite != "warn",
         loss_scaled=precision.scales_loss,
         labels={K.EMULATED: 1} if precision.emulated else None,
-        comm=job.comm, sync_wait=lambda: job.engine.sync_wait_s)
+        comm=job.comm, sync_wait=lambda: job.engine.sync_wait_s,
+        comm_time=(lambda: job.collectives.seconds) if job.collectives else None)
 
 
 def _start(config: RunConfig, task: Task, job: Job, run_dir: Path) -> None:
