@@ -104,10 +104,14 @@ def reset_fsdp_step(root: nn.Module) -> None:
     dropped, which it leaves behind when they need no cast (fp32: each FSDPParam keeps
     them in `_unsharded_param.grad`; a cast keeps `unsharded_accumulated_grad`), and
     which the next synchronising backward would otherwise reduce into the redone step.
-    Relied on: `fully_shard.state(module)._fsdp_param_groups[i].fsdp_params`, those two
-    attributes, and reset_iter_state; tests/unit/test_torch_compat.py checks it."""
+    Before the first forward there is nothing to reset (and reset_iter_state would fail on
+    state FSDP builds lazily then). Relied on: `fully_shard.state(module)._is_root` (None
+    until that lazy init), `._fsdp_param_groups[i].fsdp_params`, those two attributes, and
+    reset_iter_state; tests/unit/test_torch_compat.py checks it."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    if fully_shard.state(root)._is_root is None:  # no forward yet (FSDP inits lazily)
+        return
     root.reset_iter_state()  # type: ignore[operator]
     for module in root.modules():
         if not isinstance(module, FSDPModule):

@@ -1,6 +1,6 @@
-"""Run under torchrun (2 ranks): an out-of-memory error on rank 1 in the middle of a
-sharded step (inside a block's forward; inside a block's backward of an early
-micro-batch), redone by both ranks with a smaller micro-batch, ends equal to one process
+"""Run under torchrun (2 ranks): an out-of-memory error on rank 1 in a sharded step
+(before the first forward; inside a block's forward; inside a block's backward of an
+early micro-batch), redone by both ranks with a smaller micro-batch, ends equal to one process
 stepping the whole batch; rank 0 writes what it found to argv[1] as JSON, with the time a
 guarded step took against an unguarded one (the unit-boundary agreements' cost)."""
 
@@ -81,9 +81,17 @@ def redone(x: torch.Tensor, y: torch.Tensor, share: slice, comm: Any, rank: int,
     shard_model(net, find_blocks(net), "fp32")
     engine = Engine(net, torch.optim.SGD(net.parameters(), lr=0.1), micro_batch_size=4,
                     oom_guard=True, comm=comm)
-    if rank == 1:
+    failing = [rank == 1 and where == "loss"]
+
+    def loss(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if failing[0]:  # before the model's first forward: FSDP has not even set up
+            failing[0] = False
+            raise torch.OutOfMemoryError("injected before the first forward")
+        return loss_fn(m, batch)
+
+    if rank == 1 and where != "loss":
         net.layers[1].armed = where  # type: ignore[union-attr]
-    engine.step((x[share], y[share]), loss_fn)
+    engine.step((x[share], y[share]), loss)
     full = [p.full_tensor() for p in net.parameters()]
     return {"diff": max((a - b).abs().max().item()
                         for a, b in zip(alone.parameters(), full, strict=True)),
@@ -111,7 +119,7 @@ def main() -> None:
     x, y = torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
     share = slice(world.rank * 8, (world.rank + 1) * 8)
     result: dict[str, Any] = {w: redone(x, y, share, comm, world.rank, w)
-                              for w in ("forward", "backward")}
+                              for w in ("loss", "forward", "backward")}
     if "--time" in sys.argv:
         before = comm.counts.get("agree", 0)
         result["guarded_s"] = step_time(x[share], y[share], comm, True)

@@ -267,6 +267,7 @@ def test_an_fsdp_reset_drops_what_an_aborted_no_sync_backward_accumulated(
     fully_shard(net[0])
     fully_shard(net)
     x = torch.randn(3, 4)
+    compat.reset_fsdp_step(net)  # before any forward: nothing to reset, no error
     net.set_requires_gradient_sync(False)  # type: ignore[operator]
     net(x * 5).sum().backward()  # an aborted attempt's micro-batch: kept unsharded
     compat.reset_fsdp_step(net)

@@ -120,6 +120,7 @@ class ViewWatch:
         self._handles = [m.register_forward_hook(self._hook) for m in model.modules()
                          if isinstance(m, FSDPModule)]
 
+    @torch.compiler.disable  # host-side bookkeeping: never traced into a graph
     def _hook(self, module: nn.Module, args: object, output: object) -> None:
         for t in tree_leaves(output):
             if isinstance(t, torch.Tensor) and t.requires_grad:
@@ -169,9 +170,11 @@ class UnitBoundaries:
                 self._handles += [m.register_forward_pre_hook(self._pre, prepend=True),
                                   m.register_forward_hook(self._post, prepend=True)]
 
+    @torch.compiler.disable  # host-side bookkeeping: never traced into a graph
     def _pre(self, module: nn.Module, args: object) -> None:
         self._at()
 
+    @torch.compiler.disable  # host-side bookkeeping: never traced into a graph
     def _post(self, module: nn.Module, args: object, output: object) -> None:
         if not torch.is_grad_enabled():
             return
@@ -179,6 +182,7 @@ class UnitBoundaries:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(self._pre_backward)
 
+    @torch.compiler.disable  # host-side bookkeeping: never traced into a graph
     def _pre_backward(self, grad: torch.Tensor) -> None:
         self._at()
 
