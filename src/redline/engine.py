@@ -61,11 +61,13 @@ rank sends its flag from the guard's handler as under DDP, the others hear it at
 next unit boundary, and after the abort FSDP's state is reset (units resharded, the
 unsharded gradients of the aborted micro-batches dropped) before all redo the step.
 Cost: one host-side agreement per unit per forward and per early backward (29 a step for
-4 units and 4 micro-batches; ~1-2 ms each measured on a loaded 2-core CPU machine with
-gloo, where each also lines the ranks up). Not covered: an out-of-memory error inside
-FSDP's own all-gather (its buffer allocation, after the boundary) leaves the failed rank
-waiting in its agreement and the others in that all-gather until the process group's
-timeout (distributed.init) ends the run; one in the last backward ends it as under DDP.
+4 units and 4 micro-batches). Measured on a loaded 2-core CPU machine with gloo: ~0.17
+ms per agreement alone; inside a step ~1 ms each, since each also waits for the slower
+rank (a tiny model's 50-85 ms step took ~35 ms longer guarded; noisy). Not covered:
+an out-of-memory error inside FSDP's own all-gather (its buffer allocation, after the
+boundary) leaves the failed rank waiting in its agreement and the others in that
+all-gather until the process group's timeout (distributed.init) ends the run; one in
+the last backward ends it as under DDP.
 """
 
 from __future__ import annotations
