@@ -88,8 +88,10 @@ def prepare(config: RunConfig, task: Task, device: DeviceInfo, run_dir: Path, co
     job = build_job(config, task, device, dispatcher=dispatcher, state=state, comm=comm)
     state.model, state.optimizer, state.max_steps = job.model, job.optimizer, job.max_steps
     runner = JobRunner(job, job.train_loader())
-    dispatcher.add(RunWatch(config.train, events, functools.partial(
-        locate_nonfinite, job, runner.loader), job.engine.scaler_watch))
+    # a sharded model cannot be copied to re-run a step (FSDP refuses deepcopy)
+    locate = (None if is_sharded(job.model)
+              else functools.partial(locate_nonfinite, job, runner.loader))
+    dispatcher.add(RunWatch(config.train, events, locate, job.engine.scaler_watch))
     skipped: list[str] = []
     found = resume_state.find(job, run_dir, events, skipped) if resume else None
     start = int(found[1]["step"]) if found else 0

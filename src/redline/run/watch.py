@@ -54,10 +54,12 @@ MEMORY_POINTS = 400  # the windows the trend is fitted over, at the most
 
 
 class RunWatch(Callback):
-    """See the module docstring. `locate(step)` names where that step went non-finite."""
+    """See the module docstring. `locate(step)` names where that step went non-finite
+    (None: not located, e.g. a sharded model, which no rank can copy and re-run alone)."""
 
     def __init__(self, train: TrainConfig, events: EventLog,
-                 locate: Callable[[int], str | None], scaler: ScalerWatch | None = None
+                 locate: Callable[[int], str | None] | None,
+                 scaler: ScalerWatch | None = None
                  ) -> None:
         self.mode, self.patience = train.on_nonfinite, train.nonfinite_patience
         self.events, self.locate, self.scaler = events, locate, scaler
@@ -97,10 +99,11 @@ class RunWatch(Callback):
         where = ""
         if not self.diagnosed:
             self.diagnosed = True
-            found = self.locate(first)
-            where = (f" (re-run with the weights at step {step}: {found})" if found
-                     else f" (not reproduced re-running step {first} with the weights at "
-                          f"step {step})")
+            found = self.locate(first) if self.locate is not None else None
+            if self.locate is not None:
+                where = (f" (re-run with the weights at step {step}: {found})" if found
+                         else f" (not reproduced re-running step {first} with the weights "
+                              f"at step {step})")
             self.events.event("nonfinite", step=first, where=found, mode=self.mode)
         if self.mode == "stop":
             raise RunStopped(f"the loss or gradients were not finite at step {first}{where}; "
