@@ -114,6 +114,22 @@ def skips(x: torch.Tensor, y: torch.Tensor, share: slice, comm: Any, rank: int,
     return diff(before, full(net))
 
 
+def scaler_skips(x: torch.Tensor, y: torch.Tensor, share: slice, rank: int) -> dict[str, Any]:
+    """fp16's GradScaler (precision.FP16Mixed's) over sharded gradients: an inf in rank 1's
+    shard alone makes both ranks skip the update and halve the scale (what engine.py's
+    docstring relies on)."""
+    net = sharded()
+    before = full(net)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    scaler.scale(loss_fn(net, (x[share], y[share]))).backward()
+    if rank == 1:
+        next(iter(net.parameters())).grad.to_local().view(-1)[0] = float("inf")
+    scaler.step(optimizer)
+    scaler.update()
+    return {"moved": diff(before, full(net)), "scale": scaler.get_scale()}
+
+
 def refusals(x: torch.Tensor, y: torch.Tensor, comm: Any) -> list[str]:
     said = []
     net = sharded()
@@ -152,6 +168,7 @@ def main() -> None:
         "clipped": compare(x, y, share, comm, "fp32", 4, 0.05, False),
         "bf16": compare(x, y, share, comm, "bf16-mixed", None, None, False, steps=3),
         "inferred": inferred(x, y, share),
+        "scaler": scaler_skips(x, y, share, world.rank),
         "skip_host": skips(x, y, share, comm, world.rank, None),
         "skip_flag": skips(x, y, share, comm, world.rank, False),
         "refused": refusals(x, y, comm),

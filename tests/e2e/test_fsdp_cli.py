@@ -35,6 +35,7 @@ def test_a_sharded_step_equals_one_process_step_and_keeps_every_guarantee(tmp_pa
         assert r[case]["plain_norm"], case  # a plain tensor, not a DTensor
     assert r["bf16"]["diff"] < 5e-3 and r["bf16"]["moved"] > 0.1  # trains, near fp32's
     assert r["inferred"]["ranks_found"] and r["inferred"]["diff"] < 1e-6  # no comm given
+    assert r["scaler"] == {"moved": 0.0, "scale": 8.0}  # an inf in one shard: all skip
     assert r["skip_host"] == 0.0 and r["skip_flag"] == 0.0  # both ranks skipped
     assert "changed in place" in r["refused"][0]
     assert "build it after fully_shard" in r["refused"][1]
