@@ -23,6 +23,12 @@ and it keeps the ops on its fp32 list (norms, softmax, the loss) in fp32, so a s
 bf16-mixed step computes each op in the dtype an unsharded one does; its casts of
 weights already in bf16 are no-ops. `reshard_after_forward` is a bool only: an integer
 makes FSDP build a process group per module (pytorch #147179).
+
+What composes with it (checked on torch 2.13 CPU, 2 ranks): activation checkpointing
+(installed first, as above); memory.optimizer_state 8bit (torchao's AdamW8bit steps the
+DTensor shards); precision.compile (the sharded root is compiled; FSDP's own hooks run
+outside the graph). torchao's 4-bit AdamW fails on the shards and is refused
+(job/build.py).
 """
 
 from __future__ import annotations
