@@ -128,6 +128,8 @@ class ViewWatch:
 
     @torch.compiler.disable  # host-side bookkeeping: never traced into a graph
     def _hook(self, module: nn.Module, args: object, output: object) -> None:
+        if not torch.is_grad_enabled():  # evaluation: no backward, no hook to lose
+            return
         for t in tree_leaves(output):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 version = view_version(t)
