@@ -22,9 +22,9 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 __all__ = [
     "PYTREE_LOGGER", "TorchDispatchMode", "arm_all_reduce", "compiled_runs_eagerly",
     "dcp_metadata_globals", "default_store", "dump_memory_snapshot", "fake_tensor_mode",
-    "foreach_copy_", "foreach_norm", "found_inf_given", "has_running_stats",
-    "op_name_and_return_aliases",
-    "plain_tensors", "record_memory_history", "supports_found_inf", "tree_flatten",
+    "foreach_copy_", "foreach_norm", "found_inf_given", "fsdp_storage_resizes",
+    "has_running_stats", "op_name_and_return_aliases", "plain_tensors",
+    "record_memory_history", "reset_fsdp_step", "supports_found_inf", "tree_flatten",
     "tree_leaves", "tree_unflatten", "unwrap_compiled", "uses_batch_statistics",
     "view_version", "weights_only_unpickle",
 ]
@@ -95,6 +95,34 @@ def view_version(tensor: torch.Tensor) -> int | None:
     in-place change bumps it (memory/sharding.ViewWatch). Relied on: `Tensor._base` (the
     viewed tensor, None for a non-view) and `Tensor._version` (bumped by in-place ops)."""
     return None if tensor._base is None else tensor._version
+
+
+def reset_fsdp_step(root: nn.Module) -> None:
+    """FSDP2's state after a forward or backward that raised, as the next step needs it:
+    `FSDPModule.reset_iter_state()` on the root (public: reshards every unit, waits for
+    collectives in flight, clears the iteration's trackers), then the gradients the
+    aborted micro-batches accumulated unsharded under set_requires_gradient_sync(False)
+    dropped, which it leaves behind when they need no cast (fp32: each FSDPParam keeps
+    them in `_unsharded_param.grad`; a cast keeps `unsharded_accumulated_grad`), and
+    which the next synchronising backward would otherwise reduce into the redone step.
+    Before the first forward there is nothing to reset (and reset_iter_state would fail on
+    state FSDP builds lazily then). Relied on: `fully_shard.state(module)._is_root` (None
+    until that lazy init), `._fsdp_param_groups[i].fsdp_params`, those two attributes, and
+    reset_iter_state; tests/unit/test_torch_compat.py checks it."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if fully_shard.state(root)._is_root is None:  # no forward yet (FSDP inits lazily)
+        return
+    root.reset_iter_state()  # type: ignore[operator]
+    for module in root.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in fully_shard.state(module)._fsdp_param_groups:
+            for param in group.fsdp_params:
+                param.unsharded_accumulated_grad = None
+                unsharded = getattr(param, "_unsharded_param", None)
+                if unsharded is not None:
+                    unsharded.grad = None
 
 
 def fake_tensor_mode() -> Any:

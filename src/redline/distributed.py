@@ -92,12 +92,14 @@ class PeerOutOfMemory(torch.OutOfMemoryError):
     redoes the step too."""
 
 
-def oom_after_agreement(rank: int, step: int) -> torch.OutOfMemoryError:
+def oom_after_agreement(rank: int, step: int, sharded: bool = False) -> torch.OutOfMemoryError:
     """An out-of-memory error in the last backward, after the agreement: DDP's gradient
-    all-reduce has begun there, so the step cannot be redone; the error ends the run."""
+    all-reduce (FSDP's reduce-scatters) has begun there, so the step cannot be redone;
+    the error ends the run."""
+    where = "FSDP reduce-scatters" if sharded else "DDP all-reduces"
     return torch.OutOfMemoryError(
         f"out of memory on rank {rank} in the last micro-batch's backward at step {step}, "
-        "where DDP all-reduces the gradients: that backward cannot be redone by one rank "
+        f"where {where} the gradients: that backward cannot be redone by one rank "
         "alone; lower train.batch_size or memory.target (redline tune measures what fits)")
 
 

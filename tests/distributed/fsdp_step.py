@@ -85,6 +85,19 @@ def compare(x: torch.Tensor, y: torch.Tensor, share: slice, comm: Any, precision
             "plain_norm": type(two.grad_norm) is torch.Tensor, "loss": loss.item()}
 
 
+def inferred(x: torch.Tensor, y: torch.Tensor, share: slice) -> dict[str, Any]:
+    """No `comm`: the Engine finds the ranks of a sharded model from the process group
+    (its agreements time the wait: a number, where no ranks would leave None)."""
+    alone = model()
+    Engine(alone, torch.optim.SGD(alone.parameters(), lr=0.1)).step((x, y), loss_fn)
+    net = sharded()
+    engine = Engine(net, torch.optim.SGD(net.parameters(), lr=0.1), micro_batch_size=2,
+                    oom_guard=True)
+    engine.step((x[share], y[share]), loss_fn)
+    return {"diff": diff(list(alone.parameters()), full(net)),
+            "ranks_found": engine.sync_wait_s is not None}
+
+
 def skips(x: torch.Tensor, y: torch.Tensor, share: slice, comm: Any, rank: int,
           host_reads: bool | None) -> float:
     """A step whose loss is inf on rank 1 only: every shard's gradient is then not finite,
@@ -99,6 +112,22 @@ def skips(x: torch.Tensor, y: torch.Tensor, share: slice, comm: Any, rank: int,
 
     engine.step((x[share], y[share]), bad_loss)
     return diff(before, full(net))
+
+
+def scaler_skips(x: torch.Tensor, y: torch.Tensor, share: slice, rank: int) -> dict[str, Any]:
+    """fp16's GradScaler (precision.FP16Mixed's) over sharded gradients: an inf in rank 1's
+    shard alone makes both ranks skip the update and halve the scale (what engine.py's
+    docstring relies on)."""
+    net = sharded()
+    before = full(net)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    scaler.scale(loss_fn(net, (x[share], y[share]))).backward()
+    if rank == 1:
+        next(iter(net.parameters())).grad.to_local().view(-1)[0] = float("inf")
+    scaler.step(optimizer)
+    scaler.update()
+    return {"moved": diff(before, full(net)), "scale": scaler.get_scale()}
 
 
 def refusals(x: torch.Tensor, y: torch.Tensor, comm: Any) -> list[str]:
@@ -138,6 +167,8 @@ def main() -> None:
         "accumulated": compare(x, y, share, comm, "fp32", 2, None, True),
         "clipped": compare(x, y, share, comm, "fp32", 4, 0.05, False),
         "bf16": compare(x, y, share, comm, "bf16-mixed", None, None, False, steps=3),
+        "inferred": inferred(x, y, share),
+        "scaler": scaler_skips(x, y, share, world.rank),
         "skip_host": skips(x, y, share, comm, world.rank, None),
         "skip_flag": skips(x, y, share, comm, world.rank, False),
         "refused": refusals(x, y, comm),

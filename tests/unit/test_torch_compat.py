@@ -294,3 +294,25 @@ def test_fsdp_resizes_its_gathered_storages_through_the_two_functions_wrapped(
     assert any(new == 0 for _, new in seen)  # and freed after use
     from torch.distributed.fsdp._fully_shard import _fsdp_param
     assert _fsdp_param.alloc_storage.__name__ == "alloc_storage"  # restored on exit
+
+
+def test_an_fsdp_reset_drops_what_an_aborted_no_sync_backward_accumulated(
+        one_rank_group: None) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    fully_shard(net[0])
+    fully_shard(net)
+    x = torch.randn(3, 4)
+    compat.reset_fsdp_step(net)  # before any forward: nothing to reset, no error
+    net.set_requires_gradient_sync(False)  # type: ignore[operator]
+    net(x * 5).sum().backward()  # an aborted attempt's micro-batch: kept unsharded
+    compat.reset_fsdp_step(net)
+    net.set_requires_gradient_sync(True)  # type: ignore[operator]
+    net(x).sum().backward()
+    got = [p.grad.full_tensor().clone() for p in net.parameters()]
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    plain(x).sum().backward()
+    assert all(torch.allclose(g, p.grad) for g, p in zip(got, plain.parameters(), strict=True))

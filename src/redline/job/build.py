@@ -73,7 +73,7 @@ from redline.memory.guard import OOMGuard
 from redline.memory.levers import Levers
 from redline.memory.optimizer_state import check_task_optimizer, make_optimizer
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes
-from redline.memory.sharding import is_sharded, shard_model
+from redline.memory.sharding import CollectiveClock, is_sharded, shard_model
 from redline.precision import Precision, get_precision
 from redline.task import Task, TaskError, task_member
 
@@ -106,6 +106,8 @@ class Job:
     # activation checkpointing installed on the model's blocks (memory.activation_
     # checkpointing; None: not installed), switchable in place (the breakdown, the plan)
     checkpointing: Checkpointing | None = None
+    # seconds in FSDP's all-gathers and reduce-scatters (a sharded run on a CPU; else None)
+    collectives: CollectiveClock | None = None
 
     @property
     def world(self) -> World:
@@ -169,6 +171,9 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
     checkpointing = install_checkpointing(model, config)
     notes: list[str] = []
     step_model = _distribute(model, config, precision, device, comm.world, notes)
+    # FSDP's collectives timed on a CPU, where they run synchronously (sharding.py)
+    collectives = (CollectiveClock().install(model) if comm.world.distributed
+                   and is_sharded(model) and device.kind == "cpu" else None)
     if config.precision.compile:
         step_model = torch.compile(step_model)
     if comm.world.rank:
@@ -205,7 +210,8 @@ def build_job(config: RunConfig, task: Task, device: DeviceInfo | None = None, *
                train_set=train_set, eval_set=next(iter(eval_sets.values()), None),
                loader_options=loader_options(config.data, device.kind), max_steps=max_steps,
                steps_per_epoch=steps_per_epoch, memory_limit=limit, comm=comm,
-               eval_sets=eval_sets, notes=notes, checkpointing=checkpointing)
+               eval_sets=eval_sets, notes=notes, checkpointing=checkpointing,
+               collectives=collectives)
 
 
 def install_checkpointing(model: nn.Module, config: RunConfig) -> Checkpointing | None:
@@ -326,6 +332,11 @@ def _distribute(model: nn.Module, config: RunConfig, precision: Precision, devic
     assert strategy != "auto", "distributed.strategy auto is resolved before the job is built"
     if strategy == "ddp":
         return _wrap(model, device, world)
+    if config.memory.optimizer_state == "4bit":  # checked on torch 2.13, torchao 0.18
+        raise ConfigError(
+            "memory.optimizer_state=4bit with distributed.strategy=fsdp: torchao's 4-bit "
+            "AdamW fails on FSDP's sharded parameters (its compiled step rejects their local "
+            "shards); use memory.optimizer_state=8bit, which works sharded, or strategy ddp")
     blocks = find_blocks(model, config.memory.checkpoint_blocks)
     if not blocks:
         notes.append(f"distributed.strategy fsdp: {type(model).__name__} has no repeated "

@@ -31,10 +31,10 @@ INDEX = "samples.json"
 
 
 def save_samples(task: Task, model: nn.Module, eval_set: Dataset, precision: Precision,
-                 device: DeviceInfo, out_dir: str | Path, n: int, seed: int, *,
-                 write: bool = True) -> list[Sample]:
+                 device: DeviceInfo, out_dir: str | Path | None, n: int, seed: int
+                 ) -> list[Sample]:
     """Run task.samples on the first `n` evaluation inputs and write them (module doc);
-    `write` False: only run them (a sharded rank other than 0 takes part in the forward)."""
+    `out_dir` None: run them only (a sharded model's other ranks join its all-gathers)."""
     batch = batch_tree.move(batch_tree.first_samples(eval_set, n), device.torch_device)
     devices = [device.index or 0] if device.is_cuda else []
     model.eval()
@@ -45,7 +45,7 @@ def save_samples(task: Task, model: nn.Module, eval_set: Dataset, precision: Pre
                 samples = list(task.samples(model, batch))[:n]
     finally:
         model.train()
-    if write:
+    if out_dir is not None:
         write_samples(samples, out_dir)
     return samples
 

@@ -41,6 +41,7 @@ from redline.inspector import Inspector
 from redline.job.build import Job, build_job, counting_model
 from redline.job.runner import JobRunner
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
+from redline.memory.sharding import is_sharded
 from redline.run import resume as resume_state
 from redline.run import rundir
 from redline.run.watch import MemoryEvents, RunWatch, locate_nonfinite
@@ -87,9 +88,11 @@ def prepare(config: RunConfig, task: Task, device: DeviceInfo, run_dir: Path, co
     job = build_job(config, task, device, dispatcher=dispatcher, state=state, comm=comm)
     state.model, state.optimizer, state.max_steps = job.model, job.optimizer, job.max_steps
     runner = JobRunner(job, job.train_loader())
-    dispatcher.add(RunWatch(config.train, events, functools.partial(
-        locate_nonfinite, job, runner.loader), job.engine.scaler_watch,
-        sharded=resume_state.writes_sharded(job)))
+    # a sharded model cannot be copied to re-run a step (FSDP refuses deepcopy)
+    locate = (None if is_sharded(job.model)
+              else functools.partial(locate_nonfinite, job, runner.loader))
+    dispatcher.add(RunWatch(config.train, events, locate, job.engine.scaler_watch,
+                            sharded=resume_state.writes_sharded(job)))
     skipped: list[str] = []
     found = resume_state.find(job, run_dir, events, skipped) if resume else None
     start = int(found[1]["step"]) if found else 0
@@ -107,7 +110,9 @@ def prepare(config: RunConfig, task: Task, device: DeviceInfo, run_dir: Path, co
     held.callback(telemetry.close)  # closing twice is harmless
     if config.inspect.enabled and main:  # rank 0's layers stand for all
         drawn = {"tensorboard", "wandb"} & set(config.telemetry.trackers)
-        dispatcher.add(Inspector(config.inspect, run_dir, task_member(task, "series"),
+        # the task's series run a forward, which a sharded model's ranks would all join
+        series = None if is_sharded(job.model) else task_member(task, "series")
+        dispatcher.add(Inspector(config.inspect, run_dir, series,
                                  job.precision.forward_context,
                                  publish=telemetry.histograms if drawn else None))
     checkpoints = resume_state.Checkpoints(job, state, run_dir, events, dispatcher, user,
@@ -176,7 +181,8 @@ def _telemetry(config: RunConfig, job: Job, run_dir: Path, events: EventLog,
         skip_nonfinite=t.on_nonfinite != "warn",
         loss_scaled=precision.scales_loss,
         labels={K.EMULATED: 1} if precision.emulated else None,
-        comm=job.comm, sync_wait=lambda: job.engine.sync_wait_s)
+        comm=job.comm, sync_wait=lambda: job.engine.sync_wait_s,
+        comm_time=(lambda: job.collectives.seconds) if job.collectives else None)
 
 
 def _start(config: RunConfig, task: Task, job: Job, run_dir: Path) -> None:

@@ -252,14 +252,13 @@ class Trainer:
 
     def _save_samples(self, run: RunParts) -> None:
         train, job = run.config.train, run.job
-        # A sharded model's forward gathers each block from every rank: all of them draw
-        # the samples (the same inputs and seed), rank 0 writes them
-        sharded = self.world.distributed and is_sharded(job.model)
-        if train.samples and job.eval_set is not None and (self.world.main or sharded):
+        # rank 0 writes them; a sharded model's forward all-gathers, so every rank runs it
+        runs = self.world.main or is_sharded(job.model)
+        if train.samples and job.eval_set is not None and runs:
             with run.telemetry.paused():
                 save_samples(self.task, job.step_model, job.eval_set, job.precision,
-                             self.device, run.run_dir / "samples", train.samples, train.seed,
-                             write=self.world.main)
+                             self.device, run.run_dir / "samples" if self.world.main
+                             else None, train.samples, train.seed)
             if "wandb" in run.config.telemetry.trackers and self.world.main:
                 run.telemetry.samples(run.state.step, read_samples(run.run_dir))
 

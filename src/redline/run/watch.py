@@ -44,7 +44,6 @@ from redline.data import EpochBatchSampler
 from redline.errors import RunStopped
 from redline.events import Callback, State
 from redline.job.build import Job
-from redline.memory.sharding import is_sharded
 from redline.precision import ScalerWatch
 from redline.stats import first_nonfinite
 from redline.telemetry import schema as K
@@ -55,13 +54,13 @@ MEMORY_POINTS = 400  # the windows the trend is fitted over, at the most
 
 
 class RunWatch(Callback):
-    """See the module docstring. `locate(step)` names where that step went non-finite."""
+    """See the module docstring. `locate(step)` names where that step went non-finite
+    (None: not located, e.g. a sharded model, which no rank can copy and re-run alone)."""
 
     def __init__(self, train: TrainConfig, events: EventLog,
-                 locate: Callable[[int], str | None], scaler: ScalerWatch | None = None,
-                 sharded: bool = False) -> None:
-        """`locate(step)`: where that step went non-finite, None if not reproduced, ""
-        if not tried; `sharded`: checkpoints are directories (their names said)."""
+                 locate: Callable[[int], str | None] | None,
+                 scaler: ScalerWatch | None = None, sharded: bool = False) -> None:
+        """`sharded`: checkpoints are directories (the stop sentences name them so)."""
         self.sharded = sharded
         self.mode, self.patience = train.on_nonfinite, train.nonfinite_patience
         self.events, self.locate, self.scaler = events, locate, scaler
@@ -101,11 +100,11 @@ class RunWatch(Callback):
         where = ""
         if not self.diagnosed:
             self.diagnosed = True
-            found = self.locate(first)
-            where = (f" (re-run with the weights at step {step}: {found})" if found
-                     else " (not re-run: the model is sharded over the ranks)" if found == ""
-                     else f" (not reproduced re-running step {first} with the weights at "
-                          f"step {step})")
+            found = self.locate(first) if self.locate is not None else None
+            if self.locate is not None:
+                where = (f" (re-run with the weights at step {step}: {found})" if found
+                         else f" (not reproduced re-running step {first} with the weights "
+                              f"at step {step})")
             self.events.event("nonfinite", step=first, where=found, mode=self.mode)
         if self.mode == "stop":
             raise RunStopped(f"the loss or gradients were not finite at step {first}{where}; "
@@ -170,10 +169,7 @@ class RunWatch(Callback):
 
 def locate_nonfinite(job: Job, loader: DataLoader, step: int) -> str | None:
     """Where `step` (1-based) went non-finite: its batch rebuilt from the data order (the
-    loader's sampler), re-run with hooks on a copy of the current model. "" where it cannot
-    be re-run on one rank: a sharded model's forward needs every rank."""
-    if is_sharded(job.model):
-        return ""
+    loader's sampler), re-run with hooks on a copy of the current model."""
     sampler = loader.batch_sampler
     assert isinstance(sampler, EpochBatchSampler) and job.steps_per_epoch
     epoch, index = divmod(step - 1, job.steps_per_epoch)

@@ -118,6 +118,11 @@ RANK = Key("rank", "", "the rank whose figures a ranks.jsonl record holds (its s
            "redline/overhead_pct keys mean what they mean in metrics)", "ranks")
 SYNC_WAIT_PCT = Key("sync_wait_pct", "%", "this rank's share of step time spent waiting for "
                     "the other ranks at the step's agreement", "ranks")
+COMM_PCT = Key("comm_pct", "%", "this rank's share of step time spent in FSDP's all-gathers "
+               "and reduce-scatters (distributed.strategy fsdp on CPUs, where they run "
+               "synchronously; absent elsewhere)", "ranks")
+COMM_MAX = Key("dist/comm_pct", "%", "the largest share of a rank's step time spent in FSDP's "
+               "all-gathers and reduce-scatters (comm_pct in ranks.jsonl)")
 
 # ---- evaluation rows ---------------------------------------------------------------------
 EVAL_PREFIX = "eval/"

@@ -68,7 +68,9 @@ class Telemetry:
     skip, fp16's scaler), so `skipped_steps` counts the updates really not applied.
     `labels` are added to every window record (e.g. precision/emulated). `comm`: the
     ranks under torchrun (module docstring); `sync_wait()` the seconds this rank has
-    waited for the others so far (Engine.sync_wait_s; None where nothing measures it).
+    waited for the others so far (Engine.sync_wait_s; None where nothing measures it);
+    `comm_time()` the seconds it has spent in FSDP's collectives so far
+    (memory/sharding.CollectiveClock; None where nothing measures them).
     `ranks`: the processes that share each step's samples, where another framework runs
     them (a Lightning or HF callback on rank 0; default: the comm's ranks).
     """
@@ -84,12 +86,15 @@ class Telemetry:
                  skip_nonfinite: bool = False, loss_scaled: bool = False,
                  labels: Record | None = None, comm: Comm | None = None,
                  sync_wait: Callable[[], float | None] | None = None,
-                 ranks: int | None = None) -> None:
+                 ranks: int | None = None,
+                 comm_time: Callable[[], float | None] | None = None) -> None:
         cfg = config or TelemetryConfig()
         self.comm = comm or Comm(World())
         self.ranks = ranks or self.comm.world.size
         self._sync_wait: Callable[[], float | None] = sync_wait or (lambda: None)
         self._sync_seen = 0.0
+        self._comm_time: Callable[[], float | None] = comm_time or (lambda: None)
+        self._comm_seen = 0.0
         quiet = not self.comm.world.main
         self._stop_requested: Callable[[], bool] = lambda: False  # see stop_when
         self.stop_agreed = False
@@ -271,6 +276,10 @@ class Telemetry:
                                           is not None else None),
                         K.SAMPLES_PER_S: (self.ctx.samples_per_step / world.size / step_time
                                           if step_time else None)}
+        spent = self._comm_time()
+        if spent is not None and wall > 0:
+            mine[K.COMM_PCT] = 100.0 * (spent - self._comm_seen) / wall
+            self._comm_seen = spent
         mine.update({k: record.get(k) for k in (K.MICRO_BATCH, K.DATA_WAIT_PCT, K.OVERHEAD_PCT,
                                                 K.MEM_PEAK, K.MEM_RSS, K.MEM_PCT)
                      if record.get(k) is not None})
@@ -288,6 +297,9 @@ class Telemetry:
                 K.SLOWEST_RANK: waits.index(min(waits)), K.SYNC_WAIT_MAX: max(waits),
                 K.STEP_TIME_SPREAD: (100.0 * (max(busy) / min(busy) - 1) if min(busy) > 0
                                      else None)})
+        shares = [r[K.COMM_PCT] for r in ranks if r.get(K.COMM_PCT) is not None]
+        if shares:
+            record[K.COMM_MAX] = max(shares)
         for r in ranks:
             r[K.TIME] = record.get(K.TIME)
             self.hub.publish("ranks", r)
