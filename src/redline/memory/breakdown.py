@@ -30,13 +30,30 @@ so a first step's peak misses it) a step's peak is
 
 `Breakdown.predict` adds these up for any levers (memory/levers.py) at any micro-batch; a
 state kind other than the measured one is predicted from the trainable elements
-(`STATE_BYTES_PER_PARAM`). The measurement itself lives above (job/memory.py), since it
-steps a built job; `measure_activations` here is the device-independent part: forward
-passes over a callable, with hooks at the block boundaries.
+(`STATE_BYTES_PER_PARAM`).
+
+Sharded over N ranks (`world_size`, levers with strategy fsdp: memory/sharding.py), a
+rank holds params/N, grads/N and optimizer state/N, and besides, at the backward's peak:
+the root's own parameters gathered (FSDP never reshards the root after forward) and its
+unsharded gradients (reduce-scattered when the root's backward ends, so alive through
+it); the largest block's gathered parameters (one block at a time), or every block's with
+reshard_after_forward false (kept from forward to backward); and one block's unsharded
+gradient before its reduce-scatter. Gathered parameters take `gather_scale` of their
+stored bytes (0.5 under bf16-mixed / fp16-mixed: FSDP gathers them in the low precision);
+the unsharded gradients are counted at their stored (fp32, reduce_dtype) bytes. The
+activations and the temporaries are per rank as measured (the micro-batch is per rank),
+except that negative temporaries (what did not coexist at the peak, mostly gradients)
+are bounded by the sharded gradients. Under ddp a rank holds everything, as one process
+(DDP's buckets are the gradients' own storage: gradient_as_bucket_view).
+
+The measurement itself lives above (job/memory.py), since it steps a built job;
+`measure_activations` here is the device-independent part: forward passes over a
+callable, with hooks at the block boundaries.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -88,6 +105,11 @@ class Breakdown:
     # the samples of one optimizer step the prediction is for: a micro-batch below it
     # accumulates (None: each step one micro-batch, as measured)
     samples_per_step: int | None = None
+    # bytes of each FSDP unit's own parameters as stored (the blocks, in order; what is
+    # left of `parameters` is the root's): what a sharded rank gathers
+    block_parameters: list[int] = field(default_factory=list)
+    gather_scale: float = 1.0  # gathered bytes per stored byte (0.5: bf16/fp16-mixed)
+    world_size: int = 1  # the ranks a sharded prediction (strategy fsdp) divides among
 
     # ---- prediction ----------------------------------------------------------------------
 
@@ -120,13 +142,49 @@ class Breakdown:
         """The steady-state peak predicted with `levers` at `micro_batch` (module docstring):
         the larger of the forward/backward's and the optimizer step's."""
         return max(self.backward_peak(levers, micro_batch),
-                   self.step_peak(levers.optimizer_state))
+                   self.step_peak(levers.optimizer_state, self.divides(levers)))
 
     def backward_peak(self, levers: Levers, micro_batch: int) -> int:
-        """The forward/backward's peak: every category, activations at `micro_batch`."""
-        return (self.parameters + self.gradients + self.state_bytes(levers.optimizer_state)
+        """The forward/backward's peak: every category, activations at `micro_batch`; a
+        sharded rank's (module docstring) where `levers` shard."""
+        temporaries = self._accumulated(self.temporaries_at(micro_batch), micro_batch)
+        if self.divides(levers):
+            temporaries = max(temporaries, -self._per_rank(self.gradients))
+        return (self.states(levers) + self.gathered(levers)
                 + self.activations(levers, micro_batch) + self.recompute(levers, micro_batch)
-                + self._accumulated(self.temporaries_at(micro_batch), micro_batch))
+                + temporaries)
+
+    def divides(self, levers: Levers) -> bool:
+        """Whether `levers` shard the states over more than one rank."""
+        return levers.sharded and self.world_size > 1
+
+    def states(self, levers: Levers) -> int:
+        """Parameters, gradients and optimizer state one rank holds with `levers`."""
+        total = self.parameters + self.gradients + self.state_bytes(levers.optimizer_state)
+        return self._per_rank(total) if self.divides(levers) else total
+
+    @property
+    def root_parameters(self) -> int:
+        """Bytes of the parameters in no block: the root FSDP unit's own."""
+        return max(0, self.parameters - sum(self.block_parameters))
+
+    def gathered(self, levers: Levers) -> int:
+        """What a sharded rank holds unsharded at the backward's peak (module docstring):
+        the root's parameters and gradients, the largest block's parameters (every block's
+        without reshard_after_forward) and one block's gradient; 0 unsharded."""
+        if not self.divides(levers):
+            return 0
+        blocks, root = self.block_parameters, self.root_parameters
+        held = max(blocks, default=0) if levers.reshard_after_forward else sum(blocks)
+        return (int(self.gather_scale * (root + held)) + self._grad_of(root)
+                + self._grad_of(max(blocks, default=0)))
+
+    def _grad_of(self, parameter_bytes: int) -> int:
+        """The gradient bytes of parameters of `parameter_bytes` (frozen ones have none)."""
+        return round(parameter_bytes * self.gradients / max(1, self.parameters))
+
+    def _per_rank(self, total: int) -> int:
+        return -(-int(total) // self.world_size)
 
     def _accumulated(self, temporaries: int, micro_batch: int) -> int:
         """Negative temporaries are what does not coexist at a whole batch's peak (the
@@ -146,19 +204,23 @@ class Breakdown:
         return int(self.temporaries
                    + self.temporaries_per_sample * (micro_batch - self.micro_batch))
 
-    def step_peak(self, kind: str) -> int:
+    def step_peak(self, kind: str, sharded: bool = False) -> int:
         """The optimizer step's peak: the model states, and the step's own temporaries for
         state `kind` (a low-bit step dequantizes one parameter's moments at a time:
-        STEP_BYTES_PER_ELEMENT of its largest parameter)."""
-        return (self.parameters + self.gradients + self.state_bytes(kind)
-                + int(STEP_BYTES_PER_ELEMENT.get(kind, 0.0) * self.largest_parameter))
+        STEP_BYTES_PER_ELEMENT of its largest parameter); `sharded`: a rank's share of
+        them over `world_size` ranks."""
+        step = int(STEP_BYTES_PER_ELEMENT.get(kind, 0.0) * self.largest_parameter)
+        total = self.parameters + self.gradients + self.state_bytes(kind)
+        if sharded and self.world_size > 1:  # each rank steps its shards only
+            return self._per_rank(total) + self._per_rank(step)
+        return total + step
 
     def fewest_blocks(self, levers: Levers, micro_batch: int, limit: int) -> int | None:
         """The fewest first blocks to checkpoint in `levers.checkpointing` for predict() to be
         at most `limit` at `micro_batch`; None when even every block is not enough."""
         n = len(self.blocks)
         for count in range(n + 1):
-            trial = Levers(levers.checkpointing, count, levers.optimizer_state)
+            trial = dataclasses.replace(levers, checkpointed_blocks=count)
             if self.predict(trial, micro_batch) <= limit:
                 return count
         return None
@@ -305,6 +367,10 @@ def set_flags(levers: Levers) -> str:
             flags.append(f"--set memory.checkpointed_blocks={levers.checkpointed_blocks}")
     if levers.optimizer_state != "fp32":
         flags.append(f"--set memory.optimizer_state={levers.optimizer_state}")
+    if levers.sharded:
+        flags.append("--set distributed.strategy=fsdp")
+        if not levers.reshard_after_forward:
+            flags.append("--set distributed.reshard_after_forward=false")
     return " ".join(flags)
 
 

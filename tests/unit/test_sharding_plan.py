@@ -1,0 +1,124 @@
+"""The plan knows sharding (issue 21, deliverable 5): the breakdown's per-rank prediction
+under fsdp over N ranks (memory/breakdown.py), checked against a hand computation on
+WideMLP's and MemGPT's own tensor sizes, and the levers that carry the strategy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from redline import batch as batch_tree
+from redline.config import load_config
+from redline.job.build import build_job
+from redline.job.memory import measure_job_breakdown
+from redline.memory.breakdown import BlockActivations, Breakdown, set_flags
+from redline.memory.levers import Levers
+from redline.task import resolve_task
+
+TASKS = Path(__file__).parents[1] / "tasks" / "memgpt.py"
+DDP, FSDP = Levers(strategy="ddp"), Levers(strategy="fsdp")
+KEEP = Levers(strategy="fsdp", reshard_after_forward=False)
+
+
+def _measured(spec: str, args: dict[str, Any], micro: int = 2,
+              precision: str = "fp32") -> Breakdown:
+    sets = [f"task={TASKS}:{spec}", f"train.batch_size={micro}", "device=cpu",
+            "memory.oom_guard=false", f"precision.name={precision}"]
+    sets += [f"task_args.{k}={v}" for k, v in args.items()]
+    config = load_config(None, sets)
+    job = build_job(config, resolve_task(config.task, config.task_args))
+    return measure_job_breakdown(job, batch_tree.first_samples(job.train_set, micro))
+
+
+def _mlp_sizes(dim: int = 64, width: int = 256, hidden: int = 1024, layers: int = 4
+               ) -> tuple[int, int]:
+    """(bytes of one ResidualMLP block, bytes of the root's own layers), by hand."""
+    block = 4 * (2 * width + width * hidden + hidden + hidden * width + width)
+    root = 4 * (dim * width + width + width + 1)
+    return block, root
+
+
+def test_wide_mlp_sharded_over_two_ranks_matches_the_hand_computation() -> None:
+    b = _measured("WideMLP", {})
+    block, root = _mlp_sizes()
+    assert b.block_parameters == [block] * 4
+    assert b.root_parameters == root
+    states = b.parameters + b.gradients + b.optimizer_state  # fp32 AdamW: 16 B/param
+    assert 0 <= states - 4 * (4 * block + root) < 1024  # (and AdamW's step counters)
+    b.world_size = 2
+    # a rank: half of every state; the root's parameters gathered and its gradient whole;
+    # the largest block gathered, and one block's gradient before its reduce-scatter
+    shared = b.activations(FSDP, 2) + max(b.temporaries, -(b.gradients // 2))
+    expected = states // 2 + root + block + root + block + shared
+    assert b.backward_peak(FSDP, 2) == expected
+    # reshard_after_forward false: every block stays gathered from forward to backward
+    assert b.backward_peak(KEEP, 2) == expected - block + 4 * block
+    # ddp: a rank holds everything, as one process
+    assert b.predict(DDP, 2) == b.predict(Levers(), 2) == b.peak
+    # the optimizer step: each rank steps its shards only
+    assert b.step_peak("fp32", sharded=True) == states // 2
+    assert b.predict(FSDP, 2) < b.predict(DDP, 2) < 2 * b.predict(FSDP, 2)
+
+
+def test_one_rank_divides_nothing() -> None:
+    b = _measured("WideMLP", {})
+    assert b.world_size == 1 and b.predict(FSDP, 2) == b.predict(DDP, 2) == b.peak
+
+
+def test_memgpt_under_bf16_mixed_gathers_in_sixteen_bits() -> None:
+    args = {"width": 64, "seq": 32, "layers": 2, "vocab": 128}
+    b = _measured("MemGPT", args, precision="bf16-mixed")
+    width, vocab, seq = 64, 128, 32
+    block = 4 * (2 * 2 * width + width * 3 * width + 3 * width + width * width + width
+                 + width * 4 * width + 4 * width + 4 * width * width + width)
+    root = 4 * (vocab * width + seq * width + 2 * width + width * vocab + vocab)
+    assert b.block_parameters == [block, block] and b.root_parameters == root
+    assert b.gather_scale == 0.5
+    b.world_size = 4
+    states = b.parameters + b.gradients + b.optimizer_state
+    gathered = (root + block) // 2 + root + block  # gradients reduced in fp32
+    assert b.gathered(FSDP) == gathered
+    per_rank = -(-states // 4)  # rounded up
+    grads = -(-b.gradients // 4)
+    assert b.backward_peak(FSDP, 2) == (per_rank + gathered + b.activations(FSDP, 2)
+                                        + max(b.temporaries, -grads))
+
+
+def test_negative_temporaries_are_bounded_by_the_sharded_gradients() -> None:
+    b = Breakdown(micro_batch=1, parameters=800, gradients=800, optimizer_state=1600,
+                  optimizer_state_kind="fp32", trainable_elements=200,
+                  blocks=[BlockActivations("b0", 100, 60, 10)], other_activations=50,
+                  temporaries=-600, peak=2750, source="by hand",
+                  block_parameters=[300, 300], world_size=4)
+    # states 3200/4 = 800; root 200 gathered + its gradient 200; a block 300 + 300;
+    # activations 150; temporaries -600 bounded by -800/4
+    assert b.backward_peak(FSDP, 1) == 800 + 200 + 200 + 300 + 300 + 150 - 200
+    assert b.backward_peak(KEEP, 1) == 800 + 200 + 200 + 600 + 300 + 150 - 200
+    assert b.backward_peak(DDP, 1) == 3200 + 150 - 600
+    assert b.predict(DDP, 1) == 3200  # the optimizer step, all states whole
+
+
+def test_levers_carry_the_strategy_into_the_config_and_the_flags() -> None:
+    assert Levers().updates().keys().isdisjoint({"distributed.strategy"})
+    assert KEEP.updates()["distributed.strategy"] == "fsdp"
+    assert KEEP.updates()["distributed.reshard_after_forward"] is False
+    assert not FSDP.none and DDP.none
+    assert FSDP.describe() == "fsdp" and DDP.describe() == "ddp, no lever"
+    assert "gathered blocks kept" in KEEP.describe()
+    assert set_flags(KEEP) == ("--set distributed.strategy=fsdp "
+                               "--set distributed.reshard_after_forward=false")
+    b = Breakdown.from_dict(_measured("WideMLP", {}).to_dict())
+    assert b.block_parameters and Breakdown.from_dict({**b.to_dict(), "levers": {
+        "strategy": "fsdp"}}).levers.sharded
+
+
+def test_fewest_blocks_keeps_the_strategy() -> None:
+    b = Breakdown(micro_batch=1, parameters=800, gradients=800, optimizer_state=1600,
+                  optimizer_state_kind="fp32", trainable_elements=200,
+                  blocks=[BlockActivations("b0", 1000, 600, 100),
+                          BlockActivations("b1", 1000, 600, 100)], other_activations=0,
+                  temporaries=0, peak=5200, source="by hand", block_parameters=[300, 300],
+                  world_size=2)
+    limit = b.predict(Levers("full", 1, "fp32", "fsdp"), 1)
+    assert b.fewest_blocks(Levers("full", None, "fp32", "fsdp"), 1, limit) == 1
+    assert b.fewest_blocks(Levers("full"), 1, limit) is None  # whole states: never fits
