@@ -261,7 +261,7 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
     from redline.run.dryrun import dry_run, render
     from redline.task import resolve_task
 
-    result = dry_run(config, resolve_task(config.task, config.task_args))
+    result = dry_run(config, resolve_task(config.task, config.task_args), args.nproc)
     output.show(args.json, result.to_dict(), render(result))
     return 0 if result.ok else 1
 

@@ -12,7 +12,9 @@ do: the recipe (with the lr the optimizer really starts at, and what the task's 
 optimizer or scheduler replaces), the step's time, where its memory goes at the steady
 state (job/memory.py: measured on a job built for it, unbudgeted, at the micro-batch)
 against the budget (memory.budget, else the device's or the CPU default) and which memory
-levers would make it fit, a projection of the run's length (labelled as a projection: one
+levers would make it fit, what `distributed.strategy: auto` would pick for the ranks
+`--nproc` gives (tuning/strategy_choice.py; one process: ddp, nothing to shard), a
+projection of the run's length (labelled as a projection: one
 step is not a run), where it would write. No run directory, cache or file is created; the
 model trained for two steps is thrown away.
 
@@ -32,6 +34,7 @@ from redline import batch as batch_tree
 from redline.config import ConfigError, RunConfig
 from redline.data import iterate_from
 from redline.device import DeviceInfo
+from redline.distributed import World
 from redline.environment import environment_check
 from redline.job.build import build_job
 from redline.job.memory import measure_config_breakdown, state_kinds
@@ -41,6 +44,7 @@ from redline.memory.guard import OutOfMemoryAtMinimum
 from redline.memory.probe import MemoryBudget, default_budget, format_size, live_tensor_bytes
 from redline.run.evaluation import evaluate_sets
 from redline.task import Task
+from redline.tuning.strategy_choice import choose_strategy
 
 
 @dataclass
@@ -55,8 +59,9 @@ class DryRun:
                 **self.plan}
 
 
-def dry_run(config: RunConfig, task: Task) -> DryRun:
-    """Check, build, step once, evaluate once; write nothing (module docstring)."""
+def dry_run(config: RunConfig, task: Task, nproc: int | None = None) -> DryRun:
+    """Check, build, step once, evaluate once; write nothing (module docstring). `nproc`:
+    the ranks the run would have (--nproc), for what strategy auto would pick."""
     env = environment_check(config.device)
     result = DryRun(ok=env.ok, blockers=list(env.blockers), warnings=list(env.warnings))
     if not env.ok:
@@ -108,7 +113,25 @@ def dry_run(config: RunConfig, task: Task) -> DryRun:
                     job, t.eval_batch_size or t.micro_batch, 1, t.seed))
     del job, runner, batch  # the breakdown builds its own, unbudgeted
     _breakdown(result, config, task, device, failed)
+    if config.distributed.strategy == "auto":
+        _strategy(result, config, task, device, nproc or 1)
     return result
+
+
+def _strategy(result: DryRun, config: RunConfig, task: Task, device: DeviceInfo,
+              ranks: int) -> None:
+    """What distributed.strategy auto would pick on `ranks` ranks of this host."""
+    try:
+        choice = choose_strategy(task, config, device, World(0, ranks, 0, ranks))
+    except ConfigError:
+        raise
+    except Exception as e:  # a diagnostic: it must not hide the dry run's other findings
+        result.warnings.append(f"what distributed.strategy auto would pick could not be "
+                               f"measured ({type(e).__name__}: {str(e).splitlines()[0]})")
+        return
+    later = "" if ranks > 1 else " (with --nproc N the run would measure for N ranks)"
+    result.plan["strategy"] = {**choice.to_dict(), "sentence": (
+        f"distributed.strategy auto: {choice.strategy} — {choice.why}{later}")}
 
 
 def _two_steps(runner: JobRunner, batch: Any, done: list[int]) -> float:
@@ -192,6 +215,8 @@ def render(result: DryRun) -> str:
             if fit["budget"] is not None:
                 lines.append(f"budget     {format_size(fit['budget'])} "
                              f"({fit['budget_source']}): {fit['sentence']}")
+        if "strategy" in p:
+            lines.append("strategy   " + p["strategy"]["sentence"])
         if "eval_metrics" in p:
             lines.append("evaluation " + ", ".join(p["eval_metrics"]))
         lines.append(f"writes     checkpoints every {p['checkpoint_every']} steps; trackers "
