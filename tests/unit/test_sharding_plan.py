@@ -11,7 +11,7 @@ from redline import batch as batch_tree
 from redline.config import load_config
 from redline.job.build import build_job
 from redline.job.memory import measure_job_breakdown
-from redline.memory.breakdown import BlockActivations, Breakdown, set_flags
+from redline.memory.breakdown import BlockActivations, Breakdown, fit_sentence, set_flags
 from redline.memory.levers import Levers
 from redline.task import resolve_task
 
@@ -47,12 +47,14 @@ def test_wide_mlp_sharded_over_two_ranks_matches_the_hand_computation() -> None:
     assert 0 <= states - 4 * (4 * block + root) < 1024  # (and AdamW's step counters)
     b.world_size = 2
     # a rank: half of every state; the root's parameters gathered and its gradient whole;
-    # the largest block gathered, and one block's gradient before its reduce-scatter
-    shared = b.activations(FSDP, 2) + max(b.temporaries, -(b.gradients // 2))
-    expected = states // 2 + root + block + root + block + shared
+    # the largest block gathered, its gradient and the reduce-scatter's copy of it
+    assert b.temporaries < 0
+    shared = b.activations(FSDP, 2) - (-b.temporaries + 1) // 2
+    expected = states // 2 + root + root + 3 * block + shared
     assert b.backward_peak(FSDP, 2) == expected
-    # reshard_after_forward false: every block stays gathered from forward to backward
-    assert b.backward_peak(KEEP, 2) == expected - block + 4 * block
+    # reshard_after_forward false: every block stays gathered from forward to backward,
+    # and one block's gradient
+    assert b.backward_peak(KEEP, 2) == states // 2 + root + root + 4 * block + block + shared
     # ddp: a rank holds everything, as one process
     assert b.predict(DDP, 2) == b.predict(Levers(), 2) == b.peak
     # the optimizer step: each rank steps its shards only
@@ -76,24 +78,24 @@ def test_memgpt_under_bf16_mixed_gathers_in_sixteen_bits() -> None:
     assert b.gather_scale == 0.5
     b.world_size = 4
     states = b.parameters + b.gradients + b.optimizer_state
-    gathered = (root + block) // 2 + root + block  # gradients reduced in fp32
+    gathered = (root + block) // 2 + root + 2 * block  # gradients reduced in fp32
     assert b.gathered(FSDP) == gathered
     per_rank = -(-states // 4)  # rounded up
-    grads = -(-b.gradients // 4)
+    temporaries = b.temporaries if b.temporaries >= 0 else -(-b.temporaries // 4)
     assert b.backward_peak(FSDP, 2) == (per_rank + gathered + b.activations(FSDP, 2)
-                                        + max(b.temporaries, -grads))
+                                        + temporaries)
 
 
-def test_negative_temporaries_are_bounded_by_the_sharded_gradients() -> None:
+def test_negative_temporaries_shrink_with_the_sharded_gradients() -> None:
     b = Breakdown(micro_batch=1, parameters=800, gradients=800, optimizer_state=1600,
                   optimizer_state_kind="fp32", trainable_elements=200,
                   blocks=[BlockActivations("b0", 100, 60, 10)], other_activations=50,
                   temporaries=-600, peak=2750, source="by hand",
                   block_parameters=[300, 300], world_size=4)
-    # states 3200/4 = 800; root 200 gathered + its gradient 200; a block 300 + 300;
-    # activations 150; temporaries -600 bounded by -800/4
-    assert b.backward_peak(FSDP, 1) == 800 + 200 + 200 + 300 + 300 + 150 - 200
-    assert b.backward_peak(KEEP, 1) == 800 + 200 + 200 + 600 + 300 + 150 - 200
+    # states 3200/4 = 800; root 200 gathered + its gradient 200; a block 300, its
+    # gradient 300 and the reduce-scatter's copy 300; activations 150; temporaries -600/4
+    assert b.backward_peak(FSDP, 1) == 800 + 200 + 200 + 3 * 300 + 150 - 150
+    assert b.backward_peak(KEEP, 1) == 800 + 200 + 200 + 600 + 300 + 150 - 150
     assert b.backward_peak(DDP, 1) == 3200 + 150 - 600
     assert b.predict(DDP, 1) == 3200  # the optimizer step, all states whole
 
@@ -122,3 +124,20 @@ def test_fewest_blocks_keeps_the_strategy() -> None:
     limit = b.predict(Levers("full", 1, "fp32", "fsdp"), 1)
     assert b.fewest_blocks(Levers("full", None, "fp32", "fsdp"), 1, limit) == 1
     assert b.fewest_blocks(Levers("full"), 1, limit) is None  # whole states: never fits
+
+
+def test_over_several_ranks_sharding_is_a_lever_the_fit_sentence_names() -> None:
+    b = Breakdown(micro_batch=1, parameters=8000, gradients=8000, optimizer_state=16000,
+                  optimizer_state_kind="fp32", trainable_elements=2000,
+                  blocks=[BlockActivations("b0", 100, 60, 10)], other_activations=50,
+                  temporaries=0, peak=32150, source="by hand",
+                  block_parameters=[3000, 3000], levers=Levers(strategy="ddp"), world_size=2)
+    fits, sentence = fit_sentence(b, 25000, 1, ("fp32",))
+    # a rank under fsdp: 16000 + root 2000 + its gradient 2000 + a block 3000, its
+    # gradient and its copy 6000 + activations 150 = 29150; full checkpointing: 29060
+    assert not fits and "no lever combination" in sentence
+    fits, sentence = fit_sentence(b, 29500, 1, ("fp32",))
+    assert not fits and "would fit with fsdp (28.5 KiB)" in sentence
+    assert sentence.endswith("--set distributed.strategy=fsdp")
+    b.levers = Levers(strategy="fsdp")  # a sharded run: its rank's peak, predicted
+    assert fit_sentence(b, 29500, 1, ("fp32",))[0]

@@ -36,15 +36,19 @@ Sharded over N ranks (`world_size`, levers with strategy fsdp: memory/sharding.p
 rank holds params/N, grads/N and optimizer state/N, and besides, at the backward's peak:
 the root's own parameters gathered (FSDP never reshards the root after forward) and its
 unsharded gradients (reduce-scattered when the root's backward ends, so alive through
-it); the largest block's gathered parameters (one block at a time), or every block's with
-reshard_after_forward false (kept from forward to backward); and one block's unsharded
-gradient before its reduce-scatter. Gathered parameters take `gather_scale` of their
-stored bytes (0.5 under bf16-mixed / fp16-mixed: FSDP gathers them in the low precision);
-the unsharded gradients are counted at their stored (fp32, reduce_dtype) bytes. The
-activations and the temporaries are per rank as measured (the micro-batch is per rank),
-except that negative temporaries (what did not coexist at the peak, mostly gradients)
-are bounded by the sharded gradients. Under ddp a rank holds everything, as one process
-(DDP's buckets are the gradients' own storage: gradient_as_bucket_view).
+it); with reshard_after_forward (one block gathered at a time) three of the largest
+block: its gathered parameters, its unsharded gradient and the reduce-scatter's flat copy
+of that gradient (or the next block's parameters, gathered early: backward prefetches);
+without it every block's gathered parameters (kept from forward to backward) and one
+block's unsharded gradient. Gathered parameters take `gather_scale` of their stored bytes
+(0.5 under bf16-mixed / fp16-mixed: FSDP gathers them in the low precision); gradients
+are counted at their stored (fp32, reduce_dtype) bytes. The activations are per rank as
+measured (the micro-batch is per rank); negative temporaries (what did not coexist at
+the peak, mostly gradients) shrink with the sharded gradients, by N. Measured on 2 gloo
+ranks (torch 2.13 CPU, FSDP's storage resizes counted; docs/memory.md), this came within
++0.4 % / +3 % (reshard) and +9 % / +0.3 % (kept) of WideMLP's / MemGPT's real per-rank
+peaks. Under ddp a rank holds everything, as one process (DDP's buckets are the
+gradients' own storage: gradient_as_bucket_view).
 
 The measurement itself lives above (job/memory.py), since it steps a built job;
 `measure_activations` here is the device-independent part: forward passes over a
@@ -148,8 +152,8 @@ class Breakdown:
         """The forward/backward's peak: every category, activations at `micro_batch`; a
         sharded rank's (module docstring) where `levers` shard."""
         temporaries = self._accumulated(self.temporaries_at(micro_batch), micro_batch)
-        if self.divides(levers):
-            temporaries = max(temporaries, -self._per_rank(self.gradients))
+        if self.divides(levers) and temporaries < 0:
+            temporaries = -self._per_rank(-temporaries)
         return (self.states(levers) + self.gathered(levers)
                 + self.activations(levers, micro_batch) + self.recompute(levers, micro_batch)
                 + temporaries)
@@ -170,14 +174,18 @@ class Breakdown:
 
     def gathered(self, levers: Levers) -> int:
         """What a sharded rank holds unsharded at the backward's peak (module docstring):
-        the root's parameters and gradients, the largest block's parameters (every block's
-        without reshard_after_forward) and one block's gradient; 0 unsharded."""
+        the root's parameters and gradients; the largest block's parameters, gradient and
+        its reduce-scatter copy (without reshard_after_forward: every block's parameters
+        and one block's gradient); 0 unsharded."""
         if not self.divides(levers):
             return 0
         blocks, root = self.block_parameters, self.root_parameters
-        held = max(blocks, default=0) if levers.reshard_after_forward else sum(blocks)
-        return (int(self.gather_scale * (root + held)) + self._grad_of(root)
-                + self._grad_of(max(blocks, default=0)))
+        largest = max(blocks, default=0)
+        if levers.reshard_after_forward:
+            held, grads = largest, 2 * self._grad_of(largest)
+        else:
+            held, grads = sum(blocks), self._grad_of(largest)
+        return int(self.gather_scale * (root + held)) + self._grad_of(root) + grads
 
     def _grad_of(self, parameter_bytes: int) -> int:
         """The gradient bytes of parameters of `parameter_bytes` (frozen ones have none)."""
@@ -340,20 +348,29 @@ def fitting_levers(b: Breakdown, micro_batch: int, limit: int,
                    ) -> list[tuple[Levers, int]]:
     """Lever combinations predicted to fit `limit` at `micro_batch`, cheapest first, with
     their predicted peaks: the fewest checkpointed blocks for each mode. `state_kinds`: the
-    optimizer states that can be used (a task's own optimizer: only what it has)."""
+    optimizer states that can be used (a task's own optimizer: only what it has). Over
+    several ranks (`b.world_size`) the run's strategy is kept, and where it is not fsdp,
+    sharding is tried after the others (alone, then with each)."""
     found = []
-    for mode, kind in _CANDIDATES:
-        if kind not in state_kinds or (mode != "none" and not b.blocks):
-            continue
-        levers = Levers(mode, None, kind)
-        if mode != "none":
-            count = b.fewest_blocks(levers, micro_batch, limit)
-            if count is None:
+    ranks = b.levers.strategy
+    shardings = [(ranks, b.levers.reshard_after_forward)]
+    if b.world_size > 1 and not b.levers.sharded:
+        shardings.append(("fsdp", True))
+    for strategy, reshard in shardings:
+        for mode, kind in (("none", "fp32"), *_CANDIDATES) if strategy != ranks \
+                else _CANDIDATES:
+            if kind not in state_kinds or (mode != "none" and not b.blocks):
                 continue
-            levers = Levers(mode, count if count < len(b.blocks) else None, kind)
-        peak = b.predict(levers, micro_batch)
-        if peak <= limit:
-            found.append((levers, peak))
+            levers = Levers(mode, None, kind, strategy, reshard)
+            if mode != "none":
+                count = b.fewest_blocks(levers, micro_batch, limit)
+                if count is None:
+                    continue
+                levers = dataclasses.replace(
+                    levers, checkpointed_blocks=count if count < len(b.blocks) else None)
+            peak = b.predict(levers, micro_batch)
+            if peak <= limit:
+                found.append((levers, peak))
     return found
 
 
@@ -380,7 +397,8 @@ def fit_sentence(b: Breakdown, limit: int, micro_batch: int | None = None,
     `limit`: "fits: yes (72 % of the budget)", or what it needs and which levers would fit,
     with the `--set` flags of the first."""
     m = micro_batch or b.micro_batch
-    peak = b.predict(b.levers, m) if m != b.micro_batch else b.peak
+    # a sharded rank's peak is predicted (the measured step was one process's)
+    peak = b.predict(b.levers, m) if m != b.micro_batch or b.divides(b.levers) else b.peak
     if peak <= limit:
         return True, f"fits: yes ({peak / limit:.0%} of the budget of {format_size(limit)})"
     words = f"does not fit: {format_size(peak)} of {format_size(limit)}"

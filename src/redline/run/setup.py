@@ -147,7 +147,7 @@ def _resolve(config: RunConfig, task: Task, device: DeviceInfo, run_dir: Path, c
     elif config.memory.activation_checkpointing == "auto":  # at the configured micro-batch
         config, planned = resolve_auto_levers(task, config, device,
                                               _first_memory(run_dir) if resume else None,
-                                              comm.world.main)
+                                              comm.world.main, world_size=comm.world.size)
         chosen.append(("memory_plan", planned))
     config, loader_auto = resolve_auto_workers(task, config, device, comm.world.main,
                                                run_dir / "config.yaml" if resume else None)

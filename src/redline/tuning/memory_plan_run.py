@@ -327,10 +327,12 @@ def verify(task: Task, config: RunConfig, device: DeviceInfo, budget: int) -> in
 
 def resolve_auto_levers(task: Task, config: RunConfig, device: DeviceInfo,
                         saved: dict[str, Any] | None = None, main: bool = True,
-                        say: Say = lambda _: None) -> tuple[RunConfig, dict[str, Any]]:
+                        say: Say = lambda _: None, world_size: int = 1
+                        ) -> tuple[RunConfig, dict[str, Any]]:
     """memory.activation_checkpointing auto with a fixed batch size -> the config with the
     checkpointing the plan chose at that micro-batch (none where it fits), and what to record.
-    `saved`: a resumed run's memory section (its config.yaml), reused as chosen then."""
+    `saved`: a resumed run's memory section (its config.yaml), reused as chosen then.
+    `world_size`: the run's ranks, each predicted under the run's (resolved) strategy."""
     if saved is not None:
         levers = Levers(saved.get("activation_checkpointing", "none"),
                         saved.get("checkpointed_blocks"), config.memory.optimizer_state)
@@ -339,8 +341,12 @@ def resolve_auto_levers(task: Task, config: RunConfig, device: DeviceInfo,
                   "config.yaml)", file=sys.stderr, flush=True)
         return config.updated(levers.updates()), {"source": "config.yaml",
                                                   "levers": levers.updates()}
+    dist = config.distributed
     plan = plan_memory(task, config, device, micro_batch=config.train.micro_batch,
-                       states=(config.memory.optimizer_state,), say=say)
+                       states=(config.memory.optimizer_state,), say=say,
+                       world_size=world_size,
+                       shardings=((dist.strategy, dist.reshard_after_forward),)
+                       if world_size > 1 else None)
     if main:
         print(f"activation_checkpointing: auto: {plan.summary()}", file=sys.stderr,
               flush=True)
