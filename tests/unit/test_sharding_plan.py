@@ -4,8 +4,14 @@ WideMLP's and MemGPT's own tensor sizes, and the levers that carry the strategy.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from redline import batch as batch_tree
 from redline.config import load_config
@@ -16,6 +22,7 @@ from redline.memory.levers import Levers
 from redline.task import resolve_task
 
 TASKS = Path(__file__).parents[1] / "tasks" / "memgpt.py"
+SCRIPT = Path(__file__).parents[1] / "distributed" / "sharded_peak.py"
 DDP, FSDP = Levers(strategy="ddp"), Levers(strategy="fsdp")
 KEEP = Levers(strategy="fsdp", reshard_after_forward=False)
 
@@ -141,3 +148,27 @@ def test_over_several_ranks_sharding_is_a_lever_the_fit_sentence_names() -> None
     assert sentence.endswith("--set distributed.strategy=fsdp")
     b.levers = Levers(strategy="fsdp")  # a sharded run: its rank's peak, predicted
     assert fit_sentence(b, 29500, 1, ("fp32",))[0]
+
+
+@pytest.mark.slow  # 2 processes under torchrun
+@pytest.mark.parametrize(("which", "spec", "args"), [
+    ("mlp", "WideMLP", {}),
+    ("gpt", "MemGPT", {"seq": 128, "width": 64, "layers": 4})], ids=["mlp", "gpt"])
+@pytest.mark.parametrize("reshard", [True, False], ids=["reshard", "kept"])
+def test_the_sharded_prediction_is_close_to_a_real_two_rank_fsdp_peak(
+        tmp_path: Path, which: str, spec: str, args: dict[str, Any], reshard: bool) -> None:
+    """Measured (tracked per rank, FSDP's storage resizes counted): within 10 % over and
+    5 % under (WideMLP kept over-predicts 8.5 %: its peak is at the backward's end)."""
+    out = tmp_path / "peak.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", str(SCRIPT), str(out), which,
+                          "1" if reshard else "0", "4"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = max(json.loads(out.read_text())["peaks"])
+    b = _measured(spec, args, micro=4)
+    b.world_size = 2
+    predicted = b.predict(Levers(strategy="fsdp", reshard_after_forward=reshard), 4)
+    assert 0.95 * measured <= predicted <= 1.10 * measured, (predicted, measured)
+    assert predicted < b.predict(DDP, 4)
