@@ -25,6 +25,7 @@ __all__ = [
     "foreach_norm", "found_inf_given", "has_running_stats", "op_name_and_return_aliases",
     "plain_tensors", "record_memory_history", "supports_found_inf", "tree_flatten",
     "tree_leaves", "tree_unflatten", "unwrap_compiled", "uses_batch_statistics",
+    "view_version",
 ]
 
 # --- pytree: a batch of any structure (batch.py) and an op's outputs (memory/tracker.py).
@@ -86,6 +87,13 @@ def plain_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
                 yield from plain_tensors(inner)
     else:
         yield tensor
+
+
+def view_version(tensor: torch.Tensor) -> int | None:
+    """The version counter of `tensor` if it is a view of another tensor, else None: an
+    in-place change bumps it (memory/sharding.ViewWatch). Relied on: `Tensor._base` (the
+    viewed tensor, None for a non-view) and `Tensor._version` (bumped by in-place ops)."""
+    return None if tensor._base is None else tensor._version
 
 
 def fake_tensor_mode() -> Any:

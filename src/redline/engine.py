@@ -73,7 +73,7 @@ from redline.device import DeviceInfo
 from redline.distributed import Comm, PeerOutOfMemory, oom_after_agreement
 from redline.events import Dispatcher, Event, State
 from redline.memory.guard import OOMGuard, OutOfMemoryAtMinimum, StepStart
-from redline.memory.sharding import is_sharded
+from redline.memory.sharding import ViewWatch, check_optimizer, is_sharded, plain_value
 from redline.precision import Precision, ScalerWatch, get_precision
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -208,11 +208,18 @@ class Engine:
 
     def _init_ranks(self, comm: Comm | None) -> None:
         """Distributed: the per-attempt agreement, and what it found out."""
-        self._comm = comm if comm is not None and comm.world.distributed else None
         bare = unwrap_compiled(self.model)
+        sharded = is_sharded(bare)
+        if sharded:  # your own loop's fully_shard: its ranks, and an optimizer built after
+            check_optimizer(bare, self.optimizer)
+            comm = comm if comm is not None else _process_group_comm(self.model)
+        self._comm = comm if comm is not None and comm.world.distributed else None
         # FSDP2 (memory/sharding.py): gradients stay unreduced on each rank until
         # set_requires_gradient_sync(True) before the last backward, as DDP's no_sync does
-        self._sharded = self._comm is not None and is_sharded(bare)
+        self._sharded = self._comm is not None and sharded
+        self._dtensors = sharded  # gradients are DTensors: their norm is one too
+        # FSDP's view-output warning, replaced by a check of what it warns about
+        self._views = ViewWatch(bare) if self._sharded else None
         if self._sharded:
             no_sync: Callable[[], Any] | None = functools.partial(_gradient_sync_off, bare)
         else:
@@ -292,6 +299,8 @@ class Engine:
         self._phase = "forward"
         with self.precision.forward_context():
             loss = loss_fn(self.model, chunk).float()
+        if self._views is not None:
+            self._views.check()
         if m != n:
             loss = loss * (m / n)  # type: ignore[operator]
         for handler in self._on_backward:
@@ -395,7 +404,9 @@ class Engine:
             grads = [p.grad for p in self._params if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
         if norm is not None:
-            self.grad_norm = norm  # computed under no_grad: nothing to detach
+            # computed under no_grad: nothing to detach. Sharded: a replicated DTensor
+            # holding the norm over all shards; its local value is that norm (no collective)
+            norm = self.grad_norm = plain_value(norm) if self._dtensors else norm
         for handler in self._on_optimizer_step:
             handler(self.state, self.optimizer)
         self.updating = True
@@ -439,6 +450,19 @@ class Engine:
         if self.guard is not None and state.get("guard"):
             self.guard.load_state_dict(state["guard"])
             self.micro_batch_size = self.guard.current
+
+
+def _process_group_comm(model: nn.Module) -> Comm | None:
+    """The ranks of a model sharded in your own loop, where no `comm` was given: those of
+    the process group torchrun set up (distributed.init joins it), None without one."""
+    import torch.distributed as dist
+
+    from redline.distributed import World, init
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    param = next(model.parameters(), None)
+    return init(World.from_env(), param.device.type if param is not None else "cpu")
 
 
 @contextlib.contextmanager

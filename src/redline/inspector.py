@@ -188,10 +188,10 @@ class Inspector(Callback):
         for layer, module in self.layers.items():
             for pname, p in module.named_parameters(recurse=False):
                 labels.append((f"{layer}.{pname}", layer, "param"))
-                tensors.append(p)
+                tensors.append(_local(p))
                 if p.grad is not None:
                     labels.append((f"{layer}.{pname}", layer, "grad"))
-                    tensors.append(p.grad)
+                    tensors.append(_local(p.grad))
         rows = [tensor_stats(tensors, bool(self._host_reads))] if tensors else []
         hist = (histograms(tensors, rows[0][:, 3], rows[0][:, 4], HISTOGRAM_BINS)
                 if rows and self.publish is not None else None)
@@ -247,7 +247,7 @@ class Inspector(Callback):
                 fp8 = None
                 if type(module).__name__ == "Float8Linear" and _first_float(args) is not None:
                     fp8 = torch.stack([fp8_stats(_first_float(args)),  # type: ignore[arg-type]
-                                       fp8_stats(module.weight)])
+                                       fp8_stats(_local(module.weight))])
                 full = out.detach().cpu() if snapshot else None
                 self._acts[name] = (tensor_stats([out], bool(self._host_reads)), fp8, full)
             self.busy_s += time.perf_counter() - t
@@ -271,9 +271,9 @@ class Inspector(Callback):
         tensors = {}
         for layer, module in self.layers.items():
             for pname, p in module.named_parameters(recurse=False):
-                tensors[f"param/{layer}.{pname}"] = p.detach().cpu().contiguous()
+                tensors[f"param/{layer}.{pname}"] = _local(p).detach().cpu().contiguous()
                 if p.grad is not None:
-                    tensors[f"grad/{layer}.{pname}"] = p.grad.detach().cpu().contiguous()
+                    tensors[f"grad/{layer}.{pname}"] = _local(p.grad).detach().cpu().contiguous()
         for layer, (_, _, full) in self._acts.items():
             if full is not None:
                 tensors[f"activation/{layer}"] = full.contiguous()
@@ -325,6 +325,14 @@ def _first_float(value: Any) -> torch.Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP parameter or gradient (a DTensor), else `tensor`.
+    Only rank 0 inspects: statistics of the whole sharded tensor would be collectives the
+    other ranks never join, so a sharded model's rows describe rank 0's shard."""
+    to_local = getattr(tensor, "to_local", None)  # DTensor's public accessor
+    return to_local() if to_local is not None else tensor
 
 
 def _to_host(values: torch.Tensor) -> torch.Tensor:

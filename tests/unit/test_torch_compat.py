@@ -245,3 +245,14 @@ def test_plain_tensors_opens_a_wrapper_subclass_to_the_tensors_holding_its_bytes
     assert sum(t.untyped_storage().nbytes() for t in inner) == 4096 + 16 * 4 + 256 * 4
     plain = torch.ones(2)
     assert list(compat.plain_tensors(plain)) == [plain]
+
+
+def test_view_version_is_none_for_a_fresh_tensor_and_bumped_by_an_in_place_change() -> None:
+    linear = torch.nn.Linear(4, 4)
+    out = linear(torch.randn(2, 3, 4))  # a 3-D input: Linear returns a view of its mm
+    fresh = torch.randn(2, 4) + 1
+    assert compat.view_version(fresh) is None
+    before = compat.view_version(out)
+    assert before is not None
+    out += 1
+    assert compat.view_version(out) == before + 1

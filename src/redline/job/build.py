@@ -73,7 +73,7 @@ from redline.memory.guard import OOMGuard
 from redline.memory.levers import Levers
 from redline.memory.optimizer_state import check_task_optimizer, make_optimizer
 from redline.memory.probe import MemoryBudget, default_budget, live_tensor_bytes
-from redline.memory.sharding import shard_model
+from redline.memory.sharding import is_sharded, shard_model
 from redline.precision import Precision, get_precision
 from redline.task import Task, TaskError, task_member
 
@@ -101,7 +101,8 @@ class Job:
     # name -> evaluation set; a task's lone set is named "" (metrics eval/<metric>), a
     # dict's by its keys (eval/<set>/<metric>)
     eval_sets: dict[str, Dataset] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # said once: task settings that replace config's, sharding
+    # said once: task settings that replace config's, sharding
+    notes: list[str] = field(default_factory=list)
     # activation checkpointing installed on the model's blocks (memory.activation_
     # checkpointing; None: not installed), switchable in place (the breakdown, the plan)
     checkpointing: Checkpointing | None = None
@@ -223,6 +224,20 @@ def install_checkpointing(model: nn.Module, config: RunConfig) -> Checkpointing 
             "Sequential that repeat); name them with memory.checkpoint_blocks, e.g. "
             '"layers.*", or set memory.activation_checkpointing: none')
     return Checkpointing(blocks, levers.checkpointing, levers.checkpointed_blocks)
+
+
+def counting_model(job: Job) -> nn.Module:
+    """The module whose FLOPs MFU counts: the job's model, or for a sharded one (whose
+    forward all-gathers) its unsharded twin built on the meta device (no memory), with
+    the same activation checkpointing, so the recomputed FLOPs are counted apart."""
+    if not is_sharded(job.model):
+        return job.model
+    with torch.device("meta"):
+        twin = job.precision.convert_module(job.task.build_model())
+    checkpointing = install_checkpointing(twin, job.config)
+    if checkpointing is not None and job.checkpointing is not None:  # as switched now
+        checkpointing.set(job.checkpointing.mode, job.checkpointing.count)
+    return twin
 
 
 def task_datasets(task: Task) -> tuple[Dataset, dict[str, Dataset]]:

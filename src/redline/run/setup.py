@@ -39,7 +39,7 @@ from redline.device import DeviceInfo
 from redline.distributed import Comm
 from redline.events import Callback, Dispatcher, Event, State
 from redline.inspector import Inspector
-from redline.job.build import Job, build_job
+from redline.job.build import Job, build_job, counting_model
 from redline.job.runner import JobRunner
 from redline.memory.probe import MemoryBudget, live_tensor_bytes
 from redline.run import resume as resume_state
@@ -219,5 +219,8 @@ def _count_flops(config: RunConfig, task: Task, job: Job, telemetry: Telemetry) 
                             job.device.torch_device)
     # Counted on the bare module: under DDP its backward hooks would all-reduce, and a
     # compiled module called under the counter's dispatch modes would never compile
-    # (dynamo skips a forward first called inside a TorchDispatchMode, for good).
-    telemetry.count_flops(job.model, batch, task.loss, n)
+    # (dynamo skips a forward first called inside a TorchDispatchMode, for good). A
+    # sharded model's forward all-gathers, which rank 0 alone would wait in for ever: its
+    # unsharded twin on the meta device is counted instead, the whole model once.
+    telemetry.count_flops(counting_model(job), batch, task.loss, n,
+                          job.device.torch_device)

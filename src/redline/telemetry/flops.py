@@ -172,9 +172,12 @@ def count_step_flops(model: nn.Module, batch: Any, loss_fn: LossFn) -> int | Non
     return counted.total if counted is not None else None
 
 
-def measure_step_flops(model: nn.Module, batch: Any, loss_fn: LossFn) -> StepFlops | None:
+def measure_step_flops(model: nn.Module, batch: Any, loss_fn: LossFn,
+                       device: torch.device | None = None) -> StepFlops | None:
     """Like `count_step_flops`, also giving hardware FLOPs and which path counted. Never
-    touches `model`.
+    touches `model`. A model built on the meta device (an FSDP-sharded model's unsharded
+    twin: run/setup.py) is counted on fake tensors on `device` (default: the CPU); it has
+    no values to run a real step with, so only the fake path can count it.
 
     A count of 0 is returned as None: the counter knows matmuls, convolutions and
     attention only, so 0 means "ops it cannot count" (an LSTM, an embedding-only model),
@@ -182,9 +185,11 @@ def measure_step_flops(model: nn.Module, batch: Any, loss_fn: LossFn) -> StepFlo
     """
     counted: StepFlops | None = None
     try:
-        total, hardware = _count_fake(model, batch, loss_fn)
+        total, hardware = _count_fake(model, batch, loss_fn, device or torch.device("cpu"))
         counted = StepFlops(total, "fake", hardware)
     except Exception:  # fake tensors cannot follow this model/loss: count one real step
+        if any(t.is_meta for t in model.parameters()):
+            return None
         try:
             total, hardware = _count_real(model, batch, loss_fn)
             counted = StepFlops(total, "real", hardware)
@@ -193,7 +198,8 @@ def measure_step_flops(model: nn.Module, batch: Any, loss_fn: LossFn) -> StepFlo
     return counted if counted.total > 0 else None
 
 
-def _count_fake(model: nn.Module, batch: Any, loss_fn: LossFn) -> tuple[int, int]:
+def _count_fake(model: nn.Module, batch: Any, loss_fn: LossFn, device: torch.device
+                ) -> tuple[int, int]:
     # plain tensor attributes (not registered as buffers) are turned fake on first use
     # instead of failing the count
     mode = fake_tensor_mode()
@@ -201,12 +207,24 @@ def _count_fake(model: nn.Module, batch: Any, loss_fn: LossFn) -> tuple[int, int
     # no .grad) is copied: the copy costs what the module objects cost, not the weights.
     memo: dict[int, Any] = {}
     for tensor in (*model.parameters(), *model.buffers()):
-        memo[id(tensor)] = mode.from_tensor(tensor)
+        memo[id(tensor)] = _fake(mode, tensor, device)
     shadow = copy.deepcopy(model, memo)
     fake_batch = batch_tree.map_tensors(batch, mode.from_tensor)
     with _rng_preserved(model), mode, StepFlopCounter() as counter:
         loss_fn(shadow, fake_batch).backward()
     return counter.model_flops, counter.hardware_flops
+
+
+def _fake(mode: Any, tensor: Tensor, device: torch.device) -> Tensor:
+    """`tensor` as a fake tensor; a meta tensor as one on `device` (shapes alone)."""
+    if not tensor.is_meta:
+        return mode.from_tensor(tensor)
+    with mode:
+        fake = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
+                                   device=device)
+    fake = fake.requires_grad_(tensor.requires_grad)
+    return nn.Parameter(fake, tensor.requires_grad) if isinstance(tensor, nn.Parameter) \
+        else fake
 
 
 def _count_real(model: nn.Module, batch: Any, loss_fn: LossFn) -> tuple[int, int]:

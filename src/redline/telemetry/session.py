@@ -189,11 +189,14 @@ class Telemetry:
         return self.window.paused()
 
     def count_flops(self, model: torch.nn.Module, batch: Any, loss_fn: LossFn,
-                    samples: int) -> int | None:
+                    samples: int, device: torch.device | None = None) -> int | None:
         """Model FLOPs of one optimizer step from a batch of `samples` (counted once, on
         fake tensors; recomputation left out, and counted apart for HFU), and the peak MFU
-        is measured against; recorded as a 'flops' event."""
-        counted = self.comm.from_main(lambda: measure_step_flops(model, batch, loss_fn))
+        is measured against; recorded as a 'flops' event. Rank 0 counts, alone: `model`
+        must run without collectives (a sharded model's unsharded twin on the meta device,
+        counted on `device`: flops.measure_step_flops)."""
+        counted = self.comm.from_main(lambda: measure_step_flops(model, batch, loss_fn,
+                                                                 device))
         if counted is None:
             return self.set_flops(None)
         scale = self.ctx.samples_per_step / samples
