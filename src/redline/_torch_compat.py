@@ -22,10 +22,10 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 __all__ = [
     "PYTREE_LOGGER", "TorchDispatchMode", "arm_all_reduce", "compiled_runs_eagerly",
     "default_store", "dump_memory_snapshot", "fake_tensor_mode", "foreach_copy_",
-    "foreach_norm", "found_inf_given", "has_running_stats", "op_name_and_return_aliases",
-    "plain_tensors", "record_memory_history", "supports_found_inf", "tree_flatten",
-    "tree_leaves", "tree_unflatten", "unwrap_compiled", "uses_batch_statistics",
-    "view_version",
+    "foreach_norm", "found_inf_given", "has_running_stats", "on_fsdp_storage_resize",
+    "op_name_and_return_aliases", "plain_tensors", "record_memory_history",
+    "supports_found_inf", "tree_flatten", "tree_leaves", "tree_unflatten", "unwrap_compiled",
+    "uses_batch_statistics", "view_version",
 ]
 
 # --- pytree: a batch of any structure (batch.py) and an op's outputs (memory/tracker.py).
@@ -56,6 +56,44 @@ def op_name_and_return_aliases(func: Any) -> tuple[str, list[bool | None]]:
     schema = func._schema
     return schema.name, [None if r.alias_info is None else bool(r.alias_info.is_write)
                          for r in schema.returns]
+
+
+def on_fsdp_storage_resize(hook: Any) -> None:
+    """Call `hook(storage, old_bytes, new_bytes)` before FSDP2 resizes a gathered
+    parameter's storage in place (its alloc_storage / free_storage: how it frees a block's
+    unsharded parameters after use and allocates them again for the next all-gather). No
+    op reports these, so the CPU memory tracker would not see them; the hook may raise (an
+    out-of-memory error) to stop the allocation. Installed once per hook. Relied on:
+    torch.distributed.fsdp._fully_shard._fsdp_param's module functions alloc_storage(t)
+    (resize t's storage to t.numel() * t.itemsize bytes) and free_storage(t) (to 0), called
+    through its globals and _fsdp_param_group's (which imports alloc_storage by name)
+    (tests/unit/test_sharding_plan.py: one rank; tests/distributed/sharded_peak.py: two)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    if hook in getattr(_fsdp_param, "_redline_hooks", ()):
+        return
+    if not hasattr(_fsdp_param, "_redline_hooks"):
+        alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+        hooks: list[Any] = []
+
+        def alloc_storage(tensor: torch.Tensor) -> None:
+            storage, size = tensor.untyped_storage(), tensor.numel() * tensor.itemsize
+            if storage.size() != size:
+                for h in hooks:
+                    h(storage, storage.size(), size)
+            alloc(tensor)
+
+        def free_storage(tensor: torch.Tensor) -> None:
+            storage = tensor.untyped_storage()
+            if storage.size():
+                for h in hooks:
+                    h(storage, storage.size(), 0)
+            free(tensor)
+
+        _fsdp_param._redline_hooks = hooks
+        _fsdp_param.alloc_storage, _fsdp_param.free_storage = alloc_storage, free_storage
+        _fsdp_param_group.alloc_storage = alloc_storage
+    _fsdp_param._redline_hooks.append(hook)
 
 
 @contextmanager

@@ -1,8 +1,7 @@
 """One rank's steady-state peak of an FSDP2 step (2 gloo ranks), for the sharded prediction's
 test (tests/unit/test_sharding_plan.py): argv = OUT.json, task (mlp | gpt), reshard (0|1),
-micro-batch. The CPU tracker counts new storages; FSDP2 frees and re-allocates a block's
-gathered parameters by resizing their storages in place, which no op reports, so the
-resizes are added to the tracker's count here."""
+micro-batch. The CPU tracker counts FSDP2's in-place storage resizes (a block's gathered
+parameters freed and gathered again) and a DTensor's local shard (memory/tracker.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.fsdp._fully_shard._fsdp_param as fsdp_param
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tasks"))
 from memgpt import MemGPT, WideMLP
@@ -23,28 +21,6 @@ from redline.memory.sizes import live_tensor_bytes
 from redline.memory.tracker import MemoryTracker
 
 GPT_ARGS = {"seq": 128, "width": 64, "layers": 4}
-
-
-def _counting_resizes(tracker: MemoryTracker) -> None:
-    def adjust(delta: int) -> None:
-        with tracker._lock:
-            tracker._drain()
-            tracker._live += delta
-            tracker._peak = max(tracker._peak, tracker._baseline + tracker._live)
-
-    alloc, free = fsdp_param.alloc_storage, fsdp_param.free_storage
-
-    def alloc_storage(t: torch.Tensor) -> None:
-        before = t.untyped_storage().size()
-        alloc(t)
-        adjust(t.untyped_storage().size() - before)
-
-    def free_storage(t: torch.Tensor) -> None:
-        before = t.untyped_storage().size()
-        free(t)
-        adjust(-before)
-
-    fsdp_param.alloc_storage, fsdp_param.free_storage = alloc_storage, free_storage
 
 
 def main() -> None:
@@ -66,7 +42,6 @@ def main() -> None:
     step()  # the optimizer's state exists from here on: the steady state
     tracker = MemoryTracker(baseline=live_tensor_bytes(
         [list(model.parameters()), list(opt.state.values())]))
-    _counting_resizes(tracker)
     with tracker:
         step()
     peaks = [None] * dist.get_world_size()
