@@ -81,3 +81,21 @@ def test_tune_nproc_lists_the_strategies_and_writes_the_one_chosen(tmp_path: Pat
     assert tuned["distributed"]["strategy"] == "fsdp"
     assert tuned["distributed"]["reshard_after_forward"] == chosen["levers"][
         "reshard_after_forward"]
+
+
+def test_auto_under_torchrun_shards_a_model_only_two_ranks_hold_and_it_trains(
+        tmp_path: Path) -> None:
+    out = run_cli(["train", MLP, "--nproc", "2", "--steps", "3", "--memory-budget", "30MiB",
+                   "--run-dir", "run", "--no-progress", "--no-report", *SETS], tmp_path,
+                  timeout=400, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert "distributed.strategy auto: fsdp — the model's states" in out.stderr
+    run = tmp_path / "run"
+    chosen = next(e for e in read_jsonl(run / "events.jsonl") if e["event"] == "strategy_auto")
+    assert chosen["strategy"] == "fsdp"
+    assert yaml.safe_load((run / "config.yaml").read_text())["distributed"]["strategy"] == "fsdp"
+    # each rank's tracked peak, under the per-rank budget, near what auto predicted for it
+    peaks = [r["mem_peak_bytes"] for r in read_jsonl(run / "ranks.jsonl") if r["step"] == 3]
+    assert len(peaks) == 2
+    for peak in peaks:
+        assert peak <= 30 * 2**20 and 0.9 * chosen["fsdp_peak"] <= peak <= 1.1 * chosen["fsdp_peak"]

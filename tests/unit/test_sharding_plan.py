@@ -208,3 +208,28 @@ def test_the_cpu_tracker_counts_fsdp_resizes_and_shards_without_drift(tmp_path: 
         assert tracker.peak >= live_tensor_bytes(model, opt) + block
     finally:
         dist.destroy_process_group()
+
+
+def test_a_resumed_run_keeps_the_strategy_auto_chose_at_the_same_world_size(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from redline.checkpoint import checkpoint_path
+    from redline.device import DeviceInfo
+    from redline.distributed import Comm, World
+    from redline.tuning.strategy_choice import resolve_auto_strategy
+
+    (tmp_path / "config.yaml").write_text("distributed:\n  strategy: fsdp\n")
+    (tmp_path / "environment.json").write_text(json.dumps({"run": {"ranks": 2}}))
+    saved = checkpoint_path(tmp_path / "checkpoints", 3)
+    saved.parent.mkdir()
+    saved.write_bytes(b"")
+    config = load_config(None, [f"task={TASKS}:WideMLP", "distributed.strategy=auto"])
+    task = resolve_task(config.task, config.task_args)
+    two = Comm(World(0, 2, 0, 2))  # the saved choice is taken: no rank is asked
+    cpu = DeviceInfo.detect("cpu")
+    resolved, record = resolve_auto_strategy(task, config, cpu, two, tmp_path, resume=True)
+    assert resolved.distributed.strategy == "fsdp" and record["source"] == "config.yaml"
+    assert "distributed.strategy auto: fsdp" in capsys.readouterr().err
+    # one process now: nothing to shard, whatever the first start chose
+    resolved, record = resolve_auto_strategy(task, config, cpu, Comm(World()), tmp_path,
+                                             resume=True)
+    assert resolved.distributed.strategy == "ddp" and record["world_size"] == 1
