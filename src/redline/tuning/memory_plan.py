@@ -360,28 +360,6 @@ def planned_config(config: RunConfig, levers: Levers, micro_batch: int, ranks: i
     return recipe(base, micro_batch, None, ranks).apply(base)
 
 
-def sharding_note(bd: Any, micro_batch: int) -> str:
-    """What sharding saves of one rank's peak without other levers at `micro_batch`, for
-    `bd` (a Breakdown predicting for bd.world_size ranks); where little because activations
-    dominate, says so, and whether full activation checkpointing would save more."""
-    ddp, fsdp = Levers(strategy="ddp"), Levers(strategy="fsdp")
-    whole, sharded = bd.predict(ddp, micro_batch), bd.predict(fsdp, micro_batch)
-    saves = 1 - sharded / max(1, whole)
-    acts = bd.activations(ddp, micro_batch) / max(1, whole)
-    words = (f"sharding over {bd.world_size} ranks: a rank's predicted peak at micro-batch "
-             f"{micro_batch} is {format_size(whole)} under ddp, {format_size(sharded)} under "
-             f"fsdp ({saves:.0%} less)")
-    if saves >= 0.25 or acts < 0.5:
-        return words
-    words += (f"; sharding saves {saves:.0%} of the peak: activations are {acts:.0%} of it")
-    if bd.blocks:
-        full = bd.predict(Levers("full", None, "fp32", "ddp"), micro_batch)
-        if whole - full > whole - sharded:
-            words += (f"; activation checkpointing saves more (full: "
-                      f"{format_size(full)}, {1 - full / max(1, whole):.0%} less)")
-    return words
-
-
 def fits_already(start_peak: int, target: int, levers: Levers, micro_batch: int,
                  budget: int, blocks: int, breakdown: dict[str, Any] | None = None
                  ) -> MemoryPlan:

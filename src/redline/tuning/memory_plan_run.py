@@ -71,10 +71,10 @@ from redline.tuning.memory_plan import (
     micro_batches,
     nothing_fits,
     planned_config,
-    sharding_note,
     split_timed,
 )
 from redline.tuning.recipe import DEFAULT_BATCH, kept_batch
+from redline.tuning.strategy_choice import sharding_note
 from redline.tuning.trial import interleave, runners
 
 MEASURE_AT = 2  # the breakdown's micro-batch (at most the start's): small, still per-sample

@@ -20,6 +20,9 @@ so the choice is for one sample a rank (states first: the batch search fills wha
 A single process has nothing to shard: auto is ddp, trivially, and no step is measured.
 A resumed run takes the strategy its first start chose at the same world size (its
 config.yaml), so the checkpoint's layout does not change under it.
+
+`sharding_note` says, for the memory plan over N ranks, what sharding saves of a rank's
+peak, and when little because activations dominate (sharding divides none of them).
 """
 
 from __future__ import annotations
@@ -140,3 +143,25 @@ def _first_strategy(run_dir: Path, world_size: int) -> str | None:
         return None
     strategy = (yaml.safe_load(saved.read_text()).get("distributed") or {}).get("strategy")
     return strategy if ranks == world_size and strategy in ("ddp", "fsdp") else None
+
+
+def sharding_note(bd: Any, micro_batch: int) -> str:
+    """What sharding saves of one rank's peak without other levers at `micro_batch`, for
+    `bd` (a Breakdown predicting for bd.world_size ranks); where little because activations
+    dominate, says so, and whether full activation checkpointing would save more."""
+    ddp, fsdp = Levers(strategy="ddp"), Levers(strategy="fsdp")
+    whole, sharded = bd.predict(ddp, micro_batch), bd.predict(fsdp, micro_batch)
+    saves = 1 - sharded / max(1, whole)
+    acts = bd.activations(ddp, micro_batch) / max(1, whole)
+    words = (f"sharding over {bd.world_size} ranks: a rank's predicted peak at micro-batch "
+             f"{micro_batch} is {format_size(whole)} under ddp, {format_size(sharded)} under "
+             f"fsdp ({saves:.0%} less)")
+    if saves >= 0.25 or acts < 0.5:
+        return words
+    words += (f"; sharding saves {saves:.0%} of the peak: activations are {acts:.0%} of it")
+    if bd.blocks:
+        full = bd.predict(Levers("full", None, "fp32", "ddp"), micro_batch)
+        if whole - full > whole - sharded:
+            words += (f"; activation checkpointing saves more (full: "
+                      f"{format_size(full)}, {1 - full / max(1, whole):.0%} less)")
+    return words
