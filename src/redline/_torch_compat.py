@@ -22,8 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 __all__ = [
     "PYTREE_LOGGER", "TorchDispatchMode", "arm_all_reduce", "compiled_runs_eagerly",
     "dcp_metadata_globals", "default_store", "dump_memory_snapshot", "fake_tensor_mode",
-    "foreach_copy_", "foreach_norm", "found_inf_given", "fsdp_storage_resizes",
-    "has_running_stats", "op_name_and_return_aliases", "plain_tensors",
+    "foreach_copy_", "foreach_norm", "found_inf_given", "has_running_stats",
+    "on_fsdp_storage_resize", "op_name_and_return_aliases", "plain_tensors",
     "record_memory_history", "reset_fsdp_step", "supports_found_inf", "tree_flatten",
     "tree_leaves", "tree_unflatten", "unwrap_compiled", "uses_batch_statistics",
     "view_version", "weights_only_unpickle",
@@ -57,6 +57,44 @@ def op_name_and_return_aliases(func: Any) -> tuple[str, list[bool | None]]:
     schema = func._schema
     return schema.name, [None if r.alias_info is None else bool(r.alias_info.is_write)
                          for r in schema.returns]
+
+
+def on_fsdp_storage_resize(hook: Any) -> None:
+    """Call `hook(storage, old_bytes, new_bytes)` before FSDP2 resizes a gathered
+    parameter's storage in place (its alloc_storage / free_storage: how it frees a block's
+    unsharded parameters after use and allocates them again for the next all-gather). No
+    op reports these, so the CPU memory tracker would not see them; the hook may raise (an
+    out-of-memory error) to stop the allocation. Installed once per hook. Relied on:
+    torch.distributed.fsdp._fully_shard._fsdp_param's module functions alloc_storage(t)
+    (resize t's storage to t.numel() * t.itemsize bytes) and free_storage(t) (to 0), called
+    through its globals and _fsdp_param_group's (which imports alloc_storage by name)
+    (tests/unit/test_sharding_plan.py: one rank; tests/distributed/sharded_peak.py: two)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    if hook in getattr(_fsdp_param, "_redline_hooks", ()):
+        return
+    if not hasattr(_fsdp_param, "_redline_hooks"):
+        alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+        hooks: list[Any] = []
+
+        def alloc_storage(tensor: torch.Tensor) -> None:
+            storage, size = tensor.untyped_storage(), tensor.numel() * tensor.itemsize
+            if storage.size() != size:
+                for h in hooks:
+                    h(storage, storage.size(), size)
+            alloc(tensor)
+
+        def free_storage(tensor: torch.Tensor) -> None:
+            storage = tensor.untyped_storage()
+            if storage.size():
+                for h in hooks:
+                    h(storage, storage.size(), 0)
+            free(tensor)
+
+        _fsdp_param._redline_hooks = hooks
+        _fsdp_param.alloc_storage, _fsdp_param.free_storage = alloc_storage, free_storage
+        _fsdp_param_group.alloc_storage = alloc_storage
+    _fsdp_param._redline_hooks.append(hook)
 
 
 @contextmanager
@@ -267,49 +305,3 @@ def weights_only_unpickle(file: Any, allowed: list[Any]) -> Any:
 
     with torch.serialization.safe_globals(allowed):
         return _weights_only_unpickler.load(file)
-
-
-# --- FSDP2's gathered parameters.
-_FSDP_PARAM = "torch.distributed.fsdp._fully_shard._fsdp_param"
-_FSDP_GROUP = "torch.distributed.fsdp._fully_shard._fsdp_param_group"
-
-
-@contextmanager
-def fsdp_storage_resizes(on_resize: Any) -> Iterator[None]:
-    """While active, `on_resize(storage, old_bytes, new_bytes)` hears of every storage FSDP2
-    grows or frees in place. FSDP2 allocates a block's gathered parameters (and its
-    all-gather output) by resizing storages made once at `fully_shard`
-    (`UntypedStorage.resize_`, not an aten op), so no dispatch mode sees those bytes: the
-    CPU memory tracker would miss a whole block's parameters (8 MiB of an 89 MiB rank's
-    peak, measured). Relied on: `alloc_storage(tensor)` and `free_storage(tensor)` in
-    torch/distributed/fsdp/_fully_shard/_fsdp_param.py, also imported by name into
-    _fsdp_param_group.py (tests/unit/test_torch_compat.py checks both). Where FSDP was
-    never imported nothing can resize, and nothing is patched."""
-    import sys
-
-    param = sys.modules.get(_FSDP_PARAM)
-    if param is None:
-        yield
-        return
-    group = sys.modules.get(_FSDP_GROUP)
-    alloc, free = param.alloc_storage, param.free_storage
-
-    def resized(fn: Any) -> Any:
-        def call(tensor: torch.Tensor) -> None:
-            storage = tensor.untyped_storage()
-            old = storage.nbytes()
-            fn(tensor)
-            if storage.nbytes() != old:
-                on_resize(storage, old, storage.nbytes())
-        return call
-
-    modules = [m for m in (param, group) if m is not None and hasattr(m, "alloc_storage")]
-    for m in modules:
-        m.alloc_storage = resized(alloc)
-    param.free_storage = resized(free)
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.alloc_storage = alloc
-        param.free_storage = free

@@ -210,6 +210,10 @@ def _add_tune(sub: Any, job: argparse.ArgumentParser) -> None:
     u.add_argument("--keep-budget", action="store_true",
                    help="keep --memory-budget in the tuned config (on a CPU training then "
                         "tracks every tensor operation to enforce it, which is slower)")
+    u.add_argument("--nproc", type=int, metavar="N",
+                   help="plan for N ranks on this host (train --nproc N): the memory plan "
+                        "weighs ddp against fsdp sharding per rank; tune itself runs in "
+                        "one process")
 
 
 def _add_study(sub: Any, job: argparse.ArgumentParser) -> None:
@@ -292,7 +296,7 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
     from redline.run.dryrun import dry_run, render
     from redline.task import resolve_task
 
-    result = dry_run(config, resolve_task(config.task, config.task_args))
+    result = dry_run(config, resolve_task(config.task, config.task_args), args.nproc)
     output.show(args.json, result.to_dict(), render(result))
     return 0 if result.ok else 1
 
@@ -304,7 +308,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     options = TuneOptions.from_flags(
         factors=args.factors, budget_s=args.budget_s, quality_steps=args.quality_steps,
         batch_only=args.batch_only, no_cache=args.no_cache, output=args.output,
-        keep_budget=args.keep_budget)
+        keep_budget=args.keep_budget, nproc=args.nproc)
     config = _load(args, "tune")
     tuned = run_tune(resolve_task(config.task, config.task_args), config, options,
                      warn=output.warn)

@@ -121,11 +121,24 @@ def _levers(job: Job) -> Levers:
 def _states(job: Job) -> dict[str, Any]:
     params = list(job.model.parameters())
     trainable = [p for p in params if p.requires_grad]
-    return {"parameters": tensor_bytes(params),
+    return {"parameters": tensor_bytes(params), **_sharding_sizes(job),
             "optimizer_state": tensor_bytes(list(job.optimizer.state.values())),
             "optimizer_state_kind": job.config.memory.optimizer_state,
             "trainable_elements": sum(p.numel() for p in trainable),
             "largest_parameter": max((p.numel() for p in trainable), default=0)}
+
+
+def _sharding_sizes(job: Job) -> dict[str, Any]:
+    """What a sharded prediction needs (memory/breakdown.py): each FSDP unit's parameter
+    bytes (the blocks memory/sharding.py would shard: find_blocks with
+    memory.checkpoint_blocks) and the share of their bytes FSDP gathers (the mixed
+    precisions gather fp32 parameters in 16 bits)."""
+    blocks = find_blocks(job.model, job.config.memory.checkpoint_blocks)
+    params = list(job.model.parameters())
+    low = job.config.precision.name in ("bf16-mixed", "fp16-mixed")
+    wide = bool(params) and all(p.element_size() == 4 for p in params)
+    return {"block_parameters": [tensor_bytes(list(b.module.parameters())) for b in blocks],
+            "gather_scale": 0.5 if low and wide else 1.0}
 
 
 def _measured_step(runner: JobRunner, batch: Any) -> int:

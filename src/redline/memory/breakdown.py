@@ -30,13 +30,34 @@ so a first step's peak misses it) a step's peak is
 
 `Breakdown.predict` adds these up for any levers (memory/levers.py) at any micro-batch; a
 state kind other than the measured one is predicted from the trainable elements
-(`STATE_BYTES_PER_PARAM`). The measurement itself lives above (job/memory.py), since it
-steps a built job; `measure_activations` here is the device-independent part: forward
-passes over a callable, with hooks at the block boundaries.
+(`STATE_BYTES_PER_PARAM`).
+
+Sharded over N ranks (`world_size`, levers with strategy fsdp: memory/sharding.py), a
+rank holds params/N, grads/N and optimizer state/N, and besides, at the backward's peak:
+the root's own parameters gathered (FSDP never reshards the root after forward) and its
+unsharded gradients (reduce-scattered when the root's backward ends, so alive through
+it); with reshard_after_forward (one block gathered at a time) three of the largest
+block: its gathered parameters, its unsharded gradient and the reduce-scatter's flat copy
+of that gradient (or the next block's parameters, gathered early: backward prefetches);
+without it every block's gathered parameters (kept from forward to backward) and one
+block's unsharded gradient. Gathered parameters take `gather_scale` of their stored bytes
+(0.5 under bf16-mixed / fp16-mixed: FSDP gathers them in the low precision); gradients
+are counted at their stored (fp32, reduce_dtype) bytes. The activations are per rank as
+measured (the micro-batch is per rank); negative temporaries (what did not coexist at
+the peak, mostly gradients) shrink with the sharded gradients, by N. Measured on 2 gloo
+ranks (torch 2.13 CPU, FSDP's storage resizes counted; docs/memory.md), this came within
++0.4 % / +3 % (reshard) and +9 % / +0.3 % (kept) of WideMLP's / MemGPT's real per-rank
+peaks. Under ddp a rank holds everything, as one process (DDP's buckets are the
+gradients' own storage: gradient_as_bucket_view).
+
+The measurement itself lives above (job/memory.py), since it steps a built job;
+`measure_activations` here is the device-independent part: forward passes over a
+callable, with hooks at the block boundaries.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -88,6 +109,11 @@ class Breakdown:
     # the samples of one optimizer step the prediction is for: a micro-batch below it
     # accumulates (None: each step one micro-batch, as measured)
     samples_per_step: int | None = None
+    # bytes of each FSDP unit's own parameters as stored (the blocks, in order; what is
+    # left of `parameters` is the root's): what a sharded rank gathers
+    block_parameters: list[int] = field(default_factory=list)
+    gather_scale: float = 1.0  # gathered bytes per stored byte (0.5: bf16/fp16-mixed)
+    world_size: int = 1  # the ranks a sharded prediction (strategy fsdp) divides among
 
     # ---- prediction ----------------------------------------------------------------------
 
@@ -120,13 +146,53 @@ class Breakdown:
         """The steady-state peak predicted with `levers` at `micro_batch` (module docstring):
         the larger of the forward/backward's and the optimizer step's."""
         return max(self.backward_peak(levers, micro_batch),
-                   self.step_peak(levers.optimizer_state))
+                   self.step_peak(levers.optimizer_state, self.divides(levers)))
 
     def backward_peak(self, levers: Levers, micro_batch: int) -> int:
-        """The forward/backward's peak: every category, activations at `micro_batch`."""
-        return (self.parameters + self.gradients + self.state_bytes(levers.optimizer_state)
+        """The forward/backward's peak: every category, activations at `micro_batch`; a
+        sharded rank's (module docstring) where `levers` shard."""
+        temporaries = self._accumulated(self.temporaries_at(micro_batch), micro_batch)
+        if self.divides(levers) and temporaries < 0:
+            temporaries = -self._per_rank(-temporaries)
+        return (self.states(levers) + self.gathered(levers)
                 + self.activations(levers, micro_batch) + self.recompute(levers, micro_batch)
-                + self._accumulated(self.temporaries_at(micro_batch), micro_batch))
+                + temporaries)
+
+    def divides(self, levers: Levers) -> bool:
+        """Whether `levers` shard the states over more than one rank."""
+        return levers.sharded and self.world_size > 1
+
+    def states(self, levers: Levers) -> int:
+        """Parameters, gradients and optimizer state one rank holds with `levers`."""
+        total = self.parameters + self.gradients + self.state_bytes(levers.optimizer_state)
+        return self._per_rank(total) if self.divides(levers) else total
+
+    @property
+    def root_parameters(self) -> int:
+        """Bytes of the parameters in no block: the root FSDP unit's own."""
+        return max(0, self.parameters - sum(self.block_parameters))
+
+    def gathered(self, levers: Levers) -> int:
+        """What a sharded rank holds unsharded at the backward's peak (module docstring):
+        the root's parameters and gradients; the largest block's parameters, gradient and
+        its reduce-scatter copy (without reshard_after_forward: every block's parameters
+        and one block's gradient); 0 unsharded."""
+        if not self.divides(levers):
+            return 0
+        blocks, root = self.block_parameters, self.root_parameters
+        largest = max(blocks, default=0)
+        if levers.reshard_after_forward:
+            held, grads = largest, 2 * self._grad_of(largest)
+        else:
+            held, grads = sum(blocks), self._grad_of(largest)
+        return int(self.gather_scale * (root + held)) + self._grad_of(root) + grads
+
+    def _grad_of(self, parameter_bytes: int) -> int:
+        """The gradient bytes of parameters of `parameter_bytes` (frozen ones have none)."""
+        return round(parameter_bytes * self.gradients / max(1, self.parameters))
+
+    def _per_rank(self, total: int) -> int:
+        return -(-int(total) // self.world_size)
 
     def _accumulated(self, temporaries: int, micro_batch: int) -> int:
         """Negative temporaries are what does not coexist at a whole batch's peak (the
@@ -146,19 +212,23 @@ class Breakdown:
         return int(self.temporaries
                    + self.temporaries_per_sample * (micro_batch - self.micro_batch))
 
-    def step_peak(self, kind: str) -> int:
+    def step_peak(self, kind: str, sharded: bool = False) -> int:
         """The optimizer step's peak: the model states, and the step's own temporaries for
         state `kind` (a low-bit step dequantizes one parameter's moments at a time:
-        STEP_BYTES_PER_ELEMENT of its largest parameter)."""
-        return (self.parameters + self.gradients + self.state_bytes(kind)
-                + int(STEP_BYTES_PER_ELEMENT.get(kind, 0.0) * self.largest_parameter))
+        STEP_BYTES_PER_ELEMENT of its largest parameter); `sharded`: a rank's share of
+        them over `world_size` ranks."""
+        step = int(STEP_BYTES_PER_ELEMENT.get(kind, 0.0) * self.largest_parameter)
+        total = self.parameters + self.gradients + self.state_bytes(kind)
+        if sharded and self.world_size > 1:  # each rank steps its shards only
+            return self._per_rank(total) + self._per_rank(step)
+        return total + step
 
     def fewest_blocks(self, levers: Levers, micro_batch: int, limit: int) -> int | None:
         """The fewest first blocks to checkpoint in `levers.checkpointing` for predict() to be
         at most `limit` at `micro_batch`; None when even every block is not enough."""
         n = len(self.blocks)
         for count in range(n + 1):
-            trial = Levers(levers.checkpointing, count, levers.optimizer_state)
+            trial = dataclasses.replace(levers, checkpointed_blocks=count)
             if self.predict(trial, micro_batch) <= limit:
                 return count
         return None
@@ -278,20 +348,29 @@ def fitting_levers(b: Breakdown, micro_batch: int, limit: int,
                    ) -> list[tuple[Levers, int]]:
     """Lever combinations predicted to fit `limit` at `micro_batch`, cheapest first, with
     their predicted peaks: the fewest checkpointed blocks for each mode. `state_kinds`: the
-    optimizer states that can be used (a task's own optimizer: only what it has)."""
+    optimizer states that can be used (a task's own optimizer: only what it has). Over
+    several ranks (`b.world_size`) the run's strategy is kept, and where it is not fsdp,
+    sharding is tried after the others (alone, then with each)."""
     found = []
-    for mode, kind in _CANDIDATES:
-        if kind not in state_kinds or (mode != "none" and not b.blocks):
-            continue
-        levers = Levers(mode, None, kind)
-        if mode != "none":
-            count = b.fewest_blocks(levers, micro_batch, limit)
-            if count is None:
+    ranks = b.levers.strategy
+    shardings = [(ranks, b.levers.reshard_after_forward)]
+    if b.world_size > 1 and not b.levers.sharded:
+        shardings.append(("fsdp", True))
+    for strategy, reshard in shardings:
+        for mode, kind in (("none", "fp32"), *_CANDIDATES) if strategy != ranks \
+                else _CANDIDATES:
+            if kind not in state_kinds or (mode != "none" and not b.blocks):
                 continue
-            levers = Levers(mode, count if count < len(b.blocks) else None, kind)
-        peak = b.predict(levers, micro_batch)
-        if peak <= limit:
-            found.append((levers, peak))
+            levers = Levers(mode, None, kind, strategy, reshard)
+            if mode != "none":
+                count = b.fewest_blocks(levers, micro_batch, limit)
+                if count is None:
+                    continue
+                levers = dataclasses.replace(
+                    levers, checkpointed_blocks=count if count < len(b.blocks) else None)
+            peak = b.predict(levers, micro_batch)
+            if peak <= limit:
+                found.append((levers, peak))
     return found
 
 
@@ -305,6 +384,10 @@ def set_flags(levers: Levers) -> str:
             flags.append(f"--set memory.checkpointed_blocks={levers.checkpointed_blocks}")
     if levers.optimizer_state != "fp32":
         flags.append(f"--set memory.optimizer_state={levers.optimizer_state}")
+    if levers.sharded:
+        flags.append("--set distributed.strategy=fsdp")
+        if not levers.reshard_after_forward:
+            flags.append("--set distributed.reshard_after_forward=false")
     return " ".join(flags)
 
 
@@ -314,7 +397,8 @@ def fit_sentence(b: Breakdown, limit: int, micro_batch: int | None = None,
     `limit`: "fits: yes (72 % of the budget)", or what it needs and which levers would fit,
     with the `--set` flags of the first."""
     m = micro_batch or b.micro_batch
-    peak = b.predict(b.levers, m) if m != b.micro_batch else b.peak
+    # a sharded rank's peak is predicted (the measured step was one process's)
+    peak = b.predict(b.levers, m) if m != b.micro_batch or b.divides(b.levers) else b.peak
     if peak <= limit:
         return True, f"fits: yes ({peak / limit:.0%} of the budget of {format_size(limit)})"
     words = f"does not fit: {format_size(peak)} of {format_size(limit)}"

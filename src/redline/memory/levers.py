@@ -3,6 +3,11 @@
 `Levers` is the part of the `memory` config section the plan decides (activation
 checkpointing, how many blocks, the optimizer's state), as one value the plan can
 enumerate, predict (memory/breakdown.py), build (`updates()` into a config) and print.
+
+Under N ranks the plan also decides how the model is spread (`strategy`: ddp keeps the
+whole model on every rank; fsdp shards it, `reshard_after_forward` choosing whether each
+block's gathered parameters are freed after its forward). `strategy` None: not planned
+(one process, or a plan that leaves `distributed` as configured).
 """
 
 from __future__ import annotations
@@ -34,11 +39,20 @@ STEP_BYTES_PER_ELEMENT = {"fp32": 0.0, "8bit": 24.0, "4bit": 24.0, "cpu-offload"
 @dataclass(frozen=True)
 class Levers:
     """One combination: `checkpointing` none | selective | full, on the first
-    `checkpointed_blocks` blocks (None: all), and the optimizer's `optimizer_state`."""
+    `checkpointed_blocks` blocks (None: all), the optimizer's `optimizer_state`, and under
+    N ranks the `strategy` (ddp | fsdp; None: not planned) with fsdp's
+    `reshard_after_forward`."""
 
     checkpointing: str = "none"
     checkpointed_blocks: int | None = None
     optimizer_state: str = "fp32"
+    strategy: str | None = None
+    reshard_after_forward: bool = True
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the states are sharded over the ranks (fsdp)."""
+        return self.strategy == "fsdp"
 
     @classmethod
     def of(cls, memory: MemoryConfig) -> Levers:
@@ -51,14 +65,19 @@ class Levers:
     def none(self) -> bool:
         """No lever on: the step as the model is."""
         return (self.checkpointing == "none" or self.checkpointed_blocks == 0) and \
-            self.optimizer_state == "fp32"
+            self.optimizer_state == "fp32" and not self.sharded
 
     def updates(self) -> dict[str, Any]:
         """These levers as `RunConfig.updated` keys."""
-        return {"memory.activation_checkpointing": self.checkpointing,
-                "memory.checkpointed_blocks": (None if self.checkpointing == "none"
-                                               else self.checkpointed_blocks),
-                "memory.optimizer_state": self.optimizer_state}
+        updates: dict[str, Any] = {
+            "memory.activation_checkpointing": self.checkpointing,
+            "memory.checkpointed_blocks": (None if self.checkpointing == "none"
+                                           else self.checkpointed_blocks),
+            "memory.optimizer_state": self.optimizer_state}
+        if self.strategy is not None:
+            updates.update({"distributed.strategy": self.strategy,
+                            "distributed.reshard_after_forward": self.reshard_after_forward})
+        return updates
 
     def describe(self, blocks: int | None = None) -> str:
         """In words, e.g. "full checkpointing of 4 of 12 blocks, 8bit optimizer state"."""
@@ -70,4 +89,8 @@ class Levers:
             parts.append(f"{self.checkpointing} checkpointing of {of}")
         if self.optimizer_state != "fp32":
             parts.append(f"{self.optimizer_state} optimizer state")
-        return ", ".join(parts) or "no lever"
+        if self.sharded:
+            parts.append("fsdp" if self.reshard_after_forward
+                         else "fsdp, gathered blocks kept to backward")
+        lever = ", ".join(parts) or "no lever"
+        return f"ddp, {lever}" if self.strategy == "ddp" else lever

@@ -19,11 +19,11 @@ storages. A view op returns an input's storage: known (tracked already) or older
 tracker (part of the baseline), so never new. In-place and `out=` ops may grow a storage
 (`resize_`): for those the inputs' storage sizes are read before the op and only the growth
 counts. Bytes a kernel allocates and frees internally (scratch space) are not seen.
-FSDP2 gathers a block's parameters into storages it grows and frees in place, outside
-any op (`_torch_compat.fsdp_storage_resizes` reports them): those bytes count while the
-block is gathered. A resize never raises the budget's OOM itself (it happens inside
-FSDP's all-gather, where one rank failing alone would leave the others waiting in the
-collective); the next op's allocation sees them and raises there.
+
+FSDP2 frees a block's gathered parameters by resizing their storage to 0 and allocates
+them again by resizing it back, in place, outside any op: the trackers entered on the
+thread hear of each resize (`_torch_compat.on_fsdp_storage_resize`), count it like an
+op's growth or a free, and a budget refuses a growth past it as it refuses an op's.
 
 Code that torch.compile wrapped runs eagerly while the tracker is entered: dynamo skips
 a frame it meets under a dispatch mode (and stays skipped), and one compiled with
@@ -39,7 +39,6 @@ counters are settled under a lock by whoever next reads them.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
 from collections import deque
@@ -50,8 +49,9 @@ import torch
 from redline._torch_compat import (
     TorchDispatchMode,
     compiled_runs_eagerly,
-    fsdp_storage_resizes,
+    on_fsdp_storage_resize,
     op_name_and_return_aliases,
+    plain_tensors,
     tree_leaves,
 )
 from redline.memory.sizes import format_size
@@ -100,16 +100,41 @@ def _storage_of(obj: Any) -> torch.UntypedStorage | None:
     return obj.untyped_storage()
 
 
+def _storages_of(obj: Any) -> list[torch.UntypedStorage]:
+    """The CPU storages holding a tensor output's bytes: its own, or for a wrapper subclass
+    (a DTensor: this rank's shard) the tensors it wraps, whose wrapper's own storage holds
+    none (counting it counted a sharded tensor at its global size)."""
+    if type(obj) is torch.Tensor or not isinstance(obj, torch.Tensor):
+        s = _storage_of(obj)
+        return [s] if s is not None else []
+    return [s for t in plain_tensors(obj) if (s := _storage_of(t)) is not None]
+
+
 def _input_sizes(args: Any, kwargs: Any) -> dict[int, int]:
     # Aten arguments are flat (tensors, storages, scalars, lists of those): a plain walk is
     # ~10x cheaper than pytree on this per-op path.
     sizes: dict[int, int] = {}
     for arg in (*args, *kwargs.values()):
         for leaf in arg if isinstance(arg, (list, tuple)) else (arg,):
-            s = leaf if isinstance(leaf, torch.UntypedStorage) else _storage_of(leaf)  # set_
-            if s is not None:
-                sizes[id(s)] = s.nbytes()
+            for s in [leaf] if isinstance(leaf, torch.UntypedStorage) else _storages_of(leaf):
+                sizes[id(s)] = s.nbytes()  # (a storage: set_)
     return sizes
+
+
+class _Entered(threading.local):
+    def __init__(self) -> None:
+        self.trackers: list[MemoryTracker] = []  # entered on this thread, innermost last
+
+
+_entered = _Entered()
+
+
+def _on_resize(storage: torch.UntypedStorage, old: int, new: int) -> None:
+    """FSDP resized `storage` in place (module docstring): every tracker entered here counts
+    it (a budget's may raise before the growth happens)."""
+    if torch.distributed.is_available() and _entered.trackers:
+        for tracker in list(_entered.trackers):
+            tracker._resized(storage, old, new)
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -182,6 +207,31 @@ class MemoryTracker(TorchDispatchMode):
         while freed:
             self._live -= freed.popleft().nbytes
 
+    def _resized(self, storage: torch.UntypedStorage, old: int, new: int) -> None:
+        """A storage resized in place outside any op, from `old` to `new` bytes. One the
+        tracker knows is re-counted; an older one (the baseline holds it at `old`) counts
+        its growth, and a shrink below what it counted is not seen."""
+        with self._lock:
+            self._drain()
+            ref = self._refs.get(id(storage))
+            counted = ref.nbytes if ref is not None else 0
+            delta = max(new - old, -counted)
+            if self.budget is not None and delta > 0 and \
+                    self._baseline + self._live + delta > self.budget:
+                raise torch.OutOfMemoryError(
+                    "DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                    f"{delta} bytes (redline CPU memory budget {format_size(self.budget)}: "
+                    f"{format_size(self._baseline + self._live)} in use, FSDP's all-gather)")
+            if ref is None and delta > 0:
+                ref = _StorageRef(storage, self._callback)
+                ref.key, ref.nbytes, ref.size = id(storage), 0, old
+                self._refs[ref.key] = ref
+            if ref is not None:
+                ref.nbytes += delta
+                ref.size = new
+            self._live += delta
+            self._peak = max(self._peak, self._baseline + self._live)
+
     def _on_free(self, ref: _StorageRef) -> None:
         # Runs inside the storage's deallocation, anywhere: no lock, no counter, no allocation
         # that could re-enter us; dict.pop and deque.append are single atomic C calls.
@@ -193,46 +243,30 @@ class MemoryTracker(TorchDispatchMode):
     def __enter__(self) -> MemoryTracker:
         depth = getattr(self._local, "depth", 0)
         if depth == 0:
-            # compiled code runs eagerly while tracked, and FSDP's resizes are heard
-            # (module docstring)
-            held = contextlib.ExitStack()
-            held.enter_context(compiled_runs_eagerly())
-            held.enter_context(fsdp_storage_resizes(self._on_resize))
+            # compiled code runs eagerly while tracked (module docstring)
+            eager = compiled_runs_eagerly()
+            eager.__enter__()
             try:
                 super().__enter__()
             except BaseException:
-                held.close()
+                eager.__exit__(None, None, None)
                 raise
-            self._local.eager = held
+            self._local.eager = eager
+            on_fsdp_storage_resize(_on_resize)
+            _entered.trackers.append(self)
         self._local.depth = depth + 1
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self._local.depth -= 1
         if self._local.depth == 0:
+            if self in _entered.trackers:
+                _entered.trackers.remove(self)
             try:
                 super().__exit__(*exc_info)
             finally:
-                self._local.eager.close()
+                self._local.eager.__exit__(None, None, None)
                 del self._local.eager
-
-    def _on_resize(self, storage: torch.UntypedStorage, old: int, new: int) -> None:
-        """FSDP grew or freed `storage` in place (module docstring). A storage that was
-        gathered before the tracker started and is freed now was never counted: ignored."""
-        with self._lock:
-            self._drain()
-            ref = self._refs.get(id(storage))
-            if ref is None:
-                if new <= old:
-                    return
-                ref = _StorageRef(storage, self._callback)
-                ref.key, ref.nbytes, ref.size = id(storage), 0, old
-                self._refs[ref.key] = ref
-            grown = max(new - ref.size, -ref.nbytes)  # never below what was counted
-            ref.nbytes += grown
-            ref.size = new
-            self._live += grown
-            self._peak = max(self._peak, self._baseline + self._live)
 
     # ---- the op hook ----------------------------------------------------------------------
 
@@ -284,9 +318,8 @@ class MemoryTracker(TorchDispatchMode):
         grown: list[tuple[_StorageRef, int]] = []
         seen: set[int] = set()
         added = 0
-        for leaf in leaves:
-            s = _storage_of(leaf)
-            if s is None or id(s) in seen:
+        for s in [st for leaf in leaves for st in _storages_of(leaf)]:
+            if id(s) in seen:
                 continue
             seen.add(id(s))
             size = s.nbytes()

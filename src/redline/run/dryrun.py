@@ -12,9 +12,15 @@ do: the recipe (with the lr the optimizer really starts at, and what the task's 
 optimizer or scheduler replaces), the step's time, where its memory goes at the steady
 state (job/memory.py: measured on a job built for it, unbudgeted, at the micro-batch)
 against the budget (memory.budget, else the device's or the CPU default) and which memory
-levers would make it fit, a projection of the run's length (labelled as a projection: one
+levers would make it fit, what `distributed.strategy: auto` would pick for the ranks
+`--nproc` gives (tuning/strategy_choice.py; one process: ddp, nothing to shard), a
+projection of the run's length (labelled as a projection: one
 step is not a run), where it would write. No run directory, cache or file is created; the
 model trained for two steps is thrown away.
+
+Under fsdp over `--nproc N` ranks (set, or what auto picks) the dry run's one process
+holds the whole model, not a rank's shard: its steps run without the per-rank budget, and
+the memory line is the breakdown's prediction for a sharded rank (memory/breakdown.py).
 
 Exit codes as `doctor`: 0 when the run can go, 1 when something blocks it (the
 environment, an out-of-memory step), 2 for bad input (the config, the task).
@@ -23,7 +29,7 @@ environment, an out-of-memory step), 2 for bad input (the config, the task).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -32,6 +38,7 @@ from redline import batch as batch_tree
 from redline.config import ConfigError, RunConfig
 from redline.data import iterate_from
 from redline.device import DeviceInfo
+from redline.distributed import World
 from redline.environment import environment_check
 from redline.job.build import build_job
 from redline.job.memory import measure_config_breakdown, state_kinds
@@ -41,6 +48,7 @@ from redline.memory.guard import OutOfMemoryAtMinimum
 from redline.memory.probe import MemoryBudget, default_budget, format_size, live_tensor_bytes
 from redline.run.evaluation import evaluate_sets
 from redline.task import Task
+from redline.tuning.strategy_choice import choose_strategy
 
 
 @dataclass
@@ -55,8 +63,9 @@ class DryRun:
                 **self.plan}
 
 
-def dry_run(config: RunConfig, task: Task) -> DryRun:
-    """Check, build, step once, evaluate once; write nothing (module docstring)."""
+def dry_run(config: RunConfig, task: Task, nproc: int | None = None) -> DryRun:
+    """Check, build, step once, evaluate once; write nothing (module docstring). `nproc`:
+    the ranks the run would have (--nproc), for what strategy auto would pick."""
     env = environment_check(config.device)
     result = DryRun(ok=env.ok, blockers=list(env.blockers), warnings=list(env.warnings))
     if not env.ok:
@@ -66,6 +75,14 @@ def dry_run(config: RunConfig, task: Task) -> DryRun:
         result.warnings.append("train.batch_size is auto: a real run searches first (redline "
                                "tune shows what it would pick); this dry run steps with 1")
         config = config.updated({"train.batch_size": 1, "train.effective_batch_size": None})
+    ranks = nproc or 1
+    strategy = (_strategy(result, config, task, device, ranks)
+                if config.distributed.strategy == "auto" else config.distributed.strategy)
+    sharded = strategy == "fsdp" and ranks > 1
+    if sharded:
+        result.warnings.append(f"fsdp over {ranks} ranks: this dry run's one process holds "
+                               "the whole model, so its steps ran without the per-rank "
+                               "budget; the memory line predicts a sharded rank")
     job = build_job(config, task, device)
     t = config.train
     # training's own loader: a batch it cannot make stops the dry run as it would the run
@@ -73,6 +90,7 @@ def dry_run(config: RunConfig, task: Task) -> DryRun:
     params = sum(p.numel() for p in job.model.parameters())
     eval_samples = sum(len(s) for s in job.eval_sets.values())  # type: ignore[arg-type]
     result.plan = {
+        **result.plan,  # what strategy auto would pick, found before the build
         "task": task.name, "device": device.name, "precision": job.precision.name,
         "emulated": job.precision.emulated, "parameters": params,
         "train_samples": len(job.train_set),  # type: ignore[arg-type]
@@ -87,7 +105,7 @@ def dry_run(config: RunConfig, task: Task) -> DryRun:
     }
     budget = config.memory.budget_bytes
     limit = (MemoryBudget(budget, device, baseline=live_tensor_bytes(job.model, job.optimizer))
-             if budget is not None else contextlib.nullcontext())
+             if budget is not None and not sharded else contextlib.nullcontext())
     runner = JobRunner(job)
     failed: str | None = None  # the step that ran out of memory
     done: list[int] = []
@@ -107,8 +125,25 @@ def dry_run(config: RunConfig, task: Task) -> DryRun:
                 result.plan["eval_metrics"] = sorted(evaluate_sets(
                     job, t.eval_batch_size or t.micro_batch, 1, t.seed))
     del job, runner, batch  # the breakdown builds its own, unbudgeted
-    _breakdown(result, config, task, device, failed)
+    _breakdown(result, config, task, device, failed, ranks if sharded else 1)
     return result
+
+
+def _strategy(result: DryRun, config: RunConfig, task: Task, device: DeviceInfo,
+              ranks: int) -> str:
+    """What distributed.strategy auto would pick on `ranks` ranks of this host."""
+    try:
+        choice = choose_strategy(task, config, device, World(0, ranks, 0, ranks))
+    except ConfigError:
+        raise
+    except Exception as e:  # a diagnostic: it must not hide the dry run's other findings
+        result.warnings.append(f"what distributed.strategy auto would pick could not be "
+                               f"measured ({type(e).__name__}: {str(e).splitlines()[0]})")
+        return "ddp"
+    later = "" if ranks > 1 else " (with --nproc N the run would measure for N ranks)"
+    result.plan["strategy"] = {**choice.to_dict(), "sentence": (
+        f"distributed.strategy auto: {choice.strategy} — {choice.why}{later}")}
+    return choice.strategy
 
 
 def _two_steps(runner: JobRunner, batch: Any, done: list[int]) -> float:
@@ -121,10 +156,10 @@ def _two_steps(runner: JobRunner, batch: Any, done: list[int]) -> float:
 
 
 def _breakdown(result: DryRun, config: RunConfig, task: Task, device: DeviceInfo,
-               failed: str | None) -> None:
+               failed: str | None, sharded_over: int = 1) -> None:
     """The steady-state breakdown at the micro-batch, measured unbudgeted on a job of its
     own, against the budget; a step that ran out of memory is a blocker naming the levers
-    that would fit."""
+    that would fit. `sharded_over` > 1: the fit is a sharded rank's, predicted."""
     micro = config.train.micro_batch
     smaller = " or lower train.batch_size" if micro > 1 else ""
     failure = (f"{failed} at micro-batch {micro} ran out of memory under the budget (from "
@@ -141,6 +176,15 @@ def _breakdown(result: DryRun, config: RunConfig, task: Task, device: DeviceInfo
     limit, source = _budget(config, device)
     fits, sentence = (fit_sentence(b, limit, micro, state_kinds(task, config))
                       if limit is not None else (True, "the budget is unknown"))
+    if sharded_over > 1 and limit is not None:
+        b.world_size = sharded_over
+        rank = replace(b.levers, strategy="fsdp",
+                       reshard_after_forward=config.distributed.reshard_after_forward)
+        peak = b.predict(rank, micro)
+        fits = peak <= limit
+        sentence = (f"fits: {'yes' if fits else 'no'}: sharded over {sharded_over} ranks a "
+                    f"rank's peak is predicted at {format_size(peak)} ({peak / limit:.0%} "
+                    f"of the budget of {format_size(limit)})")
     result.plan.update(step_peak_bytes=b.peak, memory=b.to_dict(),
                        memory_fit={"fits": fits and failed is None, "budget": limit,
                                    "budget_source": source, "sentence": sentence})
@@ -192,6 +236,8 @@ def render(result: DryRun) -> str:
             if fit["budget"] is not None:
                 lines.append(f"budget     {format_size(fit['budget'])} "
                              f"({fit['budget_source']}): {fit['sentence']}")
+        if "strategy" in p:
+            lines.append("strategy   " + p["strategy"]["sentence"])
         if "eval_metrics" in p:
             lines.append("evaluation " + ", ".join(p["eval_metrics"]))
         lines.append(f"writes     checkpoints every {p['checkpoint_every']} steps; trackers "

@@ -13,6 +13,7 @@ https://pytorch.org/memory_viz.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from redline import files
@@ -21,6 +22,7 @@ from redline.job.build import Job
 from redline.job.memory import measure_config_breakdown, predict_from_sizes, state_kinds
 from redline.memory.breakdown import MEMORY_FILE, Breakdown, fit_sentence
 from redline.memory.guard import OutOfMemoryAtMinimum
+from redline.memory.sizes import format_size
 
 SNAPSHOT_FILE = "memory_snapshot.pickle"
 
@@ -65,14 +67,28 @@ def _limit(job: Job) -> int | None:
 
 def _breakdown(job: Job, run_dir: Path) -> Breakdown:
     if not job.device.is_cuda:
-        return measure_config_breakdown(job.config, job.task, job.device, 1)
+        return _per_rank(job, measure_config_breakdown(job.config, job.task, job.device, 1))
     try:
         dump_memory_snapshot(str(run_dir / SNAPSHOT_FILE))
     finally:
         record_memory_history(False)
-    return predict_from_sizes(job, 1, "on CUDA a step is not run again after it ran out "
-                              f"of memory; the allocator's snapshot is {SNAPSHOT_FILE} "
-                              "(https://pytorch.org/memory_viz)")
+    return _per_rank(job, predict_from_sizes(
+        job, 1, "on CUDA a step is not run again after it ran out of memory; the "
+        f"allocator's snapshot is {SNAPSHOT_FILE} (https://pytorch.org/memory_viz)"))
+
+
+def _per_rank(job: Job, b: Breakdown) -> Breakdown:
+    """`b` (one process's) predicting one of the run's ranks: under torchrun the fit is a
+    rank's, sharded where the run shards (and sharding is a lever where it does not)."""
+    world, dist = job.comm.world, job.config.distributed
+    if world.distributed:
+        b.world_size = world.size
+        b.levers = replace(b.levers, strategy=dist.strategy,
+                           reshard_after_forward=dist.reshard_after_forward)
+        if dist.strategy == "fsdp":
+            b.notes.append(f"sharded over {world.size} ranks a rank's peak is predicted at "
+                           f"{format_size(b.predict(b.levers, b.micro_batch))}")
+    return b
 
 
 def _write(path: Path, breakdown: Breakdown, limit: int | None, error: str,

@@ -2,9 +2,10 @@
 
 `prepare` takes the claimed run directory and returns `RunParts`, in this order:
 
-    config     train.batch_size auto, memory.activation_checkpointing auto and
-               data.num_workers auto resolved (the batch search, the memory plan and the
-               loader choice, tuning/), the resolved config used from here on
+    config     distributed.strategy auto, train.batch_size auto,
+               memory.activation_checkpointing auto and data.num_workers auto resolved
+               (the strategy choice, the batch search, the memory plan and the loader
+               choice, tuning/), the resolved config used from here on
     events     events.jsonl (rank 0; the others keep none)
     job        build.py's, with the run's dispatcher and state; a JobRunner over its
                exact-resume loader (job/runner.py)
@@ -52,6 +53,7 @@ from redline.telemetry.session import Telemetry
 from redline.tuning.autobatch import resolve_auto_batch
 from redline.tuning.loader_choice import resolve_auto_workers
 from redline.tuning.memory_plan_run import resolve_auto_levers
+from redline.tuning.strategy_choice import resolve_auto_strategy
 
 
 @dataclass
@@ -137,8 +139,12 @@ def prepare(config: RunConfig, task: Task, device: DeviceInfo, run_dir: Path, co
 def _resolve(config: RunConfig, task: Task, device: DeviceInfo, run_dir: Path, comm: Comm,
              resume: bool, progress: bool | None, check: Callable[[], None]
              ) -> tuple[RunConfig, list[tuple[str, dict[str, Any]]]]:
-    """`config` with `auto` settings resolved, and the events saying what was chosen."""
+    """`config` with `auto` settings resolved, and the events saying what was chosen.
+    distributed.strategy first: how the model is spread sets what a rank holds."""
     chosen: list[tuple[str, dict[str, Any]]] = []
+    config, strategy = resolve_auto_strategy(task, config, device, comm, run_dir, resume)
+    if strategy is not None:
+        chosen.append(("strategy_auto", strategy))
     if config.train.auto_batch:
         config, tuned = resolve_auto_batch(task, config, device, run_dir, resume, progress,
                                            check, comm)
@@ -147,7 +153,7 @@ def _resolve(config: RunConfig, task: Task, device: DeviceInfo, run_dir: Path, c
     elif config.memory.activation_checkpointing == "auto":  # at the configured micro-batch
         config, planned = resolve_auto_levers(task, config, device,
                                               _first_memory(run_dir) if resume else None,
-                                              comm.world.main)
+                                              comm.world.main, world_size=comm.world.size)
         chosen.append(("memory_plan", planned))
     config, loader_auto = resolve_auto_workers(task, config, device, comm.world.main,
                                                run_dir / "config.yaml" if resume else None)

@@ -22,6 +22,16 @@ tested with injected numbers (memory_plan_run.py measures them):
      faster); where nothing fits without levers, the fastest fitting candidate is chosen,
      a tie going to fewer levers (judge.first_as_fast).
 
+Planned for N ranks (`redline tune --nproc N`), the strategy is a lever too: ddp, and fsdp
+with reshard_after_forward true or false, each predicted per rank (memory/breakdown.py:
+a sharded rank holds 1/N of the states and the gathered blocks), the micro-batches a
+rank's share of the effective batch. ddp comes first in the preference order (a tie goes
+to it, then to fewer levers): it is the faster wherever it fits. FSDP's time cannot be
+measured in one process, so a sharded candidate is timed as one process's compute (its
+communication not included) and its row says so: the choice is a projection, and its
+per-rank peak a prediction (not verified: one process cannot hold a rank's shard alone).
+Where sharding saves little because activations dominate, the notes say so.
+
 Where the start's micro-batch fits without levers already, there is nothing to decide: the
 plan is "no lever", at the cost of the breakdown alone. A `MemoryPlan` holds the choice,
 every candidate as a row (combination, predicted and measured peak, samples/s and the
@@ -32,7 +42,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from redline.config import RunConfig
@@ -46,6 +56,17 @@ TIMED = 6  # candidates timed at most: each costs a warm-up (torchao compiles) a
 # How much of a lever each setting is: a candidate with no more of any is "fewer levers".
 MODE_RANK = {"none": 0, "selective": 1, "full": 2}
 STATE_RANK = {"fp32": 0, "bf16": 1, "8bit": 2, "4bit": 3, "cpu-offload": 4}
+# (strategy, reshard_after_forward): one process plans none; N ranks plan these three
+ONE_PROCESS: tuple[tuple[str | None, bool], ...] = ((None, True),)
+SHARDINGS: tuple[tuple[str | None, bool], ...] = (("ddp", True), ("fsdp", False),
+                                                  ("fsdp", True))
+PROJECTION = ("a projection: FSDP's time is one process's compute (its communication not "
+              "included), its peak predicted per rank")
+
+
+def shard_rank(levers: Levers) -> int:
+    """How much sharding: 0 none or ddp, 1 fsdp keeping the gathered blocks, 2 fsdp."""
+    return 0 if not levers.sharded else (2 if levers.reshard_after_forward else 1)
 
 
 class Predictor(Protocol):
@@ -90,19 +111,21 @@ class Candidate:
                 "chosen": self.chosen}
 
 
-def lever_key(levers: Levers, blocks: int) -> tuple[int, int, int]:
-    """(checkpointing mode, blocks checkpointed, optimizer state): how much of each lever."""
+def lever_key(levers: Levers, blocks: int) -> tuple[int, int, int, int]:
+    """(checkpointing mode, blocks checkpointed, optimizer state, sharding): how much of
+    each lever."""
     count = 0 if levers.checkpointing == "none" else (
         blocks if levers.checkpointed_blocks is None else min(levers.checkpointed_blocks,
                                                                blocks))
     mode = MODE_RANK[levers.checkpointing] if count else 0
-    return mode, count, STATE_RANK[levers.optimizer_state]
+    return mode, count, STATE_RANK[levers.optimizer_state], shard_rank(levers)
 
 
-def preference(c: Candidate, blocks: int) -> tuple[int, int, int, int, int]:
-    """Sort key, most preferred first: fewer levers on, less of them, larger micro-batch."""
-    mode, count, state = lever_key(c.levers, blocks)
-    return (bool(mode) + bool(state), mode + state, count, state, -c.micro_batch)
+def preference(c: Candidate, blocks: int) -> tuple[int, ...]:
+    """Sort key, most preferred first: unsharded, fewer levers on, less of them, larger
+    micro-batch."""
+    mode, count, state, shard = lever_key(c.levers, blocks)
+    return (shard, bool(mode) + bool(state), mode + state, count, state, -c.micro_batch)
 
 
 def no_more_levers(a: Levers, b: Levers, blocks: int) -> bool:
@@ -127,16 +150,18 @@ def micro_batches(cap: int, start: int) -> list[int]:
 
 
 def enumerate_candidates(bd: Predictor, target: int, sizes: Sequence[int],
-                         modes: Sequence[str] = MODES, states: Sequence[str] = ("fp32",)
+                         modes: Sequence[str] = MODES, states: Sequence[str] = ("fp32",),
+                         shardings: Sequence[tuple[str | None, bool]] = ONE_PROCESS
                          ) -> Candidates:
     """Every lever set's largest fitting micro-batch among `sizes`, dominated ones dropped
-    (module docstring)."""
+    (module docstring). `shardings`: the (strategy, reshard_after_forward) pairs."""
     blocks = len(bd.blocks)
     fitting: list[Candidate] = []
     rejected: list[Candidate] = []
-    for state in states:
+    for base in (Levers("none", None, state, strategy, reshard)
+                 for strategy, reshard in shardings for state in states):
         for mode in modes if blocks else ("none",):
-            found = _largest_fitting(bd, target, sizes, mode, state, blocks)
+            found = _largest_fitting(bd, target, sizes, mode, base, blocks)
             if isinstance(found, Candidate):
                 fitting.append(found)
             elif found is not None:
@@ -152,29 +177,31 @@ def enumerate_candidates(bd: Predictor, target: int, sizes: Sequence[int],
             c.note = (f"dominated by {better.describe(blocks)}: no more of any lever at "
                       "no fewer samples per micro-step")
             rejected.append(c)
-    start = next((c for c in survivors if lever_key(c.levers, blocks) == (0, 0, 0)), None)
+    start = next((c for c in survivors if not any(lever_key(c.levers, blocks))), None)
     return Candidates(survivors, rejected, start)
 
 
 def _largest_fitting(bd: Predictor, target: int, sizes: Sequence[int], mode: str,
-                     state: str, blocks: int) -> Candidate | tuple[None, Candidate] | None:
-    """The lever set (mode, state)'s candidate at its largest fitting micro-batch; else
-    (None, a row saying it does not fit); None where checkpointing is never needed (the
-    set without it fits at the same micro-batch, a candidate of its own)."""
+                     base: Levers, blocks: int) -> Candidate | tuple[None, Candidate] | None:
+    """The lever set (mode, and `base`'s state and sharding)'s candidate at its largest
+    fitting micro-batch; else (None, a row saying it does not fit); None where
+    checkpointing is never needed (the set without it fits at the same micro-batch, a
+    candidate of its own)."""
     for size in sorted(sizes, reverse=True):
         if mode == "none":
-            levers = Levers("none", None, state)
+            levers = base
         else:
-            count = bd.fewest_blocks(Levers(mode, None, state), size, target)
+            count = bd.fewest_blocks(replace(base, checkpointing=mode), size, target)
             if count is None:
                 continue
             if count == 0:
                 return None
-            levers = Levers(mode, None if count >= blocks else count, state)
+            levers = replace(base, checkpointing=mode,
+                             checkpointed_blocks=None if count >= blocks else count)
         peak = bd.predict(levers, size)
         if peak <= target:
             return Candidate(levers, size, peak)
-    least = Levers(mode, None, state)
+    least = replace(base, checkpointing=mode)
     peak = bd.predict(least, min(sizes))
     return None, Candidate(least, min(sizes), peak, note=(
         f"does not fit (predicted {format_size(peak)} > target {format_size(target)})"))
@@ -248,6 +275,7 @@ class MemoryPlan:
     # seconds per sample of a step, from the breakdown's measurement (rough: tracked),
     # for the later stages' predictions of their own time; None: not measured
     sample_s: float | None = None
+    world_size: int = 1  # the ranks planned for (tune --nproc): micro-batches are per rank
 
     @property
     def start_fits(self) -> bool:
@@ -263,7 +291,7 @@ class MemoryPlan:
         the recipe; with batch_size auto only the levers: the batch search follows)."""
         if config.train.auto_batch:
             return config.updated(self.levers.updates())
-        return planned_config(config, self.levers, self.micro_batch)
+        return planned_config(config, self.levers, self.micro_batch, self.world_size)
 
     def summary(self) -> str:
         """One line: what was chosen and why."""
@@ -284,7 +312,7 @@ class MemoryPlan:
                 "start_micro_batch": self.start_micro_batch, "why": self.why,
                 "rows": [r.to_dict(self.blocks) for r in self.rows],
                 "breakdown": self.breakdown, "notes": list(self.notes),
-                "wall_s": self.wall_s}
+                "wall_s": self.wall_s, "world_size": self.world_size}
 
     def summary_of_start(self) -> str:
         """Where the start stands: its predicted peak against the target."""
@@ -322,12 +350,14 @@ def _start_line(plan: dict[str, Any]) -> str:
             f"predicted at {format_size(plan['start_peak'])}: it {fits}")
 
 
-def planned_config(config: RunConfig, levers: Levers, micro_batch: int) -> RunConfig:
-    """What training runs for `levers` at `micro_batch`: the effective batch the run would
-    have had kept by accumulation (recipe.py), the lr and evaluation batch as they were."""
+def planned_config(config: RunConfig, levers: Levers, micro_batch: int, ranks: int = 1
+                   ) -> RunConfig:
+    """What training runs for `levers` at `micro_batch` (a rank's, of `ranks`): the
+    effective batch the run would have had kept by accumulation (recipe.py), the lr and
+    evaluation batch as they were."""
     base = config.updated({**levers.updates(), "train.batch_size": micro_batch,
                            "train.effective_batch_size": kept_batch(config)})
-    return recipe(base, micro_batch, None).apply(base)
+    return recipe(base, micro_batch, None, ranks).apply(base)
 
 
 def fits_already(start_peak: int, target: int, levers: Levers, micro_batch: int,

@@ -34,7 +34,8 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -58,6 +59,9 @@ from redline.rng import preserved_rng
 from redline.task import Task, task_member
 from redline.tuning.memory_plan import (
     MODES,
+    ONE_PROCESS,
+    PROJECTION,
+    SHARDINGS,
     Candidate,
     MemoryPlan,
     choose,
@@ -70,6 +74,7 @@ from redline.tuning.memory_plan import (
     split_timed,
 )
 from redline.tuning.recipe import DEFAULT_BATCH, kept_batch
+from redline.tuning.strategy_choice import sharding_note
 from redline.tuning.trial import interleave, runners
 
 MEASURE_AT = 2  # the breakdown's micro-batch (at most the start's): small, still per-sample
@@ -85,35 +90,44 @@ Say = Callable[[str], None]
 def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
                 modes: tuple[str, ...] = MODES, states: tuple[str, ...] | None = None,
                 micro_batch: int | None = None, fits: Callable[[float], bool] | None = None,
-                say: Say = lambda _: None) -> MemoryPlan:
+                say: Say = lambda _: None, world_size: int = 1,
+                shardings: Sequence[tuple[str | None, bool]] | None = None) -> MemoryPlan:
     """The levers and micro-batch for `task` under `config.memory` (module docstring).
     `micro_batch`: fixed (only the levers are chosen), else the powers of two up to the
-    effective batch kept and the start. `fits(seconds)`: whether timing may take that long."""
+    effective batch kept and the start. `fits(seconds)`: whether timing may take that long.
+    `world_size`: the ranks on this host planned for (the budget and the micro-batches are
+    a rank's), with `shardings` the strategies considered (default: ddp and fsdp both
+    ways where N > 1, memory_plan.SHARDINGS)."""
     t0 = time.perf_counter()
-    budget = config.memory.budget_bytes or default_budget(device)[0]
+    budget = config.memory.budget_bytes or default_budget(device, world_size)[0]
     target = int(config.memory.target * budget)
+    share = max(1, kept_batch(config) // world_size)  # a rank's samples of a step
     # with batch_size auto: the micro-batch the run would have had (autobatch's start)
-    start = micro_batch or (config.train.micro_batch if not config.train.auto_batch
-                            else min(DEFAULT_BATCH, kept_batch(config)))
+    start = micro_batch or min(config.train.micro_batch if not config.train.auto_batch
+                               else DEFAULT_BATCH, share)
     notes: list[str] = []
     say(f"memory plan: measuring the breakdown at micro-batch {min(start, MEASURE_AT)}")
     bd, step_s, modes, own_optimizer = _breakdown(task, config, device,
                                                   min(start, MEASURE_AT), modes, notes)
-    bd.samples_per_step = kept_batch(config)  # a smaller micro-batch accumulates
+    bd.samples_per_step, bd.world_size = share, world_size  # a smaller one accumulates
+    shardings = shardings or (SHARDINGS if world_size > 1 else ONE_PROCESS)
     if states is None:
         states, more = planned_states(own_optimizer, config.memory.optimizer_state)
         notes += more
+    if world_size > 1:
+        notes.append(sharding_note(bd, start))
     blocks = len(bd.blocks)
-    start_peak = bd.predict(Levers(), start)
-    own = Levers.of(config.memory)
+    strategy, reshard = shardings[0]
+    start_peak = bd.predict(Levers(strategy=strategy, reshard_after_forward=reshard), start)
+    own = replace(Levers.of(config.memory), strategy=strategy, reshard_after_forward=reshard)
     if bd.predict(own, start) <= target:
         plan = fits_already(start_peak if own.none else bd.predict(own, start), target, own,
                             start, budget, blocks, bd.to_dict())
-        plan.start_peak, plan.notes = start_peak, notes
+        plan.start_peak, plan.notes, plan.world_size = start_peak, notes, world_size
         plan.wall_s, plan.sample_s = time.perf_counter() - t0, step_s / bd.micro_batch
         return plan
-    sizes = [start] if micro_batch else micro_batches(kept_batch(config), start)
-    found = enumerate_candidates(bd, target, sizes, modes, states)
+    sizes = [start] if micro_batch else micro_batches(share, start)
+    found = enumerate_candidates(bd, target, sizes, modes, states, shardings)
     if not found.survivors:
         raise ConfigError(nothing_fits(found.rejected, target, blocks))
     timed = split_timed(found.survivors)
@@ -123,13 +137,14 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
         notes.append(f"not timed: timing {len(timed)} candidates would take about "
                      f"{predicted:.0f} s, more than the budget left (raise --budget-s)")
     chosen, why = _measure_and_choose(task, config, device, budget, timed, found.start,
-                                      blocks, untimed, notes, say)
+                                      blocks, untimed, notes, say, world_size)
     halved = [c for c in timed if c not in found.survivors]  # added when one did not fit
     plan = MemoryPlan(chosen.levers, chosen.micro_batch, budget, target, blocks, start_peak,
                       start, why, found.survivors + halved + found.rejected, bd.to_dict(),
                       notes)
     plan.rows.sort(key=lambda r: (not r.chosen, r in found.rejected))
     plan.wall_s, plan.sample_s = time.perf_counter() - t0, step_s / bd.micro_batch
+    plan.world_size = world_size
     return plan
 
 
@@ -187,12 +202,16 @@ def _timing_s(timed: list[Candidate], step_s: float, measured_at: int,
 
 def _measure_and_choose(task: Task, config: RunConfig, device: DeviceInfo, budget: int,
                         timed: list[Candidate], start: Candidate | None, blocks: int,
-                        untimed: bool, notes: list[str], say: Say) -> tuple[Candidate, str]:
+                        untimed: bool, notes: list[str], say: Say, ranks: int = 1
+                        ) -> tuple[Candidate, str]:
     """Time `timed` side by side (unless `untimed` or alone), pick, verify under the budget;
-    on an OOM the next pick."""
+    on an OOM the next pick. A sharded pick is not verified: one process cannot hold a
+    rank's shard alone (memory_plan.py: a projection)."""
+    if any(c.levers.sharded for c in timed):
+        notes.append("fsdp rows: " + PROJECTION)
     if len(timed) > 1 and not untimed:
         try:
-            _time_side_by_side(task, config, device, timed, blocks, say)
+            _time_side_by_side(task, config, device, timed, blocks, say, ranks)
         except torch.OutOfMemoryError:  # CUDA: every candidate's job at once is too much
             for c in timed:
                 c.rates, c.measured_peak = [], None
@@ -212,8 +231,12 @@ def _measure_and_choose(task: Task, config: RunConfig, device: DeviceInfo, budge
         pool = [c for c in left if c.rates] or left
         pick, why = choose(pool, start if start in pool else None, blocks)
         chosen = pool[pick]
+        if chosen.levers.sharded:
+            chosen.chosen, chosen.note = True, f"chosen: {why}; {PROJECTION}"
+            judged_notes(pool, pick, blocks)
+            return chosen, f"{why} ({PROJECTION})"
         say(f"memory plan: verifying {chosen.describe(blocks)} under the budget")
-        peak = verify(task, planned_config(config, chosen.levers, chosen.micro_batch),
+        peak = verify(task, planned_config(config, chosen.levers, chosen.micro_batch, ranks),
                       device, budget)
         if peak is not None and peak <= target:
             chosen.measured_peak = chosen.measured_peak or peak
@@ -247,14 +270,16 @@ def _halved(failed: Candidate, left: list[Candidate], rows: list[Candidate]) -> 
 
 
 def _time_side_by_side(task: Task, config: RunConfig, device: DeviceInfo,
-                       timed: list[Candidate], blocks: int, say: Say) -> None:
-    """Each candidate's rates (interleaved rounds) and measured steady-state peak."""
-    configs = [planned_config(config, c.levers, c.micro_batch) for c in timed]
+                       timed: list[Candidate], blocks: int, say: Say, ranks: int = 1) -> None:
+    """Each candidate's rates (interleaved rounds) and measured steady-state peak (not a
+    sharded one's: one process holds the whole model)."""
+    configs = [planned_config(config, c.levers, c.micro_batch, ranks) for c in timed]
     with runners(task, configs, device) as built:
         for c, runner in zip(timed, built, strict=True):
             say(f"memory plan: warming up {c.describe(blocks)}")
             runner.warm_up()
-            c.measured_peak = steady_peak(runner.job, runner.step)
+            peak = steady_peak(runner.job, runner.step)
+            c.measured_peak = None if c.levers.sharded else peak
         timings = interleave(built, ROUNDS, MIN_TIMED_S, lambda i, r: say(
             f"memory plan: timing {timed[i].describe(blocks)} (round {r + 1} of {ROUNDS})"))
     for c, timing in zip(timed, timings, strict=True):
@@ -302,10 +327,12 @@ def verify(task: Task, config: RunConfig, device: DeviceInfo, budget: int) -> in
 
 def resolve_auto_levers(task: Task, config: RunConfig, device: DeviceInfo,
                         saved: dict[str, Any] | None = None, main: bool = True,
-                        say: Say = lambda _: None) -> tuple[RunConfig, dict[str, Any]]:
+                        say: Say = lambda _: None, world_size: int = 1
+                        ) -> tuple[RunConfig, dict[str, Any]]:
     """memory.activation_checkpointing auto with a fixed batch size -> the config with the
     checkpointing the plan chose at that micro-batch (none where it fits), and what to record.
-    `saved`: a resumed run's memory section (its config.yaml), reused as chosen then."""
+    `saved`: a resumed run's memory section (its config.yaml), reused as chosen then.
+    `world_size`: the run's ranks, each predicted under the run's (resolved) strategy."""
     if saved is not None:
         levers = Levers(saved.get("activation_checkpointing", "none"),
                         saved.get("checkpointed_blocks"), config.memory.optimizer_state)
@@ -314,8 +341,12 @@ def resolve_auto_levers(task: Task, config: RunConfig, device: DeviceInfo,
                   "config.yaml)", file=sys.stderr, flush=True)
         return config.updated(levers.updates()), {"source": "config.yaml",
                                                   "levers": levers.updates()}
+    dist = config.distributed
     plan = plan_memory(task, config, device, micro_batch=config.train.micro_batch,
-                       states=(config.memory.optimizer_state,), say=say)
+                       states=(config.memory.optimizer_state,), say=say,
+                       world_size=world_size,
+                       shardings=((dist.strategy, dist.reshard_after_forward),)
+                       if world_size > 1 else None)
     if main:
         print(f"activation_checkpointing: auto: {plan.summary()}", file=sys.stderr,
               flush=True)

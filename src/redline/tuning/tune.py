@@ -108,15 +108,19 @@ def starting_config(config: RunConfig) -> RunConfig:
 def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
          budget_s: float = DEFAULT_BUDGET_S, factors: tuple[str, ...] = FACTORS,
          quality_steps: int | None = None, cache_dir: Any = None,
-         say: Callable[[str], None] = lambda _: None, spent_s: float = 0.0
-         ) -> tuple[RunConfig, TuneReport]:
+         say: Callable[[str], None] = lambda _: None, spent_s: float = 0.0,
+         world_size: int = 1) -> tuple[RunConfig, TuneReport]:
     """The tuned config for `task` and the report of how it was chosen (module docstring).
-    `spent_s`: seconds of the budget already used (the command's start-up)."""
+    `spent_s`: seconds of the budget already used (the command's start-up). `world_size`:
+    the ranks on this host to plan for (tune --nproc; tune itself runs in one process)."""
     clock = Clock(budget_s, spent_s)
     say = _on_the_clock(say, clock)
     start = starting_config(config)
     report = TuneReport(start=start.to_dict(), tuned={}, budget_s=budget_s)
-    planned, plan = _memory(task, start, device, factors, clock, report, say)
+    planned, plan = _memory(task, start, device, factors, clock, report, say, world_size)
+    sharded = planned.distributed.strategy == "fsdp" and world_size > 1
+    if sharded:  # a sharded rank's memory cannot be measured in one process
+        factors = tuple(f for f in factors if f != "batch")
     speeds = _precisions(task, planned, device, factors, quality_steps, clock, report, say,
                          plan.sample_s if plan is not None else None)
     # The layout before the batch search: it moves the knee (sr3-tiny: +7 % at micro-batch
@@ -127,6 +131,10 @@ def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
                                     layout.precision.channels_last})
     current = _batch(task, start_layout, device, list(speeds), factors, cache_dir, clock,
                      report, say, speeds)
+    if sharded:
+        report.reasons["batch"] = (
+            f"micro-batch {current.train.micro_batch}: the memory plan's (not searched: a "
+            "sharded rank's memory cannot be measured in one process)")
     if _layout_again(current, start, layout, factors):  # off at a small batch: check again
         current = _channels_last(task, current, device, factors, clock, report, say,
                                  f" (at micro-batch {current.train.micro_batch})")
@@ -145,8 +153,8 @@ def tune(task: Task, config: RunConfig, device: DeviceInfo, *,
 
 
 def _memory(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple[str, ...],
-            clock: Clock, report: TuneReport, say: Callable[[str], None]
-            ) -> tuple[RunConfig, MemoryPlan | None]:
+            clock: Clock, report: TuneReport, say: Callable[[str], None],
+            world_size: int = 1) -> tuple[RunConfig, MemoryPlan | None]:
     """The memory plan (memory_plan_run.py): the start with the levers and micro-batch it
     chose, and the plan (None: not searched). Its timing starts only if it fits the budget
     less what the later stages need (RESERVE, the final timing)."""
@@ -157,7 +165,8 @@ def _memory(task: Task, start: RunConfig, device: DeviceInfo, factors: tuple[str
                                     f"cuda, not {device.kind}")
         return start, None
     reserve = max(RESERVE * clock.budget_s, _final_s(report, start))
-    plan = plan_memory(task, start, device, fits=lambda s: clock.fits(s, reserve), say=say)
+    plan = plan_memory(task, start, device, fits=lambda s: clock.fits(s, reserve), say=say,
+                       world_size=world_size)
     for c in plan.rows:
         report.rows.append(Row("memory", c.describe(plan.blocks), c.samples_per_s, c.spread,
                                c.measured_peak, c.note, list(c.rates) or None,

@@ -65,19 +65,23 @@ class TuneOptions:
     cached: bool = True  # False: search even if a result is cached (--no-cache)
     output: str | None = None  # default: TASK-tuned.yaml
     keep_budget: bool = False
+    nproc: int = 1  # the ranks on this host the memory plan plans for (--nproc)
 
     @classmethod
     def from_flags(cls, *, factors: str | None, budget_s: float | None,
                    quality_steps: int | None, batch_only: bool, no_cache: bool,
-                   output: str | None, keep_budget: bool) -> TuneOptions:
+                   output: str | None, keep_budget: bool, nproc: int | None = None
+                   ) -> TuneOptions:
         """The options the flags give; ConfigError (one sentence) for a value out of range."""
         chosen = parse_factors(factors)
         if budget_s is not None and budget_s <= 0:
             raise ConfigError(f"--budget-s {budget_s:g}: give a positive number of seconds")
         if quality_steps is not None and quality_steps < 2:
             raise ConfigError(f"--quality-steps {quality_steps}: give at least 2 steps")
+        if nproc is not None and nproc < 1:
+            raise ConfigError(f"--nproc {nproc}: give the number of ranks to plan for, >= 1")
         return cls(chosen, budget_s or DEFAULT_BUDGET_S, quality_steps, batch_only,
-                   not no_cache, output, keep_budget)
+                   not no_cache, output, keep_budget, nproc or 1)
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ def run_tune(task: Task, config: RunConfig, options: TuneOptions,
             tuned, report = tune(task, config, device, cache_dir=cache,
                                  factors=options.factors, budget_s=options.budget_s,
                                  quality_steps=options.quality_steps, say=shown,
-                                 spent_s=process_age_s())
+                                 spent_s=process_age_s(), world_size=options.nproc)
     path, dropped = write_tuned(tuned, task.name, options.output, options.keep_budget)
     return Tuned(path, dropped, report=report)
 
