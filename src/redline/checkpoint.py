@@ -249,7 +249,10 @@ def load_latest(directory: str | Path, map_location: str | torch.device = "cpu",
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.eval_every", "train.eval_batches",
                      "train.eval_batch_size", "data.", "checkpoint.", "telemetry.",
                      "memory.activation_checkpointing", "memory.checkpoint_blocks",
-                     "memory.checkpointed_blocks", "distributed.reshard_after_forward")
+                     "memory.checkpointed_blocks", "distributed.reshard_after_forward",
+                     # where the run trains, not what: a run moved to more or fewer ranks
+                     # (or another machine) is given the budget that fits there
+                     "memory.budget")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -406,8 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     except _out_of_memory() as e:
         first, *rest = str(e).splitlines() or [""]
         if "would fit with" not in first:
-            first += "; lower memory use (a memory lever, bf16-mixed, a smaller model) or " \
-                     "raise memory.budget"
+            # under torchrun, sharding divides the model's states by the ranks
+            shard = ("--set distributed.strategy=fsdp (or auto), "
+                     if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+            first += (f"; lower memory use ({shard}a memory lever, bf16-mixed, a smaller "
+                      "model) or raise memory.budget")
         print("\n".join([f"redline: error: {first}", *rest]), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
