@@ -8,7 +8,7 @@ allowed: NCCL refuses two ranks on one device). On every rank:
 1. A sharded step against one process. tests/tasks/memgpt.py's MemGPT is sharded the way
    redline shards it (memory/sharding.py `shard_model`: each block, then the root), fused
    AdamW is built after, and redline's Engine steps this rank's share of a batch in two
-   micro-batches (set_requires_gradient_sync(False) until the last: engine.py). A plain
+   micro-batches (set_requires_gradient_sync(False) until the last: engine/ranks.py). A plain
    copy of the model steps the whole batch in one process. The loss (averaged over the
    ranks) and every gradient (gathered with `full_tensor()`) must agree within fp32
    rounding, every parameter after the AdamW step within 1 % of its learning rate.

@@ -193,13 +193,13 @@ def foreach_norm(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
 # running statistics are its own buffers.
 def uses_batch_statistics(module: nn.Module) -> bool:
     """Whether `module` normalises (in training mode) with the statistics of the batch it
-    sees: split into micro-batches, it sees each one's (engine.py says so once)."""
+    sees: split into micro-batches, it sees each one's (engine/step.py says so once)."""
     return isinstance(module, _BatchNorm)
 
 
 def has_running_stats(module: nn.Module) -> bool:
     """Whether `module` is a normalisation layer whose buffers (running statistics) its
-    forward changes: a redone step restores them (engine.py)."""
+    forward changes: a redone step restores them (engine/step.py)."""
     return isinstance(module, _NormBase)
 
 

@@ -116,7 +116,7 @@ def skips(x: torch.Tensor, y: torch.Tensor, share: slice, comm: Any, rank: int,
 
 def scaler_skips(x: torch.Tensor, y: torch.Tensor, share: slice, rank: int) -> dict[str, Any]:
     """fp16's GradScaler (precision.FP16Mixed's) over sharded gradients: an inf in rank 1's
-    shard alone makes both ranks skip the update and halve the scale (what engine.py's
+    shard alone makes both ranks skip the update and halve the scale (what engine/ranks.py's
     docstring relies on)."""
     net = sharded()
     before = full(net)

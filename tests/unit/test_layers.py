@@ -27,7 +27,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     1: ("plugins", "device", "events", "batch", "distributed", "rng", "files"),
     2: ("task", "fp8", "stats", "judge"),
     3: ("precision", "memory.*", "checkpoint", "data", "inspector", "telemetry.*"),
-    4: ("config", "engine", "environment", "examples.*", "checkpoint_sharded"),
+    4: ("config", "engine.*", "environment", "examples.*", "checkpoint_sharded"),
     5: ("job.*", "config_reference"),
     6: ("tuning.*", "diagnose.*"),
     7: ("run.*",),

@@ -62,7 +62,7 @@ def test_redline_adds_only_its_documented_reads_per_step(tmp_path: Path,
                                                          inspect_every: int) -> None:
     """Counted with a dispatch mode: on CPU, redline reads each step's loss and gradient
     norm as two floats for telemetry (host memory, no device to wait for: metrics.py) and
-    the norm once more for train.on_nonfinite's skip (engine.py), and nothing else, on
+    the norm once more for train.on_nonfinite's skip (engine/update.py), and nothing else, on
     logging steps and quiet ones alike; everything else is what torch's own AdamW reads
     in a hand-written loop. The device path is held to zero below and in test_engine.
     Per-layer statistics (inspect.every=4: steps 4, 8, ... inspect) add none on the steps

@@ -1,6 +1,6 @@
 """Under torchrun: did the ranks keep pace, and if not, which one held the others up.
 
-Every step the ranks agree once, just before the gradient all-reduce (engine.py); the
+Every step the ranks agree once, just before the gradient all-reduce (engine/ranks.py); the
 time a rank waits there is the time it waited for the slowest rank. Each window records
 the largest such wait and the rank that waited least (the one the others waited for);
 ranks.jsonl holds every rank's own figures, from which the slow rank's loader wait is

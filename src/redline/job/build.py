@@ -349,7 +349,7 @@ def _distribute(model: nn.Module, config: RunConfig, precision: Precision, devic
 def _wrap(model: nn.Module, device: DeviceInfo, world: World) -> nn.Module:
     """DistributedDataParallel around `model`. Buffers are not broadcast at each forward:
     that broadcast would be a collective inside the step, before the ranks' agreement on
-    an out-of-memory error (engine.py), and a rank that failed would leave the others
+    an out-of-memory error (engine/ranks.py), and a rank that failed would leave the others
     waiting in it; BatchNorm statistics stay per rank, and rank 0's are checkpointed."""
     from torch.nn.parallel import DistributedDataParallel
 

@@ -155,7 +155,7 @@ class ViewWatch:
 class UnitBoundaries:
     """Calls `at_boundary()` at each FSDP unit's forward and backward start, before FSDP's
     own hooks there issue the unit's all-gather (and, in backward, the prefetch of the
-    next unit's): the OOM guard's agreement point under sharding (engine.py).
+    next unit's): the OOM guard's agreement point under sharding (engine/ranks.py).
 
     Forward: a forward pre-hook registered with prepend=True after fully_shard's own
     (which is prepended too) runs first. Backward: FSDP's pre-backward is a tensor hook it

@@ -6,7 +6,7 @@ steady-state breakdown at micro-batch 1 (memory/breakdown.py) is taken without r
 process: on a CPU measured on a job built for it, under an unbudgeted tracker (the budget
 is an emulation: the machine has the memory); on CUDA predicted from the tensors' sizes
 (another step would fail again), and the allocator's history, recorded while the guard
-retried (engine.py), is dumped to RUN_DIR/memory_snapshot.pickle for
+retried (engine/step.py), is dumped to RUN_DIR/memory_snapshot.pickle for
 https://pytorch.org/memory_viz.
 """
 

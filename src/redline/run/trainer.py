@@ -17,7 +17,7 @@ Under torchrun (docs/distributed.md) every rank runs this loop on its share of e
 Rank 0 alone writes: it claims the run directory and tells the others its path, and
 writes the events, the telemetry and the checkpoints (holding every rank's RNG state).
 The ranks stop together: a signal on any rank is agreed on inside the next step
-(engine.py), so all finish the same step and save. A failure on one rank makes the others
+(engine/ranks.py), so all finish the same step and save. A failure on one rank makes the others
 stop with a sentence naming it (distributed.PeerFailed); the last checkpoint stands, since
 saving another would need the rank that is gone. Every rank evaluates the whole
 evaluation set (the others would wait for rank 0 anyway); rank 0 records it.
@@ -192,7 +192,7 @@ class Trainer:
         on_batch_start = dispatcher.table[Event.BATCH_START]
         on_step_end = dispatcher.table[Event.STEP_END]
         max_steps = run.job.max_steps
-        # Under torchrun the ranks stop after the step in which they agreed to (engine.py).
+        # Under torchrun the ranks stop after the step in which they agreed to (engine/ranks.py).
         engine.stop_when(lambda: signals.received is not None)
         telemetry.stop_when(lambda: signals.received is not None)
         stopping: Callable[[], Any] = (
