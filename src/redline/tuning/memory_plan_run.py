@@ -63,6 +63,7 @@ from redline.tuning.memory_plan import (
     PROJECTION,
     SHARDINGS,
     Candidate,
+    Candidates,
     MemoryPlan,
     choose,
     enumerate_candidates,
@@ -72,6 +73,17 @@ from redline.tuning.memory_plan import (
     nothing_fits,
     planned_config,
     split_timed,
+)
+from redline.tuning.rank_timing import (
+    RANK_STEPS,
+    RANK_TIMED,
+    RANK_WARM,
+    Launcher,
+    choose_measured,
+    leading,
+    mixed,
+    time_on_ranks,
+    train_on_ranks,
 )
 from redline.tuning.recipe import DEFAULT_BATCH, kept_batch
 from redline.tuning.strategy_choice import sharding_note
@@ -91,13 +103,15 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
                 modes: tuple[str, ...] = MODES, states: tuple[str, ...] | None = None,
                 micro_batch: int | None = None, fits: Callable[[float], bool] | None = None,
                 say: Say = lambda _: None, world_size: int = 1,
-                shardings: Sequence[tuple[str | None, bool]] | None = None) -> MemoryPlan:
+                shardings: Sequence[tuple[str | None, bool]] | None = None,
+                launcher: Launcher = train_on_ranks) -> MemoryPlan:
     """The levers and micro-batch for `task` under `config.memory` (module docstring).
     `micro_batch`: fixed (only the levers are chosen), else the powers of two up to the
     effective batch kept and the start. `fits(seconds)`: whether timing may take that long.
     `world_size`: the ranks on this host planned for (the budget and the micro-batches are
     a rank's), with `shardings` the strategies considered (default: ddp and fsdp both
-    ways where N > 1, memory_plan.SHARDINGS)."""
+    ways where N > 1, memory_plan.SHARDINGS); where more than one survives the prediction,
+    the leading ones are trained on the N ranks by `launcher` (rank_timing.py)."""
     t0 = time.perf_counter()
     budget = config.memory.budget_bytes or default_budget(device, world_size)[0]
     target = int(config.memory.target * budget)
@@ -130,14 +144,20 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
     found = enumerate_candidates(bd, target, sizes, modes, states, shardings)
     if not found.survivors:
         raise ConfigError(nothing_fits(found.rejected, target, blocks))
-    timed = split_timed(found.survivors)
-    predicted = _timing_s(timed, step_s, bd.micro_batch, kept_batch(config))
-    untimed = len(timed) > 1 and fits is not None and not fits(predicted)
-    if untimed:
-        notes.append(f"not timed: timing {len(timed)} candidates would take about "
-                     f"{predicted:.0f} s, more than the budget left (raise --budget-s)")
-    chosen, why = _measure_and_choose(task, config, device, budget, timed, found.start,
-                                      blocks, untimed, notes, say, world_size)
+    measured = (_on_ranks(config, found, blocks, budget, world_size, fits, say, notes,
+                          launcher) if world_size > 1 and mixed(found.survivors) else None)
+    timed: list[Candidate] = []
+    if measured is not None:
+        chosen, why = measured
+    else:
+        timed = split_timed(found.survivors)
+        predicted = _timing_s(timed, step_s, bd.micro_batch, kept_batch(config))
+        untimed = len(timed) > 1 and fits is not None and not fits(predicted)
+        if untimed:
+            notes.append(f"not timed: timing {len(timed)} candidates would take about "
+                         f"{predicted:.0f} s, more than the budget left (raise --budget-s)")
+        chosen, why = _measure_and_choose(task, config, device, budget, timed, found.start,
+                                          blocks, untimed, notes, say, world_size)
     halved = [c for c in timed if c not in found.survivors]  # added when one did not fit
     plan = MemoryPlan(chosen.levers, chosen.micro_batch, budget, target, blocks, start_peak,
                       start, why, found.survivors + halved + found.rejected, bd.to_dict(),
@@ -146,6 +166,36 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
     plan.wall_s, plan.sample_s = time.perf_counter() - t0, step_s / bd.micro_batch
     plan.world_size = world_size
     return plan
+
+
+def _on_ranks(config: RunConfig, found: Candidates, blocks: int, budget: int, ranks: int,
+              fits: Callable[[float], bool] | None, say: Say, notes: list[str],
+              launcher: Launcher) -> tuple[Candidate, str] | None:
+    """The leading survivors trained on `ranks` ranks and the choice among those measured
+    (rank_timing.py); those whose launch failed go to the rejected; None where none was
+    measured (the plan times in one process then, the projection)."""
+    cands = leading(found.survivors, blocks)
+    for c in found.survivors:
+        if c not in cands:
+            c.note = (f"not measured on {ranks} ranks: at most {RANK_TIMED} are trained (the "
+                      "first of each strategy first)")
+    configs = [planned_config(config, c.levers, c.micro_batch, ranks) for c in cands]
+    notes += time_on_ranks(configs, cands, ranks, budget, blocks,
+                           fits or (lambda _: True), launcher, say)
+    for c in cands:
+        if not c.rates and c.note.startswith(("does not fit", "failed")):
+            found.survivors.remove(c)
+            found.rejected.insert(0, c)
+    if not found.survivors:
+        raise ConfigError(f"every candidate of the memory plan failed on {ranks} ranks (the "
+                          "table says why); raise memory.budget or lower memory.target")
+    picked = choose_measured(cands, found.start, blocks, ranks)
+    if picked is not None:
+        notes.append(f"rows timed on {ranks} ranks trained {RANK_STEPS} steps each under "
+                     f"torchrun (the first {RANK_WARM} not timed), in interleaved rounds: "
+                     "their samples/s include the communication; the rest were not timed "
+                     "(fsdp rows: projections, their peak predicted per rank)")
+    return picked
 
 
 def _breakdown(task: Task, config: RunConfig, device: DeviceInfo, size: int,
