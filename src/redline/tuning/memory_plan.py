@@ -26,11 +26,13 @@ Planned for N ranks (`redline tune --nproc N`), the strategy is a lever too: ddp
 with reshard_after_forward true or false, each predicted per rank (memory/breakdown.py:
 a sharded rank holds 1/N of the states and the gathered blocks), the micro-batches a
 rank's share of the effective batch. ddp comes first in the preference order (a tie goes
-to it, then to fewer levers): it is the faster wherever it fits. FSDP's time cannot be
-measured in one process, so a sharded candidate is timed as one process's compute (its
-communication not included) and its row says so: the choice is a projection, and its
-per-rank peak a prediction (not verified: one process cannot hold a rank's shard alone).
-Where sharding saves little because activations dominate, the notes say so.
+to it, then to fewer levers). One process cannot time communication, so where more than
+one strategy survives, the leading survivors train for real on the N ranks and the choice
+goes by those rates (rank_timing.py; a row's `ranks`). Where the budget leaves no time for
+that, a sharded candidate is timed as one process's compute (its communication not
+included) and its row says so: the choice is a projection, and its per-rank peak a
+prediction (not verified: one process cannot hold a rank's shard alone). Where sharding
+saves little because activations dominate, the notes say so.
 
 Where the start's micro-batch fits without levers already, there is nothing to decide: the
 plan is "no lever", at the cost of the breakdown alone. A `MemoryPlan` holds the choice,

@@ -1,7 +1,7 @@
 """The memory plan measured: the breakdown, the candidates' real steps, the verification.
 
 memory_plan.py decides from numbers; this module gets them, on the user's machine and
-model, in four steps:
+model, in these steps:
 
   breakdown  one measuring job (checkpointing installed switched off, fp32 AdamW state,
              each batch run whole) steps a small micro-batch at the steady state
@@ -20,6 +20,11 @@ model, in four steps:
              step two micro-batches where the recipe accumulates (the gradients held
              while the next micro-batch runs are the accumulation's peak; more would
              only repeat it); on an OOM the next is taken, and the table says so.
+  ranks      planned for N ranks with more than one strategy surviving: instead of the
+             timing and the verification, the leading survivors train on the N ranks
+             (rank_timing.py: real launches, communication included; an OOM there is
+             "does not fit"), and the choice goes by those rates; where none could be
+             measured, the timing above (fsdp rows then projections).
   budget     `fits(seconds)` (tune's Clock) is asked before the timing; where it does
              not fit, the candidate with the fewest levers is taken untimed and verified.
 
@@ -63,7 +68,6 @@ from redline.tuning.memory_plan import (
     PROJECTION,
     SHARDINGS,
     Candidate,
-    Candidates,
     MemoryPlan,
     choose,
     enumerate_candidates,
@@ -74,17 +78,7 @@ from redline.tuning.memory_plan import (
     planned_config,
     split_timed,
 )
-from redline.tuning.rank_timing import (
-    RANK_STEPS,
-    RANK_TIMED,
-    RANK_WARM,
-    Launcher,
-    choose_measured,
-    leading,
-    mixed,
-    time_on_ranks,
-    train_on_ranks,
-)
+from redline.tuning.rank_timing import Launcher, choose_on_ranks, mixed, train_on_ranks
 from redline.tuning.recipe import DEFAULT_BATCH, kept_batch
 from redline.tuning.strategy_choice import sharding_note
 from redline.tuning.trial import interleave, runners
@@ -144,7 +138,7 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
     found = enumerate_candidates(bd, target, sizes, modes, states, shardings)
     if not found.survivors:
         raise ConfigError(nothing_fits(found.rejected, target, blocks))
-    measured = (_on_ranks(config, found, blocks, budget, world_size, fits, say, notes,
+    measured = (choose_on_ranks(config, found, blocks, budget, world_size, fits, say, notes,
                           launcher) if world_size > 1 and mixed(found.survivors) else None)
     timed: list[Candidate] = []
     if measured is not None:
@@ -166,36 +160,6 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
     plan.wall_s, plan.sample_s = time.perf_counter() - t0, step_s / bd.micro_batch
     plan.world_size = world_size
     return plan
-
-
-def _on_ranks(config: RunConfig, found: Candidates, blocks: int, budget: int, ranks: int,
-              fits: Callable[[float], bool] | None, say: Say, notes: list[str],
-              launcher: Launcher) -> tuple[Candidate, str] | None:
-    """The leading survivors trained on `ranks` ranks and the choice among those measured
-    (rank_timing.py); those whose launch failed go to the rejected; None where none was
-    measured (the plan times in one process then, the projection)."""
-    cands = leading(found.survivors, blocks)
-    for c in found.survivors:
-        if c not in cands:
-            c.note = (f"not measured on {ranks} ranks: at most {RANK_TIMED} are trained (the "
-                      "first of each strategy first)")
-    configs = [planned_config(config, c.levers, c.micro_batch, ranks) for c in cands]
-    notes += time_on_ranks(configs, cands, ranks, budget, blocks,
-                           fits or (lambda _: True), launcher, say)
-    for c in cands:
-        if not c.rates and c.note.startswith(("does not fit", "failed")):
-            found.survivors.remove(c)
-            found.rejected.insert(0, c)
-    if not found.survivors:
-        raise ConfigError(f"every candidate of the memory plan failed on {ranks} ranks (the "
-                          "table says why); raise memory.budget or lower memory.target")
-    picked = choose_measured(cands, found.start, blocks, ranks)
-    if picked is not None:
-        notes.append(f"rows timed on {ranks} ranks trained {RANK_STEPS} steps each under "
-                     f"torchrun (the first {RANK_WARM} not timed), in interleaved rounds: "
-                     "their samples/s include the communication; the rest were not timed "
-                     "(fsdp rows: projections, their peak predicted per rank)")
-    return picked
 
 
 def _breakdown(task: Task, config: RunConfig, device: DeviceInfo, size: int,

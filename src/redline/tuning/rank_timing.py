@@ -33,9 +33,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from redline.config import RunConfig
+from redline.config import ConfigError, RunConfig
 from redline.memory.sizes import format_size
-from redline.tuning.memory_plan import Candidate, choose, judged_notes, preference, shard_rank
+from redline.tuning.memory_plan import (
+    Candidate,
+    Candidates,
+    choose,
+    judged_notes,
+    planned_config,
+    preference,
+    shard_rank,
+)
 
 RANK_TIMED = 3  # candidates trained on N ranks at most: each launch costs seconds
 RANK_ROUNDS = 3  # interleaved rounds at most, as the budget allows
@@ -76,7 +84,7 @@ def train_on_ranks(config: RunConfig, ranks: int) -> RankRun:
     t0 = time.perf_counter()
     task = config.task or ""
     module, sep, attr = task.rpartition(":")
-    if sep and module.endswith(".py"):  # the scratch directory is not the user's
+    if sep and module.endswith(".py"):  # as the tuned config has it (workflow.write_tuned)
         config = config.updated({"task": f"{Path(module).resolve()}:{attr}"})
     with tempfile.TemporaryDirectory(prefix="redline-ranks-") as scratch:
         path = Path(scratch) / "candidate.yaml"
@@ -86,8 +94,8 @@ def train_on_ranks(config: RunConfig, ranks: int) -> RankRun:
                str(ranks), "--steps", str(RANK_STEPS), "--run-dir", f"{scratch}/run",
                "--no-progress", "--no-report", "--json"]
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S,
-                                 cwd=scratch)
+            # the user's directory: the config's relative paths mean what they meant
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
             return RankRun(None, wall_s=time.perf_counter() - t0,
                            error=f"no result in {TIMEOUT_S:.0f} s")
@@ -186,3 +194,33 @@ def choose_measured(cands: Sequence[Candidate], start: Candidate | None, blocks:
     chosen.chosen, chosen.note = True, "chosen: " + why
     judged_notes(pool, pick, blocks)
     return chosen, why
+
+
+def choose_on_ranks(config: RunConfig, found: Candidates, blocks: int, budget: int, ranks: int,
+                    fits: Callable[[float], bool] | None, say: Say, notes: list[str],
+                    launcher: Launcher) -> tuple[Candidate, str] | None:
+    """The leading survivors trained on `ranks` ranks and the choice among those measured
+    (module docstring); those whose launch failed go to the rejected; None where none was
+    measured (the plan times in one process then, the projection)."""
+    cands = leading(found.survivors, blocks)
+    for c in found.survivors:
+        if c not in cands:
+            c.note = (f"not measured on {ranks} ranks: at most {RANK_TIMED} are trained (the "
+                      "first of each strategy first)")
+    configs = [planned_config(config, c.levers, c.micro_batch, ranks) for c in cands]
+    notes += time_on_ranks(configs, cands, ranks, budget, blocks,
+                           fits or (lambda _: True), launcher, say)
+    for c in cands:
+        if not c.rates and c.note.startswith(("does not fit", "failed")):
+            found.survivors.remove(c)
+            found.rejected.insert(0, c)
+    if not found.survivors:
+        raise ConfigError(f"every candidate of the memory plan failed on {ranks} ranks (the "
+                          "table says why); raise memory.budget or lower memory.target")
+    picked = choose_measured(cands, found.start, blocks, ranks)
+    if picked is not None:
+        notes.append(f"rows timed on {ranks} ranks trained {RANK_STEPS} steps each under "
+                     f"torchrun (the first {RANK_WARM} not timed), in interleaved rounds: "
+                     "their samples/s include the communication; the rest were not timed "
+                     "(fsdp rows: projections, their peak predicted per rank)")
+    return picked
