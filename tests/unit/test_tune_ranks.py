@@ -13,7 +13,13 @@ from redline.config import RunConfig, load_config
 from redline.device import DeviceInfo
 from redline.memory.levers import Levers
 from redline.tuning import memory_plan_run
-from redline.tuning.memory_plan import Candidate, MemoryPlan, render_plan
+from redline.tuning.memory_plan import (
+    SHARDINGS,
+    Candidate,
+    MemoryPlan,
+    enumerate_candidates,
+    render_plan,
+)
 from redline.tuning.memory_plan_run import plan_memory
 from redline.tuning.rank_timing import RANK_ROUNDS, RANK_WARM, RankRun, rate_of
 
@@ -136,3 +142,12 @@ def test_a_launch_rate_is_the_median_after_warm_up() -> None:
     rate, peak = rate_of(records)
     steady = [10.0 * s for s in range(RANK_WARM + 1, 8)]
     assert rate == steady[len(steady) // 2] and peak == 107
+
+
+def test_a_state_fsdp_refuses_is_never_a_sharded_candidate() -> None:
+    found = enumerate_candidates(ShardedFake(), 100 * MiB, [1, 2], ("none",),
+                                 ("fp32", "4bit"), SHARDINGS)
+    combos = {(c.levers.strategy, c.levers.optimizer_state)
+              for c in found.survivors + found.rejected}
+    assert ("ddp", "4bit") in combos and ("fsdp", "fp32") in combos
+    assert ("fsdp", "4bit") not in combos  # job/build.py refuses it: a launch would fail

@@ -62,6 +62,9 @@ STATE_RANK = {"fp32": 0, "bf16": 1, "8bit": 2, "4bit": 3, "cpu-offload": 4}
 ONE_PROCESS: tuple[tuple[str | None, bool], ...] = ((None, True),)
 SHARDINGS: tuple[tuple[str | None, bool], ...] = (("ddp", True), ("fsdp", False),
                                                   ("fsdp", True))
+# optimizer states a fsdp run refuses (job/build.py: torchao's 4-bit step rejects local
+# shards): never a candidate, or its launch on N ranks fails
+NOT_SHARDED = ("4bit",)
 PROJECTION = ("a projection: FSDP's time is one process's compute (its communication not "
               "included), its peak predicted per rank")
 
@@ -162,7 +165,8 @@ def enumerate_candidates(bd: Predictor, target: int, sizes: Sequence[int],
     fitting: list[Candidate] = []
     rejected: list[Candidate] = []
     for base in (Levers("none", None, state, strategy, reshard)
-                 for strategy, reshard in shardings for state in states):
+                 for strategy, reshard in shardings for state in states
+                 if not (strategy == "fsdp" and state in NOT_SHARDED)):
         for mode in modes if blocks else ("none",):
             found = _largest_fitting(bd, target, sizes, mode, base, blocks)
             if isinstance(found, Candidate):
