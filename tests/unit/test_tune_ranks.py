@@ -11,6 +11,7 @@ import pytest
 
 from redline.config import RunConfig, load_config
 from redline.device import DeviceInfo
+from redline.errors import ConfigError
 from redline.memory.levers import Levers
 from redline.tuning import memory_plan_run
 from redline.tuning.memory_plan import (
@@ -54,7 +55,7 @@ class ShardedFake:
 
 
 def _plan(monkeypatch: pytest.MonkeyPatch, rates: dict[str, float | None],
-          fits: bool = True) -> tuple[MemoryPlan, list[str]]:
+          fits: bool = True, budget: str = "50MiB") -> tuple[MemoryPlan, list[str]]:
     """plan_memory for 2 ranks with each strategy's launch giving `rates[strategy]`
     samples/s (None: out of memory); the strategies launched, in order."""
     monkeypatch.setattr(memory_plan_run, "_breakdown",
@@ -73,7 +74,7 @@ def _plan(monkeypatch: pytest.MonkeyPatch, rates: dict[str, float | None],
             return RankRun(None, wall_s=1.0, oom=True, error="OutOfMemoryError: budget")
         return RankRun(rate, 20 * MiB, wall_s=1.0)
 
-    config = load_config(None, [f"task={TOY}", "memory.budget=50MiB", "train.batch_size=4",
+    config = load_config(None, [f"task={TOY}", f"memory.budget={budget}", "train.batch_size=4",
                                 "train.effective_batch_size=8"])
     plan = plan_memory(object(), config, CPU, states=("fp32",), modes=("none",),  # type: ignore[arg-type]
                        world_size=2, fits=lambda s: fits, launcher=launcher)
@@ -134,6 +135,17 @@ def test_without_the_time_nothing_is_launched_and_fsdp_stays_a_projection(
     assert fsdp.note.startswith("not measured on 2 ranks") and not fsdp.ranks
     assert re.search(r"fsdp, gathered blocks kept to backward .* projection  not measured",
                      render_plan(plan.to_dict()))
+
+
+def test_fsdp_alone_is_launched_once_to_verify_it_and_an_oom_there_refuses(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # 27 MiB, target 22.95: ddp at micro-batch 1 (24 MiB) does not fit; fsdp at 1 does
+    plan, launched = _plan(monkeypatch, {"fsdp-False": 60.0}, budget="27MiB")
+    assert launched == ["fsdp-False"]
+    assert (plan.levers.strategy, plan.micro_batch) == ("fsdp", 1)
+    assert _row(plan, "fsdp").ranks == 2 and "measured on 2 ranks" in plan.why
+    with pytest.raises(ConfigError, match="every candidate of the memory plan failed on 2"):
+        _plan(monkeypatch, {"fsdp-False": None}, budget="27MiB")
 
 
 def test_a_launch_rate_is_the_median_after_warm_up() -> None:

@@ -78,7 +78,7 @@ from redline.tuning.memory_plan import (
     planned_config,
     split_timed,
 )
-from redline.tuning.rank_timing import Launcher, choose_on_ranks, mixed, train_on_ranks
+from redline.tuning.rank_timing import Launcher, choose_on_ranks, on_ranks, train_on_ranks
 from redline.tuning.recipe import DEFAULT_BATCH, kept_batch
 from redline.tuning.strategy_choice import sharding_note
 from redline.tuning.trial import interleave, runners
@@ -139,7 +139,7 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
     if not found.survivors:
         raise ConfigError(nothing_fits(found.rejected, target, blocks))
     measured = (choose_on_ranks(config, found, blocks, budget, world_size, fits, say, notes,
-                          launcher) if world_size > 1 and mixed(found.survivors) else None)
+                          launcher) if world_size > 1 and on_ranks(found.survivors) else None)
     timed: list[Candidate] = []
     if measured is not None:
         chosen, why = measured

@@ -1,22 +1,24 @@
 """The memory plan's strategies timed on N ranks for real (`redline tune --nproc N`).
 
 One process can time a ddp or fsdp candidate's compute, not its communication: FSDP moves
-1.5x DDP's bytes a step (two all-gathers and a reduce-scatter per block against one
-all-reduce; docs/distributed.md measured 2.5x DDP's step time on a states-dominated MLP
-over gloo), so a plan that ranks them by one process's compute may pick fsdp where it is
-the slower, and a choice that makes training slower is worse than none. Where more than
-one strategy (ddp, fsdp keeping or resharding the gathered blocks) survives the memory
+1.5x DDP's bytes a step (two all-gathers and a reduce-scatter per block against one all-
+reduce; docs/distributed.md measured 2.5x DDP's step time on a states-dominated MLP over
+gloo), so a plan that ranks them by one process's compute may pick fsdp where it is the
+slower, and a choice that makes training slower is worse than none. Where more than one
+strategy (ddp, fsdp keeping or resharding the gathered blocks) survives the memory
 prediction, the leading survivors (the first of each strategy, then by preference, at
 most RANK_TIMED) each train for real on this host: `redline train --config CANDIDATE.yaml
 --nproc N --steps RANK_STEPS` with the OOM guard off (an OOM under the per-rank budget is
 seen, and the candidate recorded as not fitting, with the reason), in interleaved rounds
-(A B C, A B C, ...) as many as the tune budget allows, up to RANK_ROUNDS. A round's rate is
-the median samples/s over its steps after RANK_WARM warm-up steps (metrics.jsonl, logged
-every step). The choice goes by the measured rates through judge.py, as every timing of
-tune does: the no-lever ddp start is kept unless another is faster beyond the noise; else
-the first, in preference order (ddp, then fewer levers), within the noise of the fastest.
-Candidates not measured keep the projection label; where none could be measured, the
-plan falls back to one process's timing (memory_plan_run.py).
+(A B C, A B C, ...) as many as the tune budget allows, up to RANK_ROUNDS. A round's rate
+is the median samples/s over its steps after RANK_WARM warm-up steps (metrics.jsonl,
+logged every step). A sharded candidate alone is launched once: there is no choice to
+time, but its per-rank peak, which one process cannot verify, is verified under the
+budget. The choice goes by the measured rates through judge.py, as every timing of tune
+does: the no-lever ddp start is kept unless another is faster beyond the noise; else the
+first, in preference order (ddp, then fewer levers), within the noise of the fastest.
+Candidates not measured keep the projection label; where none could be measured, the plan
+falls back to one process's timing (memory_plan_run.py).
 
 The launcher is a parameter (`Launcher`), so the choice is tested with injected rates.
 """
@@ -119,9 +121,12 @@ def _error(stdout: str, stderr: str) -> str:
         return lines[-1] if lines else "it exited without a result"
 
 
-def mixed(survivors: Sequence[Candidate]) -> bool:
-    """Whether more than one strategy (ddp, fsdp keeping, fsdp resharding) survives."""
-    return len({shard_rank(c.levers) for c in survivors}) > 1
+def on_ranks(survivors: Sequence[Candidate]) -> bool:
+    """Whether the survivors are trained on the ranks: more than one strategy (ddp, fsdp
+    keeping, fsdp resharding) to choose between, or a sharded one, whose per-rank peak one
+    process cannot verify (one launch then, its verification under the budget)."""
+    shards = {shard_rank(c.levers) for c in survivors}
+    return len(shards) > 1 or any(shards)
 
 
 def leading(survivors: Sequence[Candidate], blocks: int, limit: int = RANK_TIMED
@@ -146,7 +151,7 @@ def time_on_ranks(configs: Sequence[RunConfig], cands: Sequence[Candidate], rank
     notes: list[str] = []
     walls: list[float] = []  # each launch's seconds: the next is guessed at their most
     failed: set[int] = set()
-    for r in range(RANK_ROUNDS):
+    for r in range(RANK_ROUNDS if len(cands) > 1 else 1):  # one: nothing to compare
         live = [i for i, c in enumerate(cands) if i not in failed and (r == 0 or c.rates)]
         guess = max(walls, default=LAUNCH_S)
         if r and not fits(guess * len(live)):
