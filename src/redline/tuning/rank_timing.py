@@ -193,7 +193,8 @@ def choose_measured(cands: Sequence[Candidate], start: Candidate | None, blocks:
         return None
     pick, why = choose(pool, start if start in pool else None, blocks)
     if len(pool) == 1:
-        why = "the only candidate measured on that many ranks"
+        why = ("the only candidate that fits" if len(cands) == 1 else
+               "the only candidate measured there (the others' rows say why)")
     chosen = pool[pick]
     why = f"measured on {ranks} ranks: {why}"
     chosen.chosen, chosen.note = True, "chosen: " + why
