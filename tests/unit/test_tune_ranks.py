@@ -55,7 +55,8 @@ class ShardedFake:
 
 
 def _plan(monkeypatch: pytest.MonkeyPatch, rates: dict[str, float | None],
-          fits: bool = True, budget: str = "50MiB") -> tuple[MemoryPlan, list[str]]:
+          fits: bool = True, budget: str = "50MiB", peaks: dict[str, int] | None = None
+          ) -> tuple[MemoryPlan, list[str]]:
     """plan_memory for 2 ranks with each strategy's launch giving `rates[strategy]`
     samples/s (None: out of memory); the strategies launched, in order."""
     monkeypatch.setattr(memory_plan_run, "_breakdown",
@@ -72,7 +73,7 @@ def _plan(monkeypatch: pytest.MonkeyPatch, rates: dict[str, float | None],
         rate = rates[key]
         if rate is None:
             return RankRun(None, wall_s=1.0, oom=True, error="OutOfMemoryError: budget")
-        return RankRun(rate, 20 * MiB, wall_s=1.0)
+        return RankRun(rate, (peaks or {}).get(key, 20 * MiB), wall_s=1.0)
 
     config = load_config(None, [f"task={TOY}", f"memory.budget={budget}", "train.batch_size=4",
                                 "train.effective_batch_size=8"])
@@ -124,6 +125,15 @@ def test_a_candidate_out_of_memory_on_the_ranks_does_not_fit_and_the_next_is_cho
     ddp = _row(plan, "ddp")
     assert not ddp.chosen and ddp.note.startswith(
         "does not fit: out of memory on 2 ranks under the per-rank budget 50.0 MiB")
+
+
+def test_a_candidate_over_memory_target_on_the_ranks_is_not_taken_however_fast(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, _ = _plan(monkeypatch, {"ddp": 100.0, "fsdp-False": 150.0, "fsdp-True": 150.0},
+                    peaks={"fsdp-False": 45 * MiB})  # under the 50 MiB budget, over 42.5
+    assert plan.levers.strategy == "ddp"
+    assert _row(plan, "fsdp").note.startswith(
+        "over memory.target on 2 ranks (measured 45.0 MiB > target 42.5 MiB")
 
 
 def test_without_the_time_nothing_is_launched_and_fsdp_stays_a_projection(

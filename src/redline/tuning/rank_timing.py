@@ -216,14 +216,22 @@ def choose_on_ranks(config: RunConfig, found: Candidates, blocks: int, budget: i
     configs = [planned_config(config, c.levers, c.micro_batch, ranks) for c in cands]
     notes += time_on_ranks(configs, cands, ranks, budget, blocks,
                            fits or (lambda _: True), launcher, say)
+    # memory.target, not the budget: the headroom the user keeps is not the plan's to fill
+    target = int(config.memory.target * budget)
     for c in cands:
-        if not c.rates and c.note.startswith(("does not fit", "failed")):
+        over = bool(c.rates) and (c.measured_peak or 0) > target
+        if over:
+            c.note = (f"over memory.target on {ranks} ranks (measured "
+                      f"{format_size(c.measured_peak or 0)} > target {format_size(target)}; "
+                      f"predicted {format_size(c.predicted)})")
+        if over or (not c.rates and c.note.startswith(("does not fit", "failed"))):
             found.survivors.remove(c)
             found.rejected.insert(0, c)
     if not found.survivors:
         raise ConfigError(f"every candidate of the memory plan failed on {ranks} ranks (the "
                           "table says why); raise memory.budget or lower memory.target")
-    picked = choose_measured(cands, found.start, blocks, ranks)
+    picked = choose_measured([c for c in cands if c in found.survivors], found.start,
+                             blocks, ranks)
     if picked is not None:
         notes.append(f"rows timed on {ranks} ranks trained {RANK_STEPS} steps each under "
                      f"torchrun (the first {RANK_WARM} not timed), in interleaved rounds: "
