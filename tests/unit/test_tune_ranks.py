@@ -131,7 +131,7 @@ def test_a_candidate_over_memory_target_on_the_ranks_is_not_taken_however_fast(
         monkeypatch: pytest.MonkeyPatch) -> None:
     plan, _ = _plan(monkeypatch, {"ddp": 100.0, "fsdp-False": 150.0, "fsdp-True": 150.0},
                     peaks={"fsdp-False": 45 * MiB})  # under the 50 MiB budget, over 42.5
-    assert plan.levers.strategy == "ddp"
+    assert plan.levers.strategy == "ddp" and "the only one left of those measured" in plan.why
     assert _row(plan, "fsdp").note.startswith(
         "over memory.target on 2 ranks (measured 45.0 MiB > target 42.5 MiB")
 

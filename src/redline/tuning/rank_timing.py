@@ -184,17 +184,20 @@ def time_on_ranks(configs: Sequence[RunConfig], cands: Sequence[Candidate], rank
 
 
 def choose_measured(cands: Sequence[Candidate], start: Candidate | None, blocks: int,
-                    ranks: int) -> tuple[Candidate, str] | None:
-    """The one to adopt among those measured on `ranks` ranks (module docstring), its row
-    marked and the others' notes judged; None where none was."""
-    pool = sorted((c for c in cands if c.ranks == ranks and c.rates),
+                    ranks: int, left: Sequence[Candidate] | None = None
+                    ) -> tuple[Candidate, str] | None:
+    """The one to adopt among those of `cands` measured on `ranks` ranks and still `left`
+    (default: all; module docstring), its row marked and the others' notes judged; None
+    where none was."""
+    pool = sorted((c for c in cands if c.ranks == ranks and c.rates
+                   and (left is None or c in left)),
                   key=lambda c: preference(c, blocks))
     if not pool:
         return None
     pick, why = choose(pool, start if start in pool else None, blocks)
     if len(pool) == 1:
         why = ("the only candidate that fits" if len(cands) == 1 else
-               "the only candidate measured there (the others' rows say why)")
+               "the only one left of those measured (the others' rows say why)")
     chosen = pool[pick]
     why = f"measured on {ranks} ranks: {why}"
     chosen.chosen, chosen.note = True, "chosen: " + why
@@ -230,8 +233,7 @@ def choose_on_ranks(config: RunConfig, found: Candidates, blocks: int, budget: i
     if not found.survivors:
         raise ConfigError(f"every candidate of the memory plan failed on {ranks} ranks (the "
                           "table says why); raise memory.budget or lower memory.target")
-    picked = choose_measured([c for c in cands if c in found.survivors], found.start,
-                             blocks, ranks)
+    picked = choose_measured(cands, found.start, blocks, ranks, found.survivors)
     if picked is not None:
         notes.append(f"rows timed on {ranks} ranks trained {RANK_STEPS} steps each under "
                      f"torchrun (the first {RANK_WARM} not timed), in interleaved rounds: "
