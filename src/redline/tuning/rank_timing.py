@@ -231,9 +231,9 @@ def choose_on_ranks(config: RunConfig, found: Candidates, blocks: int, budget: i
             found.survivors.remove(c)
             found.rejected.insert(0, c)
     if not found.survivors:
+        why = "; ".join(f"{c.describe(blocks)}: {c.note}" for c in cands)
         raise ConfigError(f"every candidate of the memory plan failed on {ranks} ranks "
-                          "(out of memory, over memory.target or an error: the table says "
-                          "which); raise memory.budget (--memory-budget) or memory.target")
+                          f"({why}); raise memory.budget (--memory-budget) or memory.target")
     picked = choose_measured(cands, found.start, blocks, ranks, found.survivors)
     if picked is not None:
         notes.append(f"rows timed on {ranks} ranks trained {RANK_STEPS} steps each under "
