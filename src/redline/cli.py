@@ -212,8 +212,11 @@ def _add_tune(sub: Any, job: argparse.ArgumentParser) -> None:
                         "tracks every tensor operation to enforce it, which is slower)")
     u.add_argument("--nproc", type=int, metavar="N",
                    help="plan for N ranks on this host (train --nproc N): the memory plan "
-                        "weighs ddp against fsdp sharding per rank; tune itself runs in "
-                        "one process")
+                        "weighs ddp against fsdp sharding per rank, and where both fit "
+                        "trains the leading candidates for a few steps on N ranks "
+                        "(communication included) and chooses by their measured "
+                        "samples/s, within --budget-s; rows not measured are marked "
+                        "projections")
 
 
 def _add_study(sub: Any, job: argparse.ArgumentParser) -> None:

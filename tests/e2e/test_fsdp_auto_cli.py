@@ -1,7 +1,8 @@
 """`distributed.strategy: auto` and `redline tune --nproc` as a user meets them (issue 21):
 auto picks ddp for a model whose states fit one rank's budget and fsdp for one whose
 states do not (WideMLP under a tracked CPU budget, memory.budget: per rank), and says
-why; tune --nproc 2 weighs the strategies and writes the one it chose."""
+why; tune --nproc 2 trains the leading strategies on 2 ranks, writes the one measured fastest,
+and that config trains."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from redline.telemetry.jsonl import read_jsonl
+from redline.tuning.memory_plan import render_plan
 
 from ..conftest import ROOT, run_cli
 
@@ -64,11 +66,12 @@ def test_auto_under_torchrun_picks_ddp_for_a_model_that_fits_and_records_why(
     assert saved["distributed"]["strategy"] == "ddp"  # resume takes what was chosen
 
 
-def test_tune_nproc_lists_the_strategies_and_writes_the_one_chosen(tmp_path: Path) -> None:
+def test_tune_nproc_times_the_strategies_on_two_ranks_and_its_config_trains(
+        tmp_path: Path) -> None:
     out = run_cli(["tune", MLP, "--nproc", "2", "--factors", "memory", "--memory-budget",
-                   "30MiB", "--budget-s", "60", "--output", "tuned.yaml", "--json",
+                   "30MiB", "--budget-s", "90", "--output", "tuned.yaml", "--json",
                    "--set", "train.batch_size=4", "--set", "train.effective_batch_size=8"],
-                  tmp_path, timeout=300, env=ENV)
+                  tmp_path, timeout=400, env=ENV)
     assert out.returncode == 0, out.stdout + out.stderr
     plan = json.loads(out.stdout)["memory_plan"]
     assert plan["world_size"] == 2
@@ -78,11 +81,23 @@ def test_tune_nproc_lists_the_strategies_and_writes_the_one_chosen(tmp_path: Pat
     assert rows[("fsdp", "fsdp")]["predicted_peak"] <= plan["target_bytes"] < rows[
         ("ddp", "ddp, no lever")]["predicted_peak"]
     assert any(n.startswith("sharding over 2 ranks") for n in plan["notes"])
-    # the choice (fsdp, or ddp with 4bit state where that was timed faster or untimed:
-    # ddp goes first) is what the tuned config holds; a fsdp one says it is a projection
+    # ddp (4bit state) and fsdp both fit: the leading of each trained on 2 ranks, the
+    # choice made from those rates (where the budget let none run, a projection, said)
     chosen = next(r for r in plan["rows"] if r["chosen"])
+    measured = [r for r in plan["rows"] if r["timed_on_ranks"] == 2]
+    table = render_plan(plan)
+    if measured:
+        assert chosen in measured and "measured on 2 ranks" in chosen["note"]
+        assert all(r["samples_per_s"] and r["rounds"] for r in measured)
+        assert " 2 ranks  chosen: measured on 2 ranks" in table
+    else:
+        assert any("not measured on 2 ranks" in r["note"] for r in plan["rows"]), table
+    assert "projection" in table  # the fsdp rows not measured say so
     tuned = yaml.safe_load((tmp_path / "tuned.yaml").read_text())
     assert tuned["distributed"]["strategy"] == chosen["levers"]["strategy"]
     assert tuned["distributed"]["reshard_after_forward"] == chosen["levers"][
         "reshard_after_forward"]
-    assert chosen["levers"]["strategy"] == "ddp" or "a projection" in chosen["note"]
+    trained = run_cli(["train", "--config", "tuned.yaml", "--nproc", "2", "--steps", "2",
+                       "--run-dir", "run", "--no-progress", "--no-report"], tmp_path,
+                      timeout=300, env=ENV)
+    assert trained.returncode == 0, trained.stderr

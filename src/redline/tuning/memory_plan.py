@@ -26,11 +26,13 @@ Planned for N ranks (`redline tune --nproc N`), the strategy is a lever too: ddp
 with reshard_after_forward true or false, each predicted per rank (memory/breakdown.py:
 a sharded rank holds 1/N of the states and the gathered blocks), the micro-batches a
 rank's share of the effective batch. ddp comes first in the preference order (a tie goes
-to it, then to fewer levers): it is the faster wherever it fits. FSDP's time cannot be
-measured in one process, so a sharded candidate is timed as one process's compute (its
-communication not included) and its row says so: the choice is a projection, and its
-per-rank peak a prediction (not verified: one process cannot hold a rank's shard alone).
-Where sharding saves little because activations dominate, the notes say so.
+to it, then to fewer levers). One process cannot time communication, so where more than
+one strategy survives, the leading survivors train for real on the N ranks and the choice
+goes by those rates (rank_timing.py; a row's `ranks`). Where the budget leaves no time for
+that, a sharded candidate is timed as one process's compute (its communication not
+included) and its row says so: the choice is a projection, and its per-rank peak a
+prediction (not verified: one process cannot hold a rank's shard alone). Where sharding
+saves little because activations dominate, the notes say so.
 
 Where the start's micro-batch fits without levers already, there is nothing to decide: the
 plan is "no lever", at the cost of the breakdown alone. A `MemoryPlan` holds the choice,
@@ -60,6 +62,9 @@ STATE_RANK = {"fp32": 0, "bf16": 1, "8bit": 2, "4bit": 3, "cpu-offload": 4}
 ONE_PROCESS: tuple[tuple[str | None, bool], ...] = ((None, True),)
 SHARDINGS: tuple[tuple[str | None, bool], ...] = (("ddp", True), ("fsdp", False),
                                                   ("fsdp", True))
+# optimizer states a fsdp run refuses (job/build.py: torchao's 4-bit step rejects local
+# shards): never a candidate, or its launch on N ranks fails
+NOT_SHARDED = ("4bit",)
 PROJECTION = ("a projection: FSDP's time is one process's compute (its communication not "
               "included), its peak predicted per rank")
 
@@ -91,6 +96,7 @@ class Candidate:
     rates: list[float] = field(default_factory=list)  # samples/s, one per round
     note: str = ""  # why chosen or rejected
     chosen: bool = False
+    ranks: int = 0  # N: `rates` are N ranks' training (rank_timing.py); 0: one process's
 
     @property
     def samples_per_s(self) -> float | None:
@@ -108,7 +114,7 @@ class Candidate:
                 "micro_batch": self.micro_batch, "predicted_peak": self.predicted,
                 "measured_peak": self.measured_peak, "samples_per_s": self.samples_per_s,
                 "spread": self.spread, "rounds": list(self.rates), "note": self.note,
-                "chosen": self.chosen}
+                "chosen": self.chosen, "timed_on_ranks": self.ranks}
 
 
 def lever_key(levers: Levers, blocks: int) -> tuple[int, int, int, int]:
@@ -159,7 +165,8 @@ def enumerate_candidates(bd: Predictor, target: int, sizes: Sequence[int],
     fitting: list[Candidate] = []
     rejected: list[Candidate] = []
     for base in (Levers("none", None, state, strategy, reshard)
-                 for strategy, reshard in shardings for state in states):
+                 for strategy, reshard in shardings for state in states
+                 if not (strategy == "fsdp" and state in NOT_SHARDED)):
         for mode in modes if blocks else ("none",):
             found = _largest_fitting(bd, target, sizes, mode, base, blocks)
             if isinstance(found, Candidate):
@@ -329,19 +336,33 @@ def render_plan(plan: dict[str, Any]) -> str:
     """The plan's table (from MemoryPlan.to_dict, as --json and the tune report hold it):
     each combination, its predicted and measured peak, samples/s and spread, why."""
     w = max([len("combination"), *(len(r["combination"]) for r in plan["rows"])])
+    ranks = plan.get("world_size", 1) > 1  # N ranks: a column says how each row was timed
     lines = [f"memory plan: target {format_size(plan['target_bytes'])} (memory.target of "
              f"{format_size(plan['budget_bytes'])}); {_start_line(plan)}",
              f"  {'combination':<{w}} {'micro-batch':>11} {'predicted':>10} "
-             f"{'measured':>10} {'samples/s':>10} {'spread':>7}  why"]
+             f"{'measured':>10} {'samples/s':>10} {'spread':>7}"
+             + (f" {'timed on':>10}" if ranks else "") + "  why"]
     for r in plan["rows"]:
         sps = f"{r['samples_per_s']:.1f}" if r["samples_per_s"] else "-"
         spread = f"{100 * r['spread']:.1f}%" if r["spread"] is not None else "-"
         measured = format_size(r["measured_peak"]) if r["measured_peak"] else "-"
+        timed = f" {timed_on(r):>10}" if ranks else ""
         lines.append(f"  {r['combination']:<{w}} {r['micro_batch']:>11} "
                      f"{format_size(r['predicted_peak']):>10} {measured:>10} {sps:>10} "
-                     f"{spread:>7}  {r['note']}".rstrip())
+                     f"{spread:>7}{timed}  {r['note']}".rstrip())
     lines += [f"  note: {n}" for n in plan["notes"]]
     return "\n".join(lines)
+
+
+def timed_on(row: dict[str, Any]) -> str:
+    """How an N-rank plan's row was timed: "N ranks" (trained for real), "projection" (a
+    sharded row not measured on the ranks: one process's compute, or untimed), "1 process"
+    (a ddp row timed in one process, communication aside), "-" (untimed)."""
+    if row.get("timed_on_ranks"):
+        return f"{row['timed_on_ranks']} ranks"
+    if row["levers"].get("strategy") == "fsdp":
+        return "projection"
+    return "1 process" if row["samples_per_s"] else "-"
 
 
 def _start_line(plan: dict[str, Any]) -> str:

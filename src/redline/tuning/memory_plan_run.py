@@ -1,7 +1,7 @@
 """The memory plan measured: the breakdown, the candidates' real steps, the verification.
 
 memory_plan.py decides from numbers; this module gets them, on the user's machine and
-model, in four steps:
+model, in these steps:
 
   breakdown  one measuring job (checkpointing installed switched off, fp32 AdamW state,
              each batch run whole) steps a small micro-batch at the steady state
@@ -20,6 +20,11 @@ model, in four steps:
              step two micro-batches where the recipe accumulates (the gradients held
              while the next micro-batch runs are the accumulation's peak; more would
              only repeat it); on an OOM the next is taken, and the table says so.
+  ranks      planned for N ranks with more than one strategy surviving: instead of the
+             timing and the verification, the leading survivors train on the N ranks
+             (rank_timing.py: real launches, communication included; an OOM there is
+             "does not fit"), and the choice goes by those rates; where none could be
+             measured, the timing above (fsdp rows then projections).
   budget     `fits(seconds)` (tune's Clock) is asked before the timing; where it does
              not fit, the candidate with the fewest levers is taken untimed and verified.
 
@@ -73,6 +78,7 @@ from redline.tuning.memory_plan import (
     planned_config,
     split_timed,
 )
+from redline.tuning.rank_timing import Launcher, choose_on_ranks, on_ranks, train_on_ranks
 from redline.tuning.recipe import DEFAULT_BATCH, kept_batch
 from redline.tuning.strategy_choice import sharding_note
 from redline.tuning.trial import interleave, runners
@@ -91,13 +97,15 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
                 modes: tuple[str, ...] = MODES, states: tuple[str, ...] | None = None,
                 micro_batch: int | None = None, fits: Callable[[float], bool] | None = None,
                 say: Say = lambda _: None, world_size: int = 1,
-                shardings: Sequence[tuple[str | None, bool]] | None = None) -> MemoryPlan:
+                shardings: Sequence[tuple[str | None, bool]] | None = None,
+                launcher: Launcher = train_on_ranks) -> MemoryPlan:
     """The levers and micro-batch for `task` under `config.memory` (module docstring).
     `micro_batch`: fixed (only the levers are chosen), else the powers of two up to the
     effective batch kept and the start. `fits(seconds)`: whether timing may take that long.
     `world_size`: the ranks on this host planned for (the budget and the micro-batches are
     a rank's), with `shardings` the strategies considered (default: ddp and fsdp both
-    ways where N > 1, memory_plan.SHARDINGS)."""
+    ways where N > 1, memory_plan.SHARDINGS); where more than one survives the prediction,
+    the leading ones are trained on the N ranks by `launcher` (rank_timing.py)."""
     t0 = time.perf_counter()
     budget = config.memory.budget_bytes or default_budget(device, world_size)[0]
     target = int(config.memory.target * budget)
@@ -130,14 +138,20 @@ def plan_memory(task: Task, config: RunConfig, device: DeviceInfo, *,
     found = enumerate_candidates(bd, target, sizes, modes, states, shardings)
     if not found.survivors:
         raise ConfigError(nothing_fits(found.rejected, target, blocks))
-    timed = split_timed(found.survivors)
-    predicted = _timing_s(timed, step_s, bd.micro_batch, kept_batch(config))
-    untimed = len(timed) > 1 and fits is not None and not fits(predicted)
-    if untimed:
-        notes.append(f"not timed: timing {len(timed)} candidates would take about "
-                     f"{predicted:.0f} s, more than the budget left (raise --budget-s)")
-    chosen, why = _measure_and_choose(task, config, device, budget, timed, found.start,
-                                      blocks, untimed, notes, say, world_size)
+    measured = (choose_on_ranks(config, found, blocks, budget, world_size, fits, say, notes,
+                          launcher) if world_size > 1 and on_ranks(found.survivors) else None)
+    timed: list[Candidate] = []
+    if measured is not None:
+        chosen, why = measured
+    else:
+        timed = split_timed(found.survivors)
+        predicted = _timing_s(timed, step_s, bd.micro_batch, kept_batch(config))
+        untimed = len(timed) > 1 and fits is not None and not fits(predicted)
+        if untimed:
+            notes.append(f"not timed: timing {len(timed)} candidates would take about "
+                         f"{predicted:.0f} s, more than the budget left (raise --budget-s)")
+        chosen, why = _measure_and_choose(task, config, device, budget, timed, found.start,
+                                          blocks, untimed, notes, say, world_size)
     halved = [c for c in timed if c not in found.survivors]  # added when one did not fit
     plan = MemoryPlan(chosen.levers, chosen.micro_batch, budget, target, blocks, start_peak,
                       start, why, found.survivors + halved + found.rejected, bd.to_dict(),
