@@ -29,7 +29,7 @@ of bench/levers.py): after the timed blocks, `zero_grad(set_to_none=True)`, the 
 is `live_tensor_bytes(model, optimizer)` (a DTensor counts its local shard: what this rank
 holds between steps, `held`), and the peak is the tracker's over one more step. The
 tracker hears FSDP2's gathered parameters, which FSDP allocates by resizing storages in
-place (`_torch_compat.fsdp_storage_resizes`). What it cannot see is added for the rows it
+place (`_torch_compat.on_fsdp_storage_resize`). What it cannot see is added for the rows it
 concerns: DDP keeps its gradients in buckets it allocated when it wrapped the model
 (gradient_as_bucket_view=True, in both the bare loop and redline's), before the tracker
 was entered, so the DDP rows add one gradient-sized buffer to the baseline.
