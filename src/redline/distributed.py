@@ -37,6 +37,7 @@ gloo fails at once; on NCCL torchrun stops the remaining workers itself when one
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import json
 import logging
@@ -54,6 +55,7 @@ from redline._torch_compat import default_store
 from redline.errors import RunStopped, UserError, require
 
 HEARTBEAT_S = 1.0
+BARRIER_S = 30.0  # how long a finishing rank waits for the others before it leaves
 T = TypeVar("T")
 STRATEGIES = ("ddp", "fsdp", "auto")
 
@@ -285,6 +287,13 @@ class Comm:
             self._beat.join(timeout=5)
             self._beat = None
         if self.world.distributed and not self.broken and dist.is_initialized():
+            # the ranks leave together: a gloo rank that tore its groups down while a peer
+            # still held its connections after FSDP's collectives aborted at exit
+            # ("terminate called without an active exception", 1 run in 8 without this);
+            # bounded, so a rank that never arrives cannot hold this one
+            with contextlib.suppress(RuntimeError):  # a peer gone or slow: leave anyway
+                dist.monitored_barrier(group=self.group,
+                                       timeout=datetime.timedelta(seconds=BARRIER_S))
             dist.destroy_process_group()
 
 

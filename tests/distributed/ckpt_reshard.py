@@ -89,6 +89,7 @@ def main() -> None:
     if world.main:
         torch.save(saved, out / name)
     if world.distributed:
+        dist.barrier()  # leave together (distributed.Comm.close says why)
         dist.destroy_process_group()
 
 

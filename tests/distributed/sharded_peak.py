@@ -48,6 +48,7 @@ def main() -> None:
     dist.all_gather_object(peaks, tracker.peak)
     if rank == 0:
         Path(out).write_text(json.dumps({"peaks": peaks}))
+    dist.barrier()  # leave together (distributed.Comm.close says why)
     dist.destroy_process_group()
 
 
