@@ -79,3 +79,19 @@ def kill_at_checkpoint(args: list[str], cwd: Path, step: int, steps: int,
     proc.wait(timeout=180)
     killed_at = list_checkpoints(cwd / "run" / "checkpoints")[-1]
     assert int(killed_at.stem.split("-")[1]) < steps  # it really stopped midway
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains `text` (torchrun starts ranks in their own
+    sessions: they are found by their run directory, as pkill -f would)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline and int(entry.name) != os.getpid():
+            pids.append(int(entry.name))
+    return pids

@@ -17,7 +17,7 @@ import torch
 from redline.checkpoint import list_checkpoints
 from redline.telemetry.jsonl import read_jsonl
 
-from ..conftest import ROOT, TOY, run_cli
+from ..conftest import ROOT, TOY, processes_mentioning, run_cli
 
 pytestmark = pytest.mark.slow  # several processes each: seconds
 
@@ -71,7 +71,7 @@ def test_killed_two_rank_run_resumes_bit_identical(tmp_path: Path) -> None:
         time.sleep(0.02)
     # kill -9 everything: the launcher and each rank (torch starts ranks in their own
     # sessions, so they are found by their run directory, as pkill -f would)
-    for pid in _processes_mentioning(str(run)):
+    for pid in processes_mentioning(str(run)):
         os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=180)
     assert not (run / "checkpoints" / "step-00000030.pt").exists()  # killed midway
@@ -86,20 +86,6 @@ def test_killed_two_rank_run_resumes_bit_identical(tmp_path: Path) -> None:
     for pid, state in a["optimizer"]["state"].items():
         for name, value in state.items():
             assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline and int(entry.name) != os.getpid():
-            pids.append(int(entry.name))
-    return pids
 
 
 def test_oom_on_one_rank_is_recovered_by_both_with_the_same_micro_batch(tmp_path: Path

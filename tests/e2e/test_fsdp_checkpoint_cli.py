@@ -20,7 +20,7 @@ from redline.checkpoint import list_checkpoints
 from redline.checkpoint_sharded import SafePlanner, SafeReader, read_metadata
 from redline.task import resolve_task
 
-from ..conftest import ROOT, TOY, kill_at_checkpoint, run_cli
+from ..conftest import ROOT, TOY, kill_at_checkpoint, processes_mentioning, run_cli
 from .test_distributed import torchrun
 
 pytestmark = pytest.mark.slow  # several processes each: seconds
@@ -105,20 +105,6 @@ def _assert_equal(a: object, b: object, where: str) -> None:
         assert a == b, where
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline and int(entry.name) != os.getpid():
-            pids.append(int(entry.name))
-    return pids
-
-
 def test_a_killed_two_rank_fsdp_run_resumes_bit_identical_then_at_one_rank(
         tmp_path: Path) -> None:
     ref = run_cli([*TRAIN, "--nproc", "2", "--run-dir", "ref"], tmp_path, env=ENV,
@@ -135,7 +121,7 @@ def test_a_killed_two_rank_fsdp_run_resumes_bit_identical_then_at_one_rank(
         assert proc.poll() is None, proc.communicate()[1]
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.02)
-    for pid in _processes_mentioning(str(run)):  # the launcher and each rank
+    for pid in processes_mentioning(str(run)):  # the launcher and each rank
         os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=180)
     assert not (run / "checkpoints" / "step-00000016").exists()  # killed midway
